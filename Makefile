@@ -1,0 +1,29 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make demo   set up .venv and run lora-convert on the example adapter in examples/
+#   make test   set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is pinned to the CPU wheel that lies on this workplace's disk; installing it before the project keeps
+# pip from resolving the open `torch>=2.4` requirement to a multi-GB CUDA build. Real users keep the open range.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	bash examples/demo.sh
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,3 @@
+from lora_convert.cli import main
+
+main()

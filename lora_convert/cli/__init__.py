@@ -1,0 +1,11 @@
+"""The `lora-convert` command line. Each command lives in its own module and only parses, calls one library
+function and renders the result; errors are turned into messages and exit codes here, nowhere else."""
+
+from __future__ import annotations
+
+from lora_convert.cli._app import app, main
+
+# Importing the command modules registers their commands on `app`.
+from lora_convert.cli import inspect_cmd  # noqa: E402,F401
+
+__all__ = ["app", "main"]

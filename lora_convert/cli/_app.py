@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+import typer
+
+from lora_convert import __version__
+from lora_convert.cli._output import print_error
+from lora_convert.errors import EXIT_FINDINGS, LoraConvertError
+
+HELP = """Validate PEFT LoRA adapters against their base model and normalize them into the fused, stacked layout
+that serving kernels compute with.
+
+Exit codes: 0 ok, 1 the adapter has errors, 2 usage error, 3 environment problem (e.g. no CUDA).
+Set LORA_CONVERT_DEBUG=1 to see a traceback for any error."""
+
+app = typer.Typer(
+    name="lora-convert",
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LORA_CONVERT_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def command(*names: str, **kwargs) -> Callable:
+    """Register a command whose LoraConvertErrors become `Error: ...` + hint on stderr and an exit code."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(*args, **kw):
+            try:
+                return func(*args, **kw)
+            except typer.Exit:
+                raise
+            except LoraConvertError as exc:
+                if debug_enabled():
+                    raise
+                print_error(exc.message, exc.hint)
+                raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                print_error("Interrupted.", None)
+                raise typer.Exit(130) from None
+            except MemoryError:
+                if debug_enabled():
+                    raise
+                print_error("Ran out of memory.", "Report this with the command you ran; lora-convert should stream.")
+                raise typer.Exit(EXIT_FINDINGS) from None
+            except Exception as exc:  # a bug in lora-convert, not in the user's input
+                if debug_enabled():
+                    raise
+                print_error(
+                    f"Internal error ({type(exc).__name__}: {exc}).",
+                    "This is a bug in lora-convert. Re-run with LORA_CONVERT_DEBUG=1 for the traceback and report it.",
+                )
+                raise typer.Exit(EXIT_FINDINGS) from None
+
+        return app.command(*names, **kwargs)(wrapper)
+
+    return decorate
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"lora-convert {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
+) -> None:
+    pass
+
+
+def main() -> None:
+    app()

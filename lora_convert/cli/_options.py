@@ -1,0 +1,24 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from lora_convert.cli._output import OutputFormat
+
+ADAPTER_HELP = (
+    "The adapter: a local folder holding adapter_config.json and adapter_model.safetensors (or shards, or "
+    "adapter_model.bin), or a Hugging Face Hub repo id such as `org/name` or `org/name@revision`."
+)
+
+AdapterArg = typer.Argument(..., help=ADAPTER_HELP, metavar="ADAPTER", show_default=False)
+FormatOpt = typer.Option(OutputFormat.human, "--format", "-f", help="`human` tables, or one `json` document on stdout.", case_sensitive=False)
+CacheDirOpt: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for Hub ids (default: HF_HOME's hub cache).")
+TokenOpt: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token for private repos (default: HF_TOKEN).", show_envvar=True)
+BaseOpt: Optional[str] = typer.Option(
+    None, "--base", "-b",
+    help="The base model: a folder or config.json, a Hub id (only config.json is fetched), or a preset name "
+    "(`lora-convert schemas list`). Default: the adapter's base_model_name_or_path.",
+)

@@ -1,0 +1,40 @@
+"""Output discipline: data (tables, JSON) to stdout; logs, progress, warnings and errors to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+stdout = Console(soft_wrap=False, highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+
+class OutputFormat(str, Enum):
+    human = "human"
+    json = "json"
+
+
+class ReportFormat(str, Enum):
+    human = "human"
+    json = "json"
+    github = "github"
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(message: str, hint: str | None) -> None:
+    stderr.print(f"[bold red]Error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    if hint:
+        stderr.print(f"[dim]Hint:[/] {escape(hint)}", markup=True, highlight=False, soft_wrap=True)
+
+
+def log(message: str) -> None:
+    stderr.print(escape(message), highlight=False, soft_wrap=True)

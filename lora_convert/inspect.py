@@ -1,0 +1,134 @@
+"""`lora-convert inspect`: what an adapter holds, from headers and config alone.
+
+The JSON document (schema version 1, documented in docs/json-output.md) is built here; the CLI renders it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from lora_convert.adapter import Adapter, LoraModule, ModuleKind
+from lora_convert.findings import Finding, warning
+
+# Display families for the module table. This is presentation only: what a module *is* for conversion comes
+# from the architecture schemas (schemas/*.json), not from these name fragments.
+_FAMILY_BY_LEAF = {
+    "embed_tokens": "embedding", "embeddings": "embedding", "word_embeddings": "embedding",
+    "lm_head": "lm_head", "output": "lm_head",
+    "gate": "router",
+    "fc1_latent_proj": "latent", "fc2_latent_proj": "latent",
+}
+
+
+def module_family(mod: LoraModule) -> str:
+    local = mod.local_name
+    if mod.is_vision:
+        return "vision"
+    if mod.kind == ModuleKind.FUSED_EXPERTS or mod.expert is not None:
+        return "routed_experts"
+    if mod.leaf in _FAMILY_BY_LEAF:
+        return _FAMILY_BY_LEAF[mod.leaf]
+    if mod.kind == ModuleKind.EMBEDDING:
+        return "embedding"
+    if "shared_expert" in local:
+        return "shared_experts"
+    if local.startswith(("self_attn.", "attn.", "attention.")) or mod.leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        return "attention"
+    if local.startswith("linear_attn."):
+        return "linear_attention"
+    if local.startswith("mixer.") and mod.leaf in ("in_proj", "out_proj", "x_proj", "conv1d"):
+        return "mamba"
+    if local.startswith(("mlp.", "block_sparse_moe.", "mixer.", "feed_forward.")):
+        return "mlp"
+    return "other"
+
+
+def build_report(adapter: Adapter) -> dict[str, Any]:
+    cfg = adapter.config
+    dtypes = Counter(t.dtype for t in adapter.index.tensors.values())
+    families: dict[str, dict[str, Any]] = {}
+    by_family: dict[str, list[LoraModule]] = defaultdict(list)
+    for mod in adapter.modules:
+        by_family[module_family(mod)].append(mod)
+    for family, mods in sorted(by_family.items()):
+        leaves: dict[str, dict[str, Any]] = {}
+        for mod in mods:
+            name = mod.local_name if mod.layer is not None else mod.module
+            entry = leaves.setdefault(name, {"name": name, "count": 0, "layers": set(), "experts": set(), "ranks": Counter(), "scalings": Counter()})
+            entry["count"] += 1
+            if mod.layer is not None:
+                entry["layers"].add(mod.layer)
+            if mod.expert is not None:
+                entry["experts"].add(mod.expert)
+            if mod.experts:
+                entry["experts"].update(range(mod.experts))
+            entry["ranks"][mod.rank] += 1
+            entry["scalings"][round(mod.scaling, 6)] += 1
+        families[family] = {
+            "modules": len(mods),
+            "entries": [
+                {
+                    "name": e["name"],
+                    "count": e["count"],
+                    "layers": sorted(e["layers"]),
+                    "experts": len(e["experts"]) or None,
+                    "ranks": {str(k): v for k, v in sorted(e["ranks"].items(), key=lambda kv: (kv[0] is None, kv[0] or 0))},
+                    "scalings": {str(k): v for k, v in sorted(e["scalings"].items())},
+                }
+                for e in sorted(leaves.values(), key=lambda e: e["name"])
+            ],
+        }
+    findings = list(adapter.findings) + inspect_warnings(adapter)
+    return {
+        "schema_version": 1,
+        "adapter": adapter.source.describe(),
+        "origin": adapter.source.origin,
+        "base_model": cfg.base_model_name_or_path,
+        "file_format": adapter.file_format,
+        "files": [p.name for p in adapter.files],
+        "stacked": adapter.stacked_layout is not None,
+        "tensors": len(adapter.index),
+        "dtypes": dict(sorted(dtypes.items())),
+        "total_bytes": adapter.total_bytes,
+        "total_params": adapter.total_params,
+        "config": {
+            "r": cfg.r,
+            "lora_alpha": cfg.lora_alpha,
+            "use_rslora": cfg.use_rslora,
+            "use_dora": cfg.use_dora,
+            "rank_pattern": cfg.rank_pattern,
+            "alpha_pattern": cfg.alpha_pattern,
+            "target_modules": cfg.target_modules,
+            "target_parameters": cfg.target_parameters,
+            "modules_to_save": cfg.modules_to_save,
+            "bias": cfg.bias,
+            "lora_bias": cfg.lora_bias,
+        },
+        "expert_layout": adapter.expert_layout,
+        "module_count": len(adapter.modules),
+        "families": families,
+        "modules": [m.to_json() for m in adapter.modules],
+        "findings": [f.to_json() for f in findings],
+    }
+
+
+def inspect_warnings(adapter: Adapter) -> list[Finding]:
+    cfg = adapter.config
+    out: list[Finding] = []
+    dora = [m.module for m in adapter.modules if m.magnitude is not None]
+    if cfg.use_dora or dora:
+        out.append(warning("config.dora", f"DoRA adapter ({len(dora)} magnitude vectors): its delta depends on the base weights; "
+                           "SGLang and vLLM reject it.", keys=dora[:10]))
+    if cfg.bias != "none" or cfg.lora_bias:
+        out.append(warning("config.bias", f"bias={cfg.bias!r}, lora_bias={cfg.lora_bias}: serving engines ignore or misread bias tensors.", keys=["bias"]))
+    if cfg.modules_to_save:
+        out.append(warning("config.modules-to-save", f"modules_to_save={cfg.modules_to_save}: full module copies are not LoRA; engines reject or ignore them.",
+                           keys=["modules_to_save"]))
+    if cfg.has_patterns:
+        out.append(warning("config.patterns", f"rank_pattern {cfg.rank_pattern or '{}'} / alpha_pattern {cfg.alpha_pattern or '{}'} present: "
+                           "engines that ignore them serve wrong scales; `normalize` folds them into the tensors.",
+                           keys=["rank_pattern", "alpha_pattern"]))
+    for name, description in cfg.variants.items():
+        out.append(warning("config.unsupported-variant", f"{name} is set: {description}; no serving engine computes this variant.", keys=[name]))
+    return out

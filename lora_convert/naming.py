@@ -1,0 +1,163 @@
+"""PEFT key grammar: one tensor name -> what it is.
+
+    [base_model.model.] <module path> [.base_layer]* . <factor> [.<adapter name>] [.weight|.bias]
+
+The module path is kept as written (its prefix says which model class and transformers version wrote it:
+`model.`, `model.language_model.`, `language_model.model.`, `backbone.`). `layers.N.` gives the layer and
+`experts.J.` the expert. A module path that ends in `experts` with no index is PEFT's 3-D ParamWrapper: which
+parameter it wraps is *not* in the key and is decided by `adapter.py` from `target_parameters`, registration
+order and shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+PEFT_PREFIX = "base_model.model."
+
+
+class Factor(str, Enum):
+    LORA_A = "lora_A"
+    LORA_B = "lora_B"
+    EMBEDDING_A = "lora_embedding_A"
+    EMBEDDING_B = "lora_embedding_B"
+    MAGNITUDE = "lora_magnitude_vector"  # DoRA
+    LORA_BIAS = "lora_bias"  # `lora_B.bias`, written when lora_bias=True
+    FULL_WEIGHT = "full_weight"  # a whole module weight: modules_to_save, or a stray base weight
+    FULL_BIAS = "full_bias"  # bias="all"/"lora_only" or a modules_to_save bias
+    UNKNOWN = "unknown"
+
+
+LORA_FACTORS = {Factor.LORA_A, Factor.LORA_B, Factor.EMBEDDING_A, Factor.EMBEDDING_B}
+
+# Segments that mark a vision tower or multimodal projector (Kimi-K2.5, Qwen3.5-VL, LLaVA-style wrappers).
+VISION_SEGMENTS = frozenset({
+    "vision_tower", "visual", "vision_model", "vision_encoder", "mm_projector", "multi_modal_projector",
+    "vision_projector", "image_newline", "patch_embed", "merger",
+})
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)(?=\.|$)")
+_FACTOR_NAMES = {
+    "lora_A": Factor.LORA_A,
+    "lora_B": Factor.LORA_B,
+    "lora_embedding_A": Factor.EMBEDDING_A,
+    "lora_embedding_B": Factor.EMBEDDING_B,
+    "lora_magnitude_vector": Factor.MAGNITUDE,
+}
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    key: str
+    factor: Factor
+    module: str  # module path: no PEFT prefix, no `.base_layer`, no adapter name, no factor
+    base_layer_depth: int = 0  # how many `.base_layer` wrappers sit between the module and the factor
+    adapter_name: str | None = None  # a leftover segment such as `default` in `lora_A.default.weight`
+    has_peft_prefix: bool = True
+    layer: int | None = None
+    expert: int | None = None
+    stack_prefix: str | None = None  # module path before `layers.N` (e.g. `model.language_model`)
+    local_name: str = ""  # module path after `layers.N.`, expert index removed (e.g. `mlp.experts.gate_proj`)
+    is_vision: bool = False
+
+    @property
+    def leaf(self) -> str:
+        return self.module.rsplit(".", 1)[-1]
+
+    @property
+    def is_fused_experts(self) -> bool:
+        """PEFT's 3-D expert wrapper: the module is the `experts` container itself."""
+        return self.leaf == "experts"
+
+
+def parse_key(key: str) -> ParsedKey:
+    """Parse one tensor name. Never raises: what does not fit the grammar comes back as Factor.UNKNOWN."""
+    has_prefix = key.startswith(PEFT_PREFIX)
+    rest = key[len(PEFT_PREFIX):] if has_prefix else key
+    parts = rest.split(".")
+    factor_at = next((i for i, p in enumerate(parts) if p in _FACTOR_NAMES), None)
+    adapter_name = None
+    if factor_at is not None:
+        name = parts[factor_at]
+        tail = parts[factor_at + 1:]
+        factor = _FACTOR_NAMES[name]
+        if tail and tail[-1] in ("weight", "bias"):
+            suffix = tail[-1]
+            tail = tail[:-1]
+        else:
+            suffix = None
+        if len(tail) > 1 or factor_at == 0:
+            return _unknown(key, rest, has_prefix)
+        if tail:
+            adapter_name = tail[0]
+        if suffix == "bias":
+            if factor is not Factor.LORA_B:
+                return _unknown(key, rest, has_prefix)
+            factor = Factor.LORA_BIAS
+        elif suffix is None and factor in (Factor.LORA_A, Factor.LORA_B):
+            # PEFT always writes `.weight` after lora_A/lora_B; without it the name is not PEFT's.
+            return _unknown(key, rest, has_prefix)
+        module_parts = parts[:factor_at]
+    else:
+        if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
+            return _unknown(key, rest, has_prefix)
+        factor = Factor.FULL_WEIGHT if parts[-1] == "weight" else Factor.FULL_BIAS
+        module_parts = parts[:-1]
+        # modules_to_save copies may still carry their wrapper: `<module>.modules_to_save.<name>.weight`
+        if len(module_parts) >= 2 and module_parts[-2] == "modules_to_save":
+            adapter_name = module_parts[-1]
+            module_parts = module_parts[:-2]
+        elif module_parts and module_parts[-1] == "original_module":
+            module_parts = module_parts[:-1]
+    depth = 0
+    while module_parts and module_parts[-1] == "base_layer":
+        depth += 1
+        module_parts = module_parts[:-1]
+    if not module_parts or any(p == "" for p in module_parts):
+        return _unknown(key, rest, has_prefix)
+    module = ".".join(module_parts)
+    return _locate(key, factor, module, depth, adapter_name, has_prefix)
+
+
+def _unknown(key: str, rest: str, has_prefix: bool) -> ParsedKey:
+    return ParsedKey(key=key, factor=Factor.UNKNOWN, module=rest, has_peft_prefix=has_prefix)
+
+
+def _locate(key, factor, module, depth, adapter_name, has_prefix) -> ParsedKey:
+    segments = module.split(".")
+    is_vision = any(s in VISION_SEGMENTS for s in segments)
+    layer = expert = None
+    stack_prefix = None
+    local = module
+    match = _LAYER_RE.search(module + ".")
+    if match and not is_vision:
+        layer = int(match.group(1))
+        stack_prefix = module[: match.start()].lstrip(".") if match.start() > 0 else ""
+        local = (module + ".")[match.end():].rstrip(".")
+    expert_match = _EXPERT_RE.search(local)
+    if expert_match and layer is not None:
+        expert = int(expert_match.group(1))
+        local = local[: expert_match.start()] + (".experts" if expert_match.start() > 0 else "experts") + local[expert_match.end():]
+    return ParsedKey(
+        key=key,
+        factor=factor,
+        module=module,
+        base_layer_depth=depth,
+        adapter_name=adapter_name,
+        has_peft_prefix=has_prefix,
+        layer=layer,
+        expert=expert,
+        stack_prefix=stack_prefix,
+        local_name=local,
+        is_vision=is_vision,
+    )
+
+
+def module_without_expert(parsed: ParsedKey) -> str:
+    """The module path with the expert index taken out (`...experts.3.w1` -> `...experts.w1`)."""
+    if parsed.expert is None:
+        return parsed.module
+    return _EXPERT_RE.sub(".experts", parsed.module, count=1).lstrip(".")

@@ -1,0 +1,270 @@
+"""`adapter_config.json` and PEFT's rules for it.
+
+Semantics follow PEFT (0.21): a module's rank and alpha come from `rank_pattern` / `alpha_pattern` when a
+pattern key K matches its target name T (`re.match(rf"(.*\\.)?({K})$", T)`, first match in dict order), else
+from `r` / `lora_alpha`; scaling is alpha / r, or alpha / sqrt(r) with `use_rslora`. T is the module path
+without `base_model.model.`; for a 3-D parameter (target_parameters) it is the module path + "." + parameter.
+
+Parsing never stops at the first problem: every field that is missing or of the wrong type becomes a finding,
+and the caller decides whether errors are fatal (normalize, inspect) or reported (validate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_convert.errors import AdapterConfigError
+from lora_convert.findings import Finding, error, info, warning
+
+# LoRA variants that change what the stored tensors mean; no serving engine computes them, so converting the
+# tensors as plain LoRA would be silently wrong. Values: the config field and what it means.
+UNSUPPORTED_VARIANTS: dict[str, str] = {
+    "use_qalora": "QALoRA (quantization-aware pooling of the input)",
+    "use_bdlora": "BD-LoRA (block-diagonal factors)",
+    "arrow_config": "Arrow (routing among several LoRA experts)",
+    "kasa_config": "KaSA (singular-value adaptation)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA (stochastic factors)",
+    "alora_invocation_tokens": "activated LoRA (applies only after invocation tokens)",
+    "layer_replication": "layer replication (the adapter's model has more layers than the base)",
+}
+# Initialisation-only fields: they shaped training but not what the saved tensors mean.
+INIT_ONLY_FIELDS = {"init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
+
+
+@dataclass
+class PeftConfig:
+    raw: dict[str, Any]
+    peft_type: str = "LORA"
+    r: int = 8
+    lora_alpha: float = 8.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    use_dora: bool = False
+    target_modules: list[str] | str | None = None
+    target_parameters: list[str] = field(default_factory=list)
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+    bias: str = "none"
+    lora_bias: bool = False
+    fan_in_fan_out: bool = False
+    trainable_token_indices: Any = None
+    base_model_name_or_path: str | None = None
+    variants: dict[str, str] = field(default_factory=dict)  # unsupported variant field -> description
+    findings: list[Finding] = field(default_factory=list)
+
+    # --- PEFT semantics -------------------------------------------------------------------------------------
+    def rank_for(self, target_name: str) -> int:
+        key = match_pattern(self.rank_pattern, target_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, target_name: str) -> float:
+        key = match_pattern(self.alpha_pattern, target_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+    def scaling_for(self, target_name: str, rank: int | None = None) -> float:
+        """PEFT's scaling for a module; `rank` overrides the config rank (PEFT uses the config rank)."""
+        r = rank if rank is not None else self.rank_for(target_name)
+        alpha = self.alpha_for(target_name)
+        if r <= 0:
+            return 0.0
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def pattern_sources(self, target_name: str) -> dict[str, str | None]:
+        return {
+            "rank_pattern": match_pattern(self.rank_pattern, target_name),
+            "alpha_pattern": match_pattern(self.alpha_pattern, target_name),
+        }
+
+    def targets_parameter(self, module_path: str, param: str) -> bool:
+        """PEFT's target_parameters rule: `<module>.<param>` equals an entry or ends with `.` + entry."""
+        full = f"{module_path}.{param}"
+        return any(full == t or full.endswith("." + t) for t in self.target_parameters)
+
+    @property
+    def has_patterns(self) -> bool:
+        return bool(self.rank_pattern or self.alpha_pattern)
+
+
+def match_pattern(patterns: dict[str, Any], target_name: str) -> str | None:
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", target_name):
+                return pattern
+        except re.error:
+            continue  # reported once by parse_config
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_config(raw: Any, *, source: str = "adapter_config.json") -> PeftConfig:
+    """Build a PeftConfig from the parsed JSON; every problem becomes a finding in `config.findings`."""
+    findings: list[Finding] = []
+    if not isinstance(raw, dict):
+        cfg = PeftConfig(raw={})
+        cfg.findings.append(error(
+            "config.not-an-object",
+            f"{source} must hold a JSON object, got {type(raw).__name__}.",
+            keys=[source], expected="object", actual=type(raw).__name__,
+        ))
+        return cfg
+    cfg = PeftConfig(raw=raw)
+
+    def wrong_type(field_name: str, expected: str) -> None:
+        findings.append(error(
+            "config.wrong-type",
+            f"{source}: `{field_name}` should be {expected}, got {json.dumps(raw[field_name])[:80]}.",
+            keys=[field_name], expected=expected, actual=type(raw[field_name]).__name__,
+            fix=f"Fix `{field_name}` in {source}.",
+        ))
+
+    peft_type = raw.get("peft_type")
+    if peft_type is None:
+        findings.append(warning("config.missing-field", f"{source} has no `peft_type`; assuming LORA.", keys=["peft_type"], expected="LORA"))
+    elif not isinstance(peft_type, str):
+        wrong_type("peft_type", "a string")
+    elif peft_type.upper() != "LORA":
+        findings.append(error(
+            "config.not-lora", f"{source} says peft_type {peft_type!r}; lora-convert handles LoRA adapters only.",
+            keys=["peft_type"], expected="LORA", actual=peft_type,
+        ))
+    else:
+        cfg.peft_type = "LORA"
+
+    if "r" not in raw:
+        findings.append(error("config.missing-field", f"{source} has no `r` (the LoRA rank).", keys=["r"], expected="a positive integer",
+                              fix="Add the rank the adapter was trained with, e.g. \"r\": 16."))
+    elif not _is_int(raw["r"]):
+        wrong_type("r", "a positive integer")
+    elif raw["r"] <= 0:
+        findings.append(error("config.rank-not-positive", f"{source}: `r` is {raw['r']}; a LoRA rank must be positive.",
+                              keys=["r"], expected="> 0", actual=raw["r"]))
+    else:
+        cfg.r = raw["r"]
+
+    if "lora_alpha" not in raw:
+        findings.append(error("config.missing-field", f"{source} has no `lora_alpha`; the scaling alpha/r is undefined.",
+                              keys=["lora_alpha"], expected="a number", fix="Add the lora_alpha the adapter was trained with."))
+    elif not _is_number(raw["lora_alpha"]):
+        wrong_type("lora_alpha", "a number")
+    else:
+        cfg.lora_alpha = float(raw["lora_alpha"])
+    if "lora_alpha" not in raw or not _is_number(raw.get("lora_alpha")):
+        cfg.lora_alpha = float(cfg.r)
+
+    for name, caster, kind in (("rank_pattern", int, "positive integers"), ("alpha_pattern", float, "numbers")):
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            wrong_type(name, "an object mapping module patterns to " + kind)
+            continue
+        clean: dict[str, Any] = {}
+        for pattern, number in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                findings.append(error("config.bad-pattern", f"{source}: {name} key {pattern!r} is not a valid regex ({exc}).",
+                                      keys=[f"{name}.{pattern}"]))
+                continue
+            ok = _is_int(number) and number > 0 if caster is int else _is_number(number)
+            if not ok:
+                findings.append(error("config.wrong-type", f"{source}: {name}[{pattern!r}] should be {kind[:-1]}, got {number!r}.",
+                                      keys=[f"{name}.{pattern}"], expected=kind, actual=number))
+                continue
+            clean[pattern] = caster(number)
+        setattr(cfg, name, clean)
+
+    for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"):
+        if name in raw and raw[name] is not None and not isinstance(raw[name], bool):
+            wrong_type(name, "true or false")
+        elif name != "inference_mode":
+            setattr(cfg, name, bool(raw.get(name) or False))
+
+    targets = raw.get("target_modules")
+    if targets is None or isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        cfg.target_modules = targets
+    else:
+        wrong_type("target_modules", "a list of module names or a regex string")
+    tparams = raw.get("target_parameters")
+    if tparams is None:
+        cfg.target_parameters = []
+    elif isinstance(tparams, list) and all(isinstance(t, str) for t in tparams):
+        cfg.target_parameters = list(tparams)
+    else:
+        wrong_type("target_parameters", "a list of parameter names")
+    cfg.exclude_modules = raw.get("exclude_modules")
+
+    ltt = raw.get("layers_to_transform")
+    if ltt is None or (isinstance(ltt, list) and all(_is_int(x) for x in ltt)):
+        cfg.layers_to_transform = ltt
+    elif _is_int(ltt):
+        cfg.layers_to_transform = [ltt]
+    else:
+        wrong_type("layers_to_transform", "a list of layer indices")
+    cfg.layers_pattern = raw.get("layers_pattern")
+
+    mts = raw.get("modules_to_save")
+    if mts is None:
+        cfg.modules_to_save = []
+    elif isinstance(mts, list) and all(isinstance(m, str) for m in mts):
+        cfg.modules_to_save = list(mts)
+    else:
+        wrong_type("modules_to_save", "a list of module names or null")
+    bias = raw.get("bias", "none")
+    if bias in (None, "none", "all", "lora_only"):
+        cfg.bias = bias or "none"
+    else:
+        findings.append(error("config.wrong-type", f"{source}: `bias` is {bias!r}; PEFT accepts \"none\", \"all\" or \"lora_only\".",
+                              keys=["bias"], expected=["none", "all", "lora_only"], actual=bias))
+    cfg.trainable_token_indices = raw.get("trainable_token_indices")
+    base = raw.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        wrong_type("base_model_name_or_path", "a string or null")
+    else:
+        cfg.base_model_name_or_path = base
+
+    for name, description in UNSUPPORTED_VARIANTS.items():
+        value = raw.get(name)
+        if value not in (None, False, [], {}, 0):
+            cfg.variants[name] = description
+    cfg.findings = findings
+    if cfg.use_rslora:
+        findings.append(info("config.rslora", "use_rslora is set: each module's scaling is lora_alpha / sqrt(r).", keys=["use_rslora"]))
+    return cfg
+
+
+def load_config_file(path: Path) -> PeftConfig:
+    """Read adapter_config.json; a file that is missing, empty or not JSON raises (nothing can be checked)."""
+    if not path.is_file():
+        raise AdapterConfigError(
+            f"{path.parent} has no adapter_config.json.",
+            hint="A PEFT adapter folder holds adapter_config.json next to adapter_model.safetensors; point at that folder.",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterConfigError(f"{path} could not be read as UTF-8 text ({exc}).") from None
+    if not text.strip():
+        raise AdapterConfigError(f"{path} is empty.", hint="Save the adapter again with PEFT's save_pretrained.")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterConfigError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.",
+            hint="Fix the JSON syntax, or save the adapter again with PEFT's save_pretrained.",
+        ) from None
+    return parse_config(raw, source=path.name)

@@ -1,0 +1,257 @@
+"""Header-first access to the tensor files of an adapter.
+
+Listing keys, shapes and dtypes reads only the safetensors header (parsed here, strictly, so that a hostile or
+truncated file gives one clear error instead of a crash or a hang). Tensor data is read per tensor, on request,
+with one positioned read: memory stays bounded by the largest tensor asked for, never by the file.
+
+The header parser is ours rather than `safetensors.safe_open` because (a) it needs no torch import, which keeps
+header-only commands fast to start, and (b) every malformed header is reported with what was expected: the
+library's errors name neither the file nor the fix. Files it accepts are read back with the library in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_convert.errors import AdapterFormatError
+
+# Bytes per element of each safetensors dtype tag. Sub-byte float formats (F4, F6) are not LoRA dtypes.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
+
+# The safetensors library refuses headers above 100 MB; a 94,000-tensor adapter has a ~15 MB header.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, from the header alone."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int  # absolute byte offset of the data in `path`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _control_free(key: str) -> bool:
+    return not any(ord(ch) < 32 or ord(ch) == 127 for ch in key)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check one safetensors header; return the tensors (in file-offset order) and the metadata.
+
+    Every check that the format allows is made: header length within the file, JSON object, known dtypes,
+    offsets inside the data area, byte counts equal to shape x dtype, no overlapping tensors.
+    """
+    name = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise AdapterFormatError(
+                    f"{name} is {size} bytes long, too short to be a safetensors file (it needs at least an 8-byte "
+                    "header length).",
+                    hint="The file is empty or truncated: download or save the adapter again.",
+                )
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                raise AdapterFormatError(
+                    f"{name}: the header says it is {header_len} bytes long but the file has only {size - 8} bytes "
+                    "after the length prefix.",
+                    hint="The file is truncated or not a safetensors file: download or save the adapter again.",
+                )
+            if header_len > MAX_HEADER_BYTES:
+                raise AdapterFormatError(
+                    f"{name}: the header is {header_len} bytes; headers larger than {MAX_HEADER_BYTES} bytes are "
+                    "refused (the safetensors library refuses them too).",
+                    hint="This is not a normal adapter file; check where it came from.",
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise AdapterFormatError(f"{name} could not be read: {exc.strerror or exc}.") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(
+            f"{name}: the safetensors header is not valid UTF-8 JSON ({exc}).",
+            hint="The file is corrupt or not a safetensors file: download or save the adapter again.",
+        ) from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(
+            f"{name}: the safetensors header must be a JSON object, got {type(header).__name__}.",
+            hint="The file is corrupt or not a safetensors file.",
+        )
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise AdapterFormatError(f"{name}: `__metadata__` must be an object of strings, got {type(metadata).__name__}.")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    tensors: list[TensorInfo] = []
+    for key, entry in header.items():
+        shown = json.dumps(key)  # escapes control characters so the message stays one readable line
+        if not _control_free(key):
+            raise AdapterFormatError(
+                f"{name}: tensor name {shown} contains control characters.",
+                hint="No PEFT adapter has such names; the file was written by something else or is corrupt.",
+            )
+        if not isinstance(entry, dict):
+            raise AdapterFormatError(f"{name}: header entry {shown} must be an object, got {type(entry).__name__}.")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise AdapterFormatError(
+                f"{name}: tensor {shown} has dtype {json.dumps(dtype)}, which is not a known safetensors dtype "
+                f"(expected one of {', '.join(sorted(DTYPE_SIZES))}).",
+            )
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise AdapterFormatError(f"{name}: tensor {shown} has shape {shape!r}; expected a list of non-negative integers.")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise AdapterFormatError(f"{name}: tensor {shown} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end.")
+        begin, end = offsets
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if end - begin != expected:
+            raise AdapterFormatError(
+                f"{name}: tensor {shown} ({dtype}, shape {shape}) should take {expected} bytes but its offsets "
+                f"[{begin}, {end}] span {end - begin}.",
+                hint="The header disagrees with itself: the file is corrupt.",
+            )
+        if end > data_len:
+            raise AdapterFormatError(
+                f"{name}: tensor {shown} ends at byte {end} of the data area, which has only {data_len} bytes.",
+                hint="The file is truncated: download or save the adapter again.",
+            )
+        tensors.append(TensorInfo(key, dtype, tuple(shape), path, data_start + begin, end - begin))
+    tensors.sort(key=lambda t: t.start)
+    for before, after in zip(tensors, tensors[1:]):
+        if after.start < before.start + before.nbytes:
+            raise AdapterFormatError(
+                f"{name}: tensors {json.dumps(before.key)} and {json.dumps(after.key)} overlap in the file.",
+                hint="The header is corrupt; no writer produces overlapping tensors.",
+            )
+    return {t.key: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+
+
+@dataclass
+class TensorIndex:
+    """All tensors of an adapter across its files; data is read lazily per tensor."""
+
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    duplicates: dict[str, list[str]] = field(default_factory=dict)  # key -> the files that hold it
+    _eager: dict[str, Any] = field(default_factory=dict, repr=False)  # .bin tensors, already mmap'd by torch
+
+    def add(self, info: TensorInfo) -> None:
+        if info.key in self.tensors:
+            self.duplicates.setdefault(info.key, [str(self.tensors[info.key].path)]).append(str(info.path))
+            return
+        self.tensors[info.key] = info
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def read(self, key: str):
+        """Return one tensor as a torch tensor (CPU, its stored dtype)."""
+        info = self.tensors[key]
+        if key in self._eager:
+            return self._eager[key]
+        return read_tensor_data(info)
+
+
+TORCH_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def torch_dtype(tag: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[tag])
+
+
+def read_tensor_data(info: TensorInfo):
+    """One positioned read of exactly this tensor's bytes into a fresh torch tensor."""
+    import torch
+
+    buffer = bytearray(info.nbytes)
+    with open(info.path, "rb") as handle:
+        handle.seek(info.start)
+        got = handle.readinto(buffer)
+    if got != info.nbytes:
+        raise AdapterFormatError(
+            f"{info.path}: tensor {json.dumps(info.key)} should have {info.nbytes} bytes but only {got} could be read.",
+            hint="The file changed or was truncated while it was being read.",
+        )
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def load_bin_index(path: Path) -> TensorIndex:
+    """Index a legacy `adapter_model.bin` without running arbitrary pickle code.
+
+    `weights_only=True` refuses any pickle that would import code; `mmap=True` keeps the data on disk until a
+    tensor is touched.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        raise AdapterFormatError(
+            f"{path} needs full unpickling to load, which could run arbitrary code; it was refused "
+            f"({first_line}).",
+            hint="Ask for a safetensors copy of the adapter, or re-save it with PEFT's save_pretrained "
+            "(safe_serialization=True) on a machine you trust.",
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise AdapterFormatError(
+            f"{path} is not a readable torch checkpoint: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}.",
+            hint="Re-save the adapter with PEFT's save_pretrained, preferably as safetensors.",
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise AdapterFormatError(
+            f"{path} does not hold a flat dict of tensors, which is what PEFT writes.",
+            hint="Re-save the adapter with PEFT's save_pretrained.",
+        )
+    index = TensorIndex()
+    reverse = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
+    for key, tensor in state.items():
+        tag = reverse.get(str(tensor.dtype).removeprefix("torch."), "F32")
+        info = TensorInfo(key, tag, tuple(tensor.shape), path, 0, tensor.numel() * tensor.element_size())
+        index.add(info)
+        index._eager[key] = tensor
+    return index
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size
