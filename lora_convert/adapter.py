@@ -103,6 +103,7 @@ class LoraModule:
             "in_features": self.in_features,
             "out_features": self.out_features,
             "dora": self.magnitude is not None,
+            "base_layer_depth": self.base_layer_depth,
             "keys": self.keys,
         }
 

@@ -10,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-stdout = Console(soft_wrap=False, highlight=False)
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns and cut module paths; use a wide page.
+stdout = Console(soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, highlight=False)
 
 

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from lora_convert.cli._app import command
+from lora_convert.cli._options import AdapterArg, BaseOpt, CacheDirOpt, FormatOpt, TokenOpt
+from lora_convert.cli._output import OutputFormat, log, print_json, stderr, stdout
+from lora_convert.errors import UsageError
+
+
+class Layout(str, Enum):
+    stacked = "stacked"
+
+
+class DType(str, Enum):
+    keep = "keep"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@command("normalize")
+def normalize_command(
+    adapter: str = AdapterArg,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (created; must be empty or absent unless --force)."),
+    base: Optional[str] = BaseOpt,
+    layout: Layout = typer.Option(Layout.stacked, "--layout", help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md)."),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="Pad every slice to this rank (default: the largest effective rank; smaller is an error)."),
+    dtype: DType = typer.Option(DType.keep, "--dtype", help="Output dtype; `keep` keeps the adapter's (the widest, if mixed)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (groups, slices, zero fills, foldings, drops) and write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    drop_unsupported: bool = typer.Option(False, "--drop-unsupported", help="Leave out DoRA, lora_bias, modules_to_save, vision and past-the-end modules instead of refusing; they are listed in lora_layout.json and on stderr."),
+    format: OutputFormat = FormatOpt,
+    cache_dir: Optional[str] = CacheDirOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Turn a PEFT adapter into the fused, stacked, kernel-ready layout, exactly: every slice computes what PEFT
+    computed for its source module (rank and alpha patterns and rsLoRA folded into B).
+
+    Example: lora-convert normalize ./my-adapter -o ./my-adapter-stacked --base deepseek-v3
+    """
+    from lora_convert.normalize import normalize
+
+    if output is None and not dry_run:
+        raise UsageError("normalize needs an output folder.", hint="Pass -o OUT, or --dry-run to see the plan only.")
+    progress_cb, finish = _progress(dry_run)
+    try:
+        result = normalize(adapter, output, base=base, rank=rank, dtype=dtype.value, dry_run=dry_run, force=force,
+                           drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token, progress=progress_cb)
+    finally:
+        finish()
+    for d in result.plan.dropped:
+        log(f"dropped {d.module}: {d.reason}")
+    if format is OutputFormat.json:
+        doc = result.summary_json()
+        if dry_run:
+            doc["plan"] = result.plan.layout_json()
+        print_json(doc)
+        return
+    if dry_run:
+        _render_plan(result.plan)
+    _render_summary(result)
+
+
+def _progress(dry_run: bool):
+    """A byte-counting progress bar on stderr, shown only on a terminal and only while writing."""
+    if dry_run or not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("normalizing"), BarColumn(), TextColumn("{task.completed}/{task.total} groups"),
+                   TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True)
+    state = {"task": None}
+
+    def update(group, nbytes):
+        if state["task"] is None:
+            bar.start()
+            state["task"] = bar.add_task("normalize", total=None)
+        bar.advance(state["task"], 1)
+
+    return update, bar.stop
+
+
+def _render_plan(plan) -> None:
+    table = Table(title=f"plan: rank {plan.rank}, {len(plan.groups)} groups")
+    for col in ("group", "experts", "in", "slices (name:out rank scaling)"):
+        table.add_column(col)
+    for g in plan.groups:
+        parts = []
+        for s in g.slices:
+            sc = s.scaling_json()
+            sc_text = "zero-filled" if s.is_zero_filled else (f"{sc:g}" if isinstance(sc, float) else f"{len(sc)} values")
+            parts.append(f"{s.name}:{s.out_features} r{s.rank} {sc_text}")
+        missing = f" ({len(g.missing_experts)} missing)" if g.missing_experts else ""
+        table.add_row(escape(g.key), f"{g.experts}{missing}" if g.experts else "-", str(g.in_features), escape(" | ".join(parts)))
+    stdout.print(table)
+
+
+def _render_summary(result) -> None:
+    s = result.summary_json()
+    where = f"wrote {escape(s['output'])}" if s["output"] else "dry run, nothing written"
+    stdout.print(
+        f"{where}: {s['groups']} groups from {s['source_modules']} source modules, rank {s['rank']}, {s['dtype']}; "
+        f"{len(s['zero_filled_slices'])} zero-filled slice(s), {len(s['dropped'])} dropped; "
+        f"{s['bytes_in'] / 1e6:.1f} MB in, {s['bytes_out'] / 1e6:.1f} MB out, {s['seconds']:.2f} s"
+    )

@@ -1,0 +1,288 @@
+"""Normalization plans: what the stacked output will hold, decided from headers, config and schema alone.
+
+A plan lists every output group with its slices (which source module feeds each slice, which B rows of it,
+its rank and PEFT scaling, or a zero fill with the schema's shape), the one rank R, and every module that is
+dropped or refused with the reason. No tensor data is read to build it; `normalize.execute_plan` then reads
+each source tensor once and writes each output tensor once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_convert.adapter import Adapter, LoraModule, ModuleKind
+from lora_convert.errors import UnsupportedAdapterError, UsageError
+from lora_convert.findings import Finding
+
+LAYOUT_FORMAT = "lora-convert/stacked"
+LAYOUT_VERSION = 1
+
+
+@dataclass
+class SourceRef:
+    """One source module feeding one slice: B rows [row_start, row_stop) of the module's output."""
+
+    module: LoraModule
+    row_start: int
+    row_stop: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.module.rank or 0)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.module.scaling)
+
+
+@dataclass
+class PlannedSlice:
+    name: str
+    out_offset: int
+    out_features: int
+    in_features: int
+    dense_source: SourceRef | None = None  # dense groups
+    expert_sources: dict[int, SourceRef] = field(default_factory=dict)  # per-expert 2-D modules
+    fused_source: SourceRef | None = None  # one PEFT 3-D module covering every expert
+
+    @property
+    def is_zero_filled(self) -> bool:
+        return self.dense_source is None and not self.expert_sources and self.fused_source is None
+
+    def sources(self) -> list[SourceRef]:
+        if self.dense_source is not None:
+            return [self.dense_source]
+        if self.fused_source is not None:
+            return [self.fused_source]
+        return [self.expert_sources[e] for e in sorted(self.expert_sources)]
+
+    @property
+    def rank(self) -> int:
+        return max((s.rank for s in self.sources()), default=0)
+
+    def scaling_json(self) -> Any:
+        values = sorted({s.scaling for s in self.sources()})
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else values
+
+    def source_keys(self) -> list[str] | None:
+        if self.is_zero_filled:
+            return None
+        keys: list[str] = []
+        for src in self.sources():
+            keys.extend(k for k in (src.module.lora_A.key, src.module.lora_B.key) if k not in keys)
+        return keys
+
+
+@dataclass
+class PlannedGroup:
+    key: str  # module path of the group in the base checkpoint's naming
+    name: str  # group name, the last component(s) of `key`
+    kind: str
+    layer: int | None
+    in_features: int
+    experts: int | None
+    slices: list[PlannedSlice]
+    missing_experts: list[int] = field(default_factory=list)
+
+    @property
+    def out_features(self) -> int:
+        return sum(s.out_features for s in self.slices)
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        rows = len(self.slices) * rank
+        return (self.experts, rows, self.in_features) if self.experts else (rows, self.in_features)
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.experts, self.out_features, rank) if self.experts else (self.out_features, rank)
+
+
+@dataclass
+class DroppedModule:
+    module: str
+    keys: list[str]
+    reason: str
+    code: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"module": self.module, "keys": self.keys, "reason": self.reason, "code": self.code}
+
+
+@dataclass
+class Plan:
+    adapter: Adapter
+    base_name: str
+    family: str
+    rank: int
+    groups: list[PlannedGroup]
+    dropped: list[DroppedModule]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def zero_filled(self) -> list[tuple[PlannedGroup, PlannedSlice]]:
+        return [(g, s) for g in self.groups for s in g.slices if s.is_zero_filled]
+
+    @property
+    def source_modules(self) -> int:
+        return len({id(src.module) for g in self.groups for s in g.slices for src in s.sources()})
+
+    def layout_json(self) -> dict[str, Any]:
+        return {
+            "format": LAYOUT_FORMAT,
+            "version": LAYOUT_VERSION,
+            "rank": self.rank,
+            "base": self.base_name,
+            "family": self.family,
+            "groups": [
+                {
+                    "key": g.key,
+                    "layer": g.layer,
+                    "group": g.name,
+                    "kind": g.kind,
+                    "experts": g.experts,
+                    "in_features": g.in_features,
+                    "missing_experts": g.missing_experts or None,
+                    "slices": [
+                        {
+                            "name": s.name,
+                            "out_offset": s.out_offset,
+                            "out_features": s.out_features,
+                            "rank": s.rank,
+                            "scaling": s.scaling_json(),
+                            "source": s.source_keys(),
+                        }
+                        for s in g.slices
+                    ],
+                }
+                for g in self.groups
+            ],
+            "dropped": [d.to_json() for d in self.dropped],
+        }
+
+
+# ------------------------------------------------------------------------------------------------ building
+# Module-level problems that make a module unconvertible. Value: (finding code, reason shown to the user).
+def _unsupported_reason(mod: LoraModule, adapter: Adapter) -> tuple[str, str] | None:
+    if mod.is_vision:
+        return "modules.vision", "vision-tower or projector module: the text serving path has no place for it"
+    if mod.magnitude is not None:
+        return "config.dora", "DoRA magnitude vector: its delta depends on the base weights, which plain LoRA kernels cannot compute"
+    if mod.lora_bias is not None:
+        return "config.lora-bias", "lora_bias: a bias on lora_B has no place in the stacked layout"
+    return None
+
+
+def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = None, drop_unsupported: bool = False,
+               shape_findings: list[Finding] | None = None) -> Plan:
+    """Plan the stacked output. Raises UnsupportedAdapterError (exit 1) listing every refused module unless
+    `drop_unsupported`, in which case they are listed in `plan.dropped`."""
+    cfg = adapter.config
+    fatal: list[str] = []
+    if cfg.variants:
+        fatal.append("the adapter uses " + "; ".join(f"{k} ({v})" for k, v in cfg.variants.items()) + ", which is not plain LoRA")
+    if cfg.fan_in_fan_out:
+        fatal.append("fan_in_fan_out is set: the factors belong to a transposed (Conv1D) base weight")
+    broken = [f for f in adapter.findings if f.severity.value == "error" and f.code not in ("keys.full-weight",)]
+    broken += [f for f in (shape_findings or []) if f.severity.value == "error"
+               and f.code not in ("layers.past-end", "modules.unknown", "modules.vision")]
+    if broken:
+        fatal.append(f"{len(broken)} error(s) in the adapter itself, e.g. {broken[0].message}")
+    if fatal:
+        raise UnsupportedAdapterError(
+            "This adapter cannot be normalized: " + " Also: ".join(fatal),
+            hint="Run `lora-convert validate` for the full list of problems.",
+        )
+    dropped: list[DroppedModule] = []
+    for key, parsed in adapter.parsed.items():
+        if parsed.factor.value in ("full_weight", "full_bias"):
+            dropped.append(DroppedModule(parsed.module, [key], "a whole module weight (modules_to_save or bias), not a LoRA factor", "keys.full-weight"))
+    builds: dict[str, PlannedGroup] = {}
+    order: list[str] = []
+    for mod in adapter.modules:
+        if not mod.is_complete:
+            continue
+        problem = _unsupported_reason(mod, adapter)
+        if problem is None and mod.layer is not None and mod.layer >= arch.num_layers:
+            problem = ("layers.past-end", f"layer {mod.layer} is past the base model's {arch.num_layers} layers (an MTP/NextN layer)")
+        match = None
+        if problem is None:
+            match = arch.resolve(mod)
+            if match is None:
+                problem = ("modules.unknown", f"the {arch.family} schema has no module {mod.local_name!r} at this layer")
+        if problem is not None:
+            dropped.append(DroppedModule(mod.module + (f".{mod.param}" if mod.param else ""), mod.keys, problem[1], problem[0]))
+            continue
+        group = builds.get(match.group.path)
+        if group is None:
+            group = _new_group(match.group)
+            builds[match.group.path] = group
+            order.append(match.group.path)
+        _attach(group, match, mod)
+    refused = [d for d in dropped]
+    if refused and not drop_unsupported:
+        listing = "; ".join(f"{d.module} ({d.reason})" for d in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise UnsupportedAdapterError(
+            f"{len(refused)} module(s) cannot be converted: {listing}{more}.",
+            hint="Pass --drop-unsupported to leave them out (they are listed in lora_layout.json), or fix the adapter.",
+        )
+    groups = [builds[p] for p in order]
+    groups.sort(key=lambda g: (g.layer if g.layer is not None else 10**9, _kind_order(g), g.key))
+    for g in groups:
+        if g.experts:
+            present = set()
+            for s in g.slices:
+                if s.fused_source is not None:
+                    present = set(range(g.experts))
+                    break
+                present |= set(s.expert_sources)
+            g.missing_experts = sorted(set(range(g.experts)) - present)
+    max_rank = max((s.rank for g in groups for s in g.slices), default=0)
+    if max_rank == 0:
+        reasons = sorted({d.reason for d in dropped})
+        why = f" All {len(dropped)} were dropped: {'; '.join(reasons)}." if dropped else ""
+        raise UnsupportedAdapterError(f"The adapter has no LoRA module that can be converted.{why}",
+                                      hint="Run `lora-convert validate` to see what it holds and why.")
+    if rank is not None and rank < max_rank:
+        raise UsageError(f"--rank {rank} is below the adapter's largest effective rank {max_rank}.",
+                         hint=f"Use --rank {max_rank} or more, or leave --rank out.")
+    return Plan(adapter=adapter, base_name=base_name, family=arch.family, rank=rank or max_rank, groups=groups, dropped=dropped)
+
+
+def _kind_order(group: PlannedGroup) -> int:
+    return 1 if group.experts else 0
+
+
+def _new_group(spec) -> PlannedGroup:
+    slices = []
+    offset = 0
+    for s in spec.slices:
+        slices.append(PlannedSlice(name=s.name, out_offset=offset, out_features=s.out_features, in_features=spec.in_features))
+        offset += s.out_features
+    return PlannedGroup(key=spec.path, name=spec.name, kind=spec.kind, layer=spec.layer, in_features=spec.in_features,
+                        experts=spec.experts, slices=slices)
+
+
+def _attach(group: PlannedGroup, match, mod: LoraModule) -> None:
+    row = 0
+    for index in match.slice_indices:
+        target = group.slices[index]
+        ref = SourceRef(mod, row, row + target.out_features)
+        row += target.out_features
+        if mod.kind == ModuleKind.FUSED_EXPERTS:
+            clash = target.fused_source is not None or bool(target.expert_sources)
+            target.fused_source = ref
+        elif group.experts:
+            expert = match.expert if match.expert is not None else mod.expert
+            clash = target.fused_source is not None or expert in target.expert_sources
+            target.expert_sources[expert] = ref
+        else:
+            clash = target.dense_source is not None
+            target.dense_source = ref
+        if clash:
+            raise UnsupportedAdapterError(
+                f"Two source modules feed slice {target.name!r} of {group.key}; the second is {mod.module}.",
+                hint="The adapter holds both a fused and a split form of the same projection; keep one.",
+            )

@@ -1,0 +1,43 @@
+"""Helpers shared by the tests: the PEFT-written fixtures (tests/fixtures/data) and a writer for small adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+
+def fixture_index() -> dict:
+    path = FIXTURES / "INDEX.json"
+    return json.loads(path.read_text()) if path.exists() else {"cases": {}}
+
+
+def fixture_cases() -> list[str]:
+    cases = FIXTURES / "cases"
+    return sorted(p.name for p in cases.iterdir() if (p / "adapter").is_dir()) if cases.is_dir() else []
+
+
+def case_dir(name: str) -> Path:
+    return FIXTURES / "cases" / name
+
+
+def case_meta(name: str) -> dict:
+    return json.loads((case_dir(name) / "case.json").read_text())
+
+
+def case_base_dir(name: str) -> Path:
+    return FIXTURES / "bases" / case_meta(name)["base"]
+
+
+def write_adapter(folder: Path, tensors: dict, config: dict | None = None, *, filename: str = "adapter_model.safetensors") -> Path:
+    """Write a small adapter with the safetensors library (for tests that need a hand-made mutation)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    cfg.update(config or {})
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / filename))
+    return folder

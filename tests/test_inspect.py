@@ -1,0 +1,53 @@
+"""inspect on every PEFT-written fixture: module counts, ranks and scalings agree with PEFT's own layers."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import case_dir, case_meta, fixture_cases
+from lora_convert.adapter import load_adapter
+from lora_convert.cli import app
+from lora_convert.inspect import build_report
+
+CASES = fixture_cases()
+
+
+def peft_name(mod: dict) -> str:
+    # PEFT's nested ParamWrappers live at `<module>.base_layer...`; our module path strips those wrappers.
+    return mod["module"] + ".base_layer" * mod.get("base_layer_depth", 0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_inspect_matches_peft_layers(case):
+    meta = case_meta(case)
+    report = build_report(load_adapter(str(case_dir(case) / "adapter"), strict_config=False))
+    ours = {}
+    for mod in report["modules"]:
+        ours[mod["module"] + ".base_layer" * mod["base_layer_depth"]] = mod
+    assert set(ours) == set(meta["modules"]), f"{case}: module sets differ"
+    for name, peft in meta["modules"].items():
+        mine = ours[name]
+        assert mine["rank"] == peft["r"], name
+        assert mine["scaling"] == pytest.approx(peft["scaling"], rel=1e-9), name
+        assert mine["in_features"] == peft["in"] and mine["out_features"] == peft["out"], name
+        if peft.get("param"):
+            assert mine["param"] == peft["param"], name
+            assert mine["experts"] == peft["experts"], name
+
+
+def test_inspect_cli_json_and_human():
+    case = next(c for c in CASES if "deepseek" in c)
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(case_dir(case) / "adapter"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["schema_version"] == 1 and doc["module_count"] == len(case_meta(case)["modules"])
+    human = runner.invoke(app, ["inspect", str(case_dir(case) / "adapter")])
+    assert human.exit_code == 0 and "expert layout" in human.stdout
+
+
+def test_inspect_missing_folder_is_usage_error():
+    result = CliRunner().invoke(app, ["inspect", "./definitely/not/here"])
+    assert result.exit_code == 2
+    assert "Error:" in result.stderr and "Traceback" not in result.stderr

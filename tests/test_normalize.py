@@ -1,0 +1,294 @@
+"""normalize on every PEFT-written fixture: each slice of the stacked output computes PEFT's own delta.
+
+The expected deltas are PEFT's `get_delta_weight` for each module, recorded by tests/fixtures/make_fixtures.py
+when PEFT wrote the adapter; nothing here recomputes them from the adapter with our own rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import case_base_dir, case_dir, case_meta, fixture_cases
+from lora_convert.errors import UnsupportedAdapterError, UsageError
+from lora_convert.naming import parse_key
+
+# Fixtures that normalize must refuse without --drop-unsupported, and the code of the refusal.
+REFUSED = {"dora": "config.dora", "vision": "modules.vision"}
+
+
+def refused_code(case: str) -> str | None:
+    return next((code for marker, code in REFUSED.items() if marker in case), None)
+
+
+CASES = fixture_cases()
+CONVERTIBLE = [c for c in CASES if refused_code(c) is None]
+
+
+def run_normalize(case: str, out: Path, **kw):
+    from lora_convert.normalize import normalize
+
+    return normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), **kw)
+
+
+def peft_module_name(key: str) -> tuple[str, int | None]:
+    p = parse_key(key)
+    return p.module + ".base_layer" * p.base_layer_depth, p.expert
+
+
+def expected_rows(reference: dict, slices: list[dict], expert: int | None, experts: int | None):
+    """PEFT's delta for each slice: consecutive slices listing the same source keys split its rows in order."""
+    out = []
+    consumed: dict[tuple, int] = {}
+    for s in slices:
+        if s["source"] is None:
+            out.append(None)
+            continue
+        if experts and expert is not None:
+            # the keys of this expert (per-expert 2-D) or the one 3-D pair
+            keys = [k for k in s["source"] if parse_key(k).expert in (None, expert)]
+            if all(parse_key(k).expert is None for k in keys):
+                name, _ = peft_module_name(keys[0])
+                full = reference[f"{name}::delta_weight"]
+                full = full[expert] if full.dim() == 3 else full
+            else:
+                if not keys:
+                    out.append(None)
+                    continue
+                name, _ = peft_module_name(keys[0])
+                full = reference[f"{name}::delta_weight"]
+        else:
+            name, _ = peft_module_name(s["source"][0])
+            full = reference[f"{name}::delta_weight"]
+        ident = (tuple(s["source"]), expert)
+        start = consumed.get(ident, 0)
+        out.append(full[start:start + s["out_features"]].double())
+        consumed[ident] = start + s["out_features"]
+    return out
+
+
+def check_output_against_peft(case: str, out: Path) -> int:
+    layout = json.loads((out / "lora_layout.json").read_text())
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    reference = load_file(str(case_dir(case) / "reference.safetensors"))
+    R = layout["rank"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == R and config["lora_alpha"] == R and not config["use_rslora"]
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
+    checked = 0
+    for g in layout["groups"]:
+        A = tensors[f"base_model.model.{g['key']}.lora_A.weight"].double()
+        B = tensors[f"base_model.model.{g['key']}.lora_B.weight"].double()
+        c = len(g["slices"])
+        E = g["experts"]
+        assert A.shape == ((E, c * R, g["in_features"]) if E else (c * R, g["in_features"]))
+        assert B.shape[-2] == sum(s["out_features"] for s in g["slices"]) and B.shape[-1] == R
+        for e in range(E) if E else [None]:
+            a = A[e] if E else A
+            b = B[e] if E else B
+            for i, (s, want) in enumerate(zip(g["slices"], expected_rows(reference, g["slices"], e, E))):
+                rows = slice(s["out_offset"], s["out_offset"] + s["out_features"])
+                got = b[rows] @ a[i * R:(i + 1) * R]
+                if want is None or (E and e in (g.get("missing_experts") or [])):
+                    assert torch.count_nonzero(b[rows]) == 0 and torch.count_nonzero(a[i * R:(i + 1) * R]) == 0, (g["key"], s["name"], e)
+                    continue
+                rel = (got - want).norm() / want.norm().clamp_min(1e-30)
+                assert rel <= 1e-5, f"{case} {g['key']} slice {s['name']} expert {e}: relative error {rel:.2e}"
+                # padding beyond the slice's own rank is exactly zero
+                assert torch.count_nonzero(a[i * R + s["rank"]:(i + 1) * R]) == 0
+                assert torch.count_nonzero(b[rows, s["rank"]:]) == 0
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("case", CONVERTIBLE)
+def test_every_slice_matches_peft(case, tmp_path):
+    run_normalize(case, tmp_path / "out")
+    assert check_output_against_peft(case, tmp_path / "out") > 0
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if refused_code(c)])
+def test_refused_fixtures(case, tmp_path):
+    with pytest.raises(UnsupportedAdapterError) as info:
+        run_normalize(case, tmp_path / "out")
+    assert "--drop-unsupported" in info.value.hint
+    assert not (tmp_path / "out").exists()
+    meta = case_meta(case)
+    convertible_left = [m for m, info in meta["modules"].items() if not info.get("dora") and "vision" not in m and "mm_projector" not in m]
+    if not convertible_left:
+        # every module is refused: dropping them all leaves nothing to write, which is an error too
+        with pytest.raises(UnsupportedAdapterError, match="All .* were dropped"):
+            run_normalize(case, tmp_path / "dropped", drop_unsupported=True)
+        assert not (tmp_path / "dropped").exists()
+        return
+    result = run_normalize(case, tmp_path / "dropped", drop_unsupported=True)
+    layout = json.loads((tmp_path / "dropped" / "lora_layout.json").read_text())
+    assert {d["code"] for d in layout["dropped"]} >= {refused_code(case)}
+    assert result.plan.dropped
+    assert check_output_against_peft(case, tmp_path / "dropped") > 0
+
+
+def test_bf16_output_within_bf16_tolerance(tmp_path):
+    case = CONVERTIBLE[0]
+    run_normalize(case, tmp_path / "bf16", dtype="bf16")
+    tensors = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    # re-check numerically with the bf16 tolerance by upcasting and comparing to the fp32 output
+    run_normalize(case, tmp_path / "fp32", dtype="fp32")
+    ref = load_file(str(tmp_path / "fp32" / "adapter_model.safetensors"))
+    for key, value in tensors.items():
+        rel = (value.double() - ref[key].double()).norm() / ref[key].double().norm().clamp_min(1e-30)
+        assert rel <= 1e-2, key
+
+
+def test_same_input_same_bytes(tmp_path):
+    case = CONVERTIBLE[0]
+    digests = []
+    for name in ("one", "two"):
+        run_normalize(case, tmp_path / name)
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())})
+    assert digests[0] == digests[1]
+
+
+def test_input_is_not_modified(tmp_path):
+    case = CONVERTIBLE[0]
+    folder = case_dir(case) / "adapter"
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    run_normalize(case, tmp_path / "out")
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_existing_output_needs_force(tmp_path):
+    case = CONVERTIBLE[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(UsageError, match="--force|not empty"):
+        run_normalize(case, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    run_normalize(case, out, force=True)
+    assert (out / "lora_layout.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_rank_below_largest_is_an_error(tmp_path):
+    with pytest.raises(UsageError, match="below"):
+        run_normalize(CONVERTIBLE[0], tmp_path / "out", rank=1)
+
+
+def test_padding_to_a_larger_rank_stays_exact(tmp_path):
+    case = CONVERTIBLE[0]
+    run_normalize(case, tmp_path / "out", rank=24)
+    assert json.loads((tmp_path / "out" / "lora_layout.json").read_text())["rank"] == 24
+    assert check_output_against_peft(case, tmp_path / "out") > 0
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
+    from lora_convert import normalize as normalize_module
+
+    real = normalize_module.build_group_tensors
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(normalize_module, "build_group_tensors", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_normalize(CONVERTIBLE[0], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _base_config(case: str) -> dict:
+    return json.loads((case_base_dir(case) / "config.json").read_text())
+
+
+def test_kv_a_less_deepseek_gets_kv_width_zero_fill(tmp_path):
+    case = "v5_deepseek_v3_q_a_only"
+    cfg = _base_config(case)
+    run_normalize(case, tmp_path / "out")
+    tensors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    layout = json.loads((tmp_path / "out" / "lora_layout.json").read_text())
+    R = layout["rank"]
+    fused = [g for g in layout["groups"] if g["group"] == "fused_qkv_a_proj_with_mqa"]
+    assert fused
+    for g in fused:
+        B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
+        # q_lora_rank + kv_lora_rank + qk_rope_head_dim rows, never 2 x q_lora_rank (the bug this tool prevents)
+        assert B.shape == (cfg["q_lora_rank"] + cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], R)
+        kv = g["slices"][1]
+        assert kv["name"] == "kv_a_proj_with_mqa" and kv["source"] is None
+        assert kv["out_features"] == cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+        assert torch.count_nonzero(B[cfg["q_lora_rank"]:]) == 0
+
+
+def test_rank_pattern_module_is_padded_and_exact(tmp_path):
+    case = "v5_deepseek_v3_rank_pattern"
+    meta = case_meta(case)
+    ranks = {info["r"] for info in meta["modules"].values()}
+    assert len(ranks) > 1, "the fixture must mix ranks"
+    run_normalize(case, tmp_path / "out")
+    layout = json.loads((tmp_path / "out" / "lora_layout.json").read_text())
+    assert layout["rank"] == max(ranks)
+    assert {s["rank"] for g in layout["groups"] for s in g["slices"] if s["source"]} == ranks
+    assert check_output_against_peft(case, tmp_path / "out") > 0
+
+
+@pytest.mark.parametrize("case", [c for c in CONVERTIBLE if "rslora" in c])
+def test_rslora_is_exact_with_alpha_equal_rank(case, tmp_path):
+    meta = case_meta(case)
+    assert meta["lora_config"].get("use_rslora")
+    run_normalize(case, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] and config["use_rslora"] is False
+    assert check_output_against_peft(case, tmp_path / "out") > 0
+
+
+def test_killed_subprocess_leaves_no_output(tmp_path):
+    """A real interruption: SIGTERM while the writer is streaming leaves neither output nor temp folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # A synthetic adapter big enough (~250 MB of output) that the write takes a while on any machine.
+    H, I, layers, r = 2048, 5632, 8, 16
+    tensors = {}
+    g = torch.Generator().manual_seed(0)
+    for layer in range(layers):
+        for name, (inp, out) in {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}.items():
+            tensors[f"base_model.model.model.layers.{layer}.mlp.{name}.lora_A.weight"] = torch.randn(r, inp, generator=g)
+            tensors[f"base_model.model.model.layers.{layer}.mlp.{name}.lora_B.weight"] = torch.randn(out, r, generator=g)
+    from helpers import write_adapter
+
+    adapter = write_adapter(tmp_path / "big", tensors, {"r": r, "lora_alpha": r, "target_modules": ["gate_proj", "up_proj", "down_proj"]})
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": I,
+        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 1000}))
+    out = tmp_path / "out"
+    cli = Path(sys.executable).parent / "lora-convert"
+    proc = subprocess.Popen([str(cli), "normalize", str(adapter), "-o", str(out), "--base", str(base), "--dtype", "fp32", "--rank", "512"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    temp = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.lora-convert-tmp")]
+        if temps and (temps[0] / "adapter_model.safetensors").exists():
+            temp = temps[0]
+            break
+        time.sleep(0.005)
+    assert temp is not None, "the run finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    assert not temp.exists()
