@@ -119,6 +119,7 @@ class Plan:
     groups: list[PlannedGroup]
     dropped: list[DroppedModule]
     findings: list[Finding] = field(default_factory=list)
+    arch: Any = None  # the schema bound to the base config (lora_convert.schema.Architecture)
 
     @property
     def zero_filled(self) -> list[tuple[PlannedGroup, PlannedSlice]]:
@@ -248,7 +249,8 @@ def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = Non
     if rank is not None and rank < max_rank:
         raise UsageError(f"--rank {rank} is below the adapter's largest effective rank {max_rank}.",
                          hint=f"Use --rank {max_rank} or more, or leave --rank out.")
-    return Plan(adapter=adapter, base_name=base_name, family=arch.family, rank=rank or max_rank, groups=groups, dropped=dropped)
+    return Plan(adapter=adapter, base_name=base_name, family=arch.family, rank=rank or max_rank, groups=groups, dropped=dropped,
+                arch=arch)
 
 
 def _kind_order(group: PlannedGroup) -> int:

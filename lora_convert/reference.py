@@ -37,3 +37,23 @@ def module_output_delta(mod: LoraModule, read: Callable[[str], object], x, *, ex
 
     delta = module_delta(mod, read, expert=expert)
     return x.to(torch.float64) @ delta.transpose(-1, -2)
+
+
+def module_factors(mod: LoraModule, read: Callable[[str], object], *, expert: int | None = None, device=None):
+    """(A [r, in], B [out, r], s) of a module as float64, for one expert of a 3-D module.
+
+    Factored form lets a reference output be computed as s * (x @ A^T) @ B^T without forming dW, which at
+    DeepSeek sizes (4096 x 7168 per expert) would dominate a smoke run.
+    """
+    import torch
+
+    a = read(mod.lora_A.key).to(device=device, dtype=torch.float64)
+    b = read(mod.lora_B.key).to(device=device, dtype=torch.float64)
+    if mod.kind == ModuleKind.FUSED_EXPERTS:
+        r = int(mod.rank)
+        E = a.shape[0] // r
+        if expert is None:
+            raise ValueError("a 3-D expert module needs an expert index")
+        a = a.reshape(E, r, a.shape[1])[expert]
+        b = b.reshape(b.shape[0], r, E)[:, :, expert]
+    return a, b, float(mod.scaling)

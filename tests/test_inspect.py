@@ -31,7 +31,11 @@ def test_inspect_matches_peft_layers(case):
         assert mine["rank"] == peft["r"], name
         assert mine["scaling"] == pytest.approx(peft["scaling"], rel=1e-9), name
         assert mine["in_features"] == peft["in"] and mine["out_features"] == peft["out"], name
-        if peft.get("param"):
+        if peft.get("param") and mine["kind"] == "linear":
+            # a 2-D parameter targeted through target_parameters (a router's `gate.weight`): PEFT matches its
+            # rank/alpha patterns against `<module>.weight`
+            assert mine["target_name"] == f"{mine['module']}.{peft['param']}", name
+        elif peft.get("param"):
             assert mine["param"] == peft["param"], name
             assert mine["experts"] == peft["experts"], name
 

@@ -9,6 +9,7 @@ from lora_convert.cli._app import app, main
 from lora_convert.cli import inspect_cmd  # noqa: E402,F401
 from lora_convert.cli import schemas_cmd  # noqa
 from lora_convert.cli import normalize_cmd  # noqa: E402,F401
+from lora_convert.cli import smoke_cmd  # noqa: E402,F401
 from lora_convert.cli import validate_cmd  # noqa
 
 __all__ = ["app", "main"]

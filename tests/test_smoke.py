@@ -1,0 +1,202 @@
+"""The smoke forward: passes on every normalized fixture, and catches each kind of tampering by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from helpers import case_base_dir, case_dir, fixture_cases
+from lora_convert.cli import app
+from lora_convert.smoke import run_smoke
+
+SMOKE_CASES = [c for c in fixture_cases() if "dora" not in c and "vision" not in c]
+
+
+def smoke(case, **kw):
+    return run_smoke(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device=kw.pop("device", "cpu"), **kw)
+
+
+@pytest.mark.parametrize("case", SMOKE_CASES)
+def test_smoke_passes_on_every_fixture(case):
+    report = smoke(case)
+    assert report.groups, "nothing was checked"
+    failures = [(g.key, g.problems, [(s.name, s.problem) for s in g.slices if s.problem]) for g in report.groups if not g.ok]
+    assert report.ok, failures
+
+
+def normalized(case, tmp_path):
+    from lora_convert.normalize import normalize
+
+    out = tmp_path / "stacked"
+    normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)))
+    return out
+
+
+def tamper(out, edit):
+    path = out / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    layout = json.loads((out / "lora_layout.json").read_text())
+    edit(tensors, layout)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def smoke_stacked(case, out):
+    return run_smoke(str(out), original=str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device="cpu", layers="all")
+
+
+def failing(report):
+    return {(g.key, s.name) for g in report.groups for s in g.slices if s.problem} | {(g.key, None) for g in report.groups if g.problems}
+
+
+def first_group(layout, name):
+    return next(g for g in layout["groups"] if g["group"] == name)
+
+
+def test_stacked_output_passes_with_original(tmp_path):
+    case = "v5_deepseek_v3"
+    out = normalized(case, tmp_path)
+    report = smoke_stacked(case, out)
+    assert report.ok and len(report.groups) == len(json.loads((out / "lora_layout.json").read_text())["groups"])
+
+
+def test_swapped_slices_are_caught(tmp_path):
+    case = "v4_deepseek_v3"
+    out = normalized(case, tmp_path)
+    state = {}
+
+    def swap(tensors, layout):
+        g = first_group(layout, "gate_up_proj")
+        gate, up = g["slices"]
+        assert gate["out_features"] == up["out_features"]
+        B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
+        n = gate["out_features"]
+        B[:n], B[n:2 * n] = B[n:2 * n].clone(), B[:n].clone()
+        state["key"] = g["key"]
+
+    tamper(out, swap)
+    bad = failing(smoke_stacked(case, out))
+    assert {(state["key"], "gate_proj"), (state["key"], "up_proj")} <= bad
+
+
+def test_doubled_scale_is_caught(tmp_path):
+    case = "v4_deepseek_v3"
+    out = normalized(case, tmp_path)
+    state = {}
+
+    def double(tensors, layout):
+        g = first_group(layout, "fused_qkv_a_proj_with_mqa")
+        kv = g["slices"][1]
+        B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
+        B[kv["out_offset"]:kv["out_offset"] + kv["out_features"]] *= 2
+        state["key"] = g["key"]
+
+    tamper(out, double)
+    bad = failing(smoke_stacked(case, out))
+    assert bad == {(state["key"], "kv_a_proj_with_mqa")}
+
+
+def test_expert_factors_from_the_neighbour_are_caught(tmp_path):
+    case = "v4_deepseek_v3"
+    out = normalized(case, tmp_path)
+    state = {}
+
+    def neighbour(tensors, layout):
+        g = first_group(layout, "experts.gate_up_proj")
+        A = tensors[f"base_model.model.{g['key']}.lora_A.weight"]
+        A[1] = A[2].clone()
+        state["key"] = g["key"]
+
+    tamper(out, neighbour)
+    bad = failing(smoke_stacked(case, out))
+    assert {(state["key"], "gate_proj"), (state["key"], "up_proj")} <= bad
+    assert all(key == state["key"] for key, _ in bad)
+
+
+def test_3d_b_read_expert_major_is_caught(tmp_path):
+    """A normalizer that reads PEFT's rank-major 3-D B as expert-major passes every shape check."""
+    from lora_convert.adapter import load_adapter
+
+    case = "v5_deepseek_v3"
+    out = normalized(case, tmp_path)
+    adapter = load_adapter(str(case_dir(case) / "adapter"))
+    state = {}
+
+    def expert_major(tensors, layout):
+        g = first_group(layout, "experts.down_proj")
+        (sl,) = g["slices"]
+        source_b = next(k for k in sl["source"] if k.endswith("lora_B.weight"))
+        b = adapter.read(source_b)  # [out, r*E], rank-major on disk
+        E, r = g["experts"], sl["rank"]
+        wrong = b.reshape(b.shape[0], E, r).permute(1, 0, 2) * sl["scaling"]  # read as if expert-major
+        B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
+        B[:, :, :r] = wrong.to(B.dtype)
+        state["key"] = g["key"]
+
+    tamper(out, expert_major)
+    assert (state["key"], "down_proj") in failing(smoke_stacked(case, out))
+
+
+def test_zero_filled_slice_must_stay_untouched(tmp_path):
+    case = "v5_deepseek_v3_q_a_only"
+    out = normalized(case, tmp_path)
+    state = {}
+
+    def fill(tensors, layout):
+        g = first_group(layout, "fused_qkv_a_proj_with_mqa")
+        kv = g["slices"][1]
+        assert kv["source"] is None
+        B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
+        R = layout["rank"]
+        A = tensors[f"base_model.model.{g['key']}.lora_A.weight"]
+        A[R:2 * R] = 0.01
+        B[kv["out_offset"]:kv["out_offset"] + kv["out_features"]] = 0.01
+        state["key"] = g["key"]
+
+    tamper(out, fill)
+    assert (state["key"], "kv_a_proj_with_mqa") in failing(smoke_stacked(case, out))
+
+
+def test_nan_never_passes(tmp_path):
+    case = "v4_llama"
+    out = normalized(case, tmp_path)
+
+    def poison(tensors, layout):
+        g = layout["groups"][0]
+        tensors[f"base_model.model.{g['key']}.lora_B.weight"][0, 0] = float("nan")
+
+    tamper(out, poison)
+    assert not smoke_stacked(case, out).ok
+
+
+def test_cli_reports_and_exit_codes(tmp_path):
+    case = "v4_llama"
+    runner = CliRunner()
+    ok = runner.invoke(app, ["smoke", str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--device", "cpu", "--format", "json"])
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(ok.stdout)
+    assert doc["ok"] and doc["interpreter"] and doc["tokens"] == 160
+    out = normalized(case, tmp_path)
+    tamper(out, lambda t, l: t[f"base_model.model.{l['groups'][0]['key']}.lora_B.weight"].mul_(3))
+    bad = runner.invoke(app, ["smoke", str(out), "--original", str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--device", "cpu"])
+    assert bad.exit_code == 1 and "FAIL" in bad.stdout
+    need_original = runner.invoke(app, ["smoke", str(out), "--device", "cpu"])
+    assert need_original.exit_code == 2 and "--original" in need_original.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_cuda_without_gpu_is_an_environment_error():
+    case = "v4_llama"
+    result = CliRunner().invoke(app, ["smoke", str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--device", "cuda"])
+    assert result.exit_code == 3 and "CUDA" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", SMOKE_CASES)
+def test_smoke_on_gpu(case):
+    report = smoke(case, device="cuda", layers="all")
+    assert report.device == "cuda" and not report.interpreter and report.ok
