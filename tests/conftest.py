@@ -9,6 +9,14 @@ import pytest
 # Hub tests must never reach the network; huggingface_hub reads this when it is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# No GPU in CI: Triton kernels run in the interpreter, which must be chosen before any kernel module is imported.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
 
 from helpers import write_adapter  # noqa: E402
 

@@ -1,0 +1,49 @@
+"""Triton kernels that apply stacked LoRA groups (``lora_convert.kernels``).
+
+Ops live one per module and are imported explicitly, so that importing this package stays cheap (the CLI
+imports it to ask :func:`is_available` and must not pay for torch/triton):
+
+* ``lora_convert.kernels.shrink.lora_shrink``     h = x @ A^T                              (fp32 out)
+* ``lora_convert.kernels.expand.lora_expand``     y[:, slice_i] += s_i * h[:, rank block i] @ B_i^T
+* ``lora_convert.kernels.moe.lora_moe``           per (token, expert) shrink + expand for expert groups
+* ``lora_convert.kernels.batched.lora_shrink_expand_batched``  many dense groups in two launches
+
+Layout contract (dense group of c slices, rank R): ``A`` is ``[c*R, in]``, ``B`` is ``[sum(out_i), R]``;
+slice i owns A rows ``[i*R, (i+1)*R)`` and B rows ``[off_i, off_i + out_i)``. Expert groups add a leading
+``E`` dimension to both.
+
+``TRITON_INTERPRET=1`` must be in the environment *before* an op module is imported: ``triton.jit``
+decides at decoration time whether a kernel is compiled or interpreted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+__all__ = ["is_available", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_available() -> bool:
+    """Whether the kernels can run here: triton importable and either a CUDA device or the interpreter.
+
+    Cheap when the answer is no: triton's presence is checked with ``find_spec`` (no import), and torch is
+    only imported when it is needed to ask for CUDA.
+    """
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    if interpreting():
+        return True
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
