@@ -76,13 +76,12 @@ def plan_normalize(adapter_spec: str, *, base: str | None = None, rank: int | No
 def output_dtype(plan: Plan, requested: str) -> str:
     if requested != "keep":
         return OUTPUT_DTYPES[requested]
-    tags = {m.lora_B.dtype for g in plan.groups for s in g.slices for src in s.sources() for m in [src.module]}
-    tags |= {m.lora_A.dtype for g in plan.groups for s in g.slices for src in s.sources() for m in [src.module]}
+    tags = {t.dtype for g in plan.groups for s in g.slices for src in s.sources() for t in (src.module.lora_A, src.module.lora_B)}
     floats = [t for t in ("F64", "F32", "BF16", "F16") if t in tags]
     if len(floats) == 1:
         return floats[0]
-    # Mixed source dtypes: keep the widest so that no source loses precision.
-    return "F32" if "F32" in floats or "F64" in floats else (floats[0] if floats else "F32")
+    # Mixed (or non-float) source dtypes: float32 holds every source without loss.
+    return "F32"
 
 
 def tensor_specs(plan: Plan, dtype: str) -> list[TensorSpec]:
