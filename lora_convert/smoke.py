@@ -317,7 +317,7 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def _stacked_reader(folder, plan, layout):
+def _stacked_reader(folder):
     """Read a stacked output from disk and check its groups line up with the plan from the original."""
     from lora_convert.tensor_files import read_safetensors_header, read_tensor_data
 
@@ -339,7 +339,7 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
     """Smoke-test a raw PEFT adapter (normalized in memory) or a stacked output against its original."""
     import torch
 
-    from lora_convert.adapter import LAYOUT_NAME, load_adapter
+    from lora_convert.adapter import LAYOUT_NAME
     from lora_convert.normalize import build_group_tensors, output_dtype, plan_normalize
     from lora_convert.source import resolve_adapter_source
 
@@ -362,7 +362,7 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
         plan = plan_normalize(original, base=base or stacked_layout.get("base"), rank=None,
                               drop_unsupported=bool(stacked_layout.get("dropped")), cache_dir=cache_dir, token=token)
         rank = int(stacked_layout.get("rank", plan.rank))
-        read_stacked = _stacked_reader(target.path, plan, stacked_layout)
+        read_stacked = _stacked_reader(target.path)
         # the stacked file's dtype decides the tolerance
         tag = None
     else:

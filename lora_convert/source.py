@@ -6,7 +6,6 @@ library's cache, `HF_HUB_OFFLINE`, `HF_TOKEN` and `HF_HOME` all behave as users 
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

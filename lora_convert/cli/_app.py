@@ -32,8 +32,9 @@ def debug_enabled() -> bool:
     return os.environ.get("LORA_CONVERT_DEBUG", "") not in ("", "0", "false", "no")
 
 
-def command(*names: str, **kwargs) -> Callable:
-    """Register a command whose LoraConvertErrors become `Error: ...` + hint on stderr and an exit code."""
+def command(*names: str, target: typer.Typer | None = None, **kwargs) -> Callable:
+    """Register a command (on `app`, or on a sub-app `target`) whose LoraConvertErrors become `Error: ...` +
+    hint on stderr and an exit code."""
 
     def decorate(func: Callable) -> Callable:
         @functools.wraps(func)
@@ -64,7 +65,7 @@ def command(*names: str, **kwargs) -> Callable:
                 )
                 raise typer.Exit(EXIT_FINDINGS) from None
 
-        return app.command(*names, **kwargs)(wrapper)
+        return (target or app).command(*names, **kwargs)(wrapper)
 
     return decorate
 

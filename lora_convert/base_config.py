@@ -1,0 +1,224 @@
+"""The base model's config: one `--base` option everywhere.
+
+`--base` takes, in this order:
+1. a local folder holding config.json, or a config.json file;
+2. the name of a preset shipped with lora-convert (`lora-convert schemas list`);
+3. a Hugging Face Hub repo id (`org/name` or `org/name@revision`): only config.json is downloaded, with
+   `huggingface_hub.hf_hub_download`, so HF_HUB_OFFLINE, HF_TOKEN, HF_HOME and the cache behave as usual.
+   If the Hub cannot be reached and a preset lists that repo id, the preset is used and the note says so.
+
+Without `--base`, the adapter's `base_model_name_or_path` is used: a local folder if it exists, then a preset
+(matched on its name or any of its hub_ids, case-insensitive), then the Hub.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from lora_convert.errors import BaseConfigError, UsageError
+
+PRESET_PACKAGE = "lora_convert.presets"
+# Where multimodal wrappers keep the language model's config (Kimi-K2.5, Qwen3.5-VL: `text_config`).
+TEXT_CONFIG_FIELDS = ("text_config", "llm_config", "language_config")
+
+
+@dataclass
+class BaseConfig:
+    name: str  # what identifies it: preset name, repo id, or path
+    origin: str  # "preset" | "local" | "hub"
+    config: dict  # the top-level config.json
+    text_config: dict  # the language model's config (the wrapper's text_config, or `config` itself)
+    source_note: str | None = None
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.origin})"
+
+
+def unwrap_text_config(config: dict, field: str | None = None) -> dict:
+    """The text model's config: `config[field]` (or the first known wrapper field) when it is a dict."""
+    fields = (field,) if field else TEXT_CONFIG_FIELDS
+    for name in fields:
+        inner = config.get(name)
+        if isinstance(inner, dict):
+            return inner
+    return config
+
+
+# --------------------------------------------------------------------------------------------- presets
+@lru_cache(maxsize=1)
+def _load_presets() -> tuple[dict, ...]:
+    presets = []
+    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(entry.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BaseConfigError(f"The shipped preset {entry.name} is not valid JSON ({exc}).") from None
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not data.get("name"):
+            raise BaseConfigError(f"The shipped preset {entry.name} lacks `name` or a `config` object.")
+        presets.append(data)
+    return tuple(presets)
+
+
+def list_presets() -> list[dict]:
+    """Every shipped preset: name, hub_ids, model_type (of the top-level config)."""
+    return [
+        {"name": p["name"], "hub_ids": list(p.get("hub_ids") or []), "model_type": p["config"].get("model_type")}
+        for p in _load_presets()
+    ]
+
+
+def find_preset(name: str, *, hub_ids: bool = True) -> dict | None:
+    """The preset whose name (or, with `hub_ids`, one of whose hub ids) equals `name`, case-insensitive."""
+    wanted = name.strip().lower()
+    for preset in _load_presets():
+        if preset["name"].lower() == wanted:
+            return preset
+    if hub_ids:
+        bare = wanted.split("@", 1)[0]
+        for preset in _load_presets():
+            if any(str(h).lower() == bare for h in preset.get("hub_ids") or []):
+                return preset
+    return None
+
+
+def preset_base(preset: dict, note: str | None = None) -> BaseConfig:
+    config = json.loads(json.dumps(preset["config"]))  # a private copy
+    parts = [f"preset {preset['name']}"]
+    if note:
+        parts.append(note)
+    return BaseConfig(name=preset["name"], origin="preset", config=config, text_config=unwrap_text_config(config),
+                      source_note="; ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------- resolve
+def resolve_base(spec: str | None, *, adapter_base_name: str | None = None, cache_dir=None, token=None) -> BaseConfig:
+    """Resolve `--base` (or, without it, the adapter's base_model_name_or_path) to a config.
+
+    Raises UsageError when there is nothing to go on, BaseConfigError when the config cannot be found or read.
+    """
+    if spec is not None and not str(spec).strip():
+        raise UsageError("--base is empty.", hint=_BASE_HINT)
+    if spec:
+        return _resolve(str(spec).strip(), explicit=True, cache_dir=cache_dir, token=token)
+    if adapter_base_name and str(adapter_base_name).strip():
+        return _resolve(str(adapter_base_name).strip(), explicit=False, cache_dir=cache_dir, token=token)
+    raise UsageError(
+        "No base model: --base was not given and the adapter's adapter_config.json has no base_model_name_or_path.",
+        hint=_BASE_HINT,
+    )
+
+
+_BASE_HINT = (
+    "Pass --base with a folder holding config.json, a config.json file, a Hub repo id (org/name), or a preset "
+    "name from `lora-convert schemas list`."
+)
+
+
+def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local(path)
+    preset = find_preset(spec, hub_ids=not explicit)
+    if preset is not None:
+        note = None if preset["name"].lower() == spec.lower() else f"matched the adapter's base_model_name_or_path {spec!r}"
+        return preset_base(preset, note)
+    from lora_convert.source import looks_like_path, parse_hub_id
+
+    where = "--base" if explicit else "The adapter's base_model_name_or_path"
+    if looks_like_path(spec) or parse_hub_id(spec) is None:
+        raise BaseConfigError(
+            f"{where} {spec!r} is not an existing folder or config.json, not a preset name, and not a Hub repo id.",
+            hint=_BASE_HINT,
+        )
+    repo_id, revision = parse_hub_id(spec)
+    return _hub(spec, repo_id, revision, cache_dir=cache_dir, token=token, explicit=explicit)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BaseConfigError(f"Cannot read {path} ({exc}).") from None
+    except json.JSONDecodeError as exc:
+        raise BaseConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).",
+                              hint="Point --base at the base model's config.json.") from None
+    if not isinstance(data, dict):
+        raise BaseConfigError(f"{path} holds a JSON {type(data).__name__}, not a config object.")
+    return data
+
+
+def _local(path: Path) -> BaseConfig:
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise BaseConfigError(
+            f"{path} is a folder without config.json (found {present}).",
+            hint="Point --base at the base model's folder or its config.json, or use a preset name or Hub id.",
+        )
+    config = _read_json(file)
+    return BaseConfig(name=str(path), origin="local", config=config, text_config=unwrap_text_config(config),
+                      source_note=f"read from {file}")
+
+
+def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, explicit: bool) -> BaseConfig:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub import errors as hub_errors
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise BaseConfigError("huggingface_hub is not installed, so Hub ids cannot be used for --base.",
+                              hint="pip install huggingface_hub, or use a local config.json or a preset.") from None
+    fallback = find_preset(repo_id, hub_ids=True)
+    try:
+        file = hf_hub_download(repo_id, "config.json", revision=revision,
+                               cache_dir=str(cache_dir) if cache_dir else None, token=token or None)
+    except hub_errors.GatedRepoError:
+        problem = f"The Hub repo {repo_id!r} is gated; its config.json needs an accepted licence and a token."
+        hint = "Accept the licence on the Hub and set HF_TOKEN, or pass a preset / local config.json with --base."
+    except hub_errors.RepositoryNotFoundError:
+        problem = f"The Hub has no repo {repo_id!r} (or it is private and no token was given)."
+        hint = "Check the id, set HF_TOKEN for a private repo, or pass --base with a local config.json or a preset."
+    except hub_errors.RevisionNotFoundError:
+        problem = f"The Hub repo {repo_id!r} has no revision {revision!r}."
+        hint = "Check the branch, tag or commit after `@`."
+    except hub_errors.LocalEntryNotFoundError:
+        problem = (f"config.json of {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+                   "(offline mode or no network).")
+        hint = "Fetch it once with network access, unset HF_HUB_OFFLINE, or pass a local config.json or a preset."
+        if fallback is not None:
+            return preset_base(fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used")
+    except hub_errors.EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
+        problem = f"The Hub repo {repo_id!r} has no config.json (it may be an adapter or a dataset, not a base model)."
+        hint = "Pass --base with the base model's repo id, a local config.json, or a preset."
+    except hub_errors.HfHubHTTPError as exc:
+        problem = f"The Hub answered with an error for {repo_id!r}: {exc}."
+        hint = "Retry, or pass a local config.json or a preset with --base."
+    except (OSError, ValueError) as exc:
+        problem = f"Fetching config.json of {repo_id!r} from the Hub failed: {exc}."
+        hint = "Retry, or pass a local config.json or a preset with --base."
+        if fallback is not None:
+            return preset_base(fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used")
+    else:
+        config = _read_json(Path(file))
+        name = f"{repo_id}@{revision}" if revision else repo_id
+        return BaseConfig(name=name, origin="hub", config=config, text_config=unwrap_text_config(config),
+                          source_note=f"config.json from the Hub ({file})")
+    if not explicit:
+        problem = f"The adapter's base model {spec!r} matches no preset. " + problem
+    raise BaseConfigError(problem, hint=hint)
+
+
+def config_from_mapping(config: dict, name: str = "<config>") -> BaseConfig:
+    """Wrap an in-memory config (tests, library callers)."""
+    return BaseConfig(name=name, origin="local", config=config, text_config=unwrap_text_config(config))

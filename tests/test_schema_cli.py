@@ -1,0 +1,104 @@
+"""`lora-convert schemas list | show | check` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import lora_convert.schema as schema_module
+from lora_convert.cli import app
+from lora_convert.schema import load_schema
+
+runner = CliRunner()
+
+
+def test_schemas_check_passes_on_the_shipped_files():
+    result = runner.invoke(app, ["schemas", "check"])
+    assert result.exit_code == 0, result.output
+    assert "FAILED" not in result.stdout
+    assert "ok      preset deepseek-v3 -> deepseek_v3: 61 layers" in result.stdout
+
+
+def test_schemas_check_json_covers_every_schema_and_preset():
+    result = runner.invoke(app, ["schemas", "check", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert [s["family"] for s in report["schemas"]] == schema_module.list_schemas()
+    assert all(p["ok"] for p in report["presets"]) and len(report["presets"]) == 9
+    assert report["families_without_preset"] == []  # every shipped family is exercised by a preset
+
+
+def test_schemas_check_fails_on_a_broken_schema(tmp_path, monkeypatch):
+    shipped = schema_module._schema_files()
+    (tmp_path / "toy.json").write_text(json.dumps({"family": "toy", "bogus": 1}))
+    monkeypatch.setattr(schema_module, "_schema_files", lambda: {**shipped, "toy": tmp_path / "toy.json"})
+    load_schema.cache_clear()
+    try:
+        result = runner.invoke(app, ["schemas", "check"])
+    finally:
+        load_schema.cache_clear()
+    assert result.exit_code == 1
+    assert "FAILED  schema toy" in result.stdout and "unknown key 'bogus'" in result.stdout
+
+
+def test_schemas_list():
+    result = runner.invoke(app, ["schemas", "list", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {s["family"] for s in data["schemas"]} == set(schema_module.list_schemas())
+    presets = {p["name"]: p for p in data["presets"]}
+    assert presets["kimi-k2.5"]["family"] == "kimi_k25"
+    assert presets["deepseek-v3"]["hub_ids"] == ["deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1"]
+    human = runner.invoke(app, ["schemas", "list"])
+    assert human.exit_code == 0 and "qwen3.5-35b-a3b" in human.stdout
+
+
+def test_show_human_output_has_a_table_per_layer_type():
+    result = runner.invoke(app, ["schemas", "show", "deepseek-v3"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "layers 0-2: attention + dense" in result.stdout
+    assert "layers 3-60: attention + moe" in result.stdout
+    assert "fused_qkv_a_proj_with_mqa" in result.stdout and "2112" in result.stdout
+    assert "q_a_proj=1536 | kv_a_proj_with_mqa=576" in result.stdout
+
+
+def test_show_a_family_without_base_is_symbolic():
+    result = runner.invoke(app, ["schemas", "show", "deepseek_v3", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    fused = next(g for g in data["groups"] if g["path"] == "self_attn.fused_qkv_a_proj_with_mqa")
+    assert [s["out"] for s in fused["slices"]] == ["q_lora_rank", "kv_lora_rank + qk_rope_head_dim"]
+    human = runner.invoke(app, ["schemas", "show", "nemotron_h"], env={"COLUMNS": "250"})
+    assert human.exit_code == 0 and "mixer.in_proj" in human.stdout
+
+
+def test_show_family_with_base(tmp_path):
+    cfg = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    result = runner.invoke(app, ["schemas", "show", "llama", "--base", str(tmp_path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    qkv = data["layer_types"][0]["groups"][0]
+    assert qkv["name"] == "qkv_proj" and qkv["out"] == 64 + 2 * 2 * 16
+    assert data["base"]["origin"] == "local"
+    only_base = runner.invoke(app, ["schemas", "show", "--base", str(tmp_path / "config.json"), "--format", "json"])
+    assert only_base.exit_code == 0 and json.loads(only_base.stdout)["num_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["schemas", "show"], 2, "Give a schema family or preset"),
+        (["schemas", "show", "no-such-thing"], 1, "not an existing folder or config.json, not a preset name"),
+        (["schemas", "show", "deepseek-v3", "--base", "llama-3.1-8b"], 2, "cannot be combined with --base"),
+    ],
+)
+def test_show_errors(args, code, text):
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert text in result.stderr
+    assert "Error:" in result.stderr and "Hint:" in result.stderr
