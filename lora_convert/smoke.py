@@ -17,6 +17,7 @@ import json
 import os
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -77,6 +78,8 @@ class SmokeReport:
     sampled: bool
     groups: list[GroupCheck]
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (build, to_device, kernels, reference)
+    bytes_to_device: int = 0
 
     @property
     def ok(self) -> bool:
@@ -99,8 +102,50 @@ class SmokeReport:
             "interpreter": self.interpreter, "tokens": self.tokens, "seed": self.seed, "rank": self.rank,
             "layers_checked": self.layers_checked, "layers_total": self.layers_total, "sampled": self.sampled,
             "groups_checked": len(self.groups), "groups_failed": sum(not g.ok for g in self.groups),
-            "seconds": round(self.seconds, 3), "groups": [g.to_json() for g in self.groups],
+            "seconds": round(self.seconds, 3), "phases": {k: round(v, 4) for k, v in self.phases.items()},
+            "bytes_to_device": self.bytes_to_device, "groups": [g.to_json() for g in self.groups],
         }
+
+
+class PhaseTimer:
+    """Seconds spent per phase (build, to_device, kernels, reference). On CUDA each phase is bracketed by a
+    synchronize, so kernel time is kernel time and not launch time."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.seconds: dict[str, float] = {}
+        self.bytes_to_device = 0
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def _group_reader(read: Callable[[str], Any], device) -> Callable[[str], Any]:
+    """Original tensors as float64 on the device, each read once per group (a 3-D expert module feeds every
+    expert of its group: re-reading it per expert would read it E times)."""
+    import torch
+
+    cache: dict[str, Any] = {}
+
+    def cached(key: str):
+        if key not in cache:
+            cache[key] = read(key).to(device=device, dtype=torch.float64)
+        return cache[key]
+
+    return cached
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -191,15 +236,16 @@ def _reference_slice(plan_slice, x64, read, device, expert=None):
     return s * (x64 @ a.T) @ b[src.row_start:src.row_stop].T
 
 
-def check_dense_group(group, A, B, R: int, tag: str, x, read, device) -> GroupCheck:
+def check_dense_group(group, A, B, R: int, tag: str, x, read, device, timer: PhaseTimer) -> GroupCheck:
     import torch
 
     from lora_convert.kernels.expand import lora_expand
     from lora_convert.kernels.shrink import lora_shrink
 
     offsets = [s.out_offset for s in group.slices] + [group.out_features]
-    h = lora_shrink(x, A)
-    y = lora_expand(h, B, offsets, R)  # fresh zero float32 output: the delta alone
+    with timer("kernels"):
+        h = lora_shrink(x, A)
+        y = lora_expand(h, B, offsets, R)  # fresh zero float32 output: the delta alone
     x64 = x.to(torch.float64)
     slices: list[SliceCheck] = []
     diff_sq = ref_sq = 0.0
@@ -210,7 +256,8 @@ def check_dense_group(group, A, B, R: int, tag: str, x, read, device) -> GroupCh
     for sl in group.slices:
         rows = slice(sl.out_offset, sl.out_offset + sl.out_features)
         got = y[:, rows].to(torch.float64)
-        ref = _reference_slice(sl, x64, read, device)
+        with timer("reference"):
+            ref = _reference_slice(sl, x64, read, device)
         slices.append(_judge_slice(sl.name, got, ref, tag))
         if ref is None:
             zero_rows.append(rows)
@@ -258,7 +305,7 @@ def route_tokens(T: int, E: int, k: int, seed: int, device):
     return ids.to(device)
 
 
-def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int) -> GroupCheck:
+def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int, timer: PhaseTimer) -> GroupCheck:
     import torch
 
     from lora_convert.kernels.moe import lora_moe
@@ -268,7 +315,8 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
     k = min(2, E)
     ids = route_tokens(T, E, k, seed, device)
     offsets = [s.out_offset for s in group.slices] + [group.out_features]
-    y = lora_moe(x, A, B, ids, offsets, R, out_dtype=torch.float32)  # [T, k, out]
+    with timer("kernels"):
+        y = lora_moe(x, A, B, ids, offsets, R, out_dtype=torch.float32)  # [T, k, out]
     problems = []
     if torch.isnan(y).any():
         problems.append(f"the kernel output holds {int(torch.isnan(y).sum())} NaN values")
@@ -284,7 +332,8 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
         for sl in group.slices:
             rows = slice(sl.out_offset, sl.out_offset + sl.out_features)
             got = y[tok, choice][:, rows].to(torch.float64)
-            ref = _reference_slice(sl, xe, read, device, expert=e)
+            with timer("reference"):
+                ref = _reference_slice(sl, xe, read, device, expert=e)
             acc = per_slice[sl.name]
             if ref is None:
                 if torch.count_nonzero(got):
@@ -382,12 +431,14 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
         chosen = present if wanted is None else [l for l in present if l in wanted]
         sampled = False
     read = plan.adapter.read
+    timer = PhaseTimer(cuda=torch_device == "cuda")
     checks: list[GroupCheck] = []
     for group in plan.groups:
         if group.layer is not None and group.layer not in chosen:
             continue
         if read_stacked is not None:
-            A, B = read_stacked(group)
+            with timer("read"):
+                A, B = read_stacked(group)
             if A is None:
                 checks.append(GroupCheck(group.key, group.layer, group.kind, group.experts, "?", float("inf"), [],
                                          [f"the stacked output has no tensors for {group.key}"]))
@@ -402,18 +453,22 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
                 continue
         else:
             group_tag = tag
-            A, B = build_group_tensors(plan, group, tag, plan.adapter.read)
-        A, B = A.to(torch_device), B.to(torch_device)
+            with timer("build"):
+                A, B = build_group_tensors(plan, group, tag, plan.adapter.read)
+        with timer("to_device"):
+            A, B = A.to(torch_device), B.to(torch_device)
+        timer.bytes_to_device += A.numel() * A.element_size() + B.numel() * B.element_size()
+        reader = _group_reader(read, torch_device)
         gen = torch.Generator().manual_seed(_seed_for(seed, group.key))
         x = torch.randn(tokens, group.in_features, generator=gen, dtype=torch.float32).to(device=torch_device, dtype=A.dtype)
         if group.experts:
-            checks.append(check_expert_group(group, A, B, rank, group_tag, x, read, torch_device, _seed_for(seed, group.key)))
+            checks.append(check_expert_group(group, A, B, rank, group_tag, x, reader, torch_device, _seed_for(seed, group.key), timer))
         else:
-            checks.append(check_dense_group(group, A, B, rank, group_tag, x, read, torch_device))
+            checks.append(check_dense_group(group, A, B, rank, group_tag, x, reader, torch_device, timer))
         if progress:
             progress(group.key)
     return SmokeReport(
         adapter=target.describe(), original=original, device=torch_device, interpreter=interpreter, tokens=tokens, seed=seed,
         rank=rank, layers_checked=chosen, layers_total=len(present), sampled=sampled, groups=checks,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, phases=dict(timer.seconds), bytes_to_device=timer.bytes_to_device,
     )

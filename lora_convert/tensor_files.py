@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+from stat import S_ISREG
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     """
     name = str(path)
     try:
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
+        if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end
+            raise AdapterFormatError(f"{name} is not a regular file.", hint="Point at the folder PEFT's save_pretrained wrote.")
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -89,9 +93,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise AdapterFormatError(f"{name} could not be read: {exc.strerror or exc}.") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterFormatError(
-            f"{name}: the safetensors header is not valid UTF-8 JSON ({exc}).",
+            f"{name}: the safetensors header is not valid UTF-8 JSON ({'nested too deeply' if isinstance(exc, RecursionError) else exc}).",
             hint="The file is corrupt or not a safetensors file: download or save the adapter again.",
         ) from None
     if not isinstance(header, dict):
@@ -115,7 +119,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         if not isinstance(entry, dict):
             raise AdapterFormatError(f"{name}: header entry {shown} must be an object, got {type(entry).__name__}.")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise AdapterFormatError(
                 f"{name}: tensor {shown} has dtype {json.dumps(dtype)}, which is not a known safetensors dtype "
                 f"(expected one of {', '.join(sorted(DTYPE_SIZES))}).",

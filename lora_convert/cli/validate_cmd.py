@@ -1,0 +1,221 @@
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from lora_convert.cli._app import command
+from lora_convert.cli._options import ADAPTER_HELP, BaseOpt, CacheDirOpt, TokenOpt
+from lora_convert.cli._output import ReportFormat, print_error, print_json, stderr, stdout
+from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, LoraConvertError
+
+PROGRESS_MIN_BYTES = 100 * 1024 * 1024  # show a progress bar only for scans larger than this
+
+
+class Engine(str, Enum):
+    none = "none"
+    sglang = "sglang"
+    vllm = "vllm"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@command("validate")
+def validate_command(
+    adapters: List[str] = typer.Argument(
+        ..., metavar="ADAPTER...", show_default=False,
+        help=ADAPTER_HELP + " Several may be given; a path to an adapter_config.json means its folder (for pre-commit).",
+    ),
+    base: Optional[str] = BaseOpt,
+    engine: Engine = typer.Option(Engine.none, "--engine", "-e", case_sensitive=False,
+                                  help="Also report what this serving engine would do with each feature of the adapter "
+                                  "(rules in lora_convert/engines/*.json, each citing the engine version)."),
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="Tensor-parallel size to check divisibility for."),
+    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="Expert-parallel size to check divisibility for."),
+    data: bool = typer.Option(True, "--data/--no-data", help="Read the tensors (streamed, one at a time): NaN/Inf, all-zero B, "
+                              "magnitude outliers. --no-data checks headers and config only."),
+    smoke: Optional[bool] = typer.Option(None, "--smoke/--no-smoke", show_default=False,
+                                         help="Run a forward pass with the adapter. Default: on with a GPU, and on a CPU for "
+                                         "adapters up to 50 MB."),
+    device: Device = typer.Option(Device.auto, "--device", case_sensitive=False, help="Where the smoke forward runs."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on warnings too."),
+    format: ReportFormat = typer.Option(ReportFormat.human, "--format", "-f", case_sensitive=False,
+                                        help="`human` table, one `json` document, or `github` workflow annotations."),
+    cache_dir: Optional[str] = CacheDirOpt,
+    token: Optional[str] = TokenOpt,
+) -> None:
+    """Check an adapter against its base model and report every problem: config, keys, A/B pairs and ranks,
+    shapes against the architecture schema, MoE experts, tensor data, TP/EP sharding and, with --engine, what
+    SGLang or vLLM would do with it.
+
+    Exit codes: 0 no error (warnings allowed unless --strict), 1 errors, 2 usage error, 3 environment problem.
+
+    Example: lora-convert validate ./my-adapter --base Qwen/Qwen3-8B --engine sglang --format json
+    """
+    from lora_convert.validate import validate_adapter
+
+    adapters = _distinct(adapters)
+    reports = []
+    codes: list[int] = []
+    for spec in adapters:
+        bar = _ByteProgress()
+        try:
+            report = validate_adapter(
+                spec, base=base, engine=engine.value, tp=tp, ep=ep, data_scan=data, smoke=smoke, device=device.value,
+                strict=strict, progress=bar, cache_dir=cache_dir, token=token,
+            )
+        except LoraConvertError as exc:
+            if format is ReportFormat.github:
+                _annotation("error", "lora-convert", exc.message + (f" Hint: {exc.hint}" if exc.hint else ""), None)
+            if len(adapters) == 1:
+                raise
+            print_error(f"{spec}: {exc.message}", exc.hint)
+            codes.append(exc.exit_code)
+            continue
+        finally:
+            bar.close()
+        reports.append(report)
+        codes.append(EXIT_OK if report.ok else EXIT_FINDINGS)
+        if format is ReportFormat.human:
+            render_human(report)
+        elif format is ReportFormat.github:
+            render_github(report)
+    if format is ReportFormat.json:
+        if len(adapters) == 1 and reports:
+            print_json(reports[0].to_json())
+        elif reports or len(adapters) > 1:
+            print_json({"ok": all(c == EXIT_OK for c in codes), "reports": [r.to_json() for r in reports]})
+    code = max(codes) if codes else EXIT_OK
+    if code:
+        raise typer.Exit(code)
+
+
+def _distinct(specs: list[str]) -> list[str]:
+    """One entry per adapter: pre-commit passes adapter_config.json and the weights of one folder separately."""
+    seen: set[str] = set()
+    out = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        try:
+            ident = str((path.parent if path.is_file() else path).resolve()) if path.exists() else spec
+        except OSError:
+            ident = spec
+        if ident not in seen:
+            seen.add(ident)
+            out.append(spec)
+    return out
+
+
+class _ByteProgress:
+    """A rich progress bar on stderr, shown only when stderr is a terminal and the scan is large."""
+
+    def __init__(self) -> None:
+        self._progress = None
+        self._task = None
+        self._enabled = sys.stderr.isatty()
+
+    def __call__(self, nbytes: int, total: int) -> None:
+        if not self._enabled or total < PROGRESS_MIN_BYTES:
+            return
+        if self._progress is None:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+            self._progress = Progress(TextColumn("scanning tensors"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                      TimeRemainingColumn(), console=stderr, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("scan", total=total)
+        self._progress.advance(self._task, nbytes)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+def _safe(text) -> str:
+    """Printable text: lone surrogates and other unencodable characters become escapes."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _short(value, limit: int = 60) -> str:
+    if value is None:
+        return ""
+    text = _safe(value if isinstance(value, str) else repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def render_human(report) -> None:
+    stdout.print(f"[bold]{escape(_safe(report.adapter))}[/]" + (f"  base: {escape(_safe(report.base))}" if report.base else "  base: (none)")
+                 + (f"  engine: {report.engine}" if report.engine != "none" else ""))
+    if report.findings:
+        table = Table(show_lines=False, expand=False)
+        for col in ("severity", "code", "message", "keys", "expected", "actual"):
+            table.add_column(col, overflow="fold")
+        previous = None
+        for f in report.findings:
+            sev = f.severity.value
+            if previous is not None and sev != previous:
+                table.add_section()
+            previous = sev
+            message = escape(_safe(f.message))
+            if f.fix:
+                message += f"\n[dim]fix: {escape(_safe(f.fix))}[/]"
+            keys = escape(_safe("\n".join(f.keys[:3]) + (f"\n(+{len(f.keys) - 3} more)" if len(f.keys) > 3 else "")))
+            table.add_row(f"[{SEVERITY_STYLE[sev]}]{sev}[/]", escape(f.code), message, keys,
+                          escape(_short(f.expected)), escape(_short(f.actual)))
+        stdout.print(table)
+    style = "bold green" if report.ok else "bold red"
+    stdout.print(f"[{style}]{escape(_safe(report.verdict()))}[/]")
+
+
+def _escape_data(text: str) -> str:
+    return _safe(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def _annotation(level: str, title: str, message: str, file: str | None) -> None:
+    props = f"title={_escape_property(title)}"
+    if file:
+        props += f",file={_escape_property(file)}"
+    sys.stdout.write(f"::{level} {props}::{_escape_data(message)}\n")
+
+
+GITHUB_LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
+
+
+def render_github(report) -> None:
+    file = None
+    if report.adapter_path and Path(report.adapter_path).exists() and not report.adapter_path.startswith(("/", "~")):
+        file = str(Path(report.adapter_path) / "adapter_config.json")
+    elif report.adapter_path and Path(report.adapter_path).exists():
+        try:
+            file = str((Path(report.adapter_path) / "adapter_config.json").resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            file = None
+    for f in report.findings:
+        message = f.message
+        if f.keys:
+            message += f" Keys: {', '.join(f.keys[:5])}{' ...' if len(f.keys) > 5 else ''}."
+        if f.expected is not None or f.actual is not None:
+            message += f" Expected {f.expected!r}, got {f.actual!r}."
+        if f.fix:
+            message += f" Fix: {f.fix}"
+        _annotation(GITHUB_LEVEL[f.severity.value], f.code, message, file)
+    sys.stdout.write(_safe(f"lora-convert validate: {report.verdict()}") + "\n")
+    sys.stdout.flush()

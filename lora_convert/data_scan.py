@@ -1,0 +1,278 @@
+"""The data scan of `validate`: read every tensor once, one at a time, and report what the numbers say.
+
+Per tensor: NaN count and first flat index, Inf count and first flat index, whether a B factor is all zero (the
+module is a no-op), and the RMS. Across the adapter: the RMS of each tensor against the median of its factor kind
+(lora_A, lora_B, magnitude), which catches a module whose factors were saved unscaled, in the wrong dtype or
+from the wrong checkpoint.
+
+Memory: one tensor is held at a time (as stored), and it is upcast to float32 in chunks of `CHUNK_ELEMENTS`, so
+peak memory is the largest tensor plus one float32 chunk, whatever the adapter's size. For the few modules whose
+delta split `engine_profiles` needs (Nemotron-H `in_proj`), the r x r Gram matrix of A is kept until B is read:
+the squared norm of rows S of B @ A is sum over i in S of b_i^T (A A^T) b_i, with no [out, in] product built.
+
+Dtypes are checked from the headers (`dtype_findings`), so they are reported with `--no-data` too.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from lora_convert.findings import Finding, error, info, warning
+from lora_convert.naming import Factor
+from lora_convert.tensor_files import FLOAT_DTYPES
+
+CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
+OUTLIER_RATIO = 100.0  # RMS more than this many times above (or below) the median of its kind
+MIN_FOR_MEDIAN = 4  # fewer tensors of a kind than this and there is no meaningful median
+MAX_KEYS = 50  # keys listed in one finding
+MAX_PER_TENSOR_FINDINGS = 25  # NaN/Inf findings listed one by one before they are summed up
+
+ProgressFn = Callable[[int, int], None]  # (bytes just read, total bytes)
+
+
+@dataclass
+class TensorStats:
+    key: str
+    dtype: str
+    numel: int
+    factor: str
+    nan: int = 0
+    first_nan: int | None = None
+    inf: int = 0
+    first_inf: int | None = None
+    all_zero: bool = False
+    rms: float = 0.0
+    absmax: float = 0.0
+
+
+@dataclass
+class ScanResult:
+    stats: dict[str, TensorStats] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+    # module path -> squared norm of each output row of B @ A (only for modules asked for)
+    row_energy: dict[str, list[float]] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "tensors_read": len(self.stats),
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "nan_tensors": sum(1 for s in self.stats.values() if s.nan),
+            "inf_tensors": sum(1 for s in self.stats.values() if s.inf),
+            "zero_b_tensors": sum(1 for s in self.stats.values() if s.all_zero and s.factor == "lora_B"),
+        }
+
+
+def _factor_kind(factor: Factor) -> str:
+    if factor in (Factor.LORA_A, Factor.EMBEDDING_A):
+        return "lora_A"
+    if factor in (Factor.LORA_B, Factor.EMBEDDING_B):
+        return "lora_B"
+    if factor is Factor.MAGNITUDE:
+        return "magnitude"
+    return factor.value
+
+
+def _scan_order(adapter) -> list[str]:
+    """Each module's A right before its B (so a Gram matrix lives briefly), then every other tensor."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for mod in adapter.modules:
+        for t in (mod.lora_A, mod.lora_B, mod.magnitude, mod.lora_bias):
+            if t is not None and t.key not in seen:
+                order.append(t.key)
+                seen.add(t.key)
+    order.extend(k for k in adapter.index.tensors if k not in seen)
+    return order
+
+
+def tensor_stats(key: str, dtype: str, tensor, factor: str) -> TensorStats:
+    """NaN/Inf/zero/RMS of one tensor, upcasting at most CHUNK_ELEMENTS elements at a time."""
+    import torch
+
+    stats = TensorStats(key=key, dtype=dtype, numel=int(tensor.numel()), factor=factor)
+    if stats.numel == 0:
+        return stats
+    if dtype not in FLOAT_DTYPES:  # reported by dtype_findings; only "all zero" makes sense here
+        stats.all_zero = not bool(tensor.reshape(-1).any())
+        return stats
+    flat = tensor.reshape(-1)
+    sum_sq = 0.0
+    finite_count = 0
+    absmax = 0.0
+    nonzero = False
+    for start in range(0, stats.numel, CHUNK_ELEMENTS):
+        chunk = flat[start:start + CHUNK_ELEMENTS].to(torch.float32)
+        nan_mask = torch.isnan(chunk)
+        n_nan = int(nan_mask.sum())
+        if n_nan:
+            if stats.first_nan is None:
+                stats.first_nan = start + int(nan_mask.to(torch.uint8).argmax())
+            stats.nan += n_nan
+        inf_mask = torch.isinf(chunk)
+        n_inf = int(inf_mask.sum())
+        if n_inf:
+            if stats.first_inf is None:
+                stats.first_inf = start + int(inf_mask.to(torch.uint8).argmax())
+            stats.inf += n_inf
+        if n_nan or n_inf:
+            chunk = chunk[~(nan_mask | inf_mask)]
+        if chunk.numel():
+            as64 = chunk.to(torch.float64)
+            sum_sq += float((as64 * as64).sum())
+            absmax = max(absmax, float(chunk.abs().max()))
+            nonzero = nonzero or bool(chunk.any())
+            finite_count += int(chunk.numel())
+    stats.rms = math.sqrt(sum_sq / finite_count) if finite_count else 0.0
+    stats.absmax = absmax
+    stats.all_zero = not nonzero and stats.nan == 0 and stats.inf == 0
+    return stats
+
+
+def scan_adapter(adapter, *, progress: ProgressFn | None = None, row_energy_modules: Iterable[str] = ()) -> ScanResult:
+    """Stream every tensor of `adapter` (through `adapter.read`) and collect statistics and findings."""
+    import torch
+
+    started = time.monotonic()
+    result = ScanResult()
+    wanted = set(row_energy_modules)
+    a_of = {m.lora_A.key: m for m in adapter.modules if m.lora_A is not None and m.module in wanted}
+    b_of = {m.lora_B.key: m for m in adapter.modules if m.lora_B is not None and m.module in wanted}
+    grams: dict[str, object] = {}
+    total = adapter.total_bytes
+    for key in _scan_order(adapter):
+        info_ = adapter.index.tensors[key]
+        tensor = adapter.read(key)
+        parsed = adapter.parsed.get(key)
+        kind = _factor_kind(parsed.factor) if parsed is not None else "unknown"
+        result.stats[key] = tensor_stats(key, info_.dtype, tensor, kind)
+        if info_.dtype in FLOAT_DTYPES and tensor.dim() == 2:
+            if key in a_of:
+                a = tensor.to(torch.float64)
+                grams[a_of[key].module] = a @ a.T
+                del a
+            elif key in b_of and b_of[key].module in grams:
+                gram = grams.pop(b_of[key].module)
+                b = tensor.to(torch.float64)
+                if b.shape[1] == gram.shape[0]:
+                    result.row_energy[b_of[key].module] = ((b @ gram) * b).sum(dim=1).clamp_min(0).tolist()
+                del b
+        del tensor
+        result.bytes_read += info_.nbytes
+        if progress is not None:
+            progress(info_.nbytes, total)
+    result.findings = stats_findings(result.stats)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _module_of(key: str) -> str:
+    for marker in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
+        if marker in key:
+            return key.split(marker, 1)[0].removeprefix("base_model.model.")
+    return key
+
+
+def stats_findings(stats: dict[str, TensorStats]) -> list[Finding]:
+    out: list[Finding] = []
+    for code, count_attr, first_attr, what in (("data.nan", "nan", "first_nan", "NaN"), ("data.inf", "inf", "first_inf", "infinite")):
+        bad = [s for s in stats.values() if getattr(s, count_attr)]
+        for s in bad[:MAX_PER_TENSOR_FINDINGS]:
+            out.append(error(
+                code,
+                f"{s.key} holds {getattr(s, count_attr)} {what} value(s) out of {s.numel} (first at flat index "
+                f"{getattr(s, first_attr)}); the served model would produce {what} outputs wherever this module is used.",
+                keys=[s.key], expected=0, actual=getattr(s, count_attr),
+                fix="Re-export the adapter from a checkpoint saved before training diverged.",
+            ))
+        if len(bad) > MAX_PER_TENSOR_FINDINGS:
+            rest = bad[MAX_PER_TENSOR_FINDINGS:]
+            out.append(error(
+                code,
+                f"{len(rest)} more tensor(s) hold {what} values ({sum(getattr(s, count_attr) for s in rest)} in all).",
+                keys=[s.key for s in rest[:MAX_KEYS]], expected=0, actual=sum(getattr(s, count_attr) for s in rest),
+            ))
+    zero_b = [s for s in stats.values() if s.factor == "lora_B" and s.all_zero and s.numel]
+    if zero_b:
+        total_b = sum(1 for s in stats.values() if s.factor == "lora_B")
+        modules = sorted({_module_of(s.key) for s in zero_b})
+        out.append(warning(
+            "data.zero-b",
+            f"{len(zero_b)} of {total_b} lora_B tensor(s) are all zero, so {'that module is' if len(zero_b) == 1 else 'those modules are'} "
+            f"a no-op (B @ A = 0): e.g. {modules[0]}. PEFT initialises B to zero; an adapter saved before any "
+            "training step, or exported from the wrong state, looks like this.",
+            keys=[s.key for s in zero_b[:MAX_KEYS]], expected="non-zero", actual="all zero",
+            fix="Check that the adapter was saved after training." if len(zero_b) == total_b else None,
+        ))
+    by_kind: dict[str, list[TensorStats]] = defaultdict(list)
+    for s in stats.values():
+        if s.factor in ("lora_A", "lora_B", "magnitude") and s.rms > 0 and math.isfinite(s.rms):
+            by_kind[s.factor].append(s)
+    for kind, items in sorted(by_kind.items()):
+        if len(items) < MIN_FOR_MEDIAN:
+            continue
+        median = statistics.median(s.rms for s in items)
+        if median <= 0:
+            continue
+        high = [s for s in items if s.rms > OUTLIER_RATIO * median]
+        low = [s for s in items if s.rms < median / OUTLIER_RATIO]
+        for group, word in ((high, "above"), (low, "below")):
+            if not group:
+                continue
+            group.sort(key=lambda s: -abs(math.log(s.rms / median)))
+            worst = group[0]
+            out.append(warning(
+                "data.magnitude-outlier",
+                f"{len(group)} {kind} tensor(s) have an RMS more than {OUTLIER_RATIO:g}x {word} the median of the "
+                f"adapter's {kind} tensors ({median:.3g}); the worst is {worst.key} at {worst.rms:.3g} "
+                f"({worst.rms / median:.3g}x). A module saved unscaled, or from another checkpoint, looks like this.",
+                keys=[s.key for s in group[:MAX_KEYS]], expected=f"~{median:.3g}", actual=f"{worst.rms:.3g}",
+            ))
+    return out
+
+
+def dtype_findings(index) -> list[Finding]:
+    """Header-only dtype census: integer or bool factors are errors; float64 and mixed dtypes are warnings."""
+    out: list[Finding] = []
+    census = Counter(t.dtype for t in index.tensors.values())
+    if not census:
+        return out
+    non_float = [t.key for t in index.tensors.values() if t.dtype not in FLOAT_DTYPES]
+    if non_float:
+        kinds = sorted({index.tensors[k].dtype for k in non_float})
+        out.append(error(
+            "data.integer-dtype",
+            f"{len(non_float)} tensor(s) are stored as {', '.join(kinds)}; LoRA factors are floating point, and engines "
+            "would cast these integers to the model dtype without scale.",
+            keys=non_float[:MAX_KEYS], expected="F32, F16 or BF16", actual=kinds,
+            fix="Re-export the adapter with floating-point factors.",
+        ))
+    f64 = [t.key for t in index.tensors.values() if t.dtype == "F64"]
+    if f64:
+        out.append(warning(
+            "data.float64",
+            f"{len(f64)} tensor(s) are float64: twice the size of float32 for no gain; engines cast them to the model dtype.",
+            keys=f64[:MAX_KEYS], expected="F32, F16 or BF16", actual="F64",
+            fix="lora-convert normalize ADAPTER -o OUT --dtype float32 (or bfloat16).",
+        ))
+    floats = {d: n for d, n in census.items() if d in FLOAT_DTYPES}
+    if len(floats) > 1:
+        minority = min(floats, key=floats.get)
+        keys = [t.key for t in index.tensors.values() if t.dtype == minority]
+        out.append(warning(
+            "data.mixed-dtypes",
+            "The adapter mixes dtypes (" + ", ".join(f"{d} x{n}" for d, n in sorted(floats.items())) + "); it was probably "
+            "assembled from several exports. Engines cast everything to the model dtype, but check the source.",
+            keys=keys[:MAX_KEYS], expected="one dtype", actual=dict(sorted(census.items())),
+        ))
+    elif any(d.startswith("F8") for d in floats):
+        out.append(info("data.fp8", "The factors are stored in an 8-bit float format; precision is low for LoRA factors.",
+                        keys=[], actual=sorted(floats)))
+    return out

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_convert import data_scan
+from lora_convert.adapter import load_adapter
+from lora_convert.data_scan import dtype_findings, scan_adapter, tensor_stats
+
+
+def _key(layer, module, factor):
+    return f"base_model.model.model.layers.{layer}.self_attn.{module}.lora_{factor}.weight"
+
+
+def _tensors(n_layers=4, r=4, h=16, scale_b=0.01):
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for layer in range(n_layers):
+        for module in ("q_proj", "v_proj"):
+            out[_key(layer, module, "A")] = torch.randn(r, h, generator=g) / math.sqrt(h)
+            out[_key(layer, module, "B")] = torch.randn(h, r, generator=g) * scale_b
+    return out
+
+
+def codes(findings):
+    return sorted(f.code for f in findings)
+
+
+def test_clean_adapter_has_no_data_findings(adapter_writer):
+    adapter = load_adapter(adapter_writer(_tensors()), strict_config=False)
+    result = scan_adapter(adapter)
+    assert result.findings == []
+    assert len(result.stats) == 16 and result.bytes_read == adapter.total_bytes
+
+
+def test_nan_inf_counts_and_first_index(adapter_writer):
+    t = _tensors()
+    a = t[_key(1, "q_proj", "A")]
+    a.view(-1)[[5, 9, 40]] = float("nan")
+    t[_key(2, "v_proj", "B")].view(-1)[7] = float("inf")
+    t[_key(2, "v_proj", "B")].view(-1)[11] = float("-inf")
+    result = scan_adapter(load_adapter(adapter_writer(t), strict_config=False))
+    nan = [f for f in result.findings if f.code == "data.nan"]
+    inf = [f for f in result.findings if f.code == "data.inf"]
+    assert len(nan) == 1 and nan[0].actual == 3 and "first at flat index 5" in nan[0].message
+    assert len(inf) == 1 and inf[0].actual == 2 and "first at flat index 7" in inf[0].message
+    assert all(f.severity.value == "error" for f in nan + inf)
+
+
+def test_zero_b_is_a_warning(adapter_writer):
+    t = _tensors()
+    t[_key(3, "q_proj", "B")].zero_()
+    result = scan_adapter(load_adapter(adapter_writer(t), strict_config=False))
+    (f,) = [f for f in result.findings if f.code == "data.zero-b"]
+    assert f.severity.value == "warning" and f.keys == [_key(3, "q_proj", "B")]
+    assert "no-op" in f.message
+
+
+def test_magnitude_outlier(adapter_writer):
+    t = _tensors(n_layers=6)
+    t[_key(4, "v_proj", "B")] *= 1000
+    result = scan_adapter(load_adapter(adapter_writer(t), strict_config=False))
+    (f,) = [f for f in result.findings if f.code == "data.magnitude-outlier"]
+    assert f.keys == [_key(4, "v_proj", "B")] and f.severity.value == "warning"
+
+
+def test_chunked_stats_match_whole_tensor(monkeypatch):
+    monkeypatch.setattr(data_scan, "CHUNK_ELEMENTS", 7)
+    x = torch.randn(13, 5, dtype=torch.bfloat16)
+    x.view(-1)[[20, 33]] = float("nan")
+    x.view(-1)[50] = float("inf")
+    s = tensor_stats("k", "BF16", x, "lora_B")
+    assert (s.nan, s.first_nan, s.inf, s.first_inf) == (2, 20, 1, 50)
+    finite = x.float().view(-1)
+    finite = finite[torch.isfinite(finite)]
+    assert s.rms == pytest.approx(float(finite.pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_dtype_census(adapter_writer):
+    t = _tensors(n_layers=1)
+    t[_key(0, "q_proj", "A")] = t[_key(0, "q_proj", "A")].double()
+    t[_key(0, "v_proj", "A")] = torch.ones(4, 16, dtype=torch.int32)
+    adapter = load_adapter(adapter_writer(t), strict_config=False)
+    got = {f.code: f for f in dtype_findings(adapter.index)}
+    assert got["data.integer-dtype"].severity.value == "error"
+    assert got["data.float64"].severity.value == "warning"
+    assert got["data.mixed-dtypes"].severity.value == "warning"
+
+
+def test_row_energy_matches_dense_product(adapter_writer):
+    t = _tensors(n_layers=1)
+    adapter = load_adapter(adapter_writer(t), strict_config=False)
+    module = "model.layers.0.self_attn.q_proj"
+    result = scan_adapter(adapter, row_energy_modules=[module])
+    delta = t[_key(0, "q_proj", "B")].double() @ t[_key(0, "q_proj", "A")].double()
+    assert result.row_energy[module] == pytest.approx(delta.pow(2).sum(1).tolist(), rel=1e-9)
+
+
+def test_one_tensor_at_a_time(adapter_writer, monkeypatch):
+    """The scan never holds two tensors read from the file at once (only the r x r Gram matrix in between)."""
+    import gc
+    import weakref
+
+    adapter = load_adapter(adapter_writer(_tensors()), strict_config=False)
+    live: list = []
+    original = adapter.read
+
+    def read(key):
+        live[:] = [ref for ref in live if ref() is not None]
+        assert not live, "a previously read tensor is still alive"
+        tensor = original(key)
+        live.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(adapter, "read", read)
+    gc.disable()
+    try:
+        scan_adapter(adapter)
+    finally:
+        gc.enable()

@@ -1,0 +1,209 @@
+"""Engine profiles: rule files are well-formed data, and the findings the issue names appear with their numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from lora_convert.engine_profiles import FEATURES, OUTCOMES, load_rules
+from lora_convert.validate import validate_adapter
+
+DATA = Path(__file__).parent / "fixtures" / "data"
+HAVE_FIXTURES = (DATA / "cases").is_dir()
+needs_fixtures = pytest.mark.skipif(not HAVE_FIXTURES, reason="PEFT fixtures not generated")
+
+
+def base_of(case):
+    return str(DATA / "bases" / json.loads((DATA / "cases" / case / "case.json").read_text())["base"])
+
+
+def engine_findings(case_or_folder, engine, case=None, **kw):
+    folder = case_or_folder if isinstance(case_or_folder, Path) else DATA / "cases" / case_or_folder / "adapter"
+    report = validate_adapter(str(folder), base=base_of(case or case_or_folder), engine=engine, smoke=False, **kw)
+    return {f.code: f for f in report.findings if f.code.startswith(f"engine.{engine}.")}, report
+
+
+# ---- the data files -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_rule_files_are_complete(engine):
+    rules = load_rules(engine)
+    assert len(rules) >= 10
+    for rule in rules:
+        assert rule["feature"] in FEATURES and rule["outcome"] in OUTCOMES
+        assert rule["engine_version"] and rule["source"] and rule["message"]
+        assert re.fullmatch(r"[a-z0-9-]+", rule["id"])
+        if rule["outcome"] != "exact" and rule["severity"] == "error":
+            assert rule["fix"], rule["id"]
+    if engine == "sglang":
+        assert all(r["engine_version"] == "SGLang 0.5.23" for r in rules)
+
+
+def test_required_rules_exist():
+    sglang = {r["id"] for r in load_rules("sglang")}
+    vllm = {r["id"] for r in load_rules("vllm")}
+    assert {"rslora-ignored", "rank-pattern-pool-shape", "alpha-pattern-wrong-scale", "gdn-two-way-in-proj",
+            "mla-missing-kv-a", "qkv-missing-v", "nemotron-in-proj-bcdt-dropped", "shared-experts-fusion",
+            "dora-rejected", "added-tokens-rejected", "layers-past-end", "router-lora"} <= sglang
+    assert {"patterns-dropped", "partial-expert-projections", "kv-b-proj-not-applied", "dora-rejected", "bias-rejected",
+            "modules-to-save-rejected", "prefix-mismatch", "router-lora"} <= vllm
+
+
+def test_unknown_engine_is_a_usage_error(adapter_writer):
+    import torch
+
+    from lora_convert.errors import UsageError
+
+    folder = adapter_writer({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 8),
+                             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 4)})
+    with pytest.raises(UsageError):
+        validate_adapter(str(folder), engine="tgi")
+
+
+# ---- the findings the issue asks for ---------------------------------------------------------------------------------
+@needs_fixtures
+def test_sglang_rslora_is_served_too_weak_by_sqrt_r():
+    found, _ = engine_findings("v5_deepseek_v3_rslora", "sglang")
+    f = found["engine.sglang.rslora-ignored"]
+    assert f.severity.value == "error" and f.actual == "wrong"
+    assert f"{math.sqrt(8):.2f}x too weak" in f.message and "2.83x" in f.message
+    assert "--layout sglang" in f.fix and "0.5.23" in f.message
+
+
+@needs_fixtures
+def test_vllm_honours_rslora():
+    found, _ = engine_findings("v5_llama_rslora", "vllm")
+    assert found["engine.vllm.rslora-exact"].severity.value == "info"
+    assert "engine.vllm.patterns-dropped" not in found
+
+
+@needs_fixtures
+def test_sglang_kv_a_less_deepseek_with_numbers():
+    found, report = engine_findings("v5_deepseek_v3_q_a_only", "sglang")
+    f = found["engine.sglang.mla-missing-kv-a"]
+    cfg = json.loads((Path(base_of("v5_deepseek_v3_q_a_only")) / "config.json").read_text())
+    q, kv, rope = cfg["q_lora_rank"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    assert f.expected == q + kv + rope and f.actual == 2 * q
+    assert f"[{2 * q}, 8]" in f.message and f"[{q + kv + rope}, 8]" in f.message
+    assert "--layout sglang" in f.fix and "kv_lora_rank + qk_rope_head_dim" in f.fix
+    assert not report.ok  # an engine error fails the run
+
+
+@needs_fixtures
+def test_sglang_qwen35_two_way_gdn():
+    found, _ = engine_findings("v5_qwen3_5", "sglang")
+    f = found["engine.sglang.gdn-two-way-in-proj"]
+    assert "in_proj_qkv" in f.message and "NotImplementedError" in f.message and "load-failure" in f.message
+    assert "in_proj_q/k/v/z" in f.fix and "--layout sglang" in f.fix
+    assert any("linear_attn.in_proj_qkv" in k for k in f.keys)
+
+
+@needs_fixtures
+def test_sglang_nemotron_in_proj_share_lost():
+    found, report = engine_findings("v5_nemotron_h", "sglang")
+    f = found["engine.sglang.nemotron-in-proj-bcdt-dropped"]
+    cfg = json.loads((Path(base_of("v5_nemotron_h")) / "config.json").read_text())
+    inner = cfg["mamba_num_heads"] * cfg["mamba_head_dim"]
+    total = 2 * inner + 2 * cfg["n_groups"] * cfg["ssm_state_size"] + cfg["mamba_num_heads"]
+    assert f"{total - 2 * inner} B/C/dt rows of {total}" in f.message
+    share = float(re.search(r"([0-9.]+)% of the in_proj delta", f.message).group(1))
+    # recompute the share from the tensors directly
+    t = load_file(str(DATA / "cases" / "v5_nemotron_h" / "adapter" / "adapter_model.safetensors"))
+    a = next(v for k, v in t.items() if k.endswith("mixer.in_proj.lora_A.weight")).double()
+    b = next(v for k, v in t.items() if k.endswith("mixer.in_proj.lora_B.weight")).double()
+    delta = b @ a
+    expected = 100 * float(delta[2 * inner:].pow(2).sum() / delta.pow(2).sum())
+    assert share == pytest.approx(expected, abs=0.06)
+    assert "--layout sglang" in f.fix
+    assert "engine.sglang.nemotron-in-proj-unnormalized" in found
+    # without the data scan the row share is reported instead
+    found_nodata, _ = engine_findings("v5_nemotron_h", "sglang", data_scan=False)
+    msg = found_nodata["engine.sglang.nemotron-in-proj-bcdt-dropped"].message
+    assert f"{100 * (total - 2 * inner) / total:.1f}%" in msg
+
+
+@needs_fixtures
+def test_sglang_missing_v_and_rank_pattern():
+    found, _ = engine_findings("v5_deepseek_v3_noq", "sglang")
+    assert "KeyError" in found["engine.sglang.qkv-missing-v"].message
+    found, _ = engine_findings("v5_deepseek_v3_rank_pattern", "sglang")
+    assert "engine.sglang.rank-pattern-pool-shape" in found and "engine.sglang.alpha-pattern-wrong-scale" in found
+    assert "r=12" in found["engine.sglang.rank-pattern-pool-shape"].message
+
+
+@needs_fixtures
+def test_sglang_mixtral_w_names_and_router():
+    found, _ = engine_findings("v4_mixtral", "sglang")
+    assert "engine.sglang.w-named-targets" in found and "engine.sglang.router-lora" in found
+
+
+@needs_fixtures
+def test_dora_rejected_by_both():
+    for engine in ("sglang", "vllm"):
+        found, _ = engine_findings("v5_llama_dora", engine)
+        assert found[f"engine.{engine}.dora-rejected"].actual == "load-failure"
+
+
+@needs_fixtures
+def test_vllm_rules_on_fixtures():
+    found, _ = engine_findings("v5_deepseek_v3_experts_down_only", "vllm")
+    assert "gate, up" in found["engine.vllm.partial-expert-projections"].message
+    found, _ = engine_findings("v4_deepseek_v3", "vllm")
+    assert found["engine.vllm.kv-b-proj-not-applied"].actual == "dropped"
+    found, _ = engine_findings("v5_deepseek_v3_rank_pattern", "vllm")
+    assert "engine.vllm.patterns-dropped" in found
+    found, _ = engine_findings("v4_mixtral", "vllm")
+    assert found["engine.vllm.router-lora"].severity.value == "warning"
+    assert "engine.vllm.partial-expert-projections" not in found
+
+
+@needs_fixtures
+def test_vllm_prefix_mismatch(tmp_path):
+    """A text-stack adapter (`model.layers`) against a base whose checkpoint names it otherwise."""
+    src = DATA / "cases" / "v4_llama" / "adapter"
+    dst = tmp_path / "prefixed"
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "adapter_model.safetensors"))
+    t = {k.replace("base_model.model.model.layers.", "base_model.model.language_model.model.layers."): v for k, v in t.items()}
+    save_file(t, str(dst / "adapter_model.safetensors"))
+    found, _ = engine_findings(dst, "vllm", case="v4_llama")
+    f = found.get("engine.vllm.prefix-mismatch")
+    if f is None:  # the schema itself may refuse the unknown stack; then that is reported instead
+        pytest.skip("schema reports the unknown layer stack itself")
+    assert "language_model.model.layers" in f.message and "model.layers" in f.message
+
+
+@needs_fixtures
+def test_shared_expert_fusion_needs_the_default_config(tmp_path):
+    found, _ = engine_findings("v4_deepseek_v3", "sglang")
+    assert "engine.sglang.shared-experts-fusion" not in found  # 4 routed experts: fusion is not on by default
+    base = tmp_path / "base"
+    base.mkdir()
+    cfg = json.loads((Path(base_of("v4_deepseek_v3")) / "config.json").read_text())
+    cfg["n_routed_experts"], cfg["n_shared_experts"] = 256, 1
+    (base / "config.json").write_text(json.dumps(cfg))
+    report = validate_adapter(str(DATA / "cases" / "v4_deepseek_v3" / "adapter"), base=str(base), engine="sglang", smoke=False,
+                              data_scan=False)
+    codes = {f.code: f for f in report.findings}
+    assert "--disable-shared-experts-fusion" in codes["engine.sglang.shared-experts-fusion"].fix
+
+
+@needs_fixtures
+def test_engine_json_output_and_no_engine_no_findings():
+    from typer.testing import CliRunner
+
+    from lora_convert.cli import app
+
+    folder = str(DATA / "cases" / "v5_llama_rslora" / "adapter")
+    result = CliRunner().invoke(app, ["validate", folder, "--base", base_of("v5_llama_rslora"), "--engine", "sglang",
+                                      "--format", "json", "--no-smoke", "--no-data"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert any(f["code"] == "engine.sglang.rslora-ignored" for f in doc["findings"])
+    plain = validate_adapter(folder, base=base_of("v5_llama_rslora"), smoke=False, data_scan=False)
+    assert not [f for f in plain.findings if f.code.startswith("engine.")]

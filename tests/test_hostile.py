@@ -1,0 +1,259 @@
+"""Hostile and broken input (issue 4, item 7): each gives a finding or an error message and a non-zero exit code,
+never a traceback, never a hang, never a change to the input, in well under a second of extra time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lora_convert.cli import app
+
+CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def st_bytes(header, data: bytes = b"", *, length: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def good_header() -> dict:
+    return {
+        KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128]},
+        KEY_B: {"dtype": "F32", "shape": [8, 4], "data_offsets": [128, 256]},
+    }
+
+
+def make(folder: Path, weights: bytes | None, config=CONFIG, *, weights_name="adapter_model.safetensors") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if weights is not None:
+        (folder / weights_name).write_bytes(weights)
+    return folder
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_symlink():
+            h.update(os.readlink(p).encode())
+        elif p.is_file():
+            h.update(p.read_bytes())
+            h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def run_validate(folder_or_spec, *extra: str, fmt: str = "json"):
+    spec = str(folder_or_spec)
+    before = digest(Path(spec)) if Path(spec).is_dir() else None
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["validate", spec, "--format", fmt, "--no-smoke", *extra])
+    elapsed = time.monotonic() - started
+    if before is not None:
+        assert digest(Path(spec)) == before, "validate changed its input"
+    assert "Traceback" not in (result.output or "")
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    return result, elapsed
+
+
+def findings_of(result) -> list[str]:
+    doc = json.loads(result.stdout)
+    return [f["code"] for f in doc["findings"]]
+
+
+# ---- safetensors files --------------------------------------------------------------------------------------
+HOSTILE_FILES = {
+    "empty": b"",
+    "truncated-prefix": b"\x10\x00\x00",
+    "truncated-data": st_bytes(good_header(), b"\x00" * 100),
+    "header-longer-than-file": st_bytes(good_header(), b"\x00" * 256, length=10**9),
+    "header-not-json": st_bytes(b"{this is not json", b""),
+    "header-not-utf8": st_bytes(b"\xff\xfe\xfd", b""),
+    "header-a-list": st_bytes([1, 2, 3]),
+    "header-a-string": st_bytes("hello"),
+    "entry-not-object": st_bytes({KEY_A: [1, 2]}),
+    "offsets-overlap": st_bytes({
+        KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128]},
+        KEY_B: {"dtype": "F32", "shape": [8, 4], "data_offsets": [64, 192]},
+    }, b"\x00" * 256),
+    "offsets-past-file": st_bytes({KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [1000, 1128]}}, b"\x00" * 256),
+    "offsets-disagree-with-shape": st_bytes({KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 64]}}, b"\x00" * 256),
+    "offsets-reversed": st_bytes({KEY_A: {"dtype": "F32", "shape": [0], "data_offsets": [10, 0]}}, b"\x00" * 16),
+    "unknown-dtype": st_bytes({KEY_A: {"dtype": "F7", "shape": [4, 8], "data_offsets": [0, 128]}}, b"\x00" * 128),
+    "dtype-not-a-string": st_bytes({KEY_A: {"dtype": ["F32"], "shape": [4, 8], "data_offsets": [0, 128]}}, b"\x00" * 128),
+    "negative-shape": st_bytes({KEY_A: {"dtype": "F32", "shape": [-4, 8], "data_offsets": [0, 128]}}, b"\x00" * 128),
+    "control-char-key": st_bytes({"base_model.model.x\x1b[31m.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4),
+    "deeply-nested-json": st_bytes(b"[" * 100000 + b"]" * 100000),
+    "metadata-not-object": st_bytes({"__metadata__": [1], KEY_A: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
+def test_hostile_safetensors(tmp_path, case):
+    folder = make(tmp_path / case, HOSTILE_FILES[case])
+    result, elapsed = run_validate(folder)
+    assert result.exit_code == 1, result.output
+    codes = findings_of(result)
+    assert codes == ["files.unreadable"], codes
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False
+    message = doc["findings"][0]["message"]
+    assert "adapter_model.safetensors" in message
+    assert "\x1b" not in message  # control characters are escaped in messages
+    assert elapsed < 5  # CliRunner + imports; the check itself is milliseconds
+
+
+def test_header_of_hundreds_of_megabytes_is_refused_without_reading(tmp_path):
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(CONFIG))
+    path = folder / "adapter_model.safetensors"
+    size = 300 * 1024 * 1024
+    with open(path, "wb") as handle:  # sparse: takes no disk and no time
+        handle.write(struct.pack("<Q", size))
+        handle.truncate(size + 8)
+    from lora_convert.errors import AdapterFormatError
+    from lora_convert.tensor_files import read_safetensors_header
+
+    started = time.monotonic()
+    with pytest.raises(AdapterFormatError, match="larger than"):
+        read_safetensors_header(path)
+    assert time.monotonic() - started < 0.5
+    result, _ = run_validate(folder)
+    assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    folder = make(tmp_path / "fifo", None)
+    os.mkfifo(folder / "adapter_model.safetensors")
+    started = time.monotonic()
+    result, _ = run_validate(folder)
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
+
+
+# ---- adapter_config.json ------------------------------------------------------------------------------------
+def _weights() -> bytes:
+    return st_bytes(good_header(), b"\x00" * 256)
+
+
+@pytest.mark.parametrize("config, code", [
+    (None, "config.unreadable"),
+    ("", "config.unreadable"),
+    ("   \n", "config.unreadable"),
+    ("{not json", "config.unreadable"),
+    ("\xff", "config.unreadable"),
+    ("[1, 2]", "config.not-an-object"),
+    (json.dumps({"peft_type": "LORA", "r": "eight", "lora_alpha": 8}), "config.wrong-type"),
+    (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": "x"}), "config.wrong-type"),
+    (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": 5}), "config.wrong-type"),
+    (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": "q_proj"}), "config.wrong-type"),
+    (json.dumps({"peft_type": "LORA", "r": 0, "lora_alpha": 8}), "config.rank-not-positive"),
+    (json.dumps({"peft_type": "LORA", "lora_alpha": 8}), "config.missing-field"),
+])
+def test_hostile_config(tmp_path, config, code):
+    folder = make(tmp_path / "c", _weights(), config=config)
+    if config == "\xff":
+        (folder / "adapter_config.json").write_bytes(b"\xff\xfe")
+    result, _ = run_validate(folder)
+    assert result.exit_code == 1, result.output
+    assert code in findings_of(result)
+
+
+def test_config_wrong_types_all_reported(tmp_path):
+    cfg = {"peft_type": 3, "r": True, "lora_alpha": None, "use_rslora": "yes", "modules_to_save": "lm_head", "bias": 7}
+    folder = make(tmp_path / "c", _weights(), config=json.dumps(cfg))
+    result, _ = run_validate(folder)
+    doc = json.loads(result.stdout)
+    keys = {k for f in doc["findings"] if f["code"] == "config.wrong-type" for k in f["keys"]}
+    assert {"peft_type", "r", "use_rslora", "modules_to_save", "bias"} <= keys
+    assert result.exit_code == 1
+
+
+# ---- pickles, links, hub ids ----------------------------------------------------------------------------------
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_bin_needing_arbitrary_unpickling_is_refused(tmp_path):
+    import torch
+
+    folder = make(tmp_path / "bin", None)
+    torch.save({"x": Evil()}, folder / "adapter_model.bin")
+    result, _ = run_validate(folder)
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert [f["code"] for f in doc["findings"]] == ["files.unreadable"]
+    assert "arbitrary code" in doc["findings"][0]["message"]
+
+
+@pytest.mark.parametrize("payload", [b"", b"not a pickle at all", b"\x80\x04K\x01."])
+def test_broken_bin(tmp_path, payload):
+    folder = make(tmp_path / "bin", payload, weights_name="adapter_model.bin")
+    result, _ = run_validate(folder)
+    assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
+
+
+def test_symlink_outside_adapter_folder(tmp_path):
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(_weights())
+    folder = make(tmp_path / "link", None)
+    (folder / "adapter_model.safetensors").symlink_to(outside)
+    result, _ = run_validate(folder)
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["findings"][0]["code"] == "files.unreadable" and "outside the adapter folder" in doc["findings"][0]["message"]
+
+
+def test_symlinked_config_outside_folder(tmp_path):
+    outside = tmp_path / "cfg.json"
+    outside.write_text(json.dumps(CONFIG))
+    folder = make(tmp_path / "link", _weights(), config=None)
+    (folder / "adapter_config.json").symlink_to(outside)
+    result, _ = run_validate(folder)
+    assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
+
+
+@pytest.mark.parametrize("spec", ["org/na me", "org/-bad", "org/name@", "a--b/c", "org/..", "org/name@bad revision"])
+def test_malformed_hub_id(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["validate", spec, "--format", "json"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_missing_folder_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "Error:" in result.stderr
+
+
+def test_control_characters_in_key_via_library(tmp_path):
+    from lora_convert.errors import AdapterFormatError
+    from lora_convert.tensor_files import read_safetensors_header
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(HOSTILE_FILES["control-char-key"])
+    with pytest.raises(AdapterFormatError, match="control characters"):
+        read_safetensors_header(path)
+
+
+def test_well_formed_hub_id_offline_is_an_environment_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["validate", "someorg/some-adapter", "--format", "json", "--cache-dir", str(tmp_path / "hf")])
+    assert result.exit_code == 3 and result.stdout == "" and "Traceback" not in result.output
+    assert time.monotonic() - started < 10
