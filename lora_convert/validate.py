@@ -36,6 +36,7 @@ from lora_convert.errors import (
     LoraConvertError,
     UsageError,
 )
+from lora_convert.text import spans
 from lora_convert.findings import Finding, Severity, error, info, sort_findings, warning
 from lora_convert.source import AdapterSource, resolve_adapter_source
 
@@ -528,7 +529,7 @@ def moe_findings(adapter, arch) -> list[Finding]:
         for proj, experts in sorted(projs.items()):
             lacking = sorted(present - experts)
             if lacking:
-                missing_proj.append(f"layer {layer} {container}.{proj}: experts {_span(lacking)}")
+                missing_proj.append(f"layer {layer} {container}.{proj}: experts {spans(lacking)}")
                 missing_proj_keys.extend(keys_by_layer[(layer, container)][:2])
     if missing_experts:
         first = next(iter(missing_experts))
@@ -536,7 +537,7 @@ def moe_findings(adapter, arch) -> list[Finding]:
             "experts.missing",
             f"{len(missing_experts)} layer(s) have LoRA on only some routed experts (of {expected}"
             f"{', counted from the adapter' if guessed else ''}); e.g. layer {first} lacks experts "
-            f"{_span(missing_experts[first])}. PEFT adapts every expert of a targeted layer; the adapter is incomplete.",
+            f"{spans(missing_experts[first])}. PEFT adapts every expert of a targeted layer; the adapter is incomplete.",
             keys=[k for layer in list(missing_experts)[:5] for k in keys_by_layer[next(c for c in by_layer if c[0] == layer)][:2]],
             expected=expected, actual={str(k): v[:20] for k, v in list(missing_experts.items())[:20]},
         ))
@@ -548,20 +549,6 @@ def moe_findings(adapter, arch) -> list[Finding]:
             keys=missing_proj_keys[:MAX_KEYS], actual=missing_proj[:20],
         ))
     return out
-
-
-def _span(values: list[int]) -> str:
-    if not values:
-        return "-"
-    spans, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        spans.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ",".join(spans)
 
 
 # ------------------------------------------------------------------------------------------------ stacked

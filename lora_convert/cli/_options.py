@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Optional
 
 import typer
@@ -22,3 +23,11 @@ BaseOpt: Optional[str] = typer.Option(
     help="The base model: a folder or config.json, a Hub id (only config.json is fetched), or a preset name "
     "(`lora-convert schemas list`). Default: the adapter's base_model_name_or_path.",
 )
+
+
+class Device(str, Enum):
+    """Where kernels run: `auto` picks CUDA when present, else the Triton interpreter on the CPU."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"

@@ -8,6 +8,7 @@ from rich.table import Table
 from lora_convert.cli._app import command
 from lora_convert.cli._options import AdapterArg, CacheDirOpt, FormatOpt, TokenOpt
 from lora_convert.cli._output import OutputFormat, print_json, stdout
+from lora_convert.text import spans
 
 
 @command("inspect")
@@ -40,20 +41,6 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def _layers(layers: list[int]) -> str:
-    if not layers:
-        return "-"
-    spans, start, prev = [], layers[0], layers[0]
-    for layer in layers[1:] + [None]:
-        if layer is not None and layer == prev + 1:
-            prev = layer
-            continue
-        spans.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if layer is not None:
-            start = prev = layer
-    return ",".join(spans)
-
-
 def render_report(report: dict) -> None:
     cfg = report["config"]
     stdout.print(f"[bold]{escape(report['adapter'])}[/]  ({report['file_format']}, {', '.join(escape(f) for f in report['files'])})")
@@ -74,7 +61,7 @@ def render_report(report: dict) -> None:
     for family, data in report["families"].items():
         for entry in data["entries"]:
             table.add_row(
-                family, escape(entry["name"]), str(entry["count"]), _layers(entry["layers"]),
+                family, escape(entry["name"]), str(entry["count"]), spans(entry["layers"]),
                 str(entry["experts"] or "-"),
                 ", ".join(f"{k}" + (f" (x{v})" if len(entry["ranks"]) > 1 else "") for k, v in entry["ranks"].items()),
                 ", ".join(f"{float(k):g}" + (f" (x{v})" if len(entry["scalings"]) > 1 else "") for k, v in entry["scalings"].items()),

@@ -11,6 +11,7 @@ from rich.table import Table
 from lora_convert.cli._app import app, command
 from lora_convert.cli._options import BaseOpt, CacheDirOpt, FormatOpt, TokenOpt
 from lora_convert.cli._output import OutputFormat, print_json, stdout
+from lora_convert.text import spans
 from lora_convert.errors import EXIT_FINDINGS, LoraConvertError, UsageError
 
 schemas_app = typer.Typer(
@@ -115,18 +116,6 @@ def show_command(
     _render_table(table)
 
 
-def _layers_text(layers: list[int]) -> str:
-    spans, start, prev = [], layers[0], layers[0]
-    for layer in layers[1:] + [None]:
-        if layer is not None and layer == prev + 1:
-            prev = layer
-            continue
-        spans.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if layer is not None:
-            start = prev = layer
-    return ",".join(spans)
-
-
 def _slices_text(slices: list[dict]) -> str:
     if len(slices) == 1:
         return "-"
@@ -152,7 +141,7 @@ def _render_table(table: dict) -> None:
     stdout.print(f"{table['num_layers']} layers{extras}; routed experts: {table['expert_count'] or '-'}; "
                  f"checkpoint layer stack: {escape(table['checkpoint_prefix'])}.N")
     for entry in table["layer_types"]:
-        title = f"layers {_layers_text(entry['layers'])}: {' + '.join(entry['types'])}"
+        title = f"layers {spans(entry['layers'])}: {' + '.join(entry['types'])}"
         stdout.print(_group_table(title, entry["groups"]))
     if table["top_level"]:
         stdout.print(_group_table("top level", [{**g, "name": g["path"]} for g in table["top_level"]]))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from enum import Enum
 from typing import Optional
 
 import typer
@@ -8,15 +7,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from lora_convert.cli._app import command
-from lora_convert.cli._options import AdapterArg, BaseOpt, CacheDirOpt, FormatOpt, TokenOpt
+from lora_convert.cli._options import Device, AdapterArg, BaseOpt, CacheDirOpt, FormatOpt, TokenOpt
 from lora_convert.cli._output import OutputFormat, log, print_json, stdout
 from lora_convert.errors import EXIT_FINDINGS
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
 
 
 @command("smoke")

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lora_convert.cli._app import command
-from lora_convert.cli._options import ADAPTER_HELP, BaseOpt, CacheDirOpt, TokenOpt
+from lora_convert.cli._options import Device, ADAPTER_HELP, BaseOpt, CacheDirOpt, TokenOpt
 from lora_convert.cli._output import ReportFormat, print_error, print_json, stderr, stdout
 from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, LoraConvertError
 
@@ -23,10 +23,6 @@ class Engine(str, Enum):
     vllm = "vllm"
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 @command("validate")
