@@ -25,6 +25,7 @@ from typing import Callable
 
 from lora_convert.errors import SchemaError
 from lora_convert.findings import Finding, Severity
+from lora_convert.text import spans
 
 ENGINE_PACKAGE = "lora_convert.engines"
 OUTCOMES = ("exact", "wrong", "dropped", "load-failure")
@@ -107,9 +108,7 @@ def _examples(items: list[str]) -> str:
 
 
 def _layers_text(layers) -> str:
-    from lora_convert.validate import _span
-
-    return _span(sorted(set(layers)))
+    return spans(sorted(set(layers)))
 
 
 def _keys(mods) -> list[str]:
