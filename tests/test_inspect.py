@@ -55,3 +55,27 @@ def test_inspect_missing_folder_is_usage_error():
     result = CliRunner().invoke(app, ["inspect", "./definitely/not/here"])
     assert result.exit_code == 2
     assert "Error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_leftover_adapter_name_on_a_peft_fixture(tmp_path):
+    """Re-save a PEFT-written adapter with `.default.` kept in every key (as some exporters do): the same
+    modules, ranks and scalings come out, plus the warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    case = "v5_deepseek_v3_rank_pattern"
+    src = case_dir(case) / "adapter"
+    dst = tmp_path / "with-default"
+    dst.mkdir()
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    renamed = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+               for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(dst / "adapter_model.safetensors"))
+    plain = build_report(load_adapter(str(src)))
+    kept = build_report(load_adapter(str(dst)))
+    strip = lambda mods: [{k: v for k, v in m.items() if k != "keys"} for m in mods]  # noqa: E731
+    assert strip(kept["modules"]) == strip(plain["modules"])
+    assert "keys.adapter-name-segment" in {f["code"] for f in kept["findings"]}
