@@ -38,10 +38,12 @@ class NormalizeResult:
     seconds: float
     tensors_written: int = 0
     notes: list[str] = field(default_factory=list)
+    layout: str = "stacked"  # or an engine layout (engine_layouts.LAYOUTS)
+    layout_summary: dict[str, Any] | None = None  # engine layouts: modules written, target_modules, notes
 
     def summary_json(self) -> dict[str, Any]:
         plan = self.plan
-        return {
+        doc = {
             "adapter": plan.adapter.source.describe(),
             "output": str(self.output) if self.output else None,
             "base": plan.base_name,
@@ -57,6 +59,10 @@ class NormalizeResult:
             "bytes_out": self.bytes_out,
             "seconds": round(self.seconds, 3),
         }
+        if self.layout != "stacked":
+            doc["layout"] = self.layout
+            doc.update(self.layout_summary or {})
+        return doc
 
 
 def plan_normalize(adapter_spec: str, *, base: str | None = None, rank: int | None = None, drop_unsupported: bool = False,
@@ -118,18 +124,84 @@ def output_config(plan: Plan) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ tensor building
-def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: Callable[[str], Any]):
-    """The stacked A and B of one group. A rows of slice i: [i*R, i*R + r_i); B rows: [off_i, off_i + out_i)."""
+class GroupBuffers:
+    """One reusable byte buffer each for the A and the B of the group being built (perf, docs/benchmarks.md).
+
+    Fresh memory is expensive to touch on the benchmark VM (~0.15 s per GB in page faults, against 0.04 s to
+    rewrite memory already mapped), and torch.zeros of every output group touched a fresh 2 GB per 2 GB adapter.
+    Every group is built into a prefix of the same two buffers instead, grown to the largest group. Only one
+    group's A and B exist at a time: a tensor handed out is overwritten by the next group, so callers must be
+    done with it (the streaming writer is) before asking for the next one.
+    """
+
+    def __init__(self) -> None:
+        self._raw: dict[str, Any] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype, *, zero: bool):
+        import math
+
+        import torch
+
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raw = self._raw.get(role)
+        if raw is None or raw.numel() < nbytes:
+            self._raw[role] = raw = None  # drop the old buffer before allocating the larger one
+            self._raw[role] = raw = torch.empty(nbytes, dtype=torch.uint8)
+        out = raw[:nbytes].view(dtype).view(shape)
+        if zero:
+            out.zero_()
+        return out
+
+
+def _fully_covered(group: PlannedGroup, R: int) -> bool:
+    """Every row of the group's A and B gets written (no zero-filled slice, padded rank or missing expert)."""
+    for sl in group.slices:
+        if sl.rank != R:
+            return False
+        if group.experts and sl.fused_source is None and len(sl.expert_sources) != group.experts:
+            return False
+        if not group.experts and sl.dense_source is None:
+            return False
+    return True
+
+
+def _fold_into(dest, b, scaling: float) -> None:
+    """dest[...] = b * scaling, computed in float32 and rounded once to dest's dtype.
+
+    perf: when b already has dest's dtype, torch.mul(..., out=dest) does exactly that in one pass (torch's CPU
+    kernels compute reduced-precision products in float32 and round once; checked bit for bit, NaN payloads
+    aside) without the two float32 temporaries of `(b.float() * s).to(dtype)`, which were ~40% of normalize.
+    """
+    import torch
+
+    if b.dtype == dest.dtype and b.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        torch.mul(b, scaling, out=dest)
+    else:
+        dest.copy_((b.float() * scaling).to(dest.dtype))
+
+
+def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: Callable[[str], Any],
+                        buffers: GroupBuffers | None = None):
+    """The stacked A and B of one group. A rows of slice i: [i*R, i*R + r_i); B rows: [off_i, off_i + out_i).
+
+    With `buffers`, A and B are views into reused memory that the next call overwrites (see GroupBuffers)."""
     import torch
 
     from lora_convert.tensor_files import torch_dtype
 
     out_dtype = torch_dtype(dtype_tag)
     R = plan.rank
+    # perf: zero-fill only when some row is not written below (a zero-filled slice, rank < R, a missing expert).
+    zero = not _fully_covered(group, R)
+    if buffers is not None:
+        A = buffers.get("A", group.a_shape(R), out_dtype, zero=zero)
+        B = buffers.get("B", group.b_shape(R), out_dtype, zero=zero)
+    else:
+        alloc = torch.zeros if zero else torch.empty
+        A = alloc(group.a_shape(R), dtype=out_dtype)
+        B = alloc(group.b_shape(R), dtype=out_dtype)
     if group.experts:
         E = group.experts
-        A = torch.zeros(group.a_shape(R), dtype=out_dtype)
-        B = torch.zeros(group.b_shape(R), dtype=out_dtype)
         for i, sl in enumerate(group.slices):
             if sl.fused_source is not None:
                 src = sl.fused_source
@@ -139,18 +211,17 @@ def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: C
                 b = read(mod.lora_B.key)  # [out, r*E], rank-major: column k*E + e
                 a3 = a.reshape(E, r, a.shape[-1])
                 b3 = b[src.row_start:src.row_stop].reshape(src.row_stop - src.row_start, r, E).permute(2, 0, 1)
-                A[:, i * R:i * R + r, :] = a3.to(out_dtype)
-                B[:, sl.out_offset:sl.out_offset + sl.out_features, :r] = (b3.float() * src.scaling).to(out_dtype)
+                A[:, i * R:i * R + r, :].copy_(a3)
+                _fold_into(B[:, sl.out_offset:sl.out_offset + sl.out_features, :r], b3, src.scaling)
+                del a, b, a3, b3
                 continue
             for e, src in sl.expert_sources.items():
                 mod = src.module
                 r = mod.rank
-                A[e, i * R:i * R + r, :] = read(mod.lora_A.key).to(out_dtype)
+                A[e, i * R:i * R + r, :].copy_(read(mod.lora_A.key))
                 b = read(mod.lora_B.key)[src.row_start:src.row_stop]
-                B[e, sl.out_offset:sl.out_offset + sl.out_features, :r] = (b.float() * src.scaling).to(out_dtype)
+                _fold_into(B[e, sl.out_offset:sl.out_offset + sl.out_features, :r], b, src.scaling)
         return A, B
-    A = torch.zeros(group.a_shape(R), dtype=out_dtype)
-    B = torch.zeros(group.b_shape(R), dtype=out_dtype)
     cache: dict[str, Any] = {}  # a pre-merged source feeds several slices: read it once
     for i, sl in enumerate(group.slices):
         src = sl.dense_source
@@ -162,14 +233,16 @@ def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: C
             cache[mod.lora_A.key] = read(mod.lora_A.key)
             cache[mod.lora_B.key] = read(mod.lora_B.key)
         a, b = cache[mod.lora_A.key], cache[mod.lora_B.key]
-        A[i * R:i * R + r, :] = a.to(out_dtype)
-        B[sl.out_offset:sl.out_offset + sl.out_features, :r] = (b[src.row_start:src.row_stop].float() * src.scaling).to(out_dtype)
+        A[i * R:i * R + r, :].copy_(a)
+        _fold_into(B[sl.out_offset:sl.out_offset + sl.out_features, :r], b[src.row_start:src.row_stop], src.scaling)
     return A, B
 
 
 def iter_group_tensors(plan: Plan, dtype_tag: str) -> Iterator[tuple[PlannedGroup, Any, Any]]:
+    """Each group's A and B in plan order. They live in reused buffers: consume them before the next step."""
+    buffers = GroupBuffers()
     for group in plan.groups:
-        A, B = build_group_tensors(plan, group, dtype_tag, plan.adapter.read)
+        A, B = build_group_tensors(plan, group, dtype_tag, plan.adapter.read, buffers)
         yield group, A, B
 
 
@@ -201,13 +274,11 @@ def check_output_dir(output: Path, force: bool, adapter: Adapter) -> None:
         raise UsageError(f"The output folder {output} exists and is not empty.", hint="Pass --force to replace it, or choose another -o path.")
 
 
-def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool = False,
-                 progress: Callable[[PlannedGroup, int], None] | None = None) -> NormalizeResult:
-    started = time.perf_counter()
-    adapter = plan.adapter
+def write_folder(output: Path, adapter: Adapter, specs: list[TensorSpec], tensors: Iterator[tuple[str, Any]],
+                 files: dict[str, str], *, force: bool = False) -> int:
+    """Write `tensors` (in `specs` order) and `files` into a temporary folder beside `output`, then rename it into
+    place: an interrupted run leaves no output folder. Shared by the stacked and the engine layouts."""
     check_output_dir(output, force, adapter)
-    tag = output_dtype(plan, dtype)
-    specs = tensor_specs(plan, tag)
     parent = output.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     temp = parent / f".{output.name}.lora-convert-tmp-{os.getpid()}"
@@ -219,19 +290,15 @@ def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool =
         with _terminate_as_interrupt():
             writer = StreamingSafetensorsWriter(temp / ADAPTER_FILE, specs, metadata={"format": "pt"})
             try:
-                for group, A, B in iter_group_tensors(plan, tag):
-                    writer.write(f"base_model.model.{group.key}.lora_A.weight", A)
-                    writer.write(f"base_model.model.{group.key}.lora_B.weight", B)
-                    written += 2
-                    if progress:
-                        progress(group, A.numel() * A.element_size() + B.numel() * B.element_size())
-                    del A, B
+                for name, tensor in tensors:
+                    writer.write(name, tensor)
+                    written += 1
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
-            (temp / "adapter_config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
-            (temp / LAYOUT_FILE).write_text(json.dumps(plan.layout_json(), indent=2) + "\n")
+            for name, text in files.items():
+                (temp / name).write_text(text)
             if output.exists():
                 old = parent / f".{output.name}.lora-convert-old-{os.getpid()}"
                 output.rename(old)
@@ -242,6 +309,29 @@ def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool =
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
+    return written
+
+
+def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool = False,
+                 progress: Callable[[PlannedGroup, int], None] | None = None) -> NormalizeResult:
+    started = time.perf_counter()
+    adapter = plan.adapter
+    tag = output_dtype(plan, dtype)
+    specs = tensor_specs(plan, tag)
+
+    def tensors():
+        for group, A, B in iter_group_tensors(plan, tag):
+            yield f"base_model.model.{group.key}.lora_A.weight", A
+            yield f"base_model.model.{group.key}.lora_B.weight", B
+            if progress:
+                progress(group, A.numel() * A.element_size() + B.numel() * B.element_size())
+            del A, B
+
+    files = {
+        "adapter_config.json": json.dumps(output_config(plan), indent=2) + "\n",
+        LAYOUT_FILE: json.dumps(plan.layout_json(), indent=2) + "\n",
+    }
+    written = write_folder(output, adapter, specs, tensors(), files, force=force)
     bytes_out = sum(s.nbytes for s in specs)
     return NormalizeResult(plan=plan, output=output, dtype=tag, bytes_in=adapter.total_bytes, bytes_out=bytes_out,
                            seconds=time.perf_counter() - started, tensors_written=written)
@@ -249,13 +339,23 @@ def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool =
 
 def normalize(adapter_spec: str, output: Path | None, *, base: str | None = None, rank: int | None = None, dtype: str = "keep",
               dry_run: bool = False, force: bool = False, drop_unsupported: bool = False, cache_dir=None, token=None,
-              progress=None) -> NormalizeResult:
-    """The whole command as one library call: plan, then (unless dry_run) write the stacked output."""
+              progress=None, layout: str = "stacked") -> NormalizeResult:
+    """The whole command as one library call: plan, then (unless dry_run) write the output in `layout`
+    (`stacked`, or an engine layout from lora_convert.engine_layouts: `sglang`, `peft`)."""
     started = time.perf_counter()
     plan = plan_normalize(adapter_spec, base=base, rank=rank, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token)
+    if layout != "stacked":
+        from lora_convert import engine_layouts
+
+        lp = engine_layouts.plan_layout(plan, layout, drop_unsupported=drop_unsupported)
+        if dry_run or output is None:
+            tag = output_dtype(plan, dtype)
+            return NormalizeResult(plan=plan, output=None, dtype=tag, bytes_in=plan.adapter.total_bytes,
+                                   bytes_out=sum(s.nbytes for s in lp.tensor_specs(tag)), seconds=time.perf_counter() - started,
+                                   notes=list(lp.notes), layout=layout, layout_summary=engine_layouts.layout_summary(lp))
+        return engine_layouts.write_layout(lp, output, dtype=dtype, force=force, progress=progress)
     if dry_run or output is None:
         tag = output_dtype(plan, dtype)
         return NormalizeResult(plan=plan, output=None, dtype=tag, bytes_in=plan.adapter.total_bytes,
                                bytes_out=sum(s.nbytes for s in tensor_specs(plan, tag)), seconds=time.perf_counter() - started)
     return write_output(plan, output, dtype=dtype, force=force, progress=progress)
-

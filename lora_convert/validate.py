@@ -210,11 +210,14 @@ def validate_adapter(
 
         scan = scan_adapter(adapter, progress=progress, row_energy_modules=row_energy_modules(adapter, arch) if engine != "none" else ())
         scan_findings = scan.findings
-        if stacked:  # zero-filled slices of a stacked output are expected zeros
+        # Zero fills written on purpose by `normalize` are expected zeros, listed in its layout/report file.
+        fills_listed_in = "lora_layout.json" if stacked else (
+            "lora_convert_report.json" if (adapter.path / "lora_convert_report.json").exists() else None)
+        if fills_listed_in:
             for f in scan_findings:
                 if f.code == "data.zero-b":
                     f.severity = Severity.INFO
-                    f.message += " (In a stacked output these are the zero fills listed in lora_layout.json.)"
+                    f.message += f" (These are the zero fills lora-convert normalize wrote, listed in {fills_listed_in}.)"
         findings.extend(scan_findings)
         run.append("data")
     else:

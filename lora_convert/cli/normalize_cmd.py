@@ -17,6 +17,8 @@ from lora_convert.errors import UsageError
 
 class Layout(str, Enum):
     stacked = "stacked"
+    sglang = "sglang"  # engine layout: per-module PEFT keys SGLang 0.5.23 fuses into the stacked groups
+    peft = "peft"  # engine layout: per-module PEFT keys PEFT and vLLM load (docs/engine-layouts.md)
 
 
 class DType(str, Enum):
@@ -31,7 +33,8 @@ def normalize_command(
     adapter: str = AdapterArg,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (created; must be empty or absent unless --force)."),
     base: Optional[str] = BaseOpt,
-    layout: Layout = typer.Option(Layout.stacked, "--layout", help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md)."),
+    layout: Layout = typer.Option(Layout.stacked, "--layout", help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `sglang` / `peft`: the same "
+                                  "slices as per-module PEFT files that SGLang 0.5.23 / PEFT and vLLM load exactly (docs/engine-layouts.md)."),
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="Pad every slice to this rank (default: the largest effective rank; smaller is an error)."),
     dtype: DType = typer.Option(DType.keep, "--dtype", help="Output dtype; `keep` keeps the adapter's (the widest, if mixed)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (groups, slices, zero fills, foldings, drops) and write nothing."),
@@ -53,11 +56,14 @@ def normalize_command(
     progress_cb, finish = _progress(dry_run)
     try:
         result = normalize(adapter, output, base=base, rank=rank, dtype=dtype.value, dry_run=dry_run, force=force,
-                           drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token, progress=progress_cb)
+                           drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token, progress=progress_cb,
+                           layout=layout.value)
     finally:
         finish()
     for d in result.plan.dropped:
         log(f"dropped {d.module}: {d.reason}")
+    for note in result.notes:
+        log(f"note: {note}")
     if format is OutputFormat.json:
         doc = result.summary_json()
         if dry_run:

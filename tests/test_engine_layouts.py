@@ -1,0 +1,395 @@
+"""`normalize --layout sglang|peft` on every PEFT-written fixture (docs/engine-layouts.md).
+
+- sglang: the output, run through a model of SGLang 0.5.23's own loader (tests/sglang_loader_sim.py), gives
+  exactly the stacked layout, tensor for tensor; and the same model fails on the raw PEFT fixtures where the
+  reference says SGLang fails (so the model is faithful and the layout is what makes the difference).
+- peft: per-module keys, one rank, scaling folded, all expert projections present; normalized again to
+  `stacked` it equals the direct stacked output.
+- both: our own reader accepts the output; `validate --engine sglang|vllm` reports no engine problem.
+The PEFT logits proof is in test_engine_layouts_peft.py (marked `peft`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import case_base_dir, case_dir, fixture_cases
+from lora_convert.engine_layouts import REPORT_FILE
+from lora_convert.errors import UnsupportedAdapterError
+from sglang_loader_sim import simulate
+
+CASES = fixture_cases()
+# Every module of these is refused by the stacked layout already (DoRA), so no layout has anything to write.
+NOTHING_LEFT = {"v4_mixtral_dora", "v5_deepseek_v3_dora", "v5_llama_dora"}
+# SGLang 0.5.23 has no LoRA path for any module of these (MLA without q_lora_rank).
+SGLANG_NOTHING_LEFT = {"v5_deepseek_v3_noq"}
+
+
+def _normalize(case: str, out: Path, layout: str, drop: bool):
+    from lora_convert.normalize import normalize
+
+    return normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, drop_unsupported=drop)
+
+
+_CACHE: dict = {}
+
+
+def produce(case: str, layout: str, root: Path) -> tuple[Path | None, bool, str | None]:
+    """(output folder, whether --drop-unsupported was needed, the refusal without it). Cached per session."""
+    key = (case, layout)
+    if key not in _CACHE:
+        out = root / f"{layout}-{case}"
+        try:
+            _normalize(case, out, layout, False)
+            _CACHE[key] = (out, False, None)
+        except UnsupportedAdapterError as exc:
+            assert "--drop-unsupported" in (exc.hint or ""), exc.hint
+            try:
+                _normalize(case, out, layout, True)
+                _CACHE[key] = (out, True, exc.message)
+            except UnsupportedAdapterError as exc2:
+                _CACHE[key] = (None, True, exc2.message)
+        assert not any(p.name.startswith(f".{out.name}.lora-convert") for p in root.iterdir())
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine-layouts")
+
+
+def stacked(case: str, drop: bool, root: Path) -> Path:
+    out = root / f"stacked-{case}-{drop}"
+    if not out.exists():
+        _normalize(case, out, "stacked", drop)
+    return out
+
+
+@lru_cache(maxsize=None)
+def base_config(case: str) -> dict:
+    return json.loads((case_base_dir(case) / "config.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- sglang
+def sglang_key(group_key: str, family: str) -> str:
+    """The module path SGLang's normalization ends with for one stacked group (the test's own mapping)."""
+    if family == "nemotron_h" and group_key.endswith(".experts.up_proj"):
+        return group_key[: -len("up_proj")] + "gate_up_proj"  # non-gated experts are fed to SGLang as gate_proj
+    if group_key.endswith(".embeddings") or group_key == "embeddings":
+        return group_key[: -len("embeddings")] + "embed_tokens"
+    return group_key
+
+
+def check_sglang_equals_stacked(case: str, out: Path, stacked_dir: Path) -> int:
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
+    sim = simulate(tensors, config, base_config(case))
+    assert sim.scaling == 1.0 and config["r"] == config["lora_alpha"] == report["rank"]
+    assert not sim.dropped_keys, sim.dropped_keys[:3]
+    assert not sim.skipped_expert_keys, sim.skipped_expert_keys[:3]
+    layout = json.loads((stacked_dir / "lora_layout.json").read_text())
+    ref = load_file(str(stacked_dir / "adapter_model.safetensors"))
+    R = layout["rank"]
+    assert R == report["rank"]
+    family = layout["family"]
+    dropped = {d["module"] for d in report["dropped"]}
+    partial = {d["module"].split(" ")[0] for d in report["dropped"] if d["module"].endswith("(B/C/dt rows)")}
+    expected = {}
+    for g in layout["groups"]:
+        if g["key"] in dropped:
+            continue
+        expected[sglang_key(g["key"], family)] = g
+    added = {sglang_key(g["group"], family) for g in report["groups"] if g["added_zero_filled"]}
+    assert set(sim.modules) == set(expected) | added, (sorted(set(sim.modules) ^ (set(expected) | added)))[:6]
+    compared = 0
+    for key, mod in sim.modules.items():
+        if key in added:
+            assert all(torch.count_nonzero(t) == 0 for t in list(mod.experts_A.values()) + list(mod.experts_B.values()))
+            continue
+        g = expected[key]
+        A, B = ref[f"base_model.model.{g['key']}.lora_A.weight"], ref[f"base_model.model.{g['key']}.lora_B.weight"]
+        if g["experts"]:
+            assert sorted(mod.experts_A) == sorted(mod.experts_B) == list(range(g["experts"])), key
+            for e in range(g["experts"]):
+                assert torch.equal(mod.experts_A[e], A[e].float()), (key, e)
+                assert torch.equal(mod.experts_B[e], B[e].float()), (key, e)
+            compared += 1
+            continue
+        rows_a, rows_b = mod.A.shape[0], mod.B.shape[0]
+        assert torch.equal(mod.A, A[:rows_a].float()), key
+        assert torch.equal(mod.B, B[:rows_b].float()), key
+        if rows_a < A.shape[0]:  # Nemotron-H mamba in_proj: SGLang holds z | x only
+            assert g["group"] == "in_proj" and family == "nemotron_h"
+            lost = [s for s in g["slices"] if s["out_offset"] >= rows_b]
+            delta = [B[s["out_offset"]:s["out_offset"] + s["out_features"]].double() @ A[i * R:(i + 1) * R].double()
+                     for i, s in enumerate(g["slices"]) if s in lost]
+            if g["key"] not in partial:
+                assert all(torch.count_nonzero(d) == 0 for d in delta), "B/C/dt rows carry a delta but were not reported"
+        compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sglang_loader_turns_the_output_into_the_stacked_layout(case, root):
+    out, drop, refusal = produce(case, "sglang", root)
+    if out is None:
+        assert case in NOTHING_LEFT | SGLANG_NOTHING_LEFT, refusal
+        return
+    assert check_sglang_equals_stacked(case, out, stacked(case, drop, root)) > 0
+
+
+# What SGLang 0.5.23 does with the raw PEFT adapter (sglang-loader.md): the exception type and a message fragment.
+RAW_FAILURES = {
+    "v5_deepseek_v3_q_a_only": (AssertionError, "does not match"),  # R3: kv_a zero-filled with q_a's shape
+    "v5_deepseek_v3_noq": (KeyError, "v_proj"),  # R1: q_proj without v_proj
+    "v5_qwen3_5_vl": (KeyError, "v_proj"),  # R1: q_proj without v_proj
+    "v5_llama_regex": (ValueError, "Only 'all' or 'all-linear'"),  # regex target_modules
+    "v5_qwen3_5": (NotImplementedError, "in_proj_"),  # HF two-way GDN / in_proj_b,a
+    "v4_mixtral": (NotImplementedError, "get_hidden_dim"),  # router / w1 targets
+    "v4emu_nemotron_h": (AssertionError, "does not match"),  # R5: HF mamba in_proj not split
+    "v5_nemotron_h": (AssertionError, "does not match"),
+    "v5_deepseek_v3": (ValueError, "Cannot find target module"),  # PEFT 3-D experts
+    "v5_deepseek_v3_rank_pattern": (ValueError, "kv_a_proj_with_mqa"),  # R3: kv_a without q_a stays unfused
+    "v5_kimi_k25_vision": (ValueError, "Only 'all'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_FAILURES))
+def test_simulated_loader_fails_on_raw_fixtures_where_sglang_does(case, root):
+    kind, fragment = RAW_FAILURES[case]
+    adapter = case_dir(case) / "adapter"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    with pytest.raises(kind, match=fragment if kind is not KeyError else None) as info:
+        simulate(tensors, config, base_config(case))
+    if kind is KeyError:
+        assert fragment in str(info.value)
+    out, drop, _ = produce(case, "sglang", root)
+    if out is not None:  # the sglang layout of the same adapter loads
+        simulate(load_file(str(out / "adapter_model.safetensors")), json.loads((out / "adapter_config.json").read_text()),
+                 base_config(case))
+
+
+def test_simulated_loader_silently_loses_what_the_layout_keeps(root):
+    """Silent failures of the raw adapters: one-sided experts skipped, rsLoRA served sqrt(r) too weak."""
+    case = "v4_deepseek_v3_gate_only"
+    adapter = case_dir(case) / "adapter"
+    raw = simulate(load_file(str(adapter / "adapter_model.safetensors")), json.loads((adapter / "adapter_config.json").read_text()),
+                   base_config(case))
+    assert raw.skipped_expert_keys  # FusedMoE is not wrapped without down_proj: expert LoRA never applied
+    out, _, _ = produce(case, "sglang", root)
+    assert not simulate(load_file(str(out / "adapter_model.safetensors")), json.loads((out / "adapter_config.json").read_text()),
+                        base_config(case)).skipped_expert_keys
+    case = "v5_llama_rslora"
+    adapter = case_dir(case) / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    raw = simulate(load_file(str(adapter / "adapter_model.safetensors")), cfg, base_config(case))
+    assert raw.scaling == cfg["lora_alpha"] / cfg["r"]  # not alpha / sqrt(r): rsLoRA is ignored
+    ref = load_file(str(stacked(case, False, root) / "adapter_model.safetensors"))
+    key = "model.layers.0.self_attn.qkv_proj"
+    got = raw.modules[key].B
+    want = ref[f"base_model.model.{key}.lora_B.weight"].float()
+    ratio = float(want.norm() / got.norm())
+    assert abs(ratio - cfg["r"] ** 0.5) < 1e-4  # served sqrt(r) times too weak
+    out, _, _ = produce(case, "sglang", root)
+    assert check_sglang_equals_stacked(case, out, stacked(case, False, root)) > 0
+
+
+def test_sglang_layout_names(root):
+    out, _, _ = produce("v4_mixtral", "sglang", root)
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not any(".w1." in k or ".w2." in k or ".w3." in k for k in keys)
+    assert "base_model.model.model.layers.0.block_sparse_moe.experts.3.up_proj.lora_A.weight" in keys
+    assert config["target_modules"] == sorted(config["target_modules"]) and not {"w1", "w2", "w3", "gate"} & set(config["target_modules"])
+    out, _, _ = produce("v5_qwen3_5", "sglang", root)
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    for part in "qkvz":
+        assert f"base_model.model.model.language_model.layers.0.linear_attn.in_proj_{part}.lora_A.weight" in keys
+    out, _, _ = produce("v5_nemotron_h", "sglang", root)
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert not any("mixer.in_proj" in k or "experts.0.up_proj" in k for k in keys)
+    assert "base_model.model.backbone.layers.1.mixer.experts.0.gate_proj.lora_A.weight" in keys
+    assert any(d["code"] == "sglang.mamba-in-proj-bcdt" and "%" in d["reason"] for d in report["dropped"])
+    out, _, _ = produce("v5_deepseek_v3_experts_down_only", "sglang", root)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert [g["group"] for g in report["groups"] if g["added_zero_filled"]] == ["model.layers.1.mlp.experts.gate_up_proj",
+                                                                             "model.layers.2.mlp.experts.gate_up_proj"]
+
+
+def test_nemotron_in_proj_is_refused_with_the_share_lost(tmp_path):
+    with pytest.raises(UnsupportedAdapterError) as info:
+        _normalize("v5_nemotron_h", tmp_path / "out", "sglang", False)
+    assert "B/C/dt" in info.value.message and "%" in info.value.message and "--drop-unsupported" in info.value.hint
+    assert not (tmp_path / "out").exists()
+
+
+def test_nemotron_in_proj_with_zero_bcdt_rows_is_split_exactly(tmp_path, root):
+    """A mamba in_proj whose B/C/dt rows are zero is written as gate_proj + x_proj, and SGLang's R5 refuses nothing."""
+    from safetensors.torch import save_file
+
+    case = "v5_nemotron_h"
+    src = case_dir(case) / "adapter"
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    cfg = base_config(case)
+    inner = cfg["mamba_num_heads"] * cfg["mamba_head_dim"]
+    key = next(k for k in tensors if k.endswith("mixer.in_proj.lora_B.weight"))
+    tensors[key][2 * inner:] = 0
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    from lora_convert.normalize import normalize
+
+    normalize(str(adapter), tmp_path / "sglang", base=str(case_base_dir(case)), layout="sglang")
+    normalize(str(adapter), tmp_path / "stacked", base=str(case_base_dir(case)))
+    keys = load_file(str(tmp_path / "sglang" / "adapter_model.safetensors")).keys()
+    assert "base_model.model.backbone.layers.0.mixer.x_proj.lora_A.weight" in keys
+    assert check_sglang_equals_stacked(case, tmp_path / "sglang", tmp_path / "stacked") > 0
+    report = json.loads((tmp_path / "sglang" / REPORT_FILE).read_text())
+    assert report["target_modules"] == "all-linear"  # Nemotron's literal up_proj target exists only by auto-detection
+
+
+# --------------------------------------------------------------------------------------------------- peft
+@pytest.mark.parametrize("case", CASES)
+def test_peft_layout_round_trips_to_the_stacked_layout(case, root, tmp_path):
+    out, drop, refusal = produce(case, "peft", root)
+    if out is None:
+        assert case in NOTHING_LEFT, refusal
+        return
+    from lora_convert.adapter import load_adapter
+    from lora_convert.normalize import normalize
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    R = config["r"]
+    assert config["lora_alpha"] == R and not config["rank_pattern"] and not config["alpha_pattern"] and not config["use_rslora"]
+    assert not config.get("target_parameters")
+    adapter = load_adapter(str(out))
+    assert not [f for f in adapter.findings if f.severity.value == "error"]
+    assert adapter.expert_layout in ("none", "per-expert-2d")
+    assert all(m.rank == R for m in adapter.modules)
+    assert sorted({m.leaf for m in adapter.modules}) == config["target_modules"]  # exactly what is in the file
+    check_all_expert_projections(adapter)
+    # normalized again to stacked, it equals the direct stacked output
+    again = tmp_path / "again"
+    normalize(str(out), again, base=str(case_base_dir(case)))
+    direct = stacked(case, drop, root)
+    a, b = load_file(str(again / "adapter_model.safetensors")), load_file(str(direct / "adapter_model.safetensors"))
+    report = json.loads((out / REPORT_FILE).read_text())
+    added = {f"base_model.model.{g['group']}.lora_{f}.weight" for g in report["groups"] if g["added_zero_filled"] for f in "AB"}
+    dropped = {d["module"] for d in report["dropped"]}
+    kept = {k for k in b if k.rsplit(".lora_", 1)[0][len("base_model.model."):] not in dropped}
+    assert set(a) == kept | added, sorted(set(a) ^ (kept | added))[:4]
+    for k in kept:
+        assert torch.equal(a[k], b[k]), k
+    for k in added:
+        assert torch.count_nonzero(a[k]) == 0
+
+
+def check_all_expert_projections(adapter) -> None:
+    """vLLM's pack_moe: every expert of an adapted MoE layer has gate, up and down (non-gated: up and down)."""
+    by_layer: dict[int, dict[int, set[str]]] = {}
+    for m in adapter.modules:
+        if m.expert is not None:
+            by_layer.setdefault(m.layer, {}).setdefault(m.expert, set()).add(m.leaf)
+    for layer, experts in by_layer.items():
+        sets = {frozenset(s) for s in experts.values()}
+        assert len(sets) == 1, (layer, sets)
+        (leaves,) = sets
+        assert leaves in ({"gate_proj", "up_proj", "down_proj"}, {"w1", "w2", "w3"}, {"up_proj", "down_proj"}), (layer, leaves)
+        assert sorted(experts) == list(range(len(experts)))
+
+
+# ---------------------------------------------------------------------------------------- reader + smoke
+# Our reader does not know SGLang's own split names for these (schemas have no aliases for them); see the docs.
+SMOKE_CASES = ["v4_llama", "v5_deepseek_v3", "v4emu_kimi_k25", "v5_mixtral", "v5_qwen3_5", "v4emu_nemotron_h", "v5_qwen3_5_moe"]
+
+
+@pytest.mark.parametrize("layout", ["sglang", "peft"])
+@pytest.mark.parametrize("case", SMOKE_CASES)
+def test_our_reader_and_smoke_accept_the_output(case, layout, root):
+    from lora_convert.smoke import run_smoke
+
+    out, drop, _ = produce(case, layout, root)
+    report = run_smoke(str(out), base=str(case_base_dir(case)), device="cpu", tokens=8, layers="all")
+    assert report.groups and report.ok, [(g.key, g.problems) for g in report.groups if not g.ok]
+
+
+# ---------------------------------------------------------------------------------------------- validate
+ENGINE_OF = {"sglang": "sglang", "peft": "vllm"}
+
+
+@pytest.mark.parametrize("layout", ["sglang", "peft"])
+@pytest.mark.parametrize("case", CASES)
+def test_validate_engine_reports_nothing_on_the_matching_layout(case, layout, root):
+    from lora_convert.validate import validate_adapter
+
+    out, drop, refusal = produce(case, layout, root)
+    if out is None:
+        return
+    report = validate_adapter(str(out), base=str(case_base_dir(case)), engine=ENGINE_OF[layout], data_scan=True, smoke=False)
+    engine = [f for f in report.findings if f.code.startswith("engine.") and f.severity.value in ("error", "warning")]
+    assert not engine, [(f.code, f.message[:160]) for f in engine]
+
+
+# ------------------------------------------------------------------------------------------------ misc
+def _embedding_adapter(tmp_path):
+    from helpers import write_adapter
+
+    cfg = base_config("v5_llama")
+    V, H = cfg["vocab_size"], cfg["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(4, V, generator=g),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(H, 4, generator=g),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, H, generator=g),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4, generator=g),
+    }
+    return write_adapter(tmp_path / "emb", tensors, {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]})
+
+
+def test_embedding_lora_in_both_layouts(tmp_path):
+    from lora_convert.normalize import normalize
+
+    adapter = _embedding_adapter(tmp_path)
+    base = str(case_base_dir("v5_llama"))
+    for layout in ("sglang", "peft", "stacked"):
+        normalize(str(adapter), tmp_path / layout, base=base, layout=layout)
+    keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).keys()
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys  # PEFT's on-disk embedding names
+    sim = simulate(load_file(str(tmp_path / "sglang" / "adapter_model.safetensors")),
+                   json.loads((tmp_path / "sglang" / "adapter_config.json").read_text()), base_config("v5_llama"))
+    assert "model.embed_tokens" in sim.modules and not sim.dropped_keys  # kept: embed_tokens is a target
+    assert check_sglang_equals_stacked("v5_llama", tmp_path / "sglang", tmp_path / "stacked") == 2
+
+
+@pytest.mark.parametrize("layout", ["sglang", "peft"])
+def test_same_input_same_bytes_and_cli(layout, tmp_path):
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from lora_convert.cli import app
+
+    case = "v4_deepseek_v3_gate_only"
+    digests = []
+    for name in ("one", "two"):
+        result = CliRunner().invoke(app, ["normalize", str(case_dir(case) / "adapter"), "-o", str(tmp_path / name),
+                                          "--base", str(case_base_dir(case)), "--layout", layout, "--format", "json"])
+        assert result.exit_code == 0, result.output
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())})
+    assert digests[0] == digests[1]
+    assert set(digests[0]) == {"adapter_model.safetensors", "adapter_config.json", REPORT_FILE}  # no lora_layout.json
+    doc = json.loads(result.stdout[result.stdout.index("{"):])
+    assert doc["layout"] == layout and doc["added_zero_filled_groups"]  # the experts' down side was added
+    refused = CliRunner().invoke(app, ["normalize", str(case_dir("v4_mixtral") / "adapter"), "-o", str(tmp_path / "r"),
+                                       "--base", str(case_base_dir("v4_mixtral")), "--layout", layout])
+    assert refused.exit_code == 1 and not (tmp_path / "r").exists()
