@@ -26,4 +26,8 @@ $LC normalize "$EX/adapter" --base "$EX/base" -o "$OUT/stacked" --force
 step "lora-convert smoke $OUT/stacked --original $EX/adapter --base $EX/base"
 $LC smoke "$OUT/stacked" --original "$EX/adapter" --base "$EX/base"
 
+step "lora-convert normalize $EX/adapter --base $EX/base --layout sglang -o $OUT/sglang --force   (what SGLang 0.5.23 loads as-is)"
+$LC normalize "$EX/adapter" --base "$EX/base" --layout sglang -o "$OUT/sglang" --force
+$LC validate "$OUT/sglang" --base "$EX/base" --engine sglang --no-smoke
+
 step "done: the stacked adapter is in $OUT/stacked (adapter_model.safetensors, adapter_config.json, lora_layout.json)"

@@ -217,7 +217,10 @@ def validate_adapter(
             for f in scan_findings:
                 if f.code == "data.zero-b":
                     f.severity = Severity.INFO
-                    f.message += f" (These are the zero fills lora-convert normalize wrote, listed in {fills_listed_in}.)"
+                    f.fix = None
+                    count = f.message.split(" lora_B", 1)[0]  # "N of M"
+                    f.message = (f"{count} lora_B tensor(s) are all zero: the zero fills "
+                                 f"lora-convert normalize wrote for slices the adapter did not have, listed in {fills_listed_in}.")
         findings.extend(scan_findings)
         run.append("data")
     else:
