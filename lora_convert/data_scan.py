@@ -26,6 +26,7 @@ from lora_convert.findings import Finding, error, info, warning
 from lora_convert.naming import Factor
 from lora_convert.tensor_files import FLOAT_DTYPES
 
+FAST_NORM_DTYPES = {"F64", "F32", "F16", "BF16"}
 CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
 OUTLIER_RATIO = 100.0  # RMS more than this many times above (or below) the median of its kind
 MIN_FOR_MEDIAN = 4  # fewer tensors of a kind than this and there is no meaningful median
@@ -47,7 +48,6 @@ class TensorStats:
     first_inf: int | None = None
     all_zero: bool = False
     rms: float = 0.0
-    absmax: float = 0.0
 
 
 @dataclass
@@ -104,9 +104,18 @@ def tensor_stats(key: str, dtype: str, tensor, factor: str) -> TensorStats:
         stats.all_zero = not bool(tensor.reshape(-1).any())
         return stats
     flat = tensor.reshape(-1)
+    if dtype in FAST_NORM_DTYPES:
+        # Fast path: one reduction in the stored dtype (float accumulation inside torch), no upcast copy.
+        # A finite, non-zero norm proves there is no NaN, no Inf and not all zeros; only then is RMS all we need
+        # (its ~0.3% rounding in bf16 is nothing next to the 100x outlier ratio). Measured on a 58 MB bf16
+        # tensor, 2 cores: 3 ms, against 730 ms for the chunked float32/float64 path below, which now runs only
+        # when the norm is not finite (NaN/Inf to count and locate) or zero (to tell all-zero from underflow).
+        norm = float(torch.linalg.vector_norm(flat, 2))
+        if math.isfinite(norm) and norm > 0.0:
+            stats.rms = norm / math.sqrt(stats.numel)
+            return stats
     sum_sq = 0.0
     finite_count = 0
-    absmax = 0.0
     nonzero = False
     for start in range(0, stats.numel, CHUNK_ELEMENTS):
         chunk = flat[start:start + CHUNK_ELEMENTS].to(torch.float32)
@@ -127,11 +136,9 @@ def tensor_stats(key: str, dtype: str, tensor, factor: str) -> TensorStats:
         if chunk.numel():
             as64 = chunk.to(torch.float64)
             sum_sq += float((as64 * as64).sum())
-            absmax = max(absmax, float(chunk.abs().max()))
             nonzero = nonzero or bool(chunk.any())
             finite_count += int(chunk.numel())
     stats.rms = math.sqrt(sum_sq / finite_count) if finite_count else 0.0
-    stats.absmax = absmax
     stats.all_zero = not nonzero and stats.nan == 0 and stats.inf == 0
     return stats
 
