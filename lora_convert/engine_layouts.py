@@ -104,29 +104,9 @@ class LayoutPlan:
         return specs
 
     def adapter_config(self) -> dict[str, Any]:
-        src = self.plan.adapter.config.raw
-        return {
-            "peft_type": "LORA",
-            "base_model_name_or_path": src.get("base_model_name_or_path"),
-            "task_type": src.get("task_type"),
-            "r": self.rank,
-            "lora_alpha": self.rank,
-            "use_rslora": False,
-            "use_dora": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "bias": "none",
-            "lora_bias": False,
-            "fan_in_fan_out": False,
-            "modules_to_save": None,
-            "lora_dropout": 0.0,
-            "target_modules": self.target_modules,
-            "target_parameters": None,
-            "exclude_modules": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "inference_mode": True,
-        }
+        from lora_convert.normalize import output_config
+
+        return output_config(self.plan, self.target_modules)
 
     def report_json(self) -> dict[str, Any]:
         plan = self.plan

@@ -98,9 +98,11 @@ def tensor_specs(plan: Plan, dtype: str) -> list[TensorSpec]:
     return specs
 
 
-def output_config(plan: Plan) -> dict[str, Any]:
+def output_config(plan: Plan, target_modules: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """adapter_config.json of every output layout: one rank, scaling folded (r = lora_alpha, no patterns, no
+    rsLoRA), nothing but LoRA factors in the file."""
     src = plan.adapter.config.raw
-    return {
+    config = {
         "peft_type": "LORA",
         "base_model_name_or_path": src.get("base_model_name_or_path"),
         "task_type": src.get("task_type"),
@@ -115,12 +117,15 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "lora_dropout": 0.0,
-        "target_modules": sorted({g.name for g in plan.groups}),
+        "target_modules": target_modules,
+        "target_parameters": None,
+        "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
-        "lora_convert": {"layout": "stacked", "version": 1, "source_peft_version": src.get("peft_version")},
     }
+    config.update(extra or {})
+    return config
 
 
 # ------------------------------------------------------------------------------------------ tensor building
@@ -333,7 +338,9 @@ def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool =
             del A, B
 
     files = {
-        "adapter_config.json": json.dumps(output_config(plan), indent=2) + "\n",
+        "adapter_config.json": json.dumps(output_config(plan, sorted({g.name for g in plan.groups}), {
+            "lora_convert": {"layout": "stacked", "version": 1, "source_peft_version": plan.adapter.config.raw.get("peft_version")}}),
+            indent=2) + "\n",
         LAYOUT_FILE: json.dumps(plan.layout_json(), indent=2) + "\n",
     }
     written = write_folder(output, adapter, specs, tensors(), files, force=force)

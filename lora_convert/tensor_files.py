@@ -210,18 +210,26 @@ def read_tensor_data(info: TensorInfo):
     """One positioned read of exactly this tensor's bytes into a fresh torch tensor."""
     import torch
 
-    buffer = bytearray(info.nbytes)
-    with open(info.path, "rb") as handle:
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    # Read straight into uninitialised tensor memory: a zero-filled bytearray touched every page twice (its
+    # zeroing was 0.52 s of a 3.9 s normalize of a 0.68 GB 3-D adapter, pyinstrument, fresh pages being dear here).
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.path, "rb", buffering=0) as handle:
         handle.seek(info.start)
-        got = handle.readinto(buffer)
+        view = memoryview(raw.numpy())
+        got = 0
+        while got < info.nbytes:  # an unbuffered readinto may return short counts
+            n = handle.readinto(view[got:])
+            if not n:
+                break
+            got += n
     if got != info.nbytes:
         raise AdapterFormatError(
             f"{info.path}: tensor {json.dumps(info.key)} should have {info.nbytes} bytes but only {got} could be read.",
             hint="The file changed or was truncated while it was being read.",
         )
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-    return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+    return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def load_bin_index(path: Path) -> TensorIndex:
