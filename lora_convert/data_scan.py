@@ -119,20 +119,18 @@ def tensor_stats(key: str, dtype: str, tensor, factor: str) -> TensorStats:
     nonzero = False
     for start in range(0, stats.numel, CHUNK_ELEMENTS):
         chunk = flat[start:start + CHUNK_ELEMENTS].to(torch.float32)
-        nan_mask = torch.isnan(chunk)
-        n_nan = int(nan_mask.sum())
-        if n_nan:
-            if stats.first_nan is None:
-                stats.first_nan = start + int(nan_mask.to(torch.uint8).argmax())
-            stats.nan += n_nan
-        inf_mask = torch.isinf(chunk)
-        n_inf = int(inf_mask.sum())
-        if n_inf:
-            if stats.first_inf is None:
-                stats.first_inf = start + int(inf_mask.to(torch.uint8).argmax())
-            stats.inf += n_inf
-        if n_nan or n_inf:
-            chunk = chunk[~(nan_mask | inf_mask)]
+        bad = None
+        for kind, test in (("nan", torch.isnan), ("inf", torch.isinf)):
+            mask = test(chunk)
+            count = int(mask.sum())
+            if not count:
+                continue
+            if getattr(stats, f"first_{kind}") is None:
+                setattr(stats, f"first_{kind}", start + int(mask.to(torch.uint8).argmax()))
+            setattr(stats, kind, getattr(stats, kind) + count)
+            bad = mask if bad is None else bad | mask
+        if bad is not None:
+            chunk = chunk[~bad]
         if chunk.numel():
             as64 = chunk.to(torch.float64)
             sum_sq += float((as64 * as64).sum())
