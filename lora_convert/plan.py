@@ -2,7 +2,7 @@
 
 A plan lists every output group with its slices (which source module feeds each slice, which B rows of it,
 its rank and PEFT scaling, or a zero fill with the schema's shape), the one rank R, and every module that is
-dropped or refused with the reason. No tensor data is read to build it; `normalize.execute_plan` then reads
+dropped or refused with the reason. No tensor data is read to build it; `normalize.write_output` then reads
 each source tensor once and writes each output tensor once.
 """
 
@@ -165,7 +165,7 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------------ building
 # Module-level problems that make a module unconvertible. Value: (finding code, reason shown to the user).
-def _unsupported_reason(mod: LoraModule, adapter: Adapter) -> tuple[str, str] | None:
+def _unsupported_reason(mod: LoraModule) -> tuple[str, str] | None:
     if mod.is_vision:
         return "modules.vision", "vision-tower or projector module: the text serving path has no place for it"
     if mod.magnitude is not None:
@@ -204,7 +204,7 @@ def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = Non
     for mod in adapter.modules:
         if not mod.is_complete:
             continue
-        problem = _unsupported_reason(mod, adapter)
+        problem = _unsupported_reason(mod)
         if problem is None and mod.layer is not None and mod.layer >= arch.num_layers:
             problem = ("layers.past-end", f"layer {mod.layer} is past the base model's {arch.num_layers} layers (an MTP/NextN layer)")
         match = None
@@ -221,12 +221,11 @@ def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = Non
             builds[match.group.path] = group
             order.append(match.group.path)
         _attach(group, match, mod)
-    refused = [d for d in dropped]
-    if refused and not drop_unsupported:
-        listing = "; ".join(f"{d.module} ({d.reason})" for d in refused[:6])
-        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+    if dropped and not drop_unsupported:
+        listing = "; ".join(f"{d.module} ({d.reason})" for d in dropped[:6])
+        more = f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""
         raise UnsupportedAdapterError(
-            f"{len(refused)} module(s) cannot be converted: {listing}{more}.",
+            f"{len(dropped)} module(s) cannot be converted: {listing}{more}.",
             hint="Pass --drop-unsupported to leave them out (they are listed in lora_layout.json), or fix the adapter.",
         )
     groups = [builds[p] for p in order]
