@@ -1,4 +1,5 @@
-"""Shared launcher helpers: argument checks, block-size choice, slice/scaling tables.
+"""Shared launcher helpers (argument checks, block-size choice, slice/scaling tables) and the one masked
+tile-product loop every kernel runs.
 
 Only the op modules import this (it imports torch); ``lora_convert.kernels`` itself stays light.
 """
@@ -9,11 +10,37 @@ import functools
 from collections.abc import Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from . import interpreting
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_DTYPES = (torch.float16, torch.bfloat16)
+
+@triton.jit
+def masked_dot_loop(acc, l_ptrs, r_ptrs, row_mask, col_mask, offs_k, k_limit, l_step_k, r_step_k,
+                    LOOP: tl.constexpr, BLOCK_K: tl.constexpr, DOT_LOW: tl.constexpr):
+    """acc += L[rows, k] @ R[k, cols] over the reduction dimension in BLOCK_K steps, masked on every side.
+
+    ``offs_k`` are the reduction offsets of the first step (they may start past 0 for a K split) and
+    ``offs_k < k_limit - k0`` masks the tail; ``LOOP`` (constexpr: static bounds) is how far this program
+    reduces. With DOT_LOW both tiles are fed to tl.dot in R's 16-bit dtype (tensor cores, fp32
+    accumulation; the serving-kernel convention of rounding an fp32 left operand to it); otherwise both are
+    cast to fp32 with IEEE precision, because tf32 would miss the fp32 tolerance.
+    """
+    for k0 in range(0, LOOP, BLOCK_K):
+        k_mask = offs_k < k_limit - k0
+        lt = tl.load(l_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        rt = tl.load(r_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_LOW:
+            acc = tl.dot(lt.to(rt.dtype), rt, acc)
+        else:
+            acc = tl.dot(lt.to(tl.float32), rt.to(tl.float32), acc, input_precision="ieee")
+        l_ptrs += BLOCK_K * l_step_k
+        r_ptrs += BLOCK_K * r_step_k
+    return acc
+
 
 # tl.dot on a GPU needs every block dim >= 16; all blocks are padded up to this and masked.
 MIN_BLOCK = 16

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _utils as U
+from ._utils import masked_dot_loop
 
 
 @triton.jit
@@ -64,18 +65,8 @@ def _expand_kernel(
     # The rank is usually <= BLOCK_R (one trip); the loop keeps large ranks (R > 64) correct. R < 16 is
     # padded to BLOCK_R = 16 (tl.dot minimum on GPU) and the padding masked to zero on both operands.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_mask = offs_r < R - r0
-        ht = tl.load(h_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_LOW:
-            # Serving-kernel convention: h (fp32) is rounded to B's 16-bit dtype to use tensor cores;
-            # products and the sum stay fp32.
-            acc = tl.dot(ht.to(b_ptr.dtype.element_ty), bt, acc)
-        else:
-            acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
-        h_ptrs += BLOCK_R * stride_hk
-        b_ptrs += BLOCK_R * stride_bk
+    acc = masked_dot_loop(acc, h_ptrs, b_ptrs, m_mask, n_mask, offs_r, R, stride_hk, stride_bk,
+                          LOOP=R, BLOCK_K=BLOCK_R, DOT_LOW=DOT_LOW)
 
     acc = acc * scale
     y_ptrs = y_ptr + y_base + offs_m[:, None] * y_stride_m + offs_n[None, :] * stride_yn

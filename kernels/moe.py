@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _utils as U
+from ._utils import masked_dot_loop
 
 
 def _align_by_expert(flat_ids: torch.Tensor, E: int, block_m: int):
@@ -82,16 +83,8 @@ def _moe_shrink_kernel(
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
     a_ptrs = a_ptr + e * stride_ae + offs_n[None, :] * stride_am + offs_k[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_LOW:
-            acc = tl.dot(xt, at, acc)
-        else:
-            acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc = masked_dot_loop(acc, x_ptrs, a_ptrs, m_mask, n_mask, offs_k, K, stride_xk, stride_ak,
+                          LOOP=K, BLOCK_K=BLOCK_K, DOT_LOW=DOT_LOW)
     h_ptrs = h_ptr + ids[:, None] * stride_hm + offs_n[None, :] * stride_hn
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
@@ -129,16 +122,8 @@ def _moe_expand_kernel(
     h_ptrs = h_ptr + ids[:, None] * stride_hm + (s * R + offs_r)[None, :] * stride_hk
     b_ptrs = b_ptr + e * stride_be + (off + offs_n)[None, :] * stride_bn + offs_r[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_mask = offs_r < R - r0
-        ht = tl.load(h_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_LOW:
-            acc = tl.dot(ht.to(b_ptr.dtype.element_ty), bt, acc)
-        else:
-            acc = tl.dot(ht.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
-        h_ptrs += BLOCK_R * stride_hk
-        b_ptrs += BLOCK_R * stride_bk
+    acc = masked_dot_loop(acc, h_ptrs, b_ptrs, m_mask, n_mask, offs_r, R, stride_hk, stride_bk,
+                          LOOP=R, BLOCK_K=BLOCK_R, DOT_LOW=DOT_LOW)
 
     acc = acc * scale
     if HAS_W:

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _utils as U
+from ._utils import masked_dot_loop
 
 _TABLE_COLS = 6  # x_row0, rows, a_row0, n, h_row0, h_col0
 
@@ -63,16 +64,8 @@ def _shrink_kernel(
     a_ptrs = a_ptr + (a_row0 + offs_n)[None, :] * stride_am + offs_k[:, None] * stride_ak
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        k_mask = offs_k < K - k0
-        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_LOW:
-            acc = tl.dot(xt, at, acc)
-        else:
-            acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc = masked_dot_loop(acc, x_ptrs, a_ptrs, m_mask, n_mask, offs_k, K, stride_xk, stride_ak,
+                          LOOP=K_PER_SPLIT, BLOCK_K=BLOCK_K, DOT_LOW=DOT_LOW)
 
     h_ptrs = h_ptr + (h_row0 + offs_m)[:, None] * stride_hm + (h_col0 + offs_n)[None, :] * stride_hn
     if SPLIT_K == 1:
