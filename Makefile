@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	bash examples/demo.sh
 
+# TORCH_PIN reaches the tests too: tests/test_pre_commit_hook.py pins torch the same way in the hook's own environment.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	TORCH_PIN='$(TORCH_PIN)' $(BIN)/pytest -q
 
 clean:
 	rm -rf $(VENV) demo-out

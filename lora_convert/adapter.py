@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_convert.errors import AdapterFormatError, UsageError
+from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
 from lora_convert.findings import Finding, error, warning
 from lora_convert.naming import Factor, ParsedKey, parse_key
 from lora_convert.peft_config import PeftConfig, load_config_file
@@ -30,6 +30,9 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 SAFETENSORS_INDEX_NAME = "adapter_model.safetensors.index.json"
 BIN_NAME = "adapter_model.bin"
 LAYOUT_NAME = "lora_layout.json"
+# Findings that describe PEFT's per-module layout; a stacked output (lora_layout.json) has 3-D, rank-padded
+# tensors on purpose, so for it these say nothing about the adapter (its own layout file is checked instead).
+STACKED_LAYOUT_CODES = frozenset({"shapes.not-2d", "rank.config-mismatch", "rank.fused-experts", "rank.a-b-mismatch"})
 
 # Registration order of the 3-D expert parameters in transformers 5 MoE blocks (gate_up_proj or up_proj first,
 # down_proj last). The first-registered targeted parameter gets the most `.base_layer` wrappers.
@@ -74,6 +77,10 @@ class LoraModule:
     config_rank: int = 0
     alpha: float = 0.0
     scaling: float = 0.0
+    # False when adapter_config.json's rank (or alpha) fields are invalid: the numbers above are then
+    # placeholders, and to_json() shows them as null instead of presenting them as the config's.
+    config_rank_known: bool = True
+    scaling_known: bool = True
     in_features: int | None = None
     out_features: int | None = None
 
@@ -99,9 +106,9 @@ class LoraModule:
             "expert": self.expert,
             "experts": self.experts,
             "rank": self.rank,
-            "config_rank": self.config_rank,
-            "alpha": self.alpha,
-            "scaling": self.scaling,
+            "config_rank": self.config_rank if self.config_rank_known else None,
+            "alpha": self.alpha if self.scaling_known else None,
+            "scaling": self.scaling if self.scaling_known else None,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "dora": self.magnitude is not None,
@@ -238,15 +245,13 @@ def load_adapter(spec: str | Path | AdapterSource, *, cache_dir: str | Path | No
     if config_path.exists():
         _check_inside(config_path, source.allowed_roots)
     config = load_config_file(config_path)
-    if strict_config:
-        fatal = [f for f in config.findings if f.severity.value == "error"]
-        if fatal:
-            from lora_convert.errors import AdapterConfigError
-
-            raise AdapterConfigError(
-                f"{config_path} has {len(fatal)} problem(s): " + " ".join(f.message for f in fatal),
-                hint="Fix adapter_config.json (run `lora-convert validate` for the full list).",
-            )
+    if strict_config and config.errors:
+        fatal = config.errors
+        raise AdapterConfigError(
+            f"{config_path} has {len(fatal)} problem(s): " + " ".join(f.message for f in fatal),
+            hint=(fatal[0].fix + " " if len(fatal) == 1 and fatal[0].fix else "")
+            + "Fix adapter_config.json (`lora-convert validate` lists every problem).",
+        )
     file_format, files = _adapter_files(source)
     with _cyclic_gc_paused():
         index = TensorIndex()
@@ -383,7 +388,8 @@ def _resolve_fused_params(slots, index: TensorIndex, config: PeftConfig, finding
         keys = [p.key for d in depths for p in slots[(module_path, d)].values()]
         findings.append(warning(
             "experts.parameter-guessed",
-            f"{module_path} holds 3-D expert LoRA but target_parameters does not name its parameters; "
+            f"{module_path} holds 3-D expert LoRA but target_parameters "
+            f"{'is invalid' if 'target_parameters' in config.invalid else 'does not name its parameters'}; "
             f"assumed {', '.join(f'depth {d} = {p}' for d, p in sorted(guess.items()))} from registration order and shapes.",
             keys=keys[:4], fix="Add the parameter names to target_parameters in adapter_config.json.",
         ))
@@ -404,6 +410,8 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
     mod.config_rank = config.rank_for(mod.target_name)
     mod.alpha = config.alpha_for(mod.target_name)
     mod.scaling = config.scaling_for(mod.target_name)
+    mod.config_rank_known = config.rank_known(mod.target_name)
+    mod.scaling_known = config.scaling_known(mod.target_name)
     a, b = mod.lora_A, mod.lora_B
     if a is None or b is None:
         present, missing = ("lora_A", "lora_B") if b is None else ("lora_B", "lora_A")
@@ -421,6 +429,9 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
                                   keys=[t.key], expected="2-D", actual=list(t.shape)))
             return
     if mod.kind == ModuleKind.FUSED_EXPERTS:
+        mod.in_features, mod.out_features = a.shape[1], b.shape[0]
+        if not mod.config_rank_known:
+            return  # E and r cannot be told apart without the config's rank; the config finding says why
         r = mod.config_rank
         rows, cols = a.shape[0], b.shape[1]
         if r <= 0 or rows % r or cols % r or rows != cols:
@@ -434,7 +445,6 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
         else:
             mod.rank = r
             mod.experts = rows // r
-        mod.in_features, mod.out_features = a.shape[1], b.shape[0]
         return
     rank_a, rank_b = a.shape[0], b.shape[1]
     mod.in_features, mod.out_features = a.shape[1], b.shape[0]
@@ -447,7 +457,7 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
         mod.rank = None
         return
     mod.rank = rank_a
-    if rank_a != mod.config_rank:
+    if mod.config_rank_known and rank_a != mod.config_rank:
         where = config.pattern_sources(mod.target_name)["rank_pattern"]
         said = f"rank_pattern[{where!r}] = {mod.config_rank}" if where else f"r = {mod.config_rank}"
         findings.append(error(

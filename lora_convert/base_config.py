@@ -10,6 +10,11 @@
 Without `--base`, the adapter's `base_model_name_or_path` is used: a local folder if it exists, then a preset
 (matched on its name or any of its hub_ids, case-insensitive), then the Hub.
 
+Errors follow the exit-code table: an explicit `--base` that names nothing (no such path, no such preset, not a
+Hub id, no such Hub repo) is a UsageError (2); a Hub that cannot be reached for an uncached config, or a gated
+repo without a token, is an EnvironmentProblem (3); a config that exists but cannot be used is a BaseConfigError.
+The Hub is asked once (`source.hub_unreachable`), never in a retry loop.
+
 Nothing here imports torch.
 """
 
@@ -21,7 +26,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from lora_convert.errors import BaseConfigError, UsageError
+from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
 
 PRESET_PACKAGE = "lora_convert.presets"
 # Where multimodal wrappers keep the language model's config (Kimi-K2.5, Qwen3.5-VL: `text_config`).
@@ -126,9 +131,16 @@ _BASE_HINT = (
 )
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, and the like: no such file either
+        return False
+
+
 def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
     path = Path(spec).expanduser()
-    if path.exists():
+    if _exists(path):
         return _local(path)
     preset = find_preset(spec, hub_ids=not explicit)
     if preset is not None:
@@ -137,12 +149,15 @@ def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
     from lora_convert.source import looks_like_path, parse_hub_id
 
     where = "--base" if explicit else "The adapter's base_model_name_or_path"
-    if looks_like_path(spec) or parse_hub_id(spec) is None:
-        raise BaseConfigError(
-            f"{where} {spec!r} is not an existing folder or config.json, not a preset name, and not a Hub repo id.",
-            hint=_BASE_HINT,
-        )
-    repo_id, revision = parse_hub_id(spec)
+    # What the user typed names nothing: a usage error. The same name from adapter_config.json is the adapter's.
+    unknown = UsageError if explicit else BaseConfigError
+    if looks_like_path(spec) and (spec.startswith((".", "/", "~")) or "/" in spec):
+        raise unknown(f"{where} {spec!r}: no such folder or config.json.", hint=_BASE_HINT)
+    hub = parse_hub_id(spec)
+    if hub is None:  # a bare name that is no preset, or a name the Hub does not allow
+        raise unknown(f"{where} {spec!r} is not an existing folder or config.json, not a preset name, and not a Hub repo id.",
+                      hint=_BASE_HINT)
+    repo_id, revision = hub
     return _hub(spec, repo_id, revision, cache_dir=cache_dir, token=token, explicit=explicit)
 
 
@@ -172,43 +187,61 @@ def _local(path: Path) -> BaseConfig:
                       source_note=f"read from {file}")
 
 
+_OFFLINE_BASE_HINT = (
+    "Pass --base with a local folder holding config.json (or the config.json itself), or a preset from "
+    "`lora-convert schemas list`; or fetch it once with network access (unset HF_HUB_OFFLINE)."
+)
+
+
 def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, explicit: bool) -> BaseConfig:
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
         from huggingface_hub import errors as hub_errors
     except ImportError:  # pragma: no cover - a declared dependency
-        raise BaseConfigError("huggingface_hub is not installed, so Hub ids cannot be used for --base.",
-                              hint="pip install huggingface_hub, or use a local config.json or a preset.") from None
+        raise EnvironmentProblem("huggingface_hub is not installed, so Hub ids cannot be used for --base.",
+                                 hint="pip install huggingface_hub, or use a local config.json or a preset.") from None
+    from lora_convert.source import hub_unreachable, offline_reason
+
     fallback = find_preset(repo_id, hub_ids=True)
+    unreachable = hub_unreachable(repo_id, "config.json", revision=revision, token=token)
+    # Looked up at call time so that tests (and users) patching huggingface_hub.hf_hub_download are honoured.
+    kind: type[Exception] = BaseConfigError
     try:
-        file = hf_hub_download(repo_id, "config.json", revision=revision,
-                               cache_dir=str(cache_dir) if cache_dir else None, token=token or None)
+        file = huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision,
+                                               cache_dir=str(cache_dir) if cache_dir else None, token=token or None,
+                                               **({"local_files_only": True} if unreachable else {}))
     except hub_errors.GatedRepoError:
         problem = f"The Hub repo {repo_id!r} is gated; its config.json needs an accepted licence and a token."
         hint = "Accept the licence on the Hub and set HF_TOKEN, or pass a preset / local config.json with --base."
+        kind = EnvironmentProblem
     except hub_errors.RepositoryNotFoundError:
         problem = f"The Hub has no repo {repo_id!r} (or it is private and no token was given)."
         hint = "Check the id, set HF_TOKEN for a private repo, or pass --base with a local config.json or a preset."
+        kind = UsageError if explicit else BaseConfigError
     except hub_errors.RevisionNotFoundError:
         problem = f"The Hub repo {repo_id!r} has no revision {revision!r}."
         hint = "Check the branch, tag or commit after `@`."
+        kind = UsageError if explicit else BaseConfigError
     except hub_errors.LocalEntryNotFoundError:
-        problem = (f"config.json of {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
-                   "(offline mode or no network).")
-        hint = "Fetch it once with network access, unset HF_HUB_OFFLINE, or pass a local config.json or a preset."
         if fallback is not None:
             return preset_base(fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used")
+        problem = (f"config.json of {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+                   f"({offline_reason(unreachable)}).")
+        hint = _OFFLINE_BASE_HINT
+        kind = EnvironmentProblem
     except hub_errors.EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
         problem = f"The Hub repo {repo_id!r} has no config.json (it may be an adapter or a dataset, not a base model)."
         hint = "Pass --base with the base model's repo id, a local config.json, or a preset."
     except hub_errors.HfHubHTTPError as exc:
         problem = f"The Hub answered with an error for {repo_id!r}: {exc}."
-        hint = "Retry, or pass a local config.json or a preset with --base."
+        hint = "Retry later, or pass --base with a local config.json or a preset."
+        kind = EnvironmentProblem
     except (OSError, ValueError) as exc:
-        problem = f"Fetching config.json of {repo_id!r} from the Hub failed: {exc}."
-        hint = "Retry, or pass a local config.json or a preset with --base."
         if fallback is not None:
             return preset_base(fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used")
+        problem = f"Fetching config.json of {repo_id!r} from the Hub failed: {exc}."
+        hint = _OFFLINE_BASE_HINT
+        kind = EnvironmentProblem
     else:
         config = _read_json(Path(file))
         name = f"{repo_id}@{revision}" if revision else repo_id
@@ -216,7 +249,7 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
                           source_note=f"config.json from the Hub ({file})")
     if not explicit:
         problem = f"The adapter's base model {spec!r} matches no preset. " + problem
-    raise BaseConfigError(problem, hint=hint)
+    raise kind(problem, hint=hint)
 
 
 def config_from_mapping(config: dict, name: str = "<config>") -> BaseConfig:

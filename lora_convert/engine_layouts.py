@@ -16,7 +16,7 @@ lora_alpha = R`. What differs is how each group is cut back into modules and wha
   Modules vLLM loads but never applies (MoE router LoRA, MLA kv_b_proj) are refused or dropped likewise.
 
 Tensors are cut from `normalize.build_group_tensors` one group at a time and streamed through the same
-temp-folder-and-rename writer as the stacked output; the same input gives the same bytes.
+temp-folder-and-swap writer as the stacked output (with its manifest); the same input gives the same bytes.
 """
 
 from __future__ import annotations
@@ -366,8 +366,9 @@ def _target_modules(lp: LayoutPlan) -> list[str] | str:
 
 # ------------------------------------------------------------------------------------------------- writing
 def iter_layout_tensors(lp: LayoutPlan, dtype_tag: str, read: Callable[[str], Any] | None = None,
-                        progress: Callable[[PlannedGroup, int], None] | None = None) -> Iterator[tuple[str, Any]]:
-    """(key, tensor) in spec order: each group is built once (stacked, scaling folded) and cut into its modules."""
+                        progress=None) -> Iterator[tuple[str, Any]]:
+    """(key, tensor) in spec order: each group is built once (stacked, scaling folded) and cut into its modules.
+    `progress.advance` gets, after each group, the bytes of the tensors yielded for it (normalize.WriteProgress)."""
     import torch
 
     from lora_convert import normalize as normalize_module
@@ -377,6 +378,7 @@ def iter_layout_tensors(lp: LayoutPlan, dtype_tag: str, read: Callable[[str], An
     read = read or plan.adapter.read
     for lg in lp.groups:
         A, B = normalize_module.build_group_tensors(plan, lg.group, dtype_tag, read)
+        group_bytes = 0
         for m in lg.modules:
             a = A[m.expert] if m.expert is not None else A
             b = B[m.expert] if m.expert is not None else B
@@ -388,14 +390,18 @@ def iter_layout_tensors(lp: LayoutPlan, dtype_tag: str, read: Callable[[str], An
                         f"{m.path}: slices {[lg.group.slices[j].name for j in m.slices]} have different A factors, so they "
                         "cannot be one module of rank R.", hint="Use --layout stacked.")
             start, stop = lg.out_rows(m)
-            yield m.a_key, block.clone()
-            yield m.b_key, b[start:stop].clone()
-        if progress:
-            progress(lg.group, A.numel() * A.element_size() + B.numel() * B.element_size())
+            a_out, b_out = block.clone(), b[start:stop].clone()
+            # The modules written, not the stacked group: dropped slices and per-expert cuts change the byte count.
+            group_bytes += a_out.numel() * a_out.element_size() + b_out.numel() * b_out.element_size()
+            yield m.a_key, a_out
+            yield m.b_key, b_out
+        if progress is not None:
+            progress.advance(group_bytes)
         del A, B
 
 
-def write_layout(lp: LayoutPlan, output: Path, *, dtype: str = "keep", force: bool = False, progress=None):
+def write_layout(lp: LayoutPlan, output: str | Path, *, dtype: str = "keep", force: bool = False, progress=None,
+                 protected: list[tuple[str, Path]] | None = None):
     from lora_convert.normalize import NormalizeResult, output_dtype, write_folder
 
     started = time.perf_counter()
@@ -406,8 +412,9 @@ def write_layout(lp: LayoutPlan, output: Path, *, dtype: str = "keep", force: bo
         "adapter_config.json": json.dumps(lp.adapter_config(), indent=2) + "\n",
         REPORT_FILE: json.dumps(lp.report_json(), indent=2) + "\n",
     }
-    written = write_folder(output, plan.adapter, specs, iter_layout_tensors(lp, tag, progress=progress), files, force=force)
-    return NormalizeResult(plan=plan, output=output, dtype=tag, bytes_in=plan.adapter.total_bytes,
+    written = write_folder(output, plan.adapter, specs, iter_layout_tensors(lp, tag, progress=progress), files, force=force,
+                           layout=lp.layout, protected=protected, progress=progress)
+    return NormalizeResult(plan=plan, output=Path(output), dtype=tag, bytes_in=plan.adapter.total_bytes,
                            bytes_out=sum(s.nbytes for s in specs), seconds=time.perf_counter() - started,
                            tensors_written=written, notes=list(lp.notes), layout=lp.layout,
                            layout_summary=layout_summary(lp))

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from lora_convert.adapter import Adapter, LoraModule, ModuleKind
-from lora_convert.findings import Finding, warning
+from lora_convert.adapter import STACKED_LAYOUT_CODES, Adapter, LoraModule, ModuleKind
+from lora_convert.findings import Finding, has_errors, warning
+from lora_convert.peft_config import PeftConfig
 
 # Display families for the module table. This is presentation only: what a module *is* for conversion comes
 # from the architecture schemas (schemas/*.json), not from these name fragments.
@@ -64,7 +65,7 @@ def build_report(adapter: Adapter) -> dict[str, Any]:
             if mod.experts:
                 entry["experts"].update(range(mod.experts))
             entry["ranks"][mod.rank] += 1
-            entry["scalings"][round(mod.scaling, 6)] += 1
+            entry["scalings"][round(mod.scaling, 6) if mod.scaling_known else None] += 1
         families[family] = {
             "modules": len(mods),
             "entries": [
@@ -73,15 +74,18 @@ def build_report(adapter: Adapter) -> dict[str, Any]:
                     "count": e["count"],
                     "layers": sorted(e["layers"]),
                     "experts": len(e["experts"]) or None,
-                    "ranks": {str(k): v for k, v in sorted(e["ranks"].items(), key=lambda kv: (kv[0] is None, kv[0] or 0))},
-                    "scalings": {str(k): v for k, v in sorted(e["scalings"].items())},
+                    "ranks": {_number_key(k): v for k, v in sorted(e["ranks"].items(), key=_none_last)},
+                    "scalings": {_number_key(k): v for k, v in sorted(e["scalings"].items(), key=_none_last)},
                 }
                 for e in sorted(leaves.values(), key=lambda e: e["name"])
             ],
         }
     findings = list(adapter.findings) + inspect_warnings(adapter)
+    if adapter.stacked_layout is not None:
+        findings = [f for f in findings if f.code not in STACKED_LAYOUT_CODES]
     return {
         "schema_version": 1,
+        "ok": not has_errors(findings),
         "adapter": adapter.source.describe(),
         "origin": adapter.source.origin,
         "base_model": cfg.base_model_name_or_path,
@@ -92,25 +96,38 @@ def build_report(adapter: Adapter) -> dict[str, Any]:
         "dtypes": dict(sorted(dtypes.items())),
         "total_bytes": adapter.total_bytes,
         "total_params": adapter.total_params,
-        "config": {
-            "r": cfg.r,
-            "lora_alpha": cfg.lora_alpha,
-            "use_rslora": cfg.use_rslora,
-            "use_dora": cfg.use_dora,
-            "rank_pattern": cfg.rank_pattern,
-            "alpha_pattern": cfg.alpha_pattern,
-            "target_modules": cfg.target_modules,
-            "target_parameters": cfg.target_parameters,
-            "modules_to_save": cfg.modules_to_save,
-            "bias": cfg.bias,
-            "lora_bias": cfg.lora_bias,
-        },
+        "config": config_section(cfg),
         "expert_layout": adapter.expert_layout,
         "module_count": len(adapter.modules),
         "families": families,
         "modules": [m.to_json() for m in adapter.modules],
         "findings": [f.to_json() for f in findings],
     }
+
+
+def _none_last(item: tuple) -> tuple:
+    return (item[0] is None, item[0] or 0)
+
+
+def _number_key(value) -> str:
+    return "unknown" if value is None else str(value)
+
+
+CONFIG_SHOWN = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "target_modules",
+                "target_parameters", "modules_to_save", "bias", "lora_bias")
+
+
+def config_section(cfg: PeftConfig) -> dict[str, Any]:
+    """The config as the file states it: a field that is missing or invalid is null (never the placeholder
+    the parser keeps), and `errors` says which key is wrong, expected vs actual."""
+    section: dict[str, Any] = {
+        "valid": cfg.is_valid,
+        "invalid_fields": list(cfg.invalid),
+        "errors": [f.to_json() for f in cfg.errors],
+    }
+    for name in CONFIG_SHOWN:
+        section[name] = None if name in cfg.invalid else getattr(cfg, name)
+    return section
 
 
 def inspect_warnings(adapter: Adapter) -> list[Finding]:

@@ -2,8 +2,10 @@
 
 Each source tensor is read once and each output tensor written once, group by group, so peak memory is one
 output group plus its sources, not the adapter. Scaling is folded into B in float32 and rounded once to the
-output dtype; A is copied exactly. The output is written into a temporary folder beside the target and renamed
-into place at the end: an interrupted run leaves no output folder, and the input is never touched.
+output dtype; A is copied exactly. The output is written into a temporary folder beside the target and swapped
+into place at the end: an interrupted run leaves no new output and any previous output as it was. The output
+folder may never be, contain or lie inside the input adapter or a local base, and --force replaces only an empty
+folder or a previous lora-convert output (recognised by its manifest), never a folder of other files.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import secrets
 import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from lora_convert.adapter import Adapter, load_adapter
 from lora_convert.errors import UsageError
@@ -26,6 +29,10 @@ from lora_convert.safetensors_writer import StreamingSafetensorsWriter, TensorSp
 OUTPUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 ADAPTER_FILE = "adapter_model.safetensors"
 LAYOUT_FILE = "lora_layout.json"
+# Every output layout writes this file, listing the files of the output: it is how --force recognises a folder
+# as a previous lora-convert output (and so as safe to replace) rather than a folder of someone's files.
+MANIFEST_FILE = "lora_convert_manifest.json"
+MANIFEST_FORMAT = "lora-convert/output"
 
 
 @dataclass
@@ -65,13 +72,13 @@ class NormalizeResult:
         return doc
 
 
-def plan_normalize(adapter_spec: str, *, base: str | None = None, rank: int | None = None, drop_unsupported: bool = False,
+def plan_normalize(adapter_spec: str | os.PathLike, *, base: str | None = None, rank: int | None = None, drop_unsupported: bool = False,
                    cache_dir=None, token=None) -> Plan:
     from lora_convert.base_config import resolve_base
     from lora_convert.schema import bind
     from lora_convert.shape_check import check_shapes
 
-    adapter = load_adapter(adapter_spec, cache_dir=cache_dir, token=token)
+    adapter = load_adapter(os.fspath(adapter_spec), cache_dir=cache_dir, token=token)
     base_config = resolve_base(base, adapter_base_name=adapter.config.base_model_name_or_path, cache_dir=cache_dir, token=token)
     arch = bind(base_config)
     shape_findings = check_shapes(adapter, arch)
@@ -257,6 +264,140 @@ def iter_group_tensors(plan: Plan, dtype_tag: str) -> Iterator[tuple[PlannedGrou
 
 
 # ---------------------------------------------------------------------------------------------- safe output
+class WriteProgress(Protocol):
+    """What `normalize(progress=...)` is told while writing: `start` once with the bytes the plan will write
+    (known before any tensor is read), then `advance` after each group with the bytes written for it. The
+    advances sum to the total. The library never renders anything; the CLI draws a bar from these calls."""
+
+    def start(self, total_bytes: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+
+def _relation(target: Path, protected: Path) -> str | None:
+    """How the resolved output folder relates to a resolved protected path, or None when they are apart."""
+    if target == protected:
+        return "is"
+    if protected in target.parents:
+        return "is inside"
+    if target in protected.parents:
+        return "contains"
+    return None
+
+
+def protected_inputs(adapter_path: Path | None, base: str | None) -> list[tuple[str, Path]]:
+    """The local paths an output folder must stay clear of: the adapter folder and a local base (folder or file)."""
+    out: list[tuple[str, Path]] = []
+    if adapter_path is not None:
+        out.append(("input adapter folder", adapter_path))
+    if base:
+        path = Path(str(base).strip()).expanduser()
+        if path.exists():  # otherwise a preset or Hub id: nothing on disk of the user's to protect
+            out.append(("base model folder" if path.is_dir() else "base model config", path))
+    return out
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a previous lora-convert output in `folder`, or None when there is none (or it is not ours)."""
+    try:
+        doc = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), list):
+        return None
+    return doc
+
+
+def _owned_entries(folder: Path, manifest: dict[str, Any]) -> set[str]:
+    listed = {f for f in manifest["files"] if isinstance(f, str) and "/" not in f and f not in (".", "..")}
+    return listed | {MANIFEST_FILE}
+
+
+def check_output_dir(output: str | Path, *, force: bool, protected: list[tuple[str, Path]]) -> Path:
+    """Refuse an output folder that could destroy anything but our own previous output; return its resolved path.
+
+    Resolving first (symlinks, `.`, `..`) is what makes `-o .`, `-o ..` and `-o link-to-input` comparable with the
+    input. --force replaces only an empty folder or a folder whose every entry its manifest lists."""
+    shown = str(output)
+    target = Path(output).expanduser().resolve()
+    for what, path in protected:
+        real = path.resolve()
+        relation = _relation(target, real)
+        if relation:
+            raise UsageError(
+                f"The output folder {shown} ({target}) {relation} the {what} {path} ({real}); normalize never writes "
+                "over or inside its inputs, and --force does not change that.",
+                hint="Choose an output folder outside the adapter and the base, e.g. -o ./my-adapter-stacked.")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        # The new output is swapped in by renaming folders; renaming the folder a shell sits in would leave that
+        # shell in a deleted folder, so the working directory is never an output.
+        raise UsageError(
+            f"The output folder {shown} ({target}) is{' ' if target == cwd else ' above '}the current working directory; "
+            "normalize writes a new folder and swaps it into place, which it will not do to the folder it runs in.",
+            hint=f"Run from another folder (e.g. `cd {target.parent}`) and pass -o {target.name}, or choose a new folder name.")
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise UsageError(f"The output {shown} exists and is not a folder.", hint="Choose another -o path.")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return target
+    if not force:
+        raise UsageError(f"The output folder {shown} exists and is not empty.",
+                         hint="Pass --force to replace a previous lora-convert output, or choose another -o path.")
+    manifest = read_manifest(target)
+    if manifest is None:
+        raise UsageError(
+            f"--force replaces only an empty folder or a previous lora-convert output, and {shown} is neither: it holds "
+            f"{_listing(entries)} and no {MANIFEST_FILE}.",
+            hint="Choose another -o path, or move those files away yourself.")
+    owned = _owned_entries(target, manifest)
+    unexpected = [e for e in entries if e not in owned or not (target / e).is_file() or (target / e).is_symlink()]
+    if unexpected:
+        raise UsageError(
+            f"{shown} is a previous lora-convert output but also holds {_listing(unexpected)}, which its {MANIFEST_FILE} "
+            "does not list; --force removes only files lora-convert wrote.",
+            hint="Move those entries elsewhere, or choose another -o path.")
+    return target
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _remove_previous_output(old: Path) -> None:
+    """Delete a renamed-away previous output: only the files its manifest lists, then the (then empty) folder.
+    Anything that appeared since the check keeps the folder, so no stranger's file is ever deleted."""
+    manifest = read_manifest(old)
+    for name in sorted(_owned_entries(old, manifest)) if manifest else ():
+        path = old / name
+        if path.is_symlink() or path.is_file():  # never a folder: the check refused those as not ours
+            path.unlink(missing_ok=True)
+    try:
+        old.rmdir()
+    except OSError:
+        pass
+
+
+def _manifest_text(layout: str, names: list[str]) -> str:
+    doc = {"format": MANIFEST_FORMAT, "version": 1, "layout": layout, "files": sorted(names)}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _new_sibling(parent: Path, prefix: str) -> Path:
+    """A new folder `prefix-XXXXXXXX` in `parent`. mkdir fails on an existing name, so nothing is ever reused or
+    removed; unlike tempfile.mkdtemp (0700) it keeps the user's umask, and so the output's usual permissions."""
+    while True:
+        path = parent / f"{prefix}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def _terminate_as_interrupt():
     """Turn SIGTERM into KeyboardInterrupt so `finally` blocks remove the temporary folder."""
@@ -274,27 +415,22 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_output_dir(output: Path, force: bool, adapter: Adapter) -> None:
-    if output.resolve() == adapter.path.resolve() or adapter.path.resolve() in output.resolve().parents:
-        raise UsageError(f"The output {output} is inside the input adapter folder {adapter.path}.",
-                         hint="Choose an output folder elsewhere; the input is never modified.")
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{output} exists and is not a folder.", hint="Choose another -o path.")
-    if output.exists() and any(output.iterdir()) and not force:
-        raise UsageError(f"The output folder {output} exists and is not empty.", hint="Pass --force to replace it, or choose another -o path.")
-
-
-def write_folder(output: Path, adapter: Adapter, specs: list[TensorSpec], tensors: Iterator[tuple[str, Any]],
-                 files: dict[str, str], *, force: bool = False) -> int:
-    """Write `tensors` (in `specs` order) and `files` into a temporary folder beside `output`, then rename it into
-    place: an interrupted run leaves no output folder. Shared by the stacked and the engine layouts."""
-    check_output_dir(output, force, adapter)
-    parent = output.resolve().parent
+def write_folder(output: str | Path, adapter: Adapter, specs: list[TensorSpec], tensors: Iterator[tuple[str, Any]],
+                 files: dict[str, str], *, force: bool = False, layout: str = "stacked",
+                 protected: list[tuple[str, Path]] | None = None, progress: WriteProgress | None = None) -> int:
+    """Write `tensors` (in `specs` order), `files` and the manifest into a temporary folder beside the output, then
+    swap it into place. A previous output is renamed away only once the new one is complete and deleted only
+    after the swap, so an interrupted run leaves it as it was. Shared by the stacked and the engine layouts."""
+    protected = list(protected or []) + protected_inputs(adapter.path, None)
+    target = check_output_dir(output, force=force, protected=protected)
+    parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    temp = parent / f".{output.name}.lora-convert-tmp-{os.getpid()}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir()
+    files = {**files, MANIFEST_FILE: _manifest_text(layout, [ADAPTER_FILE, *files])}
+    if progress is not None:
+        progress.start(sum(s.nbytes for s in specs))
+    # Names come from the resolved path: `-o .` or `-o sub/..` have no usable name of their own.
+    temp = _new_sibling(parent, f".{target.name}.lora-convert-tmp-{os.getpid()}")
+    old: Path | None = None
     written = 0
     try:
         with _terminate_as_interrupt():
@@ -309,21 +445,25 @@ def write_folder(output: Path, adapter: Adapter, specs: list[TensorSpec], tensor
                 raise
             for name, text in files.items():
                 (temp / name).write_text(text)
-            if output.exists():
-                old = parent / f".{output.name}.lora-convert-old-{os.getpid()}"
-                output.rename(old)
-                temp.rename(output)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                temp.rename(output)
+            # The write took a while: check again that what is about to be replaced is still only ours.
+            check_output_dir(target, force=force, protected=protected)
+            if target.exists():
+                old = parent / f".{target.name}.lora-convert-old-{os.getpid()}-{secrets.token_hex(4)}"
+                target.rename(old)
+            temp.rename(target)
+        if old is not None:
+            _remove_previous_output(old)
+            old = None
     finally:
+        if old is not None and old.exists() and not target.exists():
+            old.rename(target)  # interrupted between the two renames: put the previous output back
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
     return written
 
 
-def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool = False,
-                 progress: Callable[[PlannedGroup, int], None] | None = None) -> NormalizeResult:
+def write_output(plan: Plan, output: str | Path, *, dtype: str = "keep", force: bool = False,
+                 progress: WriteProgress | None = None, protected: list[tuple[str, Path]] | None = None) -> NormalizeResult:
     started = time.perf_counter()
     adapter = plan.adapter
     tag = output_dtype(plan, dtype)
@@ -333,8 +473,8 @@ def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool =
         for group, A, B in iter_group_tensors(plan, tag):
             yield f"base_model.model.{group.key}.lora_A.weight", A
             yield f"base_model.model.{group.key}.lora_B.weight", B
-            if progress:
-                progress(group, A.numel() * A.element_size() + B.numel() * B.element_size())
+            if progress is not None:
+                progress.advance(A.numel() * A.element_size() + B.numel() * B.element_size())
             del A, B
 
     files = {
@@ -343,18 +483,41 @@ def write_output(plan: Plan, output: Path, *, dtype: str = "keep", force: bool =
             indent=2) + "\n",
         LAYOUT_FILE: json.dumps(plan.layout_json(), indent=2) + "\n",
     }
-    written = write_folder(output, adapter, specs, tensors(), files, force=force)
+    written = write_folder(output, adapter, specs, tensors(), files, force=force, layout="stacked",
+                           protected=_with_base(protected, plan), progress=progress)
     bytes_out = sum(s.nbytes for s in specs)
-    return NormalizeResult(plan=plan, output=output, dtype=tag, bytes_in=adapter.total_bytes, bytes_out=bytes_out,
+    return NormalizeResult(plan=plan, output=Path(output), dtype=tag, bytes_in=adapter.total_bytes, bytes_out=bytes_out,
                            seconds=time.perf_counter() - started, tensors_written=written)
 
 
-def normalize(adapter_spec: str, output: Path | None, *, base: str | None = None, rank: int | None = None, dtype: str = "keep",
-              dry_run: bool = False, force: bool = False, drop_unsupported: bool = False, cache_dir=None, token=None,
-              progress=None, layout: str = "stacked") -> NormalizeResult:
+def _with_base(protected: list[tuple[str, Path]] | None, plan: Plan) -> list[tuple[str, Path]]:
+    """`protected` plus the plan's base when it was read from a local path (resolve_base names it by that path)."""
+    return list(protected or []) + protected_inputs(None, plan.base_name)
+
+
+def _local_adapter_folder(spec: str) -> Path | None:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return None
+    return path if path.is_dir() else path.parent
+
+
+def normalize(adapter_spec: str | os.PathLike, output: str | os.PathLike | None, *, base: str | None = None,
+              rank: int | None = None, dtype: str = "keep", dry_run: bool = False, force: bool = False,
+              drop_unsupported: bool = False, cache_dir=None, token=None, progress: WriteProgress | None = None,
+              layout: str = "stacked") -> NormalizeResult:
     """The whole command as one library call: plan, then (unless dry_run) write the output in `layout`
-    (`stacked`, or an engine layout from lora_convert.engine_layouts: `sglang`, `peft`)."""
+    (`stacked`, or an engine layout from lora_convert.engine_layouts: `sglang`, `peft`).
+
+    `progress` (optional) gets `start(total_bytes)` once writing begins and `advance(nbytes)` per group
+    (see WriteProgress). The output folder is refused, before any planning, when it is, contains or lies inside
+    the adapter or a local base, or is the working directory; --force replaces only a previous output."""
     started = time.perf_counter()
+    adapter_spec = os.fspath(adapter_spec)
+    output = Path(output) if output is not None else None
+    protected = protected_inputs(_local_adapter_folder(adapter_spec), base)
+    if output is not None and not dry_run:
+        check_output_dir(output, force=force, protected=protected)  # fail before seconds of planning
     plan = plan_normalize(adapter_spec, base=base, rank=rank, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token)
     if layout != "stacked":
         from lora_convert import engine_layouts
@@ -365,9 +528,10 @@ def normalize(adapter_spec: str, output: Path | None, *, base: str | None = None
             return NormalizeResult(plan=plan, output=None, dtype=tag, bytes_in=plan.adapter.total_bytes,
                                    bytes_out=sum(s.nbytes for s in lp.tensor_specs(tag)), seconds=time.perf_counter() - started,
                                    notes=list(lp.notes), layout=layout, layout_summary=engine_layouts.layout_summary(lp))
-        return engine_layouts.write_layout(lp, output, dtype=dtype, force=force, progress=progress)
+        return engine_layouts.write_layout(lp, output, dtype=dtype, force=force, progress=progress,
+                                           protected=_with_base(protected, plan))
     if dry_run or output is None:
         tag = output_dtype(plan, dtype)
         return NormalizeResult(plan=plan, output=None, dtype=tag, bytes_in=plan.adapter.total_bytes,
                                bytes_out=sum(s.nbytes for s in tensor_specs(plan, tag)), seconds=time.perf_counter() - started)
-    return write_output(plan, output, dtype=dtype, force=force, progress=progress)
+    return write_output(plan, output, dtype=dtype, force=force, progress=progress, protected=protected)

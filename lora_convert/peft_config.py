@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_convert.errors import AdapterConfigError
-from lora_convert.findings import Finding, error, info, warning
+from lora_convert.findings import Finding, Severity, error, info, warning
 
 # LoRA variants that change what the stored tensors mean; no serving engine computes them, so converting the
 # tensors as plain LoRA would be silently wrong. Values: the config field and what it means.
@@ -34,6 +34,10 @@ UNSUPPORTED_VARIANTS: dict[str, str] = {
     "layer_replication": "layer replication (the adapter's model has more layers than the base)",
 }
 # Initialisation-only fields: they shaped training but not what the saved tensors mean.
+# The fields parse_config checks, in the order it checks them; a config that is not an object has all invalid.
+CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
+                 "fan_in_fan_out", "target_modules", "target_parameters", "exclude_modules", "layers_to_transform",
+                 "layers_pattern", "modules_to_save", "bias", "base_model_name_or_path")
 INIT_ONLY_FIELDS = {"init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 
 
@@ -60,6 +64,30 @@ class PeftConfig:
     base_model_name_or_path: str | None = None
     variants: dict[str, str] = field(default_factory=dict)  # unsupported variant field -> description
     findings: list[Finding] = field(default_factory=list)
+    # Fields whose value in the file is missing or invalid (in file order of the checks). Their attributes
+    # above hold placeholders so that the tensors can still be listed; nothing may present those as the config.
+    invalid: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity is Severity.ERROR]
+
+    @property
+    def is_valid(self) -> bool:
+        return not self.errors
+
+    def rank_known(self, target_name: str) -> bool:
+        """Whether rank_for(target_name) is what the file says. An invalid rank_pattern entry might have been
+        the first match, so any invalid entry makes every pattern-derived rank unknown."""
+        if "rank_pattern" in self.invalid:
+            return False
+        return match_pattern(self.rank_pattern, target_name) is not None or "r" not in self.invalid
+
+    def scaling_known(self, target_name: str) -> bool:
+        """Whether scaling_for(target_name) is what the file says (rank, alpha and use_rslora all known)."""
+        if not self.rank_known(target_name) or {"alpha_pattern", "use_rslora"} & set(self.invalid):
+            return False
+        return match_pattern(self.alpha_pattern, target_name) is not None or "lora_alpha" not in self.invalid
 
     # --- PEFT semantics -------------------------------------------------------------------------------------
     def rank_for(self, target_name: str) -> int:
@@ -112,26 +140,65 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
+                    dict: "an object", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: users edit JSON, so `list` or `str` would not tell them much."""
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _text(value: Any) -> str:
+    """A value as the user wrote it in JSON, cut short."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _shown(value: Any) -> Any:
+    """`actual` of a finding: scalars as they are (so "8" and 8 stay distinct), containers as short JSON text."""
+    return value if value is None or isinstance(value, (str, bool, int, float)) else _text(value)
+
+
 def parse_config(raw: Any, *, source: str = "adapter_config.json") -> PeftConfig:
-    """Build a PeftConfig from the parsed JSON; every problem becomes a finding in `config.findings`."""
+    """Build a PeftConfig from the parsed JSON; every problem becomes a finding in `config.findings`.
+
+    A field whose value is missing or invalid keeps a placeholder (so that downstream code can still list the
+    tensors) and is named in `config.invalid`; report code must show it as invalid, never as the placeholder.
+    """
     findings: list[Finding] = []
     if not isinstance(raw, dict):
-        cfg = PeftConfig(raw={})
+        cfg = PeftConfig(raw={}, invalid=list(CONFIG_FIELDS))
         cfg.findings.append(error(
             "config.not-an-object",
-            f"{source} must hold a JSON object, got {type(raw).__name__}.",
-            keys=[source], expected="object", actual=type(raw).__name__,
+            f"{source} must hold a JSON object, but it holds {json_type(raw)}: {_text(raw)}.",
+            keys=[source], expected="a JSON object", actual=_shown(raw),
+            fix="Save the adapter again with PEFT's save_pretrained; adapter_config.json is one object of fields.",
         ))
         return cfg
     cfg = PeftConfig(raw=raw)
 
-    def wrong_type(field_name: str, expected: str) -> None:
-        findings.append(error(
+    def invalid(field_name: str, finding: Finding) -> None:
+        findings.append(finding)
+        if field_name not in cfg.invalid:
+            cfg.invalid.append(field_name)
+
+    def wrong_type(field_name: str, expected: str, value: Any = None, *, key: str | None = None) -> None:
+        value = raw[field_name] if key is None else value
+        invalid(field_name, error(
             "config.wrong-type",
-            f"{source}: `{field_name}` should be {expected}, got {json.dumps(raw[field_name])[:80]}.",
-            keys=[field_name], expected=expected, actual=type(raw[field_name]).__name__,
+            f"{source}: `{key or field_name}` should be {expected}, got {_text(value)} ({json_type(value)}).",
+            keys=[key or field_name], expected=expected, actual=_shown(value),
             fix=f"Fix `{field_name}` in {source}.",
         ))
+
+    def missing(field_name: str, why: str, expected: str, fix: str) -> None:
+        invalid(field_name, error("config.missing-field", f"{source} has no `{field_name}` ({why}).",
+                                  keys=[field_name], expected=expected, fix=fix))
 
     peft_type = raw.get("peft_type")
     if peft_type is None:
@@ -147,43 +214,59 @@ def parse_config(raw: Any, *, source: str = "adapter_config.json") -> PeftConfig
         cfg.peft_type = "LORA"
 
     if "r" not in raw:
-        findings.append(error("config.missing-field", f"{source} has no `r` (the LoRA rank).", keys=["r"], expected="a positive integer",
-                              fix="Add the rank the adapter was trained with, e.g. \"r\": 16."))
+        missing("r", "the LoRA rank", "a positive integer", "Add the rank the adapter was trained with, e.g. \"r\": 16.")
     elif not _is_int(raw["r"]):
         wrong_type("r", "a positive integer")
     elif raw["r"] <= 0:
-        findings.append(error("config.rank-not-positive", f"{source}: `r` is {raw['r']}; a LoRA rank must be positive.",
-                              keys=["r"], expected="> 0", actual=raw["r"]))
+        invalid("r", error("config.rank-not-positive", f"{source}: `r` is {raw['r']}; a LoRA rank must be a positive integer.",
+                           keys=["r"], expected="a positive integer", actual=raw["r"],
+                           fix="Set r to the rank the adapter was trained with (the tensors' lora_A rows)."))
     else:
         cfg.r = raw["r"]
 
     if "lora_alpha" not in raw:
-        findings.append(error("config.missing-field", f"{source} has no `lora_alpha`; the scaling alpha/r is undefined.",
-                              keys=["lora_alpha"], expected="a number", fix="Add the lora_alpha the adapter was trained with."))
+        missing("lora_alpha", "the scaling alpha/r is undefined", "a positive number",
+                "Add the lora_alpha the adapter was trained with.")
     elif not _is_number(raw["lora_alpha"]):
-        wrong_type("lora_alpha", "a number")
+        wrong_type("lora_alpha", "a positive number")
+    elif raw["lora_alpha"] <= 0:
+        invalid("lora_alpha", error(
+            "config.alpha-not-positive",
+            f"{source}: `lora_alpha` is {raw['lora_alpha']}; the scaling alpha/r would "
+            f"{'erase' if raw['lora_alpha'] == 0 else 'negate'} every update.",
+            keys=["lora_alpha"], expected="a positive number", actual=raw["lora_alpha"],
+            fix="Set lora_alpha to the value the adapter was trained with."))
     else:
         cfg.lora_alpha = float(raw["lora_alpha"])
-    if "lora_alpha" not in raw or not _is_number(raw.get("lora_alpha")):
-        cfg.lora_alpha = float(cfg.r)
+    if "lora_alpha" in cfg.invalid:
+        cfg.lora_alpha = float(cfg.r)  # a placeholder only; `invalid` says so
 
-    for name, caster, kind in (("rank_pattern", int, "positive integers"), ("alpha_pattern", float, "numbers")):
-        value = raw.get(name) or {}
+    for name, caster, kind, not_positive in (
+        ("rank_pattern", int, "a positive integer", "config.rank-not-positive"),
+        ("alpha_pattern", float, "a positive number", "config.alpha-not-positive"),
+    ):
+        value = raw.get(name)
+        if value is None:
+            continue
         if not isinstance(value, dict):
-            wrong_type(name, "an object mapping module patterns to " + kind)
+            wrong_type(name, f"an object mapping module patterns to {kind[2:]}s")
             continue
         clean: dict[str, Any] = {}
         for pattern, number in value.items():
+            key = f"{name}.{pattern}"
             try:
                 re.compile(pattern)
             except re.error as exc:
-                findings.append(error("config.bad-pattern", f"{source}: {name} key {pattern!r} is not a valid regex ({exc}).",
-                                      keys=[f"{name}.{pattern}"]))
+                invalid(name, error("config.bad-pattern", f"{source}: {name} key {pattern!r} is not a valid regex ({exc}).",
+                                    keys=[key], expected="a regular expression", actual=pattern,
+                                    fix=f"Fix the key in {name}; PEFT matches it as a regex against module names."))
                 continue
-            ok = _is_int(number) and number > 0 if caster is int else _is_number(number)
-            if not ok:
-                findings.append(error("config.wrong-type", f"{source}: {name}[{pattern!r}] should be {kind[:-1]}, got {number!r}.",
-                                      keys=[f"{name}.{pattern}"], expected=kind, actual=number))
+            if not (_is_int(number) if caster is int else _is_number(number)):
+                wrong_type(name, kind, number, key=key)
+                continue
+            if number <= 0:
+                invalid(name, error(not_positive, f"{source}: `{key}` is {number}; it should be {kind}.",
+                                    keys=[key], expected=kind, actual=number, fix=f"Fix `{key}` in {source}."))
                 continue
             clean[pattern] = caster(number)
         setattr(cfg, name, clean)
@@ -195,18 +278,20 @@ def parse_config(raw: Any, *, source: str = "adapter_config.json") -> PeftConfig
             setattr(cfg, name, bool(raw.get(name) or False))
 
     targets = raw.get("target_modules")
-    if targets is None or isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    if targets is None or isinstance(targets, str) or _is_str_list(targets):
         cfg.target_modules = targets
     else:
         wrong_type("target_modules", "a list of module names or a regex string")
     tparams = raw.get("target_parameters")
-    if tparams is None:
-        cfg.target_parameters = []
-    elif isinstance(tparams, list) and all(isinstance(t, str) for t in tparams):
-        cfg.target_parameters = list(tparams)
+    if tparams is None or _is_str_list(tparams):
+        cfg.target_parameters = list(tparams or [])
     else:
         wrong_type("target_parameters", "a list of parameter names")
-    cfg.exclude_modules = raw.get("exclude_modules")
+    excluded = raw.get("exclude_modules")
+    if excluded is None or isinstance(excluded, str) or _is_str_list(excluded):
+        cfg.exclude_modules = excluded
+    else:
+        wrong_type("exclude_modules", "a list of module names, a regex string or null")
 
     ltt = raw.get("layers_to_transform")
     if ltt is None or (isinstance(ltt, list) and all(_is_int(x) for x in ltt)):
@@ -215,21 +300,24 @@ def parse_config(raw: Any, *, source: str = "adapter_config.json") -> PeftConfig
         cfg.layers_to_transform = [ltt]
     else:
         wrong_type("layers_to_transform", "a list of layer indices")
-    cfg.layers_pattern = raw.get("layers_pattern")
+    lpat = raw.get("layers_pattern")
+    if lpat is None or isinstance(lpat, str) or _is_str_list(lpat):
+        cfg.layers_pattern = lpat
+    else:
+        wrong_type("layers_pattern", "a module-list name, a list of them, or null")
 
     mts = raw.get("modules_to_save")
-    if mts is None:
-        cfg.modules_to_save = []
-    elif isinstance(mts, list) and all(isinstance(m, str) for m in mts):
-        cfg.modules_to_save = list(mts)
+    if mts is None or _is_str_list(mts):
+        cfg.modules_to_save = list(mts or [])
     else:
         wrong_type("modules_to_save", "a list of module names or null")
     bias = raw.get("bias", "none")
     if bias in (None, "none", "all", "lora_only"):
         cfg.bias = bias or "none"
     else:
-        findings.append(error("config.wrong-type", f"{source}: `bias` is {bias!r}; PEFT accepts \"none\", \"all\" or \"lora_only\".",
-                              keys=["bias"], expected=["none", "all", "lora_only"], actual=bias))
+        invalid("bias", error("config.wrong-type", f"{source}: `bias` is {_text(bias)}; PEFT accepts \"none\", \"all\" or \"lora_only\".",
+                              keys=["bias"], expected=["none", "all", "lora_only"], actual=_shown(bias),
+                              fix=f"Fix `bias` in {source}."))
     cfg.trainable_token_indices = raw.get("trainable_token_indices")
     base = raw.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):

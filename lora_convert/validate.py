@@ -2,9 +2,15 @@
 
 `validate_adapter` never stops at the first problem: each check appends findings (stable code, severity, keys,
 expected vs actual, fix) and the report's verdict is "no error" (and, with `strict`, "no warning"). Only problems
-that leave nothing to check raise: a usage error (no such folder, a malformed Hub id, bad flags: exit 2) or an
-environment problem (the Hub unreachable for a Hub id: exit 3). A malformed adapter file is a finding
-(`files.unreadable` / `config.unreadable`), so CI gets a report and an annotation for it like for anything else.
+that leave nothing to check raise: a usage error (no such folder, a malformed Hub id, an explicit --base that names
+nothing, bad flags: exit 2) or an environment problem (the Hub unreachable for a Hub id: exit 3). A malformed
+adapter file is a finding (`files.unreadable` / `config.unreadable`), so CI gets a report and an annotation for it
+like for anything else.
+
+Shapes that could not be checked (no base, a base that does not resolve, a family without a schema) are the error
+`shapes.unchecked`: an adapter with a wrong-shaped tensor must not pass a CI gate because its base was unknown.
+`allow_unchecked=True` (`--allow-unchecked`) makes it a warning. The verdict line and `summary.checks` name the
+check groups that ran and, for the others, why not.
 
 Checks, in order (docs/validate.md lists every code):
   config   adapter_config.json fields, variants, DoRA, bias, modules_to_save, fan_in_fan_out, trainable tokens,
@@ -59,6 +65,7 @@ class ValidationReport:
     summary: dict[str, Any] = field(default_factory=dict)
     ok: bool = True
     strict: bool = False
+    allow_unchecked: bool = False
 
     @property
     def errors(self) -> list[Finding]:
@@ -71,12 +78,13 @@ class ValidationReport:
     def verdict(self) -> str:
         s = self.summary
         counts = f"{s.get('errors', 0)} error(s), {s.get('warnings', 0)} warning(s), {s.get('infos', 0)} note(s)"
-        against = f" against {self.base}" if self.base else " (no base model: shape checks skipped)"
+        against = f" against {self.base}" if self.base else " (no base model)"
         engine = f", engine {self.engine}" if self.engine != "none" else ""
         if self.ok:
-            return f"OK: {self.adapter}{against}{engine}: {counts}."
-        why = "errors" if s.get("errors") else "warnings under --strict"
-        return f"FAIL ({why}): {self.adapter}{against}{engine}: {counts}."
+            head = "OK"
+        else:
+            head = "FAIL (errors)" if s.get("errors") else "FAIL (warnings under --strict)"
+        return f"{head}: {self.adapter}{against}{engine}: {counts}.{checks_sentence(s.get('checks') or {})}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +95,7 @@ class ValidationReport:
             "base": self.base,
             "engine": self.engine,
             "strict": self.strict,
+            "allow_unchecked": self.allow_unchecked,
             "verdict": self.verdict(),
             "findings": [f.to_json() for f in self.findings],
             "summary": self.summary,
@@ -103,6 +112,22 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
         seen.add(ident)
         out.append(f)
     return out
+
+
+def checks_sentence(checks: dict[str, Any]) -> str:
+    """ " Checked: a, b. Not run: c (why)." from summary.checks, so a reader sees what an OK covers."""
+    ran = checks.get("run") or []
+    skipped = checks.get("skipped") or {}
+    text = f" Checked: {', '.join(ran)}." if ran else " Checked: nothing."
+    if skipped:
+        text += " Not run: " + ", ".join(f"{name} ({why})" for name, why in skipped.items()) + "."
+    return text
+
+
+def _ordered_checks(run: list[str], skipped: dict[str, str]) -> dict[str, Any]:
+    """summary.checks in the fixed order of CHECKS; every group is in exactly one of the two."""
+    ran = [c for c in CHECKS if c in run and c not in skipped]
+    return {"run": ran, "skipped": {c: skipped[c] for c in CHECKS if c in skipped}}
 
 
 def _finish(report: ValidationReport, started: float, extra: dict[str, Any]) -> ValidationReport:
@@ -138,8 +163,12 @@ def validate_adapter(
     progress: Callable[[int, int], None] | None = None,
     cache_dir: str | Path | None = None,
     token: str | None = None,
+    allow_unchecked: bool = False,
 ) -> ValidationReport:
-    """Run every check on one adapter and return the report (never raises for a problem *in* the adapter)."""
+    """Run every check on one adapter and return the report (never raises for a problem *in* the adapter).
+
+    `allow_unchecked`: shapes that could not be checked are a warning instead of the error `shapes.unchecked`.
+    """
     started = time.monotonic()
     engine = (engine or "none").lower()
     if engine not in ENGINES:
@@ -150,7 +179,8 @@ def validate_adapter(
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UsageError(f"{name} must be a positive integer, got {value!r}.")
     source = spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
-    report = ValidationReport(adapter=source.describe(), adapter_path=str(source.path), base=None, engine=engine, strict=strict)
+    report = ValidationReport(adapter=source.describe(), adapter_path=str(source.path), base=None, engine=engine, strict=strict,
+                              allow_unchecked=bool(allow_unchecked))
     run: list[str] = []
     skipped: dict[str, str] = {}
 
@@ -177,7 +207,7 @@ def validate_adapter(
     run += ["config", "keys", "pairs"]
 
     # ---- base and architecture ---------------------------------------------------------------------------
-    base_cfg, arch, base_problem = _resolve_base(adapter, base, cache_dir=cache_dir, token=token)
+    base_cfg, arch, base_problem, no_shapes_why = _resolve_base(adapter, base, cache_dir=cache_dir, token=token)
     text_config: dict = {}
     if base_cfg is not None:
         report.base = base_cfg.name
@@ -195,7 +225,9 @@ def validate_adapter(
         findings.extend(check_shapes(adapter, arch))
         run.append("shapes")
     else:
-        skipped["shapes"] = "no base model" if base_cfg is None else "the architecture has no schema"
+        why = no_shapes_why or "this installation has no shape checks"
+        skipped["shapes"] = why + ("; accepted with --allow-unchecked" if allow_unchecked else "")
+        findings.append(unchecked_finding(why, base_cfg, allowed=bool(allow_unchecked)))
         findings.extend(fallback_layer_findings(adapter, text_config))
     findings.extend(moe_findings(adapter, arch))
     run.append("moe")
@@ -270,7 +302,7 @@ def validate_adapter(
         },
         "base_origin": base_cfg.origin if base_cfg is not None else None,
         "family": getattr(arch, "family", None),
-        "checks": {"run": run, "skipped": skipped},
+        "checks": _ordered_checks(run, skipped),
         "data_scan": scan.summary() if scan is not None else None,
     }
     return _finish(report, started, extra)
@@ -286,9 +318,10 @@ def _optional(module: str, name: str):
 
 
 def _resolve_base(adapter, spec: str | None, *, cache_dir, token):
-    """(BaseConfig | None, Architecture | None, a finding about what is missing | None).
+    """(BaseConfig | None, Architecture | None, a finding about what is missing | None, why shapes cannot be checked | None).
 
-    An explicit --base that cannot be resolved raises (the user asked for it); an implicit one becomes a warning.
+    An explicit --base that cannot be resolved raises (the user asked for it); an implicit one becomes a warning,
+    and the shape check it prevents becomes `shapes.unchecked` (see `unchecked_finding`).
     """
     resolve_base = _optional("lora_convert.base_config", "resolve_base")
     bind = _optional("lora_convert.schema", "bind")
@@ -296,14 +329,14 @@ def _resolve_base(adapter, spec: str | None, *, cache_dir, token):
             "(`lora-convert schemas list`).")
     if resolve_base is None:
         return None, None, warning("base.unresolved", "This installation has no base-config support, so no base model was used.",
-                                   fix=hint)
+                                   fix=hint), "this installation cannot read base configs"
     adapter_base = adapter.config.base_model_name_or_path
     if not spec and not adapter_base:
         return None, None, warning(
             "base.unresolved",
             "No base model: --base was not given and adapter_config.json has no base_model_name_or_path.",
             keys=["base_model_name_or_path"], fix=hint,
-        )
+        ), "no --base, and adapter_config.json names no base model"
     try:
         base_cfg = resolve_base(spec, adapter_base_name=adapter_base, cache_dir=cache_dir, token=token)
     except LoraConvertError as exc:
@@ -313,9 +346,10 @@ def _resolve_base(adapter, spec: str | None, *, cache_dir, token):
             "base.unresolved",
             f"The adapter's base_model_name_or_path {adapter_base!r} could not be resolved ({exc.message})",
             keys=["base_model_name_or_path"], actual=adapter_base, fix=hint,
-        )
+        ), f"the base model {adapter_base!r} could not be resolved"
     if bind is None:
-        return base_cfg, None, warning("base.unsupported", f"Base {base_cfg.name}: this installation has no architecture schemas.")
+        return (base_cfg, None, warning("base.unsupported", f"Base {base_cfg.name}: this installation has no architecture schemas."),
+                "this installation has no architecture schemas")
     try:
         arch = bind(base_cfg)
     except LoraConvertError as exc:
@@ -323,8 +357,24 @@ def _resolve_base(adapter, spec: str | None, *, cache_dir, token):
             "base.unsupported",
             f"Base {base_cfg.name} (model_type {base_cfg.model_type!r}) has no architecture schema: {exc.message}",
             actual=base_cfg.model_type, fix="`lora-convert schemas list` shows the supported families.",
-        )
-    return base_cfg, arch, None
+        ), f"no schema for model_type {base_cfg.model_type!r}"
+    return base_cfg, arch, None, None
+
+
+def unchecked_finding(why: str, base_cfg, *, allowed: bool) -> Finding:
+    """`shapes.unchecked`: an error unless the caller accepted unchecked shapes (then a warning)."""
+    if base_cfg is None:
+        fix = ("Pass --base with the base model: a folder holding config.json, a config.json file, a Hub id, or a preset "
+               "from `lora-convert schemas list`")
+    else:
+        fix = (f"Add a schema for model_type {base_cfg.model_type!r} (docs/schemas.md; `lora-convert schemas list` shows "
+               "the supported families), or pass --base with a supported base")
+    fix += "; --allow-unchecked accepts the adapter without the shape check." if not allowed else "."
+    message = (f"The tensor shapes were not checked against the base model: {why}. A wrong-shaped tensor would go "
+               "unnoticed until an engine loads the adapter.")
+    if allowed:
+        return warning("shapes.unchecked", message + " Accepted with --allow-unchecked.", fix=fix)
+    return error("shapes.unchecked", message, fix=fix)
 
 
 # ------------------------------------------------------------------------------------------------- config

@@ -174,3 +174,40 @@ def test_hub_id_not_cached_offline(tmp_path):
 def test_bad_sources(spec, error):
     with pytest.raises(error):
         load_adapter(spec)
+
+
+# ---- an invalid config is reported, not filled in with numbers the file never said -----------------------------
+@pytest.mark.parametrize("config", [{"r": "4"}, {"r": 0}, {"r": True}])
+def test_invalid_rank_is_not_compared_with_the_tensors(adapter_writer, config):
+    """The tensors have rank 2; with `r` invalid the parser keeps a placeholder, and that placeholder must not
+    turn into a claim such as "adapter_config.json says r = 8"."""
+    a, b = lin(8, 8, 2)
+    folder = adapter_writer({f"{P}.0.self_attn.q_proj.lora_A.weight": a, f"{P}.0.self_attn.q_proj.lora_B.weight": b}, config)
+    adapter = load_adapter(str(folder), strict_config=False)
+    codes = [f.code for f in adapter.findings if f.severity.value == "error"]
+    assert len(codes) == 1 and codes[0].startswith("config.")
+    (mod,) = adapter.modules
+    assert mod.rank == 2  # from the tensor shapes, which are facts
+    doc = mod.to_json()
+    assert doc["config_rank"] is None and doc["scaling"] is None and doc["alpha"] is None
+
+
+def test_invalid_alpha_leaves_the_rank_known(adapter_writer):
+    a, b = lin(8, 8, 4)
+    folder = adapter_writer({f"{P}.0.self_attn.q_proj.lora_A.weight": a, f"{P}.0.self_attn.q_proj.lora_B.weight": b},
+                            {"lora_alpha": "8"})
+    (mod,) = load_adapter(str(folder), strict_config=False).modules
+    doc = mod.to_json()
+    assert doc["config_rank"] == 4 and doc["rank"] == 4 and doc["scaling"] is None
+
+
+def test_fused_experts_with_invalid_rank_get_no_invented_expert_count(adapter_writer):
+    # PEFT 3-D expert LoRA: A [E*r, in], B [out, r*E]; without a valid r, E and r cannot be told apart.
+    experts, r = 4, 2
+    keys = {f"{P}.0.mlp.experts.lora_A.weight": torch.randn(experts * r, 16),
+            f"{P}.0.mlp.experts.lora_B.weight": torch.randn(32, r * experts)}
+    folder = adapter_writer(keys, {"r": "2", "target_modules": None, "target_parameters": ["mlp.experts.down_proj"]})
+    adapter = load_adapter(str(folder), strict_config=False)
+    (mod,) = adapter.modules
+    assert mod.rank is None and mod.experts is None
+    assert [f.code for f in adapter.findings if f.severity.value == "error"] == ["config.wrong-type"]

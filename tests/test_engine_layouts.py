@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from helpers import case_base_dir, case_dir, fixture_cases
 from lora_convert.engine_layouts import REPORT_FILE
 from lora_convert.errors import UnsupportedAdapterError
+from lora_convert.normalize import MANIFEST_FILE
 from sglang_loader_sim import simulate
 
 CASES = fixture_cases()
@@ -387,9 +388,44 @@ def test_same_input_same_bytes_and_cli(layout, tmp_path):
         assert result.exit_code == 0, result.output
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())})
     assert digests[0] == digests[1]
-    assert set(digests[0]) == {"adapter_model.safetensors", "adapter_config.json", REPORT_FILE}  # no lora_layout.json
+    assert set(digests[0]) == {"adapter_model.safetensors", "adapter_config.json", REPORT_FILE, MANIFEST_FILE}  # no lora_layout.json
+    assert json.loads((tmp_path / "one" / MANIFEST_FILE).read_text()) == {
+        "format": "lora-convert/output", "version": 1, "layout": layout,
+        "files": ["adapter_config.json", "adapter_model.safetensors", REPORT_FILE]}
     doc = json.loads(result.stdout[result.stdout.index("{"):])
     assert doc["layout"] == layout and doc["added_zero_filled_groups"]  # the experts' down side was added
     refused = CliRunner().invoke(app, ["normalize", str(case_dir("v4_mixtral") / "adapter"), "-o", str(tmp_path / "r"),
                                        "--base", str(case_base_dir("v4_mixtral")), "--layout", layout])
     assert refused.exit_code == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("case, layout", [("v4_deepseek_v3_gate_only", "sglang"), ("v4_deepseek_v3_gate_only", "peft"),
+                                          ("v5_llama", "peft")])
+def test_progress_total_is_the_bytes_written(case, layout, tmp_path):
+    """Engine layouts write per-module cuts (and added expert sides), not the stacked groups: the total and the
+    advances must count what is written."""
+
+    class Recorder:
+        def __init__(self):
+            self.total, self.advances = None, []
+
+        def start(self, total_bytes):
+            assert self.total is None and not self.advances
+            self.total = total_bytes
+
+        def advance(self, nbytes):
+            self.advances.append(nbytes)
+
+    rec = Recorder()
+    out = tmp_path / "out"
+    from lora_convert.normalize import normalize
+
+    result = normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, progress=rec,
+                       drop_unsupported=True)
+    data = out / "adapter_model.safetensors"
+    header = int.from_bytes(data.read_bytes()[:8], "little")
+    assert rec.total == result.bytes_out == data.stat().st_size - 8 - header
+    assert sum(rec.advances) == rec.total
+    # One advance per group written (the report lists them, added zero-filled expert sides included).
+    assert len(rec.advances) == len(json.loads((out / REPORT_FILE).read_text())["groups"])
+    assert all(n > 0 for n in rec.advances)

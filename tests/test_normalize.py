@@ -163,16 +163,79 @@ def test_input_is_not_modified(tmp_path):
     assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
-def test_existing_output_needs_force(tmp_path):
+def test_existing_output_needs_force_and_force_replaces_only_our_output(tmp_path):
+    from lora_convert.normalize import MANIFEST_FILE
+
     case = CONVERTIBLE[0]
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(UsageError, match="--force|not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         run_normalize(case, out)
-    assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(UsageError, match="keep.txt"):  # not a previous output: --force does not touch it either
+        run_normalize(case, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    run_normalize(case, out)
+    with pytest.raises(UsageError, match="not empty"):
+        run_normalize(case, out)
     run_normalize(case, out, force=True)
-    assert (out / "lora_layout.json").exists() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors", LAYOUT,
+                                                            MANIFEST_FILE])
+    assert json.loads((out / MANIFEST_FILE).read_text())["files"] == ["adapter_config.json", "adapter_model.safetensors", LAYOUT]
+
+
+LAYOUT = "lora_layout.json"
+
+
+class RecordingProgress:
+    """A WriteProgress that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def start(self, total_bytes: int) -> None:
+        self.calls.append(("start", total_bytes))
+
+    def advance(self, nbytes: int) -> None:
+        self.calls.append(("advance", nbytes))
+
+
+def safetensors_data_bytes(path: Path) -> int:
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    return path.stat().st_size - 8 - header_len
+
+
+def test_progress_total_is_known_first_and_advances_sum_to_it(tmp_path):
+    case = CONVERTIBLE[0]
+    progress = RecordingProgress()
+    result = run_normalize(case, tmp_path / "out", progress=progress)
+    kinds = [k for k, _ in progress.calls]
+    assert kinds[0] == "start" and kinds.count("start") == 1
+    assert kinds.count("advance") == len(result.plan.groups)  # one advance per group, by that group's bytes
+    total = progress.calls[0][1]
+    assert total == result.bytes_out == safetensors_data_bytes(tmp_path / "out" / "adapter_model.safetensors")
+    assert sum(n for k, n in progress.calls if k == "advance") == total
+    assert all(n > 0 for _, n in progress.calls)
+
+
+def test_cli_progress_bar_has_the_plan_total_in_bytes(tmp_path):
+    """The CLI's bar (a spinner while planning, then bytes with a total) fed by a real run."""
+    import io
+
+    from rich.console import Console
+
+    from lora_convert.cli.normalize_cmd import _NormalizeProgress
+
+    bar = _NormalizeProgress(Console(file=io.StringIO(), force_terminal=True))
+    bar.planning()
+    assert bar._status is not None
+    result = run_normalize(CONVERTIBLE[0], tmp_path / "out", progress=bar)
+    assert bar._status is None  # the spinner gave way to the bar when writing started
+    task = bar._bar.tasks[0]
+    assert task.total == task.completed == result.bytes_out
+    bar.close()
+    assert bar._bar is None
 
 
 def test_rank_below_largest_is_an_error(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import errors as hub_errors
 
 from lora_convert.base_config import find_preset, list_presets, resolve_base, unwrap_text_config
-from lora_convert.errors import BaseConfigError, UsageError
+from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
 
 LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64}
 
@@ -85,11 +85,11 @@ def test_hub_offline_falls_back_to_a_preset_listing_the_repo(monkeypatch):
     assert "unreachable" in base.source_note
 
 
-def test_hub_offline_without_preset_is_a_base_config_error(monkeypatch):
+def test_hub_offline_without_preset_is_an_environment_problem(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _raising(hub_errors.LocalEntryNotFoundError("offline")))
-    with pytest.raises(BaseConfigError, match="not in the local Hugging Face cache") as exc:
+    with pytest.raises(EnvironmentProblem, match="not in the local Hugging Face cache") as exc:
         resolve_base("org/unknown-model")
-    assert exc.value.hint and "HF_HUB_OFFLINE" in exc.value.hint
+    assert exc.value.hint and "HF_HUB_OFFLINE" in exc.value.hint and "schemas list" in exc.value.hint
 
 
 def test_hub_missing_config_json(monkeypatch):
@@ -100,15 +100,19 @@ def test_hub_missing_config_json(monkeypatch):
 
 def test_adapter_base_name_falls_through_to_the_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _raising(hub_errors.LocalEntryNotFoundError("offline")))
-    with pytest.raises(BaseConfigError, match="matches no preset"):
+    with pytest.raises(EnvironmentProblem, match="matches no preset"):
         resolve_base(None, adapter_base_name="org/private-base")
 
 
-@pytest.mark.parametrize("spec", ["./missing/dir", "/no/such/config.json", "not a repo id!", "a/b/c"])
+@pytest.mark.parametrize("spec", ["./missing/dir", "/no/such/config.json", "not a repo id!", "a/b/c", "no-such-preset"])
 def test_unresolvable_spec(spec):
-    with pytest.raises(BaseConfigError) as exc:
+    # An explicit --base that names nothing is a usage error (exit 2) ...
+    with pytest.raises(UsageError) as exc:
         resolve_base(spec)
     assert exc.value.hint and "preset" in exc.value.hint
+    # ... while the same name in the adapter's config is the adapter's problem.
+    with pytest.raises(BaseConfigError):
+        resolve_base(None, adapter_base_name=spec)
 
 
 def test_nothing_to_go_on_is_a_usage_error():

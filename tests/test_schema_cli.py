@@ -93,7 +93,8 @@ def test_show_family_with_base(tmp_path):
     "args, code, text",
     [
         (["schemas", "show"], 2, "Give a schema family or preset"),
-        (["schemas", "show", "no-such-thing"], 1, "not an existing folder or config.json, not a preset name"),
+        # A name that is no family, preset, path or Hub id is a usage error, as for --base everywhere.
+        (["schemas", "show", "no-such-thing"], 2, "not an existing folder or config.json, not a preset name"),
         (["schemas", "show", "deepseek-v3", "--base", "llama-3.1-8b"], 2, "cannot be combined with --base"),
     ],
 )

@@ -116,7 +116,8 @@ def test_base_unresolved_is_a_warning_that_says_what_was_skipped(adapter_writer)
     doc = doc_of(invoke(folder, "--no-smoke", "--format", "json"))
     (f,) = [f for f in doc["findings"] if f["code"] == "base.unresolved"]
     assert f["severity"] == "warning" and "--base" in f["fix"] and "Skipped" in f["message"]
-    assert doc["ok"] is True and doc["base"] is None
+    # The shapes it could not check fail the verdict (tests/test_verdict.py has the details).
+    assert doc["ok"] is False and doc["base"] is None and "shapes.unchecked" in codes(doc)
 
 
 def test_unresolvable_implicit_base_is_a_warning(adapter_writer):
@@ -128,7 +129,7 @@ def test_unresolvable_implicit_base_is_a_warning(adapter_writer):
 def test_explicit_base_that_does_not_resolve_is_an_error_message(adapter_writer, tmp_path):
     folder = adapter_writer(llama_tensors())
     result = invoke(folder, "--base", str(tmp_path / "no" / "such" / "base"), "--no-smoke")
-    assert result.exit_code in (1, 2) and "Error:" in result.stderr and result.stdout == ""
+    assert result.exit_code == 2 and "Error:" in result.stderr and result.stdout == ""
 
 
 def test_layers_past_end(adapter_writer, base_dir):
@@ -285,10 +286,10 @@ def test_github_escaping_of_properties():
     assert _escape_property("x:y,z") == "x%3Ay%2Cz"
 
 
-def test_human_table_and_verdict(adapter_writer):
+def test_human_table_and_verdict(adapter_writer, base_dir):
     t = llama_tensors(layers=1)
     t[key(0, "v_proj", "B")].zero_()
-    result = invoke(adapter_writer(t), "--no-smoke")
+    result = invoke(adapter_writer(t), "--base", base_dir, "--no-smoke")
     assert result.exit_code == 0
     out = result.stdout
     assert "data.zero-b" in out and "warning" in out
@@ -296,22 +297,22 @@ def test_human_table_and_verdict(adapter_writer):
     assert result.stderr == ""
 
 
-def test_several_adapters_and_config_paths(adapter_writer):
+def test_several_adapters_and_config_paths(adapter_writer, base_dir):
     good = adapter_writer(llama_tensors(layers=1), name="good")
     t = llama_tensors(layers=1)
     t[key(0, "q_proj", "A")].view(-1)[0] = float("inf")
     bad = adapter_writer(t, name="bad")
-    result = invoke(good / "adapter_config.json", bad / "adapter_config.json", "--no-smoke", "--format", "json")
+    result = invoke(good / "adapter_config.json", bad / "adapter_config.json", "--base", base_dir, "--no-smoke", "--format", "json")
     assert result.exit_code == 1
     doc = doc_of(result)
     assert doc["ok"] is False and [r["ok"] for r in doc["reports"]] == [True, False]
-    only_good = invoke(good / "adapter_config.json", "--no-smoke")
+    only_good = invoke(good / "adapter_config.json", "--base", base_dir, "--no-smoke")
     assert only_good.exit_code == 0
 
 
-def test_one_missing_among_several_keeps_going(adapter_writer, tmp_path):
+def test_one_missing_among_several_keeps_going(adapter_writer, base_dir, tmp_path):
     good = adapter_writer(llama_tensors(layers=1), name="good")
-    result = invoke(good, tmp_path / "missing", "--no-smoke", "--format", "json")
+    result = invoke(good, tmp_path / "missing", "--base", base_dir, "--no-smoke", "--format", "json")
     assert result.exit_code == 2
     assert [r["ok"] for r in doc_of(result)["reports"]] == [True]
 

@@ -7,10 +7,16 @@ import sys
 from typing import Callable
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.2x vendors click and raises its copy's exceptions; older typer raises click's own
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors
 
 from lora_convert import __version__
 from lora_convert.cli._output import print_error
-from lora_convert.errors import EXIT_FINDINGS, LoraConvertError
+from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, LoraConvertError
 
 HELP = """Validate PEFT LoRA adapters against their base model and normalize them into the fused, stacked layout
 that serving kernels compute with.
@@ -18,9 +24,40 @@ that serving kernels compute with.
 Exit codes: 0 ok, 1 the adapter has errors, 2 usage error, 3 environment problem (e.g. no CUDA).
 Set LORA_CONVERT_DEBUG=1 to see a traceback for any error."""
 
+class _Group(TyperGroup):
+    """The root command group. Click reports a bad flag, a missing argument or an out-of-range value (`--rank 0`)
+    in a framed box that starts with `Usage:`; here those become the same `Error:` + `Hint:` lines, exit 2, as
+    every other usage error, so that scripts and CI logs can rely on one format."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            sys.exit(exc.exit_code)  # typer printed the help already, while parsing
+        except click_errors.ClickException as exc:
+            print_error(exc.format_message(), _usage_hint(exc))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print_error("Interrupted.", None)
+            sys.exit(130)
+        # Without standalone mode click returns the command's return value (None) or an Exit's code.
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _usage_hint(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return "Run `lora-convert --help` for the commands and their options."
+    usage = ctx.get_usage().strip().removeprefix("Usage:").strip()
+    return f"Run `{ctx.command_path} --help` for the arguments and options (usage: {usage})."
+
+
 app = typer.Typer(
     name="lora-convert",
     help=HELP,
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -31,14 +31,19 @@ class DType(str, Enum):
 @command("normalize")
 def normalize_command(
     adapter: str = AdapterArg,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (created; must be empty or absent unless --force)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder: created, or an empty one filled. Refused (exit 2) when it is, "
+                                          "contains or lies inside the input adapter or a local --base (after resolving symlinks, `.` and `..`), "
+                                          "and when it is the current working directory: the output is swapped in as a whole folder, so run from "
+                                          "its parent instead of passing `-o .`."),
     base: Optional[str] = BaseOpt,
     layout: Layout = typer.Option(Layout.stacked, "--layout", help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `sglang` / `peft`: the same "
                                   "slices as per-module PEFT files that SGLang 0.5.23 / PEFT and vLLM load exactly (docs/engine-layouts.md)."),
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="Pad every slice to this rank (default: the largest effective rank; smaller is an error)."),
     dtype: DType = typer.Option(DType.keep, "--dtype", help="Output dtype; `keep` keeps the adapter's (the widest, if mixed)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (groups, slices, zero fills, foldings, drops) and write nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace a previous lora-convert output (recognised by its lora_convert_manifest.json). "
+                                "A folder holding anything the manifest does not list is refused. The old output is removed only after the "
+                                "new one is complete; an interrupted run leaves it as it was."),
     drop_unsupported: bool = typer.Option(False, "--drop-unsupported", help="Leave out DoRA, lora_bias, modules_to_save, vision and past-the-end modules instead of refusing; they are listed in lora_layout.json and on stderr."),
     format: OutputFormat = FormatOpt,
     cache_dir: Optional[str] = CacheDirOpt,
@@ -53,13 +58,16 @@ def normalize_command(
 
     if output is None and not dry_run:
         raise UsageError("normalize needs an output folder.", hint="Pass -o OUT, or --dry-run to see the plan only.")
-    progress_cb, finish = _progress(dry_run)
+    progress = _NormalizeProgress() if sys.stderr.isatty() else None
     try:
+        if progress:
+            progress.planning()
         result = normalize(adapter, output, base=base, rank=rank, dtype=dtype.value, dry_run=dry_run, force=force,
-                           drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token, progress=progress_cb,
+                           drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token, progress=progress,
                            layout=layout.value)
     finally:
-        finish()
+        if progress:
+            progress.close()
     for d in result.plan.dropped:
         log(f"dropped {d.module}: {d.reason}")
     for note in result.notes:
@@ -75,23 +83,43 @@ def normalize_command(
     _render_summary(result)
 
 
-def _progress(dry_run: bool):
-    """A byte-counting progress bar on stderr, shown only on a terminal and only while writing."""
-    if dry_run or not sys.stderr.isatty():
-        return None, lambda: None
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+class _NormalizeProgress:
+    """stderr feedback on a terminal: a spinner while the plan is built (seconds on a large adapter), then a bar
+    over the bytes the plan writes, with rate and ETA. Implements normalize.WriteProgress (start / advance)."""
 
-    bar = Progress(TextColumn("normalizing"), BarColumn(), TextColumn("{task.completed}/{task.total} groups"),
-                   TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True)
-    state = {"task": None}
+    def __init__(self, console=None) -> None:
+        self._console = console or stderr
+        self._status = None
+        self._bar = None
+        self._task = None
 
-    def update(group, nbytes):
-        if state["task"] is None:
-            bar.start()
-            state["task"] = bar.add_task("normalize", total=None)
-        bar.advance(state["task"], 1)
+    def planning(self) -> None:
+        self._status = self._console.status("planning ...", spinner="dots")
+        self._status.start()
 
-    return update, bar.stop
+    def start(self, total_bytes: int) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self._stop_status()
+        self._bar = Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                             console=self._console, transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task("write", total=total_bytes)
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, nbytes)
+
+    def close(self) -> None:
+        self._stop_status()
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def _stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
 
 def _render_plan(plan) -> None:

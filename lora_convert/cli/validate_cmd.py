@@ -44,6 +44,10 @@ def validate_command(
                                          "adapters up to 50 MB."),
     device: Device = typer.Option(Device.auto, "--device", case_sensitive=False, help="Where the smoke forward runs."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on warnings too."),
+    allow_unchecked: bool = typer.Option(
+        False, "--allow-unchecked",
+        help="Accept an adapter whose shapes could not be checked (no base, a base that does not resolve, a family "
+        "without a schema): `shapes.unchecked` becomes a warning instead of an error."),
     format: ReportFormat = typer.Option(ReportFormat.human, "--format", "-f", case_sensitive=False,
                                         help="`human` table, one `json` document, or `github` workflow annotations."),
     cache_dir: Optional[str] = CacheDirOpt,
@@ -51,7 +55,8 @@ def validate_command(
 ) -> None:
     """Check an adapter against its base model and report every problem: config, keys, A/B pairs and ranks,
     shapes against the architecture schema, MoE experts, tensor data, TP/EP sharding and, with --engine, what
-    SGLang or vLLM would do with it.
+    SGLang or vLLM would do with it. Shapes that could not be checked are the error shapes.unchecked unless
+    --allow-unchecked; the verdict line names the checks that ran and those that did not.
 
     Exit codes: 0 no error (warnings allowed unless --strict), 1 errors, 2 usage error, 3 environment problem.
 
@@ -67,7 +72,7 @@ def validate_command(
         try:
             report = validate_adapter(
                 spec, base=base, engine=engine.value, tp=tp, ep=ep, data_scan=data, smoke=smoke, device=device.value,
-                strict=strict, progress=bar, cache_dir=cache_dir, token=token,
+                strict=strict, progress=bar, cache_dir=cache_dir, token=token, allow_unchecked=allow_unchecked,
             )
         except LoraConvertError as exc:
             if format is ReportFormat.github:
@@ -174,7 +179,8 @@ def render_human(report) -> None:
                           escape(_short(f.expected)), escape(_short(f.actual)))
         stdout.print(table)
     style = "bold green" if report.ok else "bold red"
-    stdout.print(f"[{style}]{escape(_safe(report.verdict()))}[/]")
+    # One line whatever the width, so that logs can be grepped for it (the same text as --format github prints).
+    stdout.print(f"[{style}]{escape(_safe(report.verdict()))}[/]", soft_wrap=True)
 
 
 def _escape_data(text: str) -> str:

@@ -1,0 +1,216 @@
+"""The public Python API: one function per command, the same functions the CLI commands call.
+
+Each function accepts `str` or `os.PathLike` paths (and a Hub id string for the adapter), checks its arguments
+(raising `UsageError` for a bad name or value), calls the library function that does the work and returns a
+documented result object. Problems raise the typed errors of `lora_convert.errors`; docs/api.md says which, and
+which CLI exit code each one becomes.
+
+This module is imported lazily by `lora_convert.__getattr__`; it imports the heavy modules only inside the
+functions, so that `import lora_convert` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from lora_convert.errors import AdapterNotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from lora_convert.normalize import NormalizeResult, WriteProgress
+    from lora_convert.validate import ValidationReport
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["InspectResult", "inspect_adapter", "validate_adapter", "normalize_adapter"]
+
+LAYOUTS = ("stacked", "sglang", "peft")
+DTYPES = ("keep", "bf16", "fp16", "fp32")
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+def _adapter_spec(adapter: Any) -> str:
+    """What the library resolves: a `str` may be a folder or a Hub id; a path object is always a folder."""
+    if isinstance(adapter, str):
+        return adapter
+    if isinstance(adapter, os.PathLike):
+        path = os.fsdecode(adapter)
+        # Without this a Path("org/name") that does not exist would be fetched from the Hub.
+        if not Path(path).expanduser().exists():
+            raise AdapterNotFoundError(f"No adapter folder at {path!r}.",
+                                       hint="Check the path; a Hub id is passed as a str such as 'org/name'.")
+        return path
+    raise UsageError(f"adapter must be a str or os.PathLike, got {type(adapter).__name__}.",
+                     hint="Pass a folder path or a Hub id such as 'org/name'.")
+
+
+def _optional_path(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fsdecode(value)
+    raise UsageError(f"{name} must be a str, os.PathLike or None, got {type(value).__name__}.")
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    text = value.value if hasattr(value, "value") else value  # the CLI passes its Enum members
+    if not isinstance(text, str) or text.lower() not in choices:
+        raise UsageError(f"Unknown {name} {value!r}.", hint=f"Use one of: {', '.join(choices)}.")
+    return text.lower()
+
+
+def _positive_int(value: Any, name: str) -> int | None:
+    # bool is an int subclass; `rank=True` is a mistake, not rank 1.
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+@dataclass
+class InspectResult:
+    """What `inspect_adapter` found, read from headers and config only (no tensor data).
+
+    The fields are those of `lora-convert inspect --format json` (docs/json-output.md); `to_json()` returns that
+    whole document, including any field added later that is not an attribute here.
+    """
+
+    ok: bool  # no finding has severity "error" (an invalid config is one); the CLI exits 0, else 1
+    adapter: str  # the folder, or `org/name[@revision]` for a Hub adapter
+    origin: str  # "local" or "hub"
+    base_model: str | None  # the config's base_model_name_or_path
+    file_format: str  # "safetensors", "safetensors-sharded" or "bin"
+    files: list[str]  # the tensor files read
+    stacked: bool  # True for a lora-convert stacked output (it has lora_layout.json)
+    tensors: int  # number of tensors in the files
+    dtypes: dict[str, int]  # safetensors dtype tag -> tensor count
+    total_bytes: int  # bytes of tensor data
+    total_params: int  # number of tensor elements
+    config: dict[str, Any]  # valid, invalid_fields, errors, then r, lora_alpha, ... (None where missing or invalid)
+    expert_layout: str  # "none", "per-expert-2d", "fused-3d" (PEFT 3-D) or "mixed"
+    module_count: int  # number of LoRA modules
+    families: dict[str, dict[str, Any]]  # display family -> {"modules": n, "entries": [per module name]}
+    modules: list[dict[str, Any]]  # one entry per LoRA module (name, kind, layer, expert, rank, scaling, shapes)
+    findings: list[dict[str, Any]]  # notes, warnings and errors: {"code", "severity", "message", ...}
+    _document: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document of `lora-convert inspect --format json` (a copy)."""
+        return dict(self._document)
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any]) -> "InspectResult":
+        """From `lora_convert.inspect.build_report`'s document."""
+        names = [f.name for f in fields(cls) if not f.name.startswith("_")]
+        return cls(**{name: report.get(name) for name in names}, _document=dict(report))
+
+
+def inspect_adapter(adapter: PathLike, *, cache_dir: PathLike | None = None, token: str | None = None) -> InspectResult:
+    """What an adapter holds: files, dtypes, modules by family with ranks and scalings, the expert layout, and
+    notes about its config. Reads headers only.
+
+    An invalid adapter_config.json does not raise: it is reported in `config["errors"]` and makes `ok` False.
+    Raises UsageError (bad argument), AdapterNotFoundError (no such folder or Hub repo), EnvironmentProblem (the
+    Hub unreachable), AdapterFormatError (unreadable tensor files)."""
+    from lora_convert.adapter import load_adapter
+    from lora_convert.inspect import build_report
+
+    spec = _adapter_spec(adapter)
+    loaded = load_adapter(spec, cache_dir=_optional_path(cache_dir, "cache_dir"), token=token, strict_config=False)
+    return InspectResult.from_report(build_report(loaded))
+
+
+# ---------------------------------------------------------------------------------------------- validate
+def validate_adapter(
+    adapter: PathLike,
+    *,
+    base: PathLike | None = None,
+    engine: str = "none",
+    tp: int | None = None,
+    ep: int | None = None,
+    data_scan: bool = True,
+    smoke: bool | None = None,
+    device: str = "auto",
+    strict: bool = False,
+    allow_unchecked: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    cache_dir: PathLike | None = None,
+    token: str | None = None,
+) -> "ValidationReport":
+    """Every check of `lora-convert validate` on one adapter; returns a `lora_convert.validate.ValidationReport`
+    (`.ok` is the verdict). Problems in the adapter are findings in the report, not exceptions.
+
+    Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable, no CUDA for
+    device="cuda" with smoke=True)."""
+    from lora_convert.validate import DEVICES, ENGINES
+    from lora_convert.validate import validate_adapter as run_validate
+
+    return run_validate(
+        _adapter_spec(adapter),
+        base=_optional_path(base, "base"),
+        engine=_choice(engine, "engine", ENGINES),
+        tp=_positive_int(tp, "tp"),
+        ep=_positive_int(ep, "ep"),
+        data_scan=bool(data_scan),
+        smoke=smoke,
+        device=_choice(device, "device", DEVICES),
+        strict=bool(strict),
+        allow_unchecked=bool(allow_unchecked),
+        progress=progress,
+        cache_dir=_optional_path(cache_dir, "cache_dir"),
+        token=token,
+    )
+
+
+# --------------------------------------------------------------------------------------------- normalize
+def normalize_adapter(
+    adapter: PathLike,
+    output: PathLike | None = None,
+    *,
+    base: PathLike | None = None,
+    layout: str = "stacked",
+    rank: int | None = None,
+    dtype: str = "keep",
+    dry_run: bool = False,
+    force: bool = False,
+    drop_unsupported: bool = False,
+    progress: "WriteProgress | None" = None,
+    cache_dir: PathLike | None = None,
+    token: str | None = None,
+) -> "NormalizeResult":
+    """Convert an adapter into `layout` ("stacked", "sglang" or "peft") in the folder `output`; with
+    `dry_run=True` only plan. `progress` gets `start(total_bytes)` and then `advance(nbytes)` per group while
+    the output is written (`lora_convert.normalize.WriteProgress`). Returns a `lora_convert.normalize.NormalizeResult`.
+
+    Raises UsageError (bad argument, no output without dry_run, an output folder in the way),
+    AdapterNotFoundError, EnvironmentProblem, AdapterFormatError / AdapterConfigError (unreadable adapter),
+    BaseConfigError / SchemaError (base unresolvable or without a schema), UnsupportedAdapterError (modules it
+    refuses to convert, unless drop_unsupported=True)."""
+    from lora_convert.normalize import normalize as run_normalize
+
+    spec = _adapter_spec(adapter)
+    if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "advance")):
+        # Caught here, not as an AttributeError after seconds of planning.
+        raise UsageError(f"progress must have start(total_bytes) and advance(nbytes) methods, got {type(progress).__name__}.",
+                         hint="See lora_convert.normalize.WriteProgress.")
+    out = _optional_path(output, "output")
+    if out is None and not dry_run:
+        raise UsageError("normalize needs an output folder.", hint="Pass output=..., or dry_run=True to see the plan only.")
+    return run_normalize(
+        spec,
+        Path(out) if out is not None else None,
+        base=_optional_path(base, "base"),
+        rank=_positive_int(rank, "rank"),
+        dtype=_choice(dtype, "dtype", DTYPES),
+        dry_run=bool(dry_run),
+        force=bool(force),
+        drop_unsupported=bool(drop_unsupported),
+        cache_dir=_optional_path(cache_dir, "cache_dir"),
+        token=token,
+        progress=progress,
+        layout=_choice(layout, "layout", LAYOUTS),
+    )

@@ -1,0 +1,131 @@
+"""The pre-commit hook as a user gets it: `pre-commit try-repo` builds the hook's own environment from this
+repository (a non-editable `pip install` with every dependency) and runs `.pre-commit-hooks.yaml`'s hook on a real
+git repository holding adapters.
+
+The repository handed to try-repo is a committed copy of this working tree. try-repo on the checkout itself would
+take committed files plus modified tracked ones, but not new untracked files, so during development it would test
+a mix that exists nowhere; in CI (a fresh clone) the copy equals the checkout.
+
+This is the slowest test of the suite: try-repo creates the hook's virtualenv in a temporary store of its own
+(PRE_COMMIT_HOME does not apply to it, so nothing is reused between runs) and installs torch, triton and the rest
+into it: about 3 minutes on this 2-core machine (measured; nearly all of it pip fetching and unpacking). So one run covers a good adapter and two
+broken ones in the same repository: the hook fails, and the per-adapter verdicts show which passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.pyc", "*.egg-info", "build", "dist",
+                                    ".pytest_cache", ".hypothesis", "demo-out", "out", ".whl", ".gl")
+# The hook environment resolves `torch>=2.4` itself; this pin (the Makefile's TORCH_PIN) keeps pip on the CPU
+# wheel instead of a multi-GB CUDA build.
+TORCH_PIN = os.environ.get("TORCH_PIN", "torch==2.13.0")
+HOOK_ID = "lora-convert-validate"
+
+pytestmark = pytest.mark.slow
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, env=_git_env())
+
+
+def _git_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"})
+    return env
+
+
+def _committed_copy_of_checkout(dest: Path) -> Path:
+    shutil.copytree(ROOT, dest, ignore=NOT_SOURCE)
+    _git(dest, "init", "-q", "-b", "main")
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-q", "-m", "lora-convert working tree")
+    return dest
+
+
+def _copy_adapter(dest: Path, base: str) -> Path:
+    shutil.copytree(EXAMPLE / "adapter", dest)
+    config_path = dest / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    # The hook's args are the hook definition's ([--no-smoke]); the base comes from the adapter, as in a real repo.
+    config["base_model_name_or_path"] = base
+    config_path.write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def _edit_tensors(adapter: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _nan_in_lora_a(tensors) -> None:
+    key = next(k for k in sorted(tensors) if k.endswith("q_b_proj.lora_A.weight"))
+    tensors[key][0, 0] = float("nan")
+
+
+def _wrong_in_features(tensors) -> None:
+    key = next(k for k in sorted(tensors) if k.endswith("q_b_proj.lora_A.weight"))
+    tensors[key] = tensors[key][:, :-1].contiguous()  # one input column short of q_lora_rank
+
+
+def _try_repo(hook_repo: Path, project: Path, home: Path, constraints: Path) -> subprocess.CompletedProcess:
+    env = _git_env()
+    env.update({"PRE_COMMIT_HOME": str(home), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200",
+                # An environment variable overrides pip's config-file `constraint` (pip reads env after files).
+                "PIP_CONSTRAINT": str(constraints)})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run([sys.executable, "-m", "pre_commit", "try-repo", str(hook_repo), HOOK_ID, "--all-files",
+                           "--color", "never"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_hook_definition_as_pre_commit_reads_it():
+    from pre_commit.clientlib import load_manifest
+
+    (hook,) = [h for h in load_manifest(str(ROOT / ".pre-commit-hooks.yaml")) if h["id"] == HOOK_ID]
+    assert hook["language"] == "python" and hook["entry"] == "lora-convert validate"
+    assert hook["args"] == ["--no-smoke"] and hook["pass_filenames"] is True
+    assert yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())[0]["id"] == HOOK_ID
+
+
+def test_try_repo_installs_the_hook_and_catches_broken_adapters(tmp_path):
+    hook_repo = _committed_copy_of_checkout(tmp_path / "lora-convert")
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text(f"{TORCH_PIN}\n")
+
+    project = tmp_path / "project"
+    project.mkdir()
+    _git(project, "init", "-q", "-b", "main")
+    shutil.copytree(EXAMPLE / "base", project / "models" / "tiny-base")
+    _copy_adapter(project / "adapters" / "good", "models/tiny-base")
+    nan = _copy_adapter(project / "adapters" / "nan", "models/tiny-base")
+    _edit_tensors(nan, _nan_in_lora_a)
+    short = _copy_adapter(project / "adapters" / "short", "models/tiny-base")
+    _edit_tensors(short, _wrong_in_features)
+    _git(project, "add", "-A")  # --all-files runs on the files git tracks
+    _git(project, "commit", "-q", "-m", "adapters")
+
+    result = _try_repo(hook_repo, project, tmp_path / "pre-commit-home", constraints)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Failed" in result.stdout and "Traceback" not in out
+    verdicts = [line for line in result.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
+    assert [v.split(":")[0] for v in verdicts if "adapters/good" in v] == ["OK"], verdicts
+    assert [v.split(":")[0].split()[0] for v in verdicts if "adapters/nan" in v] == ["FAIL"], verdicts
+    assert [v.split(":")[0].split()[0] for v in verdicts if "adapters/short" in v] == ["FAIL"], verdicts
+    assert "data.nan" in result.stdout and "shapes.in-features" in result.stdout
