@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # pip from resolving the open `torch>=2.4` requirement to a multi-GB CUDA build. Real users keep the open range.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean readme
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 # TORCH_PIN reaches the tests too: tests/test_pre_commit_hook.py pins torch the same way in the hook's own environment.
 test: $(STAMP)
 	TORCH_PIN='$(TORCH_PIN)' $(BIN)/pytest -q
+
+# Re-run the README's sample commands and rewrite their outputs (tests/test_readme_samples.py checks them).
+readme: $(STAMP)
+	$(BIN)/python tests/readme_samples.py --write
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -1,6 +1,7 @@
 """`lora-convert inspect`: what an adapter holds, from headers and config alone.
 
-The JSON document (schema version 1, documented in docs/json-output.md) is built here; the CLI renders it.
+The JSON document (schema version 1; its fields are documented in docs/api.md, section inspect_adapter) is built
+here; the CLI renders it.
 """
 
 from __future__ import annotations

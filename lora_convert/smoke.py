@@ -162,7 +162,7 @@ def select_device(device: str) -> tuple[str, bool]:
         raise EnvironmentProblem("--device cuda was asked for, but torch sees no CUDA device here.",
                                  hint="Use --device cpu (the Triton interpreter) or --device auto, or run on a GPU machine.")
     if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}.")
+        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}.", hint="auto picks CUDA when present, else the CPU.")
     if device == "cuda" or (device == "auto" and has_cuda):
         return "cuda", False
     # The interpreter must be requested before the kernel modules are imported (triton.jit decides then).
@@ -189,7 +189,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int] | None:
         raise UsageError(f"--layers {spec!r} is not a layer list.", hint="Use all, auto, or a list such as 0,3,5-7.") from None
     bad = sorted(x for x in layers if x < 0 or x >= num_layers)
     if bad:
-        raise UsageError(f"--layers names layer(s) {bad}, but the base model has layers 0..{num_layers - 1}.")
+        raise UsageError(f"--layers names layer(s) {bad}, but the base model has layers 0..{num_layers - 1}.",
+                         hint="Pick layers inside that range, or pass --layers all.")
     return sorted(layers)
 
 
@@ -394,7 +395,7 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
 
     started = time.perf_counter()
     if tokens < 1:
-        raise UsageError("--tokens must be at least 1.")
+        raise UsageError("--tokens must be at least 1.", hint="The default, 160 tokens, is enough to exercise every slice.")
     torch_device, interpreter = select_device(device)
     target = resolve_adapter_source(adapter_spec, cache_dir=cache_dir, token=token)
     stacked_layout = None
@@ -402,7 +403,8 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
         try:
             stacked_layout = json.loads((target.path / LAYOUT_NAME).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{target.path / LAYOUT_NAME} is not valid JSON ({exc}).") from None
+            raise UsageError(f"{target.path / LAYOUT_NAME} is not valid JSON ({exc}).",
+                             hint="Re-create the output with lora-convert normalize; the file is written by it.") from None
         if original is None:
             raise UsageError(
                 f"{adapter_spec} is a stacked output; the smoke check needs the original PEFT adapter to compare with.",
@@ -416,7 +418,8 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
         tag = None
     else:
         if original is not None:
-            raise UsageError(f"--original is only for stacked outputs, and {adapter_spec} has no {LAYOUT_NAME}.")
+            raise UsageError(f"--original is only for stacked outputs, and {adapter_spec} has no {LAYOUT_NAME}.",
+                             hint="Drop --original to smoke-test a PEFT adapter directly (it is normalized in memory).")
         plan = plan_normalize(adapter_spec, base=base, rank=None, drop_unsupported=True, cache_dir=cache_dir, token=token)
         rank = plan.rank
         tag = output_dtype(plan, "keep")

@@ -184,7 +184,7 @@ def validate_adapter(
     run: list[str] = []
     skipped: dict[str, str] = {}
 
-    from lora_convert.adapter import load_adapter
+    from lora_convert.adapter import STACKED_LAYOUT_CODES, load_adapter
 
     try:
         adapter = load_adapter(source, strict_config=False)
@@ -200,7 +200,7 @@ def validate_adapter(
     # ---- config, keys, pairs, ranks (from adapter.py) ---------------------------------------------------
     adapter_findings = list(adapter.findings)
     if stacked:
-        adapter_findings = [f for f in adapter_findings if f.code not in STACKED_EXPECTED_CODES]
+        adapter_findings = [f for f in adapter_findings if f.code not in STACKED_LAYOUT_CODES]
     findings.extend(adapter_findings)
     findings.extend(config_findings(adapter))
     findings.extend(key_findings(adapter))
@@ -273,7 +273,10 @@ def validate_adapter(
         skipped["smoke"] = smoke_note
 
     # ---- engine -----------------------------------------------------------------------------------------------
-    if engine != "none":
+    if engine != "none" and not adapter.config.is_valid:
+        # The rules reason about ranks and scalings; on placeholder values they would invent findings.
+        skipped["engine"] = "adapter_config.json is invalid"
+    elif engine != "none":
         from lora_convert.engine_profiles import evaluate_engine
 
         findings.extend(evaluate_engine(engine, adapter, arch, text_config, scan=scan))
@@ -297,8 +300,8 @@ def validate_adapter(
             "bytes": adapter.total_bytes,
             "parameters": adapter.total_params,
             "expert_layout": adapter.expert_layout,
-            "r": adapter.config.r,
-            "lora_alpha": adapter.config.lora_alpha,
+            "r": None if "r" in adapter.config.invalid else adapter.config.r,
+            "lora_alpha": None if "lora_alpha" in adapter.config.invalid else adapter.config.lora_alpha,
         },
         "base_origin": base_cfg.origin if base_cfg is not None else None,
         "family": getattr(arch, "family", None),
@@ -438,7 +441,8 @@ def config_findings(adapter) -> list[Finding]:
             "serving engines do not apply trainable-token deltas.",
             keys=["trainable_token_indices"], actual=tti,
         ))
-    if cfg.target_modules is None and not cfg.target_parameters and adapter.modules:
+    targets_invalid = {"target_modules", "target_parameters"} & set(cfg.invalid)
+    if cfg.target_modules is None and not cfg.target_parameters and adapter.modules and not targets_invalid:
         out.append(warning("config.no-targets", "adapter_config.json has neither target_modules nor target_parameters; "
                            "engines infer the targets from it.", keys=["target_modules"]))
     elif isinstance(cfg.target_modules, str) and cfg.target_modules not in ("all", "all-linear"):
@@ -608,8 +612,6 @@ def moe_findings(adapter, arch) -> list[Finding]:
 
 
 # ------------------------------------------------------------------------------------------------ stacked
-# adapter.py judges keys by PEFT's grammar; a stacked output has fused [c*R, in] / [E, c*R, in] factors on purpose.
-STACKED_EXPECTED_CODES = {"shapes.not-2d", "rank.config-mismatch", "rank.fused-experts", "rank.a-b-mismatch"}
 
 
 def stacked_findings(adapter, arch) -> list[Finding]:

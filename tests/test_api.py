@@ -265,3 +265,23 @@ def test_docs_example_runs(index, tmp_path):
     code = _python_blocks()[index]
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"example {index} failed:\n{code}\n--- stderr:\n{run.stderr}"
+
+
+@pytest.mark.parametrize("function, argv", [
+    ("inspect_adapter", ["inspect", str(ADAPTER)]),
+    ("validate_adapter", ["validate", str(ADAPTER), "--base", str(BASE), "--no-smoke"]),
+    ("normalize_adapter", ["normalize", str(ADAPTER), "--base", str(BASE), "--dry-run"]),
+])
+def test_cli_commands_call_the_api(function, argv, monkeypatch):
+    """The CLI is a thin shell over the public API: each command makes exactly one call to its API function."""
+    from typer.testing import CliRunner
+
+    import lora_convert.api as api
+    from lora_convert.cli import app
+
+    calls = []
+    real = getattr(api, function)
+    monkeypatch.setattr(api, function, lambda *a, **k: calls.append(a) or real(*a, **k))
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1

@@ -83,6 +83,7 @@ def test_hook_definition():
     files = re.compile(h["files"])
     assert files.search("adapters/a/adapter_config.json") and files.search("adapter_config.json")
     assert files.search("x/adapter_model.safetensors") and files.search("x/adapter_model-00001-of-00002.safetensors")
+    assert files.search("x/adapter_model.safetensors.index.json")  # a sharded adapter whose index changed
     assert not files.search("x/config.json") and not files.search("x/adapter_config.json.bak")
 
 

@@ -64,7 +64,13 @@ def test_ci_examples_name_this_version():
         text = (ROOT / "lora_convert" / "__init__.py").read_text()
         version = re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
     tag = f"v{version}"
-    workflow = (ROOT / "examples" / "ci" / "validate-adapters.yml").read_text()
-    pre_commit = (ROOT / "examples" / "ci" / "pre-commit-config.yaml").read_text()
-    assert re.findall(r"lora-convert@(v[\w.]+)", workflow) and set(re.findall(r"lora-convert@(v[\w.]+)", workflow)) == {tag}
-    assert re.findall(r"rev:\s*(v[\w.]+)", pre_commit) == [tag]
+    places = [ROOT / "examples" / "ci" / "validate-adapters.yml", ROOT / "examples" / "ci" / "pre-commit-config.yaml",
+              ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    named = {}
+    for path in places:
+        text = path.read_text(encoding="utf-8")
+        for found in re.findall(r"lora-convert@(v[\w.]+)", text) + re.findall(r"^\s*rev:\s*(v[\w.]+)", text, flags=re.M):
+            named.setdefault(found, []).append(str(path.relative_to(ROOT)))
+    assert set(named) == {tag}, f"the CI examples must name {tag}: {named}"
+    # Both examples name a version (so the check above is about something).
+    assert all(any(str(p.relative_to(ROOT)) in v for v in named.values()) for p in places[:2])

@@ -284,6 +284,8 @@ def test_2_normalize_without_output(fast):
     (["validate", ADAPTER, "--base", BASE, "--engine", "nope"], ["--engine"]),
     (["smoke", ADAPTER, "--base", BASE, "--tokens", "0"], ["--tokens"]),
     (["smoke", ADAPTER, "--base", BASE, "--layers", "nope"], ["--layers"]),
+    (["smoke", ADAPTER, "--base", BASE, "--layers", "99"], ["--layers"]),  # past the base's last layer
+    (["smoke", ADAPTER, "--base", BASE, "--original", ADAPTER], ["--original"]),  # --original is for stacked outputs
     (["inspect", ADAPTER, "--format", "xml"], ["--format"]),
     (["schemas", "show"], ["ARCH_OR_PRESET"]),
 ])

@@ -27,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
-# Source folder -> where its files land in the wheel (pyproject's package-dir).
+# Source folder -> where its files land in the wheel (setup.py's MAPPED_FOLDERS).
 SHIPPED_SOURCES = {"lora_convert": "lora_convert", "kernels": "lora_convert/kernels", "schemas": "lora_convert/schemas"}
 # Not part of a source distribution: local environments, caches and outputs.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.pyc", "*.egg-info", "build", "dist",
@@ -118,7 +118,7 @@ def test_wheel_holds_every_module_and_json(installed):
     expected = _shipped_files(installed.source)
     assert "lora_convert/cli/__init__.py" in expected and "lora_convert/kernels/__init__.py" in expected
     missing = sorted(expected - names)
-    assert not missing, f"left out of the wheel (add the package to pyproject's [tool.setuptools] packages): {missing}"
+    assert not missing, f"left out of the wheel (see setup.py's package discovery): {missing}"
     assert not [n for n in names if n.split("/")[0] not in ("lora_convert",) and ".dist-info/" not in n], \
         "the wheel installs something besides lora_convert (e.g. a top-level `kernels`)"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns and cut module paths; use a wide page.
-stdout = Console(soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 200)
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns and cut module paths; use a wide page,
+# unless COLUMNS says how wide the page is (rich reads it when no width is given).
+stdout = Console(soft_wrap=False, highlight=False,
+                 width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
 stderr = Console(stderr=True, highlight=False)
 
 

@@ -25,10 +25,9 @@ def inspect_command(
 
     Example: lora-convert inspect ./my-adapter --format json | jq .families
     """
-    from lora_convert.adapter import load_adapter
-    from lora_convert.inspect import build_report
+    from lora_convert.api import inspect_adapter
 
-    report = build_report(load_adapter(adapter, cache_dir=cache_dir, token=token, strict_config=False))
+    report = inspect_adapter(adapter, cache_dir=cache_dir, token=token).to_json()
     if format is OutputFormat.json:
         print_json(report)
     else:

@@ -54,7 +54,7 @@ def normalize_command(
 
     Example: lora-convert normalize ./my-adapter -o ./my-adapter-stacked --base deepseek-v3
     """
-    from lora_convert.normalize import normalize
+    from lora_convert.api import normalize_adapter
 
     if output is None and not dry_run:
         raise UsageError("normalize needs an output folder.", hint="Pass -o OUT, or --dry-run to see the plan only.")
@@ -62,9 +62,9 @@ def normalize_command(
     try:
         if progress:
             progress.planning()
-        result = normalize(adapter, output, base=base, rank=rank, dtype=dtype.value, dry_run=dry_run, force=force,
-                           drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token, progress=progress,
-                           layout=layout.value)
+        result = normalize_adapter(adapter, output, base=base, rank=rank, dtype=dtype.value, dry_run=dry_run,
+                                   force=force, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token,
+                                   progress=progress, layout=layout.value)
     finally:
         if progress:
             progress.close()
@@ -143,5 +143,6 @@ def _render_summary(result) -> None:
     stdout.print(
         f"{where}: {s['groups']} groups from {s['source_modules']} source modules, rank {s['rank']}, {s['dtype']}; "
         f"{len(s['zero_filled_slices'])} zero-filled slice(s), {len(s['dropped'])} dropped; "
-        f"{s['bytes_in'] / 1e6:.1f} MB in, {s['bytes_out'] / 1e6:.1f} MB out, {s['seconds']:.2f} s"
+        f"{s['bytes_in'] / 1e6:.1f} MB in, {s['bytes_out'] / 1e6:.1f} MB out, {s['seconds']:.2f} s",
+        soft_wrap=True,  # one line, so that scripts can grep it
     )

@@ -7,7 +7,6 @@ from typing import List, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from lora_convert.cli._app import command
 from lora_convert.cli._options import Device, ADAPTER_HELP, BaseOpt, CacheDirOpt, TokenOpt
@@ -62,7 +61,7 @@ def validate_command(
 
     Example: lora-convert validate ./my-adapter --base Qwen/Qwen3-8B --engine sglang --format json
     """
-    from lora_convert.validate import validate_adapter
+    from lora_convert.api import validate_adapter
 
     adapters = _distinct(adapters)
     reports = []
@@ -159,25 +158,30 @@ SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
 def render_human(report) -> None:
+    """A heading, one block per finding (severity and code, then the message, keys, expected vs actual and fix
+    indented under it), and the verdict. Blocks rather than a table: a six-column table folds module paths and
+    messages into narrow columns at any width a terminal or CI log has."""
+    import textwrap
+
     stdout.print(f"[bold]{escape(_safe(report.adapter))}[/]" + (f"  base: {escape(_safe(report.base))}" if report.base else "  base: (none)")
                  + (f"  engine: {report.engine}" if report.engine != "none" else ""))
-    if report.findings:
-        table = Table(show_lines=False, expand=False)
-        for col in ("severity", "code", "message", "keys", "expected", "actual"):
-            table.add_column(col, overflow="fold")
-        previous = None
-        for f in report.findings:
-            sev = f.severity.value
-            if previous is not None and sev != previous:
-                table.add_section()
-            previous = sev
-            message = escape(_safe(f.message))
-            if f.fix:
-                message += f"\n[dim]fix: {escape(_safe(f.fix))}[/]"
-            keys = escape(_safe("\n".join(f.keys[:3]) + (f"\n(+{len(f.keys) - 3} more)" if len(f.keys) > 3 else "")))
-            table.add_row(f"[{SEVERITY_STYLE[sev]}]{sev}[/]", escape(f.code), message, keys,
-                          escape(_short(f.expected)), escape(_short(f.actual)))
-        stdout.print(table)
+    indent = " " * (max(len(s) for s in SEVERITY_STYLE) + 2)
+    text_width = max(40, stdout.width - len(indent))
+
+    def lines(text: str, style: str | None = None) -> None:
+        for line in textwrap.wrap(_safe(text), text_width, break_long_words=False, break_on_hyphens=False):
+            stdout.print(indent + (f"[{style}]{escape(line)}[/]" if style else escape(line)), soft_wrap=True)
+
+    for f in report.findings:
+        sev = f.severity.value
+        stdout.print(f"[{SEVERITY_STYLE[sev]}]{sev.ljust(len(indent))}[/][bold]{escape(f.code)}[/]", soft_wrap=True)
+        lines(f.message)
+        if f.keys:
+            lines(f"keys: {f.keys[0]}" + (f" (+{len(f.keys) - 1} more)" if len(f.keys) > 1 else ""), "dim")
+        if f.expected is not None or f.actual is not None:
+            lines(f"expected: {_short(f.expected)}  actual: {_short(f.actual)}", "dim")
+        if f.fix:
+            lines(f"fix: {f.fix}", "dim")
     style = "bold green" if report.ok else "bold red"
     # One line whatever the width, so that logs can be grepped for it (the same text as --format github prints).
     stdout.print(f"[{style}]{escape(_safe(report.verdict()))}[/]", soft_wrap=True)

@@ -1,0 +1,76 @@
+"""The README's sample outputs, produced by the tool itself.
+
+A sample in README.md is a fenced block between `<!-- sample -->` and `<!-- /sample -->`; its lines starting with
+`$ lora-convert ` are commands, everything else is what they printed. `render(readme_text)` runs every command
+(in a scratch folder holding a copy of examples/, at 100 columns, stdout and stderr as a terminal user sees them
+in order) and returns the README with fresh outputs; tests/test_readme_samples.py fails when the README differs,
+and `python tests/readme_samples.py --write` rewrites it (`make readme`).
+
+Timings vary between runs, so seconds are masked when comparing (`comparable`), never in the README itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- sample -->\n```[a-z]*\n)(.*?)(```\n<!-- /sample -->)", re.S)
+COLUMNS = 100
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).parent / "lora-convert"
+    if not script.exists():
+        raise RuntimeError(f"no lora-convert console script beside {sys.executable}; install the project first")
+    return str(script)
+
+
+def _run(command: str, cwd: Path) -> str:
+    argv = shlex.split(command)
+    assert argv[0] == "lora-convert", command
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_CONVERT_", "FORCE_COLOR"))}
+    env.update(COLUMNS=str(COLUMNS), NO_COLOR="1", TERM="dumb", HF_HUB_OFFLINE="1", TRITON_INTERPRET="1")
+    done = subprocess.run([_console_script(), *argv[1:]], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    return done.stdout
+
+
+def render(text: str) -> str:
+    """`text` with every sample block's output replaced by what its commands print now."""
+    with tempfile.TemporaryDirectory(prefix="lora-convert-readme-") as scratch:
+        work = Path(scratch)
+        shutil.copytree(ROOT / "examples", work / "examples")
+
+        def one_block(match: re.Match) -> str:
+            commands = [line[2:] for line in match.group(2).splitlines() if line.startswith("$ lora-convert ")]
+            if not commands:
+                raise ValueError(f"a README sample without a `$ lora-convert` command:\n{match.group(0)}")
+            body = "".join(f"$ {cmd}\n{_run(cmd, work)}" for cmd in commands)
+            return match.group(1) + body + match.group(3)
+
+        return BLOCK.sub(one_block, text)
+
+
+def samples(text: str) -> list[str]:
+    return [m.group(2) for m in BLOCK.finditer(text)]
+
+
+def comparable(sample: str) -> str:
+    """A sample with its timings masked (`0.71 s` -> `<t> s`)."""
+    return re.sub(r"\b\d+(\.\d+)? s\b", "<t> s", sample)
+
+
+if __name__ == "__main__":
+    fresh = render(README.read_text(encoding="utf-8"))
+    if "--write" in sys.argv:
+        README.write_text(fresh, encoding="utf-8")
+    else:
+        sys.stdout.write("".join(samples(fresh)))
