@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-# DeepSeek-V3 (lora_convert/presets/deepseek-v3.json)
+# DeepSeek-V3 (lora_convert/arch/presets/deepseek-v3.json)
 REAL = dict(hidden=7168, moe_inter=2048, experts=256, q_lora=1536, kv_lora=512, heads=128, nope=128, rope=64, v=128,
             first_dense=3, layers=61, rank=16)
 # The stress case: the real layer and expert counts, tiny everything else.
@@ -109,7 +109,7 @@ def adapter_config(d: dict, layout: str) -> dict:
 
 def tiny_base_config(d: dict) -> dict:
     """A deepseek_v3 config.json with the stress case's tiny dimensions and the real layer/expert counts."""
-    from lora_convert.base_config import find_preset
+    from lora_convert.arch.base_config import find_preset
 
     config = dict(find_preset("deepseek-v3")["config"])
     config.pop("quantization_config", None)
@@ -126,7 +126,7 @@ def tiny_base_config(d: dict) -> dict:
 def generate(out: Path, layout: str, moe_layers: int, dtype: str = "bf16", seed: int = 0) -> dict:
     import torch
 
-    from lora_convert.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+    from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
 
     if layout == "stress":
         d, tensor_layout = TINY, "per-expert"

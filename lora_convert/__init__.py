@@ -13,8 +13,8 @@ _API = {
     "validate_adapter": "lora_convert.api",
     "normalize_adapter": "lora_convert.api",
     "InspectResult": "lora_convert.api",
-    "ValidationReport": "lora_convert.validate",
-    "NormalizeResult": "lora_convert.normalize",
+    "ValidationReport": "lora_convert.check.validate",
+    "NormalizeResult": "lora_convert.convert.normalize",
 }
 
 __all__ = ["__version__", *_API]

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 from lora_convert.errors import AdapterNotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from lora_convert.normalize import NormalizeResult, WriteProgress
-    from lora_convert.validate import ValidationReport
+    from lora_convert.convert.normalize import NormalizeResult, WriteProgress
+    from lora_convert.check.validate import ValidationReport
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -104,7 +104,7 @@ class InspectResult:
 
     @classmethod
     def from_report(cls, report: dict[str, Any]) -> "InspectResult":
-        """From `lora_convert.inspect.build_report`'s document."""
+        """From `lora_convert.check.inspect.build_report`'s document."""
         names = [f.name for f in fields(cls) if not f.name.startswith("_")]
         return cls(**{name: report.get(name) for name in names}, _document=dict(report))
 
@@ -116,8 +116,8 @@ def inspect_adapter(adapter: PathLike, *, cache_dir: PathLike | None = None, tok
     An invalid adapter_config.json does not raise: it is reported in `config["errors"]` and makes `ok` False.
     Raises UsageError (bad argument), AdapterNotFoundError (no such folder or Hub repo), EnvironmentProblem (the
     Hub unreachable), AdapterFormatError (unreadable tensor files)."""
-    from lora_convert.adapter import load_adapter
-    from lora_convert.inspect import build_report
+    from lora_convert.peft.adapter import load_adapter
+    from lora_convert.check.inspect import build_report
 
     spec = _adapter_spec(adapter)
     loaded = load_adapter(spec, cache_dir=_optional_path(cache_dir, "cache_dir"), token=token, strict_config=False)
@@ -141,13 +141,13 @@ def validate_adapter(
     cache_dir: PathLike | None = None,
     token: str | None = None,
 ) -> "ValidationReport":
-    """Every check of `lora-convert validate` on one adapter; returns a `lora_convert.validate.ValidationReport`
+    """Every check of `lora-convert validate` on one adapter; returns a `lora_convert.check.validate.ValidationReport`
     (`.ok` is the verdict). Problems in the adapter are findings in the report, not exceptions.
 
     Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable, no CUDA for
     device="cuda" with smoke=True)."""
-    from lora_convert.validate import DEVICES, ENGINES
-    from lora_convert.validate import validate_adapter as run_validate
+    from lora_convert.check.validate import DEVICES, ENGINES
+    from lora_convert.check.validate import validate_adapter as run_validate
 
     return run_validate(
         _adapter_spec(adapter),
@@ -184,19 +184,19 @@ def normalize_adapter(
 ) -> "NormalizeResult":
     """Convert an adapter into `layout` ("stacked", "sglang" or "peft") in the folder `output`; with
     `dry_run=True` only plan. `progress` gets `start(total_bytes)` and then `advance(nbytes)` per group while
-    the output is written (`lora_convert.normalize.WriteProgress`). Returns a `lora_convert.normalize.NormalizeResult`.
+    the output is written (`lora_convert.convert.normalize.WriteProgress`). Returns a `lora_convert.convert.normalize.NormalizeResult`.
 
     Raises UsageError (bad argument, no output without dry_run, an output folder in the way),
     AdapterNotFoundError, EnvironmentProblem, AdapterFormatError / AdapterConfigError (unreadable adapter),
     BaseConfigError / SchemaError (base unresolvable or without a schema), UnsupportedAdapterError (modules it
     refuses to convert, unless drop_unsupported=True)."""
-    from lora_convert.normalize import normalize as run_normalize
+    from lora_convert.convert.normalize import normalize as run_normalize
 
     spec = _adapter_spec(adapter)
     if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "advance")):
         # Caught here, not as an AttributeError after seconds of planning.
         raise UsageError(f"progress must have start(total_bytes) and advance(nbytes) methods, got {type(progress).__name__}.",
-                         hint="See lora_convert.normalize.WriteProgress.")
+                         hint="See lora_convert.convert.normalize.WriteProgress.")
     out = _optional_path(output, "output")
     if out is None and not dry_run:
         raise UsageError("normalize needs an output folder.", hint="Pass output=..., or dry_run=True to see the plan only.")

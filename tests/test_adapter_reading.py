@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from lora_convert import tensor_files
-from lora_convert.adapter import ExpertLayout, ModuleKind, load_adapter
+from lora_convert.io import tensor_files
+from lora_convert.peft.adapter import ExpertLayout, ModuleKind, load_adapter
 from lora_convert.errors import AdapterFormatError, AdapterNotFoundError, EnvironmentProblem, UsageError
 
 P = "base_model.model.model.layers"
@@ -42,7 +42,7 @@ def test_listing_reads_no_tensor_data(adapter_writer, monkeypatch):
 
     monkeypatch.setattr(tensor_files, "read_tensor_data", forbidden)
     adapter = load_adapter(str(folder))
-    from lora_convert.inspect import build_report
+    from lora_convert.check.inspect import build_report
 
     assert build_report(adapter)["module_count"] == 1
     with pytest.raises(AssertionError):

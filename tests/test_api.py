@@ -32,13 +32,13 @@ def test_public_names_are_functions_not_submodules():
 
     assert callable(inspect_adapter) and callable(validate_adapter) and callable(normalize_adapter)
     # importing the submodules of the same stem must not shadow the API functions
-    import lora_convert.inspect  # noqa: F401
-    import lora_convert.normalize  # noqa: F401
-    import lora_convert.validate  # noqa: F401
+    import lora_convert.check.inspect  # noqa: F401
+    import lora_convert.convert.normalize  # noqa: F401
+    import lora_convert.check.validate  # noqa: F401
 
     assert lora_convert.normalize_adapter is normalize_adapter
-    assert lora_convert.ValidationReport is lora_convert.validate.ValidationReport
-    assert lora_convert.NormalizeResult is lora_convert.normalize.NormalizeResult
+    assert lora_convert.ValidationReport is lora_convert.check.validate.ValidationReport
+    assert lora_convert.NormalizeResult is lora_convert.convert.normalize.NormalizeResult
     assert {"inspect_adapter", "validate_adapter", "normalize_adapter"} <= set(dir(lora_convert))
     assert lora_convert.__version__ == "0.2.0"
 
@@ -52,7 +52,7 @@ def test_import_is_cheap_in_a_fresh_interpreter():
     code = (
         "import sys, json, lora_convert\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'triton') or m in "
-        "('lora_convert.api', 'lora_convert.validate', 'lora_convert.normalize', 'lora_convert.adapter')]\n"
+        "('lora_convert.api', 'lora_convert.check.validate', 'lora_convert.convert.normalize', 'lora_convert.peft.adapter')]\n"
         "print(json.dumps(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -218,7 +218,7 @@ def test_missing_adapter_folder(function, tmp_path):
 
 def test_a_path_object_is_never_taken_for_a_hub_id(tmp_path, monkeypatch):
     # "org/name" as a str is a Hub id; as a Path that does not exist it is a missing folder, with no Hub access
-    import lora_convert.source as source
+    import lora_convert.io.source as source
 
     fetched = []
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lora_convert import data_scan
-from lora_convert.adapter import load_adapter
-from lora_convert.data_scan import dtype_findings, scan_adapter, tensor_stats
+from lora_convert.check import data_scan
+from lora_convert.peft.adapter import load_adapter
+from lora_convert.check.data_scan import dtype_findings, scan_adapter, tensor_stats
 
 
 def _key(layer, module, factor):

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import case_base_dir, case_dir, fixture_cases
-from lora_convert.engine_layouts import REPORT_FILE
+from lora_convert.convert.engine_layouts import REPORT_FILE
 from lora_convert.errors import UnsupportedAdapterError
-from lora_convert.normalize import MANIFEST_FILE
+from lora_convert.convert.normalize import MANIFEST_FILE
 from sglang_loader_sim import simulate
 
 CASES = fixture_cases()
@@ -33,7 +33,7 @@ SGLANG_NOTHING_LEFT = {"v5_deepseek_v3_noq"}
 
 
 def _normalize(case: str, out: Path, layout: str, drop: bool):
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     return normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, drop_unsupported=drop)
 
@@ -248,7 +248,7 @@ def test_nemotron_in_proj_with_zero_bcdt_rows_is_split_exactly(tmp_path, root):
     adapter.mkdir()
     save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     (adapter / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     normalize(str(adapter), tmp_path / "sglang", base=str(case_base_dir(case)), layout="sglang")
     normalize(str(adapter), tmp_path / "stacked", base=str(case_base_dir(case)))
@@ -266,8 +266,8 @@ def test_peft_layout_round_trips_to_the_stacked_layout(case, root, tmp_path):
     if out is None:
         assert case in NOTHING_LEFT, refusal
         return
-    from lora_convert.adapter import load_adapter
-    from lora_convert.normalize import normalize
+    from lora_convert.peft.adapter import load_adapter
+    from lora_convert.convert.normalize import normalize
 
     config = json.loads((out / "adapter_config.json").read_text())
     R = config["r"]
@@ -317,7 +317,7 @@ SMOKE_CASES = ["v4_llama", "v5_deepseek_v3", "v4emu_kimi_k25", "v5_mixtral", "v5
 @pytest.mark.parametrize("layout", ["sglang", "peft"])
 @pytest.mark.parametrize("case", SMOKE_CASES)
 def test_our_reader_and_smoke_accept_the_output(case, layout, root):
-    from lora_convert.smoke import run_smoke
+    from lora_convert.smoke.runner import run_smoke
 
     out, drop, _ = produce(case, layout, root)
     report = run_smoke(str(out), base=str(case_base_dir(case)), device="cpu", tokens=8, layers="all")
@@ -331,7 +331,7 @@ ENGINE_OF = {"sglang": "sglang", "peft": "vllm"}
 @pytest.mark.parametrize("layout", ["sglang", "peft"])
 @pytest.mark.parametrize("case", CASES)
 def test_validate_engine_reports_nothing_on_the_matching_layout(case, layout, root):
-    from lora_convert.validate import validate_adapter
+    from lora_convert.check.validate import validate_adapter
 
     out, drop, refusal = produce(case, layout, root)
     if out is None:
@@ -358,7 +358,7 @@ def _embedding_adapter(tmp_path):
 
 
 def test_embedding_lora_in_both_layouts(tmp_path):
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     adapter = _embedding_adapter(tmp_path)
     base = str(case_base_dir("v5_llama"))
@@ -418,7 +418,7 @@ def test_progress_total_is_the_bytes_written(case, layout, tmp_path):
 
     rec = Recorder()
     out = tmp_path / "out"
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     result = normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, progress=rec,
                        drop_unsupported=True)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from helpers import case_base_dir, case_dir, case_meta, fixture_cases  # noqa: E402
 from lora_convert.errors import UnsupportedAdapterError  # noqa: E402
-from lora_convert.naming import parse_key  # noqa: E402
+from lora_convert.peft.naming import parse_key  # noqa: E402
 
 pytestmark = pytest.mark.peft
 TOLERANCE = 1e-4
@@ -57,7 +57,7 @@ NOT_PER_MODULE_ON_TRANSFORMERS_5 = {
 
 
 def _produce(case: str, out: Path):
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     base = str(case_base_dir(case))
     try:
@@ -156,7 +156,7 @@ def test_peft_layout_reproduces_peft_logits(case, tmp_path):
 
 def test_embedding_lora_round_trips_through_peft(tmp_path):
     from helpers import write_adapter
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     base = case_base_dir("v5_llama")
     cfg = json.loads((base / "config.json").read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lora_convert.engine_profiles import FEATURES, OUTCOMES, load_rules
-from lora_convert.validate import validate_adapter
+from lora_convert.engines.profiles import FEATURES, OUTCOMES, load_rules
+from lora_convert.check.validate import validate_adapter
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 HAVE_FIXTURES = (DATA / "cases").is_dir()

@@ -123,7 +123,7 @@ def test_header_of_hundreds_of_megabytes_is_refused_without_reading(tmp_path):
         handle.write(struct.pack("<Q", size))
         handle.truncate(size + 8)
     from lora_convert.errors import AdapterFormatError
-    from lora_convert.tensor_files import read_safetensors_header
+    from lora_convert.io.tensor_files import read_safetensors_header
 
     started = time.monotonic()
     with pytest.raises(AdapterFormatError, match="larger than"):
@@ -242,7 +242,7 @@ def test_missing_folder_is_a_usage_error(tmp_path):
 
 def test_control_characters_in_key_via_library(tmp_path):
     from lora_convert.errors import AdapterFormatError
-    from lora_convert.tensor_files import read_safetensors_header
+    from lora_convert.io.tensor_files import read_safetensors_header
 
     path = tmp_path / "x.safetensors"
     path.write_bytes(HOSTILE_FILES["control-char-key"])

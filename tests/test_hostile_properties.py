@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_convert.errors import AdapterFormatError
-from lora_convert.naming import PEFT_PREFIX, Factor, parse_key
-from lora_convert.tensor_files import DTYPE_SIZES, read_safetensors_header
+from lora_convert.peft.naming import PEFT_PREFIX, Factor, parse_key
+from lora_convert.io.tensor_files import DTYPE_SIZES, read_safetensors_header
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

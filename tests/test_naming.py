@@ -1,6 +1,6 @@
 import pytest
 
-from lora_convert.naming import Factor, module_without_expert, parse_key
+from lora_convert.peft.naming import Factor, module_without_expert, parse_key
 
 
 @pytest.mark.parametrize(

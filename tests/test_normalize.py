@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from helpers import case_base_dir, case_dir, case_meta, fixture_cases
 from lora_convert.errors import UnsupportedAdapterError, UsageError
-from lora_convert.naming import parse_key
+from lora_convert.peft.naming import parse_key
 
 # Fixtures that normalize must refuse without --drop-unsupported, and the code of the refusal.
 REFUSED = {"dora": "config.dora", "vision": "modules.vision"}
@@ -31,7 +31,7 @@ CONVERTIBLE = [c for c in CASES if refused_code(c) is None]
 
 
 def run_normalize(case: str, out: Path, **kw):
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     return normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), **kw)
 
@@ -164,7 +164,7 @@ def test_input_is_not_modified(tmp_path):
 
 
 def test_existing_output_needs_force_and_force_replaces_only_our_output(tmp_path):
-    from lora_convert.normalize import MANIFEST_FILE
+    from lora_convert.convert.normalize import MANIFEST_FILE
 
     case = CONVERTIBLE[0]
     out = tmp_path / "out"
@@ -251,7 +251,7 @@ def test_padding_to_a_larger_rank_stays_exact(tmp_path):
 
 
 def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
-    from lora_convert import normalize as normalize_module
+    from lora_convert.convert import normalize as normalize_module
 
     real = normalize_module.build_group_tensors
     calls = {"n": 0}

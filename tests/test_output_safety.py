@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lora_convert.cli import app
-from lora_convert.normalize import MANIFEST_FILE
+from lora_convert.convert.normalize import MANIFEST_FILE
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
 STACKED_FILES = {"adapter_config.json", "adapter_model.safetensors", "lora_layout.json", MANIFEST_FILE}
@@ -207,7 +207,7 @@ class _Interrupt:
 
 @pytest.mark.parametrize("layout", ["stacked", "peft"])
 def test_an_interrupted_run_keeps_the_previous_output(root, monkeypatch, layout):
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     first = run(root, "d/myad", "--base", "d/base", "-o", "out", monkeypatch=monkeypatch)
     assert first.exit_code == 0, first.output
@@ -222,7 +222,7 @@ def test_an_interrupted_run_keeps_the_previous_output(root, monkeypatch, layout)
 
 def test_library_accepts_paths_and_refuses_like_the_cli(root):
     from lora_convert.errors import UsageError
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     before = tree(root)
     with pytest.raises(UsageError, match="contains the input adapter folder"):

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from lora_convert.errors import AdapterConfigError
-from lora_convert.peft_config import load_config_file, match_pattern, parse_config
+from lora_convert.peft.config import load_config_file, match_pattern, parse_config
 
 
 def test_scaling_plain_and_rslora():
@@ -179,7 +179,7 @@ def test_known_rank_and_scaling_follow_the_fields_they_come_from():
 def test_strict_loading_names_the_key(tmp_path):
     import json
 
-    from lora_convert.adapter import load_adapter
+    from lora_convert.peft.adapter import load_adapter
 
     folder = tmp_path / "ad"
     folder.mkdir()

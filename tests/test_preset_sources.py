@@ -20,7 +20,7 @@ HUB_CONFIG = re.compile(r"^https://huggingface\.co/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-
 
 
 def _presets() -> list[tuple[str, dict]]:
-    files = sorted(p for p in resources.files("lora_convert.presets").iterdir() if p.name.endswith(".json"))
+    files = sorted(p for p in resources.files("lora_convert.arch.presets").iterdir() if p.name.endswith(".json"))
     return [(p.name, json.loads(p.read_text(encoding="utf-8"))) for p in files]
 
 
@@ -68,7 +68,7 @@ def test_hub_config_url_is_separate_and_declared_unread(name, preset):
 
 def test_the_loader_still_accepts_every_preset():
     # The loader is not strict about keys; this guards that the new field does not break it.
-    from lora_convert.base_config import find_preset, list_presets
+    from lora_convert.arch.base_config import find_preset, list_presets
 
     names = [p["name"] for p in list_presets()]
     assert sorted(names) == sorted(p["name"] for _, p in PRESETS)

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from lora_convert.adapter import LoraModule
-from lora_convert.base_config import resolve_base
+from lora_convert.peft.adapter import LoraModule
+from lora_convert.arch.base_config import resolve_base
 from lora_convert.errors import BaseConfigError, SchemaError
-from lora_convert.naming import parse_key
-from lora_convert.schema import (
+from lora_convert.peft.naming import parse_key
+from lora_convert.arch.schema import (
     Architecture,
     bind,
     list_schemas,
@@ -22,7 +22,7 @@ from lora_convert.schema import (
     parse_schema,
     schema_for_config,
 )
-import lora_convert.schema as schema_module
+import lora_convert.arch.schema as schema_module
 
 FAMILIES = ["deepseek_v3", "kimi_k25", "llama", "mixtral", "nemotron_h", "qwen3_5", "qwen3_5_moe", "qwen3_moe",
             "qwen3_next"]
@@ -359,8 +359,8 @@ def test_resolve_is_constant_time_for_100k_modules(presets):
 
 
 def test_schema_modules_do_not_import_torch():
-    code = ("import sys; import lora_convert.schema, lora_convert.expr, lora_convert.base_config as b;"
-            "from lora_convert.schema import bind; bind(b.resolve_base('deepseek-v3'));"
+    code = ("import sys; import lora_convert.arch.schema, lora_convert.arch.expr, lora_convert.arch.base_config as b;"
+            "from lora_convert.arch.schema import bind; bind(b.resolve_base('deepseek-v3'));"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

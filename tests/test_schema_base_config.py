@@ -8,7 +8,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import errors as hub_errors
 
-from lora_convert.base_config import find_preset, list_presets, resolve_base, unwrap_text_config
+from lora_convert.arch.base_config import find_preset, list_presets, resolve_base, unwrap_text_config
 from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
 
 LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64}

@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import lora_convert.schema as schema_module
+import lora_convert.arch.schema as schema_module
 from lora_convert.cli import app
-from lora_convert.schema import load_schema
+from lora_convert.arch.schema import load_schema
 
 runner = CliRunner()
 

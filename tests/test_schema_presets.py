@@ -2,7 +2,7 @@
 
 Each row is `group: (in, out, slices, gated, experts)` where slices is a tuple of (name, out) for fused groups
 (None for a group of one). The arithmetic is written next to each number; the config values come from the
-preset files in lora_convert/presets/ (which cite their sources), the formulas from the models' modeling code.
+preset files in lora_convert/arch/presets/ (which cite their sources), the formulas from the models' modeling code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lora_convert.base_config import list_presets
+from lora_convert.arch.base_config import list_presets
 from lora_convert.cli import app
 
 

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lora_convert.adapter import LoraModule, load_adapter
-from lora_convert.base_config import resolve_base
+from lora_convert.peft.adapter import LoraModule, load_adapter
+from lora_convert.arch.base_config import resolve_base
 from lora_convert.findings import Severity
-from lora_convert.naming import parse_key
-from lora_convert.schema import bind
-from lora_convert.shape_check import check_shapes
-from lora_convert.tensor_files import read_safetensors_header
+from lora_convert.peft.naming import parse_key
+from lora_convert.arch.schema import bind
+from lora_convert.arch.shape_check import check_shapes
+from lora_convert.io.tensor_files import read_safetensors_header
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 INDEX = json.loads((DATA / "INDEX.json").read_text())  # the fixtures are part of the repo: fail loudly if absent

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from helpers import case_base_dir, case_dir, fixture_cases
 from lora_convert.cli import app
-from lora_convert.smoke import run_smoke
+from lora_convert.smoke.runner import run_smoke
 
 SMOKE_CASES = [c for c in fixture_cases() if "dora" not in c and "vision" not in c]
 
@@ -29,7 +29,7 @@ def test_smoke_passes_on_every_fixture(case):
 
 
 def normalized(case, tmp_path):
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     out = tmp_path / "stacked"
     normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)))
@@ -118,7 +118,7 @@ def test_expert_factors_from_the_neighbour_are_caught(tmp_path):
 
 def test_3d_b_read_expert_major_is_caught(tmp_path):
     """A normalizer that reads PEFT's rank-major 3-D B as expert-major passes every shape check."""
-    from lora_convert.adapter import load_adapter
+    from lora_convert.peft.adapter import load_adapter
 
     case = "v5_deepseek_v3"
     out = normalized(case, tmp_path)

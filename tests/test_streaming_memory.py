@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_convert import normalize as normalize_module
-from lora_convert.adapter import Adapter
-from lora_convert.base_config import find_preset
+from lora_convert.convert import normalize as normalize_module
+from lora_convert.peft.adapter import Adapter
+from lora_convert.arch.base_config import find_preset
 
 H, I, E, R, LAYERS = 64, 32, 8, 4, 12
 P = "base_model.model.model.layers"

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from lora_convert.cli import app
-from lora_convert.validate import validate_adapter
+from lora_convert.check.validate import validate_adapter
 
 H, HEADS, KV, HD, LAYERS, VOCAB = 16, 4, 1, 4, 2, 100
 BASE_CONFIG = {
@@ -244,7 +244,7 @@ def test_smoke_unavailable(adapter_writer):
     off = doc_of(invoke(folder, "--format", "json", "--no-data", "--no-smoke"))
     sev = lambda d: [f["severity"] for f in d["findings"] if f["code"] == "smoke.unavailable"]  # noqa: E731
     try:
-        import lora_convert.smoke  # noqa: F401
+        import lora_convert.smoke.runner  # noqa: F401
     except ImportError:
         assert sev(default) == ["info"] and sev(asked) == ["warning"]
     assert sev(off) == [] and off["summary"]["checks"]["skipped"]["smoke"] == "--no-smoke"

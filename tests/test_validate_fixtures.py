@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_convert.validate import validate_adapter
+from lora_convert.check.validate import validate_adapter
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 CASES = sorted(p.name for p in (DATA / "cases").iterdir() if (p / "adapter").is_dir()) if (DATA / "cases").is_dir() else []
@@ -128,7 +128,7 @@ def test_fixture_json_document_via_cli():
 
 @pytest.mark.parametrize("case", ["v4_deepseek_v3", "v5_deepseek_v3", "v5_qwen3_5", "v4_mixtral"])
 def test_stacked_outputs_validate_against_their_layout(tmp_path, case):
-    from lora_convert.normalize import normalize
+    from lora_convert.convert.normalize import normalize
 
     out = tmp_path / "stacked"
     normalize(str(DATA / "cases" / case / "adapter"), out, base=base_of(case))

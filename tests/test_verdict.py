@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from helpers import write_adapter
 from lora_convert.cli import app
-from lora_convert.validate import CHECKS, validate_adapter
+from lora_convert.check.validate import CHECKS, validate_adapter
 
 H, HEADS, KV, HD, LAYERS = 16, 4, 1, 4, 2
 LLAMA = {

@@ -162,7 +162,7 @@ def test_only_installed_files_are_used(installed, probe):
     venv = installed.venv.resolve()
     modules = probe["modules"]
     for name in ("lora_convert", "lora_convert.cli", "lora_convert.kernels", "lora_convert.schemas",
-                 "lora_convert.presets", "lora_convert.engines"):
+                 "lora_convert.arch.presets", "lora_convert.engines"):
         assert name in modules, f"{name} is not importable from the installed wheel"
     outside = {n: f for n, f in modules.items() if not Path(f).resolve().is_relative_to(venv)}
     assert not outside, f"modules loaded from outside the fresh venv: {outside}"

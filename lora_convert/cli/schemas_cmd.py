@@ -37,8 +37,8 @@ def list_command(format: OutputFormat = FormatOpt) -> None:
 
     Example: lora-convert schemas list --format json | jq '.presets[].name'
     """
-    from lora_convert.base_config import find_preset, list_presets
-    from lora_convert.schema import list_schemas, load_schema, schema_for_config
+    from lora_convert.arch.base_config import find_preset, list_presets
+    from lora_convert.arch.schema import list_schemas, load_schema, schema_for_config
 
     families = []
     for family in list_schemas():
@@ -89,8 +89,8 @@ def show_command(
 
     Example: lora-convert schemas show deepseek-v3
     """
-    from lora_convert.base_config import resolve_base
-    from lora_convert.schema import bind, list_schemas, load_schema
+    from lora_convert.arch.base_config import resolve_base
+    from lora_convert.arch.schema import bind, list_schemas, load_schema
 
     if target is None and base is None:
         raise UsageError("Give a schema family or preset (ARCH_OR_PRESET), or --base.",
@@ -169,8 +169,8 @@ def _render_symbolic(described: dict) -> None:
 # ------------------------------------------------------------------------------------------------ check
 def run_check() -> dict:
     """Load every shipped schema strictly and bind it to every preset it matches; collect every problem."""
-    from lora_convert.base_config import find_preset, list_presets, preset_base
-    from lora_convert.schema import bind, list_schemas, load_schema, schema_for_config
+    from lora_convert.arch.base_config import find_preset, list_presets, preset_base
+    from lora_convert.arch.schema import bind, list_schemas, load_schema, schema_for_config
 
     report: dict = {"ok": True, "schemas": [], "presets": []}
     covered: set[str] = set()

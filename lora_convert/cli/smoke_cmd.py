@@ -33,7 +33,7 @@ def smoke_command(
     Examples: lora-convert smoke ./my-adapter --base deepseek-v3
               lora-convert smoke ./stacked --original ./my-adapter --device cuda
     """
-    from lora_convert.smoke import TOLERANCES, run_smoke
+    from lora_convert.smoke.runner import TOLERANCES, run_smoke
 
     report = run_smoke(adapter, base=base, original=original, device=device.value, tokens=tokens, layers=layers, seed=seed,
                        cache_dir=cache_dir, token=token)

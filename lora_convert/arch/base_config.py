@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
 
-PRESET_PACKAGE = "lora_convert.presets"
+PRESET_PACKAGE = "lora_convert.arch.presets"
 # Where multimodal wrappers keep the language model's config (Kimi-K2.5, Qwen3.5-VL: `text_config`).
 TEXT_CONFIG_FIELDS = ("text_config", "llm_config", "language_config")
 
@@ -146,7 +146,7 @@ def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
     if preset is not None:
         note = None if preset["name"].lower() == spec.lower() else f"matched the adapter's base_model_name_or_path {spec!r}"
         return preset_base(preset, note)
-    from lora_convert.source import looks_like_path, parse_hub_id
+    from lora_convert.io.source import looks_like_path, parse_hub_id
 
     where = "--base" if explicit else "The adapter's base_model_name_or_path"
     # What the user typed names nothing: a usage error. The same name from adapter_config.json is the adapter's.
@@ -200,7 +200,7 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
     except ImportError:  # pragma: no cover - a declared dependency
         raise EnvironmentProblem("huggingface_hub is not installed, so Hub ids cannot be used for --base.",
                                  hint="pip install huggingface_hub, or use a local config.json or a preset.") from None
-    from lora_convert.source import hub_unreachable, offline_reason
+    from lora_convert.io.source import hub_unreachable, offline_reason
 
     fallback = find_preset(repo_id, hub_ids=True)
     unreachable = hub_unreachable(repo_id, "config.json", revision=revision, token=token)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lora_convert.errors import UnsupportedAdapterError
-from lora_convert.plan import DroppedModule, Plan, PlannedGroup, _new_group
+from lora_convert.convert.plan import DroppedModule, Plan, PlannedGroup, _new_group
 
 LAYOUTS = ("sglang", "peft")
 REPORT_FILE = "lora_convert_report.json"
@@ -93,7 +93,7 @@ class LayoutPlan:
                 yield lg, m
 
     def tensor_specs(self, dtype: str):
-        from lora_convert.safetensors_writer import TensorSpec
+        from lora_convert.io.safetensors_writer import TensorSpec
 
         R = self.rank
         specs = []
@@ -104,7 +104,7 @@ class LayoutPlan:
         return specs
 
     def adapter_config(self) -> dict[str, Any]:
-        from lora_convert.normalize import output_config
+        from lora_convert.convert.normalize import output_config
 
         return output_config(self.plan, self.target_modules)
 
@@ -323,7 +323,7 @@ def _mamba_bcdt_loss(plan: Plan, g: PlannedGroup) -> tuple[float, int] | None:
     """(share of the delta, rows) held by the B/C/dt rows of a Nemotron-H mamba in_proj, or None if exactly zero."""
     import torch
 
-    from lora_convert.normalize import build_group_tensors
+    from lora_convert.convert.normalize import build_group_tensors
 
     A, B = build_group_tensors(plan, g, "F32", plan.adapter.read)
     R = plan.rank
@@ -371,7 +371,7 @@ def iter_layout_tensors(lp: LayoutPlan, dtype_tag: str, read: Callable[[str], An
     `progress.advance` gets, after each group, the bytes of the tensors yielded for it (normalize.WriteProgress)."""
     import torch
 
-    from lora_convert import normalize as normalize_module
+    from lora_convert.convert import normalize as normalize_module
 
     plan = lp.plan
     R = plan.rank
@@ -402,7 +402,7 @@ def iter_layout_tensors(lp: LayoutPlan, dtype_tag: str, read: Callable[[str], An
 
 def write_layout(lp: LayoutPlan, output: str | Path, *, dtype: str = "keep", force: bool = False, progress=None,
                  protected: list[tuple[str, Path]] | None = None):
-    from lora_convert.normalize import NormalizeResult, output_dtype, write_folder
+    from lora_convert.convert.normalize import NormalizeResult, output_dtype, write_folder
 
     started = time.perf_counter()
     plan = lp.plan

@@ -21,7 +21,7 @@ Checks, in order (docs/validate.md lists every code):
   moe      experts missing per layer, projections missing per expert, expert LoRA on dense layers
   data     NaN/Inf, all-zero B, dtypes, magnitude outliers (streams tensors one at a time; `data_scan=False` skips)
   sharding with tp/ep: dimensions that would not divide
-  smoke    a forward pass (`lora_convert.smoke`, when installed)
+  smoke    a forward pass (`lora_convert.smoke.runner`, when installed)
   engine   what the chosen engine would do with each feature (`engine_profiles`, rules in engines/*.json)
 """
 
@@ -44,7 +44,7 @@ from lora_convert.errors import (
 )
 from lora_convert.text import spans
 from lora_convert.findings import Finding, Severity, error, info, sort_findings, warning
-from lora_convert.source import AdapterSource, resolve_adapter_source
+from lora_convert.io.source import AdapterSource, resolve_adapter_source
 
 ENGINES = ("none", "sglang", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
@@ -184,7 +184,7 @@ def validate_adapter(
     run: list[str] = []
     skipped: dict[str, str] = {}
 
-    from lora_convert.adapter import STACKED_LAYOUT_CODES, load_adapter
+    from lora_convert.peft.adapter import STACKED_LAYOUT_CODES, load_adapter
 
     try:
         adapter = load_adapter(source, strict_config=False)
@@ -217,7 +217,7 @@ def validate_adapter(
     findings.extend(vocab_findings(adapter, text_config))
 
     # ---- shapes --------------------------------------------------------------------------------------------
-    check_shapes = _optional("lora_convert.shape_check", "check_shapes")
+    check_shapes = _optional("lora_convert.arch.shape_check", "check_shapes")
     if stacked:
         findings.extend(stacked_findings(adapter, arch))
         run.append("shapes")
@@ -233,12 +233,12 @@ def validate_adapter(
     run.append("moe")
 
     # ---- data -------------------------------------------------------------------------------------------------
-    from lora_convert.data_scan import dtype_findings, scan_adapter
+    from lora_convert.check.data_scan import dtype_findings, scan_adapter
 
     findings.extend(dtype_findings(adapter.index))
     scan = None
     if data_scan:
-        from lora_convert.engine_profiles import row_energy_modules
+        from lora_convert.engines.profiles import row_energy_modules
 
         scan = scan_adapter(adapter, progress=progress, row_energy_modules=row_energy_modules(adapter, arch) if engine != "none" else ())
         scan_findings = scan.findings
@@ -277,7 +277,7 @@ def validate_adapter(
         # The rules reason about ranks and scalings; on placeholder values they would invent findings.
         skipped["engine"] = "adapter_config.json is invalid"
     elif engine != "none":
-        from lora_convert.engine_profiles import evaluate_engine
+        from lora_convert.engines.profiles import evaluate_engine
 
         findings.extend(evaluate_engine(engine, adapter, arch, text_config, scan=scan))
         run.append("engine")
@@ -326,8 +326,8 @@ def _resolve_base(adapter, spec: str | None, *, cache_dir, token):
     An explicit --base that cannot be resolved raises (the user asked for it); an implicit one becomes a warning,
     and the shape check it prevents becomes `shapes.unchecked` (see `unchecked_finding`).
     """
-    resolve_base = _optional("lora_convert.base_config", "resolve_base")
-    bind = _optional("lora_convert.schema", "bind")
+    resolve_base = _optional("lora_convert.arch.base_config", "resolve_base")
+    bind = _optional("lora_convert.arch.schema", "bind")
     hint = ("Pass --base with a folder holding config.json, a config.json file, a Hub repo id (org/name), or a preset name "
             "(`lora-convert schemas list`).")
     if resolve_base is None:
@@ -757,12 +757,12 @@ def _smoke(adapter, arch, base_spec: str | None, smoke: bool | None, device: str
     """Run the smoke forward if asked (or by default where cheap). Returns why it was skipped, or None if it ran."""
     if smoke is False:
         return "--no-smoke"
-    if importlib.util.find_spec("lora_convert.smoke") is None:
+    if importlib.util.find_spec("lora_convert.smoke.runner") is None:
         make = warning if smoke else info
         findings.append(make("smoke.unavailable", "The smoke forward is not part of this installation, so no forward pass was run"
                              + (" although --smoke asked for one." if smoke else "."),
-                             fix="Upgrade lora-convert to a version with `lora_convert.smoke`."))
-        return "lora_convert.smoke not installed"
+                             fix="Upgrade lora-convert to a version with `lora_convert.smoke.runner`."))
+        return "lora_convert.smoke.runner not installed"
     skip = warning if smoke else info
 
     def skipped(reason: str, message: str, fix: str | None = None) -> str:
@@ -789,7 +789,7 @@ def _smoke(adapter, arch, base_spec: str | None, smoke: bool | None, device: str
     if smoke is None and chosen == "cpu" and adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES:
         return skipped("CPU and adapter > 50 MB", f"No GPU, and the adapter is {adapter.total_bytes / 2**20:.0f} MB (> 50 MB): the "
                        "CPU smoke forward is off by default.", fix="Pass --smoke to run it anyway.")
-    from lora_convert import smoke as smoke_mod
+    from lora_convert.smoke import runner as smoke_mod
 
     try:
         result = smoke_mod.run_smoke(str(adapter.source.path), base=base_spec, device=chosen, cache_dir=cache_dir, token=token)

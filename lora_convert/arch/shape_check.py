@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from lora_convert.adapter import Adapter, LoraModule, ModuleKind
+from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
 from lora_convert.findings import Finding, error, info, warning
-from lora_convert.schema import Architecture, Location, ModuleMatch
+from lora_convert.arch.schema import Architecture, Location, ModuleMatch
 
 
 def _layers_text(layers: list[int]) -> str:

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from lora_convert.adapter import Adapter, load_adapter
+from lora_convert.peft.adapter import Adapter, load_adapter
 from lora_convert.errors import UsageError
-from lora_convert.plan import Plan, PlannedGroup, build_plan
-from lora_convert.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+from lora_convert.convert.plan import Plan, PlannedGroup, build_plan
+from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
 
 OUTPUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -74,9 +74,9 @@ class NormalizeResult:
 
 def plan_normalize(adapter_spec: str | os.PathLike, *, base: str | None = None, rank: int | None = None, drop_unsupported: bool = False,
                    cache_dir=None, token=None) -> Plan:
-    from lora_convert.base_config import resolve_base
-    from lora_convert.schema import bind
-    from lora_convert.shape_check import check_shapes
+    from lora_convert.arch.base_config import resolve_base
+    from lora_convert.arch.schema import bind
+    from lora_convert.arch.shape_check import check_shapes
 
     adapter = load_adapter(os.fspath(adapter_spec), cache_dir=cache_dir, token=token)
     base_config = resolve_base(base, adapter_base_name=adapter.config.base_model_name_or_path, cache_dir=cache_dir, token=token)
@@ -199,7 +199,7 @@ def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: C
     With `buffers`, A and B are views into reused memory that the next call overwrites (see GroupBuffers)."""
     import torch
 
-    from lora_convert.tensor_files import torch_dtype
+    from lora_convert.io.tensor_files import torch_dtype
 
     out_dtype = torch_dtype(dtype_tag)
     R = plan.rank
@@ -507,7 +507,7 @@ def normalize(adapter_spec: str | os.PathLike, output: str | os.PathLike | None,
               drop_unsupported: bool = False, cache_dir=None, token=None, progress: WriteProgress | None = None,
               layout: str = "stacked") -> NormalizeResult:
     """The whole command as one library call: plan, then (unless dry_run) write the output in `layout`
-    (`stacked`, or an engine layout from lora_convert.engine_layouts: `sglang`, `peft`).
+    (`stacked`, or an engine layout from lora_convert.convert.engine_layouts: `sglang`, `peft`).
 
     `progress` (optional) gets `start(total_bytes)` once writing begins and `advance(nbytes)` per group
     (see WriteProgress). The output folder is refused, before any planning, when it is, contains or lies inside
@@ -520,7 +520,7 @@ def normalize(adapter_spec: str | os.PathLike, output: str | os.PathLike | None,
         check_output_dir(output, force=force, protected=protected)  # fail before seconds of planning
     plan = plan_normalize(adapter_spec, base=base, rank=rank, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token)
     if layout != "stacked":
-        from lora_convert import engine_layouts
+        from lora_convert.convert import engine_layouts
 
         lp = engine_layouts.plan_layout(plan, layout, drop_unsupported=drop_unsupported)
         if dry_run or output is None:

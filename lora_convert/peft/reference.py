@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lora_convert.adapter import LoraModule, ModuleKind
+from lora_convert.peft.adapter import LoraModule, ModuleKind
 
 
 def module_delta(mod: LoraModule, read: Callable[[str], object], *, expert: int | None = None):

@@ -425,7 +425,7 @@ def f_prefix_mismatch(ctx: Context, params: dict):
 
 
 def f_full_weights(ctx: Context, params: dict):
-    from lora_convert.naming import Factor
+    from lora_convert.peft.naming import Factor
 
     kinds = {Factor.FULL_WEIGHT, Factor.FULL_BIAS} if params.get("bias", True) else {Factor.FULL_WEIGHT}
     keys = [k for k, p in ctx.adapter.parsed.items() if p.factor in kinds]
@@ -438,7 +438,7 @@ def f_full_weights(ctx: Context, params: dict):
 
 def f_bias(ctx: Context, params: dict):
     cfg = ctx.adapter.config
-    from lora_convert.naming import Factor
+    from lora_convert.peft.naming import Factor
 
     keys = [k for k, p in ctx.adapter.parsed.items() if p.factor in (Factor.LORA_BIAS, Factor.FULL_BIAS)]
     if not keys and not cfg.lora_bias and cfg.bias == "none":

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from lora_convert.adapter import STACKED_LAYOUT_CODES, Adapter, LoraModule, ModuleKind
+from lora_convert.peft.adapter import STACKED_LAYOUT_CODES, Adapter, LoraModule, ModuleKind
 from lora_convert.findings import Finding, has_errors, warning
-from lora_convert.peft_config import PeftConfig
+from lora_convert.peft.config import PeftConfig
 
 # Display families for the module table. This is presentation only: what a module *is* for conversion comes
 # from the architecture schemas (schemas/*.json), not from these name fragments.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from lora_convert.tensor_files import DTYPE_SIZES, TORCH_DTYPE_NAMES
+from lora_convert.io.tensor_files import DTYPE_SIZES, TORCH_DTYPE_NAMES
 
 _TORCH_TO_TAG = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
 

@@ -2,7 +2,7 @@
 
 For each group: a random input x (more than 128 rows by default: some kernel bugs only show past 128 rows),
 the kernel output, and a float64 reference computed from the ORIGINAL adapter's factors with PEFT's rules
-(lora_convert.reference), never from the stacked tensors. A group passes when ||out - ref|| / ||ref|| is within
+(lora_convert.peft.reference), never from the stacked tensors. A group passes when ||out - ref|| / ||ref|| is within
 the dtype's tolerance, nothing is NaN, every slice whose source is non-zero changes the output, and every
 zero-filled slice leaves its rows exactly untouched. Errors are attributed per slice, so a report names the
 slice that is wrong (swapped rows, a doubled scale, an expert's factors taken from its neighbour).
@@ -221,7 +221,7 @@ def _seed_for(seed: int, key: str) -> int:
 
 def _reference_slice(plan_slice, x64, read, device, expert=None):
     """s * (x @ A^T) @ B[rows]^T for the slice's source module, float64; None when zero-filled."""
-    from lora_convert.reference import module_factors
+    from lora_convert.peft.reference import module_factors
 
     if plan_slice.is_zero_filled:
         return None
@@ -369,7 +369,7 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
 # ------------------------------------------------------------------------------------------------ driver
 def _stacked_reader(folder):
     """Read a stacked output from disk and check its groups line up with the plan from the original."""
-    from lora_convert.tensor_files import read_safetensors_header, read_tensor_data
+    from lora_convert.io.tensor_files import read_safetensors_header, read_tensor_data
 
     infos, _ = read_safetensors_header(folder / "adapter_model.safetensors")
 
@@ -389,9 +389,9 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
     """Smoke-test a raw PEFT adapter (normalized in memory) or a stacked output against its original."""
     import torch
 
-    from lora_convert.adapter import LAYOUT_NAME
-    from lora_convert.normalize import build_group_tensors, output_dtype, plan_normalize
-    from lora_convert.source import resolve_adapter_source
+    from lora_convert.peft.adapter import LAYOUT_NAME
+    from lora_convert.convert.normalize import build_group_tensors, output_dtype, plan_normalize
+    from lora_convert.io.source import resolve_adapter_source
 
     started = time.perf_counter()
     if tokens < 1:
@@ -446,7 +446,7 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
                 checks.append(GroupCheck(group.key, group.layer, group.kind, group.experts, "?", float("inf"), [],
                                          [f"the stacked output has no tensors for {group.key}"]))
                 continue
-            from lora_convert.safetensors_writer import dtype_tag
+            from lora_convert.io.safetensors_writer import dtype_tag
 
             group_tag = dtype_tag(A.dtype)
             want_a, want_b = group.a_shape(rank), group.b_shape(rank)

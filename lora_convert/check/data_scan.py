@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from lora_convert.findings import Finding, error, info, warning
-from lora_convert.naming import Factor
-from lora_convert.tensor_files import FLOAT_DTYPES
+from lora_convert.peft.naming import Factor
+from lora_convert.io.tensor_files import FLOAT_DTYPES
 
 FAST_NORM_DTYPES = {"F64", "F32", "F16", "BF16"}
 CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk

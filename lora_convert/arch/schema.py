@@ -26,11 +26,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterable
 
 from lora_convert.errors import BaseConfigError, SchemaError
-from lora_convert.expr import compile_expression, evaluate, names_in
+from lora_convert.arch.expr import compile_expression, evaluate, names_in
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lora_convert.adapter import LoraModule
-    from lora_convert.base_config import BaseConfig
+    from lora_convert.peft.adapter import LoraModule
+    from lora_convert.arch.base_config import BaseConfig
 
 SCHEMA_PACKAGE = "lora_convert.schemas"
 
@@ -620,7 +620,7 @@ class Architecture:
         return [(ts.types, list(ts.layers)) for ts in self._typesets]
 
     def vision_module(self, module_path: str) -> bool:
-        from lora_convert.naming import VISION_SEGMENTS
+        from lora_convert.peft.naming import VISION_SEGMENTS
 
         if any(module_path == p or module_path.startswith(p + ".") for p in self.schema.vision_prefixes):
             return True
@@ -713,7 +713,7 @@ class Architecture:
 
 def bind(base: "BaseConfig | dict", *, schema: Schema | str | None = None) -> Architecture:
     """Bind the matching schema (or the one given) to a base config, unwrapping a wrapper's text config."""
-    from lora_convert.base_config import BaseConfig, unwrap_text_config
+    from lora_convert.arch.base_config import BaseConfig, unwrap_text_config
 
     if isinstance(base, BaseConfig):
         top, name = base.config, base.name

@@ -21,10 +21,10 @@ from typing import Any
 
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
 from lora_convert.findings import Finding, error, warning
-from lora_convert.naming import Factor, ParsedKey, parse_key
-from lora_convert.peft_config import PeftConfig, load_config_file
-from lora_convert.source import AdapterSource, resolve_adapter_source
-from lora_convert.tensor_files import TensorIndex, TensorInfo, load_bin_index, read_safetensors_header
+from lora_convert.peft.naming import Factor, ParsedKey, parse_key
+from lora_convert.peft.config import PeftConfig, load_config_file
+from lora_convert.io.source import AdapterSource, resolve_adapter_source
+from lora_convert.io.tensor_files import TensorIndex, TensorInfo, load_bin_index, read_safetensors_header
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 SAFETENSORS_INDEX_NAME = "adapter_model.safetensors.index.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_convert.adapter import Adapter, LoraModule, ModuleKind
+from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
 from lora_convert.errors import UnsupportedAdapterError, UsageError
 from lora_convert.findings import Finding
 
@@ -119,7 +119,7 @@ class Plan:
     groups: list[PlannedGroup]
     dropped: list[DroppedModule]
     findings: list[Finding] = field(default_factory=list)
-    arch: Any = None  # the schema bound to the base config (lora_convert.schema.Architecture)
+    arch: Any = None  # the schema bound to the base config (lora_convert.arch.schema.Architecture)
 
     @property
     def zero_filled(self) -> list[tuple[PlannedGroup, PlannedSlice]]:

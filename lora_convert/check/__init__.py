@@ -1,0 +1,1 @@
+"""validate and inspect: every check on one adapter, reported as findings."""
