@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # pip from resolving the open `torch>=2.4` requirement to a multi-GB CUDA build. Real users keep the open range.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test setup clean readme
+.PHONY: demo test setup clean readme docs
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 # Re-run the README's sample commands and rewrite their outputs (tests/test_readme_samples.py checks them).
 readme: $(STAMP)
 	$(BIN)/python tests/readme_samples.py --write
+
+# Regenerate the codes section of docs/validate.md from the registry (tests/test_codes.py checks it).
+docs: $(STAMP)
+	$(BIN)/python -m lora_convert.codes --write docs/validate.md
 
 clean:
 	rm -rf $(VENV) demo-out

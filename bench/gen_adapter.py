@@ -85,7 +85,7 @@ def tensor_plan(d: dict, layout: str, layers: list[int]) -> list[tuple[str, tupl
 
 
 def adapter_config(d: dict, layout: str) -> dict:
-    """adapter_config.json as peft 0.21 writes it (same key set; see shared/reference/peft-formats.md)."""
+    """adapter_config.json as peft 0.21 writes it (the key set of the PEFT-written tests/fixtures/data/cases)."""
     targets = list(ATTENTION)
     target_parameters = None
     if layout == "fused-3d":

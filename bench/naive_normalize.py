@@ -37,8 +37,8 @@ def main(src: Path, out: Path) -> int:
 
     for L in layers:
         att = f"{P}.{L}.self_attn"
-        a = lambda m: sd[f"{att}.{m}.lora_A.weight"]  # noqa: E731
-        b = lambda m: sd[f"{att}.{m}.lora_B.weight"]  # noqa: E731
+        a = lambda m, att=att: sd[f"{att}.{m}.lora_A.weight"]  # noqa: E731
+        b = lambda m, att=att: sd[f"{att}.{m}.lora_B.weight"]  # noqa: E731
         put(f"{L}.self_attn.fused_qkv_a_proj_with_mqa", torch.cat([a("q_a_proj"), a("kv_a_proj_with_mqa")]),
             fold(torch.cat([b("q_a_proj"), b("kv_a_proj_with_mqa")])))
         for m in ("q_b_proj", "kv_b_proj", "o_proj"):

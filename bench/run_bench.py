@@ -182,7 +182,8 @@ def machine() -> str:
         mem = 0
     import torch
 
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def render(rows: list[Row], metas: dict[str, dict], scaling: list[tuple[str, dict]], argv: list[str], started: str,
@@ -203,7 +204,7 @@ def render(rows: list[Row], metas: dict[str, dict], scaling: list[tuple[str, dic
             continue
         f = floors.get(r.adapter, {})
         cp_, cat_ = f.get("cp"), f.get("cat > /dev/null")
-        ratio = lambda base: f"{r.wall / base:.2f}" if base else "-"  # noqa: E731
+        ratio = lambda base, r=r: f"{r.wall / base:.2f}" if base else "-"  # noqa: E731
         fail = "" if r.rc == 0 else f" (exit {r.rc})"
         lines.append(f"| `{r.adapter}` | {r.op}{fail} | {r.wall:.2f} | {ratio(cp_)} | {ratio(cat_)} | {r.rss_mb:,.0f} |")
     if scaling:

@@ -32,8 +32,8 @@ def interpreting() -> bool:
 def is_available() -> bool:
     """Whether the kernels can run here: triton importable and either a CUDA device or the interpreter.
 
-    Cheap when the answer is no: triton's presence is checked with ``find_spec`` (no import), and torch is
-    only imported when it is needed to ask for CUDA.
+    Cheap when the answer is no: triton's presence (a dependency on Linux only) is checked with ``find_spec``
+    (no import), and torch is only imported when it is needed to ask for CUDA.
     """
     try:
         if importlib.util.find_spec("triton") is None:
@@ -42,8 +42,6 @@ def is_available() -> bool:
         return False
     if interpreting():
         return True
-    try:
-        import torch
-    except ImportError:
-        return False
+    import torch  # a dependency of lora-convert: always importable
+
     return bool(torch.cuda.is_available())

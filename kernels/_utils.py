@@ -7,6 +7,7 @@ Only the op modules import this (it imports torch); ``lora_convert.kernels`` its
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -109,7 +110,7 @@ def as_offsets(slice_offsets, total: int | None = None, name: str = "slice_offse
         raise ValueError(f"{name} needs c+1 >= 2 entries, got {offs}")
     if offs[0] != 0:
         raise ValueError(f"{name} must start at 0, got {offs}")
-    if any(b < a for a, b in zip(offs, offs[1:])):
+    if any(b < a for a, b in itertools.pairwise(offs)):
         raise ValueError(f"{name} must be non-decreasing (slices may not overlap), got {offs}")
     if total is not None and offs[-1] != total:
         raise ValueError(f"{name} ends at {offs[-1]} but B has {total} rows")
@@ -158,7 +159,7 @@ def table(rows, device: torch.device, dtype: torch.dtype = torch.int64) -> torch
     return t
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -19,6 +19,9 @@ import triton.language as tl
 from . import _utils as U
 from ._utils import masked_dot_loop
 
+# One table row per slice: h_row0, rows, h_col0, b_row0, n_out, y_base, y_stride_m (the module docstring).
+_TABLE_COLS = tl.constexpr(7)
+
 
 @triton.jit
 def _expand_kernel(
@@ -37,7 +40,7 @@ def _expand_kernel(
     pid_m = rem // n_col_tiles
     pid_n = rem % n_col_tiles
 
-    tb = table_ptr + s * 7
+    tb = table_ptr + s * _TABLE_COLS
     h_row0 = tl.load(tb + 0)
     rows = tl.load(tb + 1)
     h_col0 = tl.load(tb + 2)
@@ -92,6 +95,8 @@ def _launch_expand(h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, slices: li
     n_row_tiles = triton.cdiv(max_rows, BLOCK_M)
     n_col_tiles = triton.cdiv(max_out, BLOCK_N)
     tbl = U.table(slices, h.device)
+    if tbl.shape[1] != _TABLE_COLS.value:
+        raise ValueError(f"expand table rows have {tbl.shape[1]} entries; the kernel reads {_TABLE_COLS.value}")
     scale_t = U.table(scales, h.device, torch.float32)
     grid = (len(slices) * n_row_tiles * n_col_tiles,)
     _expand_kernel[grid](

@@ -15,7 +15,8 @@ import triton.language as tl
 from . import _utils as U
 from ._utils import masked_dot_loop
 
-_TABLE_COLS = 6  # x_row0, rows, a_row0, n, h_row0, h_col0
+# One table row per group: x_row0, rows, a_row0, n, h_row0, h_col0. A constexpr global, so the kernel reads it.
+_TABLE_COLS = tl.constexpr(6)
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _shrink_kernel(
     pid_m = rem // n_col_tiles
     pid_n = rem % n_col_tiles
 
-    tb = table_ptr + g * 6
+    tb = table_ptr + g * _TABLE_COLS
     x_row0 = tl.load(tb + 0)
     rows = tl.load(tb + 1)
     a_row0 = tl.load(tb + 2)
@@ -108,6 +109,8 @@ def _launch_shrink(x: torch.Tensor, a: torch.Tensor, h: torch.Tensor, groups: li
     if split_k > 1 and not h_is_zero:
         h.zero_()
     tbl = U.table(groups, x.device)
+    if tbl.shape[1] != _TABLE_COLS.value:
+        raise ValueError(f"shrink table rows have {tbl.shape[1]} entries; the kernel reads {_TABLE_COLS.value}")
     grid = (n_tiles * split_k,)
     _shrink_kernel[grid](
         x, a, h, tbl,

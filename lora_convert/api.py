@@ -75,7 +75,7 @@ def _positive_int(value: Any, name: str) -> int | None:
 class InspectResult:
     """What `inspect_adapter` found, read from headers and config only (no tensor data).
 
-    The fields are those of `lora-convert inspect --format json` (docs/json-output.md); `to_json()` returns that
+    The fields are those of `lora-convert inspect --format json` (docs/api.md); `to_json()` returns that
     whole document, including any field added later that is not an attribute here.
     """
 

@@ -7,11 +7,16 @@ saying what to do next.
 
 from __future__ import annotations
 
-# Exit codes shared by every command. 1 is reserved for "the adapter has errors" (findings or refusals).
+# Exit codes shared by every command. 1 is reserved for "the adapter has errors" (findings or refusals); a bug in
+# lora-convert itself is 4, so that CI never mistakes one for a verdict on the adapter.
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
+EXIT_INTERNAL = 4
+
+BUG_REPORT_HINT = ("This is a bug in lora-convert, not a problem of the adapter. Re-run with LORA_CONVERT_DEBUG=1 "
+                   "for the traceback and report it with the command you ran.")
 
 
 class LoraConvertError(Exception):
@@ -59,3 +64,12 @@ class SchemaError(LoraConvertError):
 
 class BaseConfigError(LoraConvertError):
     """The base model config could not be resolved or does not match any schema."""
+
+
+class InternalError(LoraConvertError):
+    """A bug in lora-convert (an inconsistency between its own parts, e.g. an unregistered finding code)."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, *, hint: str | None = BUG_REPORT_HINT):
+        super().__init__(f"Internal error: {message}", hint=hint)

@@ -1,7 +1,8 @@
 """Findings: what a check found, with a stable code, a severity, the keys involved and expected vs actual.
 
 Every check in lora-convert appends findings instead of raising, so that one run reports every problem.
-Codes are stable identifiers (`area.what`); tests and CI users match on them, so never rename one.
+Codes are stable identifiers (`area.what`); tests and CI users match on them, so never rename one. Findings are
+made through `lora_convert.codes.finding`, which takes each code's one severity from the registry there.
 """
 
 from __future__ import annotations
@@ -42,20 +43,21 @@ class Finding:
         }
 
 
-def error(code: str, message: str, **kw: Any) -> Finding:
-    return Finding(code, Severity.ERROR, message, **kw)
-
-
-def warning(code: str, message: str, **kw: Any) -> Finding:
-    return Finding(code, Severity.WARNING, message, **kw)
-
-
-def info(code: str, message: str, **kw: Any) -> Finding:
-    return Finding(code, Severity.INFO, message, **kw)
-
-
 def has_errors(findings: list[Finding]) -> bool:
     return any(f.severity is Severity.ERROR for f in findings)
+
+
+def errors(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity is Severity.ERROR]
+
+
+def warnings(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity is Severity.WARNING]
+
+
+def severity_counts(findings: list[Finding]) -> dict[str, int]:
+    """{"errors": n, "warnings": n, "infos": n}: the counts a report's summary and verdict show."""
+    return {f"{sev.value}s": sum(1 for f in findings if f.severity is sev) for sev in Severity}
 
 
 def sort_findings(findings: list[Finding]) -> list[Finding]:

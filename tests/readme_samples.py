@@ -1,10 +1,10 @@
-"""The README's sample outputs, produced by the tool itself.
+"""The sample outputs in README.md and docs/*.md, produced by the tool itself.
 
-A sample in README.md is a fenced block between `<!-- sample -->` and `<!-- /sample -->`; its lines starting with
+A sample is a fenced block between `<!-- sample -->` and `<!-- /sample -->`; its lines starting with
 `$ lora-convert ` are commands, everything else is what they printed. `render(readme_text)` runs every command
 (in a scratch folder holding a copy of examples/, at 100 columns, stdout and stderr as a terminal user sees them
-in order) and returns the README with fresh outputs; tests/test_readme_samples.py fails when the README differs,
-and `python tests/readme_samples.py --write` rewrites it (`make readme`).
+in order) and returns the text with fresh outputs; tests/test_readme_samples.py fails when a file differs, and
+`python tests/readme_samples.py --write` rewrites them (`make readme`).
 
 Timings vary between runs, so seconds are masked when comparing (`comparable`), never in the README itself.
 """
@@ -22,6 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+
+
+def sample_files() -> list[Path]:
+    """Every Markdown file of the repository's docs that holds a sample block."""
+    candidates = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    return [p for p in candidates if "<!-- sample -->" in p.read_text(encoding="utf-8")]
 BLOCK = re.compile(r"(<!-- sample -->\n```[a-z]*\n)(.*?)(```\n<!-- /sample -->)", re.S)
 COLUMNS = 100
 
@@ -69,8 +75,9 @@ def comparable(sample: str) -> str:
 
 
 if __name__ == "__main__":
-    fresh = render(README.read_text(encoding="utf-8"))
-    if "--write" in sys.argv:
-        README.write_text(fresh, encoding="utf-8")
-    else:
-        sys.stdout.write("".join(samples(fresh)))
+    for path in sample_files():
+        fresh = render(path.read_text(encoding="utf-8"))
+        if "--write" in sys.argv:
+            path.write_text(fresh, encoding="utf-8")
+        else:
+            sys.stdout.write("".join(samples(fresh)))

@@ -1,13 +1,14 @@
-"""The docs match the repository: every link in the Markdown files resolves, and the CI examples name the
-version this checkout is (a user copying them gets a tag that exists once this version is released)."""
+"""The docs match the repository: every link in the Markdown files resolves, every repository file they name in
+backticks exists, every docs/*.md the code names exists, and the CI examples name the version this checkout is (a
+user copying them gets a tag that exists once this version is released)."""
 
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted(
@@ -56,6 +57,89 @@ def test_every_link_resolves(doc: Path):
         elif ROOT not in dest.parents and dest != ROOT:
             broken.append(f"{target} (outside the repository)")
     assert not broken, f"{doc.relative_to(ROOT)}: broken links: {broken}"
+
+
+# ------------------------------------------------------------------------------ file names in backticks and in code
+# The prose docs; generated or historical folders (tests/fixtures/README.md describes generated data) are not here.
+PROSE = sorted([ROOT / "README.md", ROOT / "DEVELOPERS.md", *(ROOT / "docs").glob("*.md")])
+CODE_SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+# The repository's own folders: a span whose first token starts with one of them names a repository path.
+TOP_FOLDERS = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and
+                     p.name not in ("lora_convert.egg-info", "build", "dist")) + [".ci"]
+# Files of other projects the docs cite by name (the pinned SGLang and PEFT sources), not files of this repository.
+OTHER_PROJECTS_FILES = {"lora_model.py", "model_manager.py"}
+REPO_FILES = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts and ".venv" not in p.parts]
+BASENAMES = {p.name for p in REPO_FILES}
+
+
+def _named_paths(path: Path) -> list[str]:
+    """The first token of every inline code span outside fenced blocks that names a repository file or folder:
+    a path under one of TOP_FOLDERS, or a bare `*.py` name (a module named by its file). Tokens with a pattern
+    or a placeholder (`*`, `<...>`, `{...}`) name a family of files and are not checked."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    tokens = [span.split()[0].rstrip(".,:;)") for span in CODE_SPAN.findall(text) if span.split()]
+    return [t for t in tokens if t and not re.search(r"[*<>{}\[\]@~]", t) and _is_repository_path(t)]
+
+
+def _is_repository_path(token: str) -> bool:
+    if "/" not in token:
+        return token.endswith(".py")
+    if token.removeprefix("./").split("/")[0] in TOP_FOLDERS:
+        return True
+    return re.search(r"\.(py|md|json|ya?ml|sh|toml)$", token) is not None  # a tail such as `cli/_app.py`
+
+
+def _resolves(token: str) -> bool:
+    if "/" not in token:  # a module named by its file name: some file of the repository has it
+        return token in BASENAMES or token in OTHER_PROJECTS_FILES
+    if token.removeprefix("./").split("/")[0] in TOP_FOLDERS:
+        return (ROOT / token.removeprefix("./")).exists()
+    return any(p.as_posix().endswith("/" + token) for p in REPO_FILES)
+
+
+def test_the_docs_name_files_to_check():
+    # Guards the extraction: if it found nothing, the check below would pass vacuously.
+    assert sum(len(_named_paths(p)) for p in PROSE) >= 10
+
+
+def test_a_missing_file_in_backticks_is_caught(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text("See `lora_convert/nowhere.py`, `cli/gone.py --help`, `gone.py`, `tests/*.py` and `config.json`.\n"
+                   "```sh\nlora-convert validate `docs/in-a-fence.md`\n```\n")
+    assert _named_paths(doc) == ["lora_convert/nowhere.py", "cli/gone.py", "gone.py"]
+    assert not any(_resolves(t) for t in _named_paths(doc))
+    assert _resolves("lora_convert/errors.py") and _resolves("errors.py")
+
+
+@pytest.mark.parametrize("doc", PROSE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_file_named_in_backticks_exists(doc: Path):
+    missing = sorted({t for t in _named_paths(doc) if not _resolves(t)})
+    assert not missing, f"{doc.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
+# Python that ships or measures: its docstrings and comments point readers at docs/.
+SOURCE = sorted([*(ROOT / "lora_convert").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"),
+                 *(ROOT / "bench").glob("*.py")])
+
+
+def test_every_doc_the_code_names_exists():
+    missing = []
+    for path in SOURCE:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for doc in re.findall(r"\bdocs/[\w.-]+\.md\b", line):
+                if not (ROOT / doc).exists():
+                    missing.append(f"{path.relative_to(ROOT)}:{n}: {doc}")
+    assert not missing, "the code names docs that do not exist:\n  " + "\n  ".join(missing)
+
+
+def test_the_code_cites_nothing_outside_the_repository():
+    # A reader of the shipped code has the repository, not the notes it was written from.
+    outside = []
+    for path in SOURCE:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"\.\./shared/|\bshared/reference/", line):
+                outside.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not outside, "paths outside the repository cited at:\n  " + "\n  ".join(outside)
 
 
 def test_ci_examples_name_this_version():

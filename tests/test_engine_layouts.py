@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from helpers import case_base_dir, case_dir, fixture_cases
 from lora_convert.convert.engine_layouts import REPORT_FILE
 from lora_convert.errors import UnsupportedAdapterError
-from lora_convert.convert.normalize import MANIFEST_FILE
+from lora_convert.io.output_folder import MANIFEST_FILE
 from sglang_loader_sim import simulate
 
 CASES = fixture_cases()

@@ -2,6 +2,7 @@
 interpreter that runs the tests), for every command a row applies to.
 
 | 0 | ok (warnings allowed unless --strict) | 1 | the adapter has errors | 2 | usage error | 3 | environment problem |
+| 4 | internal error: a bug in lora-convert |
 
 Every failure that is not a report of findings prints `Error: ...` first on stderr, then `Hint: ...`, and never a
 traceback. Each test runs in an empty working folder with an empty, offline Hugging Face cache.
@@ -96,7 +97,7 @@ def adapter_copy(tmp_path: Path, mutate=None, name: str = "adapter") -> str:
 
 
 def _without_peft_type(cfg: dict) -> dict:
-    cfg.pop("peft_type")  # a warning (config.missing-field): PEFT assumes LORA
+    cfg.pop("peft_type")  # a warning (config.peft-type-assumed): PEFT assumes LORA
     return cfg
 
 
@@ -125,7 +126,7 @@ def test_0_validate_warnings_allowed_unless_strict(fast, tmp_path):
     result = fast("validate", folder, "--base", BASE, "--no-smoke", "--format", "json")
     assert_ok(result)
     doc = json.loads(result.stdout)
-    assert doc["ok"] is True and "config.missing-field" in {f["code"] for f in doc["findings"] if f["severity"] == "warning"}
+    assert doc["ok"] is True and "config.peft-type-assumed" in {f["code"] for f in doc["findings"] if f["severity"] == "warning"}
     strict = fast("validate", folder, "--base", BASE, "--no-smoke", "--strict", "--format", "json")
     assert strict.returncode == 1, strict.stdout + strict.stderr
     assert json.loads(strict.stdout)["ok"] is False and "Traceback" not in strict.stderr
@@ -354,4 +355,35 @@ def test_0_validate_without_base_allowed_unchecked(fast):
     result = fast("validate", ADAPTER, "--no-smoke", "--allow-unchecked", "--format", "json")
     assert_ok(result)
     doc = json.loads(result.stdout)
-    assert "shapes.unchecked" in {f["code"] for f in doc["findings"] if f["severity"] == "warning"}
+    assert "shapes.unchecked-allowed" in {f["code"] for f in doc["findings"] if f["severity"] == "warning"}
+
+
+# -------------------------------------------------------------------------- 4: internal error (a bug in lora-convert)
+@pytest.mark.parametrize("command, target, args", [
+    ("validate", "lora_convert.api.validate_adapter", ["--base", BASE]),
+    ("inspect", "lora_convert.api.inspect_adapter", []),
+    ("normalize", "lora_convert.api.normalize_adapter", ["--base", BASE, "-o", "out"]),
+])
+@pytest.mark.parametrize("raised", [RuntimeError("unexpected state"), MemoryError()])
+def test_4_internal_error(fast, monkeypatch, command, target, args, raised):
+    """A bug is exit 4, never 1 (which says the adapter has errors), and the message says it is a bug to report."""
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(target, broken)
+    result = fast(command, ADAPTER, *args)
+    assert_error(result, 4, "Internal error", "bug in lora-convert", "LORA_CONVERT_DEBUG=1", "report")
+    assert not (fast.workdir / "out").exists()
+
+
+def test_4_an_unregistered_finding_code_is_a_bug(fast, monkeypatch):
+    from lora_convert.check import keys
+
+    def unregistered(adapter):
+        from lora_convert.codes import finding
+
+        return [finding("keys.no-such-code", "a check that reports a code nobody registered")]
+
+    monkeypatch.setattr(keys, "key_findings", unregistered)
+    result = fast("validate", ADAPTER, "--base", BASE, "--no-smoke")
+    assert_error(result, 4, "keys.no-such-code", "not registered", "bug in lora-convert")

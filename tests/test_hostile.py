@@ -1,5 +1,6 @@
 """Hostile and broken input (issue 4, item 7): each gives a finding or an error message and a non-zero exit code,
-never a traceback, never a hang, never a change to the input, in well under a second of extra time."""
+never a traceback, never a hang, never a change to the input. How fast each is refused is measured in
+bench/hostile_timing.py (timings never appear in tests)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import hashlib
 import json
 import os
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -56,14 +56,12 @@ def digest(folder: Path) -> str:
 def run_validate(folder_or_spec, *extra: str, fmt: str = "json"):
     spec = str(folder_or_spec)
     before = digest(Path(spec)) if Path(spec).is_dir() else None
-    started = time.monotonic()
     result = CliRunner().invoke(app, ["validate", spec, "--format", fmt, "--no-smoke", *extra])
-    elapsed = time.monotonic() - started
     if before is not None:
         assert digest(Path(spec)) == before, "validate changed its input"
     assert "Traceback" not in (result.output or "")
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
-    return result, elapsed
+    return result
 
 
 def findings_of(result) -> list[str]:
@@ -101,7 +99,7 @@ HOSTILE_FILES = {
 @pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
 def test_hostile_safetensors(tmp_path, case):
     folder = make(tmp_path / case, HOSTILE_FILES[case])
-    result, elapsed = run_validate(folder)
+    result = run_validate(folder)
     assert result.exit_code == 1, result.output
     codes = findings_of(result)
     assert codes == ["files.unreadable"], codes
@@ -110,7 +108,6 @@ def test_hostile_safetensors(tmp_path, case):
     message = doc["findings"][0]["message"]
     assert "adapter_model.safetensors" in message
     assert "\x1b" not in message  # control characters are escaped in messages
-    assert elapsed < 5  # CliRunner + imports; the check itself is milliseconds
 
 
 def test_header_of_hundreds_of_megabytes_is_refused_without_reading(tmp_path):
@@ -125,20 +122,16 @@ def test_header_of_hundreds_of_megabytes_is_refused_without_reading(tmp_path):
     from lora_convert.errors import AdapterFormatError
     from lora_convert.io.tensor_files import read_safetensors_header
 
-    started = time.monotonic()
     with pytest.raises(AdapterFormatError, match="larger than"):
         read_safetensors_header(path)
-    assert time.monotonic() - started < 0.5
-    result, _ = run_validate(folder)
+    result = run_validate(folder)
     assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
 
 
 def test_fifo_is_refused_not_waited_on(tmp_path):
     folder = make(tmp_path / "fifo", None)
     os.mkfifo(folder / "adapter_model.safetensors")
-    started = time.monotonic()
-    result, _ = run_validate(folder)
-    assert time.monotonic() - started < 5
+    result = run_validate(folder)
     assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
 
 
@@ -165,7 +158,7 @@ def test_hostile_config(tmp_path, config, code):
     folder = make(tmp_path / "c", _weights(), config=config)
     if config == "\xff":
         (folder / "adapter_config.json").write_bytes(b"\xff\xfe")
-    result, _ = run_validate(folder)
+    result = run_validate(folder)
     assert result.exit_code == 1, result.output
     assert code in findings_of(result)
 
@@ -173,7 +166,7 @@ def test_hostile_config(tmp_path, config, code):
 def test_config_wrong_types_all_reported(tmp_path):
     cfg = {"peft_type": 3, "r": True, "lora_alpha": None, "use_rslora": "yes", "modules_to_save": "lm_head", "bias": 7}
     folder = make(tmp_path / "c", _weights(), config=json.dumps(cfg))
-    result, _ = run_validate(folder)
+    result = run_validate(folder)
     doc = json.loads(result.stdout)
     keys = {k for f in doc["findings"] if f["code"] == "config.wrong-type" for k in f["keys"]}
     assert {"peft_type", "r", "use_rslora", "modules_to_save", "bias"} <= keys
@@ -191,7 +184,7 @@ def test_bin_needing_arbitrary_unpickling_is_refused(tmp_path):
 
     folder = make(tmp_path / "bin", None)
     torch.save({"x": Evil()}, folder / "adapter_model.bin")
-    result, _ = run_validate(folder)
+    result = run_validate(folder)
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert [f["code"] for f in doc["findings"]] == ["files.unreadable"]
@@ -201,7 +194,7 @@ def test_bin_needing_arbitrary_unpickling_is_refused(tmp_path):
 @pytest.mark.parametrize("payload", [b"", b"not a pickle at all", b"\x80\x04K\x01."])
 def test_broken_bin(tmp_path, payload):
     folder = make(tmp_path / "bin", payload, weights_name="adapter_model.bin")
-    result, _ = run_validate(folder)
+    result = run_validate(folder)
     assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
 
 
@@ -210,7 +203,7 @@ def test_symlink_outside_adapter_folder(tmp_path):
     outside.write_bytes(_weights())
     folder = make(tmp_path / "link", None)
     (folder / "adapter_model.safetensors").symlink_to(outside)
-    result, _ = run_validate(folder)
+    result = run_validate(folder)
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert doc["findings"][0]["code"] == "files.unreadable" and "outside the adapter folder" in doc["findings"][0]["message"]
@@ -221,7 +214,7 @@ def test_symlinked_config_outside_folder(tmp_path):
     outside.write_text(json.dumps(CONFIG))
     folder = make(tmp_path / "link", _weights(), config=None)
     (folder / "adapter_config.json").symlink_to(outside)
-    result, _ = run_validate(folder)
+    result = run_validate(folder)
     assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
 
 
@@ -253,7 +246,5 @@ def test_control_characters_in_key_via_library(tmp_path):
 def test_well_formed_hub_id_offline_is_an_environment_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    started = time.monotonic()
     result = CliRunner().invoke(app, ["validate", "someorg/some-adapter", "--format", "json", "--cache-dir", str(tmp_path / "hf")])
     assert result.exit_code == 3 and result.stdout == "" and "Traceback" not in result.output
-    assert time.monotonic() - started < 10

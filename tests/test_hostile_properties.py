@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -24,14 +23,11 @@ def _parse_bytes(data: bytes):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "adapter_model.safetensors"
         path.write_bytes(data)
-        started = time.monotonic()
         try:
             tensors, metadata = read_safetensors_header(path)
         except AdapterFormatError as exc:
             assert exc.message
             return None
-        finally:
-            assert time.monotonic() - started < 2.0
         return tensors, metadata
 
 

@@ -183,7 +183,7 @@ def test_inspect_warnings_alone_exit_0(tmp_path):
     result = CliRunner().invoke(app, ["inspect", folder, "--format", "json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["ok"] and doc["config"]["valid"] and "config.missing-field" in {f["code"] for f in doc["findings"]}
+    assert doc["ok"] and doc["config"]["valid"] and "config.peft-type-assumed" in {f["code"] for f in doc["findings"]}
 
 
 def test_inspect_exits_1_on_tensor_errors_too(tmp_path):

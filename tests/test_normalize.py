@@ -164,7 +164,7 @@ def test_input_is_not_modified(tmp_path):
 
 
 def test_existing_output_needs_force_and_force_replaces_only_our_output(tmp_path):
-    from lora_convert.convert.normalize import MANIFEST_FILE
+    from lora_convert.io.output_folder import MANIFEST_FILE
 
     case = CONVERTIBLE[0]
     out = tmp_path / "out"
@@ -251,9 +251,9 @@ def test_padding_to_a_larger_rank_stays_exact(tmp_path):
 
 
 def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
-    from lora_convert.convert import normalize as normalize_module
+    from lora_convert.convert import group_tensors
 
-    real = normalize_module.build_group_tensors
+    real = group_tensors.build_group_tensors
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
@@ -262,7 +262,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(normalize_module, "build_group_tensors", interrupting)
+    monkeypatch.setattr(group_tensors, "build_group_tensors", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_normalize(CONVERTIBLE[0], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lora_convert.cli import app
-from lora_convert.convert.normalize import MANIFEST_FILE
+from lora_convert.io.output_folder import MANIFEST_FILE
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
 STACKED_FILES = {"adapter_config.json", "adapter_model.safetensors", "lora_layout.json", MANIFEST_FILE}

@@ -1,21 +1,26 @@
-"""The README's sample outputs are what the tool prints today (tests/readme_samples.py renders them)."""
+"""The sample outputs in README.md and docs/ are what the tool prints today (tests/readme_samples.py renders them)."""
 
 from __future__ import annotations
 
 import readme_samples
 
 
+import pytest
+
+
 def test_readme_has_samples():
+    assert readme_samples.README in readme_samples.sample_files()
     blocks = readme_samples.samples(readme_samples.README.read_text(encoding="utf-8"))
     assert blocks and all("$ lora-convert " in b for b in blocks)
 
 
-def test_readme_samples_are_current():
-    text = readme_samples.README.read_text(encoding="utf-8")
+@pytest.mark.parametrize("path", readme_samples.sample_files(), ids=lambda p: p.name)
+def test_samples_are_current(path):
+    text = path.read_text(encoding="utf-8")
     fresh = readme_samples.render(text)
     for old, new in zip(readme_samples.samples(text), readme_samples.samples(fresh), strict=True):
         assert readme_samples.comparable(old) == readme_samples.comparable(new), (
-            "README.md's sample output differs from what the tool prints now; run `make readme` and review the diff.\n"
+            f"{path.name}'s sample output differs from what the tool prints now; run `make readme`, review the diff.\n"
             f"--- README\n{old}\n--- now\n{new}")
 
 

@@ -10,10 +10,8 @@ import time
 
 import pytest
 
-from lora_convert.peft.adapter import LoraModule
+import lora_convert.arch.schema_loader as schema_module  # where the schema files are listed
 from lora_convert.arch.base_config import resolve_base
-from lora_convert.errors import BaseConfigError, SchemaError
-from lora_convert.peft.naming import parse_key
 from lora_convert.arch.schema import (
     Architecture,
     bind,
@@ -22,7 +20,9 @@ from lora_convert.arch.schema import (
     parse_schema,
     schema_for_config,
 )
-import lora_convert.arch.schema as schema_module
+from lora_convert.errors import BaseConfigError, SchemaError
+from lora_convert.peft.adapter import LoraModule
+from lora_convert.peft.naming import parse_key
 
 FAMILIES = ["deepseek_v3", "kimi_k25", "llama", "mixtral", "nemotron_h", "qwen3_5", "qwen3_5_moe", "qwen3_moe",
             "qwen3_next"]
@@ -369,3 +369,23 @@ def test_unknown_wrapper_around_a_known_text_model_is_unwrapped():
     text = resolve_base("qwen3-next-80b-a3b").config
     arch = bind({"model_type": "some_vl_wrapper", "text_config": text})
     assert arch.family == "qwen3_next" and arch.num_layers == 48 and arch.wrapped
+
+
+def test_shared_expert_count_is_an_optional_expression_validated_like_the_others():
+    assert parse_schema(_mutated(lambda d: d.update(shared_expert_count="n_shared or 0")), "toy").shared_expert_count \
+        == "n_shared or 0"
+    assert parse_schema(MINIMAL, "toy").shared_expert_count is None
+    with pytest.raises(SchemaError, match=r"shared_expert_count: .*"):
+        parse_schema(_mutated(lambda d: d.update(shared_expert_count="n.shared")), "toy")
+    with pytest.raises(SchemaError, match="shared_expert_count"):
+        parse_schema(_mutated(lambda d: d.update(shared_expert_count=True)), "toy")
+
+
+def test_experts_gated_comes_from_the_schema():
+    assert bind(resolve_base("deepseek-v3")).experts_gated() is True
+    nemotron = bind(resolve_base("nemotron-3-super-120b-a12b"))
+    dense_layer = next(i for i in range(nemotron.num_layers) if "moe" not in nemotron.layer_types(i))
+    # non-gated experts (up/down only): at a MoE layer, and family-wide where a layer has no experts
+    assert nemotron.experts_gated() is False and nemotron.experts_gated(dense_layer) is False
+    assert bind({"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
+                 "intermediate_size": 16, "vocab_size": 32}).experts_gated() is None

@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import lora_convert.arch.schema as schema_module
-from lora_convert.cli import app
+import lora_convert.arch.schema_loader as schema_module  # where the schema files are listed
 from lora_convert.arch.schema import load_schema
+from lora_convert.cli import app
 
 runner = CliRunner()
 

@@ -22,9 +22,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_convert.arch.base_config import find_preset
+from lora_convert.convert import group_tensors
 from lora_convert.convert import normalize as normalize_module
 from lora_convert.peft.adapter import Adapter
-from lora_convert.arch.base_config import find_preset
 
 H, I, E, R, LAYERS = 64, 32, 8, 4, 12
 P = "base_model.model.model.layers"
@@ -106,7 +107,7 @@ def test_normalize_holds_one_group_at_a_time(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(Adapter, "read", lambda self, key: sources.track(original_read(self, key)))
 
     groups = []
-    original_build = normalize_module.build_group_tensors
+    original_build = group_tensors.build_group_tensors
 
     def build(plan, group, dtype_tag, read, *args, **kwargs):
         assert sources.live == 0, f"source tensors of an earlier group are still alive when {group.key} starts"
@@ -120,15 +121,15 @@ def test_normalize_holds_one_group_at_a_time(tmp_path, monkeypatch, layout):
         groups.append((group.key, _nbytes(A) + _nbytes(B), group_source_bytes, _nbytes(A), _nbytes(B)))
         return A, B
 
-    monkeypatch.setattr(normalize_module, "build_group_tensors", build)
+    monkeypatch.setattr(group_tensors, "build_group_tensors", build)
     buffers = []
-    original_init = normalize_module.GroupBuffers.__init__
+    original_init = group_tensors.GroupBuffers.__init__
 
     def init(self):
         original_init(self)
         buffers.append(self)
 
-    monkeypatch.setattr(normalize_module.GroupBuffers, "__init__", init)
+    monkeypatch.setattr(group_tensors.GroupBuffers, "__init__", init)
 
     result = normalize_module.normalize(str(folder), tmp_path / "out", base=str(base))
 

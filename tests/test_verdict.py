@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from helpers import write_adapter
 from lora_convert.cli import app
-from lora_convert.check.validate import CHECKS, validate_adapter
+from lora_convert.check.validate import CHECK_NAMES, validate_adapter
 
 H, HEADS, KV, HD, LAYERS = 16, 4, 1, 4, 2
 LLAMA = {
@@ -133,7 +133,8 @@ def test_allow_unchecked_makes_it_a_warning(broken_adapter):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["ok"] is True and doc["allow_unchecked"] is True
-    assert findings_by_code(doc)["shapes.unchecked"]["severity"] == "warning"
+    assert findings_by_code(doc)["shapes.unchecked-allowed"]["severity"] == "warning"
+    assert "shapes.unchecked" not in findings_by_code(doc)
     assert "accepted with --allow-unchecked" in doc["summary"]["checks"]["skipped"]["shapes"]
     assert doc["verdict"].startswith("OK: ") and "Not run: shapes (" in doc["verdict"]
     # A warning still fails under --strict.
@@ -143,7 +144,8 @@ def test_allow_unchecked_makes_it_a_warning(broken_adapter):
 def test_allow_unchecked_in_the_library(adapter):
     report = validate_adapter(adapter, smoke=False, allow_unchecked=True)
     assert report.ok and report.allow_unchecked
-    assert [f.severity.value for f in report.findings if f.code == "shapes.unchecked"] == ["warning"]
+    assert [f.severity.value for f in report.findings if f.code == "shapes.unchecked-allowed"] == ["warning"]
+    assert "shapes.unchecked" not in {f.code for f in report.findings}
 
 
 def test_a_real_base_finds_what_unchecked_would_have_hidden(broken_adapter, base_dir):
@@ -192,7 +194,7 @@ def test_json_summary_checks_are_accurate(adapter, base_dir, extra, ran, not_run
     checks = doc["summary"]["checks"]
     assert checks["run"] == ran
     assert list(checks["skipped"]) == not_run
-    assert set(checks["run"]) | set(checks["skipped"]) == set(CHECKS)
+    assert set(checks["run"]) | set(checks["skipped"]) == set(CHECK_NAMES)
     assert doc["verdict"].endswith("Not run: " + ", ".join(f"{c} ({checks['skipped'][c]})" for c in not_run) + ".")
 
 

@@ -22,7 +22,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from lora_convert.findings import Finding, error, info, warning
+from lora_convert.findings import Finding
+from lora_convert.codes import finding
 from lora_convert.peft.naming import Factor
 from lora_convert.io.tensor_files import FLOAT_DTYPES
 
@@ -187,11 +188,11 @@ def _module_of(key: str) -> str:
 
 def stats_findings(stats: dict[str, TensorStats]) -> list[Finding]:
     out: list[Finding] = []
-    for code, count_attr, first_attr, what in (("data.nan", "nan", "first_nan", "NaN"), ("data.inf", "inf", "first_inf", "infinite")):
+    for count_attr, first_attr, what in (("nan", "first_nan", "NaN"), ("inf", "first_inf", "infinite")):
         bad = [s for s in stats.values() if getattr(s, count_attr)]
         for s in bad[:MAX_PER_TENSOR_FINDINGS]:
-            out.append(error(
-                code,
+            out.append(finding(
+                "data.nan" if count_attr == "nan" else "data.inf",
                 f"{s.key} holds {getattr(s, count_attr)} {what} value(s) out of {s.numel} (first at flat index "
                 f"{getattr(s, first_attr)}); the served model would produce {what} outputs wherever this module is used.",
                 keys=[s.key], expected=0, actual=getattr(s, count_attr),
@@ -199,8 +200,8 @@ def stats_findings(stats: dict[str, TensorStats]) -> list[Finding]:
             ))
         if len(bad) > MAX_PER_TENSOR_FINDINGS:
             rest = bad[MAX_PER_TENSOR_FINDINGS:]
-            out.append(error(
-                code,
+            out.append(finding(
+                "data.nan" if count_attr == "nan" else "data.inf",
                 f"{len(rest)} more tensor(s) hold {what} values ({sum(getattr(s, count_attr) for s in rest)} in all).",
                 keys=[s.key for s in rest[:MAX_KEYS]], expected=0, actual=sum(getattr(s, count_attr) for s in rest),
             ))
@@ -208,7 +209,7 @@ def stats_findings(stats: dict[str, TensorStats]) -> list[Finding]:
     if zero_b:
         total_b = sum(1 for s in stats.values() if s.factor == "lora_B")
         modules = sorted({_module_of(s.key) for s in zero_b})
-        out.append(warning(
+        out.append(finding(
             "data.zero-b",
             f"{len(zero_b)} of {total_b} lora_B tensor(s) are all zero, so {'that module is' if len(zero_b) == 1 else 'those modules are'} "
             f"a no-op (B @ A = 0): e.g. {modules[0]}. PEFT initialises B to zero; an adapter saved before any "
@@ -233,7 +234,7 @@ def stats_findings(stats: dict[str, TensorStats]) -> list[Finding]:
                 continue
             group.sort(key=lambda s: -abs(math.log(s.rms / median)))
             worst = group[0]
-            out.append(warning(
+            out.append(finding(
                 "data.magnitude-outlier",
                 f"{len(group)} {kind} tensor(s) have an RMS more than {OUTLIER_RATIO:g}x {word} the median of the "
                 f"adapter's {kind} tensors ({median:.3g}); the worst is {worst.key} at {worst.rms:.3g} "
@@ -252,7 +253,7 @@ def dtype_findings(index) -> list[Finding]:
     non_float = [t.key for t in index.tensors.values() if t.dtype not in FLOAT_DTYPES]
     if non_float:
         kinds = sorted({index.tensors[k].dtype for k in non_float})
-        out.append(error(
+        out.append(finding(
             "data.integer-dtype",
             f"{len(non_float)} tensor(s) are stored as {', '.join(kinds)}; LoRA factors are floating point, and engines "
             "would cast these integers to the model dtype without scale.",
@@ -261,7 +262,7 @@ def dtype_findings(index) -> list[Finding]:
         ))
     f64 = [t.key for t in index.tensors.values() if t.dtype == "F64"]
     if f64:
-        out.append(warning(
+        out.append(finding(
             "data.float64",
             f"{len(f64)} tensor(s) are float64: twice the size of float32 for no gain; engines cast them to the model dtype.",
             keys=f64[:MAX_KEYS], expected="F32, F16 or BF16", actual="F64",
@@ -271,13 +272,13 @@ def dtype_findings(index) -> list[Finding]:
     if len(floats) > 1:
         minority = min(floats, key=floats.get)
         keys = [t.key for t in index.tensors.values() if t.dtype == minority]
-        out.append(warning(
+        out.append(finding(
             "data.mixed-dtypes",
             "The adapter mixes dtypes (" + ", ".join(f"{d} x{n}" for d, n in sorted(floats.items())) + "); it was probably "
             "assembled from several exports. Engines cast everything to the model dtype, but check the source.",
             keys=keys[:MAX_KEYS], expected="one dtype", actual=dict(sorted(census.items())),
         ))
     elif any(d.startswith("F8") for d in floats):
-        out.append(info("data.fp8", "The factors are stored in an 8-bit float format; precision is low for LoRA factors.",
+        out.append(finding("data.fp8", "The factors are stored in an 8-bit float format; precision is low for LoRA factors.",
                         keys=[], actual=sorted(floats)))
     return out

@@ -9,41 +9,25 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+from lora_convert.arch.schema import source_kinds
+from lora_convert.codes import finding
+from lora_convert.findings import Finding, has_errors
 from lora_convert.peft.adapter import STACKED_LAYOUT_CODES, Adapter, LoraModule, ModuleKind
-from lora_convert.findings import Finding, has_errors, warning
 from lora_convert.peft.config import PeftConfig
-
-# Display families for the module table. This is presentation only: what a module *is* for conversion comes
-# from the architecture schemas (schemas/*.json), not from these name fragments.
-_FAMILY_BY_LEAF = {
-    "embed_tokens": "embedding", "embeddings": "embedding", "word_embeddings": "embedding",
-    "lm_head": "lm_head", "output": "lm_head",
-    "gate": "router",
-    "fc1_latent_proj": "latent", "fc2_latent_proj": "latent",
-}
 
 
 def module_family(mod: LoraModule) -> str:
-    local = mod.local_name
+    """The module's kind for the table. inspect knows no base, so the kind is the one the architecture schemas
+    give the module's name (over every shipped family: `arch.schema.source_kinds`); expert modules are
+    `routed_experts` and vision-tower ones `vision` whatever their name; a name no schema knows is `other`."""
     if mod.is_vision:
         return "vision"
     if mod.kind == ModuleKind.FUSED_EXPERTS or mod.expert is not None:
         return "routed_experts"
-    if mod.leaf in _FAMILY_BY_LEAF:
-        return _FAMILY_BY_LEAF[mod.leaf]
-    if mod.kind == ModuleKind.EMBEDDING:
-        return "embedding"
-    if "shared_expert" in local:
-        return "shared_experts"
-    if local.startswith(("self_attn.", "attn.", "attention.")) or mod.leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        return "attention"
-    if local.startswith("linear_attn."):
-        return "linear_attention"
-    if local.startswith("mixer.") and mod.leaf in ("in_proj", "out_proj", "x_proj", "conv1d"):
-        return "mamba"
-    if local.startswith(("mlp.", "block_sparse_moe.", "mixer.", "feed_forward.")):
-        return "mlp"
-    return "other"
+    kind = source_kinds().get(mod.local_name if mod.layer is not None else mod.module)
+    if kind is not None:
+        return kind
+    return "embedding" if mod.kind == ModuleKind.EMBEDDING else "other"
 
 
 def build_report(adapter: Adapter) -> dict[str, Any]:
@@ -136,17 +120,17 @@ def inspect_warnings(adapter: Adapter) -> list[Finding]:
     out: list[Finding] = []
     dora = [m.module for m in adapter.modules if m.magnitude is not None]
     if cfg.use_dora or dora:
-        out.append(warning("config.dora", f"DoRA adapter ({len(dora)} magnitude vectors): its delta depends on the base weights; "
+        out.append(finding("serving.dora", f"DoRA adapter ({len(dora)} magnitude vectors): its delta depends on the base weights; "
                            "SGLang and vLLM reject it.", keys=dora[:10]))
     if cfg.bias != "none" or cfg.lora_bias:
-        out.append(warning("config.bias", f"bias={cfg.bias!r}, lora_bias={cfg.lora_bias}: serving engines ignore or misread bias tensors.", keys=["bias"]))
+        out.append(finding("config.bias", f"bias={cfg.bias!r}, lora_bias={cfg.lora_bias}: serving engines ignore or misread bias tensors.", keys=["bias"]))
     if cfg.modules_to_save:
-        out.append(warning("config.modules-to-save", f"modules_to_save={cfg.modules_to_save}: full module copies are not LoRA; engines reject or ignore them.",
+        out.append(finding("config.modules-to-save", f"modules_to_save={cfg.modules_to_save}: full module copies are not LoRA; engines reject or ignore them.",
                            keys=["modules_to_save"]))
     if cfg.has_patterns:
-        out.append(warning("config.patterns", f"rank_pattern {cfg.rank_pattern or '{}'} / alpha_pattern {cfg.alpha_pattern or '{}'} present: "
+        out.append(finding("serving.patterns", f"rank_pattern {cfg.rank_pattern or '{}'} / alpha_pattern {cfg.alpha_pattern or '{}'} present: "
                            "engines that ignore them serve wrong scales; `normalize` folds them into the tensors.",
                            keys=["rank_pattern", "alpha_pattern"]))
     for name, description in cfg.variants.items():
-        out.append(warning("config.unsupported-variant", f"{name} is set: {description}; no serving engine computes this variant.", keys=[name]))
+        out.append(finding("serving.unsupported-variant", f"{name} is set: {description}; no serving engine computes this variant.", keys=[name]))
     return out

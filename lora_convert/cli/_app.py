@@ -16,12 +16,13 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from lora_convert import __version__
 from lora_convert.cli._output import print_error
-from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, LoraConvertError
+from lora_convert.errors import BUG_REPORT_HINT, EXIT_INTERNAL, EXIT_OK, LoraConvertError
 
 HELP = """Validate PEFT LoRA adapters against their base model and normalize them into the fused, stacked layout
 that serving kernels compute with.
 
-Exit codes: 0 ok, 1 the adapter has errors, 2 usage error, 3 environment problem (e.g. no CUDA).
+Exit codes: 0 ok, 1 the adapter has errors, 2 usage error, 3 environment problem (e.g. no CUDA), 4 internal
+error (a bug in lora-convert: please report it).
 Set LORA_CONVERT_DEBUG=1 to see a traceback for any error."""
 
 class _Group(TyperGroup):
@@ -90,18 +91,17 @@ def command(*names: str, target: typer.Typer | None = None, **kwargs) -> Callabl
                 print_error("Interrupted.", None)
                 raise typer.Exit(130) from None
             except MemoryError:
+                # lora-convert streams one tensor at a time, so running out of memory is a bug, not the adapter's fault.
                 if debug_enabled():
                     raise
-                print_error("Ran out of memory.", "Report this with the command you ran; lora-convert should stream.")
-                raise typer.Exit(EXIT_FINDINGS) from None
-            except Exception as exc:  # a bug in lora-convert, not in the user's input
+                print_error("Internal error: ran out of memory, which is a bug in lora-convert (it should stream).",
+                            BUG_REPORT_HINT)
+                raise typer.Exit(EXIT_INTERNAL) from None
+            except Exception as exc:  # a bug in lora-convert, not in the user's input: exit 4, never 1
                 if debug_enabled():
                     raise
-                print_error(
-                    f"Internal error ({type(exc).__name__}: {exc}).",
-                    "This is a bug in lora-convert. Re-run with LORA_CONVERT_DEBUG=1 for the traceback and report it.",
-                )
-                raise typer.Exit(EXIT_FINDINGS) from None
+                print_error(f"Internal error ({type(exc).__name__}: {exc}): a bug in lora-convert.", BUG_REPORT_HINT)
+                raise typer.Exit(EXIT_INTERNAL) from None
 
         return (target or app).command(*names, **kwargs)(wrapper)
 

@@ -40,7 +40,7 @@ def normalize_command(
                                   "slices as per-module PEFT files that SGLang 0.5.23 / PEFT and vLLM load exactly (docs/engine-layouts.md)."),
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="Pad every slice to this rank (default: the largest effective rank; smaller is an error)."),
     dtype: DType = typer.Option(DType.keep, "--dtype", help="Output dtype; `keep` keeps the adapter's (the widest, if mixed)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (groups, slices, zero fills, foldings, drops) and write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (groups, slices, zero fills, foldings, drops, refusals) and every tensor the output would hold (name, dtype, shape), and write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace a previous lora-convert output (recognised by its lora_convert_manifest.json). "
                                 "A folder holding anything the manifest does not list is refused. The old output is removed only after the "
                                 "new one is complete; an interrupted run leaves it as it was."),
@@ -68,7 +68,7 @@ def normalize_command(
     finally:
         if progress:
             progress.close()
-    for d in result.plan.dropped:
+    for d in result.dropped:
         log(f"dropped {d.module}: {d.reason}")
     for note in result.notes:
         log(f"note: {note}")
@@ -76,16 +76,19 @@ def normalize_command(
         doc = result.summary_json()
         if dry_run:
             doc["plan"] = result.plan.layout_json()
+            doc["tensors"] = result.tensors_json()
+            doc["files"] = result.files
         print_json(doc)
         return
     if dry_run:
         _render_plan(result.plan)
+        _render_tensors(result)
     _render_summary(result)
 
 
 class _NormalizeProgress:
     """stderr feedback on a terminal: a spinner while the plan is built (seconds on a large adapter), then a bar
-    over the bytes the plan writes, with rate and ETA. Implements normalize.WriteProgress (start / advance)."""
+    over the bytes the plan writes, with rate and ETA. Implements io.output_folder.WriteProgress (start / advance)."""
 
     def __init__(self, console=None) -> None:
         self._console = console or stderr
@@ -135,6 +138,13 @@ def _render_plan(plan) -> None:
         missing = f" ({len(g.missing_experts)} missing)" if g.missing_experts else ""
         table.add_row(escape(g.key), f"{g.experts}{missing}" if g.experts else "-", str(g.in_features), escape(" | ".join(parts)))
     stdout.print(table)
+
+
+def _render_tensors(result) -> None:
+    """Every tensor the output will hold, in file order: what a dry run promises is exactly what is written."""
+    stdout.print(f"tensors ({len(result.specs)}, {result.dtype}) and files {', '.join(result.files)}:", soft_wrap=True)
+    for spec in result.specs:
+        stdout.print(f"  {escape(spec.name)}  {spec.dtype}  {list(spec.shape)}", soft_wrap=True, highlight=False)
 
 
 def _render_summary(result) -> None:

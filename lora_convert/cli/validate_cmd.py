@@ -11,7 +11,7 @@ from rich.markup import escape
 from lora_convert.cli._app import command
 from lora_convert.cli._options import Device, ADAPTER_HELP, BaseOpt, CacheDirOpt, TokenOpt
 from lora_convert.cli._output import ReportFormat, print_error, print_json, stderr, stdout
-from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, LoraConvertError
+from lora_convert.errors import EXIT_OK, LoraConvertError
 
 PROGRESS_MIN_BYTES = 100 * 1024 * 1024  # show a progress bar only for scans larger than this
 
@@ -46,7 +46,7 @@ def validate_command(
     allow_unchecked: bool = typer.Option(
         False, "--allow-unchecked",
         help="Accept an adapter whose shapes could not be checked (no base, a base that does not resolve, a family "
-        "without a schema): `shapes.unchecked` becomes a warning instead of an error."),
+        "without a schema): the warning `shapes.unchecked-allowed` instead of the error `shapes.unchecked`."),
     format: ReportFormat = typer.Option(ReportFormat.human, "--format", "-f", case_sensitive=False,
                                         help="`human` table, one `json` document, or `github` workflow annotations."),
     cache_dir: Optional[str] = CacheDirOpt,
@@ -57,7 +57,8 @@ def validate_command(
     SGLang or vLLM would do with it. Shapes that could not be checked are the error shapes.unchecked unless
     --allow-unchecked; the verdict line names the checks that ran and those that did not.
 
-    Exit codes: 0 no error (warnings allowed unless --strict), 1 errors, 2 usage error, 3 environment problem.
+    Exit codes: 0 no error (warnings allowed unless --strict), 1 errors, 2 usage error, 3 environment problem,
+    4 internal error (a bug in lora-convert).
 
     Example: lora-convert validate ./my-adapter --base Qwen/Qwen3-8B --engine sglang --format json
     """
@@ -84,7 +85,7 @@ def validate_command(
         finally:
             bar.close()
         reports.append(report)
-        codes.append(EXIT_OK if report.ok else EXIT_FINDINGS)
+        codes.append(report.exit_code)
         if format is ReportFormat.human:
             render_human(report)
         elif format is ReportFormat.github:

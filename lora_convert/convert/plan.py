@@ -2,8 +2,8 @@
 
 A plan lists every output group with its slices (which source module feeds each slice, which B rows of it,
 its rank and PEFT scaling, or a zero fill with the schema's shape), the one rank R, and every module that is
-dropped or refused with the reason. No tensor data is read to build it; `normalize.write_output` then reads
-each source tensor once and writes each output tensor once.
+dropped or refused with the reason. No tensor data is read to build it; the writers (lora_convert.convert.group_tensors)
+then read each source tensor once and write each output tensor once.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
 from lora_convert.errors import UnsupportedAdapterError, UsageError
 from lora_convert.findings import Finding
+from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
 
 LAYOUT_FORMAT = "lora-convert/stacked"
 LAYOUT_VERSION = 1

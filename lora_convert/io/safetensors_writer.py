@@ -48,11 +48,11 @@ class StreamingSafetensorsWriter:
         for spec in specs:
             header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
             offset += spec.nbytes
-        self.data_bytes = offset
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         # Pad with spaces to an 8-byte boundary, as the reference writer does, so the data area is aligned.
         raw += b" " * (-len(raw) % 8)
-        self._handle: BinaryIO = open(path, "wb")
+        # Open across write() calls by design (one tensor at a time); close() or abort() ends it.
+        self._handle: BinaryIO = open(path, "wb")  # noqa: SIM115
         self._handle.write(len(raw).to_bytes(8, "little"))
         self._handle.write(raw)
 
@@ -61,7 +61,8 @@ class StreamingSafetensorsWriter:
         if name != spec.name:
             raise RuntimeError(f"writer expected tensor {spec.name!r} next, got {name!r}")
         if tuple(tensor.shape) != spec.shape or dtype_tag(tensor.dtype) != spec.dtype:
-            raise RuntimeError(f"tensor {name!r} is {dtype_tag(tensor.dtype)} {list(tensor.shape)}; the plan said {spec.dtype} {list(spec.shape)}")
+            raise RuntimeError(f"tensor {name!r} is {dtype_tag(tensor.dtype)} {list(tensor.shape)}; "
+                               f"the plan said {spec.dtype} {list(spec.shape)}")
         data = tensor.contiguous().view(-1)
         if data.numel():
             # `view(uint8)` reinterprets the bytes without a copy (bf16 has no numpy dtype, so no .numpy() here).

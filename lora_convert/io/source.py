@@ -64,7 +64,8 @@ def looks_like_path(spec: str) -> bool:
 def resolve_adapter_source(spec: str, *, cache_dir: str | Path | None = None, token: str | None = None) -> AdapterSource:
     """Turn what the user typed into a local folder, downloading from the Hub when it is a repo id."""
     if not spec or "\x00" in spec:
-        raise UsageError("The adapter argument is empty.", hint="Pass a folder with adapter_config.json, or a Hub id such as org/name.")
+        raise UsageError("The adapter argument is empty.",
+                         hint="Pass a folder with adapter_config.json, or a Hub id such as org/name.")
     candidate = Path(spec).expanduser()
     if candidate.exists():
         folder = candidate if candidate.is_dir() else candidate.parent
@@ -127,11 +128,8 @@ OFFLINE_HINT = (
 
 
 def download_adapter(spec: str, repo_id: str, revision: str | None, *, cache_dir=None, token=None) -> AdapterSource:
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub import errors as hub_errors
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise EnvironmentProblem("huggingface_hub is not installed, so Hub ids cannot be used.", hint="pip install huggingface_hub") from exc
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
     unreachable = hub_unreachable(repo_id, "adapter_config.json", revision=revision, token=token)
     try:
         folder = snapshot_download(
@@ -148,7 +146,8 @@ def download_adapter(spec: str, repo_id: str, revision: str | None, *, cache_dir
             hint="Check the id, or set HF_TOKEN for a private repo.",
         ) from None
     except hub_errors.RevisionNotFoundError:
-        raise AdapterNotFoundError(f"The Hub repo {repo_id!r} has no revision {revision!r}.", hint="Check the branch, tag or commit.") from None
+        raise AdapterNotFoundError(f"The Hub repo {repo_id!r} has no revision {revision!r}.",
+                                   hint="Check the branch, tag or commit.") from None
     except hub_errors.LocalEntryNotFoundError:
         raise EnvironmentProblem(
             f"The adapter {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "

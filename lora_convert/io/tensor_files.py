@@ -11,14 +11,14 @@ library's errors name neither the file nor the fix. Files it accepts are read ba
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import os
 import re
 import struct
-from stat import S_ISREG
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from lora_convert.errors import AdapterFormatError
@@ -100,8 +100,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise AdapterFormatError(
-            f"{name}: the safetensors header is not valid UTF-8 JSON ({'nested too deeply' if isinstance(exc, RecursionError) else exc}).",
+            f"{name}: the safetensors header is not valid UTF-8 JSON ({why}).",
             hint="The file is corrupt or not a safetensors file: download or save the adapter again.",
         ) from None
     if not isinstance(header, dict):
@@ -132,14 +133,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 f"(expected one of {', '.join(sorted(DTYPE_SIZES))}).",
             )
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise AdapterFormatError(f"{name}: tensor {json.dumps(key)} has shape {shape!r}; expected a list of non-negative integers.")
+            raise AdapterFormatError(
+                f"{name}: tensor {json.dumps(key)} has shape {shape!r}; expected a list of non-negative integers."
+            )
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise AdapterFormatError(f"{name}: tensor {json.dumps(key)} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end.")
+            raise AdapterFormatError(
+                f"{name}: tensor {json.dumps(key)} has data_offsets {offsets!r}; "
+                "expected [begin, end] with 0 <= begin <= end."
+            )
         begin, end = offsets
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected:
@@ -155,7 +161,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             )
         tensors.append(TensorInfo(key, dtype, tuple(shape), path, data_start + begin, end - begin))
     tensors.sort(key=lambda t: t.start)
-    for before, after in zip(tensors, tensors[1:]):
+    for before, after in itertools.pairwise(tensors):
         if after.start < before.start + before.nbytes:
             raise AdapterFormatError(
                 f"{name}: tensors {json.dumps(before.key)} and {json.dumps(after.key)} overlap in the file.",
@@ -253,8 +259,9 @@ def load_bin_index(path: Path) -> TensorIndex:
             "(safe_serialization=True) on a machine you trust.",
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterFormatError(
-            f"{path} is not a readable torch checkpoint: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}.",
+            f"{path} is not a readable torch checkpoint: {why}.",
             hint="Re-save the adapter with PEFT's save_pretrained, preferably as safetensors.",
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -270,7 +277,3 @@ def load_bin_index(path: Path) -> TensorIndex:
         index.add(info)
         index._eager[key] = tensor
     return index
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

@@ -2,7 +2,7 @@
 
 Nothing here reads tensor data: `Adapter.read(key)` does, one tensor at a time, when a caller asks.
 
-PEFT's 3-D expert wrappers need care (see `../shared/reference/peft-formats.md` and docs/): the key
+PEFT's 3-D expert wrappers need care (docs/stacked-layout.md; the fixtures under tests/fixtures/data): the key
 `...mlp.experts.lora_A.weight` does not say which parameter it wraps. When several parameters of one module are
 targeted, the wrappers nest in registration order, so the first-registered targeted parameter sits deepest
 (most `.base_layer`). We decide from `target_parameters`, that order, and the shapes, never from the key alone.
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
-from lora_convert.findings import Finding, error, warning
+from lora_convert.findings import Finding
+from lora_convert.codes import finding
 from lora_convert.peft.naming import Factor, ParsedKey, parse_key
 from lora_convert.peft.config import PeftConfig, load_config_file
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
@@ -267,7 +268,7 @@ def load_adapter(spec: str | Path | AdapterSource, *, cache_dir: str | Path | No
         modules, findings = group_modules(parsed, index, config)
     findings = list(config.findings) + findings
     for key, holders in index.duplicates.items():
-        findings.append(error("keys.duplicate", f"{key} is stored in more than one shard ({', '.join(holders)}); only the first is used.",
+        findings.append(finding("keys.duplicate", f"{key} is stored in more than one shard ({', '.join(holders)}); only the first is used.",
                               keys=[key], fix="Re-save the adapter so each tensor is stored once."))
     layout = None
     layout_path = source.path / LAYOUT_NAME
@@ -285,7 +286,7 @@ def load_adapter(spec: str | Path | AdapterSource, *, cache_dir: str | Path | No
             loaded = json.loads(added_path.read_text(encoding="utf-8"))
             added = {str(k): int(v) for k, v in loaded.items()} if isinstance(loaded, dict) else None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
-            findings.append(warning("config.added-tokens-unreadable", f"{added_path} is not a JSON object of token -> id.", keys=["added_tokens.json"]))
+            findings.append(finding("config.added-tokens-unreadable", f"{added_path} is not a JSON object of token -> id.", keys=["added_tokens.json"]))
     return Adapter(source=source, config=config, file_format=file_format, files=files, index=index, parsed=parsed,
                    modules=modules, findings=findings, stacked_layout=layout, added_tokens=added)
 
@@ -297,12 +298,12 @@ def group_modules(parsed: dict[str, ParsedKey], index: TensorIndex, config: Peft
     leftover_names: list[str] = []
     for key, p in parsed.items():
         if p.factor is Factor.UNKNOWN:
-            findings.append(error("keys.unparseable", f"{key!r} is not a PEFT LoRA tensor name (expected "
+            findings.append(finding("keys.unparseable", f"{key!r} is not a PEFT LoRA tensor name (expected "
                                   "`<module>.lora_A.weight`, `<module>.lora_B.weight`, `lora_embedding_A/B` or "
                                   "`lora_magnitude_vector`).", keys=[key]))
             continue
         if p.factor in (Factor.FULL_WEIGHT, Factor.FULL_BIAS):
-            findings.append(error(
+            findings.append(finding(
                 "keys.full-weight",
                 f"{key} is a whole module {'weight' if p.factor is Factor.FULL_WEIGHT else 'bias'} (modules_to_save or bias), "
                 "not a LoRA factor; serving engines reject or ignore it.",
@@ -314,13 +315,13 @@ def group_modules(parsed: dict[str, ParsedKey], index: TensorIndex, config: Peft
         slot = slots[(p.module, p.base_layer_depth)]
         factor = Factor.LORA_A if p.factor is Factor.EMBEDDING_A else Factor.LORA_B if p.factor is Factor.EMBEDDING_B else p.factor
         if factor in slot:
-            findings.append(error("keys.duplicate", f"{key} and {slot[factor].key} are the same factor of {p.module}.",
+            findings.append(finding("keys.duplicate", f"{key} and {slot[factor].key} are the same factor of {p.module}.",
                                   keys=[key, slot[factor].key]))
             continue
         slot[factor] = p
     if leftover_names:
         names = sorted({parsed[k].adapter_name for k in leftover_names})
-        findings.append(warning(
+        findings.append(finding(
             "keys.adapter-name-segment",
             f"{len(leftover_names)} key(s) keep the adapter-name segment {', '.join(repr(n) for n in names)} "
             f"(e.g. {leftover_names[0]}); PEFT strips it on save, and vLLM rejects such keys.",
@@ -371,7 +372,7 @@ def _resolve_fused_params(slots, index: TensorIndex, config: PeftConfig, finding
                     resolved[(module_path, depth)] = (by_depth[depth], "target_parameters")
                 else:
                     keys = [p.key for p in slots[(module_path, depth)].values()]
-                    findings.append(error(
+                    findings.append(finding(
                         "experts.unknown-parameter",
                         f"{module_path} has a 3-D LoRA wrapper {depth} level(s) deep, but target_parameters "
                         f"({', '.join(config.target_parameters)}) names only {len(targeted)} parameter(s) of it.",
@@ -386,7 +387,7 @@ def _resolve_fused_params(slots, index: TensorIndex, config: PeftConfig, finding
         for depth, param in guess.items():
             resolved[(module_path, depth)] = (param, "shapes")
         keys = [p.key for d in depths for p in slots[(module_path, d)].values()]
-        findings.append(warning(
+        findings.append(finding(
             "experts.parameter-guessed",
             f"{module_path} holds 3-D expert LoRA but target_parameters "
             f"{'is invalid' if 'target_parameters' in config.invalid else 'does not name its parameters'}; "
@@ -417,15 +418,15 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
         present, missing = ("lora_A", "lora_B") if b is None else ("lora_B", "lora_A")
         if a is None and b is None:
             return
-        findings.append(error(
-            f"pairs.missing-{missing[-1]}",
+        findings.append(finding(
+            "pairs.missing-B" if b is None else "pairs.missing-A",
             f"{mod.module}{'.' + mod.param if mod.param and mod.kind == ModuleKind.FUSED_EXPERTS else ''} has {present} but no {missing}.",
             keys=mod.keys, fix="The adapter is incomplete; save it again, or drop the module.",
         ))
         return
     for t in (a, b):
         if len(t.shape) != 2:
-            findings.append(error("shapes.not-2d", f"{t.key} has shape {list(t.shape)}; LoRA factors are 2-D.",
+            findings.append(finding("shapes.not-2d", f"{t.key} has shape {list(t.shape)}; LoRA factors are 2-D.",
                                   keys=[t.key], expected="2-D", actual=list(t.shape)))
             return
     if mod.kind == ModuleKind.FUSED_EXPERTS:
@@ -435,7 +436,7 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
         r = mod.config_rank
         rows, cols = a.shape[0], b.shape[1]
         if r <= 0 or rows % r or cols % r or rows != cols:
-            findings.append(error(
+            findings.append(finding(
                 "rank.fused-experts",
                 f"{mod.module}.{mod.param}: 3-D LoRA A has {rows} rows and B has {cols} columns, which is not E*r "
                 f"for the configured rank {r}.",
@@ -449,7 +450,7 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
     rank_a, rank_b = a.shape[0], b.shape[1]
     mod.in_features, mod.out_features = a.shape[1], b.shape[0]
     if rank_a != rank_b:
-        findings.append(error(
+        findings.append(finding(
             "rank.a-b-mismatch",
             f"{mod.module}: lora_A has rank {rank_a} (shape {list(a.shape)}) but lora_B has rank {rank_b} (shape {list(b.shape)}).",
             keys=mod.keys, expected=rank_a, actual=rank_b,
@@ -460,7 +461,7 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
     if mod.config_rank_known and rank_a != mod.config_rank:
         where = config.pattern_sources(mod.target_name)["rank_pattern"]
         said = f"rank_pattern[{where!r}] = {mod.config_rank}" if where else f"r = {mod.config_rank}"
-        findings.append(error(
+        findings.append(finding(
             "rank.config-mismatch",
             f"{mod.module}: the tensors have rank {rank_a} but adapter_config.json says {said}; PEFT would refuse "
             "to load this, and the scaling alpha/r is ambiguous.",

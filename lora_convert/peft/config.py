@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_convert.codes import finding
 from lora_convert.errors import AdapterConfigError
-from lora_convert.findings import Finding, Severity, error, info, warning
+from lora_convert.findings import Finding, Severity
 
 # LoRA variants that change what the stored tensors mean; no serving engine computes them, so converting the
 # tensors as plain LoRA would be silently wrong. Values: the config field and what it means.
@@ -170,169 +171,221 @@ def parse_config(raw: Any, *, source: str = "adapter_config.json") -> PeftConfig
     A field whose value is missing or invalid keeps a placeholder (so that downstream code can still list the
     tensors) and is named in `config.invalid`; report code must show it as invalid, never as the placeholder.
     """
-    findings: list[Finding] = []
     if not isinstance(raw, dict):
         cfg = PeftConfig(raw={}, invalid=list(CONFIG_FIELDS))
-        cfg.findings.append(error(
+        cfg.findings.append(finding(
             "config.not-an-object",
             f"{source} must hold a JSON object, but it holds {json_type(raw)}: {_text(raw)}.",
             keys=[source], expected="a JSON object", actual=_shown(raw),
             fix="Save the adapter again with PEFT's save_pretrained; adapter_config.json is one object of fields.",
         ))
         return cfg
-    cfg = PeftConfig(raw=raw)
+    return _ConfigParser(raw, source).parse()
 
-    def invalid(field_name: str, finding: Finding) -> None:
-        findings.append(finding)
-        if field_name not in cfg.invalid:
-            cfg.invalid.append(field_name)
 
-    def wrong_type(field_name: str, expected: str, value: Any = None, *, key: str | None = None) -> None:
-        value = raw[field_name] if key is None else value
-        invalid(field_name, error(
+class _ConfigParser:
+    """parse_config's steps, one field family each; every problem becomes a finding, never an exception."""
+
+    def __init__(self, raw: dict, source: str):
+        self.raw = raw
+        self.source = source
+        self.cfg = PeftConfig(raw=raw)
+        self.findings: list[Finding] = []
+
+    def invalid(self, field_name: str, finding: Finding) -> None:
+        """Record `finding` and mark the field invalid (it keeps a placeholder)."""
+        self.findings.append(finding)
+        if field_name not in self.cfg.invalid:
+            self.cfg.invalid.append(field_name)
+
+    def wrong_type(self, field_name: str, expected: str, value: Any = None, *, key: str | None = None) -> None:
+        source = self.source
+        value = self.raw[field_name] if key is None else value
+        self.invalid(field_name, finding(
             "config.wrong-type",
             f"{source}: `{key or field_name}` should be {expected}, got {_text(value)} ({json_type(value)}).",
             keys=[key or field_name], expected=expected, actual=_shown(value),
             fix=f"Fix `{field_name}` in {source}.",
         ))
 
-    def missing(field_name: str, why: str, expected: str, fix: str) -> None:
-        invalid(field_name, error("config.missing-field", f"{source} has no `{field_name}` ({why}).",
+    def missing(self, field_name: str, why: str, expected: str, fix: str) -> None:
+        source = self.source
+        self.invalid(field_name, finding("config.missing-field", f"{source} has no `{field_name}` ({why}).",
                                   keys=[field_name], expected=expected, fix=fix))
 
-    peft_type = raw.get("peft_type")
-    if peft_type is None:
-        findings.append(warning("config.missing-field", f"{source} has no `peft_type`; assuming LORA.", keys=["peft_type"], expected="LORA"))
-    elif not isinstance(peft_type, str):
-        wrong_type("peft_type", "a string")
-    elif peft_type.upper() != "LORA":
-        findings.append(error(
-            "config.not-lora", f"{source} says peft_type {peft_type!r}; lora-convert handles LoRA adapters only.",
-            keys=["peft_type"], expected="LORA", actual=peft_type,
-        ))
-    else:
-        cfg.peft_type = "LORA"
+    def peft_type(self) -> None:
+        """`peft_type`: LORA, assumed when absent."""
+        raw, cfg, source = self.raw, self.cfg, self.source
+        peft_type = raw.get("peft_type")
+        if peft_type is None:
+            self.findings.append(finding("config.peft-type-assumed", f"{source} has no `peft_type`; assuming LORA.", keys=["peft_type"], expected="LORA"))
+        elif not isinstance(peft_type, str):
+            self.wrong_type("peft_type", "a string")
+        elif peft_type.upper() != "LORA":
+            self.findings.append(finding(
+                "config.not-lora", f"{source} says peft_type {peft_type!r}; lora-convert handles LoRA adapters only.",
+                keys=["peft_type"], expected="LORA", actual=peft_type,
+            ))
+        else:
+            cfg.peft_type = "LORA"
 
-    if "r" not in raw:
-        missing("r", "the LoRA rank", "a positive integer", "Add the rank the adapter was trained with, e.g. \"r\": 16.")
-    elif not _is_int(raw["r"]):
-        wrong_type("r", "a positive integer")
-    elif raw["r"] <= 0:
-        invalid("r", error("config.rank-not-positive", f"{source}: `r` is {raw['r']}; a LoRA rank must be a positive integer.",
-                           keys=["r"], expected="a positive integer", actual=raw["r"],
-                           fix="Set r to the rank the adapter was trained with (the tensors' lora_A rows)."))
-    else:
-        cfg.r = raw["r"]
+    def rank(self) -> None:
+        """`r`: a positive integer."""
+        raw, cfg, source = self.raw, self.cfg, self.source
+        if "r" not in raw:
+            self.missing("r", "the LoRA rank", "a positive integer", "Add the rank the adapter was trained with, e.g. \"r\": 16.")
+        elif not _is_int(raw["r"]):
+            self.wrong_type("r", "a positive integer")
+        elif raw["r"] <= 0:
+            self.invalid("r", finding("config.rank-not-positive", f"{source}: `r` is {raw['r']}; a LoRA rank must be a positive integer.",
+                               keys=["r"], expected="a positive integer", actual=raw["r"],
+                               fix="Set r to the rank the adapter was trained with (the tensors' lora_A rows)."))
+        else:
+            cfg.r = raw["r"]
 
-    if "lora_alpha" not in raw:
-        missing("lora_alpha", "the scaling alpha/r is undefined", "a positive number",
-                "Add the lora_alpha the adapter was trained with.")
-    elif not _is_number(raw["lora_alpha"]):
-        wrong_type("lora_alpha", "a positive number")
-    elif raw["lora_alpha"] <= 0:
-        invalid("lora_alpha", error(
-            "config.alpha-not-positive",
-            f"{source}: `lora_alpha` is {raw['lora_alpha']}; the scaling alpha/r would "
-            f"{'erase' if raw['lora_alpha'] == 0 else 'negate'} every update.",
-            keys=["lora_alpha"], expected="a positive number", actual=raw["lora_alpha"],
-            fix="Set lora_alpha to the value the adapter was trained with."))
-    else:
-        cfg.lora_alpha = float(raw["lora_alpha"])
-    if "lora_alpha" in cfg.invalid:
-        cfg.lora_alpha = float(cfg.r)  # a placeholder only; `invalid` says so
+    def alpha(self) -> None:
+        """`lora_alpha`: a positive number (a placeholder of r when invalid)."""
+        raw, cfg, source = self.raw, self.cfg, self.source
+        if "lora_alpha" not in raw:
+            self.missing("lora_alpha", "the scaling alpha/r is undefined", "a positive number",
+                    "Add the lora_alpha the adapter was trained with.")
+        elif not _is_number(raw["lora_alpha"]):
+            self.wrong_type("lora_alpha", "a positive number")
+        elif raw["lora_alpha"] <= 0:
+            self.invalid("lora_alpha", finding(
+                "config.alpha-not-positive",
+                f"{source}: `lora_alpha` is {raw['lora_alpha']}; the scaling alpha/r would "
+                f"{'erase' if raw['lora_alpha'] == 0 else 'negate'} every update.",
+                keys=["lora_alpha"], expected="a positive number", actual=raw["lora_alpha"],
+                fix="Set lora_alpha to the value the adapter was trained with."))
+        else:
+            cfg.lora_alpha = float(raw["lora_alpha"])
+        if "lora_alpha" in cfg.invalid:
+            cfg.lora_alpha = float(cfg.r)  # a placeholder only; `invalid` says so
 
-    for name, caster, kind, not_positive in (
-        ("rank_pattern", int, "a positive integer", "config.rank-not-positive"),
-        ("alpha_pattern", float, "a positive number", "config.alpha-not-positive"),
-    ):
-        value = raw.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, dict):
-            wrong_type(name, f"an object mapping module patterns to {kind[2:]}s")
-            continue
+    def patterns(self) -> None:
+        """`rank_pattern` / `alpha_pattern`: valid regex keys to positive numbers."""
+        raw, cfg = self.raw, self.cfg
+        for name, caster, kind in (("rank_pattern", int, "a positive integer"), ("alpha_pattern", float, "a positive number")):
+            value = raw.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                self.wrong_type(name, f"an object mapping module patterns to {kind[2:]}s")
+                continue
+            setattr(cfg, name, self._pattern_entries(name, caster, kind, value))
+
+    def _pattern_entries(self, name: str, caster: type, kind: str, value: dict) -> dict[str, Any]:
+        """The valid entries of one pattern map; each invalid one is a finding."""
+        source = self.source
         clean: dict[str, Any] = {}
         for pattern, number in value.items():
             key = f"{name}.{pattern}"
             try:
                 re.compile(pattern)
             except re.error as exc:
-                invalid(name, error("config.bad-pattern", f"{source}: {name} key {pattern!r} is not a valid regex ({exc}).",
+                self.invalid(name, finding("config.bad-pattern", f"{source}: {name} key {pattern!r} is not a valid regex ({exc}).",
                                     keys=[key], expected="a regular expression", actual=pattern,
                                     fix=f"Fix the key in {name}; PEFT matches it as a regex against module names."))
                 continue
             if not (_is_int(number) if caster is int else _is_number(number)):
-                wrong_type(name, kind, number, key=key)
+                self.wrong_type(name, kind, number, key=key)
                 continue
             if number <= 0:
-                invalid(name, error(not_positive, f"{source}: `{key}` is {number}; it should be {kind}.",
+                self.invalid(name, finding("config.rank-not-positive" if caster is int else "config.alpha-not-positive", f"{source}: `{key}` is {number}; it should be {kind}.",
                                     keys=[key], expected=kind, actual=number, fix=f"Fix `{key}` in {source}."))
                 continue
             clean[pattern] = caster(number)
-        setattr(cfg, name, clean)
+        return clean
 
-    for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"):
-        if name in raw and raw[name] is not None and not isinstance(raw[name], bool):
-            wrong_type(name, "true or false")
-        elif name != "inference_mode":
-            setattr(cfg, name, bool(raw.get(name) or False))
+    def flags(self) -> None:
+        """The boolean switches (use_rslora, use_dora, lora_bias, fan_in_fan_out, inference_mode)."""
+        raw, cfg = self.raw, self.cfg
+        for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"):
+            if name in raw and raw[name] is not None and not isinstance(raw[name], bool):
+                self.wrong_type(name, "true or false")
+            elif name != "inference_mode":
+                setattr(cfg, name, bool(raw.get(name) or False))
 
-    targets = raw.get("target_modules")
-    if targets is None or isinstance(targets, str) or _is_str_list(targets):
-        cfg.target_modules = targets
-    else:
-        wrong_type("target_modules", "a list of module names or a regex string")
-    tparams = raw.get("target_parameters")
-    if tparams is None or _is_str_list(tparams):
-        cfg.target_parameters = list(tparams or [])
-    else:
-        wrong_type("target_parameters", "a list of parameter names")
-    excluded = raw.get("exclude_modules")
-    if excluded is None or isinstance(excluded, str) or _is_str_list(excluded):
-        cfg.exclude_modules = excluded
-    else:
-        wrong_type("exclude_modules", "a list of module names, a regex string or null")
+    def targets(self) -> None:
+        """`target_modules`, `target_parameters`, `exclude_modules`."""
+        raw, cfg = self.raw, self.cfg
+        targets = raw.get("target_modules")
+        if targets is None or isinstance(targets, str) or _is_str_list(targets):
+            cfg.target_modules = targets
+        else:
+            self.wrong_type("target_modules", "a list of module names or a regex string")
+        tparams = raw.get("target_parameters")
+        if tparams is None or _is_str_list(tparams):
+            cfg.target_parameters = list(tparams or [])
+        else:
+            self.wrong_type("target_parameters", "a list of parameter names")
+        excluded = raw.get("exclude_modules")
+        if excluded is None or isinstance(excluded, str) or _is_str_list(excluded):
+            cfg.exclude_modules = excluded
+        else:
+            self.wrong_type("exclude_modules", "a list of module names, a regex string or null")
 
-    ltt = raw.get("layers_to_transform")
-    if ltt is None or (isinstance(ltt, list) and all(_is_int(x) for x in ltt)):
-        cfg.layers_to_transform = ltt
-    elif _is_int(ltt):
-        cfg.layers_to_transform = [ltt]
-    else:
-        wrong_type("layers_to_transform", "a list of layer indices")
-    lpat = raw.get("layers_pattern")
-    if lpat is None or isinstance(lpat, str) or _is_str_list(lpat):
-        cfg.layers_pattern = lpat
-    else:
-        wrong_type("layers_pattern", "a module-list name, a list of them, or null")
+    def layers(self) -> None:
+        """`layers_to_transform`, `layers_pattern`."""
+        raw, cfg = self.raw, self.cfg
+        ltt = raw.get("layers_to_transform")
+        if ltt is None or (isinstance(ltt, list) and all(_is_int(x) for x in ltt)):
+            cfg.layers_to_transform = ltt
+        elif _is_int(ltt):
+            cfg.layers_to_transform = [ltt]
+        else:
+            self.wrong_type("layers_to_transform", "a list of layer indices")
+        lpat = raw.get("layers_pattern")
+        if lpat is None or isinstance(lpat, str) or _is_str_list(lpat):
+            cfg.layers_pattern = lpat
+        else:
+            self.wrong_type("layers_pattern", "a module-list name, a list of them, or null")
 
-    mts = raw.get("modules_to_save")
-    if mts is None or _is_str_list(mts):
-        cfg.modules_to_save = list(mts or [])
-    else:
-        wrong_type("modules_to_save", "a list of module names or null")
-    bias = raw.get("bias", "none")
-    if bias in (None, "none", "all", "lora_only"):
-        cfg.bias = bias or "none"
-    else:
-        invalid("bias", error("config.wrong-type", f"{source}: `bias` is {_text(bias)}; PEFT accepts \"none\", \"all\" or \"lora_only\".",
-                              keys=["bias"], expected=["none", "all", "lora_only"], actual=_shown(bias),
-                              fix=f"Fix `bias` in {source}."))
-    cfg.trainable_token_indices = raw.get("trainable_token_indices")
-    base = raw.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        wrong_type("base_model_name_or_path", "a string or null")
-    else:
-        cfg.base_model_name_or_path = base
+    def saved_and_bias(self) -> None:
+        """`modules_to_save`, `bias`."""
+        raw, cfg, source = self.raw, self.cfg, self.source
+        mts = raw.get("modules_to_save")
+        if mts is None or _is_str_list(mts):
+            cfg.modules_to_save = list(mts or [])
+        else:
+            self.wrong_type("modules_to_save", "a list of module names or null")
+        bias = raw.get("bias", "none")
+        if bias in (None, "none", "all", "lora_only"):
+            cfg.bias = bias or "none"
+        else:
+            self.invalid("bias", finding("config.wrong-type", f"{source}: `bias` is {_text(bias)}; PEFT accepts \"none\", \"all\" or \"lora_only\".",
+                                  keys=["bias"], expected=["none", "all", "lora_only"], actual=_shown(bias),
+                                  fix=f"Fix `bias` in {source}."))
 
-    for name, description in UNSUPPORTED_VARIANTS.items():
-        value = raw.get(name)
-        if value not in (None, False, [], {}, 0):
-            cfg.variants[name] = description
-    cfg.findings = findings
-    if cfg.use_rslora:
-        findings.append(info("config.rslora", "use_rslora is set: each module's scaling is lora_alpha / sqrt(r).", keys=["use_rslora"]))
-    return cfg
+    def provenance(self) -> None:
+        """`trainable_token_indices`, `base_model_name_or_path`."""
+        raw, cfg = self.raw, self.cfg
+        cfg.trainable_token_indices = raw.get("trainable_token_indices")
+        base = raw.get("base_model_name_or_path")
+        if base is not None and not isinstance(base, str):
+            self.wrong_type("base_model_name_or_path", "a string or null")
+        else:
+            cfg.base_model_name_or_path = base
+
+    def variants(self) -> None:
+        """LoRA variants no serving engine computes."""
+        raw, cfg = self.raw, self.cfg
+        for name, description in UNSUPPORTED_VARIANTS.items():
+            value = raw.get(name)
+            if value not in (None, False, [], {}, 0):
+                cfg.variants[name] = description
+
+    def parse(self) -> PeftConfig:
+        """Run every step, then attach the findings (rslora last, as a note on the whole config)."""
+        for step in (self.peft_type, self.rank, self.alpha, self.patterns, self.flags, self.targets, self.layers,
+                     self.saved_and_bias, self.provenance, self.variants):
+            step()
+        cfg, findings = self.cfg, self.findings
+        cfg.findings = findings
+        if cfg.use_rslora:
+            findings.append(finding("config.rslora", "use_rslora is set: each module's scaling is lora_alpha / sqrt(r).", keys=["use_rslora"]))
+        return cfg
 
 
 def load_config_file(path: Path) -> PeftConfig:

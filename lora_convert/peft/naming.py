@@ -30,8 +30,6 @@ class Factor(str, Enum):
     UNKNOWN = "unknown"
 
 
-LORA_FACTORS = {Factor.LORA_A, Factor.LORA_B, Factor.EMBEDDING_A, Factor.EMBEDDING_B}
-
 # Segments that mark a vision tower or multimodal projector (Kimi-K2.5, Qwen3.5-VL, LLaVA-style wrappers).
 VISION_SEGMENTS = frozenset({
     "vision_tower", "visual", "vision_model", "vision_encoder", "mm_projector", "multi_modal_projector",

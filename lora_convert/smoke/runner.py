@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from lora_convert.errors import EnvironmentProblem, UsageError
-from lora_convert.findings import Finding, error
+from lora_convert.findings import Finding
+from lora_convert.codes import finding
 
 # Relative-error tolerances per stored dtype (||out - ref|| / ||ref||).
 TOLERANCES = {"F32": 1e-5, "F16": 2e-3, "BF16": 1.6e-2, "F64": 1e-5}
@@ -89,10 +90,10 @@ class SmokeReport:
         out = []
         for g in self.groups:
             for problem in g.problems:
-                out.append(error("smoke.group", f"{g.key}: {problem}", keys=[g.key]))
+                out.append(finding("smoke.group", f"{g.key}: {problem}", keys=[g.key]))
             for s in g.slices:
                 if s.problem:
-                    out.append(error("smoke.slice", f"{g.key} slice {s.name}: {s.problem}", keys=[g.key],
+                    out.append(finding("smoke.slice", f"{g.key} slice {s.name}: {s.problem}", keys=[g.key],
                                      expected=f"rel err <= {TOLERANCES.get(g.dtype, 1e-5)}", actual=s.rel_err))
         return out
 
@@ -221,29 +222,24 @@ def _seed_for(seed: int, key: str) -> int:
 
 def _reference_slice(plan_slice, x64, read, device, expert=None):
     """s * (x @ A^T) @ B[rows]^T for the slice's source module, float64; None when zero-filled."""
+    from lora_convert.convert.factors import slice_source, source_rows
     from lora_convert.peft.reference import module_factors
 
-    if plan_slice.is_zero_filled:
+    src, inner_expert = slice_source(plan_slice, expert)
+    if src is None:
         return None
-    if plan_slice.dense_source is not None:
-        src = plan_slice.dense_source
-    elif plan_slice.fused_source is not None:
-        src = plan_slice.fused_source
-    else:
-        src = plan_slice.expert_sources.get(expert)
-        if src is None:
-            return None
-    a, b, s = module_factors(src.module, read, expert=expert if plan_slice.fused_source is not None else None, device=device)
-    return s * (x64 @ a.T) @ b[src.row_start:src.row_stop].T
+    a, b, s = module_factors(src.module, read, expert=inner_expert, device=device)
+    return s * (x64 @ a.T) @ b[source_rows(src)].T
 
 
 def check_dense_group(group, A, B, R: int, tag: str, x, read, device, timer: PhaseTimer) -> GroupCheck:
     import torch
 
+    from lora_convert.convert.factors import b_rows, kernel_offsets
     from lora_convert.kernels.expand import lora_expand
     from lora_convert.kernels.shrink import lora_shrink
 
-    offsets = [s.out_offset for s in group.slices] + [group.out_features]
+    offsets = kernel_offsets(group)
     with timer("kernels"):
         h = lora_shrink(x, A)
         y = lora_expand(h, B, offsets, R)  # fresh zero float32 output: the delta alone
@@ -255,7 +251,7 @@ def check_dense_group(group, A, B, R: int, tag: str, x, read, device, timer: Pha
         problems.append(f"the kernel output holds {int(torch.isnan(y).sum())} NaN values")
     zero_rows = []
     for sl in group.slices:
-        rows = slice(sl.out_offset, sl.out_offset + sl.out_features)
+        rows = b_rows(sl)
         got = y[:, rows].to(torch.float64)
         with timer("reference"):
             ref = _reference_slice(sl, x64, read, device)
@@ -309,13 +305,14 @@ def route_tokens(T: int, E: int, k: int, seed: int, device):
 def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int, timer: PhaseTimer) -> GroupCheck:
     import torch
 
+    from lora_convert.convert.factors import b_rows, kernel_offsets
     from lora_convert.kernels.moe import lora_moe
 
     E = group.experts
     T = x.shape[0]
     k = min(2, E)
     ids = route_tokens(T, E, k, seed, device)
-    offsets = [s.out_offset for s in group.slices] + [group.out_features]
+    offsets = kernel_offsets(group)
     with timer("kernels"):
         y = lora_moe(x, A, B, ids, offsets, R, out_dtype=torch.float32)  # [T, k, out]
     problems = []
@@ -331,7 +328,7 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
         tok, choice = pairs[:, 0], pairs[:, 1]
         xe = x64[tok]
         for sl in group.slices:
-            rows = slice(sl.out_offset, sl.out_offset + sl.out_features)
+            rows = b_rows(sl)
             got = y[tok, choice][:, rows].to(torch.float64)
             with timer("reference"):
                 ref = _reference_slice(sl, xe, read, device, expert=e)
@@ -390,7 +387,8 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
     import torch
 
     from lora_convert.peft.adapter import LAYOUT_NAME
-    from lora_convert.convert.normalize import build_group_tensors, output_dtype, plan_normalize
+    from lora_convert.convert.group_tensors import build_group_tensors, output_dtype
+    from lora_convert.convert.normalize import plan_normalize
     from lora_convert.io.source import resolve_adapter_source
 
     started = time.perf_counter()

@@ -1,0 +1,282 @@
+"""Strict loading of `schemas/<family>.json` (shipped as `lora_convert.schemas`, read with importlib.resources).
+
+An unknown key anywhere is a SchemaError that names the file and the key path; every expression is compiled
+(never evaluated) at load time. The vocabulary is documented in docs/schemas.md.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from lora_convert.arch.expr import compile_expression
+from lora_convert.arch.schema_model import GroupDef, MergedDef, Schema, SliceDef
+from lora_convert.errors import SchemaError
+
+SCHEMA_PACKAGE = "lora_convert.schemas"
+
+# The roles a group may play: what engine rules, checks and `inspect` ask of a module, shared by families.
+KINDS = frozenset({
+    "attention", "mla", "linear_attention", "mamba", "mlp", "shared_expert", "routed_experts", "router", "latent",
+    "embedding", "lm_head",
+})
+
+_TOP_REQUIRED = {"family", "match", "num_layers", "checkpoint_prefix", "stack_prefixes", "layer_types", "groups"}
+_TOP_OPTIONAL = {"_note", "text_config", "expert_count", "shared_expert_count", "mtp_layers",
+                 "wrapped_checkpoint_prefix", "mtp_prefixes", "vision_prefixes", "let", "top_level"}
+_GROUP_REQUIRED = {"path", "kind", "on", "in", "slices"}
+_GROUP_OPTIONAL = {"_note", "name", "when", "merged", "experts", "gated"}
+_TOP_GROUP_REQUIRED = {"path", "kind", "in", "slices"}
+_TOP_GROUP_OPTIONAL = {"_note", "name", "when", "wrapped_path", "merged"}
+_SLICE_REQUIRED = {"name", "out"}
+_SLICE_OPTIONAL = {"_note", "aliases"}
+_MERGED_REQUIRED = {"name", "slices", "aliases"}
+_MERGED_OPTIONAL = {"_note"}
+_MATCH_KEYS = {"model_type", "architectures"}
+
+
+class _Validator:
+    """The JSON primitives of a schema file, each checked strictly with the key path in the message."""
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def fail(self, where: str, message: str) -> SchemaError:
+        return SchemaError(f"Schema file {self.file}: {where}: {message}",
+                           hint="Fix the file; `lora-convert schemas check` validates every shipped schema.")
+
+    def keys(self, obj: Any, where: str, required: set[str], optional: set[str]) -> dict:
+        if not isinstance(obj, dict):
+            raise self.fail(where, f"expected an object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - required - optional)
+        if unknown:
+            raise self.fail(where, f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(required | optional))})")
+        missing = sorted(required - set(obj))
+        if missing:
+            raise self.fail(where, f"missing required key {missing[0]!r}")
+        if "_note" in obj and not isinstance(obj["_note"], str):
+            raise self.fail(f"{where}._note", "must be a string")
+        return obj
+
+    def string(self, value: Any, where: str, *, optional: bool = False) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def strings(self, value: Any, where: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(where, f"expected a list of non-empty strings, got {value!r}")
+        if len(set(value)) != len(value):
+            raise self.fail(where, "lists the same string twice")
+        return tuple(value)
+
+    def expression(self, value: Any, where: str, *, optional: bool = False) -> str | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise self.fail(where, f"expected an expression (string or integer), got {value!r}")
+        text = str(value)
+        try:
+            compile_expression(text)
+        except SchemaError as exc:
+            raise self.fail(where, exc.message) from None
+        return text
+
+    def expr_map(self, value: Any, where: str) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict) or not value:
+            raise self.fail(where, "expected a non-empty object of name -> expression")
+        return tuple((k, self.expression(v, f"{where}.{k}")) for k, v in value.items())
+
+    def non_empty_list(self, value: Any, where: str, what: str) -> list:
+        if not isinstance(value, list) or not value:
+            raise self.fail(where, f"expected a non-empty list{what}")
+        return value
+
+
+class _GroupLoader(_Validator):
+    """One group of `groups` or `top_level`: its name, kind, layer types, slices, merged sources and flags."""
+
+    def group(self, obj: Any, where: str, layer_types: set[str], top: bool) -> GroupDef:
+        req, opt = (_TOP_GROUP_REQUIRED, _TOP_GROUP_OPTIONAL) if top else (_GROUP_REQUIRED, _GROUP_OPTIONAL)
+        if isinstance(obj, dict) and isinstance(obj.get("path"), str):
+            where = f"{where} ({obj['path']})"
+        obj = self.keys(obj, where, req, opt)
+        path = self.string(obj["path"], f"{where}.path")
+        kind = self.kind(obj["kind"], f"{where}.kind")
+        slices = self.slices(obj["slices"], f"{where}.slices")
+        experts, gated = self.flags(obj, where, kind)
+        group = GroupDef(
+            path=path, name=self.group_name(obj.get("name"), path, where, top), kind=kind,
+            on=() if top else self.layer_types_of(obj["on"], f"{where}.on", layer_types),
+            when=self.expression(obj.get("when"), f"{where}.when", optional=True),
+            in_=self.expression(obj["in"], f"{where}.in"), slices=slices,
+            merged=self.merged(obj.get("merged", []), f"{where}.merged", [s.name for s in slices]),
+            experts=experts, gated=gated,
+            wrapped_path=self.string(obj.get("wrapped_path"), f"{where}.wrapped_path", optional=True) if top else None,
+        )
+        self.check_unique_sources(group, where)
+        return group
+
+    def kind(self, value: Any, where: str) -> str:
+        kind = self.string(value, where)
+        if kind not in KINDS:
+            raise self.fail(where, f"unknown kind {kind!r} (known: {', '.join(sorted(KINDS))})")
+        return kind
+
+    def group_name(self, value: Any, path: str, where: str, top: bool) -> str:
+        name = self.string(value, f"{where}.name", optional=True)
+        if name is not None:
+            return name
+        # `self_attn.qkv_proj` -> `qkv_proj`, `mlp.experts.gate_up_proj` -> `experts.gate_up_proj`;
+        # top-level `model.embed_tokens` -> `embed_tokens`.
+        return path.rsplit(".", 1)[-1] if top else (path.split(".", 1)[1] if "." in path else path)
+
+    def layer_types_of(self, value: Any, where: str, declared: set[str]) -> tuple[str, ...]:
+        on = self.strings(value, where)
+        for t in on:
+            if t not in declared:
+                raise self.fail(where, f"layer type {t!r} is not declared in layer_types")
+        return on
+
+    def slices(self, value: Any, where: str) -> tuple[SliceDef, ...]:
+        slices = []
+        for j, s in enumerate(self.non_empty_list(value, where, " of slices")):
+            sw = f"{where}[{j}]"
+            s = self.keys(s, sw, _SLICE_REQUIRED, _SLICE_OPTIONAL)
+            slices.append(SliceDef(
+                name=self.string(s["name"], f"{sw}.name"),
+                out=self.expression(s["out"], f"{sw}.out"),
+                aliases=self.strings(s.get("aliases", []), f"{sw}.aliases"),
+            ))
+        names = [s.name for s in slices]
+        if len(set(names)) != len(names):
+            raise self.fail(where, "two slices share a name")
+        return tuple(slices)
+
+    def merged(self, value: Any, where: str, slice_names: list[str]) -> tuple[MergedDef, ...]:
+        if not isinstance(value, list):
+            raise self.fail(where, "expected a list")
+        merged = []
+        for j, m in enumerate(value):
+            mw = f"{where}[{j}]"
+            m = self.keys(m, mw, _MERGED_REQUIRED, _MERGED_OPTIONAL)
+            covered = self.strings(m["slices"], f"{mw}.slices")
+            for n in covered:
+                if n not in slice_names:
+                    raise self.fail(f"{mw}.slices", f"names slice {n!r}, which the group does not have")
+            merged.append(MergedDef(name=self.string(m["name"], f"{mw}.name"), slices=covered,
+                                    aliases=self.strings(m["aliases"], f"{mw}.aliases")))
+        return tuple(merged)
+
+    def flags(self, obj: dict, where: str, kind: str) -> tuple[bool, bool | None]:
+        experts = obj.get("experts", False)
+        if not isinstance(experts, bool):
+            raise self.fail(f"{where}.experts", "expected true or false")
+        gated = obj.get("gated")
+        if gated is not None and not isinstance(gated, bool):
+            raise self.fail(f"{where}.gated", "expected true, false or null")
+        if experts and kind != "routed_experts":
+            raise self.fail(f"{where}.experts", "only groups of kind routed_experts have experts")
+        return experts, gated
+
+    def check_unique_sources(self, group: GroupDef, where: str) -> None:
+        seen: set[str] = set()
+        for alias, _, _ in group.sources():
+            if alias in seen:
+                raise self.fail(where, f"source name {alias!r} is listed twice")
+            seen.add(alias)
+
+
+class _SchemaLoader(_GroupLoader):
+    """A whole schema file: the top-level keys, the match, the groups and the top-level groups."""
+
+    def schema(self, data: Any, family: str) -> Schema:
+        data = self.keys(data, "top level", _TOP_REQUIRED, _TOP_OPTIONAL)
+        declared = self.string(data["family"], "family")
+        if declared != family:
+            raise self.fail("family", f"is {declared!r} but the file is named {family}.json")
+        model_types, architectures = self.match(data["match"])
+        layer_types = self.expr_map(data["layer_types"], "layer_types")
+        declared_types = {k for k, _ in layer_types}
+        return Schema(
+            family=family, file=self.file, model_types=model_types, architectures=architectures,
+            text_config=self.string(data.get("text_config"), "text_config", optional=True),
+            num_layers=self.expression(data["num_layers"], "num_layers"),
+            expert_count=self.expression(data.get("expert_count"), "expert_count", optional=True),
+            shared_expert_count=self.expression(data.get("shared_expert_count"), "shared_expert_count", optional=True),
+            mtp_layers=self.expression(data.get("mtp_layers"), "mtp_layers", optional=True),
+            checkpoint_prefix=self.string(data["checkpoint_prefix"], "checkpoint_prefix"),
+            wrapped_checkpoint_prefix=self.string(data.get("wrapped_checkpoint_prefix"), "wrapped_checkpoint_prefix",
+                                                  optional=True),
+            stack_prefixes=self.strings(data["stack_prefixes"], "stack_prefixes"),
+            mtp_prefixes=self.strings(data.get("mtp_prefixes", []), "mtp_prefixes"),
+            vision_prefixes=self.strings(data.get("vision_prefixes", []), "vision_prefixes"),
+            let=self.expr_map(data["let"], "let") if "let" in data else (),
+            layer_types=layer_types,
+            groups=self.groups(data["groups"], declared_types),
+            top_level=self.top_level(data.get("top_level", []), declared_types),
+            note=data.get("_note"),
+        )
+
+    def match(self, value: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        match = self.keys(value, "match", set(), _MATCH_KEYS)
+        model_types = self.strings(match.get("model_type", []), "match.model_type")
+        architectures = self.strings(match.get("architectures", []), "match.architectures")
+        if not model_types and not architectures:
+            raise self.fail("match", "needs at least one model_type or architecture")
+        return model_types, architectures
+
+    def groups(self, value: Any, declared_types: set[str]) -> tuple[GroupDef, ...]:
+        raw = self.non_empty_list(value, "groups", "")
+        groups = tuple(self.group(g, f"groups[{j}]", declared_types, top=False) for j, g in enumerate(raw))
+        paths = [g.path for g in groups]
+        # Two groups may share a path only when their `when` conditions differ (e.g. MLA with/without q_lora_rank).
+        for p in {p for p in paths if paths.count(p) > 1}:
+            whens = [g.when for g in groups if g.path == p]
+            if len(set(whens)) != len(whens):
+                raise self.fail("groups", f"path {p!r} is declared twice with the same `when`")
+        return groups
+
+    def top_level(self, value: Any, declared_types: set[str]) -> tuple[GroupDef, ...]:
+        if not isinstance(value, list):
+            raise self.fail("top_level", "expected a list")
+        return tuple(self.group(g, f"top_level[{j}]", declared_types, top=True) for j, g in enumerate(value))
+
+
+def parse_schema(data: Any, family: str, file: str = "<memory>") -> Schema:
+    """Validate an already-decoded schema document (used by load_schema and by tests)."""
+    return _SchemaLoader(file).schema(data, family)
+
+
+def _schema_files() -> dict[str, Any]:
+    return {
+        entry.name[: -len(".json")]: entry
+        for entry in resources.files(SCHEMA_PACKAGE).iterdir()
+        if entry.name.endswith(".json")
+    }
+
+
+def list_schemas() -> list[str]:
+    """Every shipped schema family, sorted."""
+    return sorted(_schema_files())
+
+
+@cache
+def load_schema(family: str) -> Schema:
+    """Load and strictly validate `schemas/<family>.json`. Raises SchemaError naming the file and the key."""
+    files = _schema_files()
+    if family not in files:
+        raise SchemaError(f"No schema named {family!r}.", hint=f"Shipped schemas: {', '.join(sorted(files))}.")
+    entry = files[family]
+    file = f"schemas/{entry.name}"
+    try:
+        data = json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"Cannot read schema file {file} ({exc}).") from None
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"Schema file {file} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    return parse_schema(data, family, file)

@@ -1,0 +1,179 @@
+"""The architecture schema's data model: what a schema file says (`Schema`, `GroupDef`, `SliceDef`, `MergedDef`,
+expressions unevaluated) and what a schema bound to a config answers (`GroupSpec`, `SliceSpec`, `ModuleMatch`,
+`Location`, numbers evaluated). Loading is `schema_loader.py`, binding `architecture.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+# ------------------------------------------------------------------------------------------ public specs
+@dataclass(frozen=True)
+class SliceSpec:
+    name: str  # canonical source module name of this slice: q_proj, kv_a_proj_with_mqa, gate_proj, z, ...
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str  # group name as the last path component(s): qkv_proj, experts.gate_up_proj, lm_head, ...
+    path: str  # full module path in the base's checkpoint naming
+    layer: int | None
+    in_features: int
+    slices: tuple[SliceSpec, ...]  # in output-row order
+    experts: int | None  # E for routed-expert groups
+    gated: bool | None  # for MLP / expert gate_up groups
+    kind: str
+    local_path: str = ""  # path after `layers.N.` (or the whole path for top-level groups)
+
+    @property
+    def out_features(self) -> int:
+        return sum(s.out_features for s in self.slices)
+
+    def slice_offsets(self) -> list[int]:
+        """Row offset of each slice in the fused output (slice i starts at offsets[i])."""
+        offsets, total = [], 0
+        for s in self.slices:
+            offsets.append(total)
+            total += s.out_features
+        return offsets
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "path": self.path, "layer": self.layer, "kind": self.kind,
+            "in": self.in_features, "out": self.out_features,
+            "slices": [{"name": s.name, "out": s.out_features} for s in self.slices],
+            "gated": self.gated, "experts": self.experts,
+        }
+
+
+@dataclass(frozen=True)
+class ModuleMatch:
+    group: GroupSpec
+    slice_indices: tuple[int, ...]  # the slices this source module covers
+    canonical: str  # canonical source name: q_proj, experts.gate_proj, experts.gate_up_proj, in_proj_qkv, ...
+    expert: int | None  # for per-expert 2-D modules
+    expected_in: int  # what lora_A's in-dim must be
+    expected_out: int  # what lora_B's out-dim must be (sum over the covered slices)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where `Architecture.locate` put a module: `status` is `ok` (with `match`) or why it has no place."""
+
+    status: str  # ok | vision | unknown-prefix | past-end | mtp | unknown | not-on-layer-type | experts-on-dense
+    match: ModuleMatch | None = None
+    detail: str = ""
+    layer_types: frozenset[str] = frozenset()
+    group_kind: str | None = None  # for not-on-layer-type / experts-on-dense: the kind of the family's group
+
+
+# ------------------------------------------------------------------------------------ parsed definitions
+@dataclass(frozen=True)
+class SliceDef:
+    name: str
+    out: str
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MergedDef:
+    name: str
+    slices: tuple[str, ...]
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GroupDef:
+    path: str
+    name: str
+    kind: str
+    on: tuple[str, ...]
+    when: str | None
+    in_: str
+    slices: tuple[SliceDef, ...]
+    merged: tuple[MergedDef, ...]
+    experts: bool
+    gated: bool | None
+    wrapped_path: str | None = None  # top-level groups only
+
+    def sources(self) -> Iterable[tuple[str, tuple[int, ...], str]]:
+        """(source name, slice indices, canonical) for every alias of this group."""
+        parent = self.name.rpartition(".")[0]
+        canon = (lambda n: f"{parent}.{n}") if parent else (lambda n: n)
+        for i, s in enumerate(self.slices):
+            for alias in s.aliases:
+                yield alias, (i,), canon(s.name)
+        index = {s.name: i for i, s in enumerate(self.slices)}
+        for m in self.merged:
+            covered = tuple(index[n] for n in m.slices)
+            for alias in m.aliases:
+                yield alias, covered, canon(m.name)
+
+
+@dataclass(frozen=True)
+class Schema:
+    family: str
+    file: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    text_config: str | None
+    num_layers: str
+    expert_count: str | None
+    mtp_layers: str | None
+    checkpoint_prefix: str
+    wrapped_checkpoint_prefix: str | None
+    stack_prefixes: tuple[str, ...]
+    mtp_prefixes: tuple[str, ...]
+    vision_prefixes: tuple[str, ...]
+    let: tuple[tuple[str, str], ...]
+    layer_types: tuple[tuple[str, str], ...]
+    groups: tuple[GroupDef, ...]
+    top_level: tuple[GroupDef, ...]
+    note: str | None = None
+    shared_expert_count: str | None = None  # expression: shared experts fused into one MLP (engine rules ask)
+
+    def expressions(self) -> list[tuple[str, str]]:
+        """(where, expression) for every expression in the file."""
+        out = [("num_layers", self.num_layers)]
+        out += [(w, e) for w, e in (("expert_count", self.expert_count), ("shared_expert_count", self.shared_expert_count),
+                                    ("mtp_layers", self.mtp_layers)) if e]
+        out += [(f"let.{k}", e) for k, e in self.let]
+        out += [(f"layer_types.{k}", e) for k, e in self.layer_types]
+        for g in self.groups + self.top_level:
+            out.append((f"{g.path}.in", g.in_))
+            if g.when:
+                out.append((f"{g.path}.when", g.when))
+            out += [(f"{g.path}.{s.name}.out", s.out) for s in g.slices]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """The schema with its expressions unevaluated (for `schemas show FAMILY` without a config)."""
+        return {
+            "family": self.family,
+            "file": self.file,
+            "match": {"model_type": list(self.model_types), "architectures": list(self.architectures)},
+            "text_config": self.text_config,
+            "num_layers": self.num_layers,
+            "expert_count": self.expert_count,
+            "shared_expert_count": self.shared_expert_count,
+            "checkpoint_prefix": self.checkpoint_prefix,
+            "wrapped_checkpoint_prefix": self.wrapped_checkpoint_prefix,
+            "stack_prefixes": list(self.stack_prefixes),
+            "let": dict(self.let),
+            "layer_types": dict(self.layer_types),
+            "groups": [_describe_group(g) for g in self.groups],
+            "top_level": [_describe_group(g) for g in self.top_level],
+        }
+
+
+def _describe_group(g: GroupDef) -> dict[str, Any]:
+    return {
+        "name": g.name, "path": g.path, "kind": g.kind, "on": list(g.on), "when": g.when, "in": g.in_,
+        "slices": [{"name": s.name, "out": s.out, "aliases": list(s.aliases)} for s in g.slices],
+        "merged": [{"name": m.name, "slices": list(m.slices), "aliases": list(m.aliases)} for m in g.merged],
+        "experts": g.experts, "gated": g.gated,
+    }

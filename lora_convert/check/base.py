@@ -1,0 +1,75 @@
+"""The base model of a validate run: resolved once, before the checks, from --base or base_model_name_or_path.
+
+An explicit --base that cannot be resolved raises (the user asked for it); an implicit one that does not resolve,
+or a base whose family has no schema, is a warning naming the checks it leaves out, and the shape check it
+prevents becomes `shapes.unchecked` (lora_convert/check/shapes.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_convert.arch.base_config import resolve_base as resolve_base_config
+from lora_convert.arch.schema import bind
+from lora_convert.codes import finding
+from lora_convert.errors import LoraConvertError
+from lora_convert.findings import Finding
+
+BASE_HINT = ("Pass --base with a folder holding config.json, a config.json file, a Hub repo id (org/name), or a preset "
+             "name (`lora-convert schemas list`).")
+NEEDS_ARCH = ["the shape check against the architecture schema", "expert counts"]
+NEEDS_BASE = ["the shape check against the architecture schema", "layers past the end", "the added-token vocab check",
+              "expert counts"]
+
+
+@dataclass
+class BaseResolution:
+    config: Any = None  # lora_convert.arch.base_config.BaseConfig, or None
+    arch: Any = None  # lora_convert.arch.schema.Architecture, or None
+    findings: list[Finding] = field(default_factory=list)  # base.unresolved / base.unsupported
+    no_shapes_why: str | None = None  # why the shapes cannot be checked against the base
+
+    @property
+    def name(self) -> str | None:
+        return self.config.name if self.config is not None else None
+
+    @property
+    def text_config(self) -> dict:
+        return (self.config.text_config or {}) if self.config is not None else {}
+
+
+def _skipped(message: str, missing: list[str]) -> str:
+    return message.rstrip(".") + ". Skipped: " + ", ".join(missing) + "."
+
+
+def resolve_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> BaseResolution:
+    adapter_base = adapter.config.base_model_name_or_path
+    if not spec and not adapter_base:
+        return BaseResolution(findings=[finding(
+            "base.unresolved",
+            _skipped("No base model: --base was not given and adapter_config.json has no base_model_name_or_path.",
+                     NEEDS_BASE),
+            keys=["base_model_name_or_path"], fix=BASE_HINT,
+        )], no_shapes_why="no --base, and adapter_config.json names no base model")
+    try:
+        base_cfg = resolve_base_config(spec, adapter_base_name=adapter_base, cache_dir=cache_dir, token=token)
+    except LoraConvertError as exc:
+        if spec:
+            raise
+        return BaseResolution(findings=[finding(
+            "base.unresolved",
+            _skipped(f"The adapter's base_model_name_or_path {adapter_base!r} could not be resolved ({exc.message})",
+                     NEEDS_BASE),
+            keys=["base_model_name_or_path"], actual=adapter_base, fix=BASE_HINT,
+        )], no_shapes_why=f"the base model {adapter_base!r} could not be resolved")
+    try:
+        arch = bind(base_cfg)
+    except LoraConvertError as exc:
+        return BaseResolution(config=base_cfg, findings=[finding(
+            "base.unsupported",
+            _skipped(f"Base {base_cfg.name} (model_type {base_cfg.model_type!r}) has no architecture schema: "
+                     f"{exc.message}", NEEDS_ARCH),
+            actual=base_cfg.model_type, fix="`lora-convert schemas list` shows the supported families.",
+        )], no_shapes_why=f"no schema for model_type {base_cfg.model_type!r}")
+    return BaseResolution(config=base_cfg, arch=arch)

@@ -1,0 +1,101 @@
+"""What every check of `validate` is given, and what it gives back.
+
+A check is a name and a function `run(ctx) -> Outcome`. `validate_adapter` runs them in the order of
+`lora_convert.check.validate.CHECKS`; each returns its findings and, when it did not run, why not (the verdict line
+and `summary.checks` are built from those answers, so a report never claims a check it skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lora_convert.check.base import BaseResolution
+from lora_convert.errors import UsageError
+from lora_convert.findings import Finding
+from lora_convert.peft.adapter import STACKED_LAYOUT_CODES
+
+ENGINES = ("none", "sglang", "vllm")
+DEVICES = ("auto", "cpu", "cuda")
+MAX_KEYS = 50  # keys listed per finding
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """The caller's choices, checked once (a bad value is a UsageError, exit 2)."""
+
+    base: str | None = None
+    engine: str = "none"
+    tp: int | None = None
+    ep: int | None = None
+    data_scan: bool = True
+    smoke: bool | None = None  # None: on where it is cheap
+    device: str = "auto"
+    progress: Callable[[int, int], None] | None = None
+    cache_dir: Any = None
+    token: str | None = None
+    allow_unchecked: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"Unknown engine {self.engine!r}.", hint=f"Use one of: {', '.join(ENGINES)}.")
+        if self.device not in DEVICES:
+            raise UsageError(f"Unknown device {self.device!r}.", hint=f"Use one of: {', '.join(DEVICES)}.")
+        for name, value in (("--tp", self.tp), ("--ep", self.ep)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@dataclass
+class CheckContext:
+    adapter: Any  # lora_convert.peft.adapter.Adapter
+    options: ValidateOptions
+    base: BaseResolution
+    findings: list[Finding] = field(default_factory=list)  # what the checks before this one found
+    scan: Any = None  # the data scan (lora_convert.check.data_scan.ScanResult), once the data check ran
+
+    @property
+    def arch(self):
+        return self.base.arch
+
+    @property
+    def text_config(self) -> dict:
+        return self.base.text_config
+
+    @property
+    def stacked(self) -> bool:
+        """A stacked output of `normalize` (lora_layout.json): checked against its own layout file."""
+        return self.adapter.stacked_layout is not None
+
+
+@dataclass
+class Outcome:
+    findings: list[Finding] = field(default_factory=list)
+    skipped: str | None = None  # why the check did not run; None: it ran
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    run: Callable[[CheckContext], Outcome]
+
+
+# Findings made while the adapter was read (lora_convert/peft/adapter.py and peft/config.py), by the check group that
+# reports them; every other code of the adapter model (keys., modules., layers.) belongs to `keys`.
+ADAPTER_FINDING_GROUPS = {"config": ("config.", "tokens."), "pairs": ("pairs.", "rank.", "shapes."), "moe": ("experts.",)}
+
+
+def adapter_findings(ctx: CheckContext, group: str) -> list[Finding]:
+    """The findings of reading the adapter that belong to check `group`.
+
+    A stacked output's factors are not PEFT's per-module A/B pairs; its rank and shape findings are replaced by the
+    checks against lora_layout.json (lora_convert/check/shapes.py)."""
+    claimed = tuple(p for prefixes in ADAPTER_FINDING_GROUPS.values() for p in prefixes)
+    mine = ADAPTER_FINDING_GROUPS.get(group)
+    out = []
+    for f in ctx.adapter.findings:
+        if ctx.stacked and f.code in STACKED_LAYOUT_CODES:
+            continue
+        if (f.code.startswith(mine) if mine is not None else not f.code.startswith(claimed)):
+            out.append(f)
+    return out

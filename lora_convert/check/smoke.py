@@ -1,0 +1,66 @@
+"""The `smoke` check: a forward pass through the kernels compared with PEFT's reference (lora_convert/smoke/runner.py).
+
+It runs when asked (`--smoke`) or by default where it is cheap (a GPU, or a CPU and an adapter up to 50 MB), and not
+for adapters that already have errors or for stacked outputs. A smoke forward that does not run is a note
+(`smoke.skipped`), or a warning when --smoke asked for it (`smoke.requested-not-run`).
+"""
+
+from __future__ import annotations
+
+from lora_convert.check.context import Check, CheckContext, Outcome
+from lora_convert.codes import finding
+from lora_convert.errors import EnvironmentProblem, LoraConvertError
+from lora_convert.findings import has_errors
+
+SMOKE_CPU_LIMIT_BYTES = 50 * 1024 * 1024  # default smoke on a CPU only for adapters up to this size
+
+
+def run(ctx: CheckContext) -> Outcome:
+    smoke, device, adapter = ctx.options.smoke, ctx.options.device, ctx.adapter
+    if smoke is False:
+        return Outcome(skipped="--no-smoke")
+
+    def not_run(reason: str, message: str, fix: str | None = None) -> Outcome:
+        return Outcome([finding("smoke.requested-not-run" if smoke else "smoke.skipped", message, fix=fix)], skipped=reason)
+
+    if ctx.stacked:
+        return not_run("stacked output", "The smoke forward of a stacked output compares it with the adapter it came "
+                       "from; validate does not know that adapter.", fix="Run `lora-convert smoke OUT --original ADAPTER`.")
+    if ctx.arch is None:
+        return not_run("no base architecture", "The smoke forward needs the base architecture; none was resolved.",
+                       fix="Pass --base.")
+    if has_errors(ctx.findings):
+        return not_run("the adapter has errors", "The smoke forward was not run because the checks above found errors; "
+                       "fix those first.")
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        if smoke:
+            raise EnvironmentProblem("--device cuda was given but no CUDA device is available.",
+                                     hint="Use --device cpu, or --no-smoke to skip the forward pass.")
+        return not_run("no CUDA device", "--device cuda was given but no CUDA device is available; no forward pass was run.")
+    chosen = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+    if smoke is None and chosen == "cpu" and adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES:
+        return not_run("CPU and adapter > 50 MB", f"No GPU, and the adapter is {adapter.total_bytes / 2**20:.0f} MB (> 50 MB): "
+                       "the CPU smoke forward is off by default.", fix="Pass --smoke to run it anyway.")
+    from lora_convert.smoke.runner import run_smoke
+
+    try:
+        result = run_smoke(str(adapter.source.path), base=ctx.options.base, device=chosen,
+                           cache_dir=ctx.options.cache_dir, token=ctx.options.token)
+    except EnvironmentProblem:
+        if smoke:
+            raise
+        return not_run("environment", "The smoke forward could not run on this machine.")
+    except LoraConvertError as exc:
+        return not_run("not normalizable", f"The smoke forward could not prepare the adapter: {exc.message}", fix=exc.hint)
+    found = result.findings()
+    if not found:
+        layers = ", ".join(map(str, result.layers_checked[:8]))
+        found = [finding("smoke.passed", f"Smoke forward on {chosen}: {len(result.groups)} group(s) match PEFT's "
+                         f"reference (layers {layers}).")]
+    return Outcome(found)
+
+
+CHECK = Check("smoke", run)

@@ -1,0 +1,144 @@
+"""Where every slice's factors live: the one home of slice, expert and scaling arithmetic.
+
+A stacked group holds its slices side by side (docs/stacked-layout.md), at one rank R:
+
+- slice i's A rows are [i*R, i*R + r_i) (r_i its source's rank; the rest of the R-block is zero padding);
+- its B rows are [out_offset, out_offset + out_features), B columns [0, r_i);
+- an expert group has a leading expert axis on both.
+
+A source module may feed several slices (a pre-merged `qkv_proj`, a state-space `in_proj`): slice j then takes the
+source's B rows [row_start, row_stop). PEFT's fused 3-D expert factors (target_parameters) hold every expert
+in one pair: A [E*r, in] expert-major (expert e's rows [e*r, (e+1)*r)), B [out, r*E] rank-major (expert e's
+rank-k column is k*E + e). Scaling is folded into B once, in float32.
+
+The stacked writer, the engine layouts (which cut modules back out of a stacked group) and the smoke check
+all take their indices from here. The PEFT reference (lora_convert.peft.reference) keeps its own copy of the
+3-D rule on purpose: it is the yardstick these are checked against, so it must not share their code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lora_convert.convert.plan import PlannedGroup, PlannedSlice, SourceRef
+
+
+# ------------------------------------------------------------------------------------- stacked positions
+def a_rows(index: int, R: int, rank: int | None = None) -> slice:
+    """Rows of slice `index`'s A in a stacked group of rank R: its whole R-block, or its first `rank` rows."""
+    return slice(index * R, index * R + (R if rank is None else rank))
+
+
+def b_rows(sl: PlannedSlice) -> slice:
+    """Rows of a slice's output in its group's B."""
+    return slice(sl.out_offset, sl.out_offset + sl.out_features)
+
+
+def span_rows(slices: Sequence[PlannedSlice]) -> slice:
+    """Rows of a run of consecutive slices in their group's B (from the first's start to the last's end)."""
+    return slice(slices[0].out_offset, slices[-1].out_offset + slices[-1].out_features)
+
+
+def kernel_offsets(group: PlannedGroup) -> list[int]:
+    """Each slice's first output row, then the group's width: the `offsets` the expand/MoE kernels take."""
+    return [s.out_offset for s in group.slices] + [group.out_features]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def source_rows(ref: SourceRef) -> slice:
+    """Rows of the source module's B that feed the slice."""
+    return slice(ref.row_start, ref.row_stop)
+
+
+def slice_source(sl: PlannedSlice, expert: int | None = None) -> tuple[SourceRef | None, int | None]:
+    """(source feeding the slice, expert index inside it): for one expert of an expert group, the per-expert
+    module (index None) or the fused 3-D module (index `expert`); None when the slice or expert is zero-filled."""
+    if sl.dense_source is not None:
+        return sl.dense_source, None
+    if sl.fused_source is not None:
+        return sl.fused_source, expert
+    if expert is None:
+        return None, None
+    return sl.expert_sources.get(expert), None
+
+
+def shares_one_a(slices: Sequence[PlannedSlice]) -> bool:
+    """Whether a run of slices has one A factor, so it can be written as one module of rank R: each slice fed by
+    the same source module (per expert, for an expert group), or all of them zero-filled. A pre-merged source has
+    one A for every slice it feeds. Decided from the plan alone, without reading data."""
+    first = _feeders(slices[0])
+    return all(_feeders(sl) == first for sl in slices[1:])
+
+
+def _feeders(sl: PlannedSlice) -> dict[Any, int]:
+    if sl.dense_source is not None:
+        return {None: id(sl.dense_source.module)}
+    if sl.fused_source is not None:
+        return {"all experts": id(sl.fused_source.module)}
+    return {e: id(s.module) for e, s in sl.expert_sources.items()}
+
+
+# ------------------------------------------------------------------------------------- PEFT 3-D experts
+def fused_expert_a(a, experts: int, rank: int):
+    """PEFT's 3-D A [E*r, in] (expert-major) as [E, r, in] (a view)."""
+    return a.reshape(experts, rank, a.shape[-1])
+
+
+def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None)):
+    """PEFT's 3-D B [out, r*E] (rank-major: column k*E + e), rows `rows`, as a contiguous [E, rows, r].
+
+    perf: viewing the rows as [rows*r, E] gives the transpose of the expert-major [E, rows*r] wanted here; a
+    contiguous 2-D transpose copy (cache-blocked by torch) then a contiguous fold is ~3x faster than folding
+    through the permuted 3-D view, which reads with stride E (docs/benchmarks.md)."""
+    part = b[rows]
+    n = part.shape[0]
+    return part.reshape(n * rank, experts).t().contiguous().view(experts, n, rank)
+
+
+def expert_factors(a, b, experts: int, rank: int, expert: int) -> tuple[Any, Any]:
+    """Expert `expert`'s own (A [r, in], B [out, r]) from PEFT's 3-D pair (views)."""
+    return fused_expert_a(a, experts, rank)[expert], b.reshape(b.shape[0], rank, experts)[:, :, expert]
+
+
+# --------------------------------------------------------------------------------------------- writing
+def fold_into(dest, b, scaling: float) -> None:
+    """dest[...] = b * scaling, computed in float32 and rounded once to dest's dtype.
+
+    perf: when b already has dest's dtype, torch.mul(..., out=dest) does exactly that in one pass (torch's CPU
+    kernels compute reduced-precision products in float32 and round once; checked bit for bit, NaN payloads
+    aside) without the two float32 temporaries of `(b.float() * s).to(dtype)`, which were ~40% of normalize.
+    """
+    import torch
+
+    if b.dtype == dest.dtype and b.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        torch.mul(b, scaling, out=dest)
+    else:
+        dest.copy_((b.float() * scaling).to(dest.dtype))
+
+
+def place_source(A, B, index: int, sl: PlannedSlice, ref: SourceRef, a, b, R: int, *, expert: int | None = None,
+                 experts: int | None = None) -> None:
+    """Write one source's factors into slice `index` of a stacked group's A and B (scaling folded into B).
+
+    Dense: A [c*R, in], B [out, R]. `expert`: one per-expert 2-D source into that expert of A [E, c*R, in],
+    B [E, out, R]. `experts`: a PEFT 3-D source covering every expert at once."""
+    r = ref.rank
+    rows_a, rows_b = a_rows(index, R, r), b_rows(sl)
+    if experts is not None:
+        A[:, rows_a, :].copy_(fused_expert_a(a, experts, r))
+        fold_into(B[:, rows_b, :r], fused_expert_b(b, experts, r, source_rows(ref)), ref.scaling)
+        return
+    if expert is not None:
+        A, B = A[expert], B[expert]
+    A[rows_a, :].copy_(a)
+    fold_into(B[rows_b, :r], b[source_rows(ref)], ref.scaling)
+
+
+def cut_module(A, B, group: PlannedGroup, slices: Sequence[int], R: int, expert: int | None = None) -> tuple[Any, Any]:
+    """A run of slices of a stacked group as one module of rank R: (A [R, in], B [rows, R]) views; the run must
+    share one A (`shares_one_a`), so the first slice's A-block stands for all of them."""
+    if expert is not None:
+        A, B = A[expert], B[expert]
+    run = [group.slices[i] for i in slices]
+    return A[a_rows(slices[0], R)], B[span_rows(run)]

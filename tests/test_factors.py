@@ -1,0 +1,129 @@
+"""The one module of slice and factor arithmetic (lora_convert.convert.factors), held to PEFT's own numbers.
+
+The expected deltas are PEFT's `get_delta_weight` per module, recorded when PEFT wrote each fixture
+(tests/fixtures/make_fixtures.py); nothing here recomputes them with our own rules.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import case_base_dir, case_dir, fixture_cases
+from lora_convert.convert import factors
+from lora_convert.convert.group_tensors import build_group_tensors
+from lora_convert.convert.normalize import plan_normalize
+from lora_convert.peft.adapter import ModuleKind, load_adapter
+from lora_convert.peft.naming import parse_key
+
+TOL = 1e-5
+
+
+def _reference_name(key: str) -> str:
+    p = parse_key(key)
+    return p.module + ".base_layer" * p.base_layer_depth + "::delta_weight"
+
+
+def _rel(got, want) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+FUSED_CASES = [c for c in fixture_cases()
+               if any(m.kind == ModuleKind.FUSED_EXPERTS for m in load_adapter(str(case_dir(c) / "adapter")).modules)]
+
+
+def test_there_are_fixtures_with_peft_3d_experts():
+    assert len(FUSED_CASES) >= 3, FUSED_CASES
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_expert_factors_give_peft_delta_per_expert(case):
+    """expert-major A [E*r, in], rank-major B [out, r*E]: expert e's own pair reproduces PEFT's delta of expert e."""
+    adapter = load_adapter(str(case_dir(case) / "adapter"))
+    reference = load_file(str(case_dir(case) / "reference.safetensors"))
+    checked = 0
+    for mod in adapter.modules:
+        if mod.kind != ModuleKind.FUSED_EXPERTS:
+            continue
+        a, b = adapter.read(mod.lora_A.key), adapter.read(mod.lora_B.key)
+        E, r = mod.experts, int(mod.rank)
+        want = reference[_reference_name(mod.lora_A.key)]
+        assert want.shape[0] == E
+        stacked_a = factors.fused_expert_a(a, E, r)
+        stacked_b = factors.fused_expert_b(b, E, r)
+        for e in range(E):
+            a_e, b_e = factors.expert_factors(a, b, E, r, e)
+            assert _rel(mod.scaling * b_e.double() @ a_e.double(), want[e]) <= TOL, (mod.module, e)
+            # the bulk forms used by the stacked writer hold the same expert
+            assert torch.equal(stacked_a[e], a_e) and torch.equal(stacked_b[e], b_e)
+            checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("case", FUSED_CASES[:2] + ["v5_llama", "v4emu_nemotron_h", "v5_qwen3_5"])
+def test_place_then_cut_reproduces_each_slice(case):
+    """Every slice placed into a stacked group (scaling folded into B) and cut back out as a module of rank R holds
+    PEFT's delta for the rows of its source that feed it."""
+    plan = plan_normalize(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), drop_unsupported=True)
+    reference = load_file(str(case_dir(case) / "reference.safetensors"))
+    R = plan.rank
+    checked = 0
+    for group in plan.groups:
+        A, B = build_group_tensors(plan, group, "F32", plan.adapter.read)
+        for i, sl in enumerate(group.slices):
+            for e in range(group.experts) if group.experts else [None]:
+                src, inner = factors.slice_source(sl, e)
+                if src is None:
+                    a, b = factors.cut_module(A, B, group, [i], R, e)
+                    assert torch.count_nonzero(a) == 0 and torch.count_nonzero(b) == 0
+                    continue
+                want = reference[_reference_name(src.module.lora_A.key)]
+                if inner is not None or (want.dim() == 3 and e is not None):
+                    want = want[e]
+                want = want[factors.source_rows(src)]
+                a, b = factors.cut_module(A, B, group, [i], R, e)
+                assert a.shape == (R, group.in_features) and b.shape == (sl.out_features, R)
+                assert _rel(b.double() @ a.double(), want) <= TOL, (case, group.key, sl.name, e)
+                # the padding beyond the slice's own rank is zero in both factors
+                assert torch.count_nonzero(a[src.rank:]) == 0 and torch.count_nonzero(b[:, src.rank:]) == 0
+                checked += 1
+    assert checked
+
+
+def test_positions_of_slices():
+    plan = plan_normalize(str(case_dir("v5_llama") / "adapter"), base=str(case_base_dir("v5_llama")))
+    qkv = next(g for g in plan.groups if g.name == "qkv_proj")
+    q, k, v = qkv.slices
+    assert factors.a_rows(1, 8) == slice(8, 16) and factors.a_rows(2, 8, 3) == slice(16, 19)
+    assert factors.b_rows(k) == slice(q.out_features, q.out_features + k.out_features)
+    assert factors.span_rows([k, v]) == slice(q.out_features, qkv.out_features)
+    assert factors.kernel_offsets(qkv) == [0, q.out_features, q.out_features + k.out_features, qkv.out_features]
+
+
+def test_one_a_is_decided_from_the_plan():
+    """A run of slices is one module of rank R only when one source (one A) feeds all of them: a mamba in_proj
+    adapted as one module is; slices from different modules or a zero fill beside a source are not."""
+    plan = plan_normalize(str(case_dir("v4emu_nemotron_h") / "adapter"), base=str(case_base_dir("v4emu_nemotron_h")),
+                          drop_unsupported=True)
+    in_proj = next(g for g in plan.groups if g.name == "in_proj")
+    assert factors.shares_one_a(in_proj.slices)
+    llama = plan_normalize(str(case_dir("v5_llama") / "adapter"), base=str(case_base_dir("v5_llama")))
+    qkv = next(g for g in llama.groups if g.name == "qkv_proj")
+    assert not any(s.is_zero_filled for s in qkv.slices)
+    assert not factors.shares_one_a(qkv.slices)  # q_proj, k_proj and v_proj have an A each
+    q_a_only = plan_normalize(str(case_dir("v5_deepseek_v3_q_a_only") / "adapter"),
+                              base=str(case_base_dir("v5_deepseek_v3_q_a_only")))
+    fused = next(g for g in q_a_only.groups if g.name == "fused_qkv_a_proj_with_mqa")
+    assert fused.slices[1].is_zero_filled and not factors.shares_one_a(fused.slices)
+    assert factors.shares_one_a(fused.slices[1:])
+
+
+def test_fold_into_rounds_once():
+    b = torch.randn(7, 3, dtype=torch.float32)
+    dest = torch.empty(7, 3, dtype=torch.bfloat16)
+    factors.fold_into(dest, b, 0.37)
+    assert torch.equal(dest, (b * 0.37).to(torch.bfloat16))
+    dest64 = torch.empty(7, 3, dtype=torch.float32)
+    factors.fold_into(dest64, b.double(), 2.5)  # a source of another dtype goes through float32
+    assert torch.equal(dest64, (b.double().float() * 2.5).to(torch.float32))
