@@ -95,8 +95,11 @@ def unshallow(why: str) -> bool:
     if result.returncode != 0:
         log(f"git fetch --unshallow failed: {os.fsdecode(result.stderr).strip()}")
         return False
-    annotate("notice", f"The checkout was shallow; fetched its full history (git fetch --unshallow) {why}. "
-                       "Check out with `fetch-depth: 0` to skip this fetch.")
+    annotate(
+        "notice",
+        f"The checkout was shallow; fetched its full history (git fetch --unshallow) {why}. "
+        "Check out with `fetch-depth: 0` to skip this fetch.",
+    )
     return True
 
 
@@ -104,8 +107,8 @@ def unshallow(why: str) -> bool:
 @dataclass
 class Plan:
     adapters: list[str] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)   # changed weights files with no adapter_config.json beside them
-    deleted: list[str] = field(default_factory=list)   # adapter folders the change removed
+    orphans: list[str] = field(default_factory=list)  # changed weights files with no adapter_config.json beside them
+    deleted: list[str] = field(default_factory=list)  # adapter folders the change removed
 
 
 def is_adapter_file(path: str) -> bool:
@@ -122,7 +125,9 @@ def plan_for(paths: list[str]) -> Plan:
         if (here / CONFIG).is_file():
             plan.adapters.append(folder)
             continue
-        weights = sorted(str(here / p.name) for p in here.iterdir() if WEIGHTS.fullmatch(p.name)) if here.is_dir() else []
+        weights = (
+            sorted(str(here / p.name) for p in here.iterdir() if WEIGHTS.fullmatch(p.name)) if here.is_dir() else []
+        )
         if weights:
             plan.orphans.extend(weights)
         else:
@@ -163,15 +168,20 @@ def find_changed(env: dict) -> Plan:
     # commits that are new cannot be told apart from the rest, so everything is checked rather than a guess.
     why = "the push created the branch" if before == NULL_SHA else "this event has no base to diff against"
     plan = plan_for(all_adapter_paths())
-    annotate("notice", f"{why.capitalize()}: validating every adapter in the repository ({len(plan.adapters)}). "
-                       "Set the `base-ref` input to validate only what changed since that ref.")
+    annotate(
+        "notice",
+        f"{why.capitalize()}: validating every adapter in the repository ({len(plan.adapters)}). "
+        "Set the `base-ref` input to validate only what changed since that ref.",
+    )
     return plan
 
 
 def missing_ref(ref: str, what: str) -> GateError:
-    return GateError(f"Cannot find {what}, `{ref}`, in this checkout, so the changed adapters cannot be found. "
-                     "Check out with `fetch-depth: 0` (actions/checkout), or fix the `base-ref` input; "
-                     "`adapters:` names adapters explicitly.")
+    return GateError(
+        f"Cannot find {what}, `{ref}`, in this checkout, so the changed adapters cannot be found. "
+        "Check out with `fetch-depth: 0` (actions/checkout), or fix the `base-ref` input; "
+        "`adapters:` names adapters explicitly."
+    )
 
 
 def diff_against_branch(ref: str, what: str) -> Plan:
@@ -184,8 +194,11 @@ def diff_against_branch(ref: str, what: str) -> Plan:
     if base is None:
         # Unrelated histories, or a shallow clone that could not be deepened: comparing the two trees still finds
         # every adapter that differs (possibly more than the change touched), never fewer.
-        annotate("notice", f"No common ancestor of HEAD and {what}; validating every adapter that differs between "
-                           "the two trees. Check out with `fetch-depth: 0` to validate only what this change did.")
+        annotate(
+            "notice",
+            f"No common ancestor of HEAD and {what}; validating every adapter that differs between "
+            "the two trees. Check out with `fetch-depth: 0` to validate only what this change did.",
+        )
         return plan_for(changed_paths(ref, "HEAD"))
     return plan_for(changed_paths(base, "HEAD"))
 
@@ -210,13 +223,15 @@ def split_args(text: str, name: str) -> list[str]:
 def validate_command(adapters: list[str], env: dict) -> list[str]:
     exe = shutil.which("lora-convert")
     if exe is None:
-        raise GateError("The lora-convert command is not on PATH; the action's install step did not complete.", EXIT_ENV)
+        raise GateError(
+            "The lora-convert command is not on PATH; the action's install step did not complete.", EXIT_ENV
+        )
     cmd = [exe, "validate", "--format", "github", "--engine", env.get("INPUT_ENGINE", "").strip() or "none"]
     if env.get("INPUT_BASE", "").strip():
         cmd += ["--base", env["INPUT_BASE"].strip()]
     strict = env.get("INPUT_STRICT", "").strip().lower()
     if strict not in ("", "true", "false"):
-        raise GateError(f"The `strict` input must be \"true\" or \"false\", not {env['INPUT_STRICT']!r}.")
+        raise GateError(f'The `strict` input must be "true" or "false", not {env["INPUT_STRICT"]!r}.')
     if strict == "true":
         cmd.append("--strict")
     cmd += split_args(env.get("INPUT_ARGS", ""), "args")
@@ -232,8 +247,11 @@ def run(env: dict) -> int:
     else:
         top = git("rev-parse", "--show-toplevel", check=False)
         if top.returncode != 0:
-            raise GateError(f"Not inside a git checkout ({os.fsdecode(top.stderr).strip()}); run actions/checkout "
-                            "before this action, or name the adapters with the `adapters` input.", EXIT_ENV)
+            raise GateError(
+                f"Not inside a git checkout ({os.fsdecode(top.stderr).strip()}); run actions/checkout "
+                "before this action, or name the adapters with the `adapters` input.",
+                EXIT_ENV,
+            )
         # git prints paths relative to the top of the work tree; validate from there so they resolve.
         os.chdir(os.fsdecode(top.stdout.strip()))
         plan = find_changed(env)
@@ -242,9 +260,12 @@ def run(env: dict) -> int:
     for weights in plan.orphans:
         # An error, not a warning: no loader (PEFT, vLLM, SGLang) can use weights without their config, so this
         # adapter is broken as committed, and a warning would let the gate pass with nothing validated.
-        annotate("error", f"{weights} changed but there is no {CONFIG} beside it, so it is not a loadable PEFT "
-                          f"adapter and was not validated. Commit the {CONFIG} that save_pretrained wrote with it.",
-                 file=weights)
+        annotate(
+            "error",
+            f"{weights} changed but there is no {CONFIG} beside it, so it is not a loadable PEFT "
+            f"adapter and was not validated. Commit the {CONFIG} that save_pretrained wrote with it.",
+            file=weights,
+        )
         code = EXIT_ERRORS
     for folder in plan.deleted:
         log(f"{folder}: adapter removed, not validated")

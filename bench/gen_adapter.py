@@ -33,11 +33,35 @@ import time
 from pathlib import Path
 
 # DeepSeek-V3 (lora_convert/arch/presets/deepseek-v3.json)
-REAL = dict(hidden=7168, moe_inter=2048, experts=256, q_lora=1536, kv_lora=512, heads=128, nope=128, rope=64, v=128,
-            first_dense=3, layers=61, rank=16)
+REAL = dict(
+    hidden=7168,
+    moe_inter=2048,
+    experts=256,
+    q_lora=1536,
+    kv_lora=512,
+    heads=128,
+    nope=128,
+    rope=64,
+    v=128,
+    first_dense=3,
+    layers=61,
+    rank=16,
+)
 # The stress case: the real layer and expert counts, tiny everything else.
-TINY = dict(hidden=64, moe_inter=32, experts=256, q_lora=48, kv_lora=32, heads=2, nope=16, rope=8, v=16,
-            first_dense=0, layers=61, rank=4)
+TINY = dict(
+    hidden=64,
+    moe_inter=32,
+    experts=256,
+    q_lora=48,
+    kv_lora=32,
+    heads=2,
+    nope=16,
+    rope=8,
+    v=16,
+    first_dense=0,
+    layers=61,
+    rank=4,
+)
 
 PREFIX = "base_model.model.model.layers"
 ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -93,17 +117,47 @@ def adapter_config(d: dict, layout: str) -> dict:
     else:
         targets += ["gate_proj", "up_proj", "down_proj"]
     return {
-        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
-        "base_model_name_or_path": "deepseek-ai/DeepSeek-V3", "bias": "none", "corda_config": None,
-        "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
-        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 2 * d["rank"],
-        "lora_bias": False, "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None,
-        "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
-        "peft_version": "0.21.2", "qalora_group_size": 16, "r": d["rank"], "rank_pattern": {}, "revision": None,
-        "target_modules": targets, "target_parameters": target_parameters, "task_type": "CAUSAL_LM",
-        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
-        "use_rslora": False, "velora_config": None,
+        "alora_invocation_tokens": None,
+        "alpha_pattern": {},
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": "deepseek-ai/DeepSeek-V3",
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": 2 * d["rank"],
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "peft_version": "0.21.2",
+        "qalora_group_size": 16,
+        "r": d["rank"],
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": targets,
+        "target_parameters": target_parameters,
+        "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": False,
+        "velora_config": None,
     }
 
 
@@ -113,13 +167,24 @@ def tiny_base_config(d: dict) -> dict:
 
     config = dict(find_preset("deepseek-v3")["config"])
     config.pop("quantization_config", None)
-    config.update({
-        "hidden_size": d["hidden"], "moe_intermediate_size": d["moe_inter"], "intermediate_size": 4 * d["hidden"],
-        "n_routed_experts": d["experts"], "q_lora_rank": d["q_lora"], "kv_lora_rank": d["kv_lora"],
-        "num_attention_heads": d["heads"], "num_key_value_heads": d["heads"], "qk_nope_head_dim": d["nope"],
-        "qk_rope_head_dim": d["rope"], "v_head_dim": d["v"], "first_k_dense_replace": d["first_dense"],
-        "num_hidden_layers": d["layers"], "vocab_size": 1024,
-    })
+    config.update(
+        {
+            "hidden_size": d["hidden"],
+            "moe_intermediate_size": d["moe_inter"],
+            "intermediate_size": 4 * d["hidden"],
+            "n_routed_experts": d["experts"],
+            "q_lora_rank": d["q_lora"],
+            "kv_lora_rank": d["kv_lora"],
+            "num_attention_heads": d["heads"],
+            "num_key_value_heads": d["heads"],
+            "qk_nope_head_dim": d["nope"],
+            "qk_rope_head_dim": d["rope"],
+            "v_head_dim": d["v"],
+            "first_k_dense_replace": d["first_dense"],
+            "num_hidden_layers": d["layers"],
+            "vocab_size": 1024,
+        }
+    )
     return config
 
 
@@ -140,7 +205,9 @@ def generate(out: Path, layout: str, moe_layers: int, dtype: str = "bf16", seed:
     tag = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[dtype]
     plan = tensor_plan(d, tensor_layout, layers)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config(d, tensor_layout), indent=2, sort_keys=True) + "\n")
+    (out / "adapter_config.json").write_text(
+        json.dumps(adapter_config(d, tensor_layout), indent=2, sort_keys=True) + "\n"
+    )
     if layout == "stress":
         base = out.parent / f"{out.name}-base"
         base.mkdir(exist_ok=True)
@@ -164,14 +231,22 @@ def generate(out: Path, layout: str, moe_layers: int, dtype: str = "bf16", seed:
         writer.abort()
         raise
     size = (out / "adapter_model.safetensors").stat().st_size
-    return {"path": str(out), "layout": layout, "moe_layers": len(layers) if layout != "stress" else 0,
-            "tensors": len(plan), "bytes": size, "params": sum(math.prod(s) for _, s, _ in plan),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "path": str(out),
+        "layout": layout,
+        "moe_layers": len(layers) if layout != "stress" else 0,
+        "tensors": len(plan),
+        "bytes": size,
+        "params": sum(math.prod(s) for _, s, _ in plan),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path, help="adapter folder to write (keep it outside the repository, e.g. /tmp/lc-bench/...)")
+    p.add_argument(
+        "out", type=Path, help="adapter folder to write (keep it outside the repository, e.g. /tmp/lc-bench/...)"
+    )
     p.add_argument("--layout", choices=["per-expert", "fused-3d", "stress"], required=True)
     p.add_argument("--moe-layers", type=int, default=4, help="number of MoE layers (3..3+N-1); ignored for stress")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")

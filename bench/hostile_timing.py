@@ -95,8 +95,13 @@ def main() -> int:
         os.mkfifo(fifo / "adapter_model.safetensors")
         rows.append(("validate a FIFO", timed(lambda: validate(str(fifo))), FIFO_S))
         cache = str(tmp / "hf")
-        rows.append(("validate a Hub id offline", timed(lambda: validate("someorg/some-adapter", "--cache-dir", cache)),
-                     HUB_OFFLINE_S))
+        rows.append(
+            (
+                "validate a Hub id offline",
+                timed(lambda: validate("someorg/some-adapter", "--cache-dir", cache)),
+                HUB_OFFLINE_S,
+            )
+        )
         rows.append((f"parse random bytes (worst of {RANDOM_INPUTS})", random_bytes_worst(tmp), RANDOM_BYTES_S))
     missed = [r for r in rows if r[1] >= r[2]]
     width = max(len(r[0]) for r in rows)

@@ -39,17 +39,22 @@ def main(src: Path, out: Path) -> int:
         att = f"{P}.{L}.self_attn"
         a = lambda m, att=att: sd[f"{att}.{m}.lora_A.weight"]  # noqa: E731
         b = lambda m, att=att: sd[f"{att}.{m}.lora_B.weight"]  # noqa: E731
-        put(f"{L}.self_attn.fused_qkv_a_proj_with_mqa", torch.cat([a("q_a_proj"), a("kv_a_proj_with_mqa")]),
-            fold(torch.cat([b("q_a_proj"), b("kv_a_proj_with_mqa")])))
+        put(
+            f"{L}.self_attn.fused_qkv_a_proj_with_mqa",
+            torch.cat([a("q_a_proj"), a("kv_a_proj_with_mqa")]),
+            fold(torch.cat([b("q_a_proj"), b("kv_a_proj_with_mqa")])),
+        )
         for m in ("q_b_proj", "kv_b_proj", "o_proj"):
             put(f"{L}.self_attn.{m}", a(m), fold(b(m)))
         ex = f"{P}.{L}.mlp.experts"
         if f"{ex}.lora_A.weight" in sd:  # PEFT 3-D: A [E*r, in] expert-major, B [out, r*E] rank-major
+
             def unfuse(prefix: str):
                 A, B = sd[f"{prefix}.lora_A.weight"], sd[f"{prefix}.lora_B.weight"]
                 r = cfg["r"]
                 E = A.shape[0] // r
                 return A.reshape(E, r, -1), B.reshape(B.shape[0], r, E).permute(2, 0, 1)
+
             a_gu, b_gu = unfuse(f"{ex}.base_layer")
             put(f"{L}.mlp.experts.gate_up_proj", torch.cat([a_gu, a_gu], dim=1), fold(b_gu))
             a_d, b_d = unfuse(ex)
@@ -61,11 +66,20 @@ def main(src: Path, out: Path) -> int:
                 if m:
                     experts[int(m.group(1))][(m.group(2), m.group(3))] = sd[k]
             order = sorted(experts)
-            put(f"{L}.mlp.experts.gate_up_proj",
+            put(
+                f"{L}.mlp.experts.gate_up_proj",
                 torch.stack([torch.cat([experts[e][("gate_proj", "A")], experts[e][("up_proj", "A")]]) for e in order]),
-                fold(torch.stack([torch.cat([experts[e][("gate_proj", "B")], experts[e][("up_proj", "B")]]) for e in order])))
-            put(f"{L}.mlp.experts.down_proj", torch.stack([experts[e][("down_proj", "A")] for e in order]),
-                fold(torch.stack([experts[e][("down_proj", "B")] for e in order])))
+                fold(
+                    torch.stack(
+                        [torch.cat([experts[e][("gate_proj", "B")], experts[e][("up_proj", "B")]]) for e in order]
+                    )
+                ),
+            )
+            put(
+                f"{L}.mlp.experts.down_proj",
+                torch.stack([experts[e][("down_proj", "A")] for e in order]),
+                fold(torch.stack([experts[e][("down_proj", "B")] for e in order])),
+            )
     out.mkdir(parents=True, exist_ok=True)
     save_file(result, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return 0

@@ -66,7 +66,9 @@ class Row:
 def measure(argv: list[str], *, stdout=subprocess.DEVNULL) -> Sample:
     """Run one process; wall time around fork..reap, peak RSS from the kernel's rusage of that child."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE if stdout is subprocess.DEVNULL else subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv, stdout=stdout, stderr=subprocess.PIPE if stdout is subprocess.DEVNULL else subprocess.STDOUT
+    )
     # os.wait4 reaps exactly this child and returns its own rusage (ru_maxrss in KiB on Linux).
     err = proc.stderr.read() if proc.stderr else b""
     _, status, usage = os.wait4(proc.pid, 0)
@@ -77,7 +79,9 @@ def measure(argv: list[str], *, stdout=subprocess.DEVNULL) -> Sample:
     return Sample(wall=wall, rss_mb=usage.ru_maxrss / 1024, rc=proc.returncode)
 
 
-def run_row(rows: list[Row], adapter: str, op: str, argv: list[str], repeat: int, *, before=None, after=None) -> Row | None:
+def run_row(
+    rows: list[Row], adapter: str, op: str, argv: list[str], repeat: int, *, before=None, after=None
+) -> Row | None:
     if args.ops and op not in ("cp", "cat > /dev/null") and not any(op.startswith(o) for o in args.ops.split(",")):
         return None
     row = Row(adapter, op, " ".join(argv))
@@ -103,8 +107,12 @@ def ensure_adapter(workdir: Path, name: str, layout: str, moe_layers: int) -> di
             return meta
     shutil.rmtree(folder, ignore_errors=True)
     print(f"generating {name} ({layout}, {moe_layers} MoE layers) ...", flush=True)
-    out = subprocess.run([PY, str(BENCH / "gen_adapter.py"), str(folder), "--layout", layout, "--moe-layers", str(moe_layers)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [PY, str(BENCH / "gen_adapter.py"), str(folder), "--layout", layout, "--moe-layers", str(moe_layers)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     meta = json.loads(out.strip().splitlines()[-1])
     meta["want"] = want
     meta_path.write_text(json.dumps(meta))
@@ -123,15 +131,28 @@ def normalize_layouts() -> list[str]:
 
 def validate_flags() -> tuple[list[str], list[str]]:
     """(flags for a header-only validate, flags for validate with the data scan), from `validate --help`."""
-    text = subprocess.run([CLI, "validate", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    text = subprocess.run(
+        [CLI, "validate", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    ).stdout
     common = ["--no-smoke"] if "--no-smoke" in text else []
     header = common + (["--no-data"] if "--no-data" in text else [])
     return header, common
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def bench_adapter(rows: list[Row], workdir: Path, name: str, meta: dict, base: str, repeat: int, layouts: list[str],
-                  vflags: tuple[list[str], list[str]], *, naive: bool = True, copies: bool = True) -> None:
+def bench_adapter(
+    rows: list[Row],
+    workdir: Path,
+    name: str,
+    meta: dict,
+    base: str,
+    repeat: int,
+    layouts: list[str],
+    vflags: tuple[list[str], list[str]],
+    *,
+    naive: bool = True,
+    copies: bool = True,
+) -> None:
     folder = workdir / name
     data = folder / "adapter_model.safetensors"
     scratch = workdir / "scratch"
@@ -157,7 +178,13 @@ def bench_adapter(rows: list[Row], workdir: Path, name: str, meta: dict, base: s
     run_row(rows, name, "inspect", [CLI, "inspect", str(folder)], repeat)
     header, full = vflags
     run_row(rows, name, "validate " + " ".join(header), [CLI, "validate", str(folder), "--base", base, *header], repeat)
-    run_row(rows, name, "validate " + " ".join(full) + " (data scan)", [CLI, "validate", str(folder), "--base", base, *full], repeat)
+    run_row(
+        rows,
+        name,
+        "validate " + " ".join(full) + " (data scan)",
+        [CLI, "validate", str(folder), "--base", base, *full],
+        repeat,
+    )
     for layout in layouts:
         # --drop-unsupported: an engine layout may refuse modules its engine cannot apply (the peft/vLLM layout
         # refuses MLA kv_b_proj); it then writes the rest, which is what is timed. No-op for stacked.
@@ -166,8 +193,15 @@ def bench_adapter(rows: list[Row], workdir: Path, name: str, meta: dict, base: s
             argv += ["--layout", layout]
         run_row(rows, name, f"normalize --layout {layout}", argv, repeat, before=settle, after=clean)
     if naive:
-        run_row(rows, name, "naive load_file+cat/stack+save_file", [PY, str(BENCH / "naive_normalize.py"), str(folder), str(out)],
-                repeat, before=settle, after=clean)
+        run_row(
+            rows,
+            name,
+            "naive load_file+cat/stack+save_file",
+            [PY, str(BENCH / "naive_normalize.py"), str(folder), str(out)],
+            repeat,
+            before=settle,
+            after=clean,
+        )
 
 
 def machine() -> str:
@@ -182,17 +216,36 @@ def machine() -> str:
         mem = 0
     import torch
 
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
-def render(rows: list[Row], metas: dict[str, dict], scaling: list[tuple[str, dict]], argv: list[str], started: str,
-           targets: list[tuple[str, str, bool]], scaled_names: list[str]) -> str:
-    lines = [BEGIN, "", f"Run {started} on {machine()}; median of {args.repeat} runs each, peak RSS is the largest of them.",
-             "", "Reproduce: `" + " ".join(["bench/run_bench.py", *argv]) + "` (with `.venv/bin/python`).", ""]
+def render(
+    rows: list[Row],
+    metas: dict[str, dict],
+    scaling: list[tuple[str, dict]],
+    argv: list[str],
+    started: str,
+    targets: list[tuple[str, str, bool]],
+    scaled_names: list[str],
+) -> str:
+    lines = [
+        BEGIN,
+        "",
+        f"Run {started} on {machine()}; median of {args.repeat} runs each, peak RSS is the largest of them.",
+        "",
+        "Reproduce: `" + " ".join(["bench/run_bench.py", *argv]) + "` (with `.venv/bin/python`).",
+        "",
+    ]
     lines += ["| adapter | tensors | size |", "|---|---:|---:|"]
     for name, meta in metas.items():
-        what = f"{meta['layout']}, {meta['moe_layers']} MoE layers" if meta["layout"] != "stress" else "stress: 61 layers x 256 experts, tiny dims"
+        what = (
+            f"{meta['layout']}, {meta['moe_layers']} MoE layers"
+            if meta["layout"] != "stress"
+            else "stress: 61 layers x 256 experts, tiny dims"
+        )
         lines.append(f"| `{name}` ({what}) | {meta['tensors']:,} | {meta['bytes'] / 1e9:.2f} GB |")
     lines += ["", "| adapter | operation | wall s | x cp | x cat | peak RSS MB |", "|---|---|---:|---:|---:|---:|"]
     floors: dict[str, dict[str, float]] = {}
@@ -206,14 +259,24 @@ def render(rows: list[Row], metas: dict[str, dict], scaling: list[tuple[str, dic
         cp_, cat_ = f.get("cp"), f.get("cat > /dev/null")
         ratio = lambda base, r=r: f"{r.wall / base:.2f}" if base else "-"  # noqa: E731
         fail = "" if r.rc == 0 else f" (exit {r.rc})"
-        lines.append(f"| `{r.adapter}` | {r.op}{fail} | {r.wall:.2f} | {ratio(cp_)} | {ratio(cat_)} | {r.rss_mb:,.0f} |")
+        lines.append(
+            f"| `{r.adapter}` | {r.op}{fail} | {r.wall:.2f} | {ratio(cp_)} | {ratio(cat_)} | {r.rss_mb:,.0f} |"
+        )
     if scaling:
         names = {n for n, _ in scaling}
         wanted = ("validate", "normalize --layout stacked", "naive")
-        ops = sorted({r.op for r in rows if r.adapter in names and r.op.startswith(wanted)}, key=lambda o: [r.op for r in rows].index(o))
-        lines += ["", "Peak RSS (MB) against adapter size (per-expert layout; the sizes other than the main one are run once "
-                  "each), and normalize's wall time against cp of the same file:", "",
-                  "| adapter | size | " + " | ".join(ops) + " | normalize s / cp s |", "|---|---:|" + "---:|" * (len(ops) + 1)]
+        ops = sorted(
+            {r.op for r in rows if r.adapter in names and r.op.startswith(wanted)},
+            key=lambda o: [r.op for r in rows].index(o),
+        )
+        lines += [
+            "",
+            "Peak RSS (MB) against adapter size (per-expert layout; the sizes other than the main one are run once "
+            "each), and normalize's wall time against cp of the same file:",
+            "",
+            "| adapter | size | " + " | ".join(ops) + " | normalize s / cp s |",
+            "|---|---:|" + "---:|" * (len(ops) + 1),
+        ]
         for name, meta in scaling:
             cells = []
             for op in ops:
@@ -221,7 +284,9 @@ def render(rows: list[Row], metas: dict[str, dict], scaling: list[tuple[str, dic
                 cells.append(f"{match[0].rss_mb:,.0f}" if match else "-")
             norm = [r for r in rows if r.adapter == name and r.op == "normalize --layout stacked"]
             cp_ = [r for r in rows if r.adapter == name and r.op == "cp"]
-            cells.append(f"{norm[0].wall:.2f} / {cp_[0].wall:.2f} = {norm[0].wall / cp_[0].wall:.2f}x" if norm and cp_ else "-")
+            cells.append(
+                f"{norm[0].wall:.2f} / {cp_[0].wall:.2f} = {norm[0].wall / cp_[0].wall:.2f}x" if norm and cp_ else "-"
+            )
             lines.append(f"| `{name}` | {meta['bytes'] / 1e9:.2f} GB | " + " | ".join(cells) + " |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets]
@@ -229,7 +294,9 @@ def render(rows: list[Row], metas: dict[str, dict], scaling: list[tuple[str, dic
     return "\n".join(lines)
 
 
-def check_targets(rows: list[Row], main_names: list[str], stress: str | None, help_row: Row | None, scaled: list[str]) -> list[tuple[str, str, bool]]:
+def check_targets(
+    rows: list[Row], main_names: list[str], stress: str | None, help_row: Row | None, scaled: list[str]
+) -> list[tuple[str, str, bool]]:
     def get(adapter, prefix):
         return next((r for r in rows if r.adapter == adapter and r.op.startswith(prefix)), None)
 
@@ -238,25 +305,60 @@ def check_targets(rows: list[Row], main_names: list[str], stress: str | None, he
         cp_, cat_ = get(name, "cp"), get(name, "cat")
         for r in rows:
             if r.adapter == name and r.op.startswith("normalize") and cp_:
-                out.append((f"`{name}` {r.op} <= 1.5x cp", f"{r.wall / cp_.wall:.2f}x ({r.wall:.2f} s / {cp_.wall:.2f} s)", r.rc == 0 and r.wall <= 1.5 * cp_.wall))
+                out.append(
+                    (
+                        f"`{name}` {r.op} <= 1.5x cp",
+                        f"{r.wall / cp_.wall:.2f}x ({r.wall:.2f} s / {cp_.wall:.2f} s)",
+                        r.rc == 0 and r.wall <= 1.5 * cp_.wall,
+                    )
+                )
         v = get(name, "validate --no-smoke (data") or get(name, "validate  (data")
         if v and cat_:
-            out.append((f"`{name}` validate with data scan <= 1.3x cat", f"{v.wall / cat_.wall:.2f}x ({v.wall:.2f} s / {cat_.wall:.2f} s)", v.rc == 0 and v.wall <= 1.3 * cat_.wall))
+            out.append(
+                (
+                    f"`{name}` validate with data scan <= 1.3x cat",
+                    f"{v.wall / cat_.wall:.2f}x ({v.wall:.2f} s / {cat_.wall:.2f} s)",
+                    v.rc == 0 and v.wall <= 1.3 * cat_.wall,
+                )
+            )
     if stress:
         for prefix in ("inspect", "validate --no-smoke --no-data"):
             r = get(stress, prefix)
             if r:
                 out.append((f"`{stress}` {r.op} < 3 s", f"{r.wall:.2f} s", r.rc == 0 and r.wall < 3))
-    mem_rows = [r for r in rows if r.adapter in main_names + scaled and (r.op.startswith("normalize") or r.op.startswith("validate"))]
+    mem_rows = [
+        r
+        for r in rows
+        if r.adapter in main_names + scaled and (r.op.startswith("normalize") or r.op.startswith("validate"))
+    ]
     if mem_rows:
         worst = max(mem_rows, key=lambda r: r.rss_mb)
-        out.append(("peak RSS of normalize and validate < 1.5 GB (every adapter)", f"max {worst.rss_mb:,.0f} MB (`{worst.adapter}` {worst.op})", worst.rss_mb < 1536))
+        out.append(
+            (
+                "peak RSS of normalize and validate < 1.5 GB (every adapter)",
+                f"max {worst.rss_mb:,.0f} MB (`{worst.adapter}` {worst.op})",
+                worst.rss_mb < 1536,
+            )
+        )
     if help_row:
         out.append(("`lora-convert --help` < 0.5 s", f"{help_row.wall:.2f} s", help_row.wall < 0.5))
-        imp = subprocess.run([PY, "-X", "importtime", "-c", "import lora_convert.cli"], capture_output=True, text=True).stderr
-        heavy = sorted({n for n in ("torch", "triton", "numpy", "safetensors") if f"| {n}\n" in imp + "\n" or f"|   {n}" in imp or f" {n}\n" in imp})
-        out.append(("`lora-convert --help` imports neither torch nor triton", "imports: " + (", ".join(heavy) or "none of torch/triton/numpy/safetensors"),
-                    not ({"torch", "triton"} & set(heavy))))
+        imp = subprocess.run(
+            [PY, "-X", "importtime", "-c", "import lora_convert.cli"], capture_output=True, text=True
+        ).stderr
+        heavy = sorted(
+            {
+                n
+                for n in ("torch", "triton", "numpy", "safetensors")
+                if f"| {n}\n" in imp + "\n" or f"|   {n}" in imp or f" {n}\n" in imp
+            }
+        )
+        out.append(
+            (
+                "`lora-convert --help` imports neither torch nor triton",
+                "imports: " + (", ".join(heavy) or "none of torch/triton/numpy/safetensors"),
+                not ({"torch", "triton"} & set(heavy)),
+            )
+        )
     return out
 
 
@@ -265,13 +367,25 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lc-bench"))
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--per-expert-layers", type=int, default=9, help="MoE layers of the main per-expert adapter (9 = 2.05 GB)")
+    p.add_argument(
+        "--per-expert-layers", type=int, default=9, help="MoE layers of the main per-expert adapter (9 = 2.05 GB)"
+    )
     p.add_argument("--fused-layers", type=int, default=12, help="MoE layers of the main 3-D adapter (12 = 2.05 GB)")
-    p.add_argument("--scaling", default="5,18", help="extra per-expert sizes (MoE layers) for the peak-RSS-vs-size table; '' for none")
+    p.add_argument(
+        "--scaling",
+        default="5,18",
+        help="extra per-expert sizes (MoE layers) for the peak-RSS-vs-size table; '' for none",
+    )
     p.add_argument("--no-stress", action="store_true")
     p.add_argument("--no-naive", action="store_true")
-    p.add_argument("--settle", type=float, default=5.0, help="seconds to wait after deleting an output before the next writing row")
-    p.add_argument("--ops", default="", help="only the operations starting with these comma-separated prefixes (cp and cat always run)")
+    p.add_argument(
+        "--settle", type=float, default=5.0, help="seconds to wait after deleting an output before the next writing row"
+    )
+    p.add_argument(
+        "--ops",
+        default="",
+        help="only the operations starting with these comma-separated prefixes (cp and cat always run)",
+    )
     p.add_argument("--only", default="", help="only these comma-separated adapters (e.g. pe9,stress)")
     p.add_argument("--quick", action="store_true", help="1 MoE layer, 1 repeat, no scaling: checks the script only")
     p.add_argument("--write-docs", action="store_true", help=f"replace the generated block of {DOC.relative_to(REPO)}")
@@ -291,37 +405,70 @@ def main(argv: list[str]) -> int:
 
     help_row = run_row(rows, "-", "lora-convert --help", [CLI, "--help"], max(args.repeat, 5))
     main_names = []
-    for name, layout, n in ((f"pe{args.per_expert_layers}", "per-expert", args.per_expert_layers),
-                            (f"f3d{args.fused_layers}", "fused-3d", args.fused_layers)):
+    for name, layout, n in (
+        (f"pe{args.per_expert_layers}", "per-expert", args.per_expert_layers),
+        (f"f3d{args.fused_layers}", "fused-3d", args.fused_layers),
+    ):
         if args.only and name not in args.only.split(","):
             continue
         metas[name] = ensure_adapter(args.workdir, name, layout, n)
         main_names.append(name)
-        bench_adapter(rows, args.workdir, name, metas[name], "deepseek-v3", args.repeat, layouts, vflags, naive=not args.no_naive)
+        bench_adapter(
+            rows, args.workdir, name, metas[name], "deepseek-v3", args.repeat, layouts, vflags, naive=not args.no_naive
+        )
     stress = None
     if not args.no_stress and (not args.only or "stress" in args.only.split(",")):
         stress = "stress"
         metas[stress] = ensure_adapter(args.workdir, stress, "stress", 0)
-        bench_adapter(rows, args.workdir, stress, metas[stress], str(args.workdir / "stress-base"), args.repeat, layouts[:1], vflags,
-                      naive=False)
+        bench_adapter(
+            rows,
+            args.workdir,
+            stress,
+            metas[stress],
+            str(args.workdir / "stress-base"),
+            args.repeat,
+            layouts[:1],
+            vflags,
+            naive=False,
+        )
     scaling: list[tuple[str, dict]] = []
     scaled_names = []
-    sizes = sorted({int(x) for x in args.scaling.split(",") if x.strip()} | ({args.per_expert_layers} if args.scaling else set()))
+    sizes = sorted(
+        {int(x) for x in args.scaling.split(",") if x.strip()} | ({args.per_expert_layers} if args.scaling else set())
+    )
     for n in sizes:
         name = f"pe{n}"
         meta = metas.get(name) or ensure_adapter(args.workdir, name, "per-expert", n)
         if name not in metas:
             # Memory only: one run of each; wall times of these are not reported.
-            bench_adapter(rows, args.workdir, name, meta, "deepseek-v3", 1, layouts[:1], vflags, naive=not args.no_naive)
+            bench_adapter(
+                rows, args.workdir, name, meta, "deepseek-v3", 1, layouts[:1], vflags, naive=not args.no_naive
+            )
             scaled_names.append(name)
         scaling.append((name, meta))
     targets = check_targets(rows, main_names, stress, help_row, scaled_names)
     print()
     for t, m, ok in targets:
         print(f"  [{'met' if ok else 'MISSED'}] {t}: {m}")
-    (args.workdir / "results.json").write_text(json.dumps({"started": started, "argv": argv, "rows": [
-        {**r.__dict__, "samples": [s.__dict__ for s in r.samples]} for r in rows]}, indent=1))
-    block = render(rows, {**metas, **{n: m for n, m in scaling}}, [(n, m) for n, m in scaling], argv, started, targets, scaled_names)
+    (args.workdir / "results.json").write_text(
+        json.dumps(
+            {
+                "started": started,
+                "argv": argv,
+                "rows": [{**r.__dict__, "samples": [s.__dict__ for s in r.samples]} for r in rows],
+            },
+            indent=1,
+        )
+    )
+    block = render(
+        rows,
+        {**metas, **{n: m for n, m in scaling}},
+        [(n, m) for n, m in scaling],
+        argv,
+        started,
+        targets,
+        scaled_names,
+    )
     if args.write_docs:
         text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
         head, _, rest = text.partition(BEGIN)

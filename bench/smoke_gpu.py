@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from lora_convert.smoke.runner import run_smoke
 
-    run_smoke(str(args.adapter), base="deepseek-v3", device="cuda", tokens=args.tokens, layers="3")  # warm-up: compile kernels
+    run_smoke(
+        str(args.adapter), base="deepseek-v3", device="cuda", tokens=args.tokens, layers="3"
+    )  # warm-up: compile kernels
     report = run_smoke(str(args.adapter), base="deepseek-v3", device="cuda", tokens=args.tokens, layers="all")
     phases = report.phases
     kernel_s = phases.get("kernels", 0.0)

@@ -19,9 +19,22 @@ from . import interpreting
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_DTYPES = (torch.float16, torch.bfloat16)
 
+
 @triton.jit
-def masked_dot_loop(acc, l_ptrs, r_ptrs, row_mask, col_mask, offs_k, k_limit, l_step_k, r_step_k,
-                    LOOP: tl.constexpr, BLOCK_K: tl.constexpr, DOT_LOW: tl.constexpr):
+def masked_dot_loop(
+    acc,
+    l_ptrs,
+    r_ptrs,
+    row_mask,
+    col_mask,
+    offs_k,
+    k_limit,
+    l_step_k,
+    r_step_k,
+    LOOP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_LOW: tl.constexpr,
+):
     """acc += L[rows, k] @ R[k, cols] over the reduction dimension in BLOCK_K steps, masked on every side.
 
     ``offs_k`` are the reduction offsets of the first step (they may start past 0 for a K split) and

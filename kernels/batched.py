@@ -128,9 +128,10 @@ def lora_shrink_expand_batched(
         for i in range(c):
             out_i = offs[i + 1] - offs[i]
             max_out = max(max_out, out_i)
-            slices.append([h_row0[g], t_rows[g], h_col0[g] + i * R, b_row0 + offs[i], out_i,
-                           bases[g] + offs[i], widths[g]])
+            slices.append(
+                [h_row0[g], t_rows[g], h_col0[g] + i * R, b_row0 + offs[i], out_i, bases[g] + offs[i], widths[g]]
+            )
             scales.append(sc[i])
         b_row0 += offs[-1]
     _launch_expand(h, B_cat, flat, slices, scales, R, max(t_rows), max_out, 1, accumulate=False)
-    return [flat[bases[g]: bases[g] + t_rows[g] * widths[g]].view(t_rows[g], widths[g]) for g in range(G)]
+    return [flat[bases[g] : bases[g] + t_rows[g] * widths[g]].view(t_rows[g], widths[g]) for g in range(G)]

@@ -25,12 +25,24 @@ _TABLE_COLS = tl.constexpr(7)
 
 @triton.jit
 def _expand_kernel(
-    h_ptr, b_ptr, y_ptr, table_ptr, scale_ptr,
-    n_row_tiles, n_col_tiles,
-    stride_hm, stride_hk, stride_bn, stride_bk, stride_yn,
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    table_ptr,
+    scale_ptr,
+    n_row_tiles,
+    n_col_tiles,
+    stride_hm,
+    stride_hk,
+    stride_bn,
+    stride_bk,
+    stride_yn,
     R: tl.constexpr,  # rank: fixed per adapter; static loop bound (see shrink.py on why constexpr)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_LOW: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_LOW: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     # 1-D grid (slice-major): grid dims y/z are capped at 65535 on CUDA, a batched launch has more slices.
     pid = tl.program_id(0).to(tl.int64)
@@ -68,8 +80,9 @@ def _expand_kernel(
     # The rank is usually <= BLOCK_R (one trip); the loop keeps large ranks (R > 64) correct. R < 16 is
     # padded to BLOCK_R = 16 (tl.dot minimum on GPU) and the padding masked to zero on both operands.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = masked_dot_loop(acc, h_ptrs, b_ptrs, m_mask, n_mask, offs_r, R, stride_hk, stride_bk,
-                          LOOP=R, BLOCK_K=BLOCK_R, DOT_LOW=DOT_LOW)
+    acc = masked_dot_loop(
+        acc, h_ptrs, b_ptrs, m_mask, n_mask, offs_r, R, stride_hk, stride_bk, LOOP=R, BLOCK_K=BLOCK_R, DOT_LOW=DOT_LOW
+    )
 
     acc = acc * scale
     y_ptrs = y_ptr + y_base + offs_m[:, None] * y_stride_m + offs_n[None, :] * stride_yn
@@ -79,9 +92,18 @@ def _expand_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_expand(h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, slices: list[list[int]],
-                   scales: list[float], R: int, max_rows: int, max_out: int, stride_yn: int,
-                   accumulate: bool = True) -> None:
+def _launch_expand(
+    h: torch.Tensor,
+    b: torch.Tensor,
+    y: torch.Tensor,
+    slices: list[list[int]],
+    scales: list[float],
+    R: int,
+    max_rows: int,
+    max_out: int,
+    stride_yn: int,
+    accumulate: bool = True,
+) -> None:
     """Run the expand kernel over ``slices`` (rows of the table above); tensors already validated."""
     if not slices or max_rows == 0 or max_out == 0 or R == 0:
         return
@@ -100,10 +122,24 @@ def _launch_expand(h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, slices: li
     scale_t = U.table(scales, h.device, torch.float32)
     grid = (len(slices) * n_row_tiles * n_col_tiles,)
     _expand_kernel[grid](
-        h, b, y, tbl, scale_t,
-        n_row_tiles, n_col_tiles,
-        h.stride(0), h.stride(1), b.stride(0), b.stride(1), stride_yn,
-        R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, DOT_LOW=low, ACCUMULATE=accumulate,
+        h,
+        b,
+        y,
+        tbl,
+        scale_t,
+        n_row_tiles,
+        n_col_tiles,
+        h.stride(0),
+        h.stride(1),
+        b.stride(0),
+        b.stride(1),
+        stride_yn,
+        R=R,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_R=BLOCK_R,
+        DOT_LOW=low,
+        ACCUMULATE=accumulate,
     )
 
 

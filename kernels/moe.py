@@ -61,11 +61,27 @@ def _align_by_expert(flat_ids: torch.Tensor, E: int, block_m: int):
 
 @triton.jit
 def _moe_shrink_kernel(
-    x_ptr, a_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
-    P, top_k, N, n_col_tiles,
-    stride_xm, stride_xk, stride_ae, stride_am, stride_ak, stride_hm, stride_hn,
+    x_ptr,
+    a_ptr,
+    h_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    P,
+    top_k,
+    N,
+    n_col_tiles,
+    stride_xm,
+    stride_xk,
+    stride_ae,
+    stride_am,
+    stride_ak,
+    stride_hm,
+    stride_hn,
     K: tl.constexpr,  # constexpr: static loop bound (see shrink.py)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_LOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_LOW: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid // n_col_tiles
@@ -83,20 +99,39 @@ def _moe_shrink_kernel(
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
     a_ptrs = a_ptr + e * stride_ae + offs_n[None, :] * stride_am + offs_k[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = masked_dot_loop(acc, x_ptrs, a_ptrs, m_mask, n_mask, offs_k, K, stride_xk, stride_ak,
-                          LOOP=K, BLOCK_K=BLOCK_K, DOT_LOW=DOT_LOW)
+    acc = masked_dot_loop(
+        acc, x_ptrs, a_ptrs, m_mask, n_mask, offs_k, K, stride_xk, stride_ak, LOOP=K, BLOCK_K=BLOCK_K, DOT_LOW=DOT_LOW
+    )
     h_ptrs = h_ptr + ids[:, None] * stride_hm + offs_n[None, :] * stride_hn
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _moe_expand_kernel(
-    h_ptr, b_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, offsets_ptr, scale_ptr, w_ptr,
-    P, n_slices, n_col_tiles,
-    stride_hm, stride_hk, stride_be, stride_bn, stride_bk, stride_ym, stride_yn,
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    offsets_ptr,
+    scale_ptr,
+    w_ptr,
+    P,
+    n_slices,
+    n_col_tiles,
+    stride_hm,
+    stride_hk,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_ym,
+    stride_yn,
     R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_LOW: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_LOW: tl.constexpr,
+    HAS_W: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     per_blk = n_slices * n_col_tiles
@@ -122,8 +157,9 @@ def _moe_expand_kernel(
     h_ptrs = h_ptr + ids[:, None] * stride_hm + (s * R + offs_r)[None, :] * stride_hk
     b_ptrs = b_ptr + e * stride_be + (off + offs_n)[None, :] * stride_bn + offs_r[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = masked_dot_loop(acc, h_ptrs, b_ptrs, m_mask, n_mask, offs_r, R, stride_hk, stride_bk,
-                          LOOP=R, BLOCK_K=BLOCK_R, DOT_LOW=DOT_LOW)
+    acc = masked_dot_loop(
+        acc, h_ptrs, b_ptrs, m_mask, n_mask, offs_r, R, stride_hk, stride_bk, LOOP=R, BLOCK_K=BLOCK_R, DOT_LOW=DOT_LOW
+    )
 
     acc = acc * scale
     if HAS_W:
@@ -215,10 +251,27 @@ def lora_moe(
         BLOCK_K = U.block(K, hi=128 if low else 64)
         n_col = triton.cdiv(N, BLOCK_N)
         _moe_shrink_kernel[(max_blocks * n_col,)](
-            x, A, h, sorted_ids, block_expert,
-            P, k, N, n_col,
-            x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(0), h.stride(1),
-            K=K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_LOW=low,
+            x,
+            A,
+            h,
+            sorted_ids,
+            block_expert,
+            P,
+            k,
+            N,
+            n_col,
+            x.stride(0),
+            x.stride(1),
+            A.stride(0),
+            A.stride(1),
+            A.stride(2),
+            h.stride(0),
+            h.stride(1),
+            K=K,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            DOT_LOW=low,
         )
 
     low = U.low_dot(B.dtype)
@@ -231,9 +284,29 @@ def lora_moe(
     w = topk_weights.reshape(-1) if topk_weights is not None else scale_t  # dummy pointer when absent
     y2 = y.view(P, sum_out)
     _moe_expand_kernel[(max_blocks * c * n_col,)](
-        h, B, y2, sorted_ids, block_expert, offs_t, scale_t, w,
-        P, c, n_col,
-        h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), y2.stride(0), y2.stride(1),
-        R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, DOT_LOW=low, HAS_W=topk_weights is not None,
+        h,
+        B,
+        y2,
+        sorted_ids,
+        block_expert,
+        offs_t,
+        scale_t,
+        w,
+        P,
+        c,
+        n_col,
+        h.stride(0),
+        h.stride(1),
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        y2.stride(0),
+        y2.stride(1),
+        R=R,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_R=BLOCK_R,
+        DOT_LOW=low,
+        HAS_W=topk_weights is not None,
     )
     return y

@@ -21,11 +21,25 @@ _TABLE_COLS = tl.constexpr(6)
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, h_ptr, table_ptr,
-    n_row_tiles, n_col_tiles,
-    stride_xm, stride_xk, stride_am, stride_ak, stride_hm, stride_hn,
-    K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_LOW: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    h_ptr,
+    table_ptr,
+    n_row_tiles,
+    n_col_tiles,
+    stride_xm,
+    stride_xk,
+    stride_am,
+    stride_ak,
+    stride_hm,
+    stride_hn,
+    K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_LOW: tl.constexpr,
 ):
     # K (= in) is a constexpr: one compile per distinct `in` (a handful per model), static loop bounds,
     # and it sidesteps triton 3.6's interpreter, whose runtime-int `range` bound fails under numpy >= 2.5.
@@ -65,8 +79,20 @@ def _shrink_kernel(
     a_ptrs = a_ptr + (a_row0 + offs_n)[None, :] * stride_am + offs_k[:, None] * stride_ak
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = masked_dot_loop(acc, x_ptrs, a_ptrs, m_mask, n_mask, offs_k, K, stride_xk, stride_ak,
-                          LOOP=K_PER_SPLIT, BLOCK_K=BLOCK_K, DOT_LOW=DOT_LOW)
+    acc = masked_dot_loop(
+        acc,
+        x_ptrs,
+        a_ptrs,
+        m_mask,
+        n_mask,
+        offs_k,
+        K,
+        stride_xk,
+        stride_ak,
+        LOOP=K_PER_SPLIT,
+        BLOCK_K=BLOCK_K,
+        DOT_LOW=DOT_LOW,
+    )
 
     h_ptrs = h_ptr + (h_row0 + offs_m)[:, None] * stride_hm + (h_col0 + offs_n)[None, :] * stride_hn
     if SPLIT_K == 1:
@@ -76,8 +102,16 @@ def _shrink_kernel(
         tl.atomic_add(h_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _launch_shrink(x: torch.Tensor, a: torch.Tensor, h: torch.Tensor, groups: list[list[int]],
-                   max_rows: int, max_n: int, h_is_zero: bool = False, split_k: int | None = None) -> None:
+def _launch_shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    h: torch.Tensor,
+    groups: list[list[int]],
+    max_rows: int,
+    max_n: int,
+    h_is_zero: bool = False,
+    split_k: int | None = None,
+) -> None:
     """Run the shrink kernel over ``groups`` (rows of the table above); x, a, h already validated."""
     if not groups or max_rows == 0 or max_n == 0:
         return
@@ -113,16 +147,31 @@ def _launch_shrink(x: torch.Tensor, a: torch.Tensor, h: torch.Tensor, groups: li
         raise ValueError(f"shrink table rows have {tbl.shape[1]} entries; the kernel reads {_TABLE_COLS.value}")
     grid = (n_tiles * split_k,)
     _shrink_kernel[grid](
-        x, a, h, tbl,
-        n_row_tiles, n_col_tiles,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), h.stride(0), h.stride(1),
-        K=K, K_PER_SPLIT=per_split * BLOCK_K, SPLIT_K=split_k,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_LOW=low,
+        x,
+        a,
+        h,
+        tbl,
+        n_row_tiles,
+        n_col_tiles,
+        x.stride(0),
+        x.stride(1),
+        a.stride(0),
+        a.stride(1),
+        h.stride(0),
+        h.stride(1),
+        K=K,
+        K_PER_SPLIT=per_split * BLOCK_K,
+        SPLIT_K=split_k,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        DOT_LOW=low,
     )
 
 
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, out: torch.Tensor | None = None,
-                split_k: int | None = None) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, A: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None
+) -> torch.Tensor:
     """``h[T, c*R] = x[T, in] @ A[c*R, in]^T``, accumulated and returned in float32.
 
     ``x`` and ``A`` may be float32/float16/bfloat16 and need not share a dtype (each is cast on load).

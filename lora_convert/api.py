@@ -12,15 +12,16 @@ functions, so that `import lora_convert` stays cheap.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from lora_convert.errors import AdapterNotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from lora_convert.convert.normalize import NormalizeResult, WriteProgress
     from lora_convert.check.validate import ValidationReport
+    from lora_convert.convert.normalize import NormalizeResult, WriteProgress
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,11 +40,15 @@ def _adapter_spec(adapter: Any) -> str:
         path = os.fsdecode(adapter)
         # Without this a Path("org/name") that does not exist would be fetched from the Hub.
         if not Path(path).expanduser().exists():
-            raise AdapterNotFoundError(f"No adapter folder at {path!r}.",
-                                       hint="Check the path; a Hub id is passed as a str such as 'org/name'.")
+            raise AdapterNotFoundError(
+                f"No adapter folder at {path!r}.",
+                hint="Check the path; a Hub id is passed as a str such as 'org/name'.",
+            )
         return path
-    raise UsageError(f"adapter must be a str or os.PathLike, got {type(adapter).__name__}.",
-                     hint="Pass a folder path or a Hub id such as 'org/name'.")
+    raise UsageError(
+        f"adapter must be a str or os.PathLike, got {type(adapter).__name__}.",
+        hint="Pass a folder path or a Hub id such as 'org/name'.",
+    )
 
 
 def _optional_path(value: Any, name: str) -> str | None:
@@ -103,7 +108,7 @@ class InspectResult:
         return dict(self._document)
 
     @classmethod
-    def from_report(cls, report: dict[str, Any]) -> "InspectResult":
+    def from_report(cls, report: dict[str, Any]) -> InspectResult:
         """From `lora_convert.check.inspect.build_report`'s document."""
         names = [f.name for f in fields(cls) if not f.name.startswith("_")]
         return cls(**{name: report.get(name) for name in names}, _document=dict(report))
@@ -116,8 +121,8 @@ def inspect_adapter(adapter: PathLike, *, cache_dir: PathLike | None = None, tok
     An invalid adapter_config.json does not raise: it is reported in `config["errors"]` and makes `ok` False.
     Raises UsageError (bad argument), AdapterNotFoundError (no such folder or Hub repo), EnvironmentProblem (the
     Hub unreachable), AdapterFormatError (unreadable tensor files)."""
-    from lora_convert.peft.adapter import load_adapter
     from lora_convert.check.inspect import build_report
+    from lora_convert.peft.adapter import load_adapter
 
     spec = _adapter_spec(adapter)
     loaded = load_adapter(spec, cache_dir=_optional_path(cache_dir, "cache_dir"), token=token, strict_config=False)
@@ -140,7 +145,7 @@ def validate_adapter(
     progress: Callable[[int, int], None] | None = None,
     cache_dir: PathLike | None = None,
     token: str | None = None,
-) -> "ValidationReport":
+) -> ValidationReport:
     """Every check of `lora-convert validate` on one adapter; returns a `lora_convert.check.validate.ValidationReport`
     (`.ok` is the verdict). Problems in the adapter are findings in the report, not exceptions.
 
@@ -178,13 +183,14 @@ def normalize_adapter(
     dry_run: bool = False,
     force: bool = False,
     drop_unsupported: bool = False,
-    progress: "WriteProgress | None" = None,
+    progress: WriteProgress | None = None,
     cache_dir: PathLike | None = None,
     token: str | None = None,
-) -> "NormalizeResult":
+) -> NormalizeResult:
     """Convert an adapter into `layout` ("stacked", "sglang" or "peft") in the folder `output`; with
     `dry_run=True` only plan. `progress` gets `start(total_bytes)` and then `advance(nbytes)` per group while
-    the output is written (`lora_convert.convert.normalize.WriteProgress`). Returns a `lora_convert.convert.normalize.NormalizeResult`.
+    the output is written (`lora_convert.convert.normalize.WriteProgress`). Returns a
+    `lora_convert.convert.normalize.NormalizeResult`.
 
     Raises UsageError (bad argument, no output without dry_run, an output folder in the way),
     AdapterNotFoundError, EnvironmentProblem, AdapterFormatError / AdapterConfigError (unreadable adapter),
@@ -195,11 +201,15 @@ def normalize_adapter(
     spec = _adapter_spec(adapter)
     if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "advance")):
         # Caught here, not as an AttributeError after seconds of planning.
-        raise UsageError(f"progress must have start(total_bytes) and advance(nbytes) methods, got {type(progress).__name__}.",
-                         hint="See lora_convert.convert.normalize.WriteProgress.")
+        raise UsageError(
+            f"progress must have start(total_bytes) and advance(nbytes) methods, got {type(progress).__name__}.",
+            hint="See lora_convert.convert.normalize.WriteProgress.",
+        )
     out = _optional_path(output, "output")
     if out is None and not dry_run:
-        raise UsageError("normalize needs an output folder.", hint="Pass output=..., or dry_run=True to see the plan only.")
+        raise UsageError(
+            "normalize needs an output folder.", hint="Pass output=..., or dry_run=True to see the plan only."
+        )
     return run_normalize(
         spec,
         Path(out) if out is not None else None,

@@ -49,58 +49,131 @@ AREAS: tuple[Area, ...] = (
         "safetensors headers (strictly: length, JSON object, dtypes, offsets inside the file, no overlap, bytes = "
         "shape x dtype, no control characters), shard index, `.bin` only through safe unpickling, no link out of the "
         "adapter folder",
-        ("files.unreadable", ERROR, "An adapter file is malformed or unsafe to read; nothing else is checked.",
-         "Save the adapter again (PEFT save_pretrained, safetensors)."),
+        (
+            "files.unreadable",
+            ERROR,
+            "An adapter file is malformed or unsafe to read; nothing else is checked.",
+            "Save the adapter again (PEFT save_pretrained, safetensors).",
+        ),
     ),
     _area(
         "config",
         "`adapter_config.json` present, JSON, right types, `r > 0`, `lora_alpha`, `peft_type`, valid pattern regexes; "
         "LoRA variants no engine computes; DoRA; `lora_bias`, `bias`, `modules_to_save`, `fan_in_fan_out`, "
         "`trainable_token_indices`; regex `target_modules`; rank/alpha patterns; rsLoRA",
-        ("config.unreadable", ERROR, "adapter_config.json is missing, empty or not JSON; nothing else is checked.",
-         "Save the adapter again with PEFT's save_pretrained."),
-        ("config.not-an-object", ERROR, "adapter_config.json holds JSON that is not an object.",
-         "Save the adapter again; the config is one object of fields."),
-        ("config.missing-field", ERROR, "A required field (`r`, `lora_alpha`) is missing.",
-         "Add the value the adapter was trained with."),
-        ("config.peft-type-assumed", WARNING, "`peft_type` is missing; LORA is assumed.",
-         "Add \"peft_type\": \"LORA\"."),
+        (
+            "config.unreadable",
+            ERROR,
+            "adapter_config.json is missing, empty or not JSON; nothing else is checked.",
+            "Save the adapter again with PEFT's save_pretrained.",
+        ),
+        (
+            "config.not-an-object",
+            ERROR,
+            "adapter_config.json holds JSON that is not an object.",
+            "Save the adapter again; the config is one object of fields.",
+        ),
+        (
+            "config.missing-field",
+            ERROR,
+            "A required field (`r`, `lora_alpha`) is missing.",
+            "Add the value the adapter was trained with.",
+        ),
+        ("config.peft-type-assumed", WARNING, "`peft_type` is missing; LORA is assumed.", 'Add "peft_type": "LORA".'),
         ("config.wrong-type", ERROR, "A field has the wrong JSON type or an unknown value.", "Fix the field."),
-        ("config.rank-not-positive", ERROR, "`r` or a `rank_pattern` value is not a positive integer.",
-         "Set the rank the adapter was trained with (lora_A's rows)."),
-        ("config.alpha-not-positive", ERROR, "`lora_alpha` or an `alpha_pattern` value is zero or negative.",
-         "Set the lora_alpha the adapter was trained with."),
+        (
+            "config.rank-not-positive",
+            ERROR,
+            "`r` or a `rank_pattern` value is not a positive integer.",
+            "Set the rank the adapter was trained with (lora_A's rows).",
+        ),
+        (
+            "config.alpha-not-positive",
+            ERROR,
+            "`lora_alpha` or an `alpha_pattern` value is zero or negative.",
+            "Set the lora_alpha the adapter was trained with.",
+        ),
         ("config.not-lora", ERROR, "`peft_type` names another PEFT method; lora-convert handles LoRA only.", ""),
-        ("config.bad-pattern", ERROR, "A `rank_pattern`/`alpha_pattern` key is not a valid regex.",
-         "Fix the key; PEFT matches it as a regex against module names."),
-        ("config.unsupported-variant", ERROR, "A LoRA variant is set whose tensors do not mean a plain LoRA delta.",
-         "Merge the adapter into the base model, or retrain as plain LoRA."),
-        ("config.dora", ERROR, "DoRA: the delta depends on the base weights; engines reject it and it cannot be "
-         "converted exactly.", "Merge into the base model (PEFT merge_and_unload), or retrain with use_dora=False."),
-        ("config.lora-bias", ERROR, "`lora_bias` is set: vLLM rejects it and SGLang reads the bias as a B factor.",
-         "normalize --drop-unsupported drops the bias (the delta then differs)."),
-        ("config.bias", WARNING, "`bias` is not \"none\": trained base biases that engines reject or ignore.", ""),
-        ("config.modules-to-save", WARNING, "`modules_to_save`: whole module copies, not LoRA.",
-         "Merge them into the base, or normalize with --drop-unsupported."),
-        ("config.fan-in-fan-out", WARNING, "`fan_in_fan_out`: Conv1D base layers; engines do not transpose the delta.",
-         ""),
-        ("config.trainable-tokens", WARNING, "`trainable_token_indices`: embedding-row deltas engines do not apply.", ""),
-        ("config.no-targets", WARNING, "Neither `target_modules` nor `target_parameters`; engines infer targets "
-         "from them.", "Add target_modules."),
-        ("config.regex-targets", INFO, "`target_modules` is a regex; SGLang accepts only 'all'/'all-linear' as a "
-         "string.", ""),
-        ("config.patterns", INFO, "`rank_pattern`/`alpha_pattern`: modules have their own rank or scaling.",
-         "Check --engine for engines that ignore them."),
+        (
+            "config.bad-pattern",
+            ERROR,
+            "A `rank_pattern`/`alpha_pattern` key is not a valid regex.",
+            "Fix the key; PEFT matches it as a regex against module names.",
+        ),
+        (
+            "config.unsupported-variant",
+            ERROR,
+            "A LoRA variant is set whose tensors do not mean a plain LoRA delta.",
+            "Merge the adapter into the base model, or retrain as plain LoRA.",
+        ),
+        (
+            "config.dora",
+            ERROR,
+            "DoRA: the delta depends on the base weights; engines reject it and it cannot be converted exactly.",
+            "Merge into the base model (PEFT merge_and_unload), or retrain with use_dora=False.",
+        ),
+        (
+            "config.lora-bias",
+            ERROR,
+            "`lora_bias` is set: vLLM rejects it and SGLang reads the bias as a B factor.",
+            "normalize --drop-unsupported drops the bias (the delta then differs).",
+        ),
+        ("config.bias", WARNING, '`bias` is not "none": trained base biases that engines reject or ignore.', ""),
+        (
+            "config.modules-to-save",
+            WARNING,
+            "`modules_to_save`: whole module copies, not LoRA.",
+            "Merge them into the base, or normalize with --drop-unsupported.",
+        ),
+        (
+            "config.fan-in-fan-out",
+            WARNING,
+            "`fan_in_fan_out`: Conv1D base layers; engines do not transpose the delta.",
+            "",
+        ),
+        (
+            "config.trainable-tokens",
+            WARNING,
+            "`trainable_token_indices`: embedding-row deltas engines do not apply.",
+            "",
+        ),
+        (
+            "config.no-targets",
+            WARNING,
+            "Neither `target_modules` nor `target_parameters`; engines infer targets from them.",
+            "Add target_modules.",
+        ),
+        (
+            "config.regex-targets",
+            INFO,
+            "`target_modules` is a regex; SGLang accepts only 'all'/'all-linear' as a string.",
+            "",
+        ),
+        (
+            "config.patterns",
+            INFO,
+            "`rank_pattern`/`alpha_pattern`: modules have their own rank or scaling.",
+            "Check --engine for engines that ignore them.",
+        ),
         ("config.rslora", INFO, "`use_rslora`: each module's scaling is lora_alpha / sqrt(r).", ""),
         ("config.added-tokens-unreadable", WARNING, "added_tokens.json is not a JSON object of token -> id.", ""),
     ),
     _area(
         "tokens",
         "a vocabulary-sized embedding / lm_head LoRA wider than the base vocab, `added_tokens.json` ids past it",
-        ("tokens.added", ERROR, "The adapter adds tokens the base vocabulary does not have.",
-         "Serve a base resized to the new vocabulary (merge the adapter), or retrain without added tokens."),
-        ("tokens.added-unchecked", WARNING, "added_tokens.json lists tokens, and without the base vocab size it is "
-         "unknown whether they extend the vocabulary.", "Pass --base."),
+        (
+            "tokens.added",
+            ERROR,
+            "The adapter adds tokens the base vocabulary does not have.",
+            "Serve a base resized to the new vocabulary (merge the adapter), or retrain without added tokens.",
+        ),
+        (
+            "tokens.added-unchecked",
+            WARNING,
+            "added_tokens.json lists tokens, and without the base vocab size it is "
+            "unknown whether they extend the vocabulary.",
+            "Pass --base.",
+        ),
         ("tokens.added-within-vocab", INFO, "added_tokens.json lists tokens, all inside the base vocabulary.", ""),
     ),
     _area(
@@ -109,22 +182,46 @@ AREAS: tuple[Area, ...] = (
         "same key in two shards, no tensors, no `base_model.model.` prefix, vision-tower / projector modules, layers "
         "past `num_hidden_layers` (MTP), unknown modules",
         ("keys.unparseable", ERROR, "A tensor name is not a PEFT LoRA key.", ""),
-        ("keys.adapter-name-segment", WARNING, "Keys keep the adapter-name segment (`lora_A.default.weight`); vLLM "
-         "rejects them.", "lora-convert normalize writes the keys without it."),
-        ("keys.full-weight", ERROR, "A whole module weight or bias (modules_to_save, bias), not a LoRA factor.",
-         "Merge it into the base, or normalize with --drop-unsupported."),
+        (
+            "keys.adapter-name-segment",
+            WARNING,
+            "Keys keep the adapter-name segment (`lora_A.default.weight`); vLLM rejects them.",
+            "lora-convert normalize writes the keys without it.",
+        ),
+        (
+            "keys.full-weight",
+            ERROR,
+            "A whole module weight or bias (modules_to_save, bias), not a LoRA factor.",
+            "Merge it into the base, or normalize with --drop-unsupported.",
+        ),
         ("keys.duplicate", ERROR, "The same key or factor is stored twice.", ""),
         ("keys.empty", ERROR, "The adapter files hold no tensors.", "Save the adapter again."),
         ("keys.no-peft-prefix", WARNING, "Keys lack PEFT's `base_model.model.` prefix.", ""),
-        ("modules.vision", WARNING, "LoRA on a vision tower or multimodal projector; text-only serving drops it.",
-         "normalize --drop-unsupported"),
-        ("modules.unknown", ERROR, "Not a LoRA-able module of the base architecture.",
-         "Check that --base is the adapter's base model."),
-        ("modules.not-on-layer-type", ERROR, "A module on a layer of the wrong type (e.g. self_attn on a "
-         "linear-attention layer).", "Check that --base is the adapter's base model."),
+        (
+            "modules.vision",
+            WARNING,
+            "LoRA on a vision tower or multimodal projector; text-only serving drops it.",
+            "normalize --drop-unsupported",
+        ),
+        (
+            "modules.unknown",
+            ERROR,
+            "Not a LoRA-able module of the base architecture.",
+            "Check that --base is the adapter's base model.",
+        ),
+        (
+            "modules.not-on-layer-type",
+            ERROR,
+            "A module on a layer of the wrong type (e.g. self_attn on a linear-attention layer).",
+            "Check that --base is the adapter's base model.",
+        ),
         ("modules.router", INFO, "LoRA on an MoE router; some engines do not apply it.", ""),
-        ("layers.past-end", ERROR, "Modules on layers past num_hidden_layers (MTP/NextN); engines fail on them.",
-         "normalize --drop-unsupported"),
+        (
+            "layers.past-end",
+            ERROR,
+            "Modules on layers past num_hidden_layers (MTP/NextN); engines fail on them.",
+            "normalize --drop-unsupported",
+        ),
     ),
     _area(
         "pairs and ranks",
@@ -132,8 +229,12 @@ AREAS: tuple[Area, ...] = (
         ("pairs.missing-A", ERROR, "A module has lora_B but no lora_A.", "Save the adapter again, or drop the module."),
         ("pairs.missing-B", ERROR, "A module has lora_A but no lora_B.", "Save the adapter again, or drop the module."),
         ("rank.a-b-mismatch", ERROR, "lora_A and lora_B of a module have different ranks.", ""),
-        ("rank.config-mismatch", ERROR, "The tensors' rank differs from `r` / `rank_pattern`; PEFT would refuse.",
-         "Fix r / rank_pattern in adapter_config.json."),
+        (
+            "rank.config-mismatch",
+            ERROR,
+            "The tensors' rank differs from `r` / `rank_pattern`; PEFT would refuse.",
+            "Fix r / rank_pattern in adapter_config.json.",
+        ),
         ("rank.fused-experts", ERROR, "3-D expert factors whose rows/columns are not E x r.", ""),
         ("shapes.not-2d", ERROR, "A LoRA factor that is not 2-D.", ""),
     ),
@@ -142,28 +243,60 @@ AREAS: tuple[Area, ...] = (
         "every module against the architecture schema of the base (`schemas/*.json`), each mismatch with expected and "
         "actual shape; an error when the shapes could not be checked at all (no base, a base that does not resolve, a "
         "family without a schema)",
-        ("shapes.in-features", ERROR, "lora_A's in-dim is not the module's input width.",
-         "Check that --base is the adapter's base model."),
-        ("shapes.out-features", ERROR, "lora_B's out-dim (or a DoRA magnitude's length) is not the module's output "
-         "width.", "Check that --base is the adapter's base model."),
-        ("shapes.experts", ERROR, "A 3-D expert LoRA holds a different number of experts than the base.",
-         "Check that --base is the adapter's base model."),
-        ("shapes.unchecked", ERROR, "The shapes could not be checked against a base model.",
-         "Pass --base, or add a schema for the family; --allow-unchecked accepts the adapter unchecked."),
-        ("shapes.unchecked-allowed", WARNING, "The shapes could not be checked, accepted with --allow-unchecked "
-         "(still fails under --strict).", "Pass --base, or add a schema for the family."),
+        (
+            "shapes.in-features",
+            ERROR,
+            "lora_A's in-dim is not the module's input width.",
+            "Check that --base is the adapter's base model.",
+        ),
+        (
+            "shapes.out-features",
+            ERROR,
+            "lora_B's out-dim (or a DoRA magnitude's length) is not the module's output width.",
+            "Check that --base is the adapter's base model.",
+        ),
+        (
+            "shapes.experts",
+            ERROR,
+            "A 3-D expert LoRA holds a different number of experts than the base.",
+            "Check that --base is the adapter's base model.",
+        ),
+        (
+            "shapes.unchecked",
+            ERROR,
+            "The shapes could not be checked against a base model.",
+            "Pass --base, or add a schema for the family; --allow-unchecked accepts the adapter unchecked.",
+        ),
+        (
+            "shapes.unchecked-allowed",
+            WARNING,
+            "The shapes could not be checked, accepted with --allow-unchecked (still fails under --strict).",
+            "Pass --base, or add a schema for the family.",
+        ),
     ),
     _area(
         "MoE",
         "experts missing in a layer, projections missing for some experts, expert index past the end, expert LoRA on "
         "a dense layer, 3-D wrapper parameters",
         ("experts.missing", WARNING, "Some layers have LoRA on only some routed experts.", ""),
-        ("experts.missing-projection", WARNING, "Some experts lack projections other experts of the layer have; vLLM "
-         "requires all three.", ""),
-        ("experts.index-past-end", ERROR, "An expert index at or past the base's expert count.",
-         "Check that --base is the adapter's base model."),
-        ("experts.on-dense-layer", ERROR, "Routed-expert LoRA on a layer without routed experts.",
-         "Check that --base is the adapter's base model."),
+        (
+            "experts.missing-projection",
+            WARNING,
+            "Some experts lack projections other experts of the layer have; vLLM requires all three.",
+            "",
+        ),
+        (
+            "experts.index-past-end",
+            ERROR,
+            "An expert index at or past the base's expert count.",
+            "Check that --base is the adapter's base model.",
+        ),
+        (
+            "experts.on-dense-layer",
+            ERROR,
+            "Routed-expert LoRA on a layer without routed experts.",
+            "Check that --base is the adapter's base model.",
+        ),
         ("experts.unknown-parameter", ERROR, "A 3-D LoRA wrapper whose parameter target_parameters does not name.", ""),
         ("experts.parameter-guessed", WARNING, "A 3-D expert LoRA's parameter was inferred from the shapes.", ""),
     ),
@@ -172,12 +305,25 @@ AREAS: tuple[Area, ...] = (
         "NaN and Inf (count and first flat index), a B that is all zero (the module is a no-op), integer/bool factors, "
         "float64, mixed dtypes, a tensor whose RMS is more than 100x above or below the median of its factor kind",
         ("data.nan", ERROR, "NaN values in a tensor.", "Re-export from a checkpoint saved before training diverged."),
-        ("data.inf", ERROR, "Infinite values in a tensor.", "Re-export from a checkpoint saved before training "
-         "diverged."),
-        ("data.zero-b", WARNING, "lora_B tensors that are all zero: those modules are no-ops.",
-         "Check that the adapter was saved after training."),
-        ("data.zero-fill", INFO, "All-zero lora_B tensors that lora-convert normalize wrote on purpose (zero fills "
-         "listed in its lora_convert_report.json or lora_layout.json).", ""),
+        (
+            "data.inf",
+            ERROR,
+            "Infinite values in a tensor.",
+            "Re-export from a checkpoint saved before training diverged.",
+        ),
+        (
+            "data.zero-b",
+            WARNING,
+            "lora_B tensors that are all zero: those modules are no-ops.",
+            "Check that the adapter was saved after training.",
+        ),
+        (
+            "data.zero-fill",
+            INFO,
+            "All-zero lora_B tensors that lora-convert normalize wrote on purpose (zero fills "
+            "listed in its lora_convert_report.json or lora_layout.json).",
+            "",
+        ),
         ("data.integer-dtype", ERROR, "Integer or bool factors.", "Re-export with floating-point factors."),
         ("data.float64", WARNING, "float64 factors: twice the size for no gain.", "normalize --dtype float32"),
         ("data.mixed-dtypes", WARNING, "The adapter mixes float dtypes.", ""),
@@ -198,8 +344,12 @@ AREAS: tuple[Area, ...] = (
         ("smoke.slice", ERROR, "One slice of a group differs from PEFT's reference.", ""),
         ("smoke.passed", INFO, "Every group matched PEFT's reference.", ""),
         ("smoke.skipped", INFO, "The smoke forward did not run by default here (the message says why).", ""),
-        ("smoke.requested-not-run", WARNING, "--smoke asked for the forward pass but it could not run.",
-         "The message says why and what to do."),
+        (
+            "smoke.requested-not-run",
+            WARNING,
+            "--smoke asked for the forward pass but it could not run.",
+            "The message says why and what to do.",
+        ),
     ),
     _area(
         "stacked outputs",
@@ -216,16 +366,24 @@ AREAS: tuple[Area, ...] = (
         "the base could not be resolved (the checks that need it are named), or has no schema (warnings; the "
         "unchecked shapes are `shapes.unchecked`)",
         ("base.unresolved", WARNING, "No base model resolved; the checks that need one are named.", "Pass --base."),
-        ("base.unsupported", WARNING, "The base's family has no architecture schema.",
-         "`lora-convert schemas list` shows the supported families."),
+        (
+            "base.unsupported",
+            WARNING,
+            "The base's family has no architecture schema.",
+            "`lora-convert schemas list` shows the supported families.",
+        ),
     ),
     _area(
         "inspect",
         "`lora-convert inspect` only: config features serving engines refuse or misserve (validate reports them as "
         "`config.dora`, `config.patterns`, `config.unsupported-variant`)",
         ("serving.dora", WARNING, "A DoRA adapter: engines reject it.", "Run validate for the full check."),
-        ("serving.patterns", WARNING, "rank/alpha patterns: engines that ignore them serve wrong scales.",
-         "lora-convert normalize folds them into the tensors."),
+        (
+            "serving.patterns",
+            WARNING,
+            "rank/alpha patterns: engines that ignore them serve wrong scales.",
+            "lora-convert normalize folds them into the tensors.",
+        ),
         ("serving.unsupported-variant", WARNING, "A LoRA variant no serving engine computes.", ""),
     ),
 )
@@ -237,8 +395,11 @@ ENGINE_OUTCOMES: dict[str, tuple[Severity, str]] = {
     "wrong": (ERROR, "loads and serves a different delta (e.g. a wrong scale)"),
     "load-failure": (ERROR, "the engine refuses the adapter or fails at the first request"),
     "dropped": (ERROR, "loads, but trained LoRA is silently not applied"),
-    "ignored": (WARNING, "served with the base weights: parts engines do not adapt (vision towers, MTP layers, "
-                "routers, whole-module copies) or a server setting that turns them off"),
+    "ignored": (
+        WARNING,
+        "served with the base weights: parts engines do not adapt (vision towers, MTP layers, "
+        "routers, whole-module copies) or a server setting that turns them off",
+    ),
     "needs-flag": (INFO, "loads only with a server flag the message names"),
 }
 
@@ -265,8 +426,10 @@ def engine_finding(engine: str, rule_id: str, outcome: str, message: str, **kw: 
     """The finding `engine.<engine>.<rule_id>` of a fired engine rule; its severity follows from the outcome."""
     entry = ENGINE_OUTCOMES.get(outcome)
     if entry is None:
-        raise InternalError(f"Engine rule {engine}/{rule_id} has outcome {outcome!r}, which lora_convert/codes.py "
-                            f"does not know (one of {', '.join(ENGINE_OUTCOMES)}).")
+        raise InternalError(
+            f"Engine rule {engine}/{rule_id} has outcome {outcome!r}, which lora_convert/codes.py "
+            f"does not know (one of {', '.join(ENGINE_OUTCOMES)})."
+        )
     return Finding(f"{ENGINE_PREFIX}{engine}.{rule_id}", entry[0], message, **kw)
 
 
@@ -284,15 +447,27 @@ def markdown() -> str:
     lines = ["| area | what is checked | codes |", "|---|---|---|"]
     for area in AREAS:
         lines.append(f"| {area.name} | {_cell(area.checks)} | {', '.join(f'`{c.code}`' for c in area.codes)} |")
-    lines.append("| engine | with `--engine`: what that engine would do with each feature of the adapter | "
-                 "`engine.sglang.<rule>`, `engine.vllm.<rule>` |")
-    lines += ["", "Every code has one severity, wherever it is reported:", "",
-              "| code | severity | what it means | what to do |", "|---|---|---|---|"]
+    lines.append(
+        "| engine | with `--engine`: what that engine would do with each feature of the adapter | "
+        "`engine.sglang.<rule>`, `engine.vllm.<rule>` |"
+    )
+    lines += [
+        "",
+        "Every code has one severity, wherever it is reported:",
+        "",
+        "| code | severity | what it means | what to do |",
+        "|---|---|---|---|",
+    ]
     for area in AREAS:
         for c in area.codes:
             lines.append(f"| `{c.code}` | {c.severity.value} | {_cell(c.meaning)} | {_cell(c.action) or '-'} |")
-    lines += ["", "An engine finding `engine.<engine>.<rule>` takes its severity from the rule's outcome:", "",
-              "| outcome | severity | what the engine does |", "|---|---|---|"]
+    lines += [
+        "",
+        "An engine finding `engine.<engine>.<rule>` takes its severity from the rule's outcome:",
+        "",
+        "| outcome | severity | what the engine does |",
+        "|---|---|---|",
+    ]
     for outcome, (sev, meaning) in ENGINE_OUTCOMES.items():
         lines.append(f"| `{outcome}` | {sev.value} | {_cell(meaning)} |")
     return "\n".join(lines) + "\n"

@@ -15,8 +15,10 @@ EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
 EXIT_INTERNAL = 4
 
-BUG_REPORT_HINT = ("This is a bug in lora-convert, not a problem of the adapter. Re-run with LORA_CONVERT_DEBUG=1 "
-                   "for the traceback and report it with the command you ran.")
+BUG_REPORT_HINT = (
+    "This is a bug in lora-convert, not a problem of the adapter. Re-run with LORA_CONVERT_DEBUG=1 "
+    "for the traceback and report it with the command you ran."
+)
 
 
 class LoraConvertError(Exception):

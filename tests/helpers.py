@@ -8,7 +8,6 @@ from pathlib import Path
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 
-
 def fixture_index() -> dict:
     path = FIXTURES / "INDEX.json"
     return json.loads(path.read_text()) if path.exists() else {"cases": {}}
@@ -31,7 +30,9 @@ def case_base_dir(name: str) -> Path:
     return FIXTURES / "bases" / case_meta(name)["base"]
 
 
-def write_adapter(folder: Path, tensors: dict, config: dict | None = None, *, filename: str = "adapter_model.safetensors") -> Path:
+def write_adapter(
+    folder: Path, tensors: dict, config: dict | None = None, *, filename: str = "adapter_model.safetensors"
+) -> Path:
     """Write a small adapter with the safetensors library (for tests that need a hand-made mutation)."""
     from safetensors.torch import save_file
 

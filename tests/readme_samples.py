@@ -28,6 +28,8 @@ def sample_files() -> list[Path]:
     """Every Markdown file of the repository's docs that holds a sample block."""
     candidates = [README, *sorted((ROOT / "docs").glob("*.md"))]
     return [p for p in candidates if "<!-- sample -->" in p.read_text(encoding="utf-8")]
+
+
 BLOCK = re.compile(r"(<!-- sample -->\n```[a-z]*\n)(.*?)(```\n<!-- /sample -->)", re.S)
 COLUMNS = 100
 
@@ -44,8 +46,15 @@ def _run(command: str, cwd: Path) -> str:
     assert argv[0] == "lora-convert", command
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_CONVERT_", "FORCE_COLOR"))}
     env.update(COLUMNS=str(COLUMNS), NO_COLOR="1", TERM="dumb", HF_HUB_OFFLINE="1", TRITON_INTERPRET="1")
-    done = subprocess.run([_console_script(), *argv[1:]], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    done = subprocess.run(
+        [_console_script(), *argv[1:]],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     return done.stdout
 
 

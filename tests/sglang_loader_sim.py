@@ -34,18 +34,38 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 _EXPERT = re.compile(r"experts\.(\d+)\.")
 
 _NORMALIZE = {
-    "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-    "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
     "out_proj": "out_proj",
-    "embed_tokens": "embed_tokens", "vocab_emb": "embed_tokens", "embeddings": "embed_tokens", "word_embeddings": "embed_tokens",
-    "lm_head": "lm_head", "output": "lm_head", "unembed_tokens": "lm_head",
-    "q_a_proj": "fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa": "fused_qkv_a_proj_with_mqa",
-    "wq_b": "indexer.wq_b", "wk": "indexer.wk", "weights_proj": "indexer.weights_proj",
+    "embed_tokens": "embed_tokens",
+    "vocab_emb": "embed_tokens",
+    "embeddings": "embed_tokens",
+    "word_embeddings": "embed_tokens",
+    "lm_head": "lm_head",
+    "output": "lm_head",
+    "unembed_tokens": "lm_head",
+    "q_a_proj": "fused_qkv_a_proj_with_mqa",
+    "kv_a_proj_with_mqa": "fused_qkv_a_proj_with_mqa",
+    "wq_b": "indexer.wq_b",
+    "wk": "indexer.wk",
+    "weights_proj": "indexer.weights_proj",
 }
 _SUPPORTED = {  # a model's supported_lora_modules (auto-detection under "all"/"all-linear")
     "qwen3_5": ["qkv_proj", "o_proj", "out_proj", "in_proj_qkvz", "gate_up_proj", "down_proj", "lm_head"],
-    "nemotron_h": ["qkv_proj", "o_proj", "out_proj", "in_proj", "up_proj", "gate_up_proj", "down_proj",
-                   "fc1_latent_proj", "fc2_latent_proj"],
+    "nemotron_h": [
+        "qkv_proj",
+        "o_proj",
+        "out_proj",
+        "in_proj",
+        "up_proj",
+        "gate_up_proj",
+        "down_proj",
+        "fc1_latent_proj",
+        "fc2_latent_proj",
+    ],
     "default": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
 }
 
@@ -76,8 +96,13 @@ class SGLangModel:
         self.family = "qwen3_5" if mt.startswith("qwen3_5") else "nemotron_h" if mt == "nemotron_h" else "default"
         self.model_type = mt
         if self.family == "nemotron_h":
-            self.types = list(cfg.get("layers_block_type") or [
-                {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}[ch] for ch in cfg["hybrid_override_pattern"]])
+            self.types = list(
+                cfg.get("layers_block_type")
+                or [
+                    {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}[ch]
+                    for ch in cfg["hybrid_override_pattern"]
+                ]
+            )
             self.types = [{"linear_attention": "mamba", "full_attention": "attention"}.get(t, t) for t in self.types]
             self.num_layers = len(self.types)
         else:
@@ -103,11 +128,20 @@ class SGLangModel:
     def stacked_multiply(self, name: str) -> int:
         if self.family == "nemotron_h" and name == "gate_up_proj_moe":
             return 1
-        return {"qkv_proj": 3, "in_proj_qkvz": 4, "gate_up_proj": 2, "gate_up_proj_moe": 2, "gate_up_proj_shared_moe": 2,
-                "in_proj": 2, "fused_qkv_a_proj_with_mqa": 2}.get(name, 1)
+        return {
+            "qkv_proj": 3,
+            "in_proj_qkvz": 4,
+            "gate_up_proj": 2,
+            "gate_up_proj_moe": 2,
+            "gate_up_proj_shared_moe": 2,
+            "in_proj": 2,
+            "fused_qkv_a_proj_with_mqa": 2,
+        }.get(name, 1)
 
     def has_dense_mlp_buffer(self) -> bool:
-        return not self.num_experts or bool(self.get("shared_expert_intermediate_size", 0) or self.get("n_shared_experts", 0))
+        return not self.num_experts or bool(
+            self.get("shared_expert_intermediate_size", 0) or self.get("n_shared_experts", 0)
+        )
 
     def get_hidden_dim(self, name: str, layer: int) -> tuple[int, int]:
         g = self.get
@@ -118,13 +152,22 @@ class SGLangModel:
         if self.family == "qwen3_5":
             kd = g("linear_key_head_dim") * g("linear_num_key_heads")
             vd = g("linear_value_head_dim") * g("linear_num_value_heads")
-            width = g("shared_expert_intermediate_size") if self.model_type in ("qwen3_5_moe_text", "qwen4_exp_text") else g("intermediate_size")
+            width = (
+                g("shared_expert_intermediate_size")
+                if self.model_type in ("qwen3_5_moe_text", "qwen4_exp_text")
+                else g("intermediate_size")
+            )
             table = {
                 "qkv_proj": (h, d * (H * (2 if g("attn_output_gate", True) else 1) + 2 * KV)),
-                "o_proj": (H * d, h), "out_proj": (vd, h), "in_proj_qkvz": (h, 2 * kd + 2 * vd),
-                "gate_up_proj": (h, 2 * width) if width else None, "down_proj": (width, h) if width else None,
-                "gate_up_proj_moe": (h, 2 * g("moe_intermediate_size", 0)), "down_proj_moe": (g("moe_intermediate_size", 0), h),
-                "embed_tokens": (V, h), "lm_head": (h, V),
+                "o_proj": (H * d, h),
+                "out_proj": (vd, h),
+                "in_proj_qkvz": (h, 2 * kd + 2 * vd),
+                "gate_up_proj": (h, 2 * width) if width else None,
+                "down_proj": (width, h) if width else None,
+                "gate_up_proj_moe": (h, 2 * g("moe_intermediate_size", 0)),
+                "down_proj_moe": (g("moe_intermediate_size", 0), h),
+                "embed_tokens": (V, h),
+                "lm_head": (h, V),
             }
         elif self.family == "nemotron_h":
             im = g("mamba_num_heads") * g("mamba_head_dim")
@@ -132,26 +175,47 @@ class SGLangModel:
             hm = g("moe_latent_size") or h
             kind = self.types[layer]
             table = {
-                "qkv_proj": (h, d * (H + 2 * KV)), "o_proj": (d * H, h), "out_proj": (im, h), "in_proj": (h, 2 * im),
+                "qkv_proj": (h, d * (H + 2 * KV)),
+                "o_proj": (d * H, h),
+                "out_proj": (im, h),
+                "in_proj": (h, 2 * im),
                 "x_proj": (h, im),
-                "gate_up_proj": (h, 2 * im) if kind == "mamba" else (h, 2 * S) if kind == "moe" else (h, 2 * g("intermediate_size")),
+                "gate_up_proj": (h, 2 * im)
+                if kind == "mamba"
+                else (h, 2 * S)
+                if kind == "moe"
+                else (h, 2 * g("intermediate_size")),
                 "up_proj": (h, S) if kind == "moe" else (h, g("intermediate_size")),
                 "down_proj": (S, h) if kind == "moe" else (g("intermediate_size"), h),
-                "gate_up_proj_moe": (hm, g("moe_intermediate_size")), "down_proj_moe": (g("moe_intermediate_size"), hm),
-                "fc1_latent_proj": (h, hm), "fc2_latent_proj": (hm, h), "embed_tokens": (V, h), "lm_head": (h, V),
+                "gate_up_proj_moe": (hm, g("moe_intermediate_size")),
+                "down_proj_moe": (g("moe_intermediate_size"), hm),
+                "fc1_latent_proj": (h, hm),
+                "fc2_latent_proj": (hm, h),
+                "embed_tokens": (V, h),
+                "lm_head": (h, V),
             }
         else:
             inter = g("intermediate_size")
-            if g("first_k_dense_replace") is not None and layer >= g("first_k_dense_replace") and layer % g("moe_layer_freq", 1) == 0:
+            if (
+                g("first_k_dense_replace") is not None
+                and layer >= g("first_k_dense_replace")
+                and layer % g("moe_layer_freq", 1) == 0
+            ):
                 inter = g("moe_intermediate_size") * g("n_shared_experts", 0)
             moe_i = g("moe_intermediate_size") or g("intermediate_size")
             nope, rope = g("qk_nope_head_dim", 0), g("qk_rope_head_dim", 0)
             table = {
-                "qkv_proj": (h, d * (H + 2 * KV)), "o_proj": ((g("v_head_dim") or d) * H, h),
-                "gate_up_proj": (h, 2 * inter), "down_proj": (inter, h),
+                "qkv_proj": (h, d * (H + 2 * KV)),
+                "o_proj": ((g("v_head_dim") or d) * H, h),
+                "gate_up_proj": (h, 2 * inter),
+                "down_proj": (inter, h),
                 "fused_qkv_a_proj_with_mqa": (h, g("q_lora_rank", 0) + g("kv_lora_rank", 0) + rope),
-                "q_b_proj": (g("q_lora_rank"), H * (nope + rope)), "kv_b_proj": (g("kv_lora_rank"), H * (nope + g("v_head_dim", 0))),
-                "gate_up_proj_moe": (h, 2 * moe_i), "down_proj_moe": (moe_i, h), "embed_tokens": (V, h), "lm_head": (h, V),
+                "q_b_proj": (g("q_lora_rank"), H * (nope + rope)),
+                "kv_b_proj": (g("kv_lora_rank"), H * (nope + g("v_head_dim", 0))),
+                "gate_up_proj_moe": (h, 2 * moe_i),
+                "down_proj_moe": (moe_i, h),
+                "embed_tokens": (V, h),
+                "lm_head": (h, V),
             }
         dims = table.get(name)
         if dims is None:
@@ -239,7 +303,9 @@ def normalize_fused_qkv_a_proj(w: dict) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 @dataclass
 class SimModule:
-    key: str  # normalized module path, `base_model.model.` and the factor removed; experts: `experts.{e}.` -> `experts.`
+    key: (
+        str  # normalized module path, `base_model.model.` and the factor removed; experts: `experts.{e}.` -> `experts.`
+    )
     target: str  # the pool buffer: qkv_proj, gate_up_proj_moe, ...
     layer: int | None
     A: torch.Tensor | None = None  # dense: [c*r, in]
@@ -259,7 +325,7 @@ class SimResult:
 
 def _strip(name: str) -> tuple[str, str]:
     """(module path, factor) of a key, `base_model.model.` removed."""
-    path = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+    path = name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
     for factor in (".lora_embedding_A", ".lora_embedding_B", ".lora_A.weight", ".lora_B.weight"):
         if path.endswith(factor):
             return path[: -len(factor)], factor
@@ -338,7 +404,9 @@ def simulate(tensors: dict[str, torch.Tensor], adapter_config: dict, base_config
             c = model.stacked_multiply(buffer)
             want = (c * r, fan_in) if "lora_A" in factor or "embedding_A" in factor else (fan_out, r)
             if tuple(tensor.shape) != want:
-                raise AssertionError(f"LoRA buffer shape {list(want)} does not match weight shape {list(tensor.shape)}.")
+                raise AssertionError(
+                    f"LoRA buffer shape {list(want)} does not match weight shape {list(tensor.shape)}."
+                )
             mod = modules.setdefault(key, SimModule(key=key, target=buffer, layer=layer))
             is_a = "_A" in factor
             value = tensor if is_a else tensor * scaling
@@ -356,4 +424,6 @@ def simulate(tensors: dict[str, torch.Tensor], adapter_config: dict, base_config
             mod.A = tensor
         else:
             mod.B = tensor * scaling
-    return SimResult(modules=modules, scaling=scaling, targets=targets, dropped_keys=dropped, skipped_expert_keys=skipped)
+    return SimResult(
+        modules=modules, scaling=scaling, targets=targets, dropped_keys=dropped, skipped_expert_keys=skipped
+    )

@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
+from lora_convert.errors import AdapterFormatError, AdapterNotFoundError, EnvironmentProblem, UsageError
 from lora_convert.io import tensor_files
 from lora_convert.peft.adapter import ExpertLayout, ModuleKind, load_adapter
-from lora_convert.errors import AdapterFormatError, AdapterNotFoundError, EnvironmentProblem, UsageError
 
 P = "base_model.model.model.layers"
 
@@ -21,8 +21,12 @@ def test_dense_modules_ranks_and_scaling(adapter_writer):
     a0, b0 = lin(32, 16, 4)
     a1, b1 = lin(32, 16, 2, seed=1)
     folder = adapter_writer(
-        {f"{P}.0.self_attn.q_proj.lora_A.weight": a0, f"{P}.0.self_attn.q_proj.lora_B.weight": b0,
-         f"{P}.1.self_attn.q_proj.lora_A.weight": a1, f"{P}.1.self_attn.q_proj.lora_B.weight": b1},
+        {
+            f"{P}.0.self_attn.q_proj.lora_A.weight": a0,
+            f"{P}.0.self_attn.q_proj.lora_B.weight": b0,
+            f"{P}.1.self_attn.q_proj.lora_A.weight": a1,
+            f"{P}.1.self_attn.q_proj.lora_B.weight": b1,
+        },
         {"r": 4, "lora_alpha": 8, "rank_pattern": {"model.layers.1.self_attn.q_proj": 2}},
     )
     adapter = load_adapter(str(folder))
@@ -51,7 +55,10 @@ def test_listing_reads_no_tensor_data(adapter_writer, monkeypatch):
 
 def test_leftover_adapter_name_segment_is_read(adapter_writer):
     a, b = lin(8, 8, 2)
-    folder = adapter_writer({f"{P}.0.self_attn.v_proj.lora_A.default.weight": a, f"{P}.0.self_attn.v_proj.lora_B.default.weight": b}, {"r": 2})
+    folder = adapter_writer(
+        {f"{P}.0.self_attn.v_proj.lora_A.default.weight": a, f"{P}.0.self_attn.v_proj.lora_B.default.weight": b},
+        {"r": 2},
+    )
     adapter = load_adapter(str(folder))
     (mod,) = adapter.modules
     assert mod.module == "model.layers.0.self_attn.v_proj" and mod.rank == 2 and mod.adapter_name == "default"
@@ -62,9 +69,18 @@ def test_leftover_adapter_name_segment_is_read(adapter_writer):
 def test_fused_experts_decided_by_target_parameters(adapter_writer):
     E, r, H, I = 4, 2, 12, 6
     folder = adapter_writer(
-        {f"{P}.1.mlp.experts.base_layer.lora_A.weight": torch.randn(E * r, H), f"{P}.1.mlp.experts.base_layer.lora_B.weight": torch.randn(2 * I, r * E),
-         f"{P}.1.mlp.experts.lora_A.weight": torch.randn(E * r, I), f"{P}.1.mlp.experts.lora_B.weight": torch.randn(H, r * E)},
-        {"r": r, "lora_alpha": 4, "target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
+        {
+            f"{P}.1.mlp.experts.base_layer.lora_A.weight": torch.randn(E * r, H),
+            f"{P}.1.mlp.experts.base_layer.lora_B.weight": torch.randn(2 * I, r * E),
+            f"{P}.1.mlp.experts.lora_A.weight": torch.randn(E * r, I),
+            f"{P}.1.mlp.experts.lora_B.weight": torch.randn(H, r * E),
+        },
+        {
+            "r": r,
+            "lora_alpha": 4,
+            "target_modules": [],
+            "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        },
     )
     adapter = load_adapter(str(folder))
     by_param = {m.param: m for m in adapter.modules}
@@ -79,11 +95,16 @@ def test_single_targeted_parameter_has_no_base_layer(adapter_writer, param, in_d
     # Only one parameter targeted: the key is `experts.lora_A` either way; the config says which it is.
     E, r = 4, 2
     folder = adapter_writer(
-        {f"{P}.1.mlp.experts.lora_A.weight": torch.randn(E * r, in_dim), f"{P}.1.mlp.experts.lora_B.weight": torch.randn(out_dim, r * E)},
+        {
+            f"{P}.1.mlp.experts.lora_A.weight": torch.randn(E * r, in_dim),
+            f"{P}.1.mlp.experts.lora_B.weight": torch.randn(out_dim, r * E),
+        },
         {"r": r, "lora_alpha": 4, "target_modules": [], "target_parameters": [f"experts.{param}"]},
     )
     (mod,) = load_adapter(str(folder)).modules
-    assert mod.param == param and mod.param_source == "target_parameters" and mod.target_name.endswith(f"experts.{param}")
+    assert (
+        mod.param == param and mod.param_source == "target_parameters" and mod.target_name.endswith(f"experts.{param}")
+    )
 
 
 def test_sharded_adapter_with_index(tmp_path):
@@ -95,9 +116,16 @@ def test_sharded_adapter_with_index(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
     save_file({f"{P}.0.mlp.up_proj.lora_A.weight": a}, str(folder / "adapter_model-00001-of-00002.safetensors"))
     save_file({f"{P}.0.mlp.up_proj.lora_B.weight": b}, str(folder / "adapter_model-00002-of-00002.safetensors"))
-    (folder / "adapter_model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        f"{P}.0.mlp.up_proj.lora_A.weight": "adapter_model-00001-of-00002.safetensors",
-        f"{P}.0.mlp.up_proj.lora_B.weight": "adapter_model-00002-of-00002.safetensors"}}))
+    (folder / "adapter_model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    f"{P}.0.mlp.up_proj.lora_A.weight": "adapter_model-00001-of-00002.safetensors",
+                    f"{P}.0.mlp.up_proj.lora_B.weight": "adapter_model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     adapter = load_adapter(str(folder))
     assert adapter.file_format == "safetensors-sharded" and adapter.modules[0].is_complete
     assert torch.equal(adapter.read(f"{P}.0.mlp.up_proj.lora_B.weight"), b)
@@ -108,7 +136,9 @@ def test_bin_adapter_weights_only(tmp_path):
     folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    torch.save({f"{P}.0.mlp.up_proj.lora_A.weight": a, f"{P}.0.mlp.up_proj.lora_B.weight": b}, folder / "adapter_model.bin")
+    torch.save(
+        {f"{P}.0.mlp.up_proj.lora_A.weight": a, f"{P}.0.mlp.up_proj.lora_B.weight": b}, folder / "adapter_model.bin"
+    )
     adapter = load_adapter(str(folder))
     assert adapter.file_format == "bin"
     assert torch.equal(adapter.read(f"{P}.0.mlp.up_proj.lora_A.weight"), a)
@@ -130,7 +160,9 @@ def test_bin_needing_full_unpickling_is_refused(tmp_path):
 
 def test_symlink_out_of_the_folder_is_refused(tmp_path, adapter_writer):
     a, b = lin(8, 8, 2)
-    outside = adapter_writer({f"{P}.0.mlp.up_proj.lora_A.weight": a, f"{P}.0.mlp.up_proj.lora_B.weight": b}, name="outside")
+    outside = adapter_writer(
+        {f"{P}.0.mlp.up_proj.lora_A.weight": a, f"{P}.0.mlp.up_proj.lora_B.weight": b}, name="outside"
+    )
     folder = tmp_path / "linked"
     folder.mkdir()
     shutil.copy(outside / "adapter_config.json", folder / "adapter_config.json")
@@ -158,8 +190,14 @@ def test_hub_id_offline_from_cache(tmp_path, adapter_writer):
     a, b = lin(8, 8, 2)
     src = adapter_writer({f"{P}.0.mlp.up_proj.lora_A.weight": a, f"{P}.0.mlp.up_proj.lora_B.weight": b})
     cache = tmp_path / "hub-cache"
-    _hub_cache(cache, "acme/tiny-lora", {"adapter_config.json": src / "adapter_config.json",
-                                          "adapter_model.safetensors": src / "adapter_model.safetensors"})
+    _hub_cache(
+        cache,
+        "acme/tiny-lora",
+        {
+            "adapter_config.json": src / "adapter_config.json",
+            "adapter_model.safetensors": src / "adapter_model.safetensors",
+        },
+    )
     adapter = load_adapter("acme/tiny-lora", cache_dir=cache)
     assert adapter.source.origin == "hub" and adapter.source.repo_id == "acme/tiny-lora"
     assert torch.equal(adapter.read(f"{P}.0.mlp.up_proj.lora_B.weight"), b)
@@ -170,7 +208,15 @@ def test_hub_id_not_cached_offline(tmp_path):
         load_adapter("acme/not-here", cache_dir=tmp_path / "empty-cache")
 
 
-@pytest.mark.parametrize("spec, error", [("acme/bad--name", UsageError), ("./no/such/folder", AdapterNotFoundError), ("a/b/c", AdapterNotFoundError), ("-x/y", UsageError)])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ("acme/bad--name", UsageError),
+        ("./no/such/folder", AdapterNotFoundError),
+        ("a/b/c", AdapterNotFoundError),
+        ("-x/y", UsageError),
+    ],
+)
 def test_bad_sources(spec, error):
     with pytest.raises(error):
         load_adapter(spec)
@@ -182,7 +228,9 @@ def test_invalid_rank_is_not_compared_with_the_tensors(adapter_writer, config):
     """The tensors have rank 2; with `r` invalid the parser keeps a placeholder, and that placeholder must not
     turn into a claim such as "adapter_config.json says r = 8"."""
     a, b = lin(8, 8, 2)
-    folder = adapter_writer({f"{P}.0.self_attn.q_proj.lora_A.weight": a, f"{P}.0.self_attn.q_proj.lora_B.weight": b}, config)
+    folder = adapter_writer(
+        {f"{P}.0.self_attn.q_proj.lora_A.weight": a, f"{P}.0.self_attn.q_proj.lora_B.weight": b}, config
+    )
     adapter = load_adapter(str(folder), strict_config=False)
     codes = [f.code for f in adapter.findings if f.severity.value == "error"]
     assert len(codes) == 1 and codes[0].startswith("config.")
@@ -194,8 +242,9 @@ def test_invalid_rank_is_not_compared_with_the_tensors(adapter_writer, config):
 
 def test_invalid_alpha_leaves_the_rank_known(adapter_writer):
     a, b = lin(8, 8, 4)
-    folder = adapter_writer({f"{P}.0.self_attn.q_proj.lora_A.weight": a, f"{P}.0.self_attn.q_proj.lora_B.weight": b},
-                            {"lora_alpha": "8"})
+    folder = adapter_writer(
+        {f"{P}.0.self_attn.q_proj.lora_A.weight": a, f"{P}.0.self_attn.q_proj.lora_B.weight": b}, {"lora_alpha": "8"}
+    )
     (mod,) = load_adapter(str(folder), strict_config=False).modules
     doc = mod.to_json()
     assert doc["config_rank"] == 4 and doc["rank"] == 4 and doc["scaling"] is None
@@ -204,8 +253,10 @@ def test_invalid_alpha_leaves_the_rank_known(adapter_writer):
 def test_fused_experts_with_invalid_rank_get_no_invented_expert_count(adapter_writer):
     # PEFT 3-D expert LoRA: A [E*r, in], B [out, r*E]; without a valid r, E and r cannot be told apart.
     experts, r = 4, 2
-    keys = {f"{P}.0.mlp.experts.lora_A.weight": torch.randn(experts * r, 16),
-            f"{P}.0.mlp.experts.lora_B.weight": torch.randn(32, r * experts)}
+    keys = {
+        f"{P}.0.mlp.experts.lora_A.weight": torch.randn(experts * r, 16),
+        f"{P}.0.mlp.experts.lora_B.weight": torch.randn(32, r * experts),
+    }
     folder = adapter_writer(keys, {"r": "2", "target_modules": None, "target_parameters": ["mlp.experts.down_proj"]})
     adapter = load_adapter(str(folder), strict_config=False)
     (mod,) = adapter.modules

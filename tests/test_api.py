@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lora_convert
-from lora_convert.errors import AdapterNotFoundError, EnvironmentProblem, LoraConvertError, UsageError
+from lora_convert.errors import AdapterNotFoundError, EnvironmentProblem, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
@@ -33,8 +33,8 @@ def test_public_names_are_functions_not_submodules():
     assert callable(inspect_adapter) and callable(validate_adapter) and callable(normalize_adapter)
     # importing the submodules of the same stem must not shadow the API functions
     import lora_convert.check.inspect  # noqa: F401
-    import lora_convert.convert.normalize  # noqa: F401
     import lora_convert.check.validate  # noqa: F401
+    import lora_convert.convert.normalize  # noqa: F401
 
     assert lora_convert.normalize_adapter is normalize_adapter
     assert lora_convert.ValidationReport is lora_convert.check.validate.ValidationReport
@@ -61,7 +61,10 @@ def test_import_is_cheap_in_a_fresh_interpreter():
 
 def test_first_use_of_the_api_still_does_not_import_torch():
     # resolving the name loads lora_convert.api, which itself must stay light
-    code = "import sys, lora_convert\nlora_convert.normalize_adapter\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')))\n"
+    code = (
+        "import sys, lora_convert\nlora_convert.normalize_adapter\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -198,8 +201,22 @@ def test_normalize_adapter_never_writes_into_its_input(tmp_path):
         lambda out: lora_convert.inspect_adapter(None),
         lambda out: lora_convert.inspect_adapter(b"examples"),
     ],
-    ids=["layout", "dtype", "rank-0", "rank-bool", "rank-str", "no-output", "output-int", "progress-callable", "engine", "device", "tp",
-         "base-float", "adapter-none", "adapter-bytes"],
+    ids=[
+        "layout",
+        "dtype",
+        "rank-0",
+        "rank-bool",
+        "rank-str",
+        "no-output",
+        "output-int",
+        "progress-callable",
+        "engine",
+        "device",
+        "tp",
+        "base-float",
+        "adapter-none",
+        "adapter-bytes",
+    ],
 )
 def test_bad_arguments_raise_usage_error_and_write_nothing(call, tmp_path):
     out = tmp_path / "out"
@@ -213,7 +230,7 @@ def test_bad_arguments_raise_usage_error_and_write_nothing(call, tmp_path):
 def test_missing_adapter_folder(function, tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(AdapterNotFoundError):
-        getattr(lora_convert, function)(str(missing), *( [tmp_path / "o"] if function == "normalize_adapter" else []))
+        getattr(lora_convert, function)(str(missing), *([tmp_path / "o"] if function == "normalize_adapter" else []))
 
 
 def test_a_path_object_is_never_taken_for_a_hub_id(tmp_path, monkeypatch):
@@ -267,11 +284,14 @@ def test_docs_example_runs(index, tmp_path):
     assert run.returncode == 0, f"example {index} failed:\n{code}\n--- stderr:\n{run.stderr}"
 
 
-@pytest.mark.parametrize("function, argv", [
-    ("inspect_adapter", ["inspect", str(ADAPTER)]),
-    ("validate_adapter", ["validate", str(ADAPTER), "--base", str(BASE), "--no-smoke"]),
-    ("normalize_adapter", ["normalize", str(ADAPTER), "--base", str(BASE), "--dry-run"]),
-])
+@pytest.mark.parametrize(
+    "function, argv",
+    [
+        ("inspect_adapter", ["inspect", str(ADAPTER)]),
+        ("validate_adapter", ["validate", str(ADAPTER), "--base", str(BASE), "--no-smoke"]),
+        ("normalize_adapter", ["normalize", str(ADAPTER), "--base", str(BASE), "--dry-run"]),
+    ],
+)
 def test_cli_commands_call_the_api(function, argv, monkeypatch):
     """The CLI is a thin shell over the public API: each command makes exactly one call to its API function."""
     from typer.testing import CliRunner

@@ -17,18 +17,53 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_convert"
 
-FAMILY_NAMES = ("deepseek", "kimi", "qwen", "nemotron", "mixtral", "llama", "mistral", "mamba", "mla", "gdn",
-                "deltanet")
+FAMILY_NAMES = (
+    "deepseek",
+    "kimi",
+    "qwen",
+    "nemotron",
+    "mixtral",
+    "llama",
+    "mistral",
+    "mamba",
+    "mla",
+    "gdn",
+    "deltanet",
+)
 # Config fields and module names that exist in one family only.
 FAMILY_IDENTIFIERS = (
-    "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "first_k_dense_replace",
-    "n_shared_experts", "n_routed_experts", "q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "first_k_dense_replace",
+    "n_shared_experts",
+    "n_routed_experts",
+    "q_a_proj",
+    "kv_a_proj_with_mqa",
+    "q_b_proj",
+    "kv_b_proj",
     "fused_qkv_a_proj_with_mqa",
-    "ssm_state_size", "n_groups", "hybrid_override_pattern", "layers_block_type", "moe_latent_size",
-    "fc1_latent_proj", "fc2_latent_proj", "mixer",
-    "linear_num_value_heads", "linear_num_key_heads", "linear_attn", "in_proj_qkvz", "in_proj_qkv", "in_proj_ba",
+    "ssm_state_size",
+    "n_groups",
+    "hybrid_override_pattern",
+    "layers_block_type",
+    "moe_latent_size",
+    "fc1_latent_proj",
+    "fc2_latent_proj",
+    "mixer",
+    "linear_num_value_heads",
+    "linear_num_key_heads",
+    "linear_attn",
+    "in_proj_qkvz",
+    "in_proj_qkv",
+    "in_proj_ba",
     "shared_expert_gate",
-    "block_sparse_moe", "num_local_experts", "w1", "w2", "w3",
+    "block_sparse_moe",
+    "num_local_experts",
+    "w1",
+    "w2",
+    "w3",
 )
 TERMS = FAMILY_NAMES + FAMILY_IDENTIFIERS
 
@@ -42,10 +77,27 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     # Owned by other engineers of issue 13; the change that removes these is in the R3 report.
     "codes.py": (frozenset({"gdn", "mamba"}), "the sharding area's description text"),
     "arch/shape_check.py": (frozenset({"first_k_dense_replace"}), "a fix hint naming config fields"),
-    "check/sharding.py": (frozenset({
-        "fc1_latent_proj", "fc2_latent_proj", "kv_a_proj_with_mqa", "kv_b_proj", "linear_attn",
-        "linear_num_key_heads", "linear_num_value_heads", "mamba", "mixer", "n_groups", "q_a_proj", "q_b_proj",
-        "shared_expert_gate", "w2"}), "tensor-parallel split table by leaf name"),
+    "check/sharding.py": (
+        frozenset(
+            {
+                "fc1_latent_proj",
+                "fc2_latent_proj",
+                "kv_a_proj_with_mqa",
+                "kv_b_proj",
+                "linear_attn",
+                "linear_num_key_heads",
+                "linear_num_value_heads",
+                "mamba",
+                "mixer",
+                "n_groups",
+                "q_a_proj",
+                "q_b_proj",
+                "shared_expert_gate",
+                "w2",
+            }
+        ),
+        "tensor-parallel split table by leaf name",
+    ),
 }
 
 
@@ -69,7 +121,11 @@ def _docstring_nodes(tree: ast.AST) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 ids.add(id(first.value))
     return ids
 
@@ -136,7 +192,8 @@ def test_no_family_knowledge_in_python_outside_the_allow_list():
     found = _package_hits()
     unexplained = {k: v for k, v in found.items() if not _allowed(k)}
     assert not unexplained, "family names in code (put them in schemas/*.json or engines/*.json):\n" + "\n".join(
-        line for lines in unexplained.values() for line in lines[:3])
+        line for lines in unexplained.values() for line in lines[:3]
+    )
 
 
 def test_the_allow_list_has_no_stale_entries():
@@ -145,13 +202,16 @@ def test_the_allow_list_has_no_stale_entries():
     assert not stale, f"allow-list entries that no longer match anything: {stale}"
 
 
-@pytest.mark.parametrize("case, module, kind", [
-    ("v4_deepseek_v3", "self_attn.kv_a_proj_with_mqa", "mla"),
-    ("v5_nemotron_h", "mixer.in_proj", "mamba"),
-    ("v5_nemotron_h", "mixer.q_proj", "attention"),
-    ("v4_mixtral", "block_sparse_moe.gate", "router"),
-    ("v5_qwen3_5", "linear_attn.in_proj_qkv", "linear_attention"),
-])
+@pytest.mark.parametrize(
+    "case, module, kind",
+    [
+        ("v4_deepseek_v3", "self_attn.kv_a_proj_with_mqa", "mla"),
+        ("v5_nemotron_h", "mixer.in_proj", "mamba"),
+        ("v5_nemotron_h", "mixer.q_proj", "attention"),
+        ("v4_mixtral", "block_sparse_moe.gate", "router"),
+        ("v5_qwen3_5", "linear_attn.in_proj_qkv", "linear_attention"),
+    ],
+)
 def test_inspect_takes_module_kinds_from_the_schemas(case, module, kind):
     from lora_convert.check.inspect import build_report
     from lora_convert.peft.adapter import load_adapter

@@ -23,9 +23,17 @@ SCRIPT = ROOT / "action" / "validate_changed.py"
 BIN = Path(sys.executable).parent
 
 # A tiny Llama whose shapes match write_adapter's: hidden 16, 4 query heads and 1 KV head of 4 dimensions.
-BASE_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "num_attention_heads": 4,
-               "num_key_value_heads": 1, "head_dim": 4, "num_hidden_layers": 1, "intermediate_size": 32,
-               "vocab_size": 64}
+BASE_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 16,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 4,
+    "num_hidden_layers": 1,
+    "intermediate_size": 32,
+    "vocab_size": 64,
+}
 
 
 def write_base(folder: Path) -> Path:
@@ -41,7 +49,9 @@ def write_adapter(folder: Path, *, nan: bool = False, wrong_shape: bool = False,
     g = torch.Generator().manual_seed(0)
     t = {}
     for m, out in (("q_proj", 16), ("v_proj", 4)):
-        t[f"base_model.model.model.layers.0.self_attn.{m}.lora_A.weight"] = torch.randn(4, 16, generator=g) / math.sqrt(16)
+        t[f"base_model.model.model.layers.0.self_attn.{m}.lora_A.weight"] = torch.randn(4, 16, generator=g) / math.sqrt(
+            16
+        )
         t[f"base_model.model.model.layers.0.self_attn.{m}.lora_B.weight"] = torch.randn(out, 4, generator=g) * 0.01
     if nan:
         t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0, 0] = float("nan")
@@ -63,8 +73,16 @@ def env() -> dict:
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e["HF_HUB_OFFLINE"] = "1"
     # Git as on a clean runner: no user or system configuration, a fixed identity.
-    e.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-              "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"})
+    e.update(
+        {
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+            "GIT_CONFIG_GLOBAL": "/dev/null",
+            "GIT_CONFIG_NOSYSTEM": "1",
+        }
+    )
     for name in ("GITHUB_BASE_REF", "GITHUB_OUTPUT", "GITHUB_EVENT_NAME"):
         e.pop(name, None)
     return e
@@ -92,7 +110,11 @@ def test_hook_command_line_runs(tmp_path):
     good = write_adapter(tmp_path / "good", base=base)
     bad = write_adapter(tmp_path / "bad", nan=True, base=base)
     h = hook()
-    filenames = [str(good / "adapter_config.json"), str(good / "adapter_model.safetensors"), str(bad / "adapter_config.json")]
+    filenames = [
+        str(good / "adapter_config.json"),
+        str(good / "adapter_model.safetensors"),
+        str(bad / "adapter_config.json"),
+    ]
     command = h["entry"].split() + list(h.get("args", []))
     ok = subprocess.run(command + filenames[:2], capture_output=True, text=True, env=env(), timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -127,7 +149,7 @@ def test_action_is_wiring_only():
     for name in a["inputs"]:
         if name != "python-version":
             key = "INPUT_" + name.upper().replace("-", "_")
-            assert validate["env"][key] == "${{ inputs.%s }}" % name
+            assert validate["env"][key] == "${{ inputs." + name + " }}"
     assert validate["env"]["EVENT_BEFORE"] == "${{ github.event.before }}"
     assert a["outputs"]["adapters"]["value"] == "${{ steps.validate.outputs.count }}"
 
@@ -176,8 +198,17 @@ def run_action(repo: Path, tmp_path: Path, **inputs: str) -> Run:
     output.write_text("")
     e = env()
     e["GITHUB_OUTPUT"] = str(output)
-    e.update({"INPUT_ADAPTERS": "", "INPUT_BASE_REF": "", "INPUT_BASE": str(tmp_path / "base"), "INPUT_ENGINE": "none",
-              "INPUT_STRICT": "false", "INPUT_ARGS": "--no-smoke", "EVENT_BEFORE": ""})
+    e.update(
+        {
+            "INPUT_ADAPTERS": "",
+            "INPUT_BASE_REF": "",
+            "INPUT_BASE": str(tmp_path / "base"),
+            "INPUT_ENGINE": "none",
+            "INPUT_STRICT": "false",
+            "INPUT_ARGS": "--no-smoke",
+            "EVENT_BEFORE": "",
+        }
+    )
     e.update(inputs)
     result = subprocess.run([sys.executable, str(SCRIPT)], cwd=repo, capture_output=True, text=True, env=e, timeout=300)
     outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())  # the last value of each wins
@@ -200,7 +231,6 @@ def origin(tmp_path):
     return seed
 
 
-
 def test_pull_request_with_two_broken_adapters_fails_with_two_errors(origin, tmp_path):
     git(origin, "checkout", "-q", "-b", "feature")
     write_adapter(origin / "adapters" / "good")
@@ -218,17 +248,22 @@ def test_pull_request_with_two_broken_adapters_fails_with_two_errors(origin, tmp
     assert run.code == 1, run
     assert run.outputs["count"] == "3" and run.validated() == 3, run
     assert run.error_files() == {"adapters/bad-nan/adapter_config.json", "adapters/bad-shape/adapter_config.json"}, run
-    assert any(line.startswith("::error title=data.nan,file=adapters/bad-nan/adapter_config.json::")
-               for line in run.annotations("error")), run
+    assert any(
+        line.startswith("::error title=data.nan,file=adapters/bad-nan/adapter_config.json::")
+        for line in run.annotations("error")
+    ), run
     assert any("title=shapes." in line for line in run.annotations("error")), run
     assert "Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("inputs", [
-    {"INPUT_BASE_REF": "no-such-branch"},
-    {"GITHUB_BASE_REF": "no-such-branch"},
-    {"EVENT_BEFORE": "1234567890abcdef1234567890abcdef12345678"},
-])
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"INPUT_BASE_REF": "no-such-branch"},
+        {"GITHUB_BASE_REF": "no-such-branch"},
+        {"EVENT_BEFORE": "1234567890abcdef1234567890abcdef12345678"},
+    ],
+)
 def test_a_missing_base_ref_fails(origin, tmp_path, inputs):
     write_adapter(origin / "adapters" / "new", nan=True)
     commit(origin, "second")
@@ -284,7 +319,9 @@ def test_args_split_like_a_shell(origin, tmp_path):
     assert run.code == 0 and run.validated() == 1, run
     # multi-line, as YAML's `args: |` gives it, with a quoted path holding a space; the base comes from args only
     spaced = write_base(tmp_path / "my base")
-    run = run_action(origin, tmp_path, EVENT_BEFORE=before, INPUT_BASE="", INPUT_ARGS=f"--no-smoke\n--base '{spaced}'\n")
+    run = run_action(
+        origin, tmp_path, EVENT_BEFORE=before, INPUT_BASE="", INPUT_ARGS=f"--no-smoke\n--base '{spaced}'\n"
+    )
     assert run.code == 1 and "data.nan" in run.stdout and "against" in run.stdout, run
     # nothing is evaluated by a shell
     marker = tmp_path / "pwned"

@@ -61,10 +61,17 @@ def test_no_severity_is_written_outside_the_registry():
                 problems += [f"{_where(path, node)}: severity=" for kw in node.keywords if kw.arg == "severity"]
             elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                problems += [f"{_where(path, node)}: .severity =" for t in targets
-                             if isinstance(t, ast.Attribute) and t.attr == "severity"]
-            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Severity"
-                  and not isinstance(node.parent, ast.Compare)):  # type: ignore[attr-defined]
+                problems += [
+                    f"{_where(path, node)}: .severity ="
+                    for t in targets
+                    if isinstance(t, ast.Attribute) and t.attr == "severity"
+                ]
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "Severity"
+                and not isinstance(node.parent, ast.Compare)
+            ):  # type: ignore[attr-defined]
                 problems.append(f"{_where(path, node)}: Severity.{node.attr} outside a comparison")
     assert not problems, "severities are written only in lora_convert/codes.py:\n" + "\n".join(problems)
 
@@ -138,7 +145,9 @@ def test_the_docs_command(tmp_path, capsys):
     target.write_text(f"before\n{codes.BEGIN_MARKER}\nstale\n{codes.END_MARKER}\nafter\n", encoding="utf-8")
     assert codes.main(["--write", str(target)]) == 0
     written = target.read_text(encoding="utf-8")
-    assert written.startswith("before\n") and written.endswith(f"{codes.END_MARKER}\nafter\n") and "stale" not in written
+    assert (
+        written.startswith("before\n") and written.endswith(f"{codes.END_MARKER}\nafter\n") and "stale" not in written
+    )
     assert codes.main(["--markdown"]) == 0 and "| `shapes.unchecked` | error |" in capsys.readouterr().out
     with pytest.raises(InternalError):
         codes.render_into("no markers here")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_convert.check import data_scan
-from lora_convert.peft.adapter import load_adapter
 from lora_convert.check.data_scan import dtype_findings, scan_adapter, tensor_stats
+from lora_convert.peft.adapter import load_adapter
 
 
 def _key(layer, module, factor):

@@ -12,8 +12,14 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted(
-    [ROOT / "README.md", ROOT / "DEVELOPERS.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "examples").rglob("README.md"),
-     *(ROOT / "bench").glob("*.md"), ROOT / "tests" / "fixtures" / "README.md"]
+    [
+        ROOT / "README.md",
+        ROOT / "DEVELOPERS.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "examples").rglob("README.md"),
+        *(ROOT / "bench").glob("*.md"),
+        ROOT / "tests" / "fixtures" / "README.md",
+    ]
 )
 # [text](target) outside code spans; images too. Reference-style links are not used in this repository.
 LINK = re.compile(r"(?<!`)\[[^\]\n]*\]\(([^)\s]+)\)")
@@ -64,8 +70,11 @@ def test_every_link_resolves(doc: Path):
 PROSE = sorted([ROOT / "README.md", ROOT / "DEVELOPERS.md", *(ROOT / "docs").glob("*.md")])
 CODE_SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 # The repository's own folders: a span whose first token starts with one of them names a repository path.
-TOP_FOLDERS = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and
-                     p.name not in ("lora_convert.egg-info", "build", "dist")) + [".ci"]
+TOP_FOLDERS = sorted(
+    p.name
+    for p in ROOT.iterdir()
+    if p.is_dir() and not p.name.startswith(".") and p.name not in ("lora_convert.egg-info", "build", "dist")
+) + [".ci"]
 # Files of other projects the docs cite by name (the pinned SGLang and PEFT sources), not files of this repository.
 OTHER_PROJECTS_FILES = {"lora_model.py", "model_manager.py"}
 REPO_FILES = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts and ".venv" not in p.parts]
@@ -104,8 +113,10 @@ def test_the_docs_name_files_to_check():
 
 def test_a_missing_file_in_backticks_is_caught(tmp_path):
     doc = tmp_path / "x.md"
-    doc.write_text("See `lora_convert/nowhere.py`, `cli/gone.py --help`, `gone.py`, `tests/*.py` and `config.json`.\n"
-                   "```sh\nlora-convert validate `docs/in-a-fence.md`\n```\n")
+    doc.write_text(
+        "See `lora_convert/nowhere.py`, `cli/gone.py --help`, `gone.py`, `tests/*.py` and `config.json`.\n"
+        "```sh\nlora-convert validate `docs/in-a-fence.md`\n```\n"
+    )
     assert _named_paths(doc) == ["lora_convert/nowhere.py", "cli/gone.py", "gone.py"]
     assert not any(_resolves(t) for t in _named_paths(doc))
     assert _resolves("lora_convert/errors.py") and _resolves("errors.py")
@@ -118,8 +129,9 @@ def test_every_file_named_in_backticks_exists(doc: Path):
 
 
 # Python that ships or measures: its docstrings and comments point readers at docs/.
-SOURCE = sorted([*(ROOT / "lora_convert").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"),
-                 *(ROOT / "bench").glob("*.py")])
+SOURCE = sorted(
+    [*(ROOT / "lora_convert").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), *(ROOT / "bench").glob("*.py")]
+)
 
 
 def test_every_doc_the_code_names_exists():
@@ -148,12 +160,18 @@ def test_ci_examples_name_this_version():
         text = (ROOT / "lora_convert" / "__init__.py").read_text()
         version = re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
     tag = f"v{version}"
-    places = [ROOT / "examples" / "ci" / "validate-adapters.yml", ROOT / "examples" / "ci" / "pre-commit-config.yaml",
-              ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    places = [
+        ROOT / "examples" / "ci" / "validate-adapters.yml",
+        ROOT / "examples" / "ci" / "pre-commit-config.yaml",
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+    ]
     named = {}
     for path in places:
         text = path.read_text(encoding="utf-8")
-        for found in re.findall(r"lora-convert@(v[\w.]+)", text) + re.findall(r"^\s*rev:\s*(v[\w.]+)", text, flags=re.M):
+        for found in re.findall(r"lora-convert@(v[\w.]+)", text) + re.findall(
+            r"^\s*rev:\s*(v[\w.]+)", text, flags=re.M
+        ):
             named.setdefault(found, []).append(str(path.relative_to(ROOT)))
     assert set(named) == {tag}, f"the CI examples must name {tag}: {named}"
     # Both examples name a version (so the check above is about something).

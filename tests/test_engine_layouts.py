@@ -12,7 +12,7 @@ The PEFT logits proof is in test_engine_layouts_peft.py (marked `peft`).
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,9 @@ SGLANG_NOTHING_LEFT = {"v5_deepseek_v3_noq"}
 def _normalize(case: str, out: Path, layout: str, drop: bool):
     from lora_convert.convert.normalize import normalize
 
-    return normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, drop_unsupported=drop)
+    return normalize(
+        str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, drop_unsupported=drop
+    )
 
 
 _CACHE: dict = {}
@@ -72,7 +74,7 @@ def stacked(case: str, drop: bool, root: Path) -> Path:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_config(case: str) -> dict:
     return json.loads((case_base_dir(case) / "config.json").read_text())
 
@@ -98,7 +100,7 @@ def check_sglang_equals_stacked(case: str, out: Path, stacked_dir: Path) -> int:
     layout = json.loads((stacked_dir / "lora_layout.json").read_text())
     ref = load_file(str(stacked_dir / "adapter_model.safetensors"))
     R = layout["rank"]
-    assert R == report["rank"]
+    assert report["rank"] == R
     family = layout["family"]
     dropped = {d["module"] for d in report["dropped"]}
     partial = {d["module"].split(" ")[0] for d in report["dropped"] if d["module"].endswith("(B/C/dt rows)")}
@@ -129,10 +131,15 @@ def check_sglang_equals_stacked(case: str, out: Path, stacked_dir: Path) -> int:
         if rows_a < A.shape[0]:  # Nemotron-H mamba in_proj: SGLang holds z | x only
             assert g["group"] == "in_proj" and family == "nemotron_h"
             lost = [s for s in g["slices"] if s["out_offset"] >= rows_b]
-            delta = [B[s["out_offset"]:s["out_offset"] + s["out_features"]].double() @ A[i * R:(i + 1) * R].double()
-                     for i, s in enumerate(g["slices"]) if s in lost]
+            delta = [
+                B[s["out_offset"] : s["out_offset"] + s["out_features"]].double() @ A[i * R : (i + 1) * R].double()
+                for i, s in enumerate(g["slices"])
+                if s in lost
+            ]
             if g["key"] not in partial:
-                assert all(torch.count_nonzero(d) == 0 for d in delta), "B/C/dt rows carry a delta but were not reported"
+                assert all(torch.count_nonzero(d) == 0 for d in delta), (
+                    "B/C/dt rows carry a delta but were not reported"
+                )
         compared += 1
     return compared
 
@@ -174,20 +181,29 @@ def test_simulated_loader_fails_on_raw_fixtures_where_sglang_does(case, root):
         assert fragment in str(info.value)
     out, drop, _ = produce(case, "sglang", root)
     if out is not None:  # the sglang layout of the same adapter loads
-        simulate(load_file(str(out / "adapter_model.safetensors")), json.loads((out / "adapter_config.json").read_text()),
-                 base_config(case))
+        simulate(
+            load_file(str(out / "adapter_model.safetensors")),
+            json.loads((out / "adapter_config.json").read_text()),
+            base_config(case),
+        )
 
 
 def test_simulated_loader_silently_loses_what_the_layout_keeps(root):
     """Silent failures of the raw adapters: one-sided experts skipped, rsLoRA served sqrt(r) too weak."""
     case = "v4_deepseek_v3_gate_only"
     adapter = case_dir(case) / "adapter"
-    raw = simulate(load_file(str(adapter / "adapter_model.safetensors")), json.loads((adapter / "adapter_config.json").read_text()),
-                   base_config(case))
+    raw = simulate(
+        load_file(str(adapter / "adapter_model.safetensors")),
+        json.loads((adapter / "adapter_config.json").read_text()),
+        base_config(case),
+    )
     assert raw.skipped_expert_keys  # FusedMoE is not wrapped without down_proj: expert LoRA never applied
     out, _, _ = produce(case, "sglang", root)
-    assert not simulate(load_file(str(out / "adapter_model.safetensors")), json.loads((out / "adapter_config.json").read_text()),
-                        base_config(case)).skipped_expert_keys
+    assert not simulate(
+        load_file(str(out / "adapter_model.safetensors")),
+        json.loads((out / "adapter_config.json").read_text()),
+        base_config(case),
+    ).skipped_expert_keys
     case = "v5_llama_rslora"
     adapter = case_dir(case) / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -209,7 +225,9 @@ def test_sglang_layout_names(root):
     config = json.loads((out / "adapter_config.json").read_text())
     assert not any(".w1." in k or ".w2." in k or ".w3." in k for k in keys)
     assert "base_model.model.model.layers.0.block_sparse_moe.experts.3.up_proj.lora_A.weight" in keys
-    assert config["target_modules"] == sorted(config["target_modules"]) and not {"w1", "w2", "w3", "gate"} & set(config["target_modules"])
+    assert config["target_modules"] == sorted(config["target_modules"]) and not {"w1", "w2", "w3", "gate"} & set(
+        config["target_modules"]
+    )
     out, _, _ = produce("v5_qwen3_5", "sglang", root)
     keys = load_file(str(out / "adapter_model.safetensors")).keys()
     for part in "qkvz":
@@ -222,8 +240,10 @@ def test_sglang_layout_names(root):
     assert any(d["code"] == "sglang.mamba-in-proj-bcdt" and "%" in d["reason"] for d in report["dropped"])
     out, _, _ = produce("v5_deepseek_v3_experts_down_only", "sglang", root)
     report = json.loads((out / REPORT_FILE).read_text())
-    assert [g["group"] for g in report["groups"] if g["added_zero_filled"]] == ["model.layers.1.mlp.experts.gate_up_proj",
-                                                                             "model.layers.2.mlp.experts.gate_up_proj"]
+    assert [g["group"] for g in report["groups"] if g["added_zero_filled"]] == [
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.2.mlp.experts.gate_up_proj",
+    ]
 
 
 def test_nemotron_in_proj_is_refused_with_the_share_lost(tmp_path):
@@ -243,7 +263,7 @@ def test_nemotron_in_proj_with_zero_bcdt_rows_is_split_exactly(tmp_path, root):
     cfg = base_config(case)
     inner = cfg["mamba_num_heads"] * cfg["mamba_head_dim"]
     key = next(k for k in tensors if k.endswith("mixer.in_proj.lora_B.weight"))
-    tensors[key][2 * inner:] = 0
+    tensors[key][2 * inner :] = 0
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -266,12 +286,17 @@ def test_peft_layout_round_trips_to_the_stacked_layout(case, root, tmp_path):
     if out is None:
         assert case in NOTHING_LEFT, refusal
         return
-    from lora_convert.peft.adapter import load_adapter
     from lora_convert.convert.normalize import normalize
+    from lora_convert.peft.adapter import load_adapter
 
     config = json.loads((out / "adapter_config.json").read_text())
     R = config["r"]
-    assert config["lora_alpha"] == R and not config["rank_pattern"] and not config["alpha_pattern"] and not config["use_rslora"]
+    assert (
+        config["lora_alpha"] == R
+        and not config["rank_pattern"]
+        and not config["alpha_pattern"]
+        and not config["use_rslora"]
+    )
     assert not config.get("target_parameters")
     adapter = load_adapter(str(out))
     assert not [f for f in adapter.findings if f.severity.value == "error"]
@@ -285,9 +310,14 @@ def test_peft_layout_round_trips_to_the_stacked_layout(case, root, tmp_path):
     direct = stacked(case, drop, root)
     a, b = load_file(str(again / "adapter_model.safetensors")), load_file(str(direct / "adapter_model.safetensors"))
     report = json.loads((out / REPORT_FILE).read_text())
-    added = {f"base_model.model.{g['group']}.lora_{f}.weight" for g in report["groups"] if g["added_zero_filled"] for f in "AB"}
+    added = {
+        f"base_model.model.{g['group']}.lora_{f}.weight"
+        for g in report["groups"]
+        if g["added_zero_filled"]
+        for f in "AB"
+    }
     dropped = {d["module"] for d in report["dropped"]}
-    kept = {k for k in b if k.rsplit(".lora_", 1)[0][len("base_model.model."):] not in dropped}
+    kept = {k for k in b if k.rsplit(".lora_", 1)[0][len("base_model.model.") :] not in dropped}
     assert set(a) == kept | added, sorted(set(a) ^ (kept | added))[:4]
     for k in kept:
         assert torch.equal(a[k], b[k]), k
@@ -305,13 +335,24 @@ def check_all_expert_projections(adapter) -> None:
         sets = {frozenset(s) for s in experts.values()}
         assert len(sets) == 1, (layer, sets)
         (leaves,) = sets
-        assert leaves in ({"gate_proj", "up_proj", "down_proj"}, {"w1", "w2", "w3"}, {"up_proj", "down_proj"}), (layer, leaves)
+        assert leaves in ({"gate_proj", "up_proj", "down_proj"}, {"w1", "w2", "w3"}, {"up_proj", "down_proj"}), (
+            layer,
+            leaves,
+        )
         assert sorted(experts) == list(range(len(experts)))
 
 
 # ---------------------------------------------------------------------------------------- reader + smoke
 # Our reader does not know SGLang's own split names for these (schemas have no aliases for them); see the docs.
-SMOKE_CASES = ["v4_llama", "v5_deepseek_v3", "v4emu_kimi_k25", "v5_mixtral", "v5_qwen3_5", "v4emu_nemotron_h", "v5_qwen3_5_moe"]
+SMOKE_CASES = [
+    "v4_llama",
+    "v5_deepseek_v3",
+    "v4emu_kimi_k25",
+    "v5_mixtral",
+    "v5_qwen3_5",
+    "v4emu_nemotron_h",
+    "v5_qwen3_5_moe",
+]
 
 
 @pytest.mark.parametrize("layout", ["sglang", "peft"])
@@ -336,7 +377,9 @@ def test_validate_engine_reports_nothing_on_the_matching_layout(case, layout, ro
     out, drop, refusal = produce(case, layout, root)
     if out is None:
         return
-    report = validate_adapter(str(out), base=str(case_base_dir(case)), engine=ENGINE_OF[layout], data_scan=True, smoke=False)
+    report = validate_adapter(
+        str(out), base=str(case_base_dir(case)), engine=ENGINE_OF[layout], data_scan=True, smoke=False
+    )
     engine = [f for f in report.findings if f.code.startswith("engine.") and f.severity.value in ("error", "warning")]
     assert not engine, [(f.code, f.message[:160]) for f in engine]
 
@@ -354,7 +397,9 @@ def _embedding_adapter(tmp_path):
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, H, generator=g),
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4, generator=g),
     }
-    return write_adapter(tmp_path / "emb", tensors, {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]})
+    return write_adapter(
+        tmp_path / "emb", tensors, {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}
+    )
 
 
 def test_embedding_lora_in_both_layouts(tmp_path):
@@ -366,8 +411,11 @@ def test_embedding_lora_in_both_layouts(tmp_path):
         normalize(str(adapter), tmp_path / layout, base=base, layout=layout)
     keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).keys()
     assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys  # PEFT's on-disk embedding names
-    sim = simulate(load_file(str(tmp_path / "sglang" / "adapter_model.safetensors")),
-                   json.loads((tmp_path / "sglang" / "adapter_config.json").read_text()), base_config("v5_llama"))
+    sim = simulate(
+        load_file(str(tmp_path / "sglang" / "adapter_model.safetensors")),
+        json.loads((tmp_path / "sglang" / "adapter_config.json").read_text()),
+        base_config("v5_llama"),
+    )
     assert "model.embed_tokens" in sim.modules and not sim.dropped_keys  # kept: embed_tokens is a target
     assert check_sglang_equals_stacked("v5_llama", tmp_path / "sglang", tmp_path / "stacked") == 2
 
@@ -383,24 +431,59 @@ def test_same_input_same_bytes_and_cli(layout, tmp_path):
     case = "v4_deepseek_v3_gate_only"
     digests = []
     for name in ("one", "two"):
-        result = CliRunner().invoke(app, ["normalize", str(case_dir(case) / "adapter"), "-o", str(tmp_path / name),
-                                          "--base", str(case_base_dir(case)), "--layout", layout, "--format", "json"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "normalize",
+                str(case_dir(case) / "adapter"),
+                "-o",
+                str(tmp_path / name),
+                "--base",
+                str(case_base_dir(case)),
+                "--layout",
+                layout,
+                "--format",
+                "json",
+            ],
+        )
         assert result.exit_code == 0, result.output
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())})
+        digests.append(
+            {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())}
+        )
     assert digests[0] == digests[1]
-    assert set(digests[0]) == {"adapter_model.safetensors", "adapter_config.json", REPORT_FILE, MANIFEST_FILE}  # no lora_layout.json
+    assert set(digests[0]) == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        REPORT_FILE,
+        MANIFEST_FILE,
+    }  # no lora_layout.json
     assert json.loads((tmp_path / "one" / MANIFEST_FILE).read_text()) == {
-        "format": "lora-convert/output", "version": 1, "layout": layout,
-        "files": ["adapter_config.json", "adapter_model.safetensors", REPORT_FILE]}
-    doc = json.loads(result.stdout[result.stdout.index("{"):])
+        "format": "lora-convert/output",
+        "version": 1,
+        "layout": layout,
+        "files": ["adapter_config.json", "adapter_model.safetensors", REPORT_FILE],
+    }
+    doc = json.loads(result.stdout[result.stdout.index("{") :])
     assert doc["layout"] == layout and doc["added_zero_filled_groups"]  # the experts' down side was added
-    refused = CliRunner().invoke(app, ["normalize", str(case_dir("v4_mixtral") / "adapter"), "-o", str(tmp_path / "r"),
-                                       "--base", str(case_base_dir("v4_mixtral")), "--layout", layout])
+    refused = CliRunner().invoke(
+        app,
+        [
+            "normalize",
+            str(case_dir("v4_mixtral") / "adapter"),
+            "-o",
+            str(tmp_path / "r"),
+            "--base",
+            str(case_base_dir("v4_mixtral")),
+            "--layout",
+            layout,
+        ],
+    )
     assert refused.exit_code == 1 and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("case, layout", [("v4_deepseek_v3_gate_only", "sglang"), ("v4_deepseek_v3_gate_only", "peft"),
-                                          ("v5_llama", "peft")])
+@pytest.mark.parametrize(
+    "case, layout", [("v4_deepseek_v3_gate_only", "sglang"), ("v4_deepseek_v3_gate_only", "peft"), ("v5_llama", "peft")]
+)
 def test_progress_total_is_the_bytes_written(case, layout, tmp_path):
     """Engine layouts write per-module cuts (and added expert sides), not the stacked groups: the total and the
     advances must count what is written."""
@@ -420,8 +503,14 @@ def test_progress_total_is_the_bytes_written(case, layout, tmp_path):
     out = tmp_path / "out"
     from lora_convert.convert.normalize import normalize
 
-    result = normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, progress=rec,
-                       drop_unsupported=True)
+    result = normalize(
+        str(case_dir(case) / "adapter"),
+        out,
+        base=str(case_base_dir(case)),
+        layout=layout,
+        progress=rec,
+        drop_unsupported=True,
+    )
     data = out / "adapter_model.safetensors"
     header = int.from_bytes(data.read_bytes()[:8], "little")
     assert rec.total == result.bytes_out == data.stat().st_size - 8 - header

@@ -50,9 +50,9 @@ NOT_PER_MODULE_ON_TRANSFORMERS_5 = {
     "v5_qwen3_5_moe": "qwen3_5_moe experts are 3-D in transformers 5 and PEFT has no per-expert conversion for them",
     "v5_qwen3_5_moe_vl": "qwen3_5_moe experts are 3-D in transformers 5 and PEFT has no per-expert conversion for them",
     "v5_kimi_k25_vision": "kimi_k25's in-memory stack (model.language_model.layers) is not the checkpoint's "
-                          "(language_model.model.layers), which the layout writes for vLLM",
+    "(language_model.model.layers), which the layout writes for vLLM",
     "v5_kimi_k25": "kimi_k25 experts are 3-D in transformers 5 with no PEFT per-expert conversion, and its in-memory "
-                   "stack (model.language_model.layers) is not the checkpoint's (language_model.model.layers)",
+    "stack (model.language_model.layers) is not the checkpoint's (language_model.model.layers)",
 }
 
 
@@ -72,7 +72,7 @@ def _load_base(case: str, out: Path):
     `model.language_model.layers`)."""
     meta = case_meta(case)
     keys = load_file(str(out / "adapter_model.safetensors")).keys()
-    wanted = {k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in keys if ".experts." not in k}
+    wanted = {k[len("base_model.model.") :].rsplit(".lora_", 1)[0] for k in keys if ".experts." not in k}
     tried = []
     for name in dict.fromkeys([meta["auto_class"], "AutoModelForImageTextToText"]):
         try:

@@ -9,11 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from lora_convert.codes import ENGINE_OUTCOMES
 from safetensors.torch import load_file, save_file
 
 from lora_convert.check.validate import validate_adapter
+from lora_convert.codes import ENGINE_OUTCOMES
 from lora_convert.engines.profiles import FEATURES, OUTCOMES, load_rules
 
 DATA = Path(__file__).parent / "fixtures" / "data"
@@ -47,11 +46,30 @@ def test_rule_files_are_complete(engine):
 def test_required_rules_exist():
     sglang = {r["id"] for r in load_rules("sglang")}
     vllm = {r["id"] for r in load_rules("vllm")}
-    assert {"rslora-ignored", "rank-pattern-pool-shape", "alpha-pattern-wrong-scale", "gdn-two-way-in-proj",
-            "mla-missing-kv-a", "qkv-missing-v", "nemotron-in-proj-bcdt-dropped", "shared-experts-fusion",
-            "dora-rejected", "added-tokens-rejected", "layers-past-end", "router-lora"} <= sglang
-    assert {"patterns-dropped", "partial-expert-projections", "kv-b-proj-not-applied", "dora-rejected", "bias-rejected",
-            "modules-to-save-rejected", "prefix-mismatch", "router-lora"} <= vllm
+    assert {
+        "rslora-ignored",
+        "rank-pattern-pool-shape",
+        "alpha-pattern-wrong-scale",
+        "gdn-two-way-in-proj",
+        "mla-missing-kv-a",
+        "qkv-missing-v",
+        "nemotron-in-proj-bcdt-dropped",
+        "shared-experts-fusion",
+        "dora-rejected",
+        "added-tokens-rejected",
+        "layers-past-end",
+        "router-lora",
+    } <= sglang
+    assert {
+        "patterns-dropped",
+        "partial-expert-projections",
+        "kv-b-proj-not-applied",
+        "dora-rejected",
+        "bias-rejected",
+        "modules-to-save-rejected",
+        "prefix-mismatch",
+        "router-lora",
+    } <= vllm
 
 
 def test_unknown_engine_is_a_usage_error(adapter_writer):
@@ -59,8 +77,12 @@ def test_unknown_engine_is_a_usage_error(adapter_writer):
 
     from lora_convert.errors import UsageError
 
-    folder = adapter_writer({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 8),
-                             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 4)})
+    folder = adapter_writer(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 8),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 4),
+        }
+    )
     with pytest.raises(UsageError):
         validate_adapter(str(folder), engine="tgi")
 
@@ -112,7 +134,7 @@ def test_sglang_nemotron_in_proj_share_lost():
     a = next(v for k, v in t.items() if k.endswith("mixer.in_proj.lora_A.weight")).double()
     b = next(v for k, v in t.items() if k.endswith("mixer.in_proj.lora_B.weight")).double()
     delta = b @ a
-    expected = 100 * float(delta[2 * inner:].pow(2).sum() / delta.pow(2).sum())
+    expected = 100 * float(delta[2 * inner :].pow(2).sum() / delta.pow(2).sum())
     assert share == pytest.approx(expected, abs=0.06)
     assert "--layout sglang" in f.fix
     assert "engine.sglang.nemotron-in-proj-unnormalized" in found
@@ -159,7 +181,10 @@ def test_vllm_prefix_mismatch(tmp_path):
     dst = tmp_path / "prefixed"
     shutil.copytree(src, dst)
     t = load_file(str(dst / "adapter_model.safetensors"))
-    t = {k.replace("base_model.model.model.layers.", "base_model.model.language_model.model.layers."): v for k, v in t.items()}
+    t = {
+        k.replace("base_model.model.model.layers.", "base_model.model.language_model.model.layers."): v
+        for k, v in t.items()
+    }
     save_file(t, str(dst / "adapter_model.safetensors"))
     found, _ = engine_findings(dst, "vllm", case="v4_llama")
     f = found.get("engine.vllm.prefix-mismatch")
@@ -175,8 +200,13 @@ def test_shared_expert_fusion_needs_the_default_config(tmp_path):
     cfg = json.loads((Path(base_of("v4_deepseek_v3")) / "config.json").read_text())
     cfg["n_routed_experts"], cfg["n_shared_experts"] = 256, 1
     (base / "config.json").write_text(json.dumps(cfg))
-    report = validate_adapter(str(DATA / "cases" / "v4_deepseek_v3" / "adapter"), base=str(base), engine="sglang", smoke=False,
-                              data_scan=False)
+    report = validate_adapter(
+        str(DATA / "cases" / "v4_deepseek_v3" / "adapter"),
+        base=str(base),
+        engine="sglang",
+        smoke=False,
+        data_scan=False,
+    )
     codes = {f.code: f for f in report.findings}
     assert "--disable-shared-experts-fusion" in codes["engine.sglang.shared-experts-fusion"].fix
 
@@ -187,8 +217,21 @@ def test_engine_json_output_and_no_engine_no_findings():
     from lora_convert.cli import app
 
     folder = str(DATA / "cases" / "v5_llama_rslora" / "adapter")
-    result = CliRunner().invoke(app, ["validate", folder, "--base", base_of("v5_llama_rslora"), "--engine", "sglang",
-                                      "--format", "json", "--no-smoke", "--no-data"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "validate",
+            folder,
+            "--base",
+            base_of("v5_llama_rslora"),
+            "--engine",
+            "sglang",
+            "--format",
+            "json",
+            "--no-smoke",
+            "--no-data",
+        ],
+    )
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert any(f["code"] == "engine.sglang.rslora-ignored" for f in doc["findings"])
@@ -230,5 +273,16 @@ def test_shared_expert_count_comes_from_the_schema():
 
     arch = bind(resolve_base("deepseek-v3"))
     assert (arch.expert_count(), arch.shared_expert_count()) == (256, 1)
-    assert bind({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
-                 "intermediate_size": 16, "vocab_size": 32}).shared_expert_count() is None
+    assert (
+        bind(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 2,
+                "hidden_size": 8,
+                "num_attention_heads": 2,
+                "intermediate_size": 16,
+                "vocab_size": 32,
+            }
+        ).shared_expert_count()
+        is None
+    )

@@ -38,15 +38,24 @@ def _console_script() -> list[str]:
 def cli(tmp_path):
     hf_home = tmp_path / "hf-home"
     hf_home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LORA_CONVERT_DEBUG", "HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LORA_CONVERT_DEBUG", "HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT")
+    }
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1")
     workdir = tmp_path / "work"
     workdir.mkdir()
 
     def run(*args) -> subprocess.CompletedProcess:
-        return subprocess.run(_console_script() + [str(a) for a in args], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            _console_script() + [str(a) for a in args],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     run.workdir = workdir
     return run
@@ -126,7 +135,9 @@ def test_0_validate_warnings_allowed_unless_strict(fast, tmp_path):
     result = fast("validate", folder, "--base", BASE, "--no-smoke", "--format", "json")
     assert_ok(result)
     doc = json.loads(result.stdout)
-    assert doc["ok"] is True and "config.peft-type-assumed" in {f["code"] for f in doc["findings"] if f["severity"] == "warning"}
+    assert doc["ok"] is True and "config.peft-type-assumed" in {
+        f["code"] for f in doc["findings"] if f["severity"] == "warning"
+    }
     strict = fast("validate", folder, "--base", BASE, "--no-smoke", "--strict", "--format", "json")
     assert strict.returncode == 1, strict.stdout + strict.stderr
     assert json.loads(strict.stdout)["ok"] is False and "Traceback" not in strict.stderr
@@ -151,7 +162,9 @@ def test_0_schemas_list(cli):
     assert_ok(cli("schemas", "list"))
 
 
-@pytest.mark.parametrize("args", [["show", "deepseek_v3"], ["show", "deepseek-v3"], ["show", "--base", BASE], ["check"]])
+@pytest.mark.parametrize(
+    "args", [["show", "deepseek_v3"], ["show", "deepseek-v3"], ["show", "--base", BASE], ["check"]]
+)
 def test_0_schemas(fast, args):
     assert_ok(fast("schemas", *args))
 
@@ -199,8 +212,11 @@ def test_1_validate_bad_config(fast, tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_1_normalize_bad_config(fast, tmp_path, name):
-    assert_error(fast("normalize", adapter_copy(tmp_path, BAD_CONFIGS[name]), "--base", BASE, "-o", "out"), 1,
-                 "adapter_config.json")
+    assert_error(
+        fast("normalize", adapter_copy(tmp_path, BAD_CONFIGS[name]), "--base", BASE, "-o", "out"),
+        1,
+        "adapter_config.json",
+    )
     assert not (fast.workdir / "out").exists()
 
 
@@ -208,7 +224,9 @@ def test_1_inspect_and_validate_tensor_errors(fast, tmp_path):
     folder = adapter_copy(tmp_path, lambda cfg: {**cfg, "r": 4})  # the tensors have rank 8 (and 12, 4 by pattern)
     assert_error(fast("inspect", folder), 1, "rank.config-mismatch")
     result = fast("validate", folder, "--base", BASE, "--format", "json")
-    assert result.returncode == 1 and "rank.config-mismatch" in {f["code"] for f in json.loads(result.stdout)["findings"]}
+    assert result.returncode == 1 and "rank.config-mismatch" in {
+        f["code"] for f in json.loads(result.stdout)["findings"]
+    }
 
 
 def test_1_normalize_refuses_modules(fast, tmp_path):
@@ -277,30 +295,39 @@ def test_2_normalize_without_output(fast):
     assert_error(fast("normalize", ADAPTER, "--base", BASE), 2, "-o")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--rank", "0"], ["--rank"]),
-    (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--rank", "2"], ["--rank 2"]),  # below the adapter's rank
-    (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--layout", "nope"], ["--layout"]),
-    (["validate", ADAPTER, "--base", BASE, "--tp", "0"], ["--tp"]),
-    (["validate", ADAPTER, "--base", BASE, "--engine", "nope"], ["--engine"]),
-    (["smoke", ADAPTER, "--base", BASE, "--tokens", "0"], ["--tokens"]),
-    (["smoke", ADAPTER, "--base", BASE, "--layers", "nope"], ["--layers"]),
-    (["smoke", ADAPTER, "--base", BASE, "--layers", "99"], ["--layers"]),  # past the base's last layer
-    (["smoke", ADAPTER, "--base", BASE, "--original", ADAPTER], ["--original"]),  # --original is for stacked outputs
-    (["inspect", ADAPTER, "--format", "xml"], ["--format"]),
-    (["schemas", "show"], ["ARCH_OR_PRESET"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--rank", "0"], ["--rank"]),
+        (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--rank", "2"], ["--rank 2"]),  # below the adapter's rank
+        (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--layout", "nope"], ["--layout"]),
+        (["validate", ADAPTER, "--base", BASE, "--tp", "0"], ["--tp"]),
+        (["validate", ADAPTER, "--base", BASE, "--engine", "nope"], ["--engine"]),
+        (["smoke", ADAPTER, "--base", BASE, "--tokens", "0"], ["--tokens"]),
+        (["smoke", ADAPTER, "--base", BASE, "--layers", "nope"], ["--layers"]),
+        (["smoke", ADAPTER, "--base", BASE, "--layers", "99"], ["--layers"]),  # past the base's last layer
+        (
+            ["smoke", ADAPTER, "--base", BASE, "--original", ADAPTER],
+            ["--original"],
+        ),  # --original is for stacked outputs
+        (["inspect", ADAPTER, "--format", "xml"], ["--format"]),
+        (["schemas", "show"], ["ARCH_OR_PRESET"]),
+    ],
+)
 def test_2_bad_values(fast, args, words):
     assert_error(fast(*args), 2, *words)
     assert not (fast.workdir / "out").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ["validate", ADAPTER, "--no-smoke"],
-    ["normalize", ADAPTER, "-o", "out"],
-    ["smoke", ADAPTER, "--device", "cpu"],
-    ["schemas", "show"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["validate", ADAPTER, "--no-smoke"],
+        ["normalize", ADAPTER, "-o", "out"],
+        ["smoke", ADAPTER, "--device", "cpu"],
+        ["schemas", "show"],
+    ],
+)
 def test_2_missing_base_path(fast, args):
     """An explicit --base that does not exist is a usage error, like any other missing path."""
     assert_error(fast(*args, "--base", "/nonexistent/base"), 2, "/nonexistent/base")
@@ -317,10 +344,13 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("args", [
-    ["smoke", ADAPTER, "--base", BASE, "--device", "cuda"],
-    ["validate", ADAPTER, "--base", BASE, "--smoke", "--device", "cuda"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["smoke", ADAPTER, "--base", BASE, "--device", "cuda"],
+        ["validate", ADAPTER, "--base", BASE, "--smoke", "--device", "cuda"],
+    ],
+)
 def test_3_no_cuda_for_device_cuda(cli, args):
     if _has_cuda():
         pytest.skip("this row is about a machine without CUDA")
@@ -329,16 +359,21 @@ def test_3_no_cuda_for_device_cuda(cli, args):
 
 @pytest.mark.parametrize("command", ["inspect", "validate", "normalize", "smoke"])
 def test_3_hub_adapter_not_cached_offline(cli, command):
-    args = {"normalize": ["--base", BASE, "-o", "out"], "validate": ["--base", BASE], "smoke": ["--base", BASE]}.get(command, [])
+    args = {"normalize": ["--base", BASE, "-o", "out"], "validate": ["--base", BASE], "smoke": ["--base", BASE]}.get(
+        command, []
+    )
     assert_error(cli(command, UNCACHED_HUB_ID, *args), 3, UNCACHED_HUB_ID)
 
 
-@pytest.mark.parametrize("args", [
-    ["validate", ADAPTER, "--no-smoke"],
-    ["normalize", ADAPTER, "-o", "out"],
-    ["smoke", ADAPTER, "--device", "cpu"],
-    ["schemas", "show"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["validate", ADAPTER, "--no-smoke"],
+        ["normalize", ADAPTER, "-o", "out"],
+        ["smoke", ADAPTER, "--device", "cpu"],
+        ["schemas", "show"],
+    ],
+)
 def test_3_hub_base_not_cached_offline(cli, args):
     assert_error(cli(*args, "--base", UNCACHED_HUB_ID), 3, UNCACHED_HUB_ID)
 
@@ -359,14 +394,18 @@ def test_0_validate_without_base_allowed_unchecked(fast):
 
 
 # -------------------------------------------------------------------------- 4: internal error (a bug in lora-convert)
-@pytest.mark.parametrize("command, target, args", [
-    ("validate", "lora_convert.api.validate_adapter", ["--base", BASE]),
-    ("inspect", "lora_convert.api.inspect_adapter", []),
-    ("normalize", "lora_convert.api.normalize_adapter", ["--base", BASE, "-o", "out"]),
-])
+@pytest.mark.parametrize(
+    "command, target, args",
+    [
+        ("validate", "lora_convert.api.validate_adapter", ["--base", BASE]),
+        ("inspect", "lora_convert.api.inspect_adapter", []),
+        ("normalize", "lora_convert.api.normalize_adapter", ["--base", BASE, "-o", "out"]),
+    ],
+)
 @pytest.mark.parametrize("raised", [RuntimeError("unexpected state"), MemoryError()])
 def test_4_internal_error(fast, monkeypatch, command, target, args, raised):
     """A bug is exit 4, never 1 (which says the adapter has errors), and the message says it is a bug to report."""
+
     def broken(*args, **kwargs):
         raise raised
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_convert.errors import SchemaError
 from lora_convert.arch.expr import compile_expression, evaluate, names_in
+from lora_convert.errors import SchemaError
 
 CFG = {
     "hidden_size": 4096,

@@ -29,8 +29,11 @@ def _rel(got, want) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
-FUSED_CASES = [c for c in fixture_cases()
-               if any(m.kind == ModuleKind.FUSED_EXPERTS for m in load_adapter(str(case_dir(c) / "adapter")).modules)]
+FUSED_CASES = [
+    c
+    for c in fixture_cases()
+    if any(m.kind == ModuleKind.FUSED_EXPERTS for m in load_adapter(str(case_dir(c) / "adapter")).modules)
+]
 
 
 def test_there_are_fixtures_with_peft_3d_experts():
@@ -86,7 +89,7 @@ def test_place_then_cut_reproduces_each_slice(case):
                 assert a.shape == (R, group.in_features) and b.shape == (sl.out_features, R)
                 assert _rel(b.double() @ a.double(), want) <= TOL, (case, group.key, sl.name, e)
                 # the padding beyond the slice's own rank is zero in both factors
-                assert torch.count_nonzero(a[src.rank:]) == 0 and torch.count_nonzero(b[:, src.rank:]) == 0
+                assert torch.count_nonzero(a[src.rank :]) == 0 and torch.count_nonzero(b[:, src.rank :]) == 0
                 checked += 1
     assert checked
 
@@ -104,16 +107,20 @@ def test_positions_of_slices():
 def test_one_a_is_decided_from_the_plan():
     """A run of slices is one module of rank R only when one source (one A) feeds all of them: a mamba in_proj
     adapted as one module is; slices from different modules or a zero fill beside a source are not."""
-    plan = plan_normalize(str(case_dir("v4emu_nemotron_h") / "adapter"), base=str(case_base_dir("v4emu_nemotron_h")),
-                          drop_unsupported=True)
+    plan = plan_normalize(
+        str(case_dir("v4emu_nemotron_h") / "adapter"),
+        base=str(case_base_dir("v4emu_nemotron_h")),
+        drop_unsupported=True,
+    )
     in_proj = next(g for g in plan.groups if g.name == "in_proj")
     assert factors.shares_one_a(in_proj.slices)
     llama = plan_normalize(str(case_dir("v5_llama") / "adapter"), base=str(case_base_dir("v5_llama")))
     qkv = next(g for g in llama.groups if g.name == "qkv_proj")
     assert not any(s.is_zero_filled for s in qkv.slices)
     assert not factors.shares_one_a(qkv.slices)  # q_proj, k_proj and v_proj have an A each
-    q_a_only = plan_normalize(str(case_dir("v5_deepseek_v3_q_a_only") / "adapter"),
-                              base=str(case_base_dir("v5_deepseek_v3_q_a_only")))
+    q_a_only = plan_normalize(
+        str(case_dir("v5_deepseek_v3_q_a_only") / "adapter"), base=str(case_base_dir("v5_deepseek_v3_q_a_only"))
+    )
     fused = next(g for g in q_a_only.groups if g.name == "fused_qkv_a_proj_with_mqa")
     assert fused.slices[1].is_zero_filled and not factors.shares_one_a(fused.slices)
     assert factors.shares_one_a(fused.slices[1:])

@@ -80,19 +80,33 @@ HOSTILE_FILES = {
     "header-a-list": st_bytes([1, 2, 3]),
     "header-a-string": st_bytes("hello"),
     "entry-not-object": st_bytes({KEY_A: [1, 2]}),
-    "offsets-overlap": st_bytes({
-        KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128]},
-        KEY_B: {"dtype": "F32", "shape": [8, 4], "data_offsets": [64, 192]},
-    }, b"\x00" * 256),
-    "offsets-past-file": st_bytes({KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [1000, 1128]}}, b"\x00" * 256),
-    "offsets-disagree-with-shape": st_bytes({KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 64]}}, b"\x00" * 256),
+    "offsets-overlap": st_bytes(
+        {
+            KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128]},
+            KEY_B: {"dtype": "F32", "shape": [8, 4], "data_offsets": [64, 192]},
+        },
+        b"\x00" * 256,
+    ),
+    "offsets-past-file": st_bytes(
+        {KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [1000, 1128]}}, b"\x00" * 256
+    ),
+    "offsets-disagree-with-shape": st_bytes(
+        {KEY_A: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 64]}}, b"\x00" * 256
+    ),
     "offsets-reversed": st_bytes({KEY_A: {"dtype": "F32", "shape": [0], "data_offsets": [10, 0]}}, b"\x00" * 16),
     "unknown-dtype": st_bytes({KEY_A: {"dtype": "F7", "shape": [4, 8], "data_offsets": [0, 128]}}, b"\x00" * 128),
-    "dtype-not-a-string": st_bytes({KEY_A: {"dtype": ["F32"], "shape": [4, 8], "data_offsets": [0, 128]}}, b"\x00" * 128),
+    "dtype-not-a-string": st_bytes(
+        {KEY_A: {"dtype": ["F32"], "shape": [4, 8], "data_offsets": [0, 128]}}, b"\x00" * 128
+    ),
     "negative-shape": st_bytes({KEY_A: {"dtype": "F32", "shape": [-4, 8], "data_offsets": [0, 128]}}, b"\x00" * 128),
-    "control-char-key": st_bytes({"base_model.model.x\x1b[31m.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4),
+    "control-char-key": st_bytes(
+        {"base_model.model.x\x1b[31m.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+        b"\x00" * 4,
+    ),
     "deeply-nested-json": st_bytes(b"[" * 100000 + b"]" * 100000),
-    "metadata-not-object": st_bytes({"__metadata__": [1], KEY_A: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4),
+    "metadata-not-object": st_bytes(
+        {"__metadata__": [1], KEY_A: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\x00" * 4
+    ),
 }
 
 
@@ -140,20 +154,23 @@ def _weights() -> bytes:
     return st_bytes(good_header(), b"\x00" * 256)
 
 
-@pytest.mark.parametrize("config, code", [
-    (None, "config.unreadable"),
-    ("", "config.unreadable"),
-    ("   \n", "config.unreadable"),
-    ("{not json", "config.unreadable"),
-    ("\xff", "config.unreadable"),
-    ("[1, 2]", "config.not-an-object"),
-    (json.dumps({"peft_type": "LORA", "r": "eight", "lora_alpha": 8}), "config.wrong-type"),
-    (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": "x"}), "config.wrong-type"),
-    (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": 5}), "config.wrong-type"),
-    (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": "q_proj"}), "config.wrong-type"),
-    (json.dumps({"peft_type": "LORA", "r": 0, "lora_alpha": 8}), "config.rank-not-positive"),
-    (json.dumps({"peft_type": "LORA", "lora_alpha": 8}), "config.missing-field"),
-])
+@pytest.mark.parametrize(
+    "config, code",
+    [
+        (None, "config.unreadable"),
+        ("", "config.unreadable"),
+        ("   \n", "config.unreadable"),
+        ("{not json", "config.unreadable"),
+        ("\xff", "config.unreadable"),
+        ("[1, 2]", "config.not-an-object"),
+        (json.dumps({"peft_type": "LORA", "r": "eight", "lora_alpha": 8}), "config.wrong-type"),
+        (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": "x"}), "config.wrong-type"),
+        (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": 5}), "config.wrong-type"),
+        (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": "q_proj"}), "config.wrong-type"),
+        (json.dumps({"peft_type": "LORA", "r": 0, "lora_alpha": 8}), "config.rank-not-positive"),
+        (json.dumps({"peft_type": "LORA", "lora_alpha": 8}), "config.missing-field"),
+    ],
+)
 def test_hostile_config(tmp_path, config, code):
     folder = make(tmp_path / "c", _weights(), config=config)
     if config == "\xff":
@@ -206,7 +223,10 @@ def test_symlink_outside_adapter_folder(tmp_path):
     result = run_validate(folder)
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
-    assert doc["findings"][0]["code"] == "files.unreadable" and "outside the adapter folder" in doc["findings"][0]["message"]
+    assert (
+        doc["findings"][0]["code"] == "files.unreadable"
+        and "outside the adapter folder" in doc["findings"][0]["message"]
+    )
 
 
 def test_symlinked_config_outside_folder(tmp_path):
@@ -246,5 +266,7 @@ def test_control_characters_in_key_via_library(tmp_path):
 def test_well_formed_hub_id_offline_is_an_environment_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = CliRunner().invoke(app, ["validate", "someorg/some-adapter", "--format", "json", "--cache-dir", str(tmp_path / "hf")])
+    result = CliRunner().invoke(
+        app, ["validate", "someorg/some-adapter", "--format", "json", "--cache-dir", str(tmp_path / "hf")]
+    )
     assert result.exit_code == 3 and result.stdout == "" and "Traceback" not in result.output

@@ -13,10 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_convert.errors import AdapterFormatError
-from lora_convert.peft.naming import PEFT_PREFIX, Factor, parse_key
 from lora_convert.io.tensor_files import DTYPE_SIZES, read_safetensors_header
+from lora_convert.peft.naming import PEFT_PREFIX, Factor, parse_key
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 def _parse_bytes(data: bytes):
@@ -44,14 +46,21 @@ def test_random_length_prefix(body, length):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 dtype_values = st.sampled_from(sorted(DTYPE_SIZES)) | st.text(max_size=5) | json_values
 shape_values = st.lists(st.integers(min_value=-2, max_value=9), max_size=3) | json_values
 offset_values = st.lists(st.integers(min_value=-5, max_value=400), min_size=0, max_size=3) | json_values
-entries = st.fixed_dictionaries({}, optional={"dtype": dtype_values, "shape": shape_values, "data_offsets": offset_values}) | json_values
+entries = (
+    st.fixed_dictionaries({}, optional={"dtype": dtype_values, "shape": shape_values, "data_offsets": offset_values})
+    | json_values
+)
 key_text = st.text(min_size=0, max_size=30) | st.sampled_from(["__metadata__", "base_model.model.x.lora_A.weight"])
 
 
@@ -63,7 +72,7 @@ def test_random_header_json(header, data_len):
     if result is not None:
         tensors, _ = result
         spans = sorted((t.start, t.start + t.nbytes) for t in tensors.values())
-        for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        for (_a0, a1), (b0, _b1) in zip(spans, spans[1:], strict=False):
             assert a1 <= b0  # accepted headers never overlap
         for t in tensors.values():
             assert t.start + t.nbytes <= 8 + len(raw) + data_len
@@ -100,10 +109,36 @@ def test_parse_key_never_raises(key):
 
 
 segment = st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True).filter(
-    lambda s: s not in {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "base_layer",
-                        "weight", "bias", "layers", "experts", "modules_to_save", "original_module"}
-    and s not in {"vision_tower", "visual", "vision_model", "vision_encoder", "mm_projector", "multi_modal_projector",
-                  "vision_projector", "image_newline", "patch_embed", "merger"}
+    lambda s: (
+        s
+        not in {
+            "lora_A",
+            "lora_B",
+            "lora_embedding_A",
+            "lora_embedding_B",
+            "lora_magnitude_vector",
+            "base_layer",
+            "weight",
+            "bias",
+            "layers",
+            "experts",
+            "modules_to_save",
+            "original_module",
+        }
+        and s
+        not in {
+            "vision_tower",
+            "visual",
+            "vision_model",
+            "vision_encoder",
+            "mm_projector",
+            "multi_modal_projector",
+            "vision_projector",
+            "image_newline",
+            "patch_embed",
+            "merger",
+        }
+    )
 )
 
 

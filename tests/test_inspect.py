@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import case_dir, case_meta, fixture_cases
-from lora_convert.peft.adapter import load_adapter
-from lora_convert.cli import app
 from lora_convert.check.inspect import build_report
+from lora_convert.cli import app
+from lora_convert.peft.adapter import load_adapter
 
 CASES = fixture_cases()
 
@@ -70,8 +70,10 @@ def test_leftover_adapter_name_on_a_peft_fixture(tmp_path):
     dst.mkdir()
     shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
     tensors = load_file(str(src / "adapter_model.safetensors"))
-    renamed = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
-               for k, v in tensors.items()}
+    renamed = {
+        k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+        for k, v in tensors.items()
+    }
     assert renamed.keys() != tensors.keys()
     save_file(renamed, str(dst / "adapter_model.safetensors"))
     plain = build_report(load_adapter(str(src)))
@@ -82,7 +84,9 @@ def test_leftover_adapter_name_on_a_peft_fixture(tmp_path):
 
 
 # ---- a bad adapter_config.json is shown as such, with exit 1, instead of numbers invented from the tensors ------
-EXAMPLE_ADAPTER = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3" / "adapter"
+EXAMPLE_ADAPTER = (
+    __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3" / "adapter"
+)
 
 
 def _example_with(tmp_path, mutate) -> str:
@@ -100,6 +104,7 @@ def _set(key, value):
     def mutate(cfg):
         cfg[key] = value
         return cfg
+
     return mutate
 
 
@@ -107,6 +112,7 @@ def _drop(key):
     def mutate(cfg):
         del cfg[key]
         return cfg
+
     return mutate
 
 
@@ -121,12 +127,36 @@ BAD_CONFIGS = {
     "r-missing": (_drop("r"), "r", ["`r`"]),
     "alpha-string": (_set("lora_alpha", "16"), "lora_alpha", ["`lora_alpha`", "positive number", '"16"']),
     "alpha-zero": (_set("lora_alpha", 0), "lora_alpha", ["`lora_alpha`", "0"]),
-    "targets-number": (_set("target_modules", 5), "target_modules", ["`target_modules`", "list of module names", "5", "an integer"]),
-    "targets-non-strings": (_set("target_modules", ["q_b_proj", 7]), "target_modules", ["`target_modules`", '["q_b_proj", 7]']),
-    "rank-pattern-list": (_set("rank_pattern", ["q_b_proj"]), "rank_pattern", ["`rank_pattern`", "an object", "an array"]),
-    "rank-pattern-zero": (_set("rank_pattern", {"q_b_proj": 0}), "rank_pattern", ["`rank_pattern.q_b_proj`", "positive integer", "0"]),
-    "alpha-pattern-string": (_set("alpha_pattern", {"q_b_proj": "4"}), "alpha_pattern", ["`alpha_pattern.q_b_proj`", "positive number", '"4"']),
-    "alpha-pattern-negative": (_set("alpha_pattern", {"q_b_proj": -4}), "alpha_pattern", ["`alpha_pattern.q_b_proj`", "-4"]),
+    "targets-number": (
+        _set("target_modules", 5),
+        "target_modules",
+        ["`target_modules`", "list of module names", "5", "an integer"],
+    ),
+    "targets-non-strings": (
+        _set("target_modules", ["q_b_proj", 7]),
+        "target_modules",
+        ["`target_modules`", '["q_b_proj", 7]'],
+    ),
+    "rank-pattern-list": (
+        _set("rank_pattern", ["q_b_proj"]),
+        "rank_pattern",
+        ["`rank_pattern`", "an object", "an array"],
+    ),
+    "rank-pattern-zero": (
+        _set("rank_pattern", {"q_b_proj": 0}),
+        "rank_pattern",
+        ["`rank_pattern.q_b_proj`", "positive integer", "0"],
+    ),
+    "alpha-pattern-string": (
+        _set("alpha_pattern", {"q_b_proj": "4"}),
+        "alpha_pattern",
+        ["`alpha_pattern.q_b_proj`", "positive number", '"4"'],
+    ),
+    "alpha-pattern-negative": (
+        _set("alpha_pattern", {"q_b_proj": -4}),
+        "alpha_pattern",
+        ["`alpha_pattern.q_b_proj`", "-4"],
+    ),
 }
 
 

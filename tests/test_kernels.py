@@ -61,8 +61,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 if not _GPU_RUN and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("TRITON_INTERPRET was set to something other than 1 in the environment; "
-                "the CPU tests need the interpreter", allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET was set to something other than 1 in the environment; the CPU tests need the interpreter",
+        allow_module_level=True,
+    )
 
 
 def _tol(*dtypes):
@@ -90,7 +92,7 @@ def _ref_expand(h, B, offs, R, scal, y0=None):
     h, B = h.double().cpu(), B.double().cpu()
     y = torch.zeros(h.shape[0], offs[-1], dtype=torch.float64) if y0 is None else y0.double().cpu().clone()
     for i in range(len(offs) - 1):
-        y[:, offs[i]:offs[i + 1]] += scal[i] * h[:, i * R:(i + 1) * R] @ B[offs[i]:offs[i + 1]].T
+        y[:, offs[i] : offs[i + 1]] += scal[i] * h[:, i * R : (i + 1) * R] @ B[offs[i] : offs[i + 1]].T
     return y
 
 
@@ -107,7 +109,7 @@ def _ref_moe(x, A, B, ids, offs, R, scal, w=None):
             h = x[t] @ A[e].T
             ww = 1.0 if w is None else float(w[t, j])
             for i in range(len(offs) - 1):
-                y[t, j, offs[i]:offs[i + 1]] = ww * scal[i] * (h[i * R:(i + 1) * R] @ B[e, offs[i]:offs[i + 1]].T)
+                y[t, j, offs[i] : offs[i + 1]] = ww * scal[i] * (h[i * R : (i + 1) * R] @ B[e, offs[i] : offs[i + 1]].T)
     return y
 
 
@@ -127,8 +129,9 @@ def test_shrink(dtype, T, K, N, gen):
     assert _rel(h, x.double().cpu() @ A.double().cpu().T) < _tol(dtype)
 
 
-@pytest.mark.parametrize("xd,ad", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32),
-                                   (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "xd,ad", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32), (torch.bfloat16, torch.float16)]
+)
 def test_shrink_mixed_dtypes_and_strides(xd, ad, gen):
     # x is a transposed (column-major) view, A a row-strided slice: launcher must honour strides
     x = _rand(131, 160, dtype=xd, gen=gen).T
@@ -188,12 +191,12 @@ def test_expand_scalar_scaling_and_strided_y(gen):
     h = _rand(T, 3 * R, gen=gen)
     B = _rand(offs[-1], R, gen=gen)
     big = _rand(offs[-1] + 10, T, gen=gen)
-    y = big.T[:, 5:5 + offs[-1]]  # column-major, offset view
+    y = big.T[:, 5 : 5 + offs[-1]]  # column-major, offset view
     y0, before = y.clone(), big.clone()
     lora_expand(h, B, offs, R, 0.75, y)
     assert _rel(y, _ref_expand(h, B, offs, R, [0.75] * 3, y0)) < 1e-5
     # rows of `big` outside the view untouched
-    assert torch.equal(big[:5], before[:5]) and torch.equal(big[5 + offs[-1]:], before[5 + offs[-1]:])
+    assert torch.equal(big[:5], before[:5]) and torch.equal(big[5 + offs[-1] :], before[5 + offs[-1] :])
 
 
 def test_expand_swapped_offsets_change_result(gen):
@@ -217,8 +220,9 @@ def test_shrink_expand_chain_matches_dense_delta(gen):
     A = _rand(3 * R, K, gen=gen)
     B = _rand(offs[-1], R, gen=gen)
     y = lora_expand(lora_shrink(x, A), B, offs, R)
-    delta = torch.cat([B.double().cpu()[offs[i]:offs[i + 1]] @ A.double().cpu()[i * R:(i + 1) * R]
-                       for i in range(3)])
+    delta = torch.cat(
+        [B.double().cpu()[offs[i] : offs[i + 1]] @ A.double().cpu()[i * R : (i + 1) * R] for i in range(3)]
+    )
     assert _rel(y, x.double().cpu() @ delta.T) < 1e-5
 
 
@@ -348,9 +352,11 @@ def test_argument_errors(gen):
 def test_package_import_is_light():
     # The CLI imports lora_convert.kernels for is_available(): that must not pull in torch or triton.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    code = ("import sys, lora_convert.kernels as k; k.is_available(); "
-            "bad = [m for m in ('triton', 'torch') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, lora_convert.kernels as k; k.is_available(); "
+        "bad = [m for m in ('triton', 'torch') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -365,12 +371,28 @@ def test_package_import_is_light():
 @pytest.mark.skipif(_GPU_RUN, reason="this is the launcher of the GPU run itself")
 def test_gpu_suite():
     """Every check above, again, on CUDA tensors with compiled (not interpreted) kernels."""
-    env = dict(os.environ, LORA_KERNELS_TEST_DEVICE="cuda", TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = dict(
+        os.environ,
+        LORA_KERNELS_TEST_DEVICE="cuda",
+        TRITON_INTERPRET="0",
+        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+    )
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not test_gpu_suite",
-         str(Path(__file__).resolve())],
-        env=env, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "not test_gpu_suite",
+            str(Path(__file__).resolve()),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
         cwd=Path(__file__).resolve().parent,  # not the repo root: ./lora_convert there lacks kernels/
     )
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]

@@ -23,8 +23,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "lora_convert"
 # Folders that ship as a package of their own name (setup.py's MAPPED_FOLDERS).
-SOURCE_FOLDERS = {PACKAGE: ROOT / "lora_convert", "lora_convert.kernels": ROOT / "kernels",
-                  "lora_convert.schemas": ROOT / "schemas"}
+SOURCE_FOLDERS = {
+    PACKAGE: ROOT / "lora_convert",
+    "lora_convert.kernels": ROOT / "kernels",
+    "lora_convert.schemas": ROOT / "schemas",
+}
 
 STAGES = ("core", "io", "peft", "arch", "engines", "convert", "smoke", "check", "api", "cli")
 # Module (or package, covering everything under it) -> stage. The longest matching prefix wins.
@@ -139,8 +142,10 @@ def _imports_of(module: str, lazy_api: dict[str, str]) -> list[Import]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "kernels" or alias.name.startswith("kernels."):
-                    raise AssertionError(f"{module} line {node.lineno}: imports the top-level name `kernels` "
-                                         "(another PyPI package); use lora_convert.kernels")
+                    raise AssertionError(
+                        f"{module} line {node.lineno}: imports the top-level name `kernels` "
+                        "(another PyPI package); use lora_convert.kernels"
+                    )
                 add(alias.name, node.lineno)
         elif isinstance(node, ast.ImportFrom):
             base = _resolve_relative(module, node.level, node.module) if node.level else (node.module or "")
@@ -153,8 +158,14 @@ def _imports_of(module: str, lazy_api: dict[str, str]) -> list[Import]:
                     add(lazy_api[alias.name], node.lineno)
                 else:
                     add(base, node.lineno)
-        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
-              and node.value in MODULES and node.value.startswith(PACKAGE + ".") and module != LAZY_FACADE):
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+            and node.value in MODULES
+            and node.value.startswith(PACKAGE + ".")
+            and module != LAZY_FACADE
+        ):
             # A module named by string (import_module, find_spec, resources.files) is still a dependency.
             add(node.value, getattr(node, "lineno", 0))
     return found
@@ -236,8 +247,10 @@ def test_the_contract_sees_the_package():
     # Guards the scanner itself: if it found nothing, every check below would pass vacuously.
     assert {"lora_convert.errors", "lora_convert.cli", "lora_convert.kernels", "lora_convert.api"} <= set(MODULES)
     assert len(IMPORTS) > 50
-    assert any(i.importer.startswith("lora_convert.kernels.") and i.imported.startswith("lora_convert.kernels")
-               for i in IMPORTS), "relative imports inside kernels/ were not seen"
+    assert any(
+        i.importer.startswith("lora_convert.kernels.") and i.imported.startswith("lora_convert.kernels")
+        for i in IMPORTS
+    ), "relative imports inside kernels/ were not seen"
 
 
 def test_every_module_has_a_stage():
@@ -296,6 +309,11 @@ def test_the_scanner_sees_every_kind_of_import(source, expected, tmp_path, monke
 
 
 def test_cycles_are_reported_as_a_path():
-    edges = [Import("lora_convert.errors", "lora_convert.text", 1), Import("lora_convert.text", "lora_convert.findings", 1),
-             Import("lora_convert.findings", "lora_convert.errors", 1)]
-    assert _cycles(edges) == [["lora_convert.errors", "lora_convert.text", "lora_convert.findings", "lora_convert.errors"]]
+    edges = [
+        Import("lora_convert.errors", "lora_convert.text", 1),
+        Import("lora_convert.text", "lora_convert.findings", 1),
+        Import("lora_convert.findings", "lora_convert.errors", 1),
+    ]
+    assert _cycles(edges) == [
+        ["lora_convert.errors", "lora_convert.text", "lora_convert.findings", "lora_convert.errors"]
+    ]

@@ -67,7 +67,7 @@ def expected_rows(reference: dict, slices: list[dict], expert: int | None, exper
             full = reference[f"{name}::delta_weight"]
         ident = (tuple(s["source"]), expert)
         start = consumed.get(ident, 0)
-        out.append(full[start:start + s["out_features"]].double())
+        out.append(full[start : start + s["out_features"]].double())
         consumed[ident] = start + s["out_features"]
     return out
 
@@ -91,17 +91,21 @@ def check_output_against_peft(case: str, out: Path) -> int:
         for e in range(E) if E else [None]:
             a = A[e] if E else A
             b = B[e] if E else B
-            for i, (s, want) in enumerate(zip(g["slices"], expected_rows(reference, g["slices"], e, E))):
+            for i, (s, want) in enumerate(zip(g["slices"], expected_rows(reference, g["slices"], e, E), strict=True)):
                 rows = slice(s["out_offset"], s["out_offset"] + s["out_features"])
-                got = b[rows] @ a[i * R:(i + 1) * R]
+                got = b[rows] @ a[i * R : (i + 1) * R]
                 if want is None or (E and e in (g.get("missing_experts") or [])):
-                    assert torch.count_nonzero(b[rows]) == 0 and torch.count_nonzero(a[i * R:(i + 1) * R]) == 0, (g["key"], s["name"], e)
+                    assert torch.count_nonzero(b[rows]) == 0 and torch.count_nonzero(a[i * R : (i + 1) * R]) == 0, (
+                        g["key"],
+                        s["name"],
+                        e,
+                    )
                     continue
                 rel = (got - want).norm() / want.norm().clamp_min(1e-30)
                 assert rel <= 1e-5, f"{case} {g['key']} slice {s['name']} expert {e}: relative error {rel:.2e}"
                 # padding beyond the slice's own rank is exactly zero
-                assert torch.count_nonzero(a[i * R + s["rank"]:(i + 1) * R]) == 0
-                assert torch.count_nonzero(b[rows, s["rank"]:]) == 0
+                assert torch.count_nonzero(a[i * R + s["rank"] : (i + 1) * R]) == 0
+                assert torch.count_nonzero(b[rows, s["rank"] :]) == 0
                 checked += 1
     return checked
 
@@ -119,7 +123,11 @@ def test_refused_fixtures(case, tmp_path):
     assert "--drop-unsupported" in info.value.hint
     assert not (tmp_path / "out").exists()
     meta = case_meta(case)
-    convertible_left = [m for m, info in meta["modules"].items() if not info.get("dora") and "vision" not in m and "mm_projector" not in m]
+    convertible_left = [
+        m
+        for m, info in meta["modules"].items()
+        if not info.get("dora") and "vision" not in m and "mm_projector" not in m
+    ]
     if not convertible_left:
         # every module is refused: dropping them all leaves nothing to write, which is an error too
         with pytest.raises(UnsupportedAdapterError, match="All .* were dropped"):
@@ -151,7 +159,9 @@ def test_same_input_same_bytes(tmp_path):
     digests = []
     for name in ("one", "two"):
         run_normalize(case, tmp_path / name)
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())})
+        digests.append(
+            {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())}
+        )
     assert digests[0] == digests[1]
 
 
@@ -180,9 +190,14 @@ def test_existing_output_needs_force_and_force_replaces_only_our_output(tmp_path
     with pytest.raises(UsageError, match="not empty"):
         run_normalize(case, out)
     run_normalize(case, out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors", LAYOUT,
-                                                            MANIFEST_FILE])
-    assert json.loads((out / MANIFEST_FILE).read_text())["files"] == ["adapter_config.json", "adapter_model.safetensors", LAYOUT]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", LAYOUT, MANIFEST_FILE]
+    )
+    assert json.loads((out / MANIFEST_FILE).read_text())["files"] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        LAYOUT,
+    ]
 
 
 LAYOUT = "lora_layout.json"
@@ -288,7 +303,7 @@ def test_kv_a_less_deepseek_gets_kv_width_zero_fill(tmp_path):
         kv = g["slices"][1]
         assert kv["name"] == "kv_a_proj_with_mqa" and kv["source"] is None
         assert kv["out_features"] == cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
-        assert torch.count_nonzero(B[cfg["q_lora_rank"]:]) == 0
+        assert torch.count_nonzero(B[cfg["q_lora_rank"] :]) == 0
 
 
 def test_rank_pattern_module_is_padded_and_exact(tmp_path):
@@ -327,20 +342,40 @@ def test_killed_subprocess_leaves_no_output(tmp_path):
     g = torch.Generator().manual_seed(0)
     for layer in range(layers):
         for name, (inp, out) in {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}.items():
-            tensors[f"base_model.model.model.layers.{layer}.mlp.{name}.lora_A.weight"] = torch.randn(r, inp, generator=g)
-            tensors[f"base_model.model.model.layers.{layer}.mlp.{name}.lora_B.weight"] = torch.randn(out, r, generator=g)
+            tensors[f"base_model.model.model.layers.{layer}.mlp.{name}.lora_A.weight"] = torch.randn(
+                r, inp, generator=g
+            )
+            tensors[f"base_model.model.model.layers.{layer}.mlp.{name}.lora_B.weight"] = torch.randn(
+                out, r, generator=g
+            )
     from helpers import write_adapter
 
-    adapter = write_adapter(tmp_path / "big", tensors, {"r": r, "lora_alpha": r, "target_modules": ["gate_proj", "up_proj", "down_proj"]})
+    adapter = write_adapter(
+        tmp_path / "big", tensors, {"r": r, "lora_alpha": r, "target_modules": ["gate_proj", "up_proj", "down_proj"]}
+    )
     base = tmp_path / "base"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": I,
-        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 1000}))
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": H,
+                "intermediate_size": I,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+                "vocab_size": 1000,
+            }
+        )
+    )
     out = tmp_path / "out"
     cli = Path(sys.executable).parent / "lora-convert"
-    proc = subprocess.Popen([str(cli), "normalize", str(adapter), "-o", str(out), "--base", str(base), "--dtype", "fp32", "--rank", "512"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(cli), "normalize", str(adapter), "-o", str(out), "--base", str(base), "--dtype", "fp32", "--rank", "512"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     temp = None
     while time.monotonic() < deadline and proc.poll() is None:

@@ -70,53 +70,99 @@ def refused(root: Path, cwd: Path, args: list[str], monkeypatch, *needles: str) 
 # ------------------------------------------------------------------------------- OUT overlapping the input
 @pytest.mark.parametrize("force", [[], ["--force"]])
 def test_parent_of_the_input_is_refused(root, monkeypatch, force):
-    refused(root, root, ["d/myad", "--base", "d/base", "-o", "d", *force], monkeypatch,
-            f"({root / 'd'}) contains the input adapter folder d/myad ({root / 'd' / 'myad'})")
+    refused(
+        root,
+        root,
+        ["d/myad", "--base", "d/base", "-o", "d", *force],
+        monkeypatch,
+        f"({root / 'd'}) contains the input adapter folder d/myad ({root / 'd' / 'myad'})",
+    )
 
 
 def test_two_levels_up_is_refused(root, monkeypatch):
-    refused(root, root / "d", ["myad", "--base", "base", "-o", str(root), "--force"], monkeypatch,
-            f"The output folder {root} ", "contains the input adapter folder myad")
+    refused(
+        root,
+        root / "d",
+        ["myad", "--base", "base", "-o", str(root), "--force"],
+        monkeypatch,
+        f"The output folder {root} ",
+        "contains the input adapter folder myad",
+    )
 
 
 def test_dot_from_inside_the_parent_is_refused(root, monkeypatch):
-    refused(root, root / "d", ["myad", "--base", "base", "-o", ".", "--force"], monkeypatch,
-            f"The output folder . ({root / 'd'}) contains the input adapter folder myad")
+    refused(
+        root,
+        root / "d",
+        ["myad", "--base", "base", "-o", ".", "--force"],
+        monkeypatch,
+        f"The output folder . ({root / 'd'}) contains the input adapter folder myad",
+    )
 
 
 def test_dot_dot_from_inside_the_adapter_is_refused(root, monkeypatch):
-    refused(root, root / "d" / "myad", [".", "--base", "../base", "-o", "..", "--force"], monkeypatch,
-            f"The output folder .. ({root / 'd'}) contains the input adapter folder .")
+    refused(
+        root,
+        root / "d" / "myad",
+        [".", "--base", "../base", "-o", "..", "--force"],
+        monkeypatch,
+        f"The output folder .. ({root / 'd'}) contains the input adapter folder .",
+    )
 
 
 def test_the_input_itself_is_refused(root, monkeypatch):
-    refused(root, root / "d", ["myad", "--base", "base", "-o", "myad", "--force"], monkeypatch,
-            "The output folder myad", "is the input adapter folder myad")
+    refused(
+        root,
+        root / "d",
+        ["myad", "--base", "base", "-o", "myad", "--force"],
+        monkeypatch,
+        "The output folder myad",
+        "is the input adapter folder myad",
+    )
 
 
 def test_a_folder_inside_the_input_is_refused(root, monkeypatch):
-    refused(root, root / "d", ["myad", "--base", "base", "-o", "myad/sub"], monkeypatch,
-            "The output folder myad/sub", "is inside the input adapter folder myad")
+    refused(
+        root,
+        root / "d",
+        ["myad", "--base", "base", "-o", "myad/sub"],
+        monkeypatch,
+        "The output folder myad/sub",
+        "is inside the input adapter folder myad",
+    )
 
 
 @pytest.mark.parametrize("out", ["link", "link/sub"])
 def test_a_symlink_to_the_input_is_refused(root, monkeypatch, out):
     (root / "d" / "link").symlink_to("myad")
-    refused(root, root / "d", ["myad", "--base", "base", "-o", out, "--force"], monkeypatch,
-            f"({root / 'd' / 'myad'}", "the input adapter folder myad")
+    refused(
+        root,
+        root / "d",
+        ["myad", "--base", "base", "-o", out, "--force"],
+        monkeypatch,
+        f"({root / 'd' / 'myad'}",
+        "the input adapter folder myad",
+    )
 
 
 def test_the_input_through_a_symlink_is_protected(root, monkeypatch):
     (root / "alias").symlink_to(root / "d" / "myad")
-    refused(root, root, ["alias", "--base", "d/base", "-o", "d", "--force"], monkeypatch,
-            "contains the input adapter folder alias")
+    refused(
+        root,
+        root,
+        ["alias", "--base", "d/base", "-o", "d", "--force"],
+        monkeypatch,
+        "contains the input adapter folder alias",
+    )
 
 
 @pytest.mark.parametrize("out", ["base", "base/out", "."])
 def test_the_base_folder_is_protected(root, monkeypatch, out):
     # The adapter lies elsewhere, so only the base is in the way (`.` is the folder holding the base).
     shutil.move(root / "d" / "myad", root / "myad")
-    refused(root, root / "d", ["../myad", "--base", "base", "-o", out, "--force"], monkeypatch, "the base model folder base")
+    refused(
+        root, root / "d", ["../myad", "--base", "base", "-o", out, "--force"], monkeypatch, "the base model folder base"
+    )
 
 
 # ------------------------------------------------------------------------------------------ what --force replaces
@@ -125,28 +171,47 @@ def test_an_unrelated_folder_is_refused_even_with_force(root, monkeypatch):
     other.mkdir()
     (other / "thesis.tex").write_text("years of work")
     (other / "data.csv").write_text("1,2\n")
-    refused(root, root, ["d/myad", "--base", "d/base", "-o", "other", "--force"], monkeypatch,
-            "--force replaces only an empty folder or a previous lora-convert output", "data.csv, thesis.tex",
-            f"no {MANIFEST_FILE}")
+    refused(
+        root,
+        root,
+        ["d/myad", "--base", "d/base", "-o", "other", "--force"],
+        monkeypatch,
+        "--force replaces only an empty folder or a previous lora-convert output",
+        "data.csv, thesis.tex",
+        f"no {MANIFEST_FILE}",
+    )
 
 
 def test_a_non_empty_folder_without_force_is_refused(root, monkeypatch):
     other = root / "other"
     other.mkdir()
     (other / "a.txt").write_text("x")
-    refused(root, root, ["d/myad", "--base", "d/base", "-o", "other"], monkeypatch, "exists and is not empty", "--force")
+    refused(
+        root, root, ["d/myad", "--base", "d/base", "-o", "other"], monkeypatch, "exists and is not empty", "--force"
+    )
 
 
 def test_a_file_as_output_is_refused(root, monkeypatch):
-    refused(root, root / "d", ["myad", "--base", "base", "-o", "notes.txt", "--force"], monkeypatch,
-            "notes.txt exists and is not a folder")
+    refused(
+        root,
+        root / "d",
+        ["myad", "--base", "base", "-o", "notes.txt", "--force"],
+        monkeypatch,
+        "notes.txt exists and is not a folder",
+    )
 
 
 def test_the_working_directory_is_refused(root, monkeypatch):
     # Even empty: the output is swapped in as a whole folder, which the folder a shell sits in cannot be.
     (root / "work").mkdir()
-    refused(root, root / "work", ["../d/myad", "--base", "../d/base", "-o", "."], monkeypatch,
-            f"The output folder . ({root / 'work'}) is the current working directory", f"cd {root}")
+    refused(
+        root,
+        root / "work",
+        ["../d/myad", "--base", "../d/base", "-o", "."],
+        monkeypatch,
+        f"The output folder . ({root / 'work'}) is the current working directory",
+        f"cd {root}",
+    )
 
 
 def test_an_empty_folder_is_filled(root, monkeypatch):
@@ -177,8 +242,13 @@ def test_a_previous_output_with_a_user_file_is_refused(root, monkeypatch):
     assert first.exit_code == 0, first.output
     (root / "out" / "my-eval-results.json").write_text("{}")
     (root / "out" / "runs").mkdir()
-    refused(root, root, ["d/myad", "--base", "d/base", "-o", "out", "--force"], monkeypatch,
-            "is a previous lora-convert output but also holds my-eval-results.json, runs")
+    refused(
+        root,
+        root,
+        ["d/myad", "--base", "d/base", "-o", "out", "--force"],
+        monkeypatch,
+        "is a previous lora-convert output but also holds my-eval-results.json, runs",
+    )
 
 
 def test_a_listed_name_that_is_now_a_folder_is_refused(root, monkeypatch):
@@ -187,7 +257,9 @@ def test_a_listed_name_that_is_now_a_folder_is_refused(root, monkeypatch):
     (root / "out" / "lora_layout.json").unlink()
     (root / "out" / "lora_layout.json").mkdir()
     (root / "out" / "lora_layout.json" / "mine.txt").write_text("x")
-    refused(root, root, ["d/myad", "--base", "d/base", "-o", "out", "--force"], monkeypatch, "also holds lora_layout.json")
+    refused(
+        root, root, ["d/myad", "--base", "d/base", "-o", "out", "--force"], monkeypatch, "also holds lora_layout.json"
+    )
 
 
 class _Interrupt:
@@ -214,15 +286,21 @@ def test_an_interrupted_run_keeps_the_previous_output(root, monkeypatch, layout)
     before = tree(root)
     progress = _Interrupt()
     with pytest.raises(KeyboardInterrupt):
-        normalize(root / "d" / "myad", root / "out", base=str(root / "d" / "base"), force=True, progress=progress,
-                  layout=layout)
+        normalize(
+            root / "d" / "myad",
+            root / "out",
+            base=str(root / "d" / "base"),
+            force=True,
+            progress=progress,
+            layout=layout,
+        )
     assert progress.advances == 2  # it really stopped midway, after data had been written
     assert tree(root) == before  # the previous output intact, and neither a temp nor an old folder left
 
 
 def test_library_accepts_paths_and_refuses_like_the_cli(root):
-    from lora_convert.errors import UsageError
     from lora_convert.convert.normalize import normalize
+    from lora_convert.errors import UsageError
 
     before = tree(root)
     with pytest.raises(UsageError, match="contains the input adapter folder"):

@@ -14,11 +14,15 @@ def test_scaling_plain_and_rslora():
 
 
 def test_patterns_follow_peft_matching():
-    cfg = parse_config({
-        "peft_type": "LORA", "r": 8, "lora_alpha": 16,
-        "rank_pattern": {"model.layers.1.self_attn.q_b_proj": 12, "experts.down_proj": 4},
-        "alpha_pattern": {"o_proj": 64},
-    })
+    cfg = parse_config(
+        {
+            "peft_type": "LORA",
+            "r": 8,
+            "lora_alpha": 16,
+            "rank_pattern": {"model.layers.1.self_attn.q_b_proj": 12, "experts.down_proj": 4},
+            "alpha_pattern": {"o_proj": 64},
+        }
+    )
     # the layer-specific key hits layer 1 only
     assert cfg.rank_for("model.layers.1.self_attn.q_b_proj") == 12
     assert cfg.rank_for("model.layers.11.self_attn.q_b_proj") == 8
@@ -38,13 +42,23 @@ def test_first_matching_pattern_wins():
 
 
 def test_v4_to_v5_conversion_pattern():
-    cfg = parse_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": {".*\\.gate_up_proj": 16}, "alpha_pattern": {".*\\.gate_up_proj": 32}})
+    cfg = parse_config(
+        {
+            "peft_type": "LORA",
+            "r": 8,
+            "lora_alpha": 16,
+            "rank_pattern": {".*\\.gate_up_proj": 16},
+            "alpha_pattern": {".*\\.gate_up_proj": 32},
+        }
+    )
     assert cfg.rank_for("model.layers.1.mlp.experts.gate_up_proj") == 16
     assert cfg.scaling_for("model.layers.1.mlp.experts.gate_up_proj") == 2.0
 
 
 def test_target_parameters_rule():
-    cfg = parse_config({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_parameters": ["mlp.experts.gate_up_proj", "down_proj"]})
+    cfg = parse_config(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_parameters": ["mlp.experts.gate_up_proj", "down_proj"]}
+    )
     assert cfg.targets_parameter("model.layers.1.mlp.experts", "gate_up_proj")
     assert cfg.targets_parameter("model.layers.1.mlp.experts", "down_proj")
     assert not cfg.targets_parameter("model.layers.1.mlp.experts", "up_proj")
@@ -69,11 +83,15 @@ def test_config_problems_are_findings(raw, code):
 
 
 def test_unsupported_variants_are_recorded():
-    cfg = parse_config({"peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_qalora": True, "alora_invocation_tokens": [1, 2]})
+    cfg = parse_config(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_qalora": True, "alora_invocation_tokens": [1, 2]}
+    )
     assert set(cfg.variants) == {"use_qalora", "alora_invocation_tokens"}
 
 
-@pytest.mark.parametrize("content, words", [(None, "no adapter_config.json"), ("", "empty"), ("{oops", "not valid JSON")])
+@pytest.mark.parametrize(
+    "content, words", [(None, "no adapter_config.json"), ("", "empty"), ("{oops", "not valid JSON")]
+)
 def test_unreadable_config_files(tmp_path, content, words):
     path = tmp_path / "adapter_config.json"
     if content is not None:
@@ -110,14 +128,44 @@ BAD_FIELDS = [
     ({"lora_alpha": 0}, "lora_alpha", "config.alpha-not-positive", ["`lora_alpha`", "0"]),
     ({"lora_alpha": -16}, "lora_alpha", "config.alpha-not-positive", ["`lora_alpha`", "-16"]),
     ({"lora_alpha": _MISSING}, "lora_alpha", "config.missing-field", ["`lora_alpha`"]),
-    ({"target_modules": 5}, "target_modules", "config.wrong-type", ["`target_modules`", "list of module names", "5", "an integer"]),
-    ({"target_modules": ["q_proj", 3]}, "target_modules", "config.wrong-type", ["`target_modules`", '["q_proj", 3]', "an array"]),
+    (
+        {"target_modules": 5},
+        "target_modules",
+        "config.wrong-type",
+        ["`target_modules`", "list of module names", "5", "an integer"],
+    ),
+    (
+        {"target_modules": ["q_proj", 3]},
+        "target_modules",
+        "config.wrong-type",
+        ["`target_modules`", '["q_proj", 3]', "an array"],
+    ),
     ({"rank_pattern": []}, "rank_pattern", "config.wrong-type", ["`rank_pattern`", "an object", "an array"]),
-    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern", "config.rank-not-positive", ["`rank_pattern.q_proj`", "positive integer", "0"]),
-    ({"rank_pattern": {"q_proj": "4"}}, "rank_pattern", "config.wrong-type", ["`rank_pattern.q_proj`", "positive integer", '"4"']),
+    (
+        {"rank_pattern": {"q_proj": 0}},
+        "rank_pattern",
+        "config.rank-not-positive",
+        ["`rank_pattern.q_proj`", "positive integer", "0"],
+    ),
+    (
+        {"rank_pattern": {"q_proj": "4"}},
+        "rank_pattern",
+        "config.wrong-type",
+        ["`rank_pattern.q_proj`", "positive integer", '"4"'],
+    ),
     ({"alpha_pattern": "q_proj"}, "alpha_pattern", "config.wrong-type", ["`alpha_pattern`", "an object", "a string"]),
-    ({"alpha_pattern": {"q_proj": -1}}, "alpha_pattern", "config.alpha-not-positive", ["`alpha_pattern.q_proj`", "positive number", "-1"]),
-    ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern", "config.wrong-type", ["`alpha_pattern.q_proj`", "positive number", "null"]),
+    (
+        {"alpha_pattern": {"q_proj": -1}},
+        "alpha_pattern",
+        "config.alpha-not-positive",
+        ["`alpha_pattern.q_proj`", "positive number", "-1"],
+    ),
+    (
+        {"alpha_pattern": {"q_proj": None}},
+        "alpha_pattern",
+        "config.wrong-type",
+        ["`alpha_pattern.q_proj`", "positive number", "null"],
+    ),
     ({"use_rslora": "yes"}, "use_rslora", "config.wrong-type", ["`use_rslora`", "true or false", '"yes"']),
     ({"exclude_modules": 3}, "exclude_modules", "config.wrong-type", ["`exclude_modules`", "3"]),
     ({"layers_pattern": {"a": 1}}, "layers_pattern", "config.wrong-type", ["`layers_pattern`", "an object"]),
@@ -125,7 +173,9 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("changes, field_name, code, words", BAD_FIELDS, ids=[f"{c[1]}-{c[2]}-{i}" for i, c in enumerate(BAD_FIELDS)])
+@pytest.mark.parametrize(
+    "changes, field_name, code, words", BAD_FIELDS, ids=[f"{c[1]}-{c[2]}-{i}" for i, c in enumerate(BAD_FIELDS)]
+)
 def test_bad_field_is_an_error_naming_key_expected_and_actual(changes, field_name, code, words):
     cfg = parse_config(_with(**changes))
     assert not cfg.is_valid and cfg.invalid == [field_name]

@@ -82,8 +82,14 @@ def test_only_the_mamba_rows_need_the_verification_step(no_data):
 @pytest.mark.parametrize("layout", ["stacked", "peft"])
 def test_dry_run_reads_no_data(layout, no_data):
     for case in ("v5_deepseek_v3", "v4_mixtral", "v5_nemotron_h", "v5_qwen3_5"):
-        result = normalize(str(case_dir(case) / "adapter"), None, base=str(case_base_dir(case)), layout=layout,
-                           dry_run=True, drop_unsupported=True)
+        result = normalize(
+            str(case_dir(case) / "adapter"),
+            None,
+            base=str(case_base_dir(case)),
+            layout=layout,
+            dry_run=True,
+            drop_unsupported=True,
+        )
         assert result.output is None and result.specs and result.bytes_out == sum(s.nbytes for s in result.specs)
 
 
@@ -91,18 +97,34 @@ def _cli(*argv: str):
     return CliRunner().invoke(app, ["normalize", *argv])
 
 
-@pytest.mark.parametrize("case, layout", [("v5_deepseek_v3", "stacked"), ("v4_deepseek_v3_gate_only", "sglang"),
-                                          ("v4_mixtral", "peft"), ("v5_nemotron_h", "sglang"), ("v5_qwen3_5", "peft")])
+@pytest.mark.parametrize(
+    "case, layout",
+    [
+        ("v5_deepseek_v3", "stacked"),
+        ("v4_deepseek_v3_gate_only", "sglang"),
+        ("v4_mixtral", "peft"),
+        ("v5_nemotron_h", "sglang"),
+        ("v5_qwen3_5", "peft"),
+    ],
+)
 def test_dry_run_shows_exactly_what_is_written(case, layout, tmp_path):
-    args = [str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--layout", layout, "--drop-unsupported",
-            "--format", "json"]
+    args = [
+        str(case_dir(case) / "adapter"),
+        "--base",
+        str(case_base_dir(case)),
+        "--layout",
+        layout,
+        "--drop-unsupported",
+        "--format",
+        "json",
+    ]
     dry = _cli(*args, "--dry-run")
     assert dry.exit_code == 0, dry.output
-    planned = json.loads(dry.stdout[dry.stdout.index("{"):])
+    planned = json.loads(dry.stdout[dry.stdout.index("{") :])
     out = tmp_path / "out"
     wet = _cli(*args, "-o", str(out))
     assert wet.exit_code == 0, wet.output
-    written = json.loads(wet.stdout[wet.stdout.index("{"):])
+    written = json.loads(wet.stdout[wet.stdout.index("{") :])
     infos, _ = read_safetensors_header(out / "adapter_model.safetensors")
     assert [t["name"] for t in planned["tensors"]] == list(infos)  # the same tensors, in the same order
     for t in planned["tensors"]:
@@ -110,8 +132,9 @@ def test_dry_run_shows_exactly_what_is_written(case, layout, tmp_path):
     written_files = sorted(p.name for p in out.iterdir())
     assert sorted(planned["files"] + ["adapter_model.safetensors", "lora_convert_manifest.json"]) == written_files
     assert planned["dropped"] == written["dropped"] and planned["bytes_out"] == written["bytes_out"]
-    assert [line for line in dry.stderr.splitlines() if line.startswith("dropped ")] == \
-        [line for line in wet.stderr.splitlines() if line.startswith("dropped ")]
+    assert [line for line in dry.stderr.splitlines() if line.startswith("dropped ")] == [
+        line for line in wet.stderr.splitlines() if line.startswith("dropped ")
+    ]
 
 
 def test_dry_run_text_lists_every_tensor():
@@ -123,10 +146,13 @@ def test_dry_run_text_lists_every_tensor():
         assert f"{spec.name}  {spec.dtype}  {list(spec.shape)}" in result.stdout
 
 
-@pytest.mark.parametrize("case, fragments", [
-    ("v4_mixtral", ["model.layers.0.block_sparse_moe.gate", "MoE router LoRA", "--drop-unsupported"]),
-    ("v5_nemotron_h", ["mixer.in_proj", "B/C/dt rows carry", "%"]),  # decided by the verification step
-])
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("v4_mixtral", ["model.layers.0.block_sparse_moe.gate", "MoE router LoRA", "--drop-unsupported"]),
+        ("v5_nemotron_h", ["mixer.in_proj", "B/C/dt rows carry", "%"]),  # decided by the verification step
+    ],
+)
 def test_a_planned_refusal_appears_in_the_dry_run(case, fragments, tmp_path, monkeypatch):
     import lora_convert.convert.normalize as normalize_module
 
@@ -144,6 +170,6 @@ def test_a_planned_refusal_appears_in_the_dry_run(case, fragments, tmp_path, mon
     assert not list(Path(tmp_path).iterdir())
     dropped = _cli(*args, "--dry-run", "--drop-unsupported", "--format", "json")
     assert dropped.exit_code == 0, dropped.output
-    doc = json.loads(dropped.stdout[dropped.stdout.index("{"):])
+    doc = json.loads(dropped.stdout[dropped.stdout.index("{") :])
     assert {d["code"] for d in doc["dropped"]} & {"sglang.router", "sglang.mamba-in-proj-bcdt"}
     assert any(line.startswith("dropped ") for line in dropped.stderr.splitlines())

@@ -8,8 +8,9 @@ a mix that exists nowhere; in CI (a fresh clone) the copy equals the checkout.
 
 This is the slowest test of the suite: try-repo creates the hook's virtualenv in a temporary store of its own
 (PRE_COMMIT_HOME does not apply to it, so nothing is reused between runs) and installs torch, triton and the rest
-into it: about 3 minutes on this 2-core machine (measured; nearly all of it pip fetching and unpacking). So one run covers a good adapter and two
-broken ones in the same repository: the hook fails, and the per-adapter verdicts show which passed.
+into it: about 3 minutes on this 2-core machine (measured; nearly all of it pip fetching and unpacking). So one
+run covers a good adapter and two broken ones in the same repository: the hook fails, and the per-adapter verdicts
+show which passed.
 """
 
 from __future__ import annotations
@@ -26,8 +27,21 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.pyc", "*.egg-info", "build", "dist",
-                                    ".pytest_cache", ".hypothesis", "demo-out", "out", ".whl", ".gl")
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    "build",
+    "dist",
+    ".pytest_cache",
+    ".hypothesis",
+    "demo-out",
+    "out",
+    ".whl",
+    ".gl",
+)
 # The hook environment resolves `torch>=2.4` itself; this pin (the Makefile's TORCH_PIN) keeps pip on the CPU
 # wheel instead of a multi-GB CUDA build.
 TORCH_PIN = os.environ.get("TORCH_PIN", "torch==2.13.0")
@@ -42,8 +56,16 @@ def _git(cwd: Path, *args: str) -> None:
 
 def _git_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"})
+    env.update(
+        {
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_CONFIG_NOSYSTEM": "1",
+        }
+    )
     return env
 
 
@@ -86,12 +108,25 @@ def _wrong_in_features(tensors) -> None:
 
 def _try_repo(hook_repo: Path, project: Path, home: Path, constraints: Path) -> subprocess.CompletedProcess:
     env = _git_env()
-    env.update({"PRE_COMMIT_HOME": str(home), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200",
-                # An environment variable overrides pip's config-file `constraint` (pip reads env after files).
-                "PIP_CONSTRAINT": str(constraints)})
+    env.update(
+        {
+            "PRE_COMMIT_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "NO_COLOR": "1",
+            "COLUMNS": "200",
+            # An environment variable overrides pip's config-file `constraint` (pip reads env after files).
+            "PIP_CONSTRAINT": str(constraints),
+        }
+    )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run([sys.executable, "-m", "pre_commit", "try-repo", str(hook_repo), HOOK_ID, "--all-files",
-                           "--color", "never"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "pre_commit", "try-repo", str(hook_repo), HOOK_ID, "--all-files", "--color", "never"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_hook_definition_as_pre_commit_reads_it():

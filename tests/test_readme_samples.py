@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import readme_samples
-
-
 import pytest
+
+import readme_samples
 
 
 def test_readme_has_samples():
@@ -21,7 +20,8 @@ def test_samples_are_current(path):
     for old, new in zip(readme_samples.samples(text), readme_samples.samples(fresh), strict=True):
         assert readme_samples.comparable(old) == readme_samples.comparable(new), (
             f"{path.name}'s sample output differs from what the tool prints now; run `make readme`, review the diff.\n"
-            f"--- README\n{old}\n--- now\n{new}")
+            f"--- README\n{old}\n--- now\n{new}"
+        )
 
 
 def test_comparable_masks_only_timings():

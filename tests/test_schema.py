@@ -24,8 +24,17 @@ from lora_convert.errors import BaseConfigError, SchemaError
 from lora_convert.peft.adapter import LoraModule
 from lora_convert.peft.naming import parse_key
 
-FAMILIES = ["deepseek_v3", "kimi_k25", "llama", "mixtral", "nemotron_h", "qwen3_5", "qwen3_5_moe", "qwen3_moe",
-            "qwen3_next"]
+FAMILIES = [
+    "deepseek_v3",
+    "kimi_k25",
+    "llama",
+    "mixtral",
+    "nemotron_h",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "qwen3_moe",
+    "qwen3_next",
+]
 
 
 def module(path: str, *, param: str | None = None) -> LoraModule:
@@ -33,8 +42,17 @@ def module(path: str, *, param: str | None = None) -> LoraModule:
     p = parse_key(f"base_model.model.{path}.lora_A.weight")
     kind = "fused_experts" if p.is_fused_experts else "linear"
     local = f"{p.local_name}.{param}" if param else p.local_name
-    return LoraModule(module=p.module, kind=kind, target_name=p.module, param=param, layer=p.layer, expert=p.expert,
-                      local_name=local, stack_prefix=p.stack_prefix, is_vision=p.is_vision)
+    return LoraModule(
+        module=p.module,
+        kind=kind,
+        target_name=p.module,
+        param=param,
+        layer=p.layer,
+        expert=p.expert,
+        local_name=local,
+        stack_prefix=p.stack_prefix,
+        is_vision=p.is_vision,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -53,10 +71,17 @@ MINIMAL = {
     "stack_prefixes": ["model.layers"],
     "layer_types": {"attention": "True"},
     "groups": [
-        {"path": "self_attn.qkv_proj", "kind": "attention", "on": ["attention"], "in": "hidden_size",
-         "slices": [{"name": "q_proj", "out": "hidden_size", "aliases": ["self_attn.q_proj"]},
-                    {"name": "v_proj", "out": "hidden_size // 2", "aliases": ["self_attn.v_proj"]}],
-         "merged": [{"name": "qkv_proj", "slices": ["q_proj", "v_proj"], "aliases": ["self_attn.qkv_proj"]}]},
+        {
+            "path": "self_attn.qkv_proj",
+            "kind": "attention",
+            "on": ["attention"],
+            "in": "hidden_size",
+            "slices": [
+                {"name": "q_proj", "out": "hidden_size", "aliases": ["self_attn.q_proj"]},
+                {"name": "v_proj", "out": "hidden_size // 2", "aliases": ["self_attn.v_proj"]},
+            ],
+            "merged": [{"name": "qkv_proj", "slices": ["q_proj", "v_proj"], "aliases": ["self_attn.qkv_proj"]}],
+        },
     ],
 }
 
@@ -99,8 +124,9 @@ def test_strict_loading_names_file_and_key(edit, where):
 
 
 def test_note_keys_are_allowed_everywhere():
-    data = _mutated(lambda d: (d.update(_note="n"), d["groups"][0].update(_note="n"),
-                               d["groups"][0]["slices"][0].update(_note="n")))
+    data = _mutated(
+        lambda d: (d.update(_note="n"), d["groups"][0].update(_note="n"), d["groups"][0]["slices"][0].update(_note="n"))
+    )
     assert parse_schema(data, "toy").note == "n"
 
 
@@ -136,8 +162,12 @@ def test_a_new_family_needs_only_a_json_file(extra_schema_dir):
     arch = bind({"model_type": "toy", "num_hidden_layers": 2, "hidden_size": 64})
     assert arch.family == "toy" and arch.num_layers == 2
     match = arch.resolve(module("model.layers.1.self_attn.v_proj"))
-    assert (match.group.path, match.slice_indices, match.expected_in, match.expected_out) == \
-        ("model.layers.1.self_attn.qkv_proj", (1,), 64, 32)
+    assert (match.group.path, match.slice_indices, match.expected_in, match.expected_out) == (
+        "model.layers.1.self_attn.qkv_proj",
+        (1,),
+        64,
+        32,
+    )
     merged = arch.resolve(module("model.layers.0.self_attn.qkv_proj"))
     assert merged.slice_indices == (0, 1) and merged.expected_out == 96 and merged.canonical == "qkv_proj"
 
@@ -169,15 +199,31 @@ def test_config_missing_a_needed_field_is_a_base_config_error():
     with pytest.raises(BaseConfigError, match="schema llama .*missing \\(None\\) field\\(s\\): intermediate_size"):
         bind({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4})
     with pytest.raises(BaseConfigError, match="positive integer"):
-        bind({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-              "intermediate_size": -3, "vocab_size": 10})
+        bind(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 2,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "intermediate_size": -3,
+                "vocab_size": 10,
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------ resolving names
 @pytest.fixture(scope="module")
 def presets() -> dict[str, Architecture]:
-    names = ["deepseek-v3", "kimi-k2.5", "mixtral-8x7b", "nemotron-3-super-120b-a12b", "qwen3.5-27b", "qwen3-next-80b-a3b",
-             "qwen3-30b-a3b", "llama-3.1-8b"]
+    names = [
+        "deepseek-v3",
+        "kimi-k2.5",
+        "mixtral-8x7b",
+        "nemotron-3-super-120b-a12b",
+        "qwen3.5-27b",
+        "qwen3-next-80b-a3b",
+        "qwen3-30b-a3b",
+        "llama-3.1-8b",
+    ]
     return {n: bind(resolve_base(n)) for n in names}
 
 
@@ -185,62 +231,262 @@ def presets() -> dict[str, Architecture]:
     "preset, path, param, group_path, slices, canonical, expert, shape",
     [
         # Mixtral: transformers 4 (block_sparse_moe, w1/w3/w2), transformers 5 (mlp., 3-D), Hub names.
-        ("mixtral-8x7b", "model.layers.3.block_sparse_moe.experts.5.w1", None,
-         "model.layers.3.block_sparse_moe.experts.gate_up_proj", (0,), "experts.gate_proj", 5, (4096, 14336)),
-        ("mixtral-8x7b", "model.layers.3.block_sparse_moe.experts.5.w3", None,
-         "model.layers.3.block_sparse_moe.experts.gate_up_proj", (1,), "experts.up_proj", 5, (4096, 14336)),
-        ("mixtral-8x7b", "model.layers.3.block_sparse_moe.experts.5.w2", None,
-         "model.layers.3.block_sparse_moe.experts.down_proj", (0,), "experts.down_proj", 5, (14336, 4096)),
-        ("mixtral-8x7b", "model.layers.3.mlp.experts", "gate_up_proj",
-         "model.layers.3.block_sparse_moe.experts.gate_up_proj", (0, 1), "experts.gate_up_proj", None, (4096, 28672)),
-        ("mixtral-8x7b", "model.layers.3.mlp.gate", None, "model.layers.3.block_sparse_moe.gate", (0,), "gate", None,
-         (4096, 8)),
-        ("mixtral-8x7b", "model.layers.3.block_sparse_moe.gate", None, "model.layers.3.block_sparse_moe.gate", (0,),
-         "gate", None, (4096, 8)),
+        (
+            "mixtral-8x7b",
+            "model.layers.3.block_sparse_moe.experts.5.w1",
+            None,
+            "model.layers.3.block_sparse_moe.experts.gate_up_proj",
+            (0,),
+            "experts.gate_proj",
+            5,
+            (4096, 14336),
+        ),
+        (
+            "mixtral-8x7b",
+            "model.layers.3.block_sparse_moe.experts.5.w3",
+            None,
+            "model.layers.3.block_sparse_moe.experts.gate_up_proj",
+            (1,),
+            "experts.up_proj",
+            5,
+            (4096, 14336),
+        ),
+        (
+            "mixtral-8x7b",
+            "model.layers.3.block_sparse_moe.experts.5.w2",
+            None,
+            "model.layers.3.block_sparse_moe.experts.down_proj",
+            (0,),
+            "experts.down_proj",
+            5,
+            (14336, 4096),
+        ),
+        (
+            "mixtral-8x7b",
+            "model.layers.3.mlp.experts",
+            "gate_up_proj",
+            "model.layers.3.block_sparse_moe.experts.gate_up_proj",
+            (0, 1),
+            "experts.gate_up_proj",
+            None,
+            (4096, 28672),
+        ),
+        (
+            "mixtral-8x7b",
+            "model.layers.3.mlp.gate",
+            None,
+            "model.layers.3.block_sparse_moe.gate",
+            (0,),
+            "gate",
+            None,
+            (4096, 8),
+        ),
+        (
+            "mixtral-8x7b",
+            "model.layers.3.block_sparse_moe.gate",
+            None,
+            "model.layers.3.block_sparse_moe.gate",
+            (0,),
+            "gate",
+            None,
+            (4096, 8),
+        ),
         # DeepSeek-V3: q_a_proj and kv_a_proj_with_mqa are slices of the fused MLA down-projection.
-        ("deepseek-v3", "model.layers.0.self_attn.q_a_proj", None,
-         "model.layers.0.self_attn.fused_qkv_a_proj_with_mqa", (0,), "q_a_proj", None, (7168, 1536)),
-        ("deepseek-v3", "model.layers.0.self_attn.kv_a_proj_with_mqa", None,
-         "model.layers.0.self_attn.fused_qkv_a_proj_with_mqa", (1,), "kv_a_proj_with_mqa", None, (7168, 576)),
-        ("deepseek-v3", "model.layers.5.mlp.shared_experts.up_proj", None,
-         "model.layers.5.mlp.shared_experts.gate_up_proj", (1,), "shared_experts.up_proj", None, (7168, 2048)),
-        ("deepseek-v3", "model.layers.5.mlp.experts.255.down_proj", None,
-         "model.layers.5.mlp.experts.down_proj", (0,), "experts.down_proj", 255, (2048, 7168)),
+        (
+            "deepseek-v3",
+            "model.layers.0.self_attn.q_a_proj",
+            None,
+            "model.layers.0.self_attn.fused_qkv_a_proj_with_mqa",
+            (0,),
+            "q_a_proj",
+            None,
+            (7168, 1536),
+        ),
+        (
+            "deepseek-v3",
+            "model.layers.0.self_attn.kv_a_proj_with_mqa",
+            None,
+            "model.layers.0.self_attn.fused_qkv_a_proj_with_mqa",
+            (1,),
+            "kv_a_proj_with_mqa",
+            None,
+            (7168, 576),
+        ),
+        (
+            "deepseek-v3",
+            "model.layers.5.mlp.shared_experts.up_proj",
+            None,
+            "model.layers.5.mlp.shared_experts.gate_up_proj",
+            (1,),
+            "shared_experts.up_proj",
+            None,
+            (7168, 2048),
+        ),
+        (
+            "deepseek-v3",
+            "model.layers.5.mlp.experts.255.down_proj",
+            None,
+            "model.layers.5.mlp.experts.down_proj",
+            (0,),
+            "experts.down_proj",
+            255,
+            (2048, 7168),
+        ),
         # Kimi-K2.5: remote-code/Hub `language_model.model.` and transformers 5 `model.language_model.`.
-        ("kimi-k2.5", "language_model.model.layers.2.self_attn.q_a_proj", None,
-         "language_model.model.layers.2.self_attn.fused_qkv_a_proj_with_mqa", (0,), "q_a_proj", None, (7168, 1536)),
-        ("kimi-k2.5", "model.language_model.layers.2.mlp.experts", "gate_up_proj",
-         "language_model.model.layers.2.mlp.experts.gate_up_proj", (0, 1), "experts.gate_up_proj", None, (7168, 4096)),
-        ("kimi-k2.5", "model.language_model.embed_tokens", None, "language_model.model.embed_tokens", (0,),
-         "embed_tokens", None, (163840, 7168)),
+        (
+            "kimi-k2.5",
+            "language_model.model.layers.2.self_attn.q_a_proj",
+            None,
+            "language_model.model.layers.2.self_attn.fused_qkv_a_proj_with_mqa",
+            (0,),
+            "q_a_proj",
+            None,
+            (7168, 1536),
+        ),
+        (
+            "kimi-k2.5",
+            "model.language_model.layers.2.mlp.experts",
+            "gate_up_proj",
+            "language_model.model.layers.2.mlp.experts.gate_up_proj",
+            (0, 1),
+            "experts.gate_up_proj",
+            None,
+            (7168, 4096),
+        ),
+        (
+            "kimi-k2.5",
+            "model.language_model.embed_tokens",
+            None,
+            "language_model.model.embed_tokens",
+            (0,),
+            "embed_tokens",
+            None,
+            (163840, 7168),
+        ),
         ("kimi-k2.5", "lm_head", None, "language_model.lm_head", (0,), "lm_head", None, (7168, 163840)),
         # Nemotron-H: Hub/remote `backbone.` and transformers 5 `model.`; non-gated experts.
-        ("nemotron-3-super-120b-a12b", "backbone.layers.1.mixer.experts.7.up_proj", None,
-         "backbone.layers.1.mixer.experts.up_proj", (0,), "experts.up_proj", 7, (1024, 2688)),
-        ("nemotron-3-super-120b-a12b", "model.layers.1.mixer.experts", "up_proj",
-         "backbone.layers.1.mixer.experts.up_proj", (0,), "experts.up_proj", None, (1024, 2688)),
-        ("nemotron-3-super-120b-a12b", "model.layers.0.mixer.in_proj", None,
-         "backbone.layers.0.mixer.in_proj", (0, 1, 2, 3, 4), "in_proj", None, (4096, 18560)),
-        ("nemotron-3-super-120b-a12b", "backbone.layers.1.mixer.fc1_latent_proj", None,
-         "backbone.layers.1.mixer.fc1_latent_proj", (0,), "fc1_latent_proj", None, (4096, 1024)),
-        ("nemotron-3-super-120b-a12b", "model.embeddings", None, "backbone.embeddings", (0,), "embeddings", None,
-         (131072, 4096)),
+        (
+            "nemotron-3-super-120b-a12b",
+            "backbone.layers.1.mixer.experts.7.up_proj",
+            None,
+            "backbone.layers.1.mixer.experts.up_proj",
+            (0,),
+            "experts.up_proj",
+            7,
+            (1024, 2688),
+        ),
+        (
+            "nemotron-3-super-120b-a12b",
+            "model.layers.1.mixer.experts",
+            "up_proj",
+            "backbone.layers.1.mixer.experts.up_proj",
+            (0,),
+            "experts.up_proj",
+            None,
+            (1024, 2688),
+        ),
+        (
+            "nemotron-3-super-120b-a12b",
+            "model.layers.0.mixer.in_proj",
+            None,
+            "backbone.layers.0.mixer.in_proj",
+            (0, 1, 2, 3, 4),
+            "in_proj",
+            None,
+            (4096, 18560),
+        ),
+        (
+            "nemotron-3-super-120b-a12b",
+            "backbone.layers.1.mixer.fc1_latent_proj",
+            None,
+            "backbone.layers.1.mixer.fc1_latent_proj",
+            (0,),
+            "fc1_latent_proj",
+            None,
+            (4096, 1024),
+        ),
+        (
+            "nemotron-3-super-120b-a12b",
+            "model.embeddings",
+            None,
+            "backbone.embeddings",
+            (0,),
+            "embeddings",
+            None,
+            (131072, 4096),
+        ),
         # Qwen3.5 VL: split GDN projections map onto the fused in_proj_qkvz / in_proj_ba slices.
-        ("qwen3.5-27b", "model.language_model.layers.0.linear_attn.in_proj_qkv", None,
-         "model.language_model.layers.0.linear_attn.in_proj_qkvz", (0, 1, 2), "in_proj_qkv", None, (5120, 10240)),
-        ("qwen3.5-27b", "model.layers.0.linear_attn.in_proj_z", None,
-         "model.language_model.layers.0.linear_attn.in_proj_qkvz", (3,), "z", None, (5120, 6144)),
-        ("qwen3.5-27b", "model.layers.0.linear_attn.in_proj_a", None,
-         "model.language_model.layers.0.linear_attn.in_proj_ba", (1,), "a", None, (5120, 48)),
-        ("qwen3.5-27b", "model.language_model.layers.3.self_attn.q_proj", None,
-         "model.language_model.layers.3.self_attn.qkv_proj", (0,), "q_proj", None, (5120, 12288)),
+        (
+            "qwen3.5-27b",
+            "model.language_model.layers.0.linear_attn.in_proj_qkv",
+            None,
+            "model.language_model.layers.0.linear_attn.in_proj_qkvz",
+            (0, 1, 2),
+            "in_proj_qkv",
+            None,
+            (5120, 10240),
+        ),
+        (
+            "qwen3.5-27b",
+            "model.layers.0.linear_attn.in_proj_z",
+            None,
+            "model.language_model.layers.0.linear_attn.in_proj_qkvz",
+            (3,),
+            "z",
+            None,
+            (5120, 6144),
+        ),
+        (
+            "qwen3.5-27b",
+            "model.layers.0.linear_attn.in_proj_a",
+            None,
+            "model.language_model.layers.0.linear_attn.in_proj_ba",
+            (1,),
+            "a",
+            None,
+            (5120, 48),
+        ),
+        (
+            "qwen3.5-27b",
+            "model.language_model.layers.3.self_attn.q_proj",
+            None,
+            "model.language_model.layers.3.self_attn.qkv_proj",
+            (0,),
+            "q_proj",
+            None,
+            (5120, 12288),
+        ),
         # Qwen3-Next: the pre-merged, head-interleaved in_proj_qkvz is one whole slice.
-        ("qwen3-next-80b-a3b", "model.layers.0.linear_attn.in_proj_qkvz", None,
-         "model.layers.0.linear_attn.in_proj_qkvz", (0,), "in_proj_qkvz", None, (2048, 12288)),
-        ("qwen3-next-80b-a3b", "model.layers.0.mlp.shared_expert_gate", None,
-         "model.layers.0.mlp.shared_expert_gate", (0,), "shared_expert_gate", None, (2048, 1)),
-        ("llama-3.1-8b", "model.layers.31.self_attn.qkv_proj", None, "model.layers.31.self_attn.qkv_proj",
-         (0, 1, 2), "qkv_proj", None, (4096, 6144)),
+        (
+            "qwen3-next-80b-a3b",
+            "model.layers.0.linear_attn.in_proj_qkvz",
+            None,
+            "model.layers.0.linear_attn.in_proj_qkvz",
+            (0,),
+            "in_proj_qkvz",
+            None,
+            (2048, 12288),
+        ),
+        (
+            "qwen3-next-80b-a3b",
+            "model.layers.0.mlp.shared_expert_gate",
+            None,
+            "model.layers.0.mlp.shared_expert_gate",
+            (0,),
+            "shared_expert_gate",
+            None,
+            (2048, 1),
+        ),
+        (
+            "llama-3.1-8b",
+            "model.layers.31.self_attn.qkv_proj",
+            None,
+            "model.layers.31.self_attn.qkv_proj",
+            (0, 1, 2),
+            "qkv_proj",
+            None,
+            (4096, 6144),
+        ),
     ],
 )
 def test_resolve(presets, preset, path, param, group_path, slices, canonical, expert, shape):
@@ -306,8 +552,12 @@ def test_groups_paths_offsets_and_layer_types(presets):
 
 def test_deepseek_without_q_lora_rank(presets):
     # DeepSeek-V2-Lite geometry: q_lora_rank null -> q_proj and a lone kv_a_proj_with_mqa.
-    cfg = dict(resolve_base("deepseek-v3").config, q_lora_rank=None, model_type="deepseek_v2",
-               architectures=["DeepseekV2ForCausalLM"])
+    cfg = dict(
+        resolve_base("deepseek-v3").config,
+        q_lora_rank=None,
+        model_type="deepseek_v2",
+        architectures=["DeepseekV2ForCausalLM"],
+    )
     arch = bind(cfg)
     names = [g.name for g in arch.groups(0)]
     assert names[:4] == ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
@@ -319,8 +569,7 @@ def test_deepseek_without_q_lora_rank(presets):
 
 
 def test_nemotron_without_latent_and_with_legacy_pattern():
-    cfg = dict(resolve_base("nemotron-3-super-120b-a12b").config, moe_latent_size=None,
-               hybrid_override_pattern="M*-E")
+    cfg = dict(resolve_base("nemotron-3-super-120b-a12b").config, moe_latent_size=None, hybrid_override_pattern="M*-E")
     cfg.pop("num_hidden_layers")
     arch = bind(cfg)
     assert arch.num_layers == 4
@@ -347,9 +596,17 @@ def test_resolve_is_constant_time_for_100k_modules(presets):
     for layer in range(3, 61):
         for e in range(256):
             for proj in ("gate_proj", "up_proj", "down_proj"):
-                mods.append(LoraModule(module=f"model.layers.{layer}.mlp.experts.{e}.{proj}", kind="linear",
-                                       target_name="", layer=layer, expert=e, local_name=f"mlp.experts.{proj}",
-                                       stack_prefix="model"))
+                mods.append(
+                    LoraModule(
+                        module=f"model.layers.{layer}.mlp.experts.{e}.{proj}",
+                        kind="linear",
+                        target_name="",
+                        layer=layer,
+                        expert=e,
+                        local_name=f"mlp.experts.{proj}",
+                        stack_prefix="model",
+                    )
+                )
     assert len(mods) > 44_000
     start = time.perf_counter()
     for _ in range(2):
@@ -359,9 +616,11 @@ def test_resolve_is_constant_time_for_100k_modules(presets):
 
 
 def test_schema_modules_do_not_import_torch():
-    code = ("import sys; import lora_convert.arch.schema, lora_convert.arch.expr, lora_convert.arch.base_config as b;"
-            "from lora_convert.arch.schema import bind; bind(b.resolve_base('deepseek-v3'));"
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; import lora_convert.arch.schema, lora_convert.arch.expr, lora_convert.arch.base_config as b;"
+        "from lora_convert.arch.schema import bind; bind(b.resolve_base('deepseek-v3'));"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -372,8 +631,10 @@ def test_unknown_wrapper_around_a_known_text_model_is_unwrapped():
 
 
 def test_shared_expert_count_is_an_optional_expression_validated_like_the_others():
-    assert parse_schema(_mutated(lambda d: d.update(shared_expert_count="n_shared or 0")), "toy").shared_expert_count \
+    assert (
+        parse_schema(_mutated(lambda d: d.update(shared_expert_count="n_shared or 0")), "toy").shared_expert_count
         == "n_shared or 0"
+    )
     assert parse_schema(MINIMAL, "toy").shared_expert_count is None
     with pytest.raises(SchemaError, match=r"shared_expert_count: .*"):
         parse_schema(_mutated(lambda d: d.update(shared_expert_count="n.shared")), "toy")
@@ -387,5 +648,16 @@ def test_experts_gated_comes_from_the_schema():
     dense_layer = next(i for i in range(nemotron.num_layers) if "moe" not in nemotron.layer_types(i))
     # non-gated experts (up/down only): at a MoE layer, and family-wide where a layer has no experts
     assert nemotron.experts_gated() is False and nemotron.experts_gated(dense_layer) is False
-    assert bind({"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
-                 "intermediate_size": 16, "vocab_size": 32}).experts_gated() is None
+    assert (
+        bind(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 1,
+                "hidden_size": 8,
+                "num_attention_heads": 2,
+                "intermediate_size": 16,
+                "vocab_size": 32,
+            }
+        ).experts_gated()
+        is None
+    )

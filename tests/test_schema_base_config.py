@@ -68,7 +68,9 @@ def test_explicit_hub_id_downloads_config_only(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     base = resolve_base("org/model@v1", cache_dir=tmp_path / "cache", token="tok")
     assert base.origin == "hub" and base.name == "org/model@v1" and base.config == LLAMA
-    assert calls == [("org/model", "config.json", {"revision": "v1", "cache_dir": str(tmp_path / "cache"), "token": "tok"})]
+    assert calls == [
+        ("org/model", "config.json", {"revision": "v1", "cache_dir": str(tmp_path / "cache"), "token": "tok"})
+    ]
 
 
 def _raising(exc):

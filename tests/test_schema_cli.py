@@ -76,8 +76,15 @@ def test_show_a_family_without_base_is_symbolic():
 
 
 def test_show_family_with_base(tmp_path):
-    cfg = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 100}
+    cfg = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 96,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     result = runner.invoke(app, ["schemas", "show", "llama", "--base", str(tmp_path), "--format", "json"])
     assert result.exit_code == 0, result.output

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lora_convert.peft.adapter import LoraModule, load_adapter
 from lora_convert.arch.base_config import resolve_base
-from lora_convert.findings import Severity
-from lora_convert.peft.naming import parse_key
 from lora_convert.arch.schema import bind
 from lora_convert.arch.shape_check import check_shapes
+from lora_convert.findings import Severity
 from lora_convert.io.tensor_files import read_safetensors_header
+from lora_convert.peft.adapter import LoraModule, load_adapter
+from lora_convert.peft.naming import parse_key
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 INDEX = json.loads((DATA / "INDEX.json").read_text())  # the fixtures are part of the repo: fail loudly if absent
@@ -88,8 +88,16 @@ def test_base_checkpoint_weights_match_the_schema(base):
             continue
         # transformers 5.23 saves Kimi-K2.5's text stack as `blocks.N`; the Hub checkpoint uses `layers.N`.
         p = parse_key(key.replace("language_model.model.blocks.", "language_model.model.layers."))
-        m = LoraModule(module=p.module, kind="linear", target_name=p.module, layer=p.layer, expert=p.expert,
-                       local_name=p.local_name, stack_prefix=p.stack_prefix, is_vision=p.is_vision)
+        m = LoraModule(
+            module=p.module,
+            kind="linear",
+            target_name=p.module,
+            layer=p.layer,
+            expert=p.expert,
+            local_name=p.local_name,
+            stack_prefix=p.stack_prefix,
+            is_vision=p.is_vision,
+        )
         loc = arch.locate(m)
         if loc.status == "vision":
             continue
@@ -127,7 +135,7 @@ def rename_module(old: str, new: str):
         hits = [k for k in tensors if k.startswith(old + ".")]
         assert hits, old
         for k in hits:
-            tensors[new + k[len(old):]] = tensors.pop(k)
+            tensors[new + k[len(old) :]] = tensors.pop(k)
         return tensors
 
     return edit
@@ -181,8 +189,9 @@ def test_mtp_layer_is_named_as_such(tmp_path):
     cfg = json.loads((DATA / "bases" / "v4_deepseek_v3" / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 1
     (base / "config.json").write_text(json.dumps(cfg))
-    folder = mutated(tmp_path, "v4_deepseek_v3",
-                     rename_module(f"{P}.2.self_attn.q_a_proj", f"{P}.3.self_attn.q_a_proj"))
+    folder = mutated(
+        tmp_path, "v4_deepseek_v3", rename_module(f"{P}.2.self_attn.q_a_proj", f"{P}.3.self_attn.q_a_proj")
+    )
     adapter = load_adapter(folder)
     [f] = check_shapes(adapter, bind(resolve_base(str(base))))
     assert f.code == "layers.past-end" and "MTP/NextN" in f.message
@@ -190,8 +199,9 @@ def test_mtp_layer_is_named_as_such(tmp_path):
 
 def test_expert_past_the_end(tmp_path):
     # 4 routed experts (0..3); rename expert 0 of layer 1 to expert 4.
-    folder = mutated(tmp_path, "v4_deepseek_v3",
-                     rename_module(f"{P}.1.mlp.experts.0.gate_proj", f"{P}.1.mlp.experts.4.gate_proj"))
+    folder = mutated(
+        tmp_path, "v4_deepseek_v3", rename_module(f"{P}.1.mlp.experts.0.gate_proj", f"{P}.1.mlp.experts.4.gate_proj")
+    )
     [f] = findings_for(folder, "v4_deepseek_v3")
     assert f.code == "experts.index-past-end" and f.actual == 4 and f.expected == "expert < 4"
     assert len(f.keys) == 2
@@ -199,8 +209,9 @@ def test_expert_past_the_end(tmp_path):
 
 def test_expert_lora_on_a_dense_layer(tmp_path):
     # first_k_dense_replace = 1: layer 0 is dense. Move a per-expert module of layer 1 there.
-    folder = mutated(tmp_path, "v4_deepseek_v3",
-                     rename_module(f"{P}.1.mlp.experts.2.up_proj", f"{P}.0.mlp.experts.2.up_proj"))
+    folder = mutated(
+        tmp_path, "v4_deepseek_v3", rename_module(f"{P}.1.mlp.experts.2.up_proj", f"{P}.0.mlp.experts.2.up_proj")
+    )
     [f] = findings_for(folder, "v4_deepseek_v3")
     assert f.code == "experts.on-dense-layer" and f.actual == ["attention+dense"]
     assert all(".layers.0.mlp.experts.2.up_proj." in k for k in f.keys)
@@ -225,16 +236,14 @@ def test_fused_experts_count_differs(tmp_path):
 
 def test_module_on_the_wrong_layer_type(tmp_path):
     # Qwen3-Next: layer 0 is linear attention, layer 1 full attention; move a self_attn module to layer 0.
-    folder = mutated(tmp_path, "v4_qwen3_next",
-                     rename_module(f"{P}.1.self_attn.o_proj", f"{P}.0.self_attn.o_proj"))
+    folder = mutated(tmp_path, "v4_qwen3_next", rename_module(f"{P}.1.self_attn.o_proj", f"{P}.0.self_attn.o_proj"))
     found = findings_for(folder, "v4_qwen3_next")
     assert [f.code for f in found] == ["modules.not-on-layer-type"]
     assert found[0].actual == ["linear_attention+moe"] and "attention layers" in found[0].message
 
 
 def test_unknown_module(tmp_path):
-    folder = mutated(tmp_path, "v4_llama",
-                     rename_module(f"{P}.0.self_attn.q_proj", f"{P}.0.self_attn.q_proj_extra"))
+    folder = mutated(tmp_path, "v4_llama", rename_module(f"{P}.0.self_attn.q_proj", f"{P}.0.self_attn.q_proj_extra"))
     [f] = findings_for(folder, "v4_llama")
     assert f.code == "modules.unknown" and f.actual == "self_attn.q_proj_extra"
 
@@ -251,7 +260,10 @@ def test_all_problems_are_reported_at_once(tmp_path):
 
 def test_top_level_mtp_stack_is_reported_not_crashed_on(tmp_path):
     # Qwen3-Next keeps its MTP head under `mtp.`; move one module there.
-    folder = mutated(tmp_path, "v4_qwen3_next",
-                     rename_module(f"{P}.1.self_attn.o_proj", "base_model.model.mtp.layers.0.self_attn.o_proj"))
+    folder = mutated(
+        tmp_path,
+        "v4_qwen3_next",
+        rename_module(f"{P}.1.self_attn.o_proj", "base_model.model.mtp.layers.0.self_attn.o_proj"),
+    )
     [f] = findings_for(folder, "v4_qwen3_next")
     assert f.code == "layers.past-end" and "1 LoRA module(s) belong to the multi-token-prediction" in f.message

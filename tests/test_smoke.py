@@ -17,14 +17,18 @@ SMOKE_CASES = [c for c in fixture_cases() if "dora" not in c and "vision" not in
 
 
 def smoke(case, **kw):
-    return run_smoke(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device=kw.pop("device", "cpu"), **kw)
+    return run_smoke(
+        str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device=kw.pop("device", "cpu"), **kw
+    )
 
 
 @pytest.mark.parametrize("case", SMOKE_CASES)
 def test_smoke_passes_on_every_fixture(case):
     report = smoke(case)
     assert report.groups, "nothing was checked"
-    failures = [(g.key, g.problems, [(s.name, s.problem) for s in g.slices if s.problem]) for g in report.groups if not g.ok]
+    failures = [
+        (g.key, g.problems, [(s.name, s.problem) for s in g.slices if s.problem]) for g in report.groups if not g.ok
+    ]
     assert report.ok, failures
 
 
@@ -45,11 +49,15 @@ def tamper(out, edit):
 
 
 def smoke_stacked(case, out):
-    return run_smoke(str(out), original=str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device="cpu", layers="all")
+    return run_smoke(
+        str(out), original=str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device="cpu", layers="all"
+    )
 
 
 def failing(report):
-    return {(g.key, s.name) for g in report.groups for s in g.slices if s.problem} | {(g.key, None) for g in report.groups if g.problems}
+    return {(g.key, s.name) for g in report.groups for s in g.slices if s.problem} | {
+        (g.key, None) for g in report.groups if g.problems
+    }
 
 
 def first_group(layout, name):
@@ -74,7 +82,7 @@ def test_swapped_slices_are_caught(tmp_path):
         assert gate["out_features"] == up["out_features"]
         B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
         n = gate["out_features"]
-        B[:n], B[n:2 * n] = B[n:2 * n].clone(), B[:n].clone()
+        B[:n], B[n : 2 * n] = B[n : 2 * n].clone(), B[:n].clone()
         state["key"] = g["key"]
 
     tamper(out, swap)
@@ -91,7 +99,7 @@ def test_doubled_scale_is_caught(tmp_path):
         g = first_group(layout, "fused_qkv_a_proj_with_mqa")
         kv = g["slices"][1]
         B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
-        B[kv["out_offset"]:kv["out_offset"] + kv["out_features"]] *= 2
+        B[kv["out_offset"] : kv["out_offset"] + kv["out_features"]] *= 2
         state["key"] = g["key"]
 
     tamper(out, double)
@@ -152,8 +160,8 @@ def test_zero_filled_slice_must_stay_untouched(tmp_path):
         B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]
         R = layout["rank"]
         A = tensors[f"base_model.model.{g['key']}.lora_A.weight"]
-        A[R:2 * R] = 0.01
-        B[kv["out_offset"]:kv["out_offset"] + kv["out_features"]] = 0.01
+        A[R : 2 * R] = 0.01
+        B[kv["out_offset"] : kv["out_offset"] + kv["out_features"]] = 0.01
         state["key"] = g["key"]
 
     tamper(out, fill)
@@ -175,13 +183,37 @@ def test_nan_never_passes(tmp_path):
 def test_cli_reports_and_exit_codes(tmp_path):
     case = "v4_llama"
     runner = CliRunner()
-    ok = runner.invoke(app, ["smoke", str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--device", "cpu", "--format", "json"])
+    ok = runner.invoke(
+        app,
+        [
+            "smoke",
+            str(case_dir(case) / "adapter"),
+            "--base",
+            str(case_base_dir(case)),
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     doc = json.loads(ok.stdout)
     assert doc["ok"] and doc["interpreter"] and doc["tokens"] == 160
     out = normalized(case, tmp_path)
     tamper(out, lambda t, l: t[f"base_model.model.{l['groups'][0]['key']}.lora_B.weight"].mul_(3))
-    bad = runner.invoke(app, ["smoke", str(out), "--original", str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--device", "cpu"])
+    bad = runner.invoke(
+        app,
+        [
+            "smoke",
+            str(out),
+            "--original",
+            str(case_dir(case) / "adapter"),
+            "--base",
+            str(case_base_dir(case)),
+            "--device",
+            "cpu",
+        ],
+    )
     assert bad.exit_code == 1 and "FAIL" in bad.stdout
     need_original = runner.invoke(app, ["smoke", str(out), "--device", "cpu"])
     assert need_original.exit_code == 2 and "--original" in need_original.stderr
@@ -190,7 +222,9 @@ def test_cli_reports_and_exit_codes(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_cuda_without_gpu_is_an_environment_error():
     case = "v4_llama"
-    result = CliRunner().invoke(app, ["smoke", str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--device", "cuda"])
+    result = CliRunner().invoke(
+        app, ["smoke", str(case_dir(case) / "adapter"), "--base", str(case_base_dir(case)), "--device", "cuda"]
+    )
     assert result.exit_code == 3 and "CUDA" in result.stderr
 
 

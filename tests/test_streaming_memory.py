@@ -29,15 +29,34 @@ from lora_convert.peft.adapter import Adapter
 
 H, I, E, R, LAYERS = 64, 32, 8, 4, 12
 P = "base_model.model.model.layers"
-ATTN = {"q_a_proj": (H, 48), "q_b_proj": (48, 2 * 24), "kv_a_proj_with_mqa": (H, 32 + 8), "kv_b_proj": (32, 2 * 32), "o_proj": (2 * 16, H)}
+ATTN = {
+    "q_a_proj": (H, 48),
+    "q_b_proj": (48, 2 * 24),
+    "kv_a_proj_with_mqa": (H, 32 + 8),
+    "kv_b_proj": (32, 2 * 32),
+    "o_proj": (2 * 16, H),
+}
 
 
 def _base(tmp_path):
     cfg = dict(find_preset("deepseek-v3")["config"])
     cfg.pop("quantization_config", None)
-    cfg.update(hidden_size=H, moe_intermediate_size=I, intermediate_size=4 * H, n_routed_experts=E, q_lora_rank=48,
-               kv_lora_rank=32, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=16, qk_rope_head_dim=8,
-               v_head_dim=16, first_k_dense_replace=0, num_hidden_layers=LAYERS, vocab_size=256)
+    cfg.update(
+        hidden_size=H,
+        moe_intermediate_size=I,
+        intermediate_size=4 * H,
+        n_routed_experts=E,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=0,
+        num_hidden_layers=LAYERS,
+        vocab_size=256,
+    )
     folder = tmp_path / "base"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -67,8 +86,13 @@ def _adapter(tmp_path, layout: str):
                     t[f"{P}.{L}.mlp.experts.{j}.{proj}.lora_B.weight"] = rnd(fo, R)
     folder = tmp_path / layout
     folder.mkdir()
-    cfg = {"peft_type": "LORA", "r": R, "lora_alpha": 2 * R, "base_model_name_or_path": "deepseek-ai/DeepSeek-V3",
-           "target_modules": list(ATTN) + ([] if layout == "fused-3d" else ["gate_proj", "up_proj", "down_proj"])}
+    cfg = {
+        "peft_type": "LORA",
+        "r": R,
+        "lora_alpha": 2 * R,
+        "base_model_name_or_path": "deepseek-ai/DeepSeek-V3",
+        "target_modules": list(ATTN) + ([] if layout == "fused-3d" else ["gate_proj", "up_proj", "down_proj"]),
+    }
     if layout == "fused-3d":
         cfg["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
@@ -112,12 +136,15 @@ def test_normalize_holds_one_group_at_a_time(tmp_path, monkeypatch, layout):
     def build(plan, group, dtype_tag, read, *args, **kwargs):
         assert sources.live == 0, f"source tensors of an earlier group are still alive when {group.key} starts"
         sources.peak_in_group = 0
-        keys = {k for sl in group.slices for src in sl.sources() for k in (src.module.lora_A.key, src.module.lora_B.key)}
+        keys = {
+            k for sl in group.slices for src in sl.sources() for k in (src.module.lora_A.key, src.module.lora_B.key)
+        }
         group_source_bytes = sum(plan.adapter.index.tensors[k].nbytes for k in keys)
         A, B = original_build(plan, group, dtype_tag, read, *args, **kwargs)
         assert sources.live == 0, f"{group.key}: source tensors outlive the group that read them"
         assert sources.peak_in_group <= group_source_bytes, (
-            f"{group.key}: {sources.peak_in_group} bytes of sources alive at once, more than the group's own {group_source_bytes}")
+            f"{group.key}: {sources.peak_in_group} bytes of sources alive at once, more than the group's own {group_source_bytes}"
+        )
         groups.append((group.key, _nbytes(A) + _nbytes(B), group_source_bytes, _nbytes(A), _nbytes(B)))
         return A, B
 

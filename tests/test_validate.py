@@ -10,14 +10,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lora_convert.cli import app
 from lora_convert.check.validate import validate_adapter
+from lora_convert.cli import app
 
 H, HEADS, KV, HD, LAYERS, VOCAB = 16, 4, 1, 4, 2, 100
 BASE_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "num_attention_heads": HEADS,
-    "num_key_value_heads": KV, "head_dim": HD, "intermediate_size": 32, "num_hidden_layers": LAYERS, "vocab_size": VOCAB,
-    "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": H,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV,
+    "head_dim": HD,
+    "intermediate_size": 32,
+    "num_hidden_layers": LAYERS,
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
 }
 OUT = {"q_proj": HEADS * HD, "k_proj": KV * HD, "v_proj": KV * HD, "o_proj": H}
 IN = {"q_proj": H, "k_proj": H, "v_proj": H, "o_proj": HEADS * HD}
@@ -54,7 +62,9 @@ def doc_of(result):
 
 
 def codes(report_or_doc):
-    findings = report_or_doc["findings"] if isinstance(report_or_doc, dict) else [f.to_json() for f in report_or_doc.findings]
+    findings = (
+        report_or_doc["findings"] if isinstance(report_or_doc, dict) else [f.to_json() for f in report_or_doc.findings]
+    )
     return sorted({f["code"] for f in findings})
 
 
@@ -163,10 +173,14 @@ def test_duplicate_across_shards(tmp_path):
 
     folder = tmp_path / "sharded"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    )
     t = llama_tensors(layers=1, modules=("q_proj",))
     save_file(t, str(folder / "adapter_model-00001-of-00002.safetensors"))
-    save_file({key(0, "q_proj", "A"): t[key(0, "q_proj", "A")]}, str(folder / "adapter_model-00002-of-00002.safetensors"))
+    save_file(
+        {key(0, "q_proj", "A"): t[key(0, "q_proj", "A")]}, str(folder / "adapter_model-00002-of-00002.safetensors")
+    )
     doc = doc_of(invoke(folder, "--no-smoke", "--format", "json"))
     assert "keys.duplicate" in codes(doc)
 
@@ -192,16 +206,21 @@ def test_added_tokens(adapter_writer, base_dir):
     assert any(f["expected"] == VOCAB and f["actual"] == VOCAB + 3 for f in added)
 
 
-@pytest.mark.parametrize("field, value, code, severity", [
-    ("use_qalora", True, "config.unsupported-variant", "error"),
-    ("bias", "all", "config.bias", "warning"),
-    ("modules_to_save", ["lm_head"], "config.modules-to-save", "warning"),
-    ("fan_in_fan_out", True, "config.fan-in-fan-out", "warning"),
-    ("trainable_token_indices", [5, 6], "config.trainable-tokens", "warning"),
-    ("lora_bias", True, "config.lora-bias", "error"),
-])
+@pytest.mark.parametrize(
+    "field, value, code, severity",
+    [
+        ("use_qalora", True, "config.unsupported-variant", "error"),
+        ("bias", "all", "config.bias", "warning"),
+        ("modules_to_save", ["lm_head"], "config.modules-to-save", "warning"),
+        ("fan_in_fan_out", True, "config.fan-in-fan-out", "warning"),
+        ("trainable_token_indices", [5, 6], "config.trainable-tokens", "warning"),
+        ("lora_bias", True, "config.lora-bias", "error"),
+    ],
+)
 def test_config_features(adapter_writer, field, value, code, severity):
-    doc = doc_of(invoke(adapter_writer(llama_tensors(layers=1), {field: value}), "--no-smoke", "--format", "json", "--no-data"))
+    doc = doc_of(
+        invoke(adapter_writer(llama_tensors(layers=1), {field: value}), "--no-smoke", "--format", "json", "--no-data")
+    )
     assert [f["severity"] for f in doc["findings"] if f["code"] == code] == [severity]
 
 
@@ -231,7 +250,9 @@ def test_sharding(adapter_writer, base_dir):
     bad = invoke(folder, "--base", base_dir, "--tp", "8", "--no-smoke", "--format", "json", "--no-data")
     assert bad.exit_code == 1
     msgs = [f["message"] for f in doc_of(bad)["findings"] if f["code"] == "sharding.tp"]
-    assert any("num_attention_heads=4" in m for m in msgs) and any("v_proj" in m or "q_proj" in m or "heads" in m for m in msgs)
+    assert any("num_attention_heads=4" in m for m in msgs) and any(
+        "v_proj" in m or "q_proj" in m or "heads" in m for m in msgs
+    )
     ep = doc_of(invoke(folder, "--tp", "4", "--ep", "3", "--no-smoke", "--format", "json", "--no-data"))
     assert "sharding.ep" in codes(ep)
 
@@ -246,7 +267,11 @@ def test_smoke_not_run_is_a_note_unless_asked(adapter_writer):
     smoke = lambda d: [(f["code"], f["severity"]) for f in d["findings"] if f["code"].startswith("smoke.")]  # noqa: E731
     assert smoke(default) == [("smoke.skipped", "info")]
     assert smoke(asked) == [("smoke.requested-not-run", "warning")]
-    assert default["summary"]["checks"]["skipped"]["smoke"] == asked["summary"]["checks"]["skipped"]["smoke"] == "no base architecture"
+    assert (
+        default["summary"]["checks"]["skipped"]["smoke"]
+        == asked["summary"]["checks"]["skipped"]["smoke"]
+        == "no base architecture"
+    )
     assert smoke(off) == [] and off["summary"]["checks"]["skipped"]["smoke"] == "--no-smoke"
 
 
@@ -302,7 +327,9 @@ def test_several_adapters_and_config_paths(adapter_writer, base_dir):
     t = llama_tensors(layers=1)
     t[key(0, "q_proj", "A")].view(-1)[0] = float("inf")
     bad = adapter_writer(t, name="bad")
-    result = invoke(good / "adapter_config.json", bad / "adapter_config.json", "--base", base_dir, "--no-smoke", "--format", "json")
+    result = invoke(
+        good / "adapter_config.json", bad / "adapter_config.json", "--base", base_dir, "--no-smoke", "--format", "json"
+    )
     assert result.exit_code == 1
     doc = doc_of(result)
     assert doc["ok"] is False and [r["ok"] for r in doc["reports"]] == [True, False]

@@ -52,8 +52,9 @@ def mutated(tmp_path: Path, case: str, edit) -> Path:
 def rename(old, new):
     def edit(t):
         for k in [k for k in t if k.startswith(old + ".")]:
-            t[new + k[len(old):]] = t.pop(k)
+            t[new + k[len(old) :]] = t.pop(k)
         return t
+
     return edit
 
 
@@ -61,6 +62,7 @@ def reshape(key, shape):
     def edit(t):
         t[key] = torch.zeros(shape, dtype=t[key].dtype)
         return t
+
     return edit
 
 
@@ -68,6 +70,7 @@ def drop(key):
     def edit(t):
         del t[key]
         return t
+
     return edit
 
 
@@ -76,6 +79,7 @@ def poison(key):
         t[key] = t[key].clone()
         t[key].view(-1)[2] = float("nan")
         return t
+
     return edit
 
 
@@ -84,8 +88,16 @@ MUTATIONS = [
     ("v4_deepseek_v3", reshape(f"{P}.1.self_attn.kv_b_proj.lora_B.weight", (161, 8)), "shapes.out-features"),
     ("v4_llama", reshape(f"{P}.0.mlp.down_proj.lora_B.weight", (48, 4)), "rank.a-b-mismatch"),
     ("v4_llama", rename(f"{P}.1.self_attn.q_proj", f"{P}.2.self_attn.q_proj"), "layers.past-end"),
-    ("v4_deepseek_v3", rename(f"{P}.1.mlp.experts.0.gate_proj", f"{P}.1.mlp.experts.4.gate_proj"), "experts.index-past-end"),
-    ("v4_deepseek_v3", rename(f"{P}.1.mlp.experts.2.up_proj", f"{P}.0.mlp.experts.2.up_proj"), "experts.on-dense-layer"),
+    (
+        "v4_deepseek_v3",
+        rename(f"{P}.1.mlp.experts.0.gate_proj", f"{P}.1.mlp.experts.4.gate_proj"),
+        "experts.index-past-end",
+    ),
+    (
+        "v4_deepseek_v3",
+        rename(f"{P}.1.mlp.experts.2.up_proj", f"{P}.0.mlp.experts.2.up_proj"),
+        "experts.on-dense-layer",
+    ),
     ("v4_llama", drop(f"{P}.0.self_attn.v_proj.lora_B.weight"), "pairs.missing-B"),
     ("v4_llama", drop(f"{P}.0.self_attn.v_proj.lora_A.weight"), "pairs.missing-A"),
     ("v4_llama", poison(f"{P}.1.mlp.up_proj.lora_B.weight"), "data.nan"),
@@ -100,7 +112,9 @@ def test_mutations_are_reported_with_their_code(tmp_path, case, edit, code):
 
 
 def test_missing_expert_projection_is_a_warning(tmp_path):
-    report = validate(mutated(tmp_path, "v4_deepseek_v3", drop_module(f"{P}.1.mlp.experts.3.down_proj")), "v4_deepseek_v3")
+    report = validate(
+        mutated(tmp_path, "v4_deepseek_v3", drop_module(f"{P}.1.mlp.experts.3.down_proj")), "v4_deepseek_v3"
+    )
     assert "experts.missing-projection" in {f.code for f in report.warnings}
 
 
@@ -109,6 +123,7 @@ def drop_module(prefix):
         for k in [k for k in t if k.startswith(prefix + ".")]:
             del t[k]
         return t
+
     return edit
 
 
@@ -118,8 +133,10 @@ def test_fixture_json_document_via_cli():
     from lora_convert.cli import app
 
     case = "v5_llama"
-    result = CliRunner().invoke(app, ["validate", str(DATA / "cases" / case / "adapter"), "--base", base_of(case),
-                                      "--format", "json", "--no-smoke"])
+    result = CliRunner().invoke(
+        app,
+        ["validate", str(DATA / "cases" / case / "adapter"), "--base", base_of(case), "--format", "json", "--no-smoke"],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["ok"] and doc["summary"]["family"] == "llama" and doc["summary"]["errors"] == 0

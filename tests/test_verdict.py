@@ -17,14 +17,22 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import write_adapter
-from lora_convert.cli import app
 from lora_convert.check.validate import CHECK_NAMES, validate_adapter
+from lora_convert.cli import app
 
 H, HEADS, KV, HD, LAYERS = 16, 4, 1, 4, 2
 LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "num_attention_heads": HEADS,
-    "num_key_value_heads": KV, "head_dim": HD, "intermediate_size": 32, "num_hidden_layers": LAYERS, "vocab_size": 100,
-    "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": H,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV,
+    "head_dim": HD,
+    "intermediate_size": 32,
+    "num_hidden_layers": LAYERS,
+    "vocab_size": 100,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
 }
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-deepseek-v3"
 
@@ -91,8 +99,11 @@ def test_no_base_library_report_keeps_base_unresolved_and_adds_the_error(adapter
 
 
 def test_unresolvable_implicit_base_is_unchecked(tmp_path):
-    folder = write_adapter(tmp_path / "ad", tensors(), {"target_modules": ["q_proj", "v_proj"],
-                                                        "base_model_name_or_path": str(tmp_path / "gone" / "base")})
+    folder = write_adapter(
+        tmp_path / "ad",
+        tensors(),
+        {"target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": str(tmp_path / "gone" / "base")},
+    )
     doc = json.loads(invoke("validate", folder, "--no-smoke", "--format", "json").stdout)
     found = findings_by_code(doc)
     assert doc["ok"] is False
@@ -103,8 +114,11 @@ def test_unresolvable_implicit_base_is_unchecked(tmp_path):
 
 def test_implicit_hub_base_offline_is_unchecked_not_a_crash(tmp_path):
     # conftest sets HF_HUB_OFFLINE=1: an uncached implicit Hub base cannot resolve.
-    folder = write_adapter(tmp_path / "ad", tensors(), {"target_modules": ["q_proj", "v_proj"],
-                                                        "base_model_name_or_path": "some-org/uncached-base"})
+    folder = write_adapter(
+        tmp_path / "ad",
+        tensors(),
+        {"target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "some-org/uncached-base"},
+    )
     result = invoke("validate", folder, "--no-smoke", "--format", "json", "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 1, result.output
     found = findings_by_code(json.loads(result.stdout))
@@ -115,7 +129,9 @@ def test_implicit_hub_base_offline_is_unchecked_not_a_crash(tmp_path):
 def test_family_without_schema_is_unchecked(tmp_path, broken_adapter):
     base = tmp_path / "mystery"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({**LLAMA, "model_type": "mystery-lm", "architectures": ["MysteryForCausalLM"]}))
+    (base / "config.json").write_text(
+        json.dumps({**LLAMA, "model_type": "mystery-lm", "architectures": ["MysteryForCausalLM"]})
+    )
     result = invoke("validate", broken_adapter, "--base", base, "--no-smoke", "--format", "json")
     assert result.exit_code == 1, result.output
     doc = json.loads(result.stdout)
@@ -179,16 +195,24 @@ def test_verdict_and_summary_list_the_checks(adapter, base_dir):
     result = invoke("validate", adapter, "--base", base_dir, "--no-smoke")
     assert result.exit_code == 0, result.output
     verdict = result.stdout.strip().splitlines()[-1]
-    assert verdict == (f"OK: {adapter} against {base_dir}: 0 error(s), 0 warning(s), 0 note(s). "
-                       "Checked: config, keys, pairs, shapes, moe, data. "
-                       "Not run: sharding (no --tp/--ep), smoke (--no-smoke), engine (--engine none).")
+    assert verdict == (
+        f"OK: {adapter} against {base_dir}: 0 error(s), 0 warning(s), 0 note(s). "
+        "Checked: config, keys, pairs, shapes, moe, data. "
+        "Not run: sharding (no --tp/--ep), smoke (--no-smoke), engine (--engine none)."
+    )
 
 
-@pytest.mark.parametrize("extra, ran, not_run", [
-    ((), ["config", "keys", "pairs", "shapes", "moe", "data"], ["sharding", "smoke", "engine"]),
-    (("--tp", "2", "--engine", "sglang", "--no-data"), ["config", "keys", "pairs", "shapes", "moe", "sharding", "engine"],
-     ["data", "smoke"]),
-])
+@pytest.mark.parametrize(
+    "extra, ran, not_run",
+    [
+        ((), ["config", "keys", "pairs", "shapes", "moe", "data"], ["sharding", "smoke", "engine"]),
+        (
+            ("--tp", "2", "--engine", "sglang", "--no-data"),
+            ["config", "keys", "pairs", "shapes", "moe", "sharding", "engine"],
+            ["data", "smoke"],
+        ),
+    ],
+)
 def test_json_summary_checks_are_accurate(adapter, base_dir, extra, ran, not_run):
     doc = json.loads(invoke("validate", adapter, "--base", base_dir, "--no-smoke", "--format", "json", *extra).stdout)
     checks = doc["summary"]["checks"]
@@ -266,14 +290,26 @@ def run_cli_without_network(args: list, endpoint: str, home: Path) -> subprocess
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")}
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
     code = "import sys; from lora_convert.cli._app import main; sys.argv = ['lora-convert', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("what, args, path", [
-    ("base", ["validate", EXAMPLE / "adapter", "--base", "some-org/some-model", "--no-smoke"], "/some-org/some-model/resolve/main/config.json"),
-    ("adapter", ["validate", "some-org/some-adapter", "--no-smoke"], "/some-org/some-adapter/resolve/main/adapter_config.json"),
-])
+@pytest.mark.parametrize(
+    "what, args, path",
+    [
+        (
+            "base",
+            ["validate", EXAMPLE / "adapter", "--base", "some-org/some-model", "--no-smoke"],
+            "/some-org/some-model/resolve/main/config.json",
+        ),
+        (
+            "adapter",
+            ["validate", "some-org/some-adapter", "--no-smoke"],
+            "/some-org/some-adapter/resolve/main/adapter_config.json",
+        ),
+    ],
+)
 def test_no_network_asks_the_hub_once(tmp_path, what, args, path):
     server = DroppingServer()
     try:
@@ -294,8 +330,11 @@ def test_closed_port_fails_at_once_with_exit_3(tmp_path):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()  # nothing listens there now: every connection is refused
-    result = run_cli_without_network(["validate", EXAMPLE / "adapter", "--base", "some-org/some-model", "--no-smoke"],
-                                     f"http://127.0.0.1:{port}", tmp_path / "hf")
+    result = run_cli_without_network(
+        ["validate", EXAMPLE / "adapter", "--base", "some-org/some-model", "--no-smoke"],
+        f"http://127.0.0.1:{port}",
+        tmp_path / "hf",
+    )
     assert result.returncode == 3, result.stderr
     assert "Retrying" not in result.stderr
     assert "lora-convert schemas list" in result.stderr

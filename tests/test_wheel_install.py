@@ -30,8 +30,21 @@ EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
 # Source folder -> where its files land in the wheel (setup.py's MAPPED_FOLDERS).
 SHIPPED_SOURCES = {"lora_convert": "lora_convert", "kernels": "lora_convert/kernels", "schemas": "lora_convert/schemas"}
 # Not part of a source distribution: local environments, caches and outputs.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.pyc", "*.egg-info", "build", "dist",
-                                    ".pytest_cache", ".hypothesis", "demo-out", "out", ".whl", ".gl")
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    "build",
+    "dist",
+    ".pytest_cache",
+    ".hypothesis",
+    "demo-out",
+    "out",
+    ".whl",
+    ".gl",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +65,9 @@ class Installed:
         return self.venv / "bin" / "python"
 
     def env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+        }
         env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         env["HF_HUB_OFFLINE"] = "1"  # the example needs no network; a Hub lookup would be a bug
         env["TRITON_INTERPRET"] = "1"  # smoke on the CPU runs the Triton kernels in the interpreter, as the suite does
@@ -62,12 +77,19 @@ class Installed:
 
     def run(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         """The installed console script, as a user runs it."""
-        return subprocess.run([str(self.venv / "bin" / "lora-convert"), *args], cwd=self.work, env=self.env(),
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(self.venv / "bin" / "lora-convert"), *args],
+            cwd=self.work,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def python_code(self, code: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.python), "-c", code], cwd=self.work, env=self.env(), capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [str(self.python), "-c", code], cwd=self.work, env=self.env(), capture_output=True, text=True, timeout=300
+        )
 
 
 def _check(proc: subprocess.CompletedProcess, what: str) -> None:
@@ -83,18 +105,52 @@ def installed(tmp_path_factory) -> Installed:
     # `python -m build` builds the sdist, then the wheel from the unpacked sdist, so a file the sdist leaves out
     # is missing from the wheel too. No isolation: the build backend (setuptools, in the test extra) comes from
     # this environment instead of a download on every run.
-    _check(subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(inst.source)],
-                          capture_output=True, text=True, timeout=300), "python -m build")
+    _check(
+        subprocess.run(
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(inst.source)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        "python -m build",
+    )
     (inst.wheel,) = dist.glob("*.whl")
 
-    _check(subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(inst.venv)], capture_output=True,
-                          text=True, timeout=120), "python -m venv")
+    _check(
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(inst.venv)], capture_output=True, text=True, timeout=120
+        ),
+        "python -m venv",
+    )
     # This environment's pip installs into the fresh venv (pip --python), so the venv needs no pip of its own.
-    _check(subprocess.run([sys.executable, "-m", "pip", "--python", str(inst.python), "install", "--no-deps",
-                           "--no-index", "-q", str(inst.wheel)], capture_output=True, text=True, timeout=300),
-           "pip install the wheel")
-    site = Path(subprocess.run([str(inst.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    _check(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(inst.python),
+                "install",
+                "--no-deps",
+                "--no-index",
+                "-q",
+                str(inst.wheel),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        "pip install the wheel",
+    )
+    site = Path(
+        subprocess.run(
+            [str(inst.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     deps = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     (site / "zz_test_dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
 
@@ -119,8 +175,9 @@ def test_wheel_holds_every_module_and_json(installed):
     assert "lora_convert/cli/__init__.py" in expected and "lora_convert/kernels/__init__.py" in expected
     missing = sorted(expected - names)
     assert not missing, f"left out of the wheel (see setup.py's package discovery): {missing}"
-    assert not [n for n in names if n.split("/")[0] not in ("lora_convert",) and ".dist-info/" not in n], \
+    assert not [n for n in names if n.split("/")[0] not in ("lora_convert",) and ".dist-info/" not in n], (
         "the wheel installs something besides lora_convert (e.g. a top-level `kernels`)"
+    )
 
 
 PROBE = r"""
@@ -161,8 +218,14 @@ def probe(installed) -> dict:
 def test_only_installed_files_are_used(installed, probe):
     venv = installed.venv.resolve()
     modules = probe["modules"]
-    for name in ("lora_convert", "lora_convert.cli", "lora_convert.kernels", "lora_convert.schemas",
-                 "lora_convert.arch.presets", "lora_convert.engines"):
+    for name in (
+        "lora_convert",
+        "lora_convert.cli",
+        "lora_convert.kernels",
+        "lora_convert.schemas",
+        "lora_convert.arch.presets",
+        "lora_convert.engines",
+    ):
         assert name in modules, f"{name} is not importable from the installed wheel"
     outside = {n: f for n, f in modules.items() if not Path(f).resolve().is_relative_to(venv)}
     assert not outside, f"modules loaded from outside the fresh venv: {outside}"
@@ -208,7 +271,9 @@ def test_schemas_list_and_show(installed):
 def test_validate_against_a_preset(installed):
     # The tiny example is not the real DeepSeek-V3: the shipped preset and schema must be found, and every shape
     # compared against the real dimensions fails.
-    proc = installed.run("validate", "tiny-deepseek-v3/adapter", "--base", "deepseek-v3", "--no-smoke", "--format", "json")
+    proc = installed.run(
+        "validate", "tiny-deepseek-v3/adapter", "--base", "deepseek-v3", "--no-smoke", "--format", "json"
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is False
@@ -222,12 +287,15 @@ def test_validate_against_a_folder_base(installed):
     assert "OK" in proc.stdout and "smoke.passed" in proc.stdout  # the default smoke ran through the kernels
 
 
-@pytest.mark.parametrize("layout, marker", [("stacked", "lora_layout.json"), ("sglang", "lora_convert_report.json"),
-                                            ("peft", "lora_convert_report.json")])
+@pytest.mark.parametrize(
+    "layout, marker",
+    [("stacked", "lora_layout.json"), ("sglang", "lora_convert_report.json"), ("peft", "lora_convert_report.json")],
+)
 def test_normalize(installed, layout, marker):
     out = installed.work / f"out-{layout}"
-    proc = installed.run("normalize", "tiny-deepseek-v3/adapter", "--base", "tiny-deepseek-v3/base", "--layout", layout,
-                         "-o", out.name)
+    proc = installed.run(
+        "normalize", "tiny-deepseek-v3/adapter", "--base", "tiny-deepseek-v3/base", "--layout", layout, "-o", out.name
+    )
     _check(proc, f"normalize --layout {layout}")
     written = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", marker} <= written, written
@@ -236,9 +304,19 @@ def test_normalize(installed, layout, marker):
 
 def test_smoke_on_cpu(installed):
     out = installed.work / "out-stacked-for-smoke"
-    _check(installed.run("normalize", "tiny-deepseek-v3/adapter", "--base", "tiny-deepseek-v3/base", "-o", out.name),
-           "normalize")
-    proc = installed.run("smoke", out.name, "--original", "tiny-deepseek-v3/adapter", "--base", "tiny-deepseek-v3/base",
-                         "--device", "cpu")
+    _check(
+        installed.run("normalize", "tiny-deepseek-v3/adapter", "--base", "tiny-deepseek-v3/base", "-o", out.name),
+        "normalize",
+    )
+    proc = installed.run(
+        "smoke",
+        out.name,
+        "--original",
+        "tiny-deepseek-v3/adapter",
+        "--base",
+        "tiny-deepseek-v3/base",
+        "--device",
+        "cpu",
+    )
     _check(proc, "smoke")
     assert "PASS" in proc.stdout

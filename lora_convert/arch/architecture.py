@@ -66,8 +66,9 @@ class _Evaluator:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
             missing = ""
             if value is None and expression is not None:
-                absent = sorted(n for n in names_in(expression)
-                                if n not in self.variables and self.config.get(n) is None)
+                absent = sorted(
+                    n for n in names_in(expression) if n not in self.variables and self.config.get(n) is None
+                )
                 missing = f"; missing (None) field(s): {', '.join(absent)}" if absent else ""
             raise BaseConfigError(
                 f"The base config {self.name} gives {where} = {value!r} under schema {self.schema.family} "
@@ -77,8 +78,9 @@ class _Evaluator:
         return value
 
     def int(self, expression: str, where: str, *, allow_zero: bool = False, **extra: Any) -> int:
-        return self.check_int(self.eval(expression, where, **extra), where, allow_zero=allow_zero,
-                              expression=expression)
+        return self.check_int(
+            self.eval(expression, where, **extra), where, allow_zero=allow_zero, expression=expression
+        )
 
     def optional_int(self, expression: str | None, where: str, *, allow_zero: bool = False) -> int | None:
         """An optional count (`expert_count`, `shared_expert_count`): None when the schema or the config has none."""
@@ -102,7 +104,8 @@ class _Evaluator:
             if expert_count is None:
                 raise BaseConfigError(
                     f"Schema {self.schema.family} puts routed experts ({g.path}) on some layers, but the base config "
-                    f"{self.name} gives no expert count ({self.schema.expert_count}).")
+                    f"{self.name} gives no expert count ({self.schema.expert_count})."
+                )
             experts = expert_count
         return _Template(definition=g, in_features=in_features, slices=slices, experts=experts)
 
@@ -140,7 +143,8 @@ class _LayerIndex:
                     other = templates[sources[alias][0]].definition.path
                     raise SchemaError(
                         f"Schema file {schema.file}: source name {alias!r} belongs to both {other} and {g.path} "
-                        f"on layers of type {'+'.join(sorted(types))}.")
+                        f"on layers of type {'+'.join(sorted(types))}."
+                    )
                 sources[alias] = (len(templates) - 1, covered, canonical)
         return _TypeSet(types=types, templates=templates, sources=sources)
 
@@ -148,8 +152,15 @@ class _LayerIndex:
 class Architecture:
     """A schema bound to one config: dimensions evaluated, layer types known, source names indexed."""
 
-    def __init__(self, schema: Schema, config: dict, *, top_config: dict | None = None, wrapped: bool = False,
-                 name: str = "<config>"):
+    def __init__(
+        self,
+        schema: Schema,
+        config: dict,
+        *,
+        top_config: dict | None = None,
+        wrapped: bool = False,
+        name: str = "<config>",
+    ):
         self.schema = schema
         self.family = schema.family
         self.config = config
@@ -160,11 +171,15 @@ class Architecture:
         self.variables = self._evaluator.variables
         self.num_layers = self._evaluator.int(schema.num_layers, "num_layers", allow_zero=True)
         self._expert_count = self._evaluator.optional_int(schema.expert_count, "expert_count")
-        self._shared_expert_count = self._evaluator.optional_int(schema.shared_expert_count, "shared_expert_count",
-                                                                 allow_zero=True)
+        self._shared_expert_count = self._evaluator.optional_int(
+            schema.shared_expert_count, "shared_expert_count", allow_zero=True
+        )
         self.mtp_layers = int(self._evaluator.eval(schema.mtp_layers, "mtp_layers") or 0) if schema.mtp_layers else 0
-        self.checkpoint_prefix = (schema.wrapped_checkpoint_prefix if wrapped and schema.wrapped_checkpoint_prefix
-                                  else schema.checkpoint_prefix)
+        self.checkpoint_prefix = (
+            schema.wrapped_checkpoint_prefix
+            if wrapped and schema.wrapped_checkpoint_prefix
+            else schema.checkpoint_prefix
+        )
         self._stack_prefixes = frozenset(schema.stack_prefixes)
         self._layers = _LayerIndex(self._evaluator, self.num_layers, self._expert_count)
         self._group_cache: dict[int, list[GroupSpec]] = {}
@@ -184,8 +199,19 @@ class Architecture:
                 continue
             t = self._evaluator.template(g, self._expert_count)
             path = g.wrapped_path if self.wrapped and g.wrapped_path else g.path
-            groups.append(GroupSpec(name=g.name, path=path, layer=None, in_features=t.in_features, slices=t.slices,
-                                    experts=None, gated=g.gated, kind=g.kind, local_path=path))
+            groups.append(
+                GroupSpec(
+                    name=g.name,
+                    path=path,
+                    layer=None,
+                    in_features=t.in_features,
+                    slices=t.slices,
+                    experts=None,
+                    gated=g.gated,
+                    kind=g.kind,
+                    local_path=path,
+                )
+            )
             for alias, covered, canonical in g.sources():
                 sources[alias] = (len(groups) - 1, covered, canonical)
         return groups, sources
@@ -221,9 +247,17 @@ class Architecture:
         cached = self._group_cache.get(layer)
         if cached is None:
             cached = [
-                GroupSpec(name=t.definition.name, path=f"{self.checkpoint_prefix}.{layer}.{t.definition.path}",
-                          layer=layer, in_features=t.in_features, slices=t.slices, experts=t.experts,
-                          gated=t.definition.gated, kind=t.definition.kind, local_path=t.definition.path)
+                GroupSpec(
+                    name=t.definition.name,
+                    path=f"{self.checkpoint_prefix}.{layer}.{t.definition.path}",
+                    layer=layer,
+                    in_features=t.in_features,
+                    slices=t.slices,
+                    experts=t.experts,
+                    gated=t.definition.gated,
+                    kind=t.definition.kind,
+                    local_path=t.definition.path,
+                )
                 for t in self._layers.of(layer).templates
             ]
             self._group_cache[layer] = cached
@@ -259,8 +293,10 @@ class Architecture:
             return Location("mtp", detail=f"multi-token-prediction (MTP) layer under `{prefix}.`")
         stack = f"{prefix}.layers" if prefix else "layers"
         if stack not in self._stack_prefixes:
-            return Location("unknown-prefix",
-                            detail=f"layer stack `{stack}` is not one of {', '.join(sorted(self._stack_prefixes))}")
+            return Location(
+                "unknown-prefix",
+                detail=f"layer stack `{stack}` is not one of {', '.join(sorted(self._stack_prefixes))}",
+            )
         if module.layer >= self.num_layers:
             return Location("past-end")
         return self._locate_in_layer(module)
@@ -284,11 +320,17 @@ class Architecture:
         template = ts.templates[index]
         is_fused = module.kind == "fused_experts"
         if template.experts is None and (module.expert is not None or is_fused):
-            return Location("unknown", detail=f"{local} carries an expert index but {template.definition.name} "
-                            "is not a routed-experts module", layer_types=ts.types)
+            return Location(
+                "unknown",
+                detail=f"{local} carries an expert index but {template.definition.name} is not a routed-experts module",
+                layer_types=ts.types,
+            )
         if template.experts is not None and module.expert is None and not is_fused:
-            return Location("unknown", detail=f"{local} is a routed-experts module but has no expert index "
-                            "and is not a 3-D expert parameter", layer_types=ts.types)
+            return Location(
+                "unknown",
+                detail=f"{local} is a routed-experts module but has no expert index and is not a 3-D expert parameter",
+                layer_types=ts.types,
+            )
         group = self.groups(module.layer)[index]
         return Location("ok", self._match(group, covered, canonical, module.expert), layer_types=ts.types)
 
@@ -298,31 +340,47 @@ class Architecture:
         if definition is None:
             return Location("unknown", detail=f"`{local}` is not a module name of {self.family}", layer_types=types)
         if not self._evaluator.holds(definition):
-            return Location("unknown", detail=f"`{local}` exists in {self.family} only when `{definition.when}`, "
-                            "which this config does not satisfy", layer_types=types, group_kind=definition.kind)
+            return Location(
+                "unknown",
+                detail=f"`{local}` exists in {self.family} only when `{definition.when}`, "
+                "which this config does not satisfy",
+                layer_types=types,
+                group_kind=definition.kind,
+            )
         status = "experts-on-dense" if definition.kind == "routed_experts" else "not-on-layer-type"
-        return Location(status, detail=f"`{local}` sits on {'/'.join(definition.on)} layers",
-                        layer_types=types, group_kind=definition.kind)
+        return Location(
+            status,
+            detail=f"`{local}` sits on {'/'.join(definition.on)} layers",
+            layer_types=types,
+            group_kind=definition.kind,
+        )
 
     @staticmethod
     def _match(group: GroupSpec, covered: tuple[int, ...], canonical: str, expert: int | None) -> ModuleMatch:
-        return ModuleMatch(group=group, slice_indices=covered, canonical=canonical, expert=expert,
-                           expected_in=group.in_features,
-                           expected_out=sum(group.slices[j].out_features for j in covered))
+        return ModuleMatch(
+            group=group,
+            slice_indices=covered,
+            canonical=canonical,
+            expert=expert,
+            expected_in=group.in_features,
+            expected_out=sum(group.slices[j].out_features for j in covered),
+        )
 
     def table(self) -> dict[str, Any]:
         """Everything `schemas show` prints: per distinct set of layer types, the groups with numbers."""
         out = []
         for ts in self._layers.typesets:
             first = ts.layers[0]
-            out.append({
-                "types": sorted(ts.types),
-                "layers": list(ts.layers),
-                "groups": [
-                    {**g.to_json(), "path": f"{self.checkpoint_prefix}.{{layer}}.{g.local_path}", "layer": None}
-                    for g in self.groups(first)
-                ],
-            })
+            out.append(
+                {
+                    "types": sorted(ts.types),
+                    "layers": list(ts.layers),
+                    "groups": [
+                        {**g.to_json(), "path": f"{self.checkpoint_prefix}.{{layer}}.{g.local_path}", "layer": None}
+                        for g in self.groups(first)
+                    ],
+                }
+            )
         return {
             "family": self.family,
             "schema_file": self.schema.file,

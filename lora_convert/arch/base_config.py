@@ -103,8 +103,13 @@ def preset_base(preset: dict, note: str | None = None) -> BaseConfig:
     parts = [f"preset {preset['name']}"]
     if note:
         parts.append(note)
-    return BaseConfig(name=preset["name"], origin="preset", config=config, text_config=unwrap_text_config(config),
-                      source_note="; ".join(parts))
+    return BaseConfig(
+        name=preset["name"],
+        origin="preset",
+        config=config,
+        text_config=unwrap_text_config(config),
+        source_note="; ".join(parts),
+    )
 
 
 # --------------------------------------------------------------------------------------------- resolve
@@ -144,7 +149,11 @@ def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
         return _local(path)
     preset = find_preset(spec, hub_ids=not explicit)
     if preset is not None:
-        note = None if preset["name"].lower() == spec.lower() else f"matched the adapter's base_model_name_or_path {spec!r}"
+        note = (
+            None
+            if preset["name"].lower() == spec.lower()
+            else f"matched the adapter's base_model_name_or_path {spec!r}"
+        )
         return preset_base(preset, note)
     from lora_convert.io.source import looks_like_path, parse_hub_id
 
@@ -155,8 +164,10 @@ def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
         raise unknown(f"{where} {spec!r}: no such folder or config.json.", hint=_BASE_HINT)
     hub = parse_hub_id(spec)
     if hub is None:  # a bare name that is no preset, or a name the Hub does not allow
-        raise unknown(f"{where} {spec!r} is not an existing folder or config.json, not a preset name, and not a Hub repo id.",
-                      hint=_BASE_HINT)
+        raise unknown(
+            f"{where} {spec!r} is not an existing folder or config.json, not a preset name, and not a Hub repo id.",
+            hint=_BASE_HINT,
+        )
     repo_id, revision = hub
     return _hub(spec, repo_id, revision, cache_dir=cache_dir, token=token, explicit=explicit)
 
@@ -167,8 +178,10 @@ def _read_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise BaseConfigError(f"Cannot read {path} ({exc}).") from None
     except json.JSONDecodeError as exc:
-        raise BaseConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).",
-                              hint="Point --base at the base model's config.json.") from None
+        raise BaseConfigError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).",
+            hint="Point --base at the base model's config.json.",
+        ) from None
     if not isinstance(data, dict):
         raise BaseConfigError(f"{path} holds a JSON {type(data).__name__}, not a config object.")
     return data
@@ -183,8 +196,13 @@ def _local(path: Path) -> BaseConfig:
             hint="Point --base at the base model's folder or its config.json, or use a preset name or Hub id.",
         )
     config = _read_json(file)
-    return BaseConfig(name=str(path), origin="local", config=config, text_config=unwrap_text_config(config),
-                      source_note=f"read from {file}")
+    return BaseConfig(
+        name=str(path),
+        origin="local",
+        config=config,
+        text_config=unwrap_text_config(config),
+        source_note=f"read from {file}",
+    )
 
 
 _OFFLINE_BASE_HINT = (
@@ -198,8 +216,10 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
         import huggingface_hub
         from huggingface_hub import errors as hub_errors
     except ImportError:  # pragma: no cover - a declared dependency
-        raise EnvironmentProblem("huggingface_hub is not installed, so Hub ids cannot be used for --base.",
-                                 hint="pip install huggingface_hub, or use a local config.json or a preset.") from None
+        raise EnvironmentProblem(
+            "huggingface_hub is not installed, so Hub ids cannot be used for --base.",
+            hint="pip install huggingface_hub, or use a local config.json or a preset.",
+        ) from None
     from lora_convert.io.source import hub_unreachable, offline_reason
 
     fallback = find_preset(repo_id, hub_ids=True)
@@ -207,9 +227,14 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
     # Looked up at call time so that tests (and users) patching huggingface_hub.hf_hub_download are honoured.
     kind: type[Exception] = BaseConfigError
     try:
-        file = huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision,
-                                               cache_dir=str(cache_dir) if cache_dir else None, token=token or None,
-                                               **({"local_files_only": True} if unreachable else {}))
+        file = huggingface_hub.hf_hub_download(
+            repo_id,
+            "config.json",
+            revision=revision,
+            cache_dir=str(cache_dir) if cache_dir else None,
+            token=token or None,
+            **({"local_files_only": True} if unreachable else {}),
+        )
     except hub_errors.GatedRepoError:
         problem = f"The Hub repo {repo_id!r} is gated; its config.json needs an accepted licence and a token."
         hint = "Accept the licence on the Hub and set HF_TOKEN, or pass a preset / local config.json with --base."
@@ -224,9 +249,13 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
         kind = UsageError if explicit else BaseConfigError
     except hub_errors.LocalEntryNotFoundError:
         if fallback is not None:
-            return preset_base(fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used")
-        problem = (f"config.json of {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
-                   f"({offline_reason(unreachable)}).")
+            return preset_base(
+                fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used"
+            )
+        problem = (
+            f"config.json of {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"({offline_reason(unreachable)})."
+        )
         hint = _OFFLINE_BASE_HINT
         kind = EnvironmentProblem
     except hub_errors.EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
@@ -238,15 +267,22 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
         kind = EnvironmentProblem
     except (OSError, ValueError) as exc:
         if fallback is not None:
-            return preset_base(fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used")
+            return preset_base(
+                fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used"
+            )
         problem = f"Fetching config.json of {repo_id!r} from the Hub failed: {exc}."
         hint = _OFFLINE_BASE_HINT
         kind = EnvironmentProblem
     else:
         config = _read_json(Path(file))
         name = f"{repo_id}@{revision}" if revision else repo_id
-        return BaseConfig(name=name, origin="hub", config=config, text_config=unwrap_text_config(config),
-                          source_note=f"config.json from the Hub ({file})")
+        return BaseConfig(
+            name=name,
+            origin="hub",
+            config=config,
+            text_config=unwrap_text_config(config),
+            source_note=f"config.json from the Hub ({file})",
+        )
     if not explicit:
         problem = f"The adapter's base model {spec!r} matches no preset. " + problem
     raise kind(problem, hint=hint)

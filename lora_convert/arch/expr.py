@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import ast
 import operator
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 from lora_convert.errors import SchemaError
 
@@ -157,7 +158,9 @@ def evaluate(expression: str, config: Mapping, **variables: Any) -> Any:
     except SchemaError:
         raise
     except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError, OverflowError) as exc:
-        missing = sorted(n for n in names_in(expression) if n not in variables and _lookup(n, config, variables) is None)
+        missing = sorted(
+            n for n in names_in(expression) if n not in variables and _lookup(n, config, variables) is None
+        )
         detail = f"; missing (None) field(s): {', '.join(missing)}" if missing else ""
         raise SchemaError(f"Expression {expression!r} failed: {type(exc).__name__}: {exc}{detail}.") from None
 
@@ -183,7 +186,9 @@ def _eval(node: ast.AST, config: Mapping, variables: Mapping) -> Any:
         right = _eval(node.right, config, variables)
         if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
             raise ValueError(f"exponent {right} is larger than {_MAX_EXPONENT}")
-        if isinstance(node.op, ast.Mult) and (isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple))):
+        if isinstance(node.op, ast.Mult) and (
+            isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple))
+        ):
             raise TypeError("repetition of strings or lists is not allowed")
         return _BIN_OPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp):
@@ -200,7 +205,7 @@ def _eval(node: ast.AST, config: Mapping, variables: Mapping) -> Any:
         return value
     if isinstance(node, ast.Compare):
         left = _eval(node.left, config, variables)
-        for op, comparator in zip(node.ops, node.comparators):
+        for op, comparator in zip(node.ops, node.comparators, strict=True):
             right = _eval(comparator, config, variables)
             if not _CMP_OPS[type(op)](left, right):
                 return False

@@ -41,8 +41,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from lora_convert.arch.base_config import BaseConfig
 
 __all__ = [
-    "KINDS", "SCHEMA_PACKAGE", "Architecture", "GroupDef", "GroupSpec", "Location", "MergedDef", "ModuleMatch",
-    "Schema", "SliceDef", "SliceSpec", "bind", "list_schemas", "load_schema", "parse_schema", "schema_for_config",
+    "KINDS",
+    "SCHEMA_PACKAGE",
+    "Architecture",
+    "GroupDef",
+    "GroupSpec",
+    "Location",
+    "MergedDef",
+    "ModuleMatch",
+    "Schema",
+    "SliceDef",
+    "SliceSpec",
+    "bind",
+    "list_schemas",
+    "load_schema",
+    "parse_schema",
+    "schema_for_config",
     "source_kinds",
 ]
 
@@ -110,4 +124,5 @@ def source_kinds() -> dict[str, str]:
 
 def _matches(schema: Schema, config: dict) -> bool:
     return config.get("model_type") in schema.model_types or any(
-        a in schema.architectures for a in config.get("architectures") or [])
+        a in schema.architectures for a in config.get("architectures") or []
+    )

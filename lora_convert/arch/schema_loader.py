@@ -18,14 +18,35 @@ from lora_convert.errors import SchemaError
 SCHEMA_PACKAGE = "lora_convert.schemas"
 
 # The roles a group may play: what engine rules, checks and `inspect` ask of a module, shared by families.
-KINDS = frozenset({
-    "attention", "mla", "linear_attention", "mamba", "mlp", "shared_expert", "routed_experts", "router", "latent",
-    "embedding", "lm_head",
-})
+KINDS = frozenset(
+    {
+        "attention",
+        "mla",
+        "linear_attention",
+        "mamba",
+        "mlp",
+        "shared_expert",
+        "routed_experts",
+        "router",
+        "latent",
+        "embedding",
+        "lm_head",
+    }
+)
 
 _TOP_REQUIRED = {"family", "match", "num_layers", "checkpoint_prefix", "stack_prefixes", "layer_types", "groups"}
-_TOP_OPTIONAL = {"_note", "text_config", "expert_count", "shared_expert_count", "mtp_layers",
-                 "wrapped_checkpoint_prefix", "mtp_prefixes", "vision_prefixes", "let", "top_level"}
+_TOP_OPTIONAL = {
+    "_note",
+    "text_config",
+    "expert_count",
+    "shared_expert_count",
+    "mtp_layers",
+    "wrapped_checkpoint_prefix",
+    "mtp_prefixes",
+    "vision_prefixes",
+    "let",
+    "top_level",
+}
 _GROUP_REQUIRED = {"path", "kind", "on", "in", "slices"}
 _GROUP_OPTIONAL = {"_note", "name", "when", "merged", "experts", "gated"}
 _TOP_GROUP_REQUIRED = {"path", "kind", "in", "slices"}
@@ -44,8 +65,10 @@ class _Validator:
         self.file = file
 
     def fail(self, where: str, message: str) -> SchemaError:
-        return SchemaError(f"Schema file {self.file}: {where}: {message}",
-                           hint="Fix the file; `lora-convert schemas check` validates every shipped schema.")
+        return SchemaError(
+            f"Schema file {self.file}: {where}: {message}",
+            hint="Fix the file; `lora-convert schemas check` validates every shipped schema.",
+        )
 
     def keys(self, obj: Any, where: str, required: set[str], optional: set[str]) -> dict:
         if not isinstance(obj, dict):
@@ -110,12 +133,16 @@ class _GroupLoader(_Validator):
         slices = self.slices(obj["slices"], f"{where}.slices")
         experts, gated = self.flags(obj, where, kind)
         group = GroupDef(
-            path=path, name=self.group_name(obj.get("name"), path, where, top), kind=kind,
+            path=path,
+            name=self.group_name(obj.get("name"), path, where, top),
+            kind=kind,
             on=() if top else self.layer_types_of(obj["on"], f"{where}.on", layer_types),
             when=self.expression(obj.get("when"), f"{where}.when", optional=True),
-            in_=self.expression(obj["in"], f"{where}.in"), slices=slices,
+            in_=self.expression(obj["in"], f"{where}.in"),
+            slices=slices,
             merged=self.merged(obj.get("merged", []), f"{where}.merged", [s.name for s in slices]),
-            experts=experts, gated=gated,
+            experts=experts,
+            gated=gated,
             wrapped_path=self.string(obj.get("wrapped_path"), f"{where}.wrapped_path", optional=True) if top else None,
         )
         self.check_unique_sources(group, where)
@@ -147,11 +174,13 @@ class _GroupLoader(_Validator):
         for j, s in enumerate(self.non_empty_list(value, where, " of slices")):
             sw = f"{where}[{j}]"
             s = self.keys(s, sw, _SLICE_REQUIRED, _SLICE_OPTIONAL)
-            slices.append(SliceDef(
-                name=self.string(s["name"], f"{sw}.name"),
-                out=self.expression(s["out"], f"{sw}.out"),
-                aliases=self.strings(s.get("aliases", []), f"{sw}.aliases"),
-            ))
+            slices.append(
+                SliceDef(
+                    name=self.string(s["name"], f"{sw}.name"),
+                    out=self.expression(s["out"], f"{sw}.out"),
+                    aliases=self.strings(s.get("aliases", []), f"{sw}.aliases"),
+                )
+            )
         names = [s.name for s in slices]
         if len(set(names)) != len(names):
             raise self.fail(where, "two slices share a name")
@@ -168,8 +197,13 @@ class _GroupLoader(_Validator):
             for n in covered:
                 if n not in slice_names:
                     raise self.fail(f"{mw}.slices", f"names slice {n!r}, which the group does not have")
-            merged.append(MergedDef(name=self.string(m["name"], f"{mw}.name"), slices=covered,
-                                    aliases=self.strings(m["aliases"], f"{mw}.aliases")))
+            merged.append(
+                MergedDef(
+                    name=self.string(m["name"], f"{mw}.name"),
+                    slices=covered,
+                    aliases=self.strings(m["aliases"], f"{mw}.aliases"),
+                )
+            )
         return tuple(merged)
 
     def flags(self, obj: dict, where: str, kind: str) -> tuple[bool, bool | None]:
@@ -203,15 +237,19 @@ class _SchemaLoader(_GroupLoader):
         layer_types = self.expr_map(data["layer_types"], "layer_types")
         declared_types = {k for k, _ in layer_types}
         return Schema(
-            family=family, file=self.file, model_types=model_types, architectures=architectures,
+            family=family,
+            file=self.file,
+            model_types=model_types,
+            architectures=architectures,
             text_config=self.string(data.get("text_config"), "text_config", optional=True),
             num_layers=self.expression(data["num_layers"], "num_layers"),
             expert_count=self.expression(data.get("expert_count"), "expert_count", optional=True),
             shared_expert_count=self.expression(data.get("shared_expert_count"), "shared_expert_count", optional=True),
             mtp_layers=self.expression(data.get("mtp_layers"), "mtp_layers", optional=True),
             checkpoint_prefix=self.string(data["checkpoint_prefix"], "checkpoint_prefix"),
-            wrapped_checkpoint_prefix=self.string(data.get("wrapped_checkpoint_prefix"), "wrapped_checkpoint_prefix",
-                                                  optional=True),
+            wrapped_checkpoint_prefix=self.string(
+                data.get("wrapped_checkpoint_prefix"), "wrapped_checkpoint_prefix", optional=True
+            ),
             stack_prefixes=self.strings(data["stack_prefixes"], "stack_prefixes"),
             mtp_prefixes=self.strings(data.get("mtp_prefixes", []), "mtp_prefixes"),
             vision_prefixes=self.strings(data.get("vision_prefixes", []), "vision_prefixes"),

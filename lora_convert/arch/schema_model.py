@@ -43,10 +43,15 @@ class GroupSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "path": self.path, "layer": self.layer, "kind": self.kind,
-            "in": self.in_features, "out": self.out_features,
+            "name": self.name,
+            "path": self.path,
+            "layer": self.layer,
+            "kind": self.kind,
+            "in": self.in_features,
+            "out": self.out_features,
             "slices": [{"name": s.name, "out": s.out_features} for s in self.slices],
-            "gated": self.gated, "experts": self.experts,
+            "gated": self.gated,
+            "experts": self.experts,
         }
 
 
@@ -139,8 +144,15 @@ class Schema:
     def expressions(self) -> list[tuple[str, str]]:
         """(where, expression) for every expression in the file."""
         out = [("num_layers", self.num_layers)]
-        out += [(w, e) for w, e in (("expert_count", self.expert_count), ("shared_expert_count", self.shared_expert_count),
-                                    ("mtp_layers", self.mtp_layers)) if e]
+        out += [
+            (w, e)
+            for w, e in (
+                ("expert_count", self.expert_count),
+                ("shared_expert_count", self.shared_expert_count),
+                ("mtp_layers", self.mtp_layers),
+            )
+            if e
+        ]
         out += [(f"let.{k}", e) for k, e in self.let]
         out += [(f"layer_types.{k}", e) for k, e in self.layer_types]
         for g in self.groups + self.top_level:
@@ -172,8 +184,14 @@ class Schema:
 
 def _describe_group(g: GroupDef) -> dict[str, Any]:
     return {
-        "name": g.name, "path": g.path, "kind": g.kind, "on": list(g.on), "when": g.when, "in": g.in_,
+        "name": g.name,
+        "path": g.path,
+        "kind": g.kind,
+        "on": list(g.on),
+        "when": g.when,
+        "in": g.in_,
         "slices": [{"name": s.name, "out": s.out, "aliases": list(s.aliases)} for s in g.slices],
         "merged": [{"name": m.name, "slices": list(m.slices), "aliases": list(m.aliases)} for m in g.merged],
-        "experts": g.experts, "gated": g.gated,
+        "experts": g.experts,
+        "gated": g.gated,
     }

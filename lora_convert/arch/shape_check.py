@@ -19,16 +19,16 @@
 Rank problems (A vs B, tensors vs adapter_config.json) are reported by `adapter.py` and not repeated here.
 Modules with the same problem in many places (an unknown name on every layer, every vision module) are folded
 into one finding that lists all their keys; shape mismatches are one finding per module.
-"""
+"""  # noqa: E501 (a Markdown table row cannot wrap; the noqa of a multi-line string goes on its last line)
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
-from lora_convert.findings import Finding
-from lora_convert.codes import finding
 from lora_convert.arch.schema import Architecture, Location, ModuleMatch
+from lora_convert.codes import finding
+from lora_convert.findings import Finding
+from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -103,77 +103,108 @@ def check_shapes(adapter: Adapter, arch: Architecture) -> list[Finding]:
         findings.extend(_shape_findings(module, match, expert_count))
 
     if vision:
-        findings.append(finding(
-            "modules.vision",
-            f"{vision_modules} LoRA module(s) sit in the vision tower or multimodal projector; they are recognized "
-            "but not checked against a text schema, and text-only serving engines do not load them.",
-            keys=vision, fix="Drop them (normalize --drop-unsupported) unless the engine serves the vision tower with LoRA.",
-        ))
+        findings.append(
+            finding(
+                "modules.vision",
+                f"{vision_modules} LoRA module(s) sit in the vision tower or multimodal projector; they are recognized "
+                "but not checked against a text schema, and text-only serving engines do not load them.",
+                keys=vision,
+                fix="Drop them (normalize --drop-unsupported) unless the engine serves the vision tower with LoRA.",
+            )
+        )
     for (name,), keys in routers.keys.items():
-        findings.append(finding(
-            "modules.router",
-            f"LoRA on the MoE router `{name}` on layer(s) {_layers_text(routers.layers[(name,)])} (PEFT's all-linear and "
-            "its v4->v5 conversion target routers); some engines do not apply router LoRA.",
-            keys=keys,
-        ))
+        findings.append(
+            finding(
+                "modules.router",
+                f"LoRA on the MoE router `{name}` on layer(s) {_layers_text(routers.layers[(name,)])} (PEFT's all-linear and "
+                "its v4->v5 conversion target routers); some engines do not apply router LoRA.",
+                keys=keys,
+            )
+        )
     for (name, prefix, detail), keys in unknown.keys.items():
         layers = unknown.layers[(name, prefix, detail)]
         where = f" on layer(s) {_layers_text(layers)}" if layers else ""
-        findings.append(finding(
-            "modules.unknown",
-            f"`{name}`{where} is not a LoRA-able module of {arch.family} ({detail}).",
-            keys=keys, expected=None, actual=name,
-            fix="Check that --base is the adapter's base model; `lora-convert schemas show` lists the modules.",
-        ))
+        findings.append(
+            finding(
+                "modules.unknown",
+                f"`{name}`{where} is not a LoRA-able module of {arch.family} ({detail}).",
+                keys=keys,
+                expected=None,
+                actual=name,
+                fix="Check that --base is the adapter's base model; `lora-convert schemas show` lists the modules.",
+            )
+        )
     for (prefix, detail), keys in mtp.keys.items():
-        findings.append(finding(
-            "layers.past-end",
-            f"{len(set(mtp.extra[(prefix, detail)]))} LoRA module(s) belong to the {detail}; serving engines index LoRA by the "
-            f"{arch.num_layers} main layers only.",
-            keys=keys, expected=f"layers 0..{arch.num_layers - 1}", actual=prefix,
-            fix="Drop the MTP modules (normalize --drop-unsupported).",
-        ))
+        findings.append(
+            finding(
+                "layers.past-end",
+                f"{len(set(mtp.extra[(prefix, detail)]))} LoRA module(s) belong to the {detail}; "
+                f"serving engines index LoRA by the {arch.num_layers} main layers only.",
+                keys=keys,
+                expected=f"layers 0..{arch.num_layers - 1}",
+                actual=prefix,
+                fix="Drop the MTP modules (normalize --drop-unsupported).",
+            )
+        )
     for (layer,), keys in sorted(past_end.keys.items()):
         if layer < arch.num_layers + arch.mtp_layers:
-            what = (f"is an MTP/NextN layer (the checkpoint stores {arch.mtp_layers} MTP layer(s) after the "
-                    f"{arch.num_layers} main layers)")
+            what = (
+                f"is an MTP/NextN layer (the checkpoint stores {arch.mtp_layers} MTP layer(s) after the "
+                f"{arch.num_layers} main layers)"
+            )
         else:
             what = f"is past the end of the {arch.num_layers} layers (num_hidden_layers)"
             if arch.mtp_layers:
                 what += f" and of the {arch.mtp_layers} MTP layer(s)"
-        findings.append(finding(
-            "layers.past-end",
-            f"Layer {layer} {what}; engines index LoRA by layer and fail on it (SGLang: IndexError).",
-            keys=keys, expected=f"layer < {arch.num_layers}", actual=layer,
-            fix="Drop these modules, or check that --base is the adapter's base model.",
-        ))
+        findings.append(
+            finding(
+                "layers.past-end",
+                f"Layer {layer} {what}; engines index LoRA by layer and fail on it (SGLang: IndexError).",
+                keys=keys,
+                expected=f"layer < {arch.num_layers}",
+                actual=layer,
+                fix="Drop these modules, or check that --base is the adapter's base model.",
+            )
+        )
     for (name,), keys in expert_past_end.keys.items():
         experts = sorted(set(expert_past_end.extra[(name,)]))
-        findings.append(finding(
-            "experts.index-past-end",
-            f"`{name}` has expert index(es) {', '.join(map(str, experts))} on layer(s) "
-            f"{_layers_text(expert_past_end.layers[(name,)])}, but the base has {expert_count} routed experts.",
-            keys=keys, expected=f"expert < {expert_count}", actual=max(experts),
-            fix="Check that --base is the adapter's base model.",
-        ))
+        findings.append(
+            finding(
+                "experts.index-past-end",
+                f"`{name}` has expert index(es) {', '.join(map(str, experts))} on layer(s) "
+                f"{_layers_text(expert_past_end.layers[(name,)])}, but the base has {expert_count} routed experts.",
+                keys=keys,
+                expected=f"expert < {expert_count}",
+                actual=max(experts),
+                fix="Check that --base is the adapter's base model.",
+            )
+        )
     for (name, detail), keys in on_dense.keys.items():
         types = sorted(set(on_dense.extra[(name, detail)]))
-        findings.append(finding(
-            "experts.on-dense-layer",
-            f"Routed-expert LoRA `{name}` on layer(s) {_layers_text(on_dense.layers[(name, detail)])}, which "
-            f"have no routed experts (layer type {', '.join(types)}; {detail}).",
-            keys=keys, expected="a MoE layer", actual=types,
-            fix="Check that --base is the adapter's base model (first_k_dense_replace, mlp_only_layers, layer pattern).",
-        ))
+        findings.append(
+            finding(
+                "experts.on-dense-layer",
+                f"Routed-expert LoRA `{name}` on layer(s) {_layers_text(on_dense.layers[(name, detail)])}, which "
+                f"have no routed experts (layer type {', '.join(types)}; {detail}).",
+                keys=keys,
+                expected="a MoE layer",
+                actual=types,
+                fix="Check that --base is the adapter's base model (first_k_dense_replace, mlp_only_layers, layer pattern).",
+            )
+        )
     for (name, detail), keys in wrong_type.keys.items():
         types = sorted(set(wrong_type.extra[(name, detail)]))
-        findings.append(finding(
-            "modules.not-on-layer-type",
-            f"`{name}` on layer(s) {_layers_text(wrong_type.layers[(name, detail)])} of type {', '.join(types)}; "
-            f"{detail}.",
-            keys=keys, expected=detail, actual=types,
-            fix="Check that --base is the adapter's base model (layer_types, hybrid pattern, dense/MoE layers).",
-        ))
+        findings.append(
+            finding(
+                "modules.not-on-layer-type",
+                f"`{name}` on layer(s) {_layers_text(wrong_type.layers[(name, detail)])} of type {', '.join(types)}; "
+                f"{detail}.",
+                keys=keys,
+                expected=detail,
+                actual=types,
+                fix="Check that --base is the adapter's base model (layer_types, hybrid pattern, dense/MoE layers).",
+            )
+        )
     return findings
 
 
@@ -183,36 +214,57 @@ def _shape_findings(module: LoraModule, match: ModuleMatch, expert_count: int | 
     where = f"{module.module}{'.' + module.param if module.kind == ModuleKind.FUSED_EXPERTS and module.param else ''}"
     what = f"{match.canonical} of {match.group.path}"
     if a is not None and len(a.shape) == 2 and a.shape[1] != match.expected_in:
-        out.append(finding(
-            "shapes.in-features",
-            f"{where}: lora_A has in-dim {a.shape[1]} but {what} takes {match.expected_in} inputs.",
-            keys=[a.key], expected=[a.shape[0], match.expected_in], actual=list(a.shape),
-            fix="Check that --base is the adapter's base model.",
-        ))
+        out.append(
+            finding(
+                "shapes.in-features",
+                f"{where}: lora_A has in-dim {a.shape[1]} but {what} takes {match.expected_in} inputs.",
+                keys=[a.key],
+                expected=[a.shape[0], match.expected_in],
+                actual=list(a.shape),
+                fix="Check that --base is the adapter's base model.",
+            )
+        )
     if b is not None and len(b.shape) == 2 and b.shape[0] != match.expected_out:
-        out.append(finding(
-            "shapes.out-features",
-            f"{where}: lora_B has out-dim {b.shape[0]} but {what} has {match.expected_out} output rows.",
-            keys=[b.key], expected=[match.expected_out, b.shape[1]], actual=list(b.shape),
-            fix="Check that --base is the adapter's base model.",
-        ))
+        out.append(
+            finding(
+                "shapes.out-features",
+                f"{where}: lora_B has out-dim {b.shape[0]} but {what} has {match.expected_out} output rows.",
+                keys=[b.key],
+                expected=[match.expected_out, b.shape[1]],
+                actual=list(b.shape),
+                fix="Check that --base is the adapter's base model.",
+            )
+        )
     mag = module.magnitude
     if mag is not None and list(mag.shape) != [match.expected_out]:
-        out.append(finding(
-            "shapes.out-features",
-            f"{where}: the DoRA magnitude has shape {list(mag.shape)} but {what} has {match.expected_out} output rows.",
-            keys=[mag.key], expected=[match.expected_out], actual=list(mag.shape),
-        ))
-    if (module.kind == ModuleKind.FUSED_EXPERTS and module.experts is not None and expert_count is not None
-            and module.experts != expert_count and a is not None and b is not None and module.rank):
+        out.append(
+            finding(
+                "shapes.out-features",
+                f"{where}: the DoRA magnitude has shape {list(mag.shape)} but {what} has {match.expected_out} output rows.",
+                keys=[mag.key],
+                expected=[match.expected_out],
+                actual=list(mag.shape),
+            )
+        )
+    if (
+        module.kind == ModuleKind.FUSED_EXPERTS
+        and module.experts is not None
+        and expert_count is not None
+        and module.experts != expert_count
+        and a is not None
+        and b is not None
+        and module.rank
+    ):
         r = module.rank
-        out.append(finding(
-            "shapes.experts",
-            f"{where}: the 3-D expert LoRA holds {module.experts} experts (A {list(a.shape)} = E*r rows with r={r}) "
-            f"but the base has {expert_count}.",
-            keys=[a.key, b.key],
-            expected=[[expert_count * r, match.expected_in], [match.expected_out, r * expert_count]],
-            actual=[list(a.shape), list(b.shape)],
-            fix="Check that --base is the adapter's base model.",
-        ))
+        out.append(
+            finding(
+                "shapes.experts",
+                f"{where}: the 3-D expert LoRA holds {module.experts} experts (A {list(a.shape)} = E*r rows with r={r}) "
+                f"but the base has {expert_count}.",
+                keys=[a.key, b.key],
+                expected=[[expert_count * r, match.expected_in], [match.expected_out, r * expert_count]],
+                actual=[list(a.shape), list(b.shape)],
+                fix="Check that --base is the adapter's base model.",
+            )
+        )
     return out

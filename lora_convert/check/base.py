@@ -16,11 +16,17 @@ from lora_convert.codes import finding
 from lora_convert.errors import LoraConvertError
 from lora_convert.findings import Finding
 
-BASE_HINT = ("Pass --base with a folder holding config.json, a config.json file, a Hub repo id (org/name), or a preset "
-             "name (`lora-convert schemas list`).")
+BASE_HINT = (
+    "Pass --base with a folder holding config.json, a config.json file, a Hub repo id (org/name), or a preset "
+    "name (`lora-convert schemas list`)."
+)
 NEEDS_ARCH = ["the shape check against the architecture schema", "expert counts"]
-NEEDS_BASE = ["the shape check against the architecture schema", "layers past the end", "the added-token vocab check",
-              "expert counts"]
+NEEDS_BASE = [
+    "the shape check against the architecture schema",
+    "layers past the end",
+    "the added-token vocab check",
+    "expert counts",
+]
 
 
 @dataclass
@@ -46,30 +52,57 @@ def _skipped(message: str, missing: list[str]) -> str:
 def resolve_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> BaseResolution:
     adapter_base = adapter.config.base_model_name_or_path
     if not spec and not adapter_base:
-        return BaseResolution(findings=[finding(
-            "base.unresolved",
-            _skipped("No base model: --base was not given and adapter_config.json has no base_model_name_or_path.",
-                     NEEDS_BASE),
-            keys=["base_model_name_or_path"], fix=BASE_HINT,
-        )], no_shapes_why="no --base, and adapter_config.json names no base model")
+        return BaseResolution(
+            findings=[
+                finding(
+                    "base.unresolved",
+                    _skipped(
+                        "No base model: --base was not given and adapter_config.json has no base_model_name_or_path.",
+                        NEEDS_BASE,
+                    ),
+                    keys=["base_model_name_or_path"],
+                    fix=BASE_HINT,
+                )
+            ],
+            no_shapes_why="no --base, and adapter_config.json names no base model",
+        )
     try:
         base_cfg = resolve_base_config(spec, adapter_base_name=adapter_base, cache_dir=cache_dir, token=token)
     except LoraConvertError as exc:
         if spec:
             raise
-        return BaseResolution(findings=[finding(
-            "base.unresolved",
-            _skipped(f"The adapter's base_model_name_or_path {adapter_base!r} could not be resolved ({exc.message})",
-                     NEEDS_BASE),
-            keys=["base_model_name_or_path"], actual=adapter_base, fix=BASE_HINT,
-        )], no_shapes_why=f"the base model {adapter_base!r} could not be resolved")
+        return BaseResolution(
+            findings=[
+                finding(
+                    "base.unresolved",
+                    _skipped(
+                        f"The adapter's base_model_name_or_path {adapter_base!r} could not be resolved ({exc.message})",
+                        NEEDS_BASE,
+                    ),
+                    keys=["base_model_name_or_path"],
+                    actual=adapter_base,
+                    fix=BASE_HINT,
+                )
+            ],
+            no_shapes_why=f"the base model {adapter_base!r} could not be resolved",
+        )
     try:
         arch = bind(base_cfg)
     except LoraConvertError as exc:
-        return BaseResolution(config=base_cfg, findings=[finding(
-            "base.unsupported",
-            _skipped(f"Base {base_cfg.name} (model_type {base_cfg.model_type!r}) has no architecture schema: "
-                     f"{exc.message}", NEEDS_ARCH),
-            actual=base_cfg.model_type, fix="`lora-convert schemas list` shows the supported families.",
-        )], no_shapes_why=f"no schema for model_type {base_cfg.model_type!r}")
+        return BaseResolution(
+            config=base_cfg,
+            findings=[
+                finding(
+                    "base.unsupported",
+                    _skipped(
+                        f"Base {base_cfg.name} (model_type {base_cfg.model_type!r}) has no architecture schema: "
+                        f"{exc.message}",
+                        NEEDS_ARCH,
+                    ),
+                    actual=base_cfg.model_type,
+                    fix="`lora-convert schemas list` shows the supported families.",
+                )
+            ],
+            no_shapes_why=f"no schema for model_type {base_cfg.model_type!r}",
+        )
     return BaseResolution(config=base_cfg, arch=arch)

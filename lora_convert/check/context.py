@@ -7,8 +7,9 @@ and `summary.checks` are built from those answers, so a report never claims a ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from lora_convert.check.base import BaseResolution
 from lora_convert.errors import UsageError
@@ -82,7 +83,11 @@ class Check:
 
 # Findings made while the adapter was read (lora_convert/peft/adapter.py and peft/config.py), by the check group that
 # reports them; every other code of the adapter model (keys., modules., layers.) belongs to `keys`.
-ADAPTER_FINDING_GROUPS = {"config": ("config.", "tokens."), "pairs": ("pairs.", "rank.", "shapes."), "moe": ("experts.",)}
+ADAPTER_FINDING_GROUPS = {
+    "config": ("config.", "tokens."),
+    "pairs": ("pairs.", "rank.", "shapes."),
+    "moe": ("experts.",),
+}
 
 
 def adapter_findings(ctx: CheckContext, group: str) -> list[Finding]:
@@ -96,6 +101,6 @@ def adapter_findings(ctx: CheckContext, group: str) -> list[Finding]:
     for f in ctx.adapter.findings:
         if ctx.stacked and f.code in STACKED_LAYOUT_CODES:
             continue
-        if (f.code.startswith(mine) if mine is not None else not f.code.startswith(claimed)):
+        if f.code.startswith(mine) if mine is not None else not f.code.startswith(claimed):
             out.append(f)
     return out

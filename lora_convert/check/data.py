@@ -41,5 +41,7 @@ def _as_zero_fill(zero_b: Finding, listed_in: str) -> Finding:
         "data.zero-fill",
         f"{count} lora_B tensor(s) are all zero: the zero fills lora-convert normalize wrote for slices the adapter "
         f"did not have, listed in {listed_in}.",
-        keys=zero_b.keys, expected=zero_b.expected, actual=zero_b.actual,
+        keys=zero_b.keys,
+        expected=zero_b.expected,
+        actual=zero_b.actual,
     )

@@ -19,13 +19,13 @@ import math
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
-from lora_convert.findings import Finding
 from lora_convert.codes import finding
-from lora_convert.peft.naming import Factor
+from lora_convert.findings import Finding
 from lora_convert.io.tensor_files import FLOAT_DTYPES
+from lora_convert.peft.naming import Factor
 
 FAST_NORM_DTYPES = {"F64", "F32", "F16", "BF16"}
 CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
@@ -119,7 +119,7 @@ def tensor_stats(key: str, dtype: str, tensor, factor: str) -> TensorStats:
     finite_count = 0
     nonzero = False
     for start in range(0, stats.numel, CHUNK_ELEMENTS):
-        chunk = flat[start:start + CHUNK_ELEMENTS].to(torch.float32)
+        chunk = flat[start : start + CHUNK_ELEMENTS].to(torch.float32)
         bad = None
         for kind, test in (("nan", torch.isnan), ("inf", torch.isinf)):
             mask = test(chunk)
@@ -191,32 +191,45 @@ def stats_findings(stats: dict[str, TensorStats]) -> list[Finding]:
     for count_attr, first_attr, what in (("nan", "first_nan", "NaN"), ("inf", "first_inf", "infinite")):
         bad = [s for s in stats.values() if getattr(s, count_attr)]
         for s in bad[:MAX_PER_TENSOR_FINDINGS]:
-            out.append(finding(
-                "data.nan" if count_attr == "nan" else "data.inf",
-                f"{s.key} holds {getattr(s, count_attr)} {what} value(s) out of {s.numel} (first at flat index "
-                f"{getattr(s, first_attr)}); the served model would produce {what} outputs wherever this module is used.",
-                keys=[s.key], expected=0, actual=getattr(s, count_attr),
-                fix="Re-export the adapter from a checkpoint saved before training diverged.",
-            ))
+            out.append(
+                finding(
+                    "data.nan" if count_attr == "nan" else "data.inf",
+                    f"{s.key} holds {getattr(s, count_attr)} {what} value(s) out of {s.numel} (first at flat index "
+                    f"{getattr(s, first_attr)}); the served model would produce {what} outputs wherever this module is used.",
+                    keys=[s.key],
+                    expected=0,
+                    actual=getattr(s, count_attr),
+                    fix="Re-export the adapter from a checkpoint saved before training diverged.",
+                )
+            )
         if len(bad) > MAX_PER_TENSOR_FINDINGS:
             rest = bad[MAX_PER_TENSOR_FINDINGS:]
-            out.append(finding(
-                "data.nan" if count_attr == "nan" else "data.inf",
-                f"{len(rest)} more tensor(s) hold {what} values ({sum(getattr(s, count_attr) for s in rest)} in all).",
-                keys=[s.key for s in rest[:MAX_KEYS]], expected=0, actual=sum(getattr(s, count_attr) for s in rest),
-            ))
+            out.append(
+                finding(
+                    "data.nan" if count_attr == "nan" else "data.inf",
+                    f"{len(rest)} more tensor(s) hold {what} values ({sum(getattr(s, count_attr) for s in rest)} in all).",
+                    keys=[s.key for s in rest[:MAX_KEYS]],
+                    expected=0,
+                    actual=sum(getattr(s, count_attr) for s in rest),
+                )
+            )
     zero_b = [s for s in stats.values() if s.factor == "lora_B" and s.all_zero and s.numel]
     if zero_b:
         total_b = sum(1 for s in stats.values() if s.factor == "lora_B")
         modules = sorted({_module_of(s.key) for s in zero_b})
-        out.append(finding(
-            "data.zero-b",
-            f"{len(zero_b)} of {total_b} lora_B tensor(s) are all zero, so {'that module is' if len(zero_b) == 1 else 'those modules are'} "
-            f"a no-op (B @ A = 0): e.g. {modules[0]}. PEFT initialises B to zero; an adapter saved before any "
-            "training step, or exported from the wrong state, looks like this.",
-            keys=[s.key for s in zero_b[:MAX_KEYS]], expected="non-zero", actual="all zero",
-            fix="Check that the adapter was saved after training." if len(zero_b) == total_b else None,
-        ))
+        out.append(
+            finding(
+                "data.zero-b",
+                f"{len(zero_b)} of {total_b} lora_B tensor(s) are all zero, "
+                f"so {'that module is' if len(zero_b) == 1 else 'those modules are'} "
+                f"a no-op (B @ A = 0): e.g. {modules[0]}. PEFT initialises B to zero; an adapter saved before any "
+                "training step, or exported from the wrong state, looks like this.",
+                keys=[s.key for s in zero_b[:MAX_KEYS]],
+                expected="non-zero",
+                actual="all zero",
+                fix="Check that the adapter was saved after training." if len(zero_b) == total_b else None,
+            )
+        )
     by_kind: dict[str, list[TensorStats]] = defaultdict(list)
     for s in stats.values():
         if s.factor in ("lora_A", "lora_B", "magnitude") and s.rms > 0 and math.isfinite(s.rms):
@@ -234,13 +247,17 @@ def stats_findings(stats: dict[str, TensorStats]) -> list[Finding]:
                 continue
             group.sort(key=lambda s: -abs(math.log(s.rms / median)))
             worst = group[0]
-            out.append(finding(
-                "data.magnitude-outlier",
-                f"{len(group)} {kind} tensor(s) have an RMS more than {OUTLIER_RATIO:g}x {word} the median of the "
-                f"adapter's {kind} tensors ({median:.3g}); the worst is {worst.key} at {worst.rms:.3g} "
-                f"({worst.rms / median:.3g}x). A module saved unscaled, or from another checkpoint, looks like this.",
-                keys=[s.key for s in group[:MAX_KEYS]], expected=f"~{median:.3g}", actual=f"{worst.rms:.3g}",
-            ))
+            out.append(
+                finding(
+                    "data.magnitude-outlier",
+                    f"{len(group)} {kind} tensor(s) have an RMS more than {OUTLIER_RATIO:g}x {word} the median of the "
+                    f"adapter's {kind} tensors ({median:.3g}); the worst is {worst.key} at {worst.rms:.3g} "
+                    f"({worst.rms / median:.3g}x). A module saved unscaled, or from another checkpoint, looks like this.",
+                    keys=[s.key for s in group[:MAX_KEYS]],
+                    expected=f"~{median:.3g}",
+                    actual=f"{worst.rms:.3g}",
+                )
+            )
     return out
 
 
@@ -253,32 +270,52 @@ def dtype_findings(index) -> list[Finding]:
     non_float = [t.key for t in index.tensors.values() if t.dtype not in FLOAT_DTYPES]
     if non_float:
         kinds = sorted({index.tensors[k].dtype for k in non_float})
-        out.append(finding(
-            "data.integer-dtype",
-            f"{len(non_float)} tensor(s) are stored as {', '.join(kinds)}; LoRA factors are floating point, and engines "
-            "would cast these integers to the model dtype without scale.",
-            keys=non_float[:MAX_KEYS], expected="F32, F16 or BF16", actual=kinds,
-            fix="Re-export the adapter with floating-point factors.",
-        ))
+        out.append(
+            finding(
+                "data.integer-dtype",
+                f"{len(non_float)} tensor(s) are stored as {', '.join(kinds)}; LoRA factors are floating point, and engines "
+                "would cast these integers to the model dtype without scale.",
+                keys=non_float[:MAX_KEYS],
+                expected="F32, F16 or BF16",
+                actual=kinds,
+                fix="Re-export the adapter with floating-point factors.",
+            )
+        )
     f64 = [t.key for t in index.tensors.values() if t.dtype == "F64"]
     if f64:
-        out.append(finding(
-            "data.float64",
-            f"{len(f64)} tensor(s) are float64: twice the size of float32 for no gain; engines cast them to the model dtype.",
-            keys=f64[:MAX_KEYS], expected="F32, F16 or BF16", actual="F64",
-            fix="lora-convert normalize ADAPTER -o OUT --dtype float32 (or bfloat16).",
-        ))
+        out.append(
+            finding(
+                "data.float64",
+                f"{len(f64)} tensor(s) are float64: twice the size of float32 for no gain; engines cast them to the model dtype.",
+                keys=f64[:MAX_KEYS],
+                expected="F32, F16 or BF16",
+                actual="F64",
+                fix="lora-convert normalize ADAPTER -o OUT --dtype float32 (or bfloat16).",
+            )
+        )
     floats = {d: n for d, n in census.items() if d in FLOAT_DTYPES}
     if len(floats) > 1:
         minority = min(floats, key=floats.get)
         keys = [t.key for t in index.tensors.values() if t.dtype == minority]
-        out.append(finding(
-            "data.mixed-dtypes",
-            "The adapter mixes dtypes (" + ", ".join(f"{d} x{n}" for d, n in sorted(floats.items())) + "); it was probably "
-            "assembled from several exports. Engines cast everything to the model dtype, but check the source.",
-            keys=keys[:MAX_KEYS], expected="one dtype", actual=dict(sorted(census.items())),
-        ))
+        out.append(
+            finding(
+                "data.mixed-dtypes",
+                "The adapter mixes dtypes ("
+                + ", ".join(f"{d} x{n}" for d, n in sorted(floats.items()))
+                + "); it was probably "
+                "assembled from several exports. Engines cast everything to the model dtype, but check the source.",
+                keys=keys[:MAX_KEYS],
+                expected="one dtype",
+                actual=dict(sorted(census.items())),
+            )
+        )
     elif any(d.startswith("F8") for d in floats):
-        out.append(finding("data.fp8", "The factors are stored in an 8-bit float format; precision is low for LoRA factors.",
-                        keys=[], actual=sorted(floats)))
+        out.append(
+            finding(
+                "data.fp8",
+                "The factors are stored in an 8-bit float format; precision is low for LoRA factors.",
+                keys=[],
+                actual=sorted(floats),
+            )
+        )
     return out

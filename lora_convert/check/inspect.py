@@ -41,7 +41,17 @@ def build_report(adapter: Adapter) -> dict[str, Any]:
         leaves: dict[str, dict[str, Any]] = {}
         for mod in mods:
             name = mod.local_name if mod.layer is not None else mod.module
-            entry = leaves.setdefault(name, {"name": name, "count": 0, "layers": set(), "experts": set(), "ranks": Counter(), "scalings": Counter()})
+            entry = leaves.setdefault(
+                name,
+                {
+                    "name": name,
+                    "count": 0,
+                    "layers": set(),
+                    "experts": set(),
+                    "ranks": Counter(),
+                    "scalings": Counter(),
+                },
+            )
             entry["count"] += 1
             if mod.layer is not None:
                 entry["layers"].add(mod.layer)
@@ -98,8 +108,19 @@ def _number_key(value) -> str:
     return "unknown" if value is None else str(value)
 
 
-CONFIG_SHOWN = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "target_modules",
-                "target_parameters", "modules_to_save", "bias", "lora_bias")
+CONFIG_SHOWN = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "target_parameters",
+    "modules_to_save",
+    "bias",
+    "lora_bias",
+)
 
 
 def config_section(cfg: PeftConfig) -> dict[str, Any]:
@@ -120,17 +141,45 @@ def inspect_warnings(adapter: Adapter) -> list[Finding]:
     out: list[Finding] = []
     dora = [m.module for m in adapter.modules if m.magnitude is not None]
     if cfg.use_dora or dora:
-        out.append(finding("serving.dora", f"DoRA adapter ({len(dora)} magnitude vectors): its delta depends on the base weights; "
-                           "SGLang and vLLM reject it.", keys=dora[:10]))
+        out.append(
+            finding(
+                "serving.dora",
+                f"DoRA adapter ({len(dora)} magnitude vectors): its delta depends on the base weights; "
+                "SGLang and vLLM reject it.",
+                keys=dora[:10],
+            )
+        )
     if cfg.bias != "none" or cfg.lora_bias:
-        out.append(finding("config.bias", f"bias={cfg.bias!r}, lora_bias={cfg.lora_bias}: serving engines ignore or misread bias tensors.", keys=["bias"]))
+        out.append(
+            finding(
+                "config.bias",
+                f"bias={cfg.bias!r}, lora_bias={cfg.lora_bias}: serving engines ignore or misread bias tensors.",
+                keys=["bias"],
+            )
+        )
     if cfg.modules_to_save:
-        out.append(finding("config.modules-to-save", f"modules_to_save={cfg.modules_to_save}: full module copies are not LoRA; engines reject or ignore them.",
-                           keys=["modules_to_save"]))
+        out.append(
+            finding(
+                "config.modules-to-save",
+                f"modules_to_save={cfg.modules_to_save}: full module copies are not LoRA; engines reject or ignore them.",
+                keys=["modules_to_save"],
+            )
+        )
     if cfg.has_patterns:
-        out.append(finding("serving.patterns", f"rank_pattern {cfg.rank_pattern or '{}'} / alpha_pattern {cfg.alpha_pattern or '{}'} present: "
-                           "engines that ignore them serve wrong scales; `normalize` folds them into the tensors.",
-                           keys=["rank_pattern", "alpha_pattern"]))
+        out.append(
+            finding(
+                "serving.patterns",
+                f"rank_pattern {cfg.rank_pattern or '{}'} / alpha_pattern {cfg.alpha_pattern or '{}'} present: "
+                "engines that ignore them serve wrong scales; `normalize` folds them into the tensors.",
+                keys=["rank_pattern", "alpha_pattern"],
+            )
+        )
     for name, description in cfg.variants.items():
-        out.append(finding("serving.unsupported-variant", f"{name} is set: {description}; no serving engine computes this variant.", keys=[name]))
+        out.append(
+            finding(
+                "serving.unsupported-variant",
+                f"{name} is set: {description}; no serving engine computes this variant.",
+                keys=[name],
+            )
+        )
     return out

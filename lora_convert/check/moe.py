@@ -57,19 +57,29 @@ def moe_findings(adapter, arch) -> list[Finding]:
                 missing_proj_keys.extend(keys_by_layer[(layer, container)][:2])
     if missing_experts:
         first = next(iter(missing_experts))
-        out.append(finding(
-            "experts.missing",
-            f"{len(missing_experts)} layer(s) have LoRA on only some routed experts (of {expected}"
-            f"{', counted from the adapter' if guessed else ''}); e.g. layer {first} lacks experts "
-            f"{spans(missing_experts[first])}. PEFT adapts every expert of a targeted layer; the adapter is incomplete.",
-            keys=[k for layer in list(missing_experts)[:5] for k in keys_by_layer[next(c for c in by_layer if c[0] == layer)][:2]],
-            expected=expected, actual={str(k): v[:20] for k, v in list(missing_experts.items())[:20]},
-        ))
+        out.append(
+            finding(
+                "experts.missing",
+                f"{len(missing_experts)} layer(s) have LoRA on only some routed experts (of {expected}"
+                f"{', counted from the adapter' if guessed else ''}); e.g. layer {first} lacks experts "
+                f"{spans(missing_experts[first])}. PEFT adapts every expert of a targeted layer; the adapter is incomplete.",
+                keys=[
+                    k
+                    for layer in list(missing_experts)[:5]
+                    for k in keys_by_layer[next(c for c in by_layer if c[0] == layer)][:2]
+                ],
+                expected=expected,
+                actual={str(k): v[:20] for k, v in list(missing_experts.items())[:20]},
+            )
+        )
     if missing_proj:
-        out.append(finding(
-            "experts.missing-projection",
-            f"Some experts lack projections that other experts of the same layer have: {'; '.join(missing_proj[:5])}"
-            f"{' ...' if len(missing_proj) > 5 else ''}. vLLM requires all three expert projections per expert.",
-            keys=missing_proj_keys[:MAX_KEYS], actual=missing_proj[:20],
-        ))
+        out.append(
+            finding(
+                "experts.missing-projection",
+                f"Some experts lack projections that other experts of the same layer have: {'; '.join(missing_proj[:5])}"
+                f"{' ...' if len(missing_proj) > 5 else ''}. vLLM requires all three expert projections per expert.",
+                keys=missing_proj_keys[:MAX_KEYS],
+                actual=missing_proj[:20],
+            )
+        )
     return out

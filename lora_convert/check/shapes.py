@@ -18,8 +18,10 @@ def run(ctx: CheckContext) -> Outcome:
         return Outcome(check_shapes(ctx.adapter, ctx.arch))
     why = ctx.base.no_shapes_why or "no architecture schema"
     allowed = ctx.options.allow_unchecked
-    return Outcome([unchecked_finding(why, ctx.base.config, allowed=allowed)],
-                   skipped=why + ("; accepted with --allow-unchecked" if allowed else ""))
+    return Outcome(
+        [unchecked_finding(why, ctx.base.config, allowed=allowed)],
+        skipped=why + ("; accepted with --allow-unchecked" if allowed else ""),
+    )
 
 
 CHECK = Check("shapes", run)
@@ -28,14 +30,20 @@ CHECK = Check("shapes", run)
 def unchecked_finding(why: str, base_cfg, *, allowed: bool) -> Finding:
     """`shapes.unchecked`, or `shapes.unchecked-allowed` when the caller accepted unchecked shapes."""
     if base_cfg is None:
-        fix = ("Pass --base with the base model: a folder holding config.json, a config.json file, a Hub id, or a preset "
-               "from `lora-convert schemas list`")
+        fix = (
+            "Pass --base with the base model: a folder holding config.json, a config.json file, a Hub id, or a preset "
+            "from `lora-convert schemas list`"
+        )
     else:
-        fix = (f"Add a schema for model_type {base_cfg.model_type!r} (docs/schemas.md; `lora-convert schemas list` shows "
-               "the supported families), or pass --base with a supported base")
+        fix = (
+            f"Add a schema for model_type {base_cfg.model_type!r} (docs/schemas.md; `lora-convert schemas list` shows "
+            "the supported families), or pass --base with a supported base"
+        )
     fix += "; --allow-unchecked accepts the adapter without the shape check." if not allowed else "."
-    message = (f"The tensor shapes were not checked against the base model: {why}. A wrong-shaped tensor would go "
-               "unnoticed until an engine loads the adapter.")
+    message = (
+        f"The tensor shapes were not checked against the base model: {why}. A wrong-shaped tensor would go "
+        "unnoticed until an engine loads the adapter."
+    )
     if allowed:
         return finding("shapes.unchecked-allowed", message + " Accepted with --allow-unchecked.", fix=fix)
     return finding("shapes.unchecked", message, fix=fix)
@@ -46,22 +54,43 @@ def stacked_findings(adapter, arch) -> list[Finding]:
     out: list[Finding] = []
     layout = adapter.stacked_layout or {}
     if not isinstance(layout, dict) or layout.get("format") != "lora-convert/stacked":
-        out.append(finding("layout.unknown", f"lora_layout.json does not describe a lora-convert stacked layout "
-                         f"(format {layout.get('format') if isinstance(layout, dict) else None!r}).",
-                         keys=["lora_layout.json"], expected="lora-convert/stacked"))
+        out.append(
+            finding(
+                "layout.unknown",
+                f"lora_layout.json does not describe a lora-convert stacked layout "
+                f"(format {layout.get('format') if isinstance(layout, dict) else None!r}).",
+                keys=["lora_layout.json"],
+                expected="lora-convert/stacked",
+            )
+        )
         return out
     rank = layout.get("rank")
     groups = layout.get("groups") or []
     if not isinstance(rank, int) or rank <= 0 or not isinstance(groups, list):
-        out.append(finding("layout.invalid", "lora_layout.json lacks a positive `rank` or a `groups` list.", keys=["lora_layout.json"]))
+        out.append(
+            finding(
+                "layout.invalid",
+                "lora_layout.json lacks a positive `rank` or a `groups` list.",
+                keys=["lora_layout.json"],
+            )
+        )
         return out
     if adapter.config.r != rank:
-        out.append(finding("layout.rank-mismatch", f"lora_layout.json says rank {rank} but adapter_config.json says r={adapter.config.r}.",
-                         keys=["lora_layout.json", "adapter_config.json"], expected=rank, actual=adapter.config.r))
+        out.append(
+            finding(
+                "layout.rank-mismatch",
+                f"lora_layout.json says rank {rank} but adapter_config.json says r={adapter.config.r}.",
+                keys=["lora_layout.json", "adapter_config.json"],
+                expected=rank,
+                actual=adapter.config.r,
+            )
+        )
     tensors = adapter.index.tensors
     for group in groups:
         if not isinstance(group, dict) or not isinstance(group.get("key"), str):
-            out.append(finding("layout.invalid", "lora_layout.json has a group without a `key`.", keys=["lora_layout.json"]))
+            out.append(
+                finding("layout.invalid", "lora_layout.json has a group without a `key`.", keys=["lora_layout.json"])
+            )
             continue
         key = group["key"]
         slices = group.get("slices") or []
@@ -72,8 +101,13 @@ def stacked_findings(adapter, arch) -> list[Finding]:
         a_key, b_key = f"base_model.model.{key}.lora_A.weight", f"base_model.model.{key}.lora_B.weight"
         for k in (a_key, b_key):
             if k not in tensors:
-                out.append(finding("layout.missing-tensor", f"lora_layout.json lists group {key} but {k} is not in the file.",
-                                 keys=[k]))
+                out.append(
+                    finding(
+                        "layout.missing-tensor",
+                        f"lora_layout.json lists group {key} but {k} is not in the file.",
+                        keys=[k],
+                    )
+                )
         if a_key not in tensors or b_key not in tensors:
             continue
         lead = (experts,) if isinstance(experts, int) and experts else ()
@@ -82,11 +116,28 @@ def stacked_findings(adapter, arch) -> list[Finding]:
         for k, want in ((a_key, want_a), (b_key, want_b)):
             got = tensors[k].shape
             if tuple(got) != tuple(want):
-                out.append(finding("layout.shape", f"{k} has shape {list(got)}; lora_layout.json implies {list(want)}.",
-                                 keys=[k], expected=list(want), actual=list(got)))
-    listed = {f"base_model.model.{g['key']}.lora_{f}.weight" for g in groups if isinstance(g, dict) and isinstance(g.get("key"), str) for f in "AB"}
+                out.append(
+                    finding(
+                        "layout.shape",
+                        f"{k} has shape {list(got)}; lora_layout.json implies {list(want)}.",
+                        keys=[k],
+                        expected=list(want),
+                        actual=list(got),
+                    )
+                )
+    listed = {
+        f"base_model.model.{g['key']}.lora_{f}.weight"
+        for g in groups
+        if isinstance(g, dict) and isinstance(g.get("key"), str)
+        for f in "AB"
+    }
     extra = [k for k in tensors if k not in listed]
     if extra:
-        out.append(finding("layout.unlisted-tensor", f"{len(extra)} tensor(s) are not described by lora_layout.json (e.g. {extra[0]}).",
-                         keys=extra[:MAX_KEYS]))
+        out.append(
+            finding(
+                "layout.unlisted-tensor",
+                f"{len(extra)} tensor(s) are not described by lora_layout.json (e.g. {extra[0]}).",
+                keys=extra[:MAX_KEYS],
+            )
+        )
     return out

@@ -21,45 +21,75 @@ def run(ctx: CheckContext) -> Outcome:
         return Outcome(skipped="--no-smoke")
 
     def not_run(reason: str, message: str, fix: str | None = None) -> Outcome:
-        return Outcome([finding("smoke.requested-not-run" if smoke else "smoke.skipped", message, fix=fix)], skipped=reason)
+        return Outcome(
+            [finding("smoke.requested-not-run" if smoke else "smoke.skipped", message, fix=fix)], skipped=reason
+        )
 
     if ctx.stacked:
-        return not_run("stacked output", "The smoke forward of a stacked output compares it with the adapter it came "
-                       "from; validate does not know that adapter.", fix="Run `lora-convert smoke OUT --original ADAPTER`.")
+        return not_run(
+            "stacked output",
+            "The smoke forward of a stacked output compares it with the adapter it came "
+            "from; validate does not know that adapter.",
+            fix="Run `lora-convert smoke OUT --original ADAPTER`.",
+        )
     if ctx.arch is None:
-        return not_run("no base architecture", "The smoke forward needs the base architecture; none was resolved.",
-                       fix="Pass --base.")
+        return not_run(
+            "no base architecture",
+            "The smoke forward needs the base architecture; none was resolved.",
+            fix="Pass --base.",
+        )
     if has_errors(ctx.findings):
-        return not_run("the adapter has errors", "The smoke forward was not run because the checks above found errors; "
-                       "fix those first.")
+        return not_run(
+            "the adapter has errors",
+            "The smoke forward was not run because the checks above found errors; fix those first.",
+        )
     import torch
 
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         if smoke:
-            raise EnvironmentProblem("--device cuda was given but no CUDA device is available.",
-                                     hint="Use --device cpu, or --no-smoke to skip the forward pass.")
-        return not_run("no CUDA device", "--device cuda was given but no CUDA device is available; no forward pass was run.")
+            raise EnvironmentProblem(
+                "--device cuda was given but no CUDA device is available.",
+                hint="Use --device cpu, or --no-smoke to skip the forward pass.",
+            )
+        return not_run(
+            "no CUDA device", "--device cuda was given but no CUDA device is available; no forward pass was run."
+        )
     chosen = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
     if smoke is None and chosen == "cpu" and adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES:
-        return not_run("CPU and adapter > 50 MB", f"No GPU, and the adapter is {adapter.total_bytes / 2**20:.0f} MB (> 50 MB): "
-                       "the CPU smoke forward is off by default.", fix="Pass --smoke to run it anyway.")
+        return not_run(
+            "CPU and adapter > 50 MB",
+            f"No GPU, and the adapter is {adapter.total_bytes / 2**20:.0f} MB (> 50 MB): "
+            "the CPU smoke forward is off by default.",
+            fix="Pass --smoke to run it anyway.",
+        )
     from lora_convert.smoke.runner import run_smoke
 
     try:
-        result = run_smoke(str(adapter.source.path), base=ctx.options.base, device=chosen,
-                           cache_dir=ctx.options.cache_dir, token=ctx.options.token)
+        result = run_smoke(
+            str(adapter.source.path),
+            base=ctx.options.base,
+            device=chosen,
+            cache_dir=ctx.options.cache_dir,
+            token=ctx.options.token,
+        )
     except EnvironmentProblem:
         if smoke:
             raise
         return not_run("environment", "The smoke forward could not run on this machine.")
     except LoraConvertError as exc:
-        return not_run("not normalizable", f"The smoke forward could not prepare the adapter: {exc.message}", fix=exc.hint)
+        return not_run(
+            "not normalizable", f"The smoke forward could not prepare the adapter: {exc.message}", fix=exc.hint
+        )
     found = result.findings()
     if not found:
         layers = ", ".join(map(str, result.layers_checked[:8]))
-        found = [finding("smoke.passed", f"Smoke forward on {chosen}: {len(result.groups)} group(s) match PEFT's "
-                         f"reference (layers {layers}).")]
+        found = [
+            finding(
+                "smoke.passed",
+                f"Smoke forward on {chosen}: {len(result.groups)} group(s) match PEFT's reference (layers {layers}).",
+            )
+        ]
     return Outcome(found)
 
 

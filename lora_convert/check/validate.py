@@ -12,8 +12,9 @@ annotation for it like for anything else. docs/validate.md lists every check and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lora_convert.check import config, data, engine, keys, moe, pairs, shapes, sharding, smoke
 from lora_convert.check.base import resolve_base
@@ -53,12 +54,30 @@ def validate_adapter(
     error `shapes.unchecked`.
     """
     started = time.monotonic()
-    options = ValidateOptions(base=base, engine=(engine or "none").lower(), tp=tp, ep=ep, data_scan=data_scan, smoke=smoke,
-                              device=device, progress=progress, cache_dir=cache_dir, token=token,
-                              allow_unchecked=bool(allow_unchecked))
-    source = spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
-    report = ValidationReport(adapter=source.describe(), adapter_path=str(source.path), base=None, engine=options.engine,
-                              strict=strict, allow_unchecked=options.allow_unchecked)
+    options = ValidateOptions(
+        base=base,
+        engine=(engine or "none").lower(),
+        tp=tp,
+        ep=ep,
+        data_scan=data_scan,
+        smoke=smoke,
+        device=device,
+        progress=progress,
+        cache_dir=cache_dir,
+        token=token,
+        allow_unchecked=bool(allow_unchecked),
+    )
+    source = (
+        spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
+    )
+    report = ValidationReport(
+        adapter=source.describe(),
+        adapter_path=str(source.path),
+        base=None,
+        engine=options.engine,
+        strict=strict,
+        allow_unchecked=options.allow_unchecked,
+    )
     try:
         adapter = load_adapter(source, strict_config=False)
     except AdapterConfigError as exc:

@@ -4,7 +4,7 @@ import functools
 import gc
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 from typer.core import TyperGroup
@@ -24,6 +24,7 @@ that serving kernels compute with.
 Exit codes: 0 ok, 1 the adapter has errors, 2 usage error, 3 environment problem (e.g. no CUDA), 4 internal
 error (a bug in lora-convert: please report it).
 Set LORA_CONVERT_DEBUG=1 to see a traceback for any error."""
+
 
 class _Group(TyperGroup):
     """The root command group. Click reports a bad flag, a missing argument or an out-of-range value (`--rank 0`)
@@ -94,8 +95,10 @@ def command(*names: str, target: typer.Typer | None = None, **kwargs) -> Callabl
                 # lora-convert streams one tensor at a time, so running out of memory is a bug, not the adapter's fault.
                 if debug_enabled():
                     raise
-                print_error("Internal error: ran out of memory, which is a bug in lora-convert (it should stream).",
-                            BUG_REPORT_HINT)
+                print_error(
+                    "Internal error: ran out of memory, which is a bug in lora-convert (it should stream).",
+                    BUG_REPORT_HINT,
+                )
                 raise typer.Exit(EXIT_INTERNAL) from None
             except Exception as exc:  # a bug in lora-convert, not in the user's input: exit 4, never 1
                 if debug_enabled():
@@ -116,7 +119,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True
+    ),
 ) -> None:
     pass
 

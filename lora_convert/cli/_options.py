@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
 
 import typer
 
@@ -15,11 +14,19 @@ ADAPTER_HELP = (
 )
 
 AdapterArg = typer.Argument(..., help=ADAPTER_HELP, metavar="ADAPTER", show_default=False)
-FormatOpt = typer.Option(OutputFormat.human, "--format", "-f", help="`human` tables, or one `json` document on stdout.", case_sensitive=False)
-CacheDirOpt: Optional[str] = typer.Option(None, "--cache-dir", help="Hugging Face cache folder for Hub ids (default: HF_HOME's hub cache).")
-TokenOpt: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token for private repos (default: HF_TOKEN).", show_envvar=True)
-BaseOpt: Optional[str] = typer.Option(
-    None, "--base", "-b",
+FormatOpt = typer.Option(
+    OutputFormat.human, "--format", "-f", help="`human` tables, or one `json` document on stdout.", case_sensitive=False
+)
+CacheDirOpt: str | None = typer.Option(
+    None, "--cache-dir", help="Hugging Face cache folder for Hub ids (default: HF_HOME's hub cache)."
+)
+TokenOpt: str | None = typer.Option(
+    None, "--token", envvar="HF_TOKEN", help="Hub token for private repos (default: HF_TOKEN).", show_envvar=True
+)
+BaseOpt: str | None = typer.Option(
+    None,
+    "--base",
+    "-b",
     help="The base model: a folder or config.json, a Hub id (only config.json is fetched), or a preset name "
     "(`lora-convert schemas list`). Default: the adapter's base_model_name_or_path.",
 )

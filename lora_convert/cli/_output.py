@@ -13,8 +13,11 @@ from rich.markup import escape
 
 # Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns and cut module paths; use a wide page,
 # unless COLUMNS says how wide the page is (rich reads it when no width is given).
-stdout = Console(soft_wrap=False, highlight=False,
-                 width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
+stdout = Console(
+    soft_wrap=False,
+    highlight=False,
+    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200,
+)
 stderr = Console(stderr=True, highlight=False)
 
 

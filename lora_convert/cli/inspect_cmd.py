@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -17,8 +15,8 @@ from lora_convert.text import spans
 def inspect_command(
     adapter: str = AdapterArg,
     format: OutputFormat = FormatOpt,
-    cache_dir: Optional[str] = CacheDirOpt,
-    token: Optional[str] = TokenOpt,
+    cache_dir: str | None = CacheDirOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Show what an adapter holds: files, dtypes, sizes, modules by kind and layer with rank and scaling,
     the expert layout, and warnings. Reads headers only, never tensor data.
@@ -42,17 +40,25 @@ def inspect_command(
 def failure_message(report: dict) -> tuple[str, str]:
     cfg = report["config"]
     if not cfg["valid"]:
-        where = ", ".join(dict.fromkeys(
-            "not a JSON object" if f["code"] == "config.not-an-object" else f"`{k}`" for f in cfg["errors"] for k in f["keys"][:1]
-        ))
+        where = ", ".join(
+            dict.fromkeys(
+                "not a JSON object" if f["code"] == "config.not-an-object" else f"`{k}`"
+                for f in cfg["errors"]
+                for k in f["keys"][:1]
+            )
+        )
         unknown = any(m["scaling"] is None for m in report["modules"])
-        return (f"{report['adapter']}: adapter_config.json is invalid ({len(cfg['errors'])} error(s): {where})"
-                + ("; ranks and scalings that depend on it are shown as `?`." if unknown else "."),
-                "Fix the fields listed above (each with the value expected and the value found); "
-                "`lora-convert validate` runs every check.")
+        return (
+            f"{report['adapter']}: adapter_config.json is invalid ({len(cfg['errors'])} error(s): {where})"
+            + ("; ranks and scalings that depend on it are shown as `?`." if unknown else "."),
+            "Fix the fields listed above (each with the value expected and the value found); "
+            "`lora-convert validate` runs every check.",
+        )
     codes = sorted({f["code"] for f in report["findings"] if f["severity"] == "error"})
-    return (f"{report['adapter']} has errors: {', '.join(codes)}.",
-            "See the notes above; `lora-convert validate ADAPTER --base BASE` checks it in full.")
+    return (
+        f"{report['adapter']} has errors: {', '.join(codes)}.",
+        "See the notes above; `lora-convert validate ADAPTER --base BASE` checks it in full.",
+    )
 
 
 def _bytes(n: int) -> str:
@@ -70,6 +76,7 @@ def _number(key: str, kind) -> str:
 
 def _config_line(cfg: dict) -> str:
     """`r=8 lora_alpha=16 ...` as the file states them; a field the file gets wrong reads `invalid`."""
+
     def field(name: str) -> str:
         if name in cfg["invalid_fields"]:
             return f"{name}=[red]invalid[/]"
@@ -85,7 +92,9 @@ def _config_line(cfg: dict) -> str:
 
 def render_report(report: dict) -> None:
     cfg = report["config"]
-    stdout.print(f"[bold]{escape(report['adapter'])}[/]  ({report['file_format']}, {', '.join(escape(f) for f in report['files'])})")
+    stdout.print(
+        f"[bold]{escape(report['adapter'])}[/]  ({report['file_format']}, {', '.join(escape(f) for f in report['files'])})"
+    )
     stdout.print(f"base model: {escape(str(report['base_model']))}")
     stdout.print(
         f"{report['tensors']} tensors, {report['total_params']:,} parameters, {_bytes(report['total_bytes'])}; dtypes: "
@@ -103,10 +112,18 @@ def render_report(report: dict) -> None:
     for family, data in report["families"].items():
         for entry in data["entries"]:
             table.add_row(
-                family, escape(entry["name"]), str(entry["count"]), spans(entry["layers"]),
+                family,
+                escape(entry["name"]),
+                str(entry["count"]),
+                spans(entry["layers"]),
                 str(entry["experts"] or "-"),
-                ", ".join(_number(k, int) + (f" (x{v})" if len(entry["ranks"]) > 1 else "") for k, v in entry["ranks"].items()),
-                ", ".join(_number(k, float) + (f" (x{v})" if len(entry["scalings"]) > 1 else "") for k, v in entry["scalings"].items()),
+                ", ".join(
+                    _number(k, int) + (f" (x{v})" if len(entry["ranks"]) > 1 else "") for k, v in entry["ranks"].items()
+                ),
+                ", ".join(
+                    _number(k, float) + (f" (x{v})" if len(entry["scalings"]) > 1 else "")
+                    for k, v in entry["scalings"].items()
+                ),
             )
     stdout.print(table)
     shown_above = {(f["code"], f["message"]) for f in cfg["errors"]}

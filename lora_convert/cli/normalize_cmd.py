@@ -3,7 +3,6 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -31,23 +30,53 @@ class DType(str, Enum):
 @command("normalize")
 def normalize_command(
     adapter: str = AdapterArg,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder: created, or an empty one filled. Refused (exit 2) when it is, "
-                                          "contains or lies inside the input adapter or a local --base (after resolving symlinks, `.` and `..`), "
-                                          "and when it is the current working directory: the output is swapped in as a whole folder, so run from "
-                                          "its parent instead of passing `-o .`."),
-    base: Optional[str] = BaseOpt,
-    layout: Layout = typer.Option(Layout.stacked, "--layout", help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `sglang` / `peft`: the same "
-                                  "slices as per-module PEFT files that SGLang 0.5.23 / PEFT and vLLM load exactly (docs/engine-layouts.md)."),
-    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="Pad every slice to this rank (default: the largest effective rank; smaller is an error)."),
-    dtype: DType = typer.Option(DType.keep, "--dtype", help="Output dtype; `keep` keeps the adapter's (the widest, if mixed)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (groups, slices, zero fills, foldings, drops, refusals) and every tensor the output would hold (name, dtype, shape), and write nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace a previous lora-convert output (recognised by its lora_convert_manifest.json). "
-                                "A folder holding anything the manifest does not list is refused. The old output is removed only after the "
-                                "new one is complete; an interrupted run leaves it as it was."),
-    drop_unsupported: bool = typer.Option(False, "--drop-unsupported", help="Leave out DoRA, lora_bias, modules_to_save, vision and past-the-end modules instead of refusing; they are listed in lora_layout.json and on stderr."),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Output folder: created, or an empty one filled. Refused (exit 2) when it is, "
+        "contains or lies inside the input adapter or a local --base (after resolving symlinks, `.` and `..`), "
+        "and when it is the current working directory: the output is swapped in as a whole folder, so run from "
+        "its parent instead of passing `-o .`.",
+    ),
+    base: str | None = BaseOpt,
+    layout: Layout = typer.Option(
+        Layout.stacked,
+        "--layout",
+        help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `sglang` / `peft`: the same "
+        "slices as per-module PEFT files that SGLang 0.5.23 / PEFT and vLLM load exactly (docs/engine-layouts.md).",
+    ),
+    rank: int | None = typer.Option(
+        None,
+        "--rank",
+        min=1,
+        help="Pad every slice to this rank (default: the largest effective rank; smaller is an error).",
+    ),
+    dtype: DType = typer.Option(
+        DType.keep, "--dtype", help="Output dtype; `keep` keeps the adapter's (the widest, if mixed)."
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the plan (groups, slices, zero fills, foldings, drops, refusals) and every tensor the output "
+        "would hold (name, dtype, shape), and write nothing.",
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace a previous lora-convert output (recognised by its lora_convert_manifest.json). "
+        "A folder holding anything the manifest does not list is refused. The old output is removed only after the "
+        "new one is complete; an interrupted run leaves it as it was.",
+    ),
+    drop_unsupported: bool = typer.Option(
+        False,
+        "--drop-unsupported",
+        help="Leave out DoRA, lora_bias, modules_to_save, vision and past-the-end modules instead of refusing; "
+        "they are listed in lora_layout.json and on stderr.",
+    ),
     format: OutputFormat = FormatOpt,
-    cache_dir: Optional[str] = CacheDirOpt,
-    token: Optional[str] = TokenOpt,
+    cache_dir: str | None = CacheDirOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Turn a PEFT adapter into the fused, stacked, kernel-ready layout, exactly: every slice computes what PEFT
     computed for its source module (rank and alpha patterns and rsLoRA folded into B).
@@ -62,9 +91,20 @@ def normalize_command(
     try:
         if progress:
             progress.planning()
-        result = normalize_adapter(adapter, output, base=base, rank=rank, dtype=dtype.value, dry_run=dry_run,
-                                   force=force, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token,
-                                   progress=progress, layout=layout.value)
+        result = normalize_adapter(
+            adapter,
+            output,
+            base=base,
+            rank=rank,
+            dtype=dtype.value,
+            dry_run=dry_run,
+            force=force,
+            drop_unsupported=drop_unsupported,
+            cache_dir=cache_dir,
+            token=token,
+            progress=progress,
+            layout=layout.value,
+        )
     finally:
         if progress:
             progress.close()
@@ -101,11 +141,25 @@ class _NormalizeProgress:
         self._status.start()
 
     def start(self, total_bytes: int) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self._stop_status()
-        self._bar = Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                             console=self._console, transient=True)
+        self._bar = Progress(
+            TextColumn("writing"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=True,
+        )
         self._bar.start()
         self._task = self._bar.add_task("write", total=total_bytes)
 
@@ -133,10 +187,14 @@ def _render_plan(plan) -> None:
         parts = []
         for s in g.slices:
             sc = s.scaling_json()
-            sc_text = "zero-filled" if s.is_zero_filled else (f"{sc:g}" if isinstance(sc, float) else f"{len(sc)} values")
+            sc_text = (
+                "zero-filled" if s.is_zero_filled else (f"{sc:g}" if isinstance(sc, float) else f"{len(sc)} values")
+            )
             parts.append(f"{s.name}:{s.out_features} r{s.rank} {sc_text}")
         missing = f" ({len(g.missing_experts)} missing)" if g.missing_experts else ""
-        table.add_row(escape(g.key), f"{g.experts}{missing}" if g.experts else "-", str(g.in_features), escape(" | ".join(parts)))
+        table.add_row(
+            escape(g.key), f"{g.experts}{missing}" if g.experts else "-", str(g.in_features), escape(" | ".join(parts))
+        )
     stdout.print(table)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import typer
 from rich.markup import escape
@@ -11,8 +11,8 @@ from rich.table import Table
 from lora_convert.cli._app import app, command
 from lora_convert.cli._options import BaseOpt, CacheDirOpt, FormatOpt, TokenOpt
 from lora_convert.cli._output import OutputFormat, print_json, stdout
-from lora_convert.text import spans
 from lora_convert.errors import EXIT_FINDINGS, LoraConvertError, UsageError
+from lora_convert.text import spans
 
 schemas_app = typer.Typer(
     name="schemas",
@@ -43,8 +43,14 @@ def list_command(format: OutputFormat = FormatOpt) -> None:
     families = []
     for family in list_schemas():
         s = load_schema(family)
-        families.append({"family": family, "file": s.file, "model_type": list(s.model_types),
-                         "architectures": list(s.architectures)})
+        families.append(
+            {
+                "family": family,
+                "file": s.file,
+                "model_type": list(s.model_types),
+                "architectures": list(s.architectures),
+            }
+        )
     presets = []
     for p in list_presets():
         try:
@@ -72,15 +78,16 @@ def list_command(format: OutputFormat = FormatOpt) -> None:
 # ------------------------------------------------------------------------------------------------- show
 @_command("show")
 def show_command(
-    target: Optional[str] = typer.Argument(
-        None, metavar="ARCH_OR_PRESET",
+    target: str | None = typer.Argument(
+        None,
+        metavar="ARCH_OR_PRESET",
         help="A schema family (`llama`, `deepseek_v3`, ...), a preset name, or anything --base accepts.",
         show_default=False,
     ),
-    base: Optional[str] = BaseOpt,
+    base: str | None = BaseOpt,
     format: OutputFormat = FormatOpt,
-    cache_dir: Optional[str] = CacheDirOpt,
-    token: Optional[str] = TokenOpt,
+    cache_dir: str | None = CacheDirOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Show a schema's LoRA-able modules per layer type: module, in, out, slices, gated, experts.
 
@@ -93,8 +100,10 @@ def show_command(
     from lora_convert.arch.schema import bind, list_schemas, load_schema
 
     if target is None and base is None:
-        raise UsageError("Give a schema family or preset (ARCH_OR_PRESET), or --base.",
-                         hint="`lora-convert schemas list` shows both.")
+        raise UsageError(
+            "Give a schema family or preset (ARCH_OR_PRESET), or --base.",
+            hint="`lora-convert schemas list` shows both.",
+        )
     family = target if target in list_schemas() else None
     if family is not None and base is None:
         described = load_schema(family).describe()
@@ -104,8 +113,10 @@ def show_command(
             _render_symbolic(described)
         return
     if family is None and target is not None and base is not None:
-        raise UsageError(f"{target!r} is not a schema family, so it cannot be combined with --base.",
-                         hint="Pass either a preset / config as ARCH_OR_PRESET, or a family name with --base.")
+        raise UsageError(
+            f"{target!r} is not a schema family, so it cannot be combined with --base.",
+            hint="Pass either a preset / config as ARCH_OR_PRESET, or a family name with --base.",
+        )
     resolved = resolve_base(base if base is not None else target, cache_dir=cache_dir, token=token)
     arch = bind(resolved, schema=family)
     table = arch.table()
@@ -128,18 +139,28 @@ def _group_table(title: str, groups: list[dict]) -> Table:
         table.add_column(col, justify="right" if col in ("in", "out", "experts") else "left")
     for g in groups:
         gated = "-" if g["gated"] is None else ("yes" if g["gated"] else "no")
-        table.add_row(escape(g["name"]), str(g["in"]), str(g["out"]), escape(_slices_text(g["slices"])), gated,
-                      str(g["experts"] or "-"))
+        table.add_row(
+            escape(g["name"]),
+            str(g["in"]),
+            str(g["out"]),
+            escape(_slices_text(g["slices"])),
+            gated,
+            str(g["experts"] or "-"),
+        )
     return table
 
 
 def _render_table(table: dict) -> None:
     base = table["base"]
-    stdout.print(f"[bold]{escape(table['family'])}[/] ({escape(table['schema_file'])}) bound to "
-                 f"{escape(base['name'])} ({base['origin']})")
+    stdout.print(
+        f"[bold]{escape(table['family'])}[/] ({escape(table['schema_file'])}) bound to "
+        f"{escape(base['name'])} ({base['origin']})"
+    )
     extras = f", {table['mtp_layers']} MTP layer(s) after them" if table["mtp_layers"] else ""
-    stdout.print(f"{table['num_layers']} layers{extras}; routed experts: {table['expert_count'] or '-'}; "
-                 f"checkpoint layer stack: {escape(table['checkpoint_prefix'])}.N")
+    stdout.print(
+        f"{table['num_layers']} layers{extras}; routed experts: {table['expert_count'] or '-'}; "
+        f"checkpoint layer stack: {escape(table['checkpoint_prefix'])}.N"
+    )
     for entry in table["layer_types"]:
         title = f"layers {spans(entry['layers'])}: {' + '.join(entry['types'])}"
         stdout.print(_group_table(title, entry["groups"]))
@@ -148,8 +169,10 @@ def _render_table(table: dict) -> None:
 
 
 def _render_symbolic(described: dict) -> None:
-    stdout.print(f"[bold]{escape(described['family'])}[/] ({escape(described['file'])}): expressions over config "
-                 "fields; pass a preset or --base for numbers.")
+    stdout.print(
+        f"[bold]{escape(described['family'])}[/] ({escape(described['file'])}): expressions over config "
+        "fields; pass a preset or --base for numbers."
+    )
     stdout.print(f"layers: {escape(described['num_layers'])}; experts: {escape(str(described['expert_count']))}")
     if described["let"]:
         stdout.print("let: " + escape("; ".join(f"{k} = {v}" for k, v in described["let"].items())))
@@ -160,9 +183,15 @@ def _render_symbolic(described: dict) -> None:
         table.add_column(col)
     for g in described["groups"] + described["top_level"]:
         gated = "-" if g["gated"] is None else ("yes" if g["gated"] else "no")
-        table.add_row(escape(g["path"]), ", ".join(g["on"]) or "top level", escape(g["when"] or "-"), escape(g["in"]),
-                      escape(" | ".join(f"{s['name']} = {s['out']}" for s in g["slices"])), gated,
-                      "E" if g["experts"] else "-")
+        table.add_row(
+            escape(g["path"]),
+            ", ".join(g["on"]) or "top level",
+            escape(g["when"] or "-"),
+            escape(g["in"]),
+            escape(" | ".join(f"{s['name']} = {s['out']}" for s in g["slices"])),
+            gated,
+            "E" if g["experts"] else "-",
+        )
     stdout.print(table)
 
 
@@ -193,8 +222,9 @@ def run_check() -> dict:
             for layer in range(arch.num_layers):
                 groups += len(arch.groups(layer))
             groups += len(arch.top_level_groups())
-            entry.update(layers=arch.num_layers, layer_types=[sorted(t) for t, _ in arch.layer_type_sets()],
-                         groups=groups)
+            entry.update(
+                layers=arch.num_layers, layer_types=[sorted(t) for t, _ in arch.layer_type_sets()], groups=groups
+            )
             covered.add(schema.family)
         except LoraConvertError as exc:
             entry.update(ok=False, error=exc.message)
@@ -219,11 +249,17 @@ def check_command(format: OutputFormat = FormatOpt) -> None:
             stdout.print(f"{mark} schema {s['family']}" + (f": {escape(s['error'])}" if s["error"] else ""))
         for p in report["presets"]:
             mark = "[green]ok[/]     " if p["ok"] else "[red]FAILED[/] "
-            detail = (f" -> {p['family']}: {p['layers']} layers, {len(p['layer_types'])} layer type(s), "
-                      f"{p['groups']} groups" if p["ok"] else f": {escape(p['error'])}")
+            detail = (
+                f" -> {p['family']}: {p['layers']} layers, {len(p['layer_types'])} layer type(s), {p['groups']} groups"
+                if p["ok"]
+                else f": {escape(p['error'])}"
+            )
             stdout.print(f"{mark} preset {p['preset']}{detail}")
         if report["families_without_preset"]:
-            stdout.print("note: no preset exercises " + ", ".join(report["families_without_preset"])
-                         + " (the test suite binds them to fixture configs).")
+            stdout.print(
+                "note: no preset exercises "
+                + ", ".join(report["families_without_preset"])
+                + " (the test suite binds them to fixture configs)."
+            )
     if not report["ok"]:
         raise typer.Exit(EXIT_FINDINGS)

@@ -3,13 +3,12 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.markup import escape
 
 from lora_convert.cli._app import command
-from lora_convert.cli._options import Device, ADAPTER_HELP, BaseOpt, CacheDirOpt, TokenOpt
+from lora_convert.cli._options import ADAPTER_HELP, BaseOpt, CacheDirOpt, Device, TokenOpt
 from lora_convert.cli._output import ReportFormat, print_error, print_json, stderr, stdout
 from lora_convert.errors import EXIT_OK, LoraConvertError
 
@@ -22,35 +21,55 @@ class Engine(str, Enum):
     vllm = "vllm"
 
 
-
-
 @command("validate")
 def validate_command(
-    adapters: List[str] = typer.Argument(
-        ..., metavar="ADAPTER...", show_default=False,
-        help=ADAPTER_HELP + " Several may be given; a path to an adapter_config.json means its folder (for pre-commit).",
+    adapters: list[str] = typer.Argument(
+        ...,
+        metavar="ADAPTER...",
+        show_default=False,
+        help=ADAPTER_HELP
+        + " Several may be given; a path to an adapter_config.json means its folder (for pre-commit).",
     ),
-    base: Optional[str] = BaseOpt,
-    engine: Engine = typer.Option(Engine.none, "--engine", "-e", case_sensitive=False,
-                                  help="Also report what this serving engine would do with each feature of the adapter "
-                                  "(rules in lora_convert/engines/*.json, each citing the engine version)."),
-    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="Tensor-parallel size to check divisibility for."),
-    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="Expert-parallel size to check divisibility for."),
-    data: bool = typer.Option(True, "--data/--no-data", help="Read the tensors (streamed, one at a time): NaN/Inf, all-zero B, "
-                              "magnitude outliers. --no-data checks headers and config only."),
-    smoke: Optional[bool] = typer.Option(None, "--smoke/--no-smoke", show_default=False,
-                                         help="Run a forward pass with the adapter. Default: on with a GPU, and on a CPU for "
-                                         "adapters up to 50 MB."),
+    base: str | None = BaseOpt,
+    engine: Engine = typer.Option(
+        Engine.none,
+        "--engine",
+        "-e",
+        case_sensitive=False,
+        help="Also report what this serving engine would do with each feature of the adapter "
+        "(rules in lora_convert/engines/*.json, each citing the engine version).",
+    ),
+    tp: int | None = typer.Option(None, "--tp", min=1, help="Tensor-parallel size to check divisibility for."),
+    ep: int | None = typer.Option(None, "--ep", min=1, help="Expert-parallel size to check divisibility for."),
+    data: bool = typer.Option(
+        True,
+        "--data/--no-data",
+        help="Read the tensors (streamed, one at a time): NaN/Inf, all-zero B, "
+        "magnitude outliers. --no-data checks headers and config only.",
+    ),
+    smoke: bool | None = typer.Option(
+        None,
+        "--smoke/--no-smoke",
+        show_default=False,
+        help="Run a forward pass with the adapter. Default: on with a GPU, and on a CPU for adapters up to 50 MB.",
+    ),
     device: Device = typer.Option(Device.auto, "--device", case_sensitive=False, help="Where the smoke forward runs."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on warnings too."),
     allow_unchecked: bool = typer.Option(
-        False, "--allow-unchecked",
+        False,
+        "--allow-unchecked",
         help="Accept an adapter whose shapes could not be checked (no base, a base that does not resolve, a family "
-        "without a schema): the warning `shapes.unchecked-allowed` instead of the error `shapes.unchecked`."),
-    format: ReportFormat = typer.Option(ReportFormat.human, "--format", "-f", case_sensitive=False,
-                                        help="`human` table, one `json` document, or `github` workflow annotations."),
-    cache_dir: Optional[str] = CacheDirOpt,
-    token: Optional[str] = TokenOpt,
+        "without a schema): the warning `shapes.unchecked-allowed` instead of the error `shapes.unchecked`.",
+    ),
+    format: ReportFormat = typer.Option(
+        ReportFormat.human,
+        "--format",
+        "-f",
+        case_sensitive=False,
+        help="`human` table, one `json` document, or `github` workflow annotations.",
+    ),
+    cache_dir: str | None = CacheDirOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """Check an adapter against its base model and report every problem: config, keys, A/B pairs and ranks,
     shapes against the architecture schema, MoE experts, tensor data, TP/EP sharding and, with --engine, what
@@ -71,8 +90,19 @@ def validate_command(
         bar = _ByteProgress()
         try:
             report = validate_adapter(
-                spec, base=base, engine=engine.value, tp=tp, ep=ep, data_scan=data, smoke=smoke, device=device.value,
-                strict=strict, progress=bar, cache_dir=cache_dir, token=token, allow_unchecked=allow_unchecked,
+                spec,
+                base=base,
+                engine=engine.value,
+                tp=tp,
+                ep=ep,
+                data_scan=data,
+                smoke=smoke,
+                device=device.value,
+                strict=strict,
+                progress=bar,
+                cache_dir=cache_dir,
+                token=token,
+                allow_unchecked=allow_unchecked,
             )
         except LoraConvertError as exc:
             if format is ReportFormat.github:
@@ -128,10 +158,24 @@ class _ByteProgress:
         if not self._enabled or total < PROGRESS_MIN_BYTES:
             return
         if self._progress is None:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
-            self._progress = Progress(TextColumn("scanning tensors"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                      TimeRemainingColumn(), console=stderr, transient=True)
+            self._progress = Progress(
+                TextColumn("scanning tensors"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=True,
+            )
             self._progress.start()
             self._task = self._progress.add_task("scan", total=total)
         self._progress.advance(self._task, nbytes)
@@ -164,8 +208,11 @@ def render_human(report) -> None:
     messages into narrow columns at any width a terminal or CI log has."""
     import textwrap
 
-    stdout.print(f"[bold]{escape(_safe(report.adapter))}[/]" + (f"  base: {escape(_safe(report.base))}" if report.base else "  base: (none)")
-                 + (f"  engine: {report.engine}" if report.engine != "none" else ""))
+    stdout.print(
+        f"[bold]{escape(_safe(report.adapter))}[/]"
+        + (f"  base: {escape(_safe(report.base))}" if report.base else "  base: (none)")
+        + (f"  engine: {report.engine}" if report.engine != "none" else "")
+    )
     indent = " " * (max(len(s) for s in SEVERITY_STYLE) + 2)
     text_width = max(40, stdout.width - len(indent))
 

@@ -180,7 +180,9 @@ def _module_summary(lg: LayoutGroup) -> list[dict[str, Any]]:
     seen: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
     for m in lg.modules:
         generic = m.path if m.expert is None else m.path.replace(f".experts.{m.expert}.", ".experts.{e}.")
-        entry = seen.setdefault((generic, m.slices), {"module": generic, "slices": [g.slices[i].name for i in m.slices]})
+        entry = seen.setdefault(
+            (generic, m.slices), {"module": generic, "slices": [g.slices[i].name for i in m.slices]}
+        )
         if m.expert is not None:
             entry["experts"] = entry.get("experts", 0) + 1
     return list(seen.values())
@@ -210,17 +212,29 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
         split = next((m for m in modules if not factors.shares_one_a([g.slices[i] for i in m.slices])), None)
         if split is not None:
             names = [g.slices[j].name for j in split.slices]
-            refused.append(Refused(g, f"{split.path}: slices {names} come from different source modules (different A "
-                                      "factors), so they cannot be one module of rank R", DIFFERENT_A_CODE))
+            refused.append(
+                Refused(
+                    g,
+                    f"{split.path}: slices {names} come from different source modules (different A "
+                    "factors), so they cannot be one module of rank R",
+                    DIFFERENT_A_CODE,
+                )
+            )
             continue
         held = {i for m in modules for i in m.slices}
         unheld = tuple(i for i in range(len(g.slices)) if i not in held)
         if unheld and any(not g.slices[i].is_zero_filled for i in unheld):
             why = cut.unheld if cut is not None and cut.unheld is not None else None
-            reason = why.reason if why else "no module of the engine holds these {rows} rows, which carry {share} of the delta"
+            reason = (
+                why.reason
+                if why
+                else "no module of the engine holds these {rows} rows, which carry {share} of the delta"
+            )
             checks.append(RowCheck(g, unheld, why.code if why else UNHELD_CODE, reason))
         out.append(LayoutGroup(g, tuple(modules), added=id(g) in added_ids, dropped_slices=unheld))
-    return LayoutPlan(plan=plan, layout=layout, rules=rules, groups=tuple(out), refused=tuple(refused), checks=tuple(checks))
+    return LayoutPlan(
+        plan=plan, layout=layout, rules=rules, groups=tuple(out), refused=tuple(refused), checks=tuple(checks)
+    )
 
 
 def _group_order(g: PlannedGroup) -> tuple:
@@ -278,7 +292,9 @@ def verify_layout(lp: LayoutPlan, read: Callable[[str], Any] | None = None) -> L
         if share is None:
             continue
         rows = sum(check.group.slices[i].out_features for i in check.slices)
-        refused.append(Refused(check.group, check.reason.format(rows=rows, share=f"{share:.2%}"), check.code, partial=True))
+        refused.append(
+            Refused(check.group, check.reason.format(rows=rows, share=f"{share:.2%}"), check.code, partial=True)
+        )
     return dataclasses.replace(lp, refused=tuple(refused), checks=())
 
 
@@ -332,8 +348,10 @@ def settle_layout(lp: LayoutPlan, *, drop_unsupported: bool = False) -> LayoutPl
         dropped.append(DroppedModule(f"{r.group.key} ({rows} rows)", keys, reason, r.code))
     groups = lp.groups  # wholly refused groups were never cut into modules; partially refused ones keep theirs
     if not any(lg.modules for lg in groups if not lg.added):
-        raise UnsupportedAdapterError(f"--layout {lp.layout}: nothing is left to write once the unsupported modules are dropped.",
-                                      hint="Use --layout stacked, or run `lora-convert validate --engine ...` to see why.")
+        raise UnsupportedAdapterError(
+            f"--layout {lp.layout}: nothing is left to write once the unsupported modules are dropped.",
+            hint="Use --layout stacked, or run `lora-convert validate --engine ...` to see why.",
+        )
     settled = dataclasses.replace(lp, groups=groups, dropped=tuple(dropped), settled=True)
     targets = _target_modules(settled)
     notes = []
@@ -344,8 +362,9 @@ def settle_layout(lp: LayoutPlan, *, drop_unsupported: bool = False) -> LayoutPl
     return dataclasses.replace(settled, target_modules=targets, notes=tuple(notes))
 
 
-def plan_engine_layout(plan: Plan, layout: str, *, drop_unsupported: bool = False,
-                       read: Callable[[str], Any] | None = None) -> LayoutPlan:
+def plan_engine_layout(
+    plan: Plan, layout: str, *, drop_unsupported: bool = False, read: Callable[[str], Any] | None = None
+) -> LayoutPlan:
     """The three steps: plan, verify, settle. Everything `iter_layout_tensors` will write is decided here."""
     return settle_layout(verify_layout(plan_layout(plan, layout), read), drop_unsupported=drop_unsupported)
 
@@ -373,8 +392,9 @@ def _target_modules(lp: LayoutPlan) -> list[str] | str:
 
 
 # --------------------------------------------------------------------------------------------- execution
-def iter_layout_tensors(lp: LayoutPlan, dtype_tag: str, read: Callable[[str], Any] | None = None,
-                        progress=None) -> Iterator[tuple[str, Any]]:
+def iter_layout_tensors(
+    lp: LayoutPlan, dtype_tag: str, read: Callable[[str], Any] | None = None, progress=None
+) -> Iterator[tuple[str, Any]]:
     """(key, tensor) in `tensor_specs` order: each group is built once (stacked, scaling folded) and cut into its
     modules. `progress.advance` gets, after each group, the bytes of the tensors yielded for it. Decides nothing:
     the settled plan already says what is written."""

@@ -117,8 +117,19 @@ def fold_into(dest, b, scaling: float) -> None:
         dest.copy_((b.float() * scaling).to(dest.dtype))
 
 
-def place_source(A, B, index: int, sl: PlannedSlice, ref: SourceRef, a, b, R: int, *, expert: int | None = None,
-                 experts: int | None = None) -> None:
+def place_source(
+    A,
+    B,
+    index: int,
+    sl: PlannedSlice,
+    ref: SourceRef,
+    a,
+    b,
+    R: int,
+    *,
+    expert: int | None = None,
+    experts: int | None = None,
+) -> None:
     """Write one source's factors into slice `index` of a stacked group's A and B (scaling folded into B).
 
     Dense: A [c*R, in], B [out, R]. `expert`: one per-expert 2-D source into that expert of A [E, c*R, in],

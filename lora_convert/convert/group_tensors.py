@@ -22,7 +22,13 @@ def output_dtype(plan: Plan, requested: str) -> str:
     """The safetensors dtype tag of the output: `requested`, or for `keep` the sources' one float dtype."""
     if requested != "keep":
         return OUTPUT_DTYPES[requested]
-    tags = {t.dtype for g in plan.groups for s in g.slices for src in s.sources() for t in (src.module.lora_A, src.module.lora_B)}
+    tags = {
+        t.dtype
+        for g in plan.groups
+        for s in g.slices
+        for src in s.sources()
+        for t in (src.module.lora_A, src.module.lora_B)
+    }
     floats = [t for t in ("F64", "F32", "BF16", "F16") if t in tags]
     if len(floats) == 1:
         return floats[0]
@@ -80,8 +86,9 @@ def _fully_covered(group: PlannedGroup, R: int) -> bool:
     return True
 
 
-def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: Callable[[str], Any],
-                        buffers: GroupBuffers | None = None):
+def build_group_tensors(
+    plan: Plan, group: PlannedGroup, dtype_tag: str, read: Callable[[str], Any], buffers: GroupBuffers | None = None
+):
     """The stacked A and B of one group (slice positions: lora_convert.convert.factors).
 
     With `buffers`, A and B are views into reused memory that the next call overwrites (see GroupBuffers)."""
@@ -109,7 +116,9 @@ def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: C
                 del a, b
                 continue
             for e, src in sl.expert_sources.items():
-                factors.place_source(A, B, i, sl, src, read(src.module.lora_A.key), read(src.module.lora_B.key), R, expert=e)
+                factors.place_source(
+                    A, B, i, sl, src, read(src.module.lora_A.key), read(src.module.lora_B.key), R, expert=e
+                )
         return A, B
     cache: dict[str, Any] = {}  # a pre-merged source feeds several slices: read it once
     for i, sl in enumerate(group.slices):
@@ -124,8 +133,9 @@ def build_group_tensors(plan: Plan, group: PlannedGroup, dtype_tag: str, read: C
     return A, B
 
 
-def iter_group_tensors(plan: Plan, groups: list[PlannedGroup], dtype_tag: str,
-                       read: Callable[[str], Any] | None = None) -> Iterator[tuple[PlannedGroup, Any, Any]]:
+def iter_group_tensors(
+    plan: Plan, groups: list[PlannedGroup], dtype_tag: str, read: Callable[[str], Any] | None = None
+) -> Iterator[tuple[PlannedGroup, Any, Any]]:
     """Each group's A and B in order. They live in reused buffers: consume them before the next step."""
     buffers = GroupBuffers()
     read = read or plan.adapter.read

@@ -153,13 +153,22 @@ def _parse(data: dict, where: str) -> LayoutRules:
             engine=data["engine"],
             served_by=data["served_by"],
             refuse=tuple(_refusal(r, f"{where}.refuse[{i}]") for i, r in enumerate(data.get("refuse", []))),
-            cuts=tuple(Cut(_when(c["when"], f"{where}.cut[{i}]"), tuple((m["name"], tuple(m["slices"])) for m in c["modules"]),
-                           _refusal(c["unheld"], f"{where}.cut[{i}].unheld") if c.get("unheld") else None)
-                       for i, c in enumerate(data.get("cut", []))),
-            renames=tuple(Rename(_when(r["when"], f"{where}.rename[{i}]"), dict(r["names"]), _source(r, f"{where}.rename[{i}]"))
-                          for i, r in enumerate(data.get("rename", []))),
-            notes=tuple(Note(_when(n["when"], f"{where}.notes[{i}]"), n["text"], _source(n, f"{where}.notes[{i}]"))
-                        for i, n in enumerate(data.get("notes", []))),
+            cuts=tuple(
+                Cut(
+                    _when(c["when"], f"{where}.cut[{i}]"),
+                    tuple((m["name"], tuple(m["slices"])) for m in c["modules"]),
+                    _refusal(c["unheld"], f"{where}.cut[{i}].unheld") if c.get("unheld") else None,
+                )
+                for i, c in enumerate(data.get("cut", []))
+            ),
+            renames=tuple(
+                Rename(_when(r["when"], f"{where}.rename[{i}]"), dict(r["names"]), _source(r, f"{where}.rename[{i}]"))
+                for i, r in enumerate(data.get("rename", []))
+            ),
+            notes=tuple(
+                Note(_when(n["when"], f"{where}.notes[{i}]"), n["text"], _source(n, f"{where}.notes[{i}]"))
+                for i, n in enumerate(data.get("notes", []))
+            ),
             embedding_leaf=data.get("embedding_leaf"),
             auto_detected_leaves=tuple(data.get("auto_detected_targets", {}).get("leaves", ())),
             auto_detected_note=data.get("auto_detected_targets", {}).get("note", ""),

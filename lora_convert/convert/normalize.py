@@ -75,19 +75,34 @@ class NormalizeResult:
         return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.specs]
 
 
-def plan_normalize(adapter_spec: str | os.PathLike, *, base: str | None = None, rank: int | None = None,
-                   drop_unsupported: bool = False, cache_dir=None, token=None) -> Plan:
+def plan_normalize(
+    adapter_spec: str | os.PathLike,
+    *,
+    base: str | None = None,
+    rank: int | None = None,
+    drop_unsupported: bool = False,
+    cache_dir=None,
+    token=None,
+) -> Plan:
     """The stacked plan of an adapter against its base (headers, config and schema only)."""
     from lora_convert.arch.base_config import resolve_base
     from lora_convert.arch.schema import bind
     from lora_convert.arch.shape_check import check_shapes
 
     adapter = load_adapter(os.fspath(adapter_spec), cache_dir=cache_dir, token=token)
-    base_config = resolve_base(base, adapter_base_name=adapter.config.base_model_name_or_path, cache_dir=cache_dir, token=token)
+    base_config = resolve_base(
+        base, adapter_base_name=adapter.config.base_model_name_or_path, cache_dir=cache_dir, token=token
+    )
     arch = bind(base_config)
     shape_findings = check_shapes(adapter, arch)
-    return build_plan(adapter, arch, base_name=base_config.name, rank=rank, drop_unsupported=drop_unsupported,
-                      shape_findings=shape_findings)
+    return build_plan(
+        adapter,
+        arch,
+        base_name=base_config.name,
+        rank=rank,
+        drop_unsupported=drop_unsupported,
+        shape_findings=shape_findings,
+    )
 
 
 @dataclass
@@ -113,8 +128,10 @@ def _stacked_output(plan: Plan, tag: str) -> _Output:
 
     marker = {"layout": "stacked", "version": 1, "source_peft_version": plan.adapter.config.raw.get("peft_version")}
     files = {
-        "adapter_config.json": json.dumps(output_config(plan, sorted({g.name for g in plan.groups}), {"lora_convert": marker}),
-                                          indent=2) + "\n",
+        "adapter_config.json": json.dumps(
+            output_config(plan, sorted({g.name for g in plan.groups}), {"lora_convert": marker}), indent=2
+        )
+        + "\n",
         LAYOUT_FILE: json.dumps(plan.layout_json(), indent=2) + "\n",
     }
     return _Output(stacked_specs(plan, tag), files, tensors, [], list(plan.dropped), None)
@@ -126,8 +143,14 @@ def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool) ->
         "adapter_config.json": json.dumps(lp.adapter_config(), indent=2) + "\n",
         engine_layouts.REPORT_FILE: json.dumps(lp.report_json(), indent=2) + "\n",
     }
-    return _Output(lp.tensor_specs(tag), files, lambda progress: engine_layouts.iter_layout_tensors(lp, tag, progress=progress),
-                   list(lp.notes), list(lp.dropped), lp.summary())
+    return _Output(
+        lp.tensor_specs(tag),
+        files,
+        lambda progress: engine_layouts.iter_layout_tensors(lp, tag, progress=progress),
+        list(lp.notes),
+        list(lp.dropped),
+        lp.summary(),
+    )
 
 
 def _local_adapter_folder(spec: str) -> Path | None:
@@ -137,10 +160,21 @@ def _local_adapter_folder(spec: str) -> Path | None:
     return path if path.is_dir() else path.parent
 
 
-def normalize(adapter_spec: str | os.PathLike, output: str | os.PathLike | None, *, base: str | None = None,
-              rank: int | None = None, dtype: str = "keep", dry_run: bool = False, force: bool = False,
-              drop_unsupported: bool = False, cache_dir=None, token=None, progress: WriteProgress | None = None,
-              layout: str = "stacked") -> NormalizeResult:
+def normalize(
+    adapter_spec: str | os.PathLike,
+    output: str | os.PathLike | None,
+    *,
+    base: str | None = None,
+    rank: int | None = None,
+    dtype: str = "keep",
+    dry_run: bool = False,
+    force: bool = False,
+    drop_unsupported: bool = False,
+    cache_dir=None,
+    token=None,
+    progress: WriteProgress | None = None,
+    layout: str = "stacked",
+) -> NormalizeResult:
     """The whole command as one library call: plan, then (unless dry_run) write the output in `layout`
     (`stacked`, or an engine layout from lora_convert.convert.engine_layouts: `sglang`, `peft`).
 
@@ -154,16 +188,37 @@ def normalize(adapter_spec: str | os.PathLike, output: str | os.PathLike | None,
     protected = protected_inputs(_local_adapter_folder(adapter_spec), base)
     if output is not None and not dry_run:
         check_output_dir(output, force=force, protected=protected)  # fail before seconds of planning
-    plan = plan_normalize(adapter_spec, base=base, rank=rank, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token)
+    plan = plan_normalize(
+        adapter_spec, base=base, rank=rank, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token
+    )
     tag = output_dtype(plan, dtype)
     planned = _stacked_output(plan, tag) if layout == "stacked" else _engine_output(plan, layout, tag, drop_unsupported)
     written = 0
     if not dry_run and output is not None:
         # The adapter as resolved (a Hub snapshot, say) and a local base read by path are protected as well.
         protected += protected_inputs(plan.adapter.path, plan.base_name)
-        written = write_folder(output, planned.specs, planned.tensors(progress), planned.files, protected=protected,
-                               force=force, layout=layout, progress=progress)
-    return NormalizeResult(plan=plan, output=None if dry_run else output, dtype=tag, bytes_in=plan.adapter.total_bytes,
-                           bytes_out=sum(s.nbytes for s in planned.specs), seconds=time.perf_counter() - started,
-                           tensors_written=written, notes=planned.notes, layout=layout, layout_summary=planned.summary,
-                           specs=planned.specs, files=sorted(planned.files), dropped=planned.dropped)
+        written = write_folder(
+            output,
+            planned.specs,
+            planned.tensors(progress),
+            planned.files,
+            protected=protected,
+            force=force,
+            layout=layout,
+            progress=progress,
+        )
+    return NormalizeResult(
+        plan=plan,
+        output=None if dry_run else output,
+        dtype=tag,
+        bytes_in=plan.adapter.total_bytes,
+        bytes_out=sum(s.nbytes for s in planned.specs),
+        seconds=time.perf_counter() - started,
+        tensors_written=written,
+        notes=planned.notes,
+        layout=layout,
+        layout_summary=planned.summary,
+        specs=planned.specs,
+        files=sorted(planned.files),
+        dropped=planned.dropped,
+    )

@@ -169,25 +169,40 @@ def _unsupported_reason(mod: LoraModule) -> tuple[str, str] | None:
     if mod.is_vision:
         return "modules.vision", "vision-tower or projector module: the text serving path has no place for it"
     if mod.magnitude is not None:
-        return "config.dora", "DoRA magnitude vector: its delta depends on the base weights, which plain LoRA kernels cannot compute"
+        return (
+            "config.dora",
+            "DoRA magnitude vector: its delta depends on the base weights, which plain LoRA kernels cannot compute",
+        )
     if mod.lora_bias is not None:
         return "config.lora-bias", "lora_bias: a bias on lora_B has no place in the stacked layout"
     return None
 
 
-def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = None, drop_unsupported: bool = False,
-               shape_findings: list[Finding] | None = None) -> Plan:
+def build_plan(
+    adapter: Adapter,
+    arch,
+    *,
+    base_name: str,
+    rank: int | None = None,
+    drop_unsupported: bool = False,
+    shape_findings: list[Finding] | None = None,
+) -> Plan:
     """Plan the stacked output. Raises UnsupportedAdapterError (exit 1) listing every refused module unless
     `drop_unsupported`, in which case they are listed in `plan.dropped`."""
     cfg = adapter.config
     fatal: list[str] = []
     if cfg.variants:
-        fatal.append("the adapter uses " + "; ".join(f"{k} ({v})" for k, v in cfg.variants.items()) + ", which is not plain LoRA")
+        fatal.append(
+            "the adapter uses " + "; ".join(f"{k} ({v})" for k, v in cfg.variants.items()) + ", which is not plain LoRA"
+        )
     if cfg.fan_in_fan_out:
         fatal.append("fan_in_fan_out is set: the factors belong to a transposed (Conv1D) base weight")
     broken = [f for f in adapter.findings if f.severity.value == "error" and f.code not in ("keys.full-weight",)]
-    broken += [f for f in (shape_findings or []) if f.severity.value == "error"
-               and f.code not in ("layers.past-end", "modules.unknown", "modules.vision")]
+    broken += [
+        f
+        for f in (shape_findings or [])
+        if f.severity.value == "error" and f.code not in ("layers.past-end", "modules.unknown", "modules.vision")
+    ]
     if broken:
         fatal.append(f"{len(broken)} error(s) in the adapter itself, e.g. {broken[0].message}")
     if fatal:
@@ -198,7 +213,14 @@ def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = Non
     dropped: list[DroppedModule] = []
     for key, parsed in adapter.parsed.items():
         if parsed.factor.value in ("full_weight", "full_bias"):
-            dropped.append(DroppedModule(parsed.module, [key], "a whole module weight (modules_to_save or bias), not a LoRA factor", "keys.full-weight"))
+            dropped.append(
+                DroppedModule(
+                    parsed.module,
+                    [key],
+                    "a whole module weight (modules_to_save or bias), not a LoRA factor",
+                    "keys.full-weight",
+                )
+            )
     builds: dict[str, PlannedGroup] = {}
     order: list[str] = []
     for mod in adapter.modules:
@@ -206,14 +228,22 @@ def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = Non
             continue
         problem = _unsupported_reason(mod)
         if problem is None and mod.layer is not None and mod.layer >= arch.num_layers:
-            problem = ("layers.past-end", f"layer {mod.layer} is past the base model's {arch.num_layers} layers (an MTP/NextN layer)")
+            problem = (
+                "layers.past-end",
+                f"layer {mod.layer} is past the base model's {arch.num_layers} layers (an MTP/NextN layer)",
+            )
         match = None
         if problem is None:
             match = arch.resolve(mod)
             if match is None:
-                problem = ("modules.unknown", f"the {arch.family} schema has no module {mod.local_name!r} at this layer")
+                problem = (
+                    "modules.unknown",
+                    f"the {arch.family} schema has no module {mod.local_name!r} at this layer",
+                )
         if problem is not None:
-            dropped.append(DroppedModule(mod.module + (f".{mod.param}" if mod.param else ""), mod.keys, problem[1], problem[0]))
+            dropped.append(
+                DroppedModule(mod.module + (f".{mod.param}" if mod.param else ""), mod.keys, problem[1], problem[0])
+            )
             continue
         group = builds.get(match.group.path)
         if group is None:
@@ -243,13 +273,24 @@ def build_plan(adapter: Adapter, arch, *, base_name: str, rank: int | None = Non
     if max_rank == 0:
         reasons = sorted({d.reason for d in dropped})
         why = f" All {len(dropped)} were dropped: {'; '.join(reasons)}." if dropped else ""
-        raise UnsupportedAdapterError(f"The adapter has no LoRA module that can be converted.{why}",
-                                      hint="Run `lora-convert validate` to see what it holds and why.")
+        raise UnsupportedAdapterError(
+            f"The adapter has no LoRA module that can be converted.{why}",
+            hint="Run `lora-convert validate` to see what it holds and why.",
+        )
     if rank is not None and rank < max_rank:
-        raise UsageError(f"--rank {rank} is below the adapter's largest effective rank {max_rank}.",
-                         hint=f"Use --rank {max_rank} or more, or leave --rank out.")
-    return Plan(adapter=adapter, base_name=base_name, family=arch.family, rank=rank or max_rank, groups=groups, dropped=dropped,
-                arch=arch)
+        raise UsageError(
+            f"--rank {rank} is below the adapter's largest effective rank {max_rank}.",
+            hint=f"Use --rank {max_rank} or more, or leave --rank out.",
+        )
+    return Plan(
+        adapter=adapter,
+        base_name=base_name,
+        family=arch.family,
+        rank=rank or max_rank,
+        groups=groups,
+        dropped=dropped,
+        arch=arch,
+    )
 
 
 def _kind_order(group: PlannedGroup) -> int:
@@ -260,10 +301,19 @@ def _new_group(spec) -> PlannedGroup:
     slices = []
     offset = 0
     for s in spec.slices:
-        slices.append(PlannedSlice(name=s.name, out_offset=offset, out_features=s.out_features, in_features=spec.in_features))
+        slices.append(
+            PlannedSlice(name=s.name, out_offset=offset, out_features=s.out_features, in_features=spec.in_features)
+        )
         offset += s.out_features
-    return PlannedGroup(key=spec.path, name=spec.name, kind=spec.kind, layer=spec.layer, in_features=spec.in_features,
-                        experts=spec.experts, slices=slices)
+    return PlannedGroup(
+        key=spec.path,
+        name=spec.name,
+        kind=spec.kind,
+        layer=spec.layer,
+        in_features=spec.in_features,
+        experts=spec.experts,
+        slices=slices,
+    )
 
 
 def _attach(group: PlannedGroup, match, mod: LoraModule) -> None:

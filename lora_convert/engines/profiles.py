@@ -24,8 +24,15 @@ from lora_convert.engines.features.row_split import split_modules
 from lora_convert.engines.rules import OUTCOMES, engine_info, installed_engines, load_rules
 from lora_convert.findings import Finding
 
-__all__ = ["FEATURES", "OUTCOMES", "compute_features", "engine_info", "evaluate_engine", "load_rules",
-           "row_energy_modules"]
+__all__ = [
+    "FEATURES",
+    "OUTCOMES",
+    "compute_features",
+    "engine_info",
+    "evaluate_engine",
+    "load_rules",
+    "row_energy_modules",
+]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -64,14 +71,18 @@ def evaluate_engine(engine: str, adapter, arch, text_config: dict | None = None,
         values.setdefault("version", rule["engine_version"])
         message = _render(rule["message"], values)
         fix = _render(rule["fix"], values).replace("ADAPTER", spec) if rule.get("fix") else None
-        findings.append(engine_finding(
-            engine, rule_id, rule["outcome"],
-            message=f"[{info_.get('label', rule['engine_version'])}: {rule['outcome']}] {message} (source: {rule['source']})",
-            keys=list(values.get("keys", []))[:MAX_KEYS],
-            expected=values.get("expected_rows", "exact"),
-            actual=values.get("actual_rows", rule["outcome"]),
-            fix=fix,
-        ))
+        findings.append(
+            engine_finding(
+                engine,
+                rule_id,
+                rule["outcome"],
+                message=f"[{info_.get('label', rule['engine_version'])}: {rule['outcome']}] {message} (source: {rule['source']})",
+                keys=list(values.get("keys", []))[:MAX_KEYS],
+                expected=values.get("expected_rows", "exact"),
+                actual=values.get("actual_rows", rule["outcome"]),
+                fix=fix,
+            )
+        )
     return findings
 
 

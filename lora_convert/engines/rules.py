@@ -18,7 +18,9 @@ OPTIONAL_FIELDS = {"params", "_note"}
 
 def installed_engines() -> list[str]:
     """Every engine with a rule file, sorted."""
-    return sorted(e.name[: -len(".json")] for e in resources.files(ENGINE_PACKAGE).iterdir() if e.name.endswith(".json"))
+    return sorted(
+        e.name[: -len(".json")] for e in resources.files(ENGINE_PACKAGE).iterdir() if e.name.endswith(".json")
+    )
 
 
 @cache

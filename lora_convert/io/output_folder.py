@@ -93,7 +93,8 @@ def check_output_dir(output: str | Path, *, force: bool, protected: list[tuple[s
             raise UsageError(
                 f"The output folder {shown} ({target}) {relation} the {what} {path} ({real}); normalize never writes "
                 "over or inside its inputs, and --force does not change that.",
-                hint="Choose an output folder outside the adapter and the base, e.g. -o ./my-adapter-stacked.")
+                hint="Choose an output folder outside the adapter and the base, e.g. -o ./my-adapter-stacked.",
+            )
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
         # The new output is swapped in by renaming folders; renaming the folder a shell sits in would leave that
@@ -101,7 +102,8 @@ def check_output_dir(output: str | Path, *, force: bool, protected: list[tuple[s
         raise UsageError(
             f"The output folder {shown} ({target}) is{' ' if target == cwd else ' above '}the current working directory; "
             "normalize writes a new folder and swaps it into place, which it will not do to the folder it runs in.",
-            hint=f"Run from another folder (e.g. `cd {target.parent}`) and pass -o {target.name}, or choose a new folder name.")
+            hint=f"Run from another folder (e.g. `cd {target.parent}`) and pass -o {target.name}, or choose a new folder name.",
+        )
     if not target.exists():
         return target
     if not target.is_dir():
@@ -110,21 +112,25 @@ def check_output_dir(output: str | Path, *, force: bool, protected: list[tuple[s
     if not entries:
         return target
     if not force:
-        raise UsageError(f"The output folder {shown} exists and is not empty.",
-                         hint="Pass --force to replace a previous lora-convert output, or choose another -o path.")
+        raise UsageError(
+            f"The output folder {shown} exists and is not empty.",
+            hint="Pass --force to replace a previous lora-convert output, or choose another -o path.",
+        )
     manifest = read_manifest(target)
     if manifest is None:
         raise UsageError(
             f"--force replaces only an empty folder or a previous lora-convert output, and {shown} is neither: it holds "
             f"{_listing(entries)} and no {MANIFEST_FILE}.",
-            hint="Choose another -o path, or move those files away yourself.")
+            hint="Choose another -o path, or move those files away yourself.",
+        )
     owned = _owned_entries(manifest)
     unexpected = [e for e in entries if e not in owned or not (target / e).is_file() or (target / e).is_symlink()]
     if unexpected:
         raise UsageError(
             f"{shown} is a previous lora-convert output but also holds {_listing(unexpected)}, which its {MANIFEST_FILE} "
             "does not list; --force removes only files lora-convert wrote.",
-            hint="Move those entries elsewhere, or choose another -o path.")
+            hint="Move those entries elsewhere, or choose another -o path.",
+        )
     return target
 
 
@@ -165,6 +171,7 @@ def _new_sibling(parent: Path, prefix: str) -> Path:
 @contextmanager
 def _terminate_as_interrupt():
     """Turn SIGTERM into KeyboardInterrupt so `finally` blocks remove the temporary folder."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt
 
@@ -179,9 +186,17 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def write_folder(output: str | Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, Any]], files: dict[str, str], *,
-                 protected: list[tuple[str, Path]], force: bool = False, layout: str = "stacked",
-                 progress: WriteProgress | None = None) -> int:
+def write_folder(
+    output: str | Path,
+    specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, Any]],
+    files: dict[str, str],
+    *,
+    protected: list[tuple[str, Path]],
+    force: bool = False,
+    layout: str = "stacked",
+    progress: WriteProgress | None = None,
+) -> int:
     """Write `tensors` (in `specs` order) as ADAPTER_FILE, `files` and the manifest into a temporary folder beside
     the output, then swap it into place; return the number of tensors written. A previous output is renamed away
     only once the new one is complete and deleted only after the swap, so an interrupted run leaves it as it was.

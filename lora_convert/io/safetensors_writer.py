@@ -46,7 +46,11 @@ class StreamingSafetensorsWriter:
             header["__metadata__"] = dict(metadata)
         offset = 0
         for spec in specs:
-            header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            header[spec.name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         # Pad with spaces to an 8-byte boundary, as the reference writer does, so the data area is aligned.
@@ -61,8 +65,10 @@ class StreamingSafetensorsWriter:
         if name != spec.name:
             raise RuntimeError(f"writer expected tensor {spec.name!r} next, got {name!r}")
         if tuple(tensor.shape) != spec.shape or dtype_tag(tensor.dtype) != spec.dtype:
-            raise RuntimeError(f"tensor {name!r} is {dtype_tag(tensor.dtype)} {list(tensor.shape)}; "
-                               f"the plan said {spec.dtype} {list(spec.shape)}")
+            raise RuntimeError(
+                f"tensor {name!r} is {dtype_tag(tensor.dtype)} {list(tensor.shape)}; "
+                f"the plan said {spec.dtype} {list(spec.shape)}"
+            )
         data = tensor.contiguous().view(-1)
         if data.numel():
             # `view(uint8)` reinterprets the bytes without a copy (bf16 has no numpy dtype, so no .numpy() here).

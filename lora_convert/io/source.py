@@ -61,11 +61,15 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.split("@", 1)[0].count("/") != 1
 
 
-def resolve_adapter_source(spec: str, *, cache_dir: str | Path | None = None, token: str | None = None) -> AdapterSource:
+def resolve_adapter_source(
+    spec: str, *, cache_dir: str | Path | None = None, token: str | None = None
+) -> AdapterSource:
     """Turn what the user typed into a local folder, downloading from the Hub when it is a repo id."""
     if not spec or "\x00" in spec:
-        raise UsageError("The adapter argument is empty.",
-                         hint="Pass a folder with adapter_config.json, or a Hub id such as org/name.")
+        raise UsageError(
+            "The adapter argument is empty.",
+            hint="Pass a folder with adapter_config.json, or a Hub id such as org/name.",
+        )
     candidate = Path(spec).expanduser()
     if candidate.exists():
         folder = candidate if candidate.is_dir() else candidate.parent
@@ -90,7 +94,9 @@ def resolve_adapter_source(spec: str, *, cache_dir: str | Path | None = None, to
 _TRANSIENT_STATUSES = frozenset({408, 429})
 
 
-def hub_unreachable(repo_id: str, filename: str, *, revision: str | None = None, token: str | None = None) -> str | None:
+def hub_unreachable(
+    repo_id: str, filename: str, *, revision: str | None = None, token: str | None = None
+) -> str | None:
     """Why the Hub cannot serve `filename` of `repo_id` right now, or None when it answers (even with a 404).
 
     One HEAD request without retries (huggingface_hub's own `get_hf_file_metadata`, which honours HF_ENDPOINT,
@@ -130,6 +136,7 @@ OFFLINE_HINT = (
 def download_adapter(spec: str, repo_id: str, revision: str | None, *, cache_dir=None, token=None) -> AdapterSource:
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
+
     unreachable = hub_unreachable(repo_id, "adapter_config.json", revision=revision, token=token)
     try:
         folder = snapshot_download(
@@ -146,8 +153,9 @@ def download_adapter(spec: str, repo_id: str, revision: str | None, *, cache_dir
             hint="Check the id, or set HF_TOKEN for a private repo.",
         ) from None
     except hub_errors.RevisionNotFoundError:
-        raise AdapterNotFoundError(f"The Hub repo {repo_id!r} has no revision {revision!r}.",
-                                   hint="Check the branch, tag or commit.") from None
+        raise AdapterNotFoundError(
+            f"The Hub repo {repo_id!r} has no revision {revision!r}.", hint="Check the branch, tag or commit."
+        ) from None
     except hub_errors.LocalEntryNotFoundError:
         raise EnvironmentProblem(
             f"The adapter {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
@@ -159,12 +167,17 @@ def download_adapter(spec: str, repo_id: str, revision: str | None, *, cache_dir
     except (OSError, ValueError) as exc:
         raise EnvironmentProblem(f"Fetching {repo_id!r} from the Hub failed: {exc}.", hint=OFFLINE_HINT) from None
     except Exception as exc:  # noqa: BLE001 - the transport's own errors (a connection dropped mid-way) are not OSErrors
-        raise EnvironmentProblem(f"Fetching {repo_id!r} from the Hub failed ({type(exc).__name__}: {exc}).",
-                                 hint=OFFLINE_HINT) from None
+        raise EnvironmentProblem(
+            f"Fetching {repo_id!r} from the Hub failed ({type(exc).__name__}: {exc}).", hint=OFFLINE_HINT
+        ) from None
     path = Path(folder)
     # A cache snapshot's files link to ../../blobs; allow the repo's cache folder as a root for links.
     repo_cache = path.resolve().parent.parent
     return AdapterSource(
-        spec=spec, path=path, origin="hub", repo_id=repo_id, revision=revision,
+        spec=spec,
+        path=path,
+        origin="hub",
+        repo_id=repo_id,
+        revision=revision,
         allowed_roots=(path.resolve(), repo_cache),
     )

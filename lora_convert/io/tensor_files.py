@@ -25,10 +25,22 @@ from lora_convert.errors import AdapterFormatError
 
 # Bytes per element of each safetensors dtype tag. Sub-byte float formats (F4, F6) are not LoRA dtypes.
 DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 
@@ -72,7 +84,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         stat = path.stat()
         size = stat.st_size
         if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end
-            raise AdapterFormatError(f"{name} is not a regular file.", hint="Point at the folder PEFT's save_pretrained wrote.")
+            raise AdapterFormatError(
+                f"{name} is not a regular file.", hint="Point at the folder PEFT's save_pretrained wrote."
+            )
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -125,14 +139,18 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 hint="No PEFT adapter has such names; the file was written by something else or is corrupt.",
             )
         if not isinstance(entry, dict):
-            raise AdapterFormatError(f"{name}: header entry {json.dumps(key)} must be an object, got {type(entry).__name__}.")
+            raise AdapterFormatError(
+                f"{name}: header entry {json.dumps(key)} must be an object, got {type(entry).__name__}."
+            )
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise AdapterFormatError(
                 f"{name}: tensor {json.dumps(key)} has dtype {json.dumps(dtype)}, which is not a known safetensors dtype "
                 f"(expected one of {', '.join(sorted(DTYPE_SIZES))}).",
             )
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise AdapterFormatError(
                 f"{name}: tensor {json.dumps(key)} has shape {shape!r}; expected a list of non-negative integers."
             )
@@ -199,10 +217,22 @@ class TensorIndex:
 
 
 TORCH_DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
@@ -253,8 +283,7 @@ def load_bin_index(path: Path) -> TensorIndex:
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
         raise AdapterFormatError(
-            f"{path} needs full unpickling to load, which could run arbitrary code; it was refused "
-            f"({first_line}).",
+            f"{path} needs full unpickling to load, which could run arbitrary code; it was refused ({first_line}).",
             hint="Ask for a safetensors copy of the adapter, or re-save it with PEFT's save_pretrained "
             "(safe_serialization=True) on a machine you trust.",
         ) from None
@@ -264,7 +293,9 @@ def load_bin_index(path: Path) -> TensorIndex:
             f"{path} is not a readable torch checkpoint: {why}.",
             hint="Re-save the adapter with PEFT's save_pretrained, preferably as safetensors.",
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise AdapterFormatError(
             f"{path} does not hold a flat dict of tensors, which is what PEFT writes.",
             hint="Re-save the adapter with PEFT's save_pretrained.",

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_convert.codes import finding
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
 from lora_convert.findings import Finding
-from lora_convert.codes import finding
-from lora_convert.peft.naming import Factor, ParsedKey, parse_key
-from lora_convert.peft.config import PeftConfig, load_config_file
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
 from lora_convert.io.tensor_files import TensorIndex, TensorInfo, load_bin_index, read_safetensors_header
+from lora_convert.peft.config import PeftConfig, load_config_file
+from lora_convert.peft.naming import Factor, ParsedKey, parse_key
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 SAFETENSORS_INDEX_NAME = "adapter_model.safetensors.index.json"
@@ -195,11 +195,15 @@ def _adapter_files(source: AdapterSource) -> tuple[str, list[Path]]:
         shards = []
         for name in names:
             if "/" in name or "\\" in name or name in ("", ".", ".."):
-                raise AdapterFormatError(f"{index_file} names shard {name!r}, which is not a file name in the adapter folder.")
+                raise AdapterFormatError(
+                    f"{index_file} names shard {name!r}, which is not a file name in the adapter folder."
+                )
             shard = folder / name
             if not shard.exists():
-                raise AdapterFormatError(f"{index_file} lists shard {name!r}, which is missing from {folder}.",
-                                         hint="Download the whole adapter again.")
+                raise AdapterFormatError(
+                    f"{index_file} lists shard {name!r}, which is missing from {folder}.",
+                    hint="Download the whole adapter again.",
+                )
             shards.append(shard)
         return "safetensors-sharded", shards
     shards = sorted(folder.glob("adapter_model-*-of-*.safetensors"))
@@ -232,14 +236,21 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
-def load_adapter(spec: str | Path | AdapterSource, *, cache_dir: str | Path | None = None, token: str | None = None,
-                 strict_config: bool = True) -> Adapter:
+def load_adapter(
+    spec: str | Path | AdapterSource,
+    *,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
+    strict_config: bool = True,
+) -> Adapter:
     """Open an adapter (local folder or Hub id) header-first.
 
     With `strict_config`, errors in adapter_config.json raise AdapterConfigError; otherwise they are kept in
     `adapter.findings` (validate reports them all).
     """
-    source = spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
+    source = (
+        spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
+    )
     if not source.path.is_dir():
         raise UsageError(f"{source.path} is not a folder.", hint="Pass the adapter's folder, not a file in it.")
     config_path = source.path / "adapter_config.json"
@@ -268,8 +279,14 @@ def load_adapter(spec: str | Path | AdapterSource, *, cache_dir: str | Path | No
         modules, findings = group_modules(parsed, index, config)
     findings = list(config.findings) + findings
     for key, holders in index.duplicates.items():
-        findings.append(finding("keys.duplicate", f"{key} is stored in more than one shard ({', '.join(holders)}); only the first is used.",
-                              keys=[key], fix="Re-save the adapter so each tensor is stored once."))
+        findings.append(
+            finding(
+                "keys.duplicate",
+                f"{key} is stored in more than one shard ({', '.join(holders)}); only the first is used.",
+                keys=[key],
+                fix="Re-save the adapter so each tensor is stored once.",
+            )
+        )
     layout = None
     layout_path = source.path / LAYOUT_NAME
     if layout_path.exists():
@@ -286,61 +303,117 @@ def load_adapter(spec: str | Path | AdapterSource, *, cache_dir: str | Path | No
             loaded = json.loads(added_path.read_text(encoding="utf-8"))
             added = {str(k): int(v) for k, v in loaded.items()} if isinstance(loaded, dict) else None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
-            findings.append(finding("config.added-tokens-unreadable", f"{added_path} is not a JSON object of token -> id.", keys=["added_tokens.json"]))
-    return Adapter(source=source, config=config, file_format=file_format, files=files, index=index, parsed=parsed,
-                   modules=modules, findings=findings, stacked_layout=layout, added_tokens=added)
+            findings.append(
+                finding(
+                    "config.added-tokens-unreadable",
+                    f"{added_path} is not a JSON object of token -> id.",
+                    keys=["added_tokens.json"],
+                )
+            )
+    return Adapter(
+        source=source,
+        config=config,
+        file_format=file_format,
+        files=files,
+        index=index,
+        parsed=parsed,
+        modules=modules,
+        findings=findings,
+        stacked_layout=layout,
+        added_tokens=added,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ grouping
-def group_modules(parsed: dict[str, ParsedKey], index: TensorIndex, config: PeftConfig) -> tuple[list[LoraModule], list[Finding]]:
+def group_modules(
+    parsed: dict[str, ParsedKey], index: TensorIndex, config: PeftConfig
+) -> tuple[list[LoraModule], list[Finding]]:
     findings: list[Finding] = []
     slots: dict[tuple[str, int], dict[Factor, ParsedKey]] = defaultdict(dict)
     leftover_names: list[str] = []
     for key, p in parsed.items():
         if p.factor is Factor.UNKNOWN:
-            findings.append(finding("keys.unparseable", f"{key!r} is not a PEFT LoRA tensor name (expected "
-                                  "`<module>.lora_A.weight`, `<module>.lora_B.weight`, `lora_embedding_A/B` or "
-                                  "`lora_magnitude_vector`).", keys=[key]))
+            findings.append(
+                finding(
+                    "keys.unparseable",
+                    f"{key!r} is not a PEFT LoRA tensor name (expected "
+                    "`<module>.lora_A.weight`, `<module>.lora_B.weight`, `lora_embedding_A/B` or "
+                    "`lora_magnitude_vector`).",
+                    keys=[key],
+                )
+            )
             continue
         if p.factor in (Factor.FULL_WEIGHT, Factor.FULL_BIAS):
-            findings.append(finding(
-                "keys.full-weight",
-                f"{key} is a whole module {'weight' if p.factor is Factor.FULL_WEIGHT else 'bias'} (modules_to_save or bias), "
-                "not a LoRA factor; serving engines reject or ignore it.",
-                keys=[key], fix="Merge it into the base model, or normalize with --drop-unsupported to leave it out.",
-            ))
+            findings.append(
+                finding(
+                    "keys.full-weight",
+                    f"{key} is a whole module {'weight' if p.factor is Factor.FULL_WEIGHT else 'bias'} "
+                    "(modules_to_save or bias), not a LoRA factor; serving engines reject or ignore it.",
+                    keys=[key],
+                    fix="Merge it into the base model, or normalize with --drop-unsupported to leave it out.",
+                )
+            )
             continue
         if p.adapter_name is not None:
             leftover_names.append(key)
         slot = slots[(p.module, p.base_layer_depth)]
-        factor = Factor.LORA_A if p.factor is Factor.EMBEDDING_A else Factor.LORA_B if p.factor is Factor.EMBEDDING_B else p.factor
+        factor = (
+            Factor.LORA_A
+            if p.factor is Factor.EMBEDDING_A
+            else Factor.LORA_B
+            if p.factor is Factor.EMBEDDING_B
+            else p.factor
+        )
         if factor in slot:
-            findings.append(finding("keys.duplicate", f"{key} and {slot[factor].key} are the same factor of {p.module}.",
-                                  keys=[key, slot[factor].key]))
+            findings.append(
+                finding(
+                    "keys.duplicate",
+                    f"{key} and {slot[factor].key} are the same factor of {p.module}.",
+                    keys=[key, slot[factor].key],
+                )
+            )
             continue
         slot[factor] = p
     if leftover_names:
         names = sorted({parsed[k].adapter_name for k in leftover_names})
-        findings.append(finding(
-            "keys.adapter-name-segment",
-            f"{len(leftover_names)} key(s) keep the adapter-name segment {', '.join(repr(n) for n in names)} "
-            f"(e.g. {leftover_names[0]}); PEFT strips it on save, and vLLM rejects such keys.",
-            keys=leftover_names[:20], fix="lora-convert normalize writes the keys without it.",
-        ))
+        findings.append(
+            finding(
+                "keys.adapter-name-segment",
+                f"{len(leftover_names)} key(s) keep the adapter-name segment {', '.join(repr(n) for n in names)} "
+                f"(e.g. {leftover_names[0]}); PEFT strips it on save, and vLLM rejects such keys.",
+                keys=leftover_names[:20],
+                fix="lora-convert normalize writes the keys without it.",
+            )
+        )
     fused_params = _resolve_fused_params(slots, index, config, findings)
     modules: list[LoraModule] = []
     for (module_path, depth), factors in slots.items():
         sample = next(iter(factors.values()))
         is_embedding = any(p.factor in (Factor.EMBEDDING_A, Factor.EMBEDDING_B) for p in factors.values())
-        kind = ModuleKind.FUSED_EXPERTS if sample.is_fused_experts else ModuleKind.EMBEDDING if is_embedding else ModuleKind.LINEAR
+        kind = (
+            ModuleKind.FUSED_EXPERTS
+            if sample.is_fused_experts
+            else ModuleKind.EMBEDDING
+            if is_embedding
+            else ModuleKind.LINEAR
+        )
         param, param_source = fused_params.get((module_path, depth), (None, None))
         target_name = f"{module_path}.{param}" if param else module_path
         if kind == ModuleKind.LINEAR and config.target_parameters and config.targets_parameter(module_path, "weight"):
             target_name = f"{module_path}.weight"
         mod = LoraModule(
-            module=module_path, kind=kind, target_name=target_name, param=param, param_source=param_source,
-            layer=sample.layer, expert=sample.expert, local_name=sample.local_name, stack_prefix=sample.stack_prefix,
-            is_vision=sample.is_vision, base_layer_depth=depth, adapter_name=sample.adapter_name,
+            module=module_path,
+            kind=kind,
+            target_name=target_name,
+            param=param,
+            param_source=param_source,
+            layer=sample.layer,
+            expert=sample.expert,
+            local_name=sample.local_name,
+            stack_prefix=sample.stack_prefix,
+            is_vision=sample.is_vision,
+            base_layer_depth=depth,
+            adapter_name=sample.adapter_name,
             lora_A=index.tensors[factors[Factor.LORA_A].key] if Factor.LORA_A in factors else None,
             lora_B=index.tensors[factors[Factor.LORA_B].key] if Factor.LORA_B in factors else None,
             magnitude=index.tensors[factors[Factor.MAGNITUDE].key] if Factor.MAGNITUDE in factors else None,
@@ -354,7 +427,9 @@ def group_modules(parsed: dict[str, ParsedKey], index: TensorIndex, config: Peft
     return modules, findings
 
 
-def _resolve_fused_params(slots, index: TensorIndex, config: PeftConfig, findings: list[Finding]) -> dict[tuple[str, int], tuple[str, str]]:
+def _resolve_fused_params(
+    slots, index: TensorIndex, config: PeftConfig, findings: list[Finding]
+) -> dict[tuple[str, int], tuple[str, str]]:
     """Decide which 3-D parameter each `experts[.base_layer]*` wrapper holds."""
     by_module: dict[str, list[int]] = defaultdict(list)
     for (module_path, depth), factors in slots.items():
@@ -372,12 +447,16 @@ def _resolve_fused_params(slots, index: TensorIndex, config: PeftConfig, finding
                     resolved[(module_path, depth)] = (by_depth[depth], "target_parameters")
                 else:
                     keys = [p.key for p in slots[(module_path, depth)].values()]
-                    findings.append(finding(
-                        "experts.unknown-parameter",
-                        f"{module_path} has a 3-D LoRA wrapper {depth} level(s) deep, but target_parameters "
-                        f"({', '.join(config.target_parameters)}) names only {len(targeted)} parameter(s) of it.",
-                        keys=keys, expected=sorted(by_depth), actual=depth,
-                    ))
+                    findings.append(
+                        finding(
+                            "experts.unknown-parameter",
+                            f"{module_path} has a 3-D LoRA wrapper {depth} level(s) deep, but target_parameters "
+                            f"({', '.join(config.target_parameters)}) names only {len(targeted)} parameter(s) of it.",
+                            keys=keys,
+                            expected=sorted(by_depth),
+                            actual=depth,
+                        )
+                    )
             continue
         # No usable target_parameters: fall back on registration order and shapes, and say so.
         if len(depths) >= 2:
@@ -387,13 +466,16 @@ def _resolve_fused_params(slots, index: TensorIndex, config: PeftConfig, finding
         for depth, param in guess.items():
             resolved[(module_path, depth)] = (param, "shapes")
         keys = [p.key for d in depths for p in slots[(module_path, d)].values()]
-        findings.append(finding(
-            "experts.parameter-guessed",
-            f"{module_path} holds 3-D expert LoRA but target_parameters "
-            f"{'is invalid' if 'target_parameters' in config.invalid else 'does not name its parameters'}; "
-            f"assumed {', '.join(f'depth {d} = {p}' for d, p in sorted(guess.items()))} from registration order and shapes.",
-            keys=keys[:4], fix="Add the parameter names to target_parameters in adapter_config.json.",
-        ))
+        findings.append(
+            finding(
+                "experts.parameter-guessed",
+                f"{module_path} holds 3-D expert LoRA but target_parameters "
+                f"{'is invalid' if 'target_parameters' in config.invalid else 'does not name its parameters'}; "
+                f"assumed {', '.join(f'depth {d} = {p}' for d, p in sorted(guess.items()))} from registration order and shapes.",
+                keys=keys[:4],
+                fix="Add the parameter names to target_parameters in adapter_config.json.",
+            )
+        )
     return resolved
 
 
@@ -418,16 +500,27 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
         present, missing = ("lora_A", "lora_B") if b is None else ("lora_B", "lora_A")
         if a is None and b is None:
             return
-        findings.append(finding(
-            "pairs.missing-B" if b is None else "pairs.missing-A",
-            f"{mod.module}{'.' + mod.param if mod.param and mod.kind == ModuleKind.FUSED_EXPERTS else ''} has {present} but no {missing}.",
-            keys=mod.keys, fix="The adapter is incomplete; save it again, or drop the module.",
-        ))
+        findings.append(
+            finding(
+                "pairs.missing-B" if b is None else "pairs.missing-A",
+                f"{mod.module}{'.' + mod.param if mod.param and mod.kind == ModuleKind.FUSED_EXPERTS else ''} "
+                f"has {present} but no {missing}.",
+                keys=mod.keys,
+                fix="The adapter is incomplete; save it again, or drop the module.",
+            )
+        )
         return
     for t in (a, b):
         if len(t.shape) != 2:
-            findings.append(finding("shapes.not-2d", f"{t.key} has shape {list(t.shape)}; LoRA factors are 2-D.",
-                                  keys=[t.key], expected="2-D", actual=list(t.shape)))
+            findings.append(
+                finding(
+                    "shapes.not-2d",
+                    f"{t.key} has shape {list(t.shape)}; LoRA factors are 2-D.",
+                    keys=[t.key],
+                    expected="2-D",
+                    actual=list(t.shape),
+                )
+            )
             return
     if mod.kind == ModuleKind.FUSED_EXPERTS:
         mod.in_features, mod.out_features = a.shape[1], b.shape[0]
@@ -436,12 +529,16 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
         r = mod.config_rank
         rows, cols = a.shape[0], b.shape[1]
         if r <= 0 or rows % r or cols % r or rows != cols:
-            findings.append(finding(
-                "rank.fused-experts",
-                f"{mod.module}.{mod.param}: 3-D LoRA A has {rows} rows and B has {cols} columns, which is not E*r "
-                f"for the configured rank {r}.",
-                keys=mod.keys, expected=f"A [E*{r}, in], B [out, {r}*E]", actual=[list(a.shape), list(b.shape)],
-            ))
+            findings.append(
+                finding(
+                    "rank.fused-experts",
+                    f"{mod.module}.{mod.param}: 3-D LoRA A has {rows} rows and B has {cols} columns, which is not E*r "
+                    f"for the configured rank {r}.",
+                    keys=mod.keys,
+                    expected=f"A [E*{r}, in], B [out, {r}*E]",
+                    actual=[list(a.shape), list(b.shape)],
+                )
+            )
             mod.rank = None
         else:
             mod.rank = r
@@ -450,21 +547,30 @@ def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) ->
     rank_a, rank_b = a.shape[0], b.shape[1]
     mod.in_features, mod.out_features = a.shape[1], b.shape[0]
     if rank_a != rank_b:
-        findings.append(finding(
-            "rank.a-b-mismatch",
-            f"{mod.module}: lora_A has rank {rank_a} (shape {list(a.shape)}) but lora_B has rank {rank_b} (shape {list(b.shape)}).",
-            keys=mod.keys, expected=rank_a, actual=rank_b,
-        ))
+        findings.append(
+            finding(
+                "rank.a-b-mismatch",
+                f"{mod.module}: lora_A has rank {rank_a} (shape {list(a.shape)}) "
+                f"but lora_B has rank {rank_b} (shape {list(b.shape)}).",
+                keys=mod.keys,
+                expected=rank_a,
+                actual=rank_b,
+            )
+        )
         mod.rank = None
         return
     mod.rank = rank_a
     if mod.config_rank_known and rank_a != mod.config_rank:
         where = config.pattern_sources(mod.target_name)["rank_pattern"]
         said = f"rank_pattern[{where!r}] = {mod.config_rank}" if where else f"r = {mod.config_rank}"
-        findings.append(finding(
-            "rank.config-mismatch",
-            f"{mod.module}: the tensors have rank {rank_a} but adapter_config.json says {said}; PEFT would refuse "
-            "to load this, and the scaling alpha/r is ambiguous.",
-            keys=mod.keys, expected=mod.config_rank, actual=rank_a,
-            fix="Fix r / rank_pattern in adapter_config.json to match the tensors.",
-        ))
+        findings.append(
+            finding(
+                "rank.config-mismatch",
+                f"{mod.module}: the tensors have rank {rank_a} but adapter_config.json says {said}; PEFT would refuse "
+                "to load this, and the scaling alpha/r is ambiguous.",
+                keys=mod.keys,
+                expected=mod.config_rank,
+                actual=rank_a,
+                fix="Fix r / rank_pattern in adapter_config.json to match the tensors.",
+            )
+        )

@@ -36,9 +36,25 @@ UNSUPPORTED_VARIANTS: dict[str, str] = {
 }
 # Initialisation-only fields: they shaped training but not what the saved tensors mean.
 # The fields parse_config checks, in the order it checks them; a config that is not an object has all invalid.
-CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
-                 "fan_in_fan_out", "target_modules", "target_parameters", "exclude_modules", "layers_to_transform",
-                 "layers_pattern", "modules_to_save", "bias", "base_model_name_or_path")
+CONFIG_FIELDS = (
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "target_modules",
+    "target_parameters",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "bias",
+    "base_model_name_or_path",
+)
 INIT_ONLY_FIELDS = {"init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 
 
@@ -145,8 +161,15 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
-                    dict: "an object", type(None): "null"}
+_JSON_TYPE_NAMES = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    list: "an array",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def json_type(value: Any) -> str:
@@ -173,12 +196,16 @@ def parse_config(raw: Any, *, source: str = "adapter_config.json") -> PeftConfig
     """
     if not isinstance(raw, dict):
         cfg = PeftConfig(raw={}, invalid=list(CONFIG_FIELDS))
-        cfg.findings.append(finding(
-            "config.not-an-object",
-            f"{source} must hold a JSON object, but it holds {json_type(raw)}: {_text(raw)}.",
-            keys=[source], expected="a JSON object", actual=_shown(raw),
-            fix="Save the adapter again with PEFT's save_pretrained; adapter_config.json is one object of fields.",
-        ))
+        cfg.findings.append(
+            finding(
+                "config.not-an-object",
+                f"{source} must hold a JSON object, but it holds {json_type(raw)}: {_text(raw)}.",
+                keys=[source],
+                expected="a JSON object",
+                actual=_shown(raw),
+                fix="Save the adapter again with PEFT's save_pretrained; adapter_config.json is one object of fields.",
+            )
+        )
         return cfg
     return _ConfigParser(raw, source).parse()
 
@@ -201,31 +228,56 @@ class _ConfigParser:
     def wrong_type(self, field_name: str, expected: str, value: Any = None, *, key: str | None = None) -> None:
         source = self.source
         value = self.raw[field_name] if key is None else value
-        self.invalid(field_name, finding(
-            "config.wrong-type",
-            f"{source}: `{key or field_name}` should be {expected}, got {_text(value)} ({json_type(value)}).",
-            keys=[key or field_name], expected=expected, actual=_shown(value),
-            fix=f"Fix `{field_name}` in {source}.",
-        ))
+        self.invalid(
+            field_name,
+            finding(
+                "config.wrong-type",
+                f"{source}: `{key or field_name}` should be {expected}, got {_text(value)} ({json_type(value)}).",
+                keys=[key or field_name],
+                expected=expected,
+                actual=_shown(value),
+                fix=f"Fix `{field_name}` in {source}.",
+            ),
+        )
 
     def missing(self, field_name: str, why: str, expected: str, fix: str) -> None:
         source = self.source
-        self.invalid(field_name, finding("config.missing-field", f"{source} has no `{field_name}` ({why}).",
-                                  keys=[field_name], expected=expected, fix=fix))
+        self.invalid(
+            field_name,
+            finding(
+                "config.missing-field",
+                f"{source} has no `{field_name}` ({why}).",
+                keys=[field_name],
+                expected=expected,
+                fix=fix,
+            ),
+        )
 
     def peft_type(self) -> None:
         """`peft_type`: LORA, assumed when absent."""
         raw, cfg, source = self.raw, self.cfg, self.source
         peft_type = raw.get("peft_type")
         if peft_type is None:
-            self.findings.append(finding("config.peft-type-assumed", f"{source} has no `peft_type`; assuming LORA.", keys=["peft_type"], expected="LORA"))
+            self.findings.append(
+                finding(
+                    "config.peft-type-assumed",
+                    f"{source} has no `peft_type`; assuming LORA.",
+                    keys=["peft_type"],
+                    expected="LORA",
+                )
+            )
         elif not isinstance(peft_type, str):
             self.wrong_type("peft_type", "a string")
         elif peft_type.upper() != "LORA":
-            self.findings.append(finding(
-                "config.not-lora", f"{source} says peft_type {peft_type!r}; lora-convert handles LoRA adapters only.",
-                keys=["peft_type"], expected="LORA", actual=peft_type,
-            ))
+            self.findings.append(
+                finding(
+                    "config.not-lora",
+                    f"{source} says peft_type {peft_type!r}; lora-convert handles LoRA adapters only.",
+                    keys=["peft_type"],
+                    expected="LORA",
+                    actual=peft_type,
+                )
+            )
         else:
             cfg.peft_type = "LORA"
 
@@ -233,13 +285,23 @@ class _ConfigParser:
         """`r`: a positive integer."""
         raw, cfg, source = self.raw, self.cfg, self.source
         if "r" not in raw:
-            self.missing("r", "the LoRA rank", "a positive integer", "Add the rank the adapter was trained with, e.g. \"r\": 16.")
+            self.missing(
+                "r", "the LoRA rank", "a positive integer", 'Add the rank the adapter was trained with, e.g. "r": 16.'
+            )
         elif not _is_int(raw["r"]):
             self.wrong_type("r", "a positive integer")
         elif raw["r"] <= 0:
-            self.invalid("r", finding("config.rank-not-positive", f"{source}: `r` is {raw['r']}; a LoRA rank must be a positive integer.",
-                               keys=["r"], expected="a positive integer", actual=raw["r"],
-                               fix="Set r to the rank the adapter was trained with (the tensors' lora_A rows)."))
+            self.invalid(
+                "r",
+                finding(
+                    "config.rank-not-positive",
+                    f"{source}: `r` is {raw['r']}; a LoRA rank must be a positive integer.",
+                    keys=["r"],
+                    expected="a positive integer",
+                    actual=raw["r"],
+                    fix="Set r to the rank the adapter was trained with (the tensors' lora_A rows).",
+                ),
+            )
         else:
             cfg.r = raw["r"]
 
@@ -247,17 +309,27 @@ class _ConfigParser:
         """`lora_alpha`: a positive number (a placeholder of r when invalid)."""
         raw, cfg, source = self.raw, self.cfg, self.source
         if "lora_alpha" not in raw:
-            self.missing("lora_alpha", "the scaling alpha/r is undefined", "a positive number",
-                    "Add the lora_alpha the adapter was trained with.")
+            self.missing(
+                "lora_alpha",
+                "the scaling alpha/r is undefined",
+                "a positive number",
+                "Add the lora_alpha the adapter was trained with.",
+            )
         elif not _is_number(raw["lora_alpha"]):
             self.wrong_type("lora_alpha", "a positive number")
         elif raw["lora_alpha"] <= 0:
-            self.invalid("lora_alpha", finding(
-                "config.alpha-not-positive",
-                f"{source}: `lora_alpha` is {raw['lora_alpha']}; the scaling alpha/r would "
-                f"{'erase' if raw['lora_alpha'] == 0 else 'negate'} every update.",
-                keys=["lora_alpha"], expected="a positive number", actual=raw["lora_alpha"],
-                fix="Set lora_alpha to the value the adapter was trained with."))
+            self.invalid(
+                "lora_alpha",
+                finding(
+                    "config.alpha-not-positive",
+                    f"{source}: `lora_alpha` is {raw['lora_alpha']}; the scaling alpha/r would "
+                    f"{'erase' if raw['lora_alpha'] == 0 else 'negate'} every update.",
+                    keys=["lora_alpha"],
+                    expected="a positive number",
+                    actual=raw["lora_alpha"],
+                    fix="Set lora_alpha to the value the adapter was trained with.",
+                ),
+            )
         else:
             cfg.lora_alpha = float(raw["lora_alpha"])
         if "lora_alpha" in cfg.invalid:
@@ -266,7 +338,10 @@ class _ConfigParser:
     def patterns(self) -> None:
         """`rank_pattern` / `alpha_pattern`: valid regex keys to positive numbers."""
         raw, cfg = self.raw, self.cfg
-        for name, caster, kind in (("rank_pattern", int, "a positive integer"), ("alpha_pattern", float, "a positive number")):
+        for name, caster, kind in (
+            ("rank_pattern", int, "a positive integer"),
+            ("alpha_pattern", float, "a positive number"),
+        ):
             value = raw.get(name)
             if value is None:
                 continue
@@ -284,16 +359,33 @@ class _ConfigParser:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                self.invalid(name, finding("config.bad-pattern", f"{source}: {name} key {pattern!r} is not a valid regex ({exc}).",
-                                    keys=[key], expected="a regular expression", actual=pattern,
-                                    fix=f"Fix the key in {name}; PEFT matches it as a regex against module names."))
+                self.invalid(
+                    name,
+                    finding(
+                        "config.bad-pattern",
+                        f"{source}: {name} key {pattern!r} is not a valid regex ({exc}).",
+                        keys=[key],
+                        expected="a regular expression",
+                        actual=pattern,
+                        fix=f"Fix the key in {name}; PEFT matches it as a regex against module names.",
+                    ),
+                )
                 continue
             if not (_is_int(number) if caster is int else _is_number(number)):
                 self.wrong_type(name, kind, number, key=key)
                 continue
             if number <= 0:
-                self.invalid(name, finding("config.rank-not-positive" if caster is int else "config.alpha-not-positive", f"{source}: `{key}` is {number}; it should be {kind}.",
-                                    keys=[key], expected=kind, actual=number, fix=f"Fix `{key}` in {source}."))
+                self.invalid(
+                    name,
+                    finding(
+                        "config.rank-not-positive" if caster is int else "config.alpha-not-positive",
+                        f"{source}: `{key}` is {number}; it should be {kind}.",
+                        keys=[key],
+                        expected=kind,
+                        actual=number,
+                        fix=f"Fix `{key}` in {source}.",
+                    ),
+                )
                 continue
             clean[pattern] = caster(number)
         return clean
@@ -354,9 +446,17 @@ class _ConfigParser:
         if bias in (None, "none", "all", "lora_only"):
             cfg.bias = bias or "none"
         else:
-            self.invalid("bias", finding("config.wrong-type", f"{source}: `bias` is {_text(bias)}; PEFT accepts \"none\", \"all\" or \"lora_only\".",
-                                  keys=["bias"], expected=["none", "all", "lora_only"], actual=_shown(bias),
-                                  fix=f"Fix `bias` in {source}."))
+            self.invalid(
+                "bias",
+                finding(
+                    "config.wrong-type",
+                    f'{source}: `bias` is {_text(bias)}; PEFT accepts "none", "all" or "lora_only".',
+                    keys=["bias"],
+                    expected=["none", "all", "lora_only"],
+                    actual=_shown(bias),
+                    fix=f"Fix `bias` in {source}.",
+                ),
+            )
 
     def provenance(self) -> None:
         """`trainable_token_indices`, `base_model_name_or_path`."""
@@ -378,13 +478,29 @@ class _ConfigParser:
 
     def parse(self) -> PeftConfig:
         """Run every step, then attach the findings (rslora last, as a note on the whole config)."""
-        for step in (self.peft_type, self.rank, self.alpha, self.patterns, self.flags, self.targets, self.layers,
-                     self.saved_and_bias, self.provenance, self.variants):
+        for step in (
+            self.peft_type,
+            self.rank,
+            self.alpha,
+            self.patterns,
+            self.flags,
+            self.targets,
+            self.layers,
+            self.saved_and_bias,
+            self.provenance,
+            self.variants,
+        ):
             step()
         cfg, findings = self.cfg, self.findings
         cfg.findings = findings
         if cfg.use_rslora:
-            findings.append(finding("config.rslora", "use_rslora is set: each module's scaling is lora_alpha / sqrt(r).", keys=["use_rslora"]))
+            findings.append(
+                finding(
+                    "config.rslora",
+                    "use_rslora is set: each module's scaling is lora_alpha / sqrt(r).",
+                    keys=["use_rslora"],
+                )
+            )
         return cfg
 
 

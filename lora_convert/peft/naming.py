@@ -31,10 +31,20 @@ class Factor(str, Enum):
 
 
 # Segments that mark a vision tower or multimodal projector (Kimi-K2.5, Qwen3.5-VL, LLaVA-style wrappers).
-VISION_SEGMENTS = frozenset({
-    "vision_tower", "visual", "vision_model", "vision_encoder", "mm_projector", "multi_modal_projector",
-    "vision_projector", "image_newline", "patch_embed", "merger",
-})
+VISION_SEGMENTS = frozenset(
+    {
+        "vision_tower",
+        "visual",
+        "vision_model",
+        "vision_encoder",
+        "mm_projector",
+        "multi_modal_projector",
+        "vision_projector",
+        "image_newline",
+        "patch_embed",
+        "merger",
+    }
+)
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)(?=\.|$)")
@@ -77,7 +87,7 @@ def parse_key(key: str) -> ParsedKey:
     # perf: this runs once per tensor (94,000 times for a per-expert DeepSeek-V3 adapter), so it uses plain loops
     # and set operations rather than generator expressions; same grammar, same results (docs/benchmarks.md).
     has_prefix = key.startswith(PEFT_PREFIX)
-    rest = key[len(PEFT_PREFIX):] if has_prefix else key
+    rest = key[len(PEFT_PREFIX) :] if has_prefix else key
     fast = _fast_parse(key, rest, has_prefix)
     if fast is not None:
         return fast
@@ -91,7 +101,7 @@ def parse_key(key: str) -> ParsedKey:
     adapter_name = None
     if factor_at is not None:
         name = parts[factor_at]
-        tail = parts[factor_at + 1:]
+        tail = parts[factor_at + 1 :]
         factor = _FACTOR_NAMES[name]
         if tail and tail[-1] in ("weight", "bias"):
             suffix = tail[-1]
@@ -153,11 +163,22 @@ def _fast_parse(key: str, rest: str, has_prefix: bool) -> ParsedKey | None:
     expert_match = _EXPERT_RE.search(local) if "experts" in local else None
     if expert_match:
         expert = int(expert_match.group(1))
-        local = local[: expert_match.start()] + (".experts" if expert_match.start() > 0 else "experts") + local[expert_match.end():]
+        local = (
+            local[: expert_match.start()]
+            + (".experts" if expert_match.start() > 0 else "experts")
+            + local[expert_match.end() :]
+        )
     return ParsedKey(
-        key=key, factor=Factor.LORA_A if ab == "A" else Factor.LORA_B, module=module,
-        base_layer_depth=wrappers.count(".base_layer"), adapter_name=None, has_peft_prefix=has_prefix,
-        layer=int(layer), expert=expert, stack_prefix=stack[:-1].lstrip(".") if stack else "", local_name=local,
+        key=key,
+        factor=Factor.LORA_A if ab == "A" else Factor.LORA_B,
+        module=module,
+        base_layer_depth=wrappers.count(".base_layer"),
+        adapter_name=None,
+        has_peft_prefix=has_prefix,
+        layer=int(layer),
+        expert=expert,
+        stack_prefix=stack[:-1].lstrip(".") if stack else "",
+        local_name=local,
         is_vision=False,
     )
 
@@ -178,11 +199,15 @@ def _locate(key, factor, module, depth, adapter_name, has_prefix, segments=None)
     if match and not is_vision:
         layer = int(match.group(1))
         stack_prefix = module[: match.start()].lstrip(".") if match.start() > 0 else ""
-        local = (module + ".")[match.end():].rstrip(".")
+        local = (module + ".")[match.end() :].rstrip(".")
     expert_match = _EXPERT_RE.search(local) if layer is not None and "experts" in segments else None
     if expert_match:
         expert = int(expert_match.group(1))
-        local = local[: expert_match.start()] + (".experts" if expert_match.start() > 0 else "experts") + local[expert_match.end():]
+        local = (
+            local[: expert_match.start()]
+            + (".experts" if expert_match.start() > 0 else "experts")
+            + local[expert_match.end() :]
+        )
     return ParsedKey(
         key=key,
         factor=factor,

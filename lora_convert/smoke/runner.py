@@ -17,13 +17,14 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from lora_convert.codes import finding
 from lora_convert.errors import EnvironmentProblem, UsageError
 from lora_convert.findings import Finding
-from lora_convert.codes import finding
 
 # Relative-error tolerances per stored dtype (||out - ref|| / ||ref||).
 TOLERANCES = {"F32": 1e-5, "F16": 2e-3, "BF16": 1.6e-2, "F64": 1e-5}
@@ -58,10 +59,18 @@ class GroupCheck:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "key": self.key, "layer": self.layer, "kind": self.kind, "experts": self.experts, "dtype": self.dtype,
-            "rel_err": self.rel_err, "ok": self.ok, "problems": self.problems,
-            "slices": [{"name": s.name, "rel_err": s.rel_err, "zero_filled": s.zero_filled, "ok": s.ok, "problem": s.problem}
-                       for s in self.slices],
+            "key": self.key,
+            "layer": self.layer,
+            "kind": self.kind,
+            "experts": self.experts,
+            "dtype": self.dtype,
+            "rel_err": self.rel_err,
+            "ok": self.ok,
+            "problems": self.problems,
+            "slices": [
+                {"name": s.name, "rel_err": s.rel_err, "zero_filled": s.zero_filled, "ok": s.ok, "problem": s.problem}
+                for s in self.slices
+            ],
         }
 
 
@@ -93,18 +102,36 @@ class SmokeReport:
                 out.append(finding("smoke.group", f"{g.key}: {problem}", keys=[g.key]))
             for s in g.slices:
                 if s.problem:
-                    out.append(finding("smoke.slice", f"{g.key} slice {s.name}: {s.problem}", keys=[g.key],
-                                     expected=f"rel err <= {TOLERANCES.get(g.dtype, 1e-5)}", actual=s.rel_err))
+                    out.append(
+                        finding(
+                            "smoke.slice",
+                            f"{g.key} slice {s.name}: {s.problem}",
+                            keys=[g.key],
+                            expected=f"rel err <= {TOLERANCES.get(g.dtype, 1e-5)}",
+                            actual=s.rel_err,
+                        )
+                    )
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "adapter": self.adapter, "original": self.original, "device": self.device,
-            "interpreter": self.interpreter, "tokens": self.tokens, "seed": self.seed, "rank": self.rank,
-            "layers_checked": self.layers_checked, "layers_total": self.layers_total, "sampled": self.sampled,
-            "groups_checked": len(self.groups), "groups_failed": sum(not g.ok for g in self.groups),
-            "seconds": round(self.seconds, 3), "phases": {k: round(v, 4) for k, v in self.phases.items()},
-            "bytes_to_device": self.bytes_to_device, "groups": [g.to_json() for g in self.groups],
+            "ok": self.ok,
+            "adapter": self.adapter,
+            "original": self.original,
+            "device": self.device,
+            "interpreter": self.interpreter,
+            "tokens": self.tokens,
+            "seed": self.seed,
+            "rank": self.rank,
+            "layers_checked": self.layers_checked,
+            "layers_total": self.layers_total,
+            "sampled": self.sampled,
+            "groups_checked": len(self.groups),
+            "groups_failed": sum(not g.ok for g in self.groups),
+            "seconds": round(self.seconds, 3),
+            "phases": {k: round(v, 4) for k, v in self.phases.items()},
+            "bytes_to_device": self.bytes_to_device,
+            "groups": [g.to_json() for g in self.groups],
         }
 
 
@@ -157,13 +184,19 @@ def select_device(device: str) -> tuple[str, bool]:
     import torch
 
     if importlib.util.find_spec("triton") is None:
-        raise EnvironmentProblem("Triton is not installed, so the smoke forward cannot run.", hint="pip install triton (Linux).")
+        raise EnvironmentProblem(
+            "Triton is not installed, so the smoke forward cannot run.", hint="pip install triton (Linux)."
+        )
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
-        raise EnvironmentProblem("--device cuda was asked for, but torch sees no CUDA device here.",
-                                 hint="Use --device cpu (the Triton interpreter) or --device auto, or run on a GPU machine.")
+        raise EnvironmentProblem(
+            "--device cuda was asked for, but torch sees no CUDA device here.",
+            hint="Use --device cpu (the Triton interpreter) or --device auto, or run on a GPU machine.",
+        )
     if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}.", hint="auto picks CUDA when present, else the CPU.")
+        raise UsageError(
+            f"--device must be auto, cpu or cuda, not {device!r}.", hint="auto picks CUDA when present, else the CPU."
+        )
     if device == "cuda" or (device == "auto" and has_cuda):
         return "cuda", False
     # The interpreter must be requested before the kernel modules are imported (triton.jit decides then).
@@ -187,11 +220,15 @@ def parse_layers(spec: str, num_layers: int) -> list[int] | None:
             else:
                 layers.add(int(part))
     except ValueError:
-        raise UsageError(f"--layers {spec!r} is not a layer list.", hint="Use all, auto, or a list such as 0,3,5-7.") from None
+        raise UsageError(
+            f"--layers {spec!r} is not a layer list.", hint="Use all, auto, or a list such as 0,3,5-7."
+        ) from None
     bad = sorted(x for x in layers if x < 0 or x >= num_layers)
     if bad:
-        raise UsageError(f"--layers names layer(s) {bad}, but the base model has layers 0..{num_layers - 1}.",
-                         hint="Pick layers inside that range, or pass --layers all.")
+        raise UsageError(
+            f"--layers names layer(s) {bad}, but the base model has layers 0..{num_layers - 1}.",
+            hint="Pick layers inside that range, or pass --layers all.",
+        )
     return sorted(layers)
 
 
@@ -263,12 +300,14 @@ def check_dense_group(group, A, B, R: int, tag: str, x, read, device, timer: Pha
         ref_sq += float(ref.norm()) ** 2
     if zero_rows:
         # Zero-filled slices must leave pre-existing output untouched, bit for bit.
-        base = torch.randn(y.shape, dtype=torch.float32, device=device, generator=torch.Generator(device=device).manual_seed(1))
+        base = torch.randn(
+            y.shape, dtype=torch.float32, device=device, generator=torch.Generator(device=device).manual_seed(1)
+        )
         after = lora_expand(h, B, offsets, R, y=base.clone())
-        for rows, sl_check in zip(zero_rows, [s for s in slices if s.zero_filled]):
+        for rows, sl_check in zip(zero_rows, [s for s in slices if s.zero_filled], strict=True):
             if not torch.equal(after[:, rows], base[:, rows]):
                 sl_check.problem = "a zero-filled slice changed the output rows it owns"
-    return GroupCheck(group.key, group.layer, group.kind, None, tag, _rel(diff_sq ** 0.5, ref_sq ** 0.5), slices, problems)
+    return GroupCheck(group.key, group.layer, group.kind, None, tag, _rel(diff_sq**0.5, ref_sq**0.5), slices, problems)
 
 
 def _judge_slice(name: str, got, ref, tag: str) -> SliceCheck:
@@ -349,7 +388,7 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
             problem = "a zero-filled slice changed the output" if zero_touched[sl.name] else None
             slices.append(SliceCheck(sl.name, None, True, problem))
             continue
-        rel = _rel(d2 ** 0.5, r2 ** 0.5)
+        rel = _rel(d2**0.5, r2**0.5)
         problem = None
         if zero_touched[sl.name]:
             problem = "a missing expert's zero-filled rows changed the output"
@@ -360,7 +399,7 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
         slices.append(SliceCheck(sl.name, rel, False, problem))
         diff_sq += d2
         ref_sq += r2
-    return GroupCheck(group.key, group.layer, group.kind, E, tag, _rel(diff_sq ** 0.5, ref_sq ** 0.5), slices, problems)
+    return GroupCheck(group.key, group.layer, group.kind, E, tag, _rel(diff_sq**0.5, ref_sq**0.5), slices, problems)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -380,20 +419,32 @@ def _stacked_reader(folder):
     return read
 
 
-def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | None = None, device: str = "auto",
-              tokens: int = 160, layers: str = "auto", seed: int = 0, cache_dir=None, token=None,
-              progress: Callable[[str], None] | None = None) -> SmokeReport:
+def run_smoke(
+    adapter_spec: str,
+    *,
+    base: str | None = None,
+    original: str | None = None,
+    device: str = "auto",
+    tokens: int = 160,
+    layers: str = "auto",
+    seed: int = 0,
+    cache_dir=None,
+    token=None,
+    progress: Callable[[str], None] | None = None,
+) -> SmokeReport:
     """Smoke-test a raw PEFT adapter (normalized in memory) or a stacked output against its original."""
     import torch
 
-    from lora_convert.peft.adapter import LAYOUT_NAME
     from lora_convert.convert.group_tensors import build_group_tensors, output_dtype
     from lora_convert.convert.normalize import plan_normalize
     from lora_convert.io.source import resolve_adapter_source
+    from lora_convert.peft.adapter import LAYOUT_NAME
 
     started = time.perf_counter()
     if tokens < 1:
-        raise UsageError("--tokens must be at least 1.", hint="The default, 160 tokens, is enough to exercise every slice.")
+        raise UsageError(
+            "--tokens must be at least 1.", hint="The default, 160 tokens, is enough to exercise every slice."
+        )
     torch_device, interpreter = select_device(device)
     target = resolve_adapter_source(adapter_spec, cache_dir=cache_dir, token=token)
     stacked_layout = None
@@ -401,24 +452,36 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
         try:
             stacked_layout = json.loads((target.path / LAYOUT_NAME).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{target.path / LAYOUT_NAME} is not valid JSON ({exc}).",
-                             hint="Re-create the output with lora-convert normalize; the file is written by it.") from None
+            raise UsageError(
+                f"{target.path / LAYOUT_NAME} is not valid JSON ({exc}).",
+                hint="Re-create the output with lora-convert normalize; the file is written by it.",
+            ) from None
         if original is None:
             raise UsageError(
                 f"{adapter_spec} is a stacked output; the smoke check needs the original PEFT adapter to compare with.",
                 hint="Pass --original PATH (the adapter it was normalized from).",
             )
-        plan = plan_normalize(original, base=base or stacked_layout.get("base"), rank=None,
-                              drop_unsupported=bool(stacked_layout.get("dropped")), cache_dir=cache_dir, token=token)
+        plan = plan_normalize(
+            original,
+            base=base or stacked_layout.get("base"),
+            rank=None,
+            drop_unsupported=bool(stacked_layout.get("dropped")),
+            cache_dir=cache_dir,
+            token=token,
+        )
         rank = int(stacked_layout.get("rank", plan.rank))
         read_stacked = _stacked_reader(target.path)
         # the stacked file's dtype decides the tolerance
         tag = None
     else:
         if original is not None:
-            raise UsageError(f"--original is only for stacked outputs, and {adapter_spec} has no {LAYOUT_NAME}.",
-                             hint="Drop --original to smoke-test a PEFT adapter directly (it is normalized in memory).")
-        plan = plan_normalize(adapter_spec, base=base, rank=None, drop_unsupported=True, cache_dir=cache_dir, token=token)
+            raise UsageError(
+                f"--original is only for stacked outputs, and {adapter_spec} has no {LAYOUT_NAME}.",
+                hint="Drop --original to smoke-test a PEFT adapter directly (it is normalized in memory).",
+            )
+        plan = plan_normalize(
+            adapter_spec, base=base, rank=None, drop_unsupported=True, cache_dir=cache_dir, token=token
+        )
         rank = plan.rank
         tag = output_dtype(plan, "keep")
         read_stacked = None
@@ -429,7 +492,7 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
         sampled = interpreter and chosen != present
     else:
         wanted = parse_layers(layers, arch.num_layers)
-        chosen = present if wanted is None else [l for l in present if l in wanted]
+        chosen = present if wanted is None else [layer for layer in present if layer in wanted]
         sampled = False
     read = plan.adapter.read
     timer = PhaseTimer(cuda=torch_device == "cuda")
@@ -441,16 +504,39 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
             with timer("read"):
                 A, B = read_stacked(group)
             if A is None:
-                checks.append(GroupCheck(group.key, group.layer, group.kind, group.experts, "?", float("inf"), [],
-                                         [f"the stacked output has no tensors for {group.key}"]))
+                checks.append(
+                    GroupCheck(
+                        group.key,
+                        group.layer,
+                        group.kind,
+                        group.experts,
+                        "?",
+                        float("inf"),
+                        [],
+                        [f"the stacked output has no tensors for {group.key}"],
+                    )
+                )
                 continue
             from lora_convert.io.safetensors_writer import dtype_tag
 
             group_tag = dtype_tag(A.dtype)
             want_a, want_b = group.a_shape(rank), group.b_shape(rank)
             if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
-                checks.append(GroupCheck(group.key, group.layer, group.kind, group.experts, group_tag, float("inf"), [],
-                                         [f"shapes A {list(A.shape)} B {list(B.shape)}, expected A {list(want_a)} B {list(want_b)} from the schema"]))
+                checks.append(
+                    GroupCheck(
+                        group.key,
+                        group.layer,
+                        group.kind,
+                        group.experts,
+                        group_tag,
+                        float("inf"),
+                        [],
+                        [
+                            f"shapes A {list(A.shape)} B {list(B.shape)}, "
+                            f"expected A {list(want_a)} B {list(want_b)} from the schema"
+                        ],
+                    )
+                )
                 continue
         else:
             group_tag = tag
@@ -461,15 +547,32 @@ def run_smoke(adapter_spec: str, *, base: str | None = None, original: str | Non
         timer.bytes_to_device += A.numel() * A.element_size() + B.numel() * B.element_size()
         reader = _group_reader(read, torch_device)
         gen = torch.Generator().manual_seed(_seed_for(seed, group.key))
-        x = torch.randn(tokens, group.in_features, generator=gen, dtype=torch.float32).to(device=torch_device, dtype=A.dtype)
+        x = torch.randn(tokens, group.in_features, generator=gen, dtype=torch.float32).to(
+            device=torch_device, dtype=A.dtype
+        )
         if group.experts:
-            checks.append(check_expert_group(group, A, B, rank, group_tag, x, reader, torch_device, _seed_for(seed, group.key), timer))
+            checks.append(
+                check_expert_group(
+                    group, A, B, rank, group_tag, x, reader, torch_device, _seed_for(seed, group.key), timer
+                )
+            )
         else:
             checks.append(check_dense_group(group, A, B, rank, group_tag, x, reader, torch_device, timer))
         if progress:
             progress(group.key)
     return SmokeReport(
-        adapter=target.describe(), original=original, device=torch_device, interpreter=interpreter, tokens=tokens, seed=seed,
-        rank=rank, layers_checked=chosen, layers_total=len(present), sampled=sampled, groups=checks,
-        seconds=time.perf_counter() - started, phases=dict(timer.seconds), bytes_to_device=timer.bytes_to_device,
+        adapter=target.describe(),
+        original=original,
+        device=torch_device,
+        interpreter=interpreter,
+        tokens=tokens,
+        seed=seed,
+        rank=rank,
+        layers_checked=chosen,
+        layers_total=len(present),
+        sampled=sampled,
+        groups=checks,
+        seconds=time.perf_counter() - started,
+        phases=dict(timer.seconds),
+        bytes_to_device=timer.bytes_to_device,
     )

@@ -22,8 +22,14 @@ def f_rslora(ctx: Context, params: dict):
     ranks = sorted({m.rank for m in ctx.modules if m.rank} or {cfg.r})
     lo, hi = math.sqrt(ranks[0]), math.sqrt(ranks[-1])
     factor = f"{hi:.2f}" if lo == hi else f"{lo:.2f} to {hi:.2f}"
-    return {"r": cfg.r, "ranks": ", ".join(map(str, ranks)), "factor": factor, "factor_value": round(hi, 4),
-            "alpha": f"{cfg.lora_alpha:g}", "keys": ["use_rslora"]}
+    return {
+        "r": cfg.r,
+        "ranks": ", ".join(map(str, ranks)),
+        "factor": factor,
+        "factor_value": round(hi, 4),
+        "alpha": f"{cfg.lora_alpha:g}",
+        "keys": ["use_rslora"],
+    }
 
 
 def _engine_scale(cfg, params: dict) -> float:
@@ -40,9 +46,13 @@ def f_rank_mismatch(ctx: Context, params: dict):
     if not mods:
         return None
     ranks = sorted({m.rank or m.config_rank for m in mods})
-    return {"count": len(mods), "r": cfg.r, "ranks": ", ".join(map(str, ranks)),
-            "examples": examples([f"{m.target_name} (r={m.rank or m.config_rank})" for m in mods]),
-            "keys": module_keys(mods)}
+    return {
+        "count": len(mods),
+        "r": cfg.r,
+        "ranks": ", ".join(map(str, ranks)),
+        "examples": examples([f"{m.target_name} (r={m.rank or m.config_rank})" for m in mods]),
+        "keys": module_keys(mods),
+    }
 
 
 def f_pattern_scale(ctx: Context, params: dict):
@@ -61,11 +71,15 @@ def f_pattern_scale(ctx: Context, params: dict):
     if not wrong:
         return None
     factors = sorted({round(f, 4) for _, f in wrong})
-    return {"count": len(wrong), "served": f"{served:g}",
-            "factors": ", ".join(f"{f:.3g}x" for f in factors[:6]),
-            "examples": examples([f"{m.target_name} (trained {m.scaling:g}, served {served:g}: {f:.3g}x)"
-                                  for m, f in wrong]),
-            "keys": module_keys([m for m, _ in wrong])}
+    return {
+        "count": len(wrong),
+        "served": f"{served:g}",
+        "factors": ", ".join(f"{f:.3g}x" for f in factors[:6]),
+        "examples": examples(
+            [f"{m.target_name} (trained {m.scaling:g}, served {served:g}: {f:.3g}x)" for m, f in wrong]
+        ),
+        "keys": module_keys([m for m, _ in wrong]),
+    }
 
 
 def f_dora(ctx: Context, params: dict):
@@ -86,14 +100,20 @@ def f_added_tokens(ctx: Context, params: dict):
         elif m.leaf in ("lm_head", "output"):
             widths.append((m, m.lora_B.shape[0]))
     added = ctx.adapter.added_tokens or {}
-    beyond = ([i for i in added.values() if isinstance(vocab, int) and i >= vocab] if isinstance(vocab, int)
-              else list(added.values()))
+    beyond = (
+        [i for i in added.values() if isinstance(vocab, int) and i >= vocab]
+        if isinstance(vocab, int)
+        else list(added.values())
+    )
     wide = [(m, w) for m, w in widths if isinstance(vocab, int) and w > vocab]
     if not beyond and not wide:
         return None
     n = max([len(beyond)] + [w - vocab for _, w in wide]) if isinstance(vocab, int) else len(beyond)
-    return {"count": n, "vocab": vocab if vocab is not None else "unknown",
-            "keys": module_keys([m for m, _ in wide]) + (["added_tokens.json"] if beyond else [])}
+    return {
+        "count": n,
+        "vocab": vocab if vocab is not None else "unknown",
+        "keys": module_keys([m for m, _ in wide]) + (["added_tokens.json"] if beyond else []),
+    }
 
 
 def f_full_weights(ctx: Context, params: dict):
@@ -104,8 +124,12 @@ def f_full_weights(ctx: Context, params: dict):
     cfg = ctx.adapter.config
     if not keys and not cfg.modules_to_save:
         return None
-    return {"count": len(keys), "modules": ", ".join(cfg.modules_to_save) or "-",
-            "keys": keys[:MAX_KEYS] or ["modules_to_save"], "examples": examples(keys)}
+    return {
+        "count": len(keys),
+        "modules": ", ".join(cfg.modules_to_save) or "-",
+        "keys": keys[:MAX_KEYS] or ["modules_to_save"],
+        "examples": examples(keys),
+    }
 
 
 def f_bias(ctx: Context, params: dict):
@@ -115,8 +139,13 @@ def f_bias(ctx: Context, params: dict):
     keys = [k for k, p in ctx.adapter.parsed.items() if p.factor in (Factor.LORA_BIAS, Factor.FULL_BIAS)]
     if not keys and not cfg.lora_bias and cfg.bias == "none":
         return None
-    return {"count": len(keys), "bias": cfg.bias, "lora_bias": cfg.lora_bias,
-            "keys": keys[:MAX_KEYS] or ["bias", "lora_bias"], "examples": examples(keys)}
+    return {
+        "count": len(keys),
+        "bias": cfg.bias,
+        "lora_bias": cfg.lora_bias,
+        "keys": keys[:MAX_KEYS] or ["bias", "lora_bias"],
+        "examples": examples(keys),
+    }
 
 
 def f_target_names(ctx: Context, params: dict):
@@ -138,12 +167,16 @@ def f_regex_targets(ctx: Context, params: dict):
 
 
 def f_adapter_name(ctx: Context, params: dict):
-    keys = [k for k, p in ctx.adapter.parsed.items()
-            if p.adapter_name is not None and p.factor.value.startswith("lora_")]
+    keys = [
+        k for k, p in ctx.adapter.parsed.items() if p.adapter_name is not None and p.factor.value.startswith("lora_")
+    ]
     if not keys:
         return None
-    return {"count": len(keys), "name": sorted({ctx.adapter.parsed[k].adapter_name for k in keys})[0],
-            "keys": keys[:MAX_KEYS]}
+    return {
+        "count": len(keys),
+        "name": sorted({ctx.adapter.parsed[k].adapter_name for k in keys})[0],
+        "keys": keys[:MAX_KEYS],
+    }
 
 
 def f_max_rank(ctx: Context, params: dict):

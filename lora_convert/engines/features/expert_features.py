@@ -40,8 +40,12 @@ def f_partial_expert_projections(ctx: Context, params: dict):
     missing = sorted({p for _, _, ps in hits for p in ps})
     layers = {h[0] for h in hits}
     mods = [m for m in ctx.modules if m.layer in layers and (m.expert is not None or m.kind == "fused_experts")]
-    return {"count": len(hits), "layers": layers_text([h[0] for h in hits]), "missing": ", ".join(missing),
-            "keys": module_keys(mods)}
+    return {
+        "count": len(hits),
+        "layers": layers_text([h[0] for h in hits]),
+        "missing": ", ".join(missing),
+        "keys": module_keys(mods),
+    }
 
 
 def f_shared_experts_fusion(ctx: Context, params: dict):
@@ -60,8 +64,15 @@ def f_shared_experts_fusion(ctx: Context, params: dict):
         fused_by_default = routed in params.get("fused_routed", []) and shared in params.get("fused_shared", [])
         if not fused_by_default:
             return None
-    condition = (f"which is on by default for this base ({routed} routed experts, {shared} shared)" if fused_by_default
-                 else f"which is on by default for {params['default_condition']}")
-    return {"count": len(mods), "layers": layers_text([m.layer for m in mods if m.layer is not None]),
-            "condition": condition, "keys": module_keys(mods), "examples": examples([m.module for m in mods])}
-
+    condition = (
+        f"which is on by default for this base ({routed} routed experts, {shared} shared)"
+        if fused_by_default
+        else f"which is on by default for {params['default_condition']}"
+    )
+    return {
+        "count": len(mods),
+        "layers": layers_text([m.layer for m in mods if m.layer is not None]),
+        "condition": condition,
+        "keys": module_keys(mods),
+        "examples": examples([m.module for m in mods]),
+    }

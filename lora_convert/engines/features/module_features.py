@@ -37,9 +37,14 @@ def f_leaf_present(ctx: Context, params: dict):
     if not mods:
         return None
     layers = [m.layer for m in mods if m.layer is not None]
-    return {"count": len(mods), "layers": layers_text(layers) if layers else "-", "n_layers": len(set(layers)),
-            "leaves": ", ".join(sorted({m.leaf for m in mods})), "examples": examples([m.module for m in mods]),
-            "keys": module_keys(mods)}
+    return {
+        "count": len(mods),
+        "layers": layers_text(layers) if layers else "-",
+        "n_layers": len(set(layers)),
+        "leaves": ", ".join(sorted({m.leaf for m in mods})),
+        "examples": examples([m.module for m in mods]),
+        "keys": module_keys(mods),
+    }
 
 
 def f_companion_missing(ctx: Context, params: dict):
@@ -58,10 +63,15 @@ def f_companion_missing(ctx: Context, params: dict):
             hit.append((layer, container, [m for leaf in present & set(leaves) for m in leaves[leaf]]))
     if not hit:
         return None
-    out = {"count": len(hit), "layers": layers_text([h[0] for h in hit]), "n_layers": len(hit),
-           "present": ", ".join(sorted(present)), "absent": ", ".join(sorted(absent)),
-           "examples": examples([f"{h[2][0].module}" for h in hit]),
-           "keys": module_keys([m for h in hit for m in h[2]])}
+    out = {
+        "count": len(hit),
+        "layers": layers_text([h[0] for h in hit]),
+        "n_layers": len(hit),
+        "present": ", ".join(sorted(present)),
+        "absent": ", ".join(sorted(absent)),
+        "examples": examples([f"{h[2][0].module}" for h in hit]),
+        "keys": module_keys([m for h in hit for m in h[2]]),
+    }
     if params.get("numbers") == "fused_rows":
         out.update(fused_rows_numbers(ctx, [m for h in hit for m in h[2]], params))
     return out
@@ -77,19 +87,28 @@ def fused_rows_numbers(ctx: Context, present_mods, params: dict) -> dict:
         group, schema_group = match.group, _group_definition(ctx, match.group)
         width = match.expected_out
         actual, expected = len(group.slices) * width, group.out_features
-        parts = " + ".join(f"{s.name} {s.out_features}" + (f" ({expr})" if expr else "")
-                           for s, expr in zip(group.slices, _slice_expressions(schema_group, group), strict=True))
-        return {"expected_rows": expected, "actual_rows": actual,
-                "shape_detail": f"the fused B becomes [{actual}, {r}] ({len(group.slices)} x {match.canonical} rows) "
-                                f"instead of [{expected}, {r}] ({parts})"}
+        parts = " + ".join(
+            f"{s.name} {s.out_features}" + (f" ({expr})" if expr else "")
+            for s, expr in zip(group.slices, _slice_expressions(schema_group, group), strict=True)
+        )
+        return {
+            "expected_rows": expected,
+            "actual_rows": actual,
+            "shape_detail": f"the fused B becomes [{actual}, {r}] ({len(group.slices)} x {match.canonical} rows) "
+            f"instead of [{expected}, {r}] ({parts})",
+        }
     width = next((m.out_features for m in present_mods if m.out_features), None)
     if isinstance(width, int):
-        return {"actual_rows": len(names) * width,
-                "shape_detail": f"the fused B becomes [{len(names) * width}, {r}] ({len(names)} x "
-                                f"{'/'.join(sorted(params['present']))} rows) instead of "
-                                f"[{' + '.join(names)} rows, {r}] (pass --base for the numbers)"}
-    return {"shape_detail": f"the fused B gets {len(names)} x {'/'.join(sorted(params['present']))} rows instead of "
-                            f"{' + '.join(names)} rows"}
+        return {
+            "actual_rows": len(names) * width,
+            "shape_detail": f"the fused B becomes [{len(names) * width}, {r}] ({len(names)} x "
+            f"{'/'.join(sorted(params['present']))} rows) instead of "
+            f"[{' + '.join(names)} rows, {r}] (pass --base for the numbers)",
+        }
+    return {
+        "shape_detail": f"the fused B gets {len(names)} x {'/'.join(sorted(params['present']))} rows instead of "
+        f"{' + '.join(names)} rows"
+    }
 
 
 def _group_definition(ctx: Context, group):
@@ -105,15 +124,23 @@ def _slice_expressions(definition, group) -> list[str | None]:
 
 def f_router(ctx: Context, params: dict):
     leaves = set(params.get("leaves", ["gate"]))
-    mods = [m for m in ctx.modules if (m.leaf in leaves or (m.param or "") in leaves) and not m.is_vision
-            and m.expert is None and m.layer is not None]
-    tparams = [t for t in ctx.adapter.config.target_parameters
-               if t.split(".")[-2:-1] == ["gate"] or t == "gate.weight"]
+    mods = [
+        m
+        for m in ctx.modules
+        if (m.leaf in leaves or (m.param or "") in leaves)
+        and not m.is_vision
+        and m.expert is None
+        and m.layer is not None
+    ]
+    tparams = [t for t in ctx.adapter.config.target_parameters if t.split(".")[-2:-1] == ["gate"] or t == "gate.weight"]
     if not mods and not tparams:
         return None
-    return {"count": len(mods), "layers": layers_text([m.layer for m in mods]) if mods else "-",
-            "keys": module_keys(mods) or ["target_parameters"],
-            "examples": examples([m.module for m in mods] or tparams)}
+    return {
+        "count": len(mods),
+        "layers": layers_text([m.layer for m in mods]) if mods else "-",
+        "keys": module_keys(mods) or ["target_parameters"],
+        "examples": examples([m.module for m in mods] or tparams),
+    }
 
 
 def f_layers_past_end(ctx: Context, params: dict):
@@ -123,8 +150,12 @@ def f_layers_past_end(ctx: Context, params: dict):
     mods = [m for m in ctx.modules if m.layer is not None and m.layer >= n and not m.is_vision]
     if not mods:
         return None
-    return {"count": len(mods), "layers": layers_text([m.layer for m in mods]), "num_layers": n,
-            "keys": module_keys(mods)}
+    return {
+        "count": len(mods),
+        "layers": layers_text([m.layer for m in mods]),
+        "num_layers": n,
+        "keys": module_keys(mods),
+    }
 
 
 def f_prefix_mismatch(ctx: Context, params: dict):
@@ -134,8 +165,13 @@ def f_prefix_mismatch(ctx: Context, params: dict):
     if not expected:
         return None
     equivalent = set(params.get("equivalent", {}).get(ctx.family or "", [])) | {expected}
-    mods = [m for m in ctx.modules if m.layer is not None and not m.is_vision
-            and ((f"{m.stack_prefix}.layers" if m.stack_prefix else "layers") not in equivalent)]
+    mods = [
+        m
+        for m in ctx.modules
+        if m.layer is not None
+        and not m.is_vision
+        and ((f"{m.stack_prefix}.layers" if m.stack_prefix else "layers") not in equivalent)
+    ]
     if not mods:
         return None
     used = sorted({(f"{m.stack_prefix}.layers" if m.stack_prefix else "layers") for m in mods})
@@ -146,8 +182,12 @@ def f_fused_experts(ctx: Context, params: dict):
     mods = [m for m in ctx.modules if m.kind == "fused_experts"]
     if not mods:
         return None
-    return {"count": len(mods), "layers": layers_text([m.layer for m in mods if m.layer is not None]),
-            "params": ", ".join(sorted({m.param or "?" for m in mods})), "keys": module_keys(mods)}
+    return {
+        "count": len(mods),
+        "layers": layers_text([m.layer for m in mods if m.layer is not None]),
+        "params": ", ".join(sorted({m.param or "?" for m in mods})),
+        "keys": module_keys(mods),
+    }
 
 
 def f_vision(ctx: Context, params: dict):

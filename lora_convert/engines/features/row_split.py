@@ -25,31 +25,48 @@ def f_partial_row_split(ctx: Context, params: dict):
     mods = split_modules(ctx, params)
     if not mods:
         return None
-    out = {"count": len(mods), "layers": layers_text([m.layer for m in mods if m.layer is not None]),
-           "keys": module_keys(mods), "examples": examples([m.module for m in mods])}
+    out = {
+        "count": len(mods),
+        "layers": layers_text([m.layer for m in mods if m.layer is not None]),
+        "keys": module_keys(mods),
+        "examples": examples([m.module for m in mods]),
+    }
     kept_names = set(params["kept"])
     match = next((x for x in map(ctx.match, mods) if x is not None), None)
     if match is None:
         dropped, sizes = _dropped_from_schema(ctx, params, mods[0])
-        out["share_text"] = (f"the {'/'.join(dropped)} rows ({sizes} of them; pass --base for the numbers)" if dropped
-                             else f"the rows outside {', '.join(params['kept'])} (pass --base for the numbers)")
+        out["share_text"] = (
+            f"the {'/'.join(dropped)} rows ({sizes} of them; pass --base for the numbers)"
+            if dropped
+            else f"the rows outside {', '.join(params['kept'])} (pass --base for the numbers)"
+        )
         return out
     covered = [match.group.slices[i] for i in match.slice_indices]
     total = sum(s.out_features for s in covered)
     lost_ranges = _row_ranges(covered, lambda name: name not in kept_names)
     lost = sum(stop - start for start, stop in lost_ranges)
     dropped_names = "/".join(s.name for s in covered if s.name not in kept_names)
-    out.update({"rows_total": total, "rows_kept": total - lost, "rows_lost": lost,
-                "row_share_lost": f"{100 * lost / total:.1f}%"})
+    out.update(
+        {
+            "rows_total": total,
+            "rows_kept": total - lost,
+            "rows_lost": lost,
+            "row_share_lost": f"{100 * lost / total:.1f}%",
+        }
+    )
     share = _delta_share(ctx, mods, total, lost_ranges)
     if share is None:
-        out["share_text"] = (f"{lost} of the {total} output rows ({out['row_share_lost']}) are {dropped_names} rows "
-                             "(run with the data scan on for the share of the delta itself)")
+        out["share_text"] = (
+            f"{lost} of the {total} output rows ({out['row_share_lost']}) are {dropped_names} rows "
+            "(run with the data scan on for the share of the delta itself)"
+        )
     else:
         percent, have = share
         out["delta_share_lost"] = percent
-        out["share_text"] = (f"{percent} of the {mods[0].leaf} delta (squared Frobenius norm of B @ A, over {have} "
-                             f"module(s)) sits in the {lost} {dropped_names} rows of {total}")
+        out["share_text"] = (
+            f"{percent} of the {mods[0].leaf} delta (squared Frobenius norm of B @ A, over {have} "
+            f"module(s)) sits in the {lost} {dropped_names} rows of {total}"
+        )
     return out
 
 
