@@ -332,8 +332,8 @@ AREAS: tuple[Area, ...] = (
     ),
     _area(
         "sharding",
-        "with `--tp`/`--ep`: column-parallel output and row-parallel input dimensions, attention / GDN / Mamba head "
-        "counts, KV heads (split or replicated), expert counts over `--ep`, `--ep` dividing `--tp`",
+        "with `--tp`/`--ep`: column-parallel output and row-parallel input dimensions, attention / linear-attention / "
+        "state-space head counts, KV heads (split or replicated), expert counts over `--ep`, `--ep` dividing `--tp`",
         ("sharding.tp", ERROR, "A dimension or head count does not divide by the tensor-parallel size.", ""),
         ("sharding.ep", ERROR, "Experts do not divide over --ep, or --ep does not divide --tp.", ""),
     ),
@@ -344,6 +344,12 @@ AREAS: tuple[Area, ...] = (
         ("smoke.slice", ERROR, "One slice of a group differs from PEFT's reference.", ""),
         ("smoke.passed", INFO, "Every group matched PEFT's reference.", ""),
         ("smoke.skipped", INFO, "The smoke forward did not run by default here (the message says why).", ""),
+        (
+            "smoke.not-installed",
+            INFO,
+            "The default smoke forward did not run: torch or triton (the `[smoke]` extra) is not installed.",
+            "`pip install 'lora-convert[smoke]'` to run it; `--smoke` without them exits 3.",
+        ),
         (
             "smoke.requested-not-run",
             WARNING,

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,7 +64,7 @@ def test_leftover_adapter_name_segment_is_read(adapter_writer):
     (mod,) = adapter.modules
     assert mod.module == "model.layers.0.self_attn.v_proj" and mod.rank == 2 and mod.adapter_name == "default"
     assert "keys.adapter-name-segment" in {f.code for f in adapter.findings}
-    assert torch.equal(adapter.read(mod.lora_A.key), a)
+    assert np.array_equal(adapter.read(mod.lora_A.key), a.numpy())
 
 
 def test_fused_experts_decided_by_target_parameters(adapter_writer):
@@ -128,7 +129,7 @@ def test_sharded_adapter_with_index(tmp_path):
     )
     adapter = load_adapter(str(folder))
     assert adapter.file_format == "safetensors-sharded" and adapter.modules[0].is_complete
-    assert torch.equal(adapter.read(f"{P}.0.mlp.up_proj.lora_B.weight"), b)
+    assert np.array_equal(adapter.read(f"{P}.0.mlp.up_proj.lora_B.weight"), b.numpy())
 
 
 def test_bin_adapter_weights_only(tmp_path):
@@ -141,7 +142,7 @@ def test_bin_adapter_weights_only(tmp_path):
     )
     adapter = load_adapter(str(folder))
     assert adapter.file_format == "bin"
-    assert torch.equal(adapter.read(f"{P}.0.mlp.up_proj.lora_A.weight"), a)
+    assert np.array_equal(adapter.read(f"{P}.0.mlp.up_proj.lora_A.weight"), a.numpy())
 
 
 class _Payload:
@@ -200,7 +201,7 @@ def test_hub_id_offline_from_cache(tmp_path, adapter_writer):
     )
     adapter = load_adapter("acme/tiny-lora", cache_dir=cache)
     assert adapter.source.origin == "hub" and adapter.source.repo_id == "acme/tiny-lora"
-    assert torch.equal(adapter.read(f"{P}.0.mlp.up_proj.lora_B.weight"), b)
+    assert np.array_equal(adapter.read(f"{P}.0.mlp.up_proj.lora_B.weight"), b.numpy())
 
 
 def test_hub_id_not_cached_offline(tmp_path):
@@ -262,3 +263,41 @@ def test_fused_experts_with_invalid_rank_get_no_invented_expert_count(adapter_wr
     (mod,) = adapter.modules
     assert mod.rank is None and mod.experts is None
     assert [f.code for f in adapter.findings if f.severity.value == "error"] == ["config.wrong-type"]
+
+
+def _same_bytes(array: np.ndarray, tensor: torch.Tensor) -> bool:
+    return array.tobytes() == tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn])
+def test_read_gives_numpy_with_the_stored_bytes(adapter_writer, tmp_path, dtype):
+    """safetensors and legacy .bin alike: a numpy array of the stored dtype (bf16/float8 through ml_dtypes)."""
+    from lora_convert.io.tensor_files import dtype_tag
+
+    a, b = lin(8, 8, 2)
+    a, b = a.to(dtype), b.to(dtype)
+    keys = (f"{P}.0.mlp.up_proj.lora_A.weight", f"{P}.0.mlp.up_proj.lora_B.weight")
+    st = load_adapter(str(adapter_writer(dict(zip(keys, (a, b), strict=True)), {"r": 2})))
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    torch.save(dict(zip(keys, (a, b), strict=True)), binary / "adapter_model.bin")
+    for adapter in (st, load_adapter(str(binary))):
+        got = adapter.read(keys[1])
+        assert isinstance(got, np.ndarray) and got.shape == (8, 2)
+        assert dtype_tag(got.dtype) == adapter.index.tensors[keys[1]].dtype
+        assert _same_bytes(got, b)
+
+
+def test_bin_without_torch_says_how_to_install_it(tmp_path, monkeypatch):
+    a, b = lin(8, 8, 2)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    torch.save(
+        {f"{P}.0.mlp.up_proj.lora_A.weight": a, f"{P}.0.mlp.up_proj.lora_B.weight": b}, folder / "adapter_model.bin"
+    )
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(EnvironmentProblem) as info:
+        load_adapter(str(folder))
+    assert info.value.exit_code == 3 and "pip install 'lora-convert[smoke]'" in (info.value.hint or "")

@@ -74,30 +74,6 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     "arch/schema_loader.py": (frozenset({"mla", "mamba"}), "kind vocabulary (KINDS)"),
     # User-facing help text that shows what a family name looks like.
     "cli/schemas_cmd.py": (frozenset({"llama", "deepseek"}), "help text example"),
-    # Owned by other engineers of issue 13; the change that removes these is in the R3 report.
-    "codes.py": (frozenset({"gdn", "mamba"}), "the sharding area's description text"),
-    "arch/shape_check.py": (frozenset({"first_k_dense_replace"}), "a fix hint naming config fields"),
-    "check/sharding.py": (
-        frozenset(
-            {
-                "fc1_latent_proj",
-                "fc2_latent_proj",
-                "kv_a_proj_with_mqa",
-                "kv_b_proj",
-                "linear_attn",
-                "linear_num_key_heads",
-                "linear_num_value_heads",
-                "mamba",
-                "mixer",
-                "n_groups",
-                "q_a_proj",
-                "q_b_proj",
-                "shared_expert_gate",
-                "w2",
-            }
-        ),
-        "tensor-parallel split table by leaf name",
-    ),
 }
 
 

@@ -71,7 +71,7 @@ def test_chunked_stats_match_whole_tensor(monkeypatch):
     x = torch.randn(13, 5, dtype=torch.bfloat16)
     x.view(-1)[[20, 33]] = float("nan")
     x.view(-1)[50] = float("inf")
-    s = tensor_stats("k", "BF16", x, "lora_B")
+    s = tensor_stats("k", "BF16", _numpy(x), "lora_B")
     assert (s.nan, s.first_nan, s.inf, s.first_inf) == (2, 20, 1, 50)
     finite = x.float().view(-1)
     finite = finite[torch.isfinite(finite)]
@@ -120,3 +120,99 @@ def test_one_tensor_at_a_time(adapter_writer, monkeypatch):
         scan_adapter(adapter)
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------------- the numpy scan against the torch one
+def _numpy(t: torch.Tensor):
+    """A torch tensor as the numpy array the core reads (bf16 through ml_dtypes, same bytes)."""
+    from lora_convert.io.tensor_files import numpy_dtype
+
+    tag = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}[t.dtype]
+    return t.contiguous().view(-1).view(torch.uint8).numpy().view(numpy_dtype(tag)).reshape(tuple(t.shape))
+
+
+def _torch_tensor_stats(key, dtype, tensor, factor):
+    """The data scan's per-tensor statistics as the torch path computed them (the code before the numpy port)."""
+    stats = data_scan.TensorStats(key=key, dtype=dtype, numel=int(tensor.numel()), factor=factor)
+    if stats.numel == 0:
+        return stats
+    flat = tensor.reshape(-1)
+    norm = float(torch.linalg.vector_norm(flat, 2))
+    if math.isfinite(norm) and norm > 0.0:
+        stats.rms = norm / math.sqrt(stats.numel)
+        return stats
+    sum_sq, finite_count, nonzero = 0.0, 0, False
+    for start in range(0, stats.numel, data_scan.CHUNK_ELEMENTS):
+        chunk = flat[start : start + data_scan.CHUNK_ELEMENTS].to(torch.float32)
+        bad = None
+        for kind, test in (("nan", torch.isnan), ("inf", torch.isinf)):
+            mask = test(chunk)
+            count = int(mask.sum())
+            if not count:
+                continue
+            if getattr(stats, f"first_{kind}") is None:
+                setattr(stats, f"first_{kind}", start + int(mask.to(torch.uint8).argmax()))
+            setattr(stats, kind, getattr(stats, kind) + count)
+            bad = mask if bad is None else bad | mask
+        if bad is not None:
+            chunk = chunk[~bad]
+        if chunk.numel():
+            as64 = chunk.to(torch.float64)
+            sum_sq += float((as64 * as64).sum())
+            nonzero = nonzero or bool(chunk.any())
+            finite_count += int(chunk.numel())
+    stats.rms = math.sqrt(sum_sq / finite_count) if finite_count else 0.0
+    stats.all_zero = not nonzero and stats.nan == 0 and stats.inf == 0
+    return stats
+
+
+def _hostile_tensors():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 48, generator=g)
+    out = {"plain": base, "zeros": torch.zeros(64, 48), "neg-zeros": -torch.zeros(64, 48)}
+    x = base.clone()
+    x.view(-1)[[5, 900, 3000]] = float("nan")
+    x.view(-1)[[7, 2000]] = float("inf")
+    x.view(-1)[8] = float("-inf")
+    out["nan-inf"] = x
+    out["huge"] = base * 1e30  # squares overflow float32
+    out["big-f16-norm"] = base * 3000  # an f16 norm above 65504
+    out["tiny"] = base * 1e-42  # float32 subnormals; zero in bf16/f16
+    out["one-nan"] = torch.full((3, 3), float("nan"))
+    out["scalar-like"] = torch.tensor([[2.5]])
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16", "F64"])
+def test_numpy_stats_equal_the_torch_scan(dtype):
+    """Counts, first indices and all-zero are identical; RMS equal to the last bit of the stored dtype's norm."""
+    tdtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[dtype]
+    ulp = {"F32": 1e-6, "F16": 2**-10, "BF16": 2**-7, "F64": 1e-12}[dtype]
+    for name, t in _hostile_tensors().items():
+        t = t.to(tdtype)
+        want = _torch_tensor_stats(name, dtype, t, "lora_B")
+        got = tensor_stats(name, dtype, _numpy(t), "lora_B")
+        assert (got.nan, got.first_nan, got.inf, got.first_inf, got.all_zero) == (
+            want.nan,
+            want.first_nan,
+            want.inf,
+            want.first_inf,
+            want.all_zero,
+        ), name
+        assert got.rms == pytest.approx(want.rms, rel=ulp, abs=0.0), name
+
+
+def test_numpy_scan_findings_equal_the_torch_scan_on_every_fixture():
+    from helpers import case_dir, fixture_cases
+
+    for case in fixture_cases():
+        adapter = load_adapter(str(case_dir(case) / "adapter"))
+        result = scan_adapter(adapter)
+        want = {}
+        for key, info in adapter.index.tensors.items():
+            t = torch.from_numpy(adapter.read(key).copy())
+            want[key] = _torch_tensor_stats(key, info.dtype, t, result.stats[key].factor)
+            got = result.stats[key]
+            assert (got.nan, got.inf, got.all_zero) == (want[key].nan, want[key].inf, want[key].all_zero)
+            assert got.rms == pytest.approx(want[key].rms, rel=1e-6), (case, key)
+        assert data_scan.stats_findings(want) == result.findings, case

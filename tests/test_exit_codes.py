@@ -357,6 +357,38 @@ def test_3_no_cuda_for_device_cuda(cli, args):
     assert_error(cli(*args), 3, "CUDA")
 
 
+@pytest.fixture
+def without_smoke_extra(monkeypatch):
+    """torch and triton look uninstalled to lora-convert, which decides with importlib.util.find_spec (a light
+    install end to end, with the packages really absent, is tests/test_light_install.py)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "triton") else real(name, *a)
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["smoke", ADAPTER, "--base", BASE],
+        ["smoke", ADAPTER, "--base", BASE, "--device", "cpu"],
+        ["validate", ADAPTER, "--base", BASE, "--smoke"],
+    ],
+)
+def test_3_smoke_extra_not_installed(fast, without_smoke_extra, args):
+    assert_error(fast(*args), 3, "torch", "pip install 'lora-convert[smoke]'")
+
+
+def test_0_validate_without_the_smoke_extra(fast, without_smoke_extra):
+    """Plain validate does not need the extra: the smoke forward that did not run is a note."""
+    result = fast("validate", ADAPTER, "--base", BASE, "--format", "json")
+    assert_ok(result)
+    doc = json.loads(result.stdout)
+    assert [f["code"] for f in doc["findings"] if f["code"].startswith("smoke.")] == ["smoke.not-installed"]
+
+
 @pytest.mark.parametrize("command", ["inspect", "validate", "normalize", "smoke"])
 def test_3_hub_adapter_not_cached_offline(cli, command):
     args = {"normalize": ["--base", BASE, "-o", "out"], "validate": ["--base", BASE], "smoke": ["--base", BASE]}.get(

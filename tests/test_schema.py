@@ -70,10 +70,12 @@ MINIMAL = {
     "checkpoint_prefix": "model.layers",
     "stack_prefixes": ["model.layers"],
     "layer_types": {"attention": "True"},
+    "tp_head_counts": [{"count": "num_attention_heads", "groups": ["self_attn.qkv_proj"]}],
     "groups": [
         {
             "path": "self_attn.qkv_proj",
             "kind": "attention",
+            "tp": "heads",
             "on": ["attention"],
             "in": "hidden_size",
             "slices": [
@@ -83,6 +85,15 @@ MINIMAL = {
             "merged": [{"name": "qkv_proj", "slices": ["q_proj", "v_proj"], "aliases": ["self_attn.qkv_proj"]}],
         },
     ],
+}
+
+
+_LM_HEAD = {
+    "path": "lm_head",
+    "kind": "lm_head",
+    "tp": "replicated",
+    "in": "hidden_size",
+    "slices": [{"name": "lm_head", "out": "vocab_size", "aliases": ["lm_head"]}],
 }
 
 
@@ -114,6 +125,25 @@ def _mutated(edit):
         (lambda d: d.update(groups=[]), "groups: expected a non-empty list"),
         (lambda d: d["groups"][0].update(gated="yes"), "gated: expected true, false or null"),
         (lambda d: d.update(_note=3), "_note: must be a string"),
+        # the tensor-parallel vocabulary: every group says how TP splits it, head counts name real groups
+        (lambda d: d["groups"][0].pop("tp"), "groups[0] (self_attn.qkv_proj): missing required key 'tp'"),
+        (lambda d: d["groups"][0].update(tp="diagonal"), ".tp: unknown tensor-parallel split 'diagonal'"),
+        (lambda d: d["groups"][0].update(tp=None), ".tp: expected a non-empty string"),
+        (lambda d: d.pop("tp_head_counts"), "missing required key 'tp_head_counts' (groups split by heads"),
+        (lambda d: d.update(tp_head_counts={}), "tp_head_counts: expected a list"),
+        (lambda d: d["tp_head_counts"][0].update(heads=1), "tp_head_counts[0]: unknown key 'heads'"),
+        (lambda d: d["tp_head_counts"][0].pop("groups"), "tp_head_counts[0]: missing required key 'groups'"),
+        (lambda d: d["tp_head_counts"][0].update(groups=[]), "tp_head_counts[0].groups: expected a non-empty list"),
+        (lambda d: d["tp_head_counts"][0].update(groups=["self_attn.o_proj"]), "names group 'self_attn.o_proj'"),
+        (lambda d: d["tp_head_counts"][0].update(slices=["k_proj"]), "names slice 'k_proj', which none of its"),
+        (lambda d: d["tp_head_counts"][0].update(count="heads +"), "tp_head_counts[0].count: Expression"),
+        (lambda d: d["tp_head_counts"][0].update(may_replicate="yes"), "may_replicate: expected true or false"),
+        (lambda d: d.update(tp_head_counts=[]), "no count covers group 'self_attn.qkv_proj'"),
+        (lambda d: d.update(top_level=[{**_LM_HEAD, "tp": "heads"}]), "only per-layer groups that are not routed"),
+        (
+            lambda d: d["groups"][0].update(kind="routed_experts", experts=True),
+            "only per-layer groups that are not routed experts can be split by heads",
+        ),
     ],
 )
 def test_strict_loading_names_file_and_key(edit, where):
@@ -661,3 +691,40 @@ def test_experts_gated_comes_from_the_schema():
         ).experts_gated()
         is None
     )
+
+
+def test_tp_head_counts_bind_to_the_config_and_the_source_names_they_cover():
+    data = _mutated(
+        lambda d: d["tp_head_counts"].append(
+            {
+                "count": "num_key_value_heads",
+                "groups": ["self_attn.qkv_proj"],
+                "slices": ["v_proj"],
+                "may_replicate": True,
+            }
+        )
+    )
+    schema = parse_schema(data, "toy")
+    assert [g.tp for g in schema.groups] == ["heads"]
+    assert schema.describe()["tp_head_counts"][1] == {
+        "count": "num_key_value_heads",
+        "groups": ["self_attn.qkv_proj"],
+        "slices": ["v_proj"],
+        "may_replicate": True,
+    }
+    config = {"model_type": "toy", "num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 4}
+    heads, kv = bind({**config, "num_key_value_heads": 2}, schema=schema).tp_head_counts()
+    assert (heads.label, heads.value, heads.may_replicate) == ("num_attention_heads", 4, False)
+    assert heads.sources == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.qkv_proj"}
+    assert (kv.label, kv.value, kv.sources) == ("num_key_value_heads", 2, {"self_attn.v_proj", "self_attn.qkv_proj"})
+    assert kv.fits(4) and kv.fits(1) and not kv.fits(3) and not heads.fits(8)
+    # a count the config does not give is left out: nothing to divide
+    assert [h.label for h in bind(config, schema=schema).tp_head_counts()] == ["num_attention_heads"]
+
+
+def test_a_schema_without_head_split_groups_needs_no_tp_head_counts():
+    def edit(d):
+        d["groups"][0]["tp"] = "column"
+        del d["tp_head_counts"]
+
+    assert parse_schema(_mutated(edit), "toy").tp_head_counts == ()

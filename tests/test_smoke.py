@@ -137,7 +137,7 @@ def test_3d_b_read_expert_major_is_caught(tmp_path):
         g = first_group(layout, "experts.down_proj")
         (sl,) = g["slices"]
         source_b = next(k for k in sl["source"] if k.endswith("lora_B.weight"))
-        b = adapter.read(source_b)  # [out, r*E], rank-major on disk
+        b = torch.from_numpy(adapter.read(source_b))  # [out, r*E], rank-major on disk
         E, r = g["experts"], sl["rank"]
         wrong = b.reshape(b.shape[0], E, r).permute(1, 0, 2) * sl["scaling"]  # read as if expert-major
         B = tensors[f"base_model.model.{g['key']}.lora_B.weight"]

@@ -101,7 +101,7 @@ def _adapter(tmp_path, layout: str):
 
 
 def _nbytes(tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    return tensor.nbytes
 
 
 class LiveSources:
@@ -166,7 +166,7 @@ def test_normalize_holds_one_group_at_a_time(tmp_path, monkeypatch, layout):
     largest_step = max(g[1] + g[2] for g in groups)
     # The test only means something if the adapter is many groups large.
     assert out_bytes >= 10 * largest_group and adapter_bytes >= 10 * largest_step
-    held = sum(raw.numel() for b in buffers for raw in b._raw.values())
+    held = sum(raw.nbytes for b in buffers for raw in b._raw.values())
     bound = max(g[3] for g in groups) + max(g[4] for g in groups)  # the largest A plus the largest B
     assert held <= bound, f"output buffers hold {held} bytes; the largest A and B are {bound} together"
     assert math.isclose(result.bytes_out, out_bytes)

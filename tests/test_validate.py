@@ -275,6 +275,29 @@ def test_smoke_not_run_is_a_note_unless_asked(adapter_writer):
     assert smoke(off) == [] and off["summary"]["checks"]["skipped"]["smoke"] == "--no-smoke"
 
 
+def test_smoke_without_the_extra(adapter_writer, monkeypatch):
+    """Without torch/triton (the [smoke] extra; lora-convert decides with importlib.util.find_spec) the default
+    smoke is a note whose "Not run" entry names the install command, --smoke is exit 3, --no-smoke is unchanged."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "triton") else real(name, *a)
+    )
+    folder = adapter_writer(llama_tensors(layers=1))
+    default = doc_of(invoke(folder, "--format", "json", "--no-data"))
+    smoke = [(f["code"], f["severity"]) for f in default["findings"] if f["code"].startswith("smoke.")]
+    assert smoke == [("smoke.not-installed", "info")]
+    reason = "torch not installed: pip install 'lora-convert[smoke]'"
+    assert default["summary"]["checks"]["skipped"]["smoke"] == reason
+    assert f"smoke ({reason})" in invoke(folder, "--no-data").stdout
+    asked = invoke(folder, "--format", "json", "--no-data", "--smoke")
+    assert asked.exit_code == 3 and "pip install 'lora-convert[smoke]'" in asked.stderr, asked.stderr
+    off = doc_of(invoke(folder, "--format", "json", "--no-data", "--no-smoke"))
+    assert off["summary"]["checks"]["skipped"]["smoke"] == "--no-smoke"
+    assert not [f for f in off["findings"] if f["code"].startswith("smoke.")]
+
+
 # ---- usage errors -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [["--engine", "tgi"], ["--tp", "0"], ["--format", "xml"], ["--device", "tpu"], []])
 def test_usage_errors_exit_2(adapter_writer, args):

@@ -5,7 +5,8 @@ Why not `make test`'s editable install: it maps `lora_convert` onto the source t
 wheel (lora_convert.cli once was) still imports there. Here only the installed files can be found.
 
 How the fresh environment gets its dependencies: the wheel is installed with `--no-deps`, and a `.pth` file in the
-fresh venv names the site-packages of the interpreter running the tests (torch, triton, typer, ...). A path line in
+fresh venv names the site-packages of the interpreter running the tests (typer, numpy, ... and the `[smoke]` extra's
+torch and triton: this module tests the full install; tests/test_light_install.py the core without the extra). A path line in
 a `.pth` only appends that folder to sys.path; the `.pth` files inside it (among them the editable install's
 finder hook) are not executed, so the checkout stays invisible, which `test_only_installed_files_are_used`
 checks. Installing torch and triton into every fresh venv would add minutes and hundreds of MB per run; this way
@@ -96,9 +97,15 @@ def _check(proc: subprocess.CompletedProcess, what: str) -> None:
     assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Installed:
-    inst = Installed(tmp_path_factory.mktemp("wheel"))
+def suite_dependency_dirs() -> list[str]:
+    """The site-packages of the interpreter running the tests: every dependency and extra `make test` installed."""
+    return sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+
+
+def build_and_install(root: Path, dependency_dirs: list[str]) -> Installed:
+    """Build the wheel from a copy of the checkout, install it alone into a fresh venv under `root`, make the
+    packages in `dependency_dirs` importable there (a `.pth` of path lines), and copy the example beside it."""
+    inst = Installed(root)
     # Build from a copy: setuptools writes build/ and *.egg-info next to pyproject.toml, never into the checkout.
     shutil.copytree(ROOT, inst.source, ignore=NOT_SOURCE)
     dist = inst.root / "dist"
@@ -151,12 +158,16 @@ def installed(tmp_path_factory) -> Installed:
             check=True,
         ).stdout.strip()
     )
-    deps = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    (site / "zz_test_dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
+    (site / "zz_test_dependencies.pth").write_text("".join(f"{p}\n" for p in dependency_dirs))
 
     inst.work.mkdir()
     shutil.copytree(EXAMPLE, inst.example)
     return inst
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Installed:
+    return build_and_install(tmp_path_factory.mktemp("wheel"), suite_dependency_dirs())
 
 
 def _shipped_files(source: Path) -> set[str]:
@@ -237,8 +248,14 @@ def test_only_installed_files_are_used(installed, probe):
 
 def test_declared_dependencies_are_satisfied(probe):
     assert probe["requires"], "the wheel declares no dependencies"
-    assert any(r.startswith("torch") for r in probe["requires"])
     assert probe["unmet"] == []
+
+
+def test_torch_and_triton_are_only_the_smoke_extra(probe):
+    """The core installs without them (the pre-commit hook and the Action); `[smoke]` brings both."""
+    heavy = [r for r in probe["requires"] if r.split(";")[0].strip().startswith(("torch", "triton"))]
+    assert sorted(r.split(";")[0].split(">")[0].strip() for r in heavy) == ["torch", "triton"], probe["requires"]
+    assert all('extra == "smoke"' in r for r in heavy), heavy
 
 
 def test_help_and_version(installed, probe):

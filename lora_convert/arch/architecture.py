@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_convert.arch.expr import evaluate, names_in
-from lora_convert.arch.schema_model import GroupDef, GroupSpec, Location, ModuleMatch, Schema, SliceSpec
+from lora_convert.arch.schema_model import GroupDef, GroupSpec, HeadCount, Location, ModuleMatch, Schema, SliceSpec
 from lora_convert.errors import BaseConfigError, SchemaError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,6 +210,7 @@ class Architecture:
                     gated=g.gated,
                     kind=g.kind,
                     local_path=path,
+                    tp=g.tp,
                 )
             )
             for alias, covered, canonical in g.sources():
@@ -231,6 +232,22 @@ class Architecture:
                 if g.experts and g.gated is not None:
                     return g.gated
         return next((g.gated for g in self.schema.groups if g.experts and g.gated is not None), None)
+
+    def tp_head_counts(self) -> list[HeadCount]:
+        """The schema's `tp_head_counts` evaluated for this config; a count the config does not give (None, or
+        not a positive integer) is left out: there is nothing to divide."""
+        out = []
+        for j, h in enumerate(self.schema.tp_head_counts):
+            try:
+                value = self._evaluator.eval(h.count, f"tp_head_counts[{j}].count")
+            except BaseConfigError:
+                continue
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                continue
+            out.append(HeadCount(h.count, value, h.sources(self.schema.groups), h.may_replicate))
+        return out
 
     def layer_types(self, layer: int) -> frozenset[str]:
         if 0 <= layer < self.num_layers:
@@ -257,6 +274,7 @@ class Architecture:
                     gated=t.definition.gated,
                     kind=t.definition.kind,
                     local_path=t.definition.path,
+                    tp=t.definition.tp,
                 )
                 for t in self._layers.of(layer).templates
             ]
@@ -376,7 +394,12 @@ class Architecture:
                     "types": sorted(ts.types),
                     "layers": list(ts.layers),
                     "groups": [
-                        {**g.to_json(), "path": f"{self.checkpoint_prefix}.{{layer}}.{g.local_path}", "layer": None}
+                        {
+                            **g.to_json(),
+                            "path": f"{self.checkpoint_prefix}.{{layer}}.{g.local_path}",
+                            "layer": None,
+                            "tp": g.tp,
+                        }
                         for g in self.groups(first)
                     ],
                 }
@@ -390,5 +413,8 @@ class Architecture:
             "checkpoint_prefix": self.checkpoint_prefix,
             "wrapped": self.wrapped,
             "layer_types": out,
-            "top_level": [g.to_json() for g in self._top_groups],
+            "top_level": [{**g.to_json(), "tp": g.tp} for g in self._top_groups],
+            "tp_head_counts": [
+                {"count": h.label, "value": h.value, "may_replicate": h.may_replicate} for h in self.tp_head_counts()
+            ],
         }

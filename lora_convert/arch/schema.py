@@ -6,12 +6,12 @@ file and the key path. The vocabulary is documented in docs/schemas.md; in short
 
     family, match{model_type, architectures}, text_config, num_layers, expert_count, shared_expert_count,
     mtp_layers, checkpoint_prefix, wrapped_checkpoint_prefix, stack_prefixes, mtp_prefixes, vision_prefixes,
-    let{name: expr}, layer_types{type: expr over i}, groups[...], top_level[...], _note
+    let{name: expr}, layer_types{type: expr over i}, tp_head_counts[...], groups[...], top_level[...], _note
 
 A group is one LoRA target of the serving layout (a fused `qkv_proj`, `gate_up_proj`, a routed-experts
-parameter, a plain `o_proj`): its canonical path after `layers.N.`, its kind (the role it plays), the layer types
-it sits on, `in` and each slice's `out` as expressions, the source names (aliases) that map to one slice, and
-`merged` source names that cover several slices.
+parameter, a plain `o_proj`): its canonical path after `layers.N.`, its kind (the role it plays), how tensor
+parallelism splits it (`tp`), the layer types it sits on, `in` and each slice's `out` as expressions, the source
+names (aliases) that map to one slice, and `merged` source names that cover several slices.
 
 This module is the entry point: matching a config to its schema, `bind()`, and the family-wide `source_kinds()`.
 The parts live beside it: `schema_model.py` (the dataclasses), `schema_loader.py` (strict loading) and

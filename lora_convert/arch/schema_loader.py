@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any
 
 from lora_convert.arch.expr import compile_expression
-from lora_convert.arch.schema_model import GroupDef, MergedDef, Schema, SliceDef
+from lora_convert.arch.schema_model import GroupDef, HeadCountDef, MergedDef, Schema, SliceDef
 from lora_convert.errors import SchemaError
 
 SCHEMA_PACKAGE = "lora_convert.schemas"
@@ -34,6 +34,11 @@ KINDS = frozenset(
     }
 )
 
+# How tensor parallelism splits a group (the `sharding` check asks): `column` splits the output rows (each slice of
+# a gated group on its own), `row` the input columns, `replicated` keeps it whole on every rank, and `heads` splits
+# it by attention heads, so what must divide is a head count of `tp_head_counts`, not a width.
+TP_SPLITS = ("column", "row", "replicated", "heads")
+
 _TOP_REQUIRED = {"family", "match", "num_layers", "checkpoint_prefix", "stack_prefixes", "layer_types", "groups"}
 _TOP_OPTIONAL = {
     "_note",
@@ -46,16 +51,19 @@ _TOP_OPTIONAL = {
     "vision_prefixes",
     "let",
     "top_level",
+    "tp_head_counts",
 }
-_GROUP_REQUIRED = {"path", "kind", "on", "in", "slices"}
+_GROUP_REQUIRED = {"path", "kind", "tp", "on", "in", "slices"}
 _GROUP_OPTIONAL = {"_note", "name", "when", "merged", "experts", "gated"}
-_TOP_GROUP_REQUIRED = {"path", "kind", "in", "slices"}
+_TOP_GROUP_REQUIRED = {"path", "kind", "tp", "in", "slices"}
 _TOP_GROUP_OPTIONAL = {"_note", "name", "when", "wrapped_path", "merged"}
 _SLICE_REQUIRED = {"name", "out"}
 _SLICE_OPTIONAL = {"_note", "aliases"}
 _MERGED_REQUIRED = {"name", "slices", "aliases"}
 _MERGED_OPTIONAL = {"_note"}
 _MATCH_KEYS = {"model_type", "architectures"}
+_HEAD_COUNT_REQUIRED = {"count", "groups"}
+_HEAD_COUNT_OPTIONAL = {"_note", "slices", "may_replicate"}
 
 
 class _Validator:
@@ -143,6 +151,7 @@ class _GroupLoader(_Validator):
             merged=self.merged(obj.get("merged", []), f"{where}.merged", [s.name for s in slices]),
             experts=experts,
             gated=gated,
+            tp=self.tp_split(obj["tp"], f"{where}.tp", kind, top),
             wrapped_path=self.string(obj.get("wrapped_path"), f"{where}.wrapped_path", optional=True) if top else None,
         )
         self.check_unique_sources(group, where)
@@ -153,6 +162,15 @@ class _GroupLoader(_Validator):
         if kind not in KINDS:
             raise self.fail(where, f"unknown kind {kind!r} (known: {', '.join(sorted(KINDS))})")
         return kind
+
+    def tp_split(self, value: Any, where: str, kind: str, top: bool) -> str:
+        split = self.string(value, where)
+        if split not in TP_SPLITS:
+            raise self.fail(where, f"unknown tensor-parallel split {split!r} (known: {', '.join(TP_SPLITS)})")
+        # tp_head_counts name per-layer groups, and a routed expert is never split by heads.
+        if split == "heads" and (top or kind == "routed_experts"):
+            raise self.fail(where, "only per-layer groups that are not routed experts can be split by heads")
+        return split
 
     def group_name(self, value: Any, path: str, where: str, top: bool) -> str:
         name = self.string(value, f"{where}.name", optional=True)
@@ -236,6 +254,7 @@ class _SchemaLoader(_GroupLoader):
         model_types, architectures = self.match(data["match"])
         layer_types = self.expr_map(data["layer_types"], "layer_types")
         declared_types = {k for k, _ in layer_types}
+        groups = self.groups(data["groups"], declared_types)
         return Schema(
             family=family,
             file=self.file,
@@ -255,9 +274,10 @@ class _SchemaLoader(_GroupLoader):
             vision_prefixes=self.strings(data.get("vision_prefixes", []), "vision_prefixes"),
             let=self.expr_map(data["let"], "let") if "let" in data else (),
             layer_types=layer_types,
-            groups=self.groups(data["groups"], declared_types),
+            groups=groups,
             top_level=self.top_level(data.get("top_level", []), declared_types),
             note=data.get("_note"),
+            tp_head_counts=self.head_counts(data.get("tp_head_counts"), groups),
         )
 
     def match(self, value: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -278,6 +298,50 @@ class _SchemaLoader(_GroupLoader):
             if len(set(whens)) != len(whens):
                 raise self.fail("groups", f"path {p!r} is declared twice with the same `when`")
         return groups
+
+    def head_counts(self, value: Any, groups: tuple[GroupDef, ...]) -> tuple[HeadCountDef, ...]:
+        """`tp_head_counts`: every group split by `heads` is named by at least one count, or nothing would check
+        how it divides."""
+        heads = sorted({g.path for g in groups if g.tp == "heads"})
+        if value is None:
+            if heads:
+                raise self.fail(
+                    "top level", f"missing required key 'tp_head_counts' (groups split by heads: {heads[0]})"
+                )
+            return ()
+        if not isinstance(value, list):
+            raise self.fail("tp_head_counts", "expected a list")
+        counts = tuple(self.head_count(entry, f"tp_head_counts[{j}]", groups) for j, entry in enumerate(value))
+        counted = {path for h in counts for path in h.groups}
+        for path in heads:
+            if path not in counted:
+                raise self.fail("tp_head_counts", f"no count covers group {path!r}, which is split by heads")
+        return counts
+
+    def head_count(self, entry: Any, where: str, groups: tuple[GroupDef, ...]) -> HeadCountDef:
+        """One count, naming groups of this schema (by path) and, optionally, slices of them."""
+        entry = self.keys(entry, where, _HEAD_COUNT_REQUIRED, _HEAD_COUNT_OPTIONAL)
+        named = self.strings(
+            self.non_empty_list(entry["groups"], f"{where}.groups", " of group paths"), f"{where}.groups"
+        )
+        paths = {g.path for g in groups}
+        for path in named:
+            if path not in paths:
+                raise self.fail(f"{where}.groups", f"names group {path!r}, which the schema does not have")
+        slices = self.strings(entry.get("slices", []), f"{where}.slices")
+        known = {s.name for g in groups if g.path in named for s in g.slices}
+        for name in slices:
+            if name not in known:
+                raise self.fail(f"{where}.slices", f"names slice {name!r}, which none of its groups has")
+        may_replicate = entry.get("may_replicate", False)
+        if not isinstance(may_replicate, bool):
+            raise self.fail(f"{where}.may_replicate", "expected true or false")
+        return HeadCountDef(
+            count=self.expression(entry["count"], f"{where}.count"),
+            groups=named,
+            slices=slices,
+            may_replicate=may_replicate,
+        )
 
     def top_level(self, value: Any, declared_types: set[str]) -> tuple[GroupDef, ...]:
         if not isinstance(value, list):

@@ -28,6 +28,7 @@ class GroupSpec:
     gated: bool | None  # for MLP / expert gate_up groups
     kind: str
     local_path: str = ""  # path after `layers.N.` (or the whole path for top-level groups)
+    tp: str = "column"  # how tensor parallelism splits it: column | row | replicated | heads (see schema_loader)
 
     @property
     def out_features(self) -> int:
@@ -76,6 +77,20 @@ class Location:
     group_kind: str | None = None  # for not-on-layer-type / experts-on-dense: the kind of the family's group
 
 
+@dataclass(frozen=True)
+class HeadCount:
+    """A head count of one bound config that tensor parallelism must split evenly, and the source names whose LoRA
+    makes it matter (`tp_head_counts` in the schema)."""
+
+    label: str  # the count's expression, as findings name it: `num_attention_heads`
+    value: int
+    sources: frozenset[str]
+    may_replicate: bool  # a count that divides tp is fine too: each rank holds a replica (KV heads)
+
+    def fits(self, tp: int) -> bool:
+        return self.value % tp == 0 or (self.may_replicate and tp % self.value == 0)
+
+
 # ------------------------------------------------------------------------------------ parsed definitions
 @dataclass(frozen=True)
 class SliceDef:
@@ -103,6 +118,7 @@ class GroupDef:
     merged: tuple[MergedDef, ...]
     experts: bool
     gated: bool | None
+    tp: str = "column"
     wrapped_path: str | None = None  # top-level groups only
 
     def sources(self) -> Iterable[tuple[str, tuple[int, ...], str]]:
@@ -117,6 +133,35 @@ class GroupDef:
             covered = tuple(index[n] for n in m.slices)
             for alias in m.aliases:
                 yield alias, covered, canon(m.name)
+
+
+@dataclass(frozen=True)
+class HeadCountDef:
+    """One entry of `tp_head_counts`: a count that must divide the tensor-parallel size when any source of the
+    named groups (narrowed to `slices` when given) carries LoRA."""
+
+    count: str  # expression
+    groups: tuple[str, ...]  # group paths
+    slices: tuple[str, ...] = ()  # empty: every slice of those groups
+    may_replicate: bool = False
+
+    def sources(self, groups: Iterable[GroupDef]) -> frozenset[str]:
+        """The source names of `groups` (the schema's) that this count covers."""
+        out = set()
+        for g in groups:
+            if g.path not in self.groups:
+                continue
+            wanted = {i for i, s in enumerate(g.slices) if not self.slices or s.name in self.slices}
+            out.update(alias for alias, covered, _ in g.sources() if wanted.intersection(covered))
+        return frozenset(out)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "groups": list(self.groups),
+            "slices": list(self.slices),
+            "may_replicate": self.may_replicate,
+        }
 
 
 @dataclass(frozen=True)
@@ -140,6 +185,7 @@ class Schema:
     top_level: tuple[GroupDef, ...]
     note: str | None = None
     shared_expert_count: str | None = None  # expression: shared experts fused into one MLP (engine rules ask)
+    tp_head_counts: tuple[HeadCountDef, ...] = ()
 
     def expressions(self) -> list[tuple[str, str]]:
         """(where, expression) for every expression in the file."""
@@ -160,6 +206,7 @@ class Schema:
             if g.when:
                 out.append((f"{g.path}.when", g.when))
             out += [(f"{g.path}.{s.name}.out", s.out) for s in g.slices]
+        out += [(f"tp_head_counts[{j}].count", h.count) for j, h in enumerate(self.tp_head_counts)]
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -179,6 +226,7 @@ class Schema:
             "layer_types": dict(self.layer_types),
             "groups": [_describe_group(g) for g in self.groups],
             "top_level": [_describe_group(g) for g in self.top_level],
+            "tp_head_counts": [h.describe() for h in self.tp_head_counts],
         }
 
 
@@ -194,4 +242,5 @@ def _describe_group(g: GroupDef) -> dict[str, Any]:
         "merged": [{"name": m.name, "slices": list(m.slices), "aliases": list(m.aliases)} for m in g.merged],
         "experts": g.experts,
         "gated": g.gated,
+        "tp": g.tp,
     }

@@ -189,7 +189,10 @@ def check_shapes(adapter: Adapter, arch: Architecture) -> list[Finding]:
                 keys=keys,
                 expected="a MoE layer",
                 actual=types,
-                fix="Check that --base is the adapter's base model (first_k_dense_replace, mlp_only_layers, layer pattern).",
+                fix=(
+                    "Check that --base is the adapter's base model and the config fields its schema's layer_types "
+                    f"read: `lora-convert schemas show {arch.family}`."
+                ),
             )
         )
     for (name, detail), keys in wrong_type.keys.items():

@@ -22,13 +22,18 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
 from lora_convert.io.tensor_files import FLOAT_DTYPES
 from lora_convert.peft.naming import Factor
 
 FAST_NORM_DTYPES = {"F64", "F32", "F16", "BF16"}
+SMALLEST_NORMAL = {"F64": 2.2250738585072014e-308, "F32": 1.1754943508222875e-38, "F16": 6.103515625e-05}
+SMALLEST_NORMAL["BF16"] = SMALLEST_NORMAL["F32"]  # bfloat16 has float32's exponent range
 CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
+NORM_CHUNK_ELEMENTS = 1 << 18  # 2 MB of float64: stays in cache between the upcast and the dot product
 OUTLIER_RATIO = 100.0  # RMS more than this many times above (or below) the median of its kind
 MIN_FOR_MEDIAN = 4  # fewer tensors of a kind than this and there is no meaningful median
 MAX_KEYS = 50  # keys listed in one finding
@@ -94,49 +99,70 @@ def _scan_order(adapter) -> list[str]:
     return order
 
 
-def tensor_stats(key: str, dtype: str, tensor, factor: str) -> TensorStats:
-    """NaN/Inf/zero/RMS of one tensor, upcasting at most CHUNK_ELEMENTS elements at a time."""
-    import torch
+def _as_float32(chunk: np.ndarray) -> np.ndarray:
+    """A chunk as float32: exact for every stored float dtype but F64 (rounded, as the torch path's upcast was)."""
+    return chunk.astype(np.float32, copy=chunk.dtype != np.float32)
 
-    stats = TensorStats(key=key, dtype=dtype, numel=int(tensor.numel()), factor=factor)
+
+def _norm_in_stored_dtype(flat: np.ndarray) -> float:
+    """The 2-norm as the torch path reported it: `torch.linalg.vector_norm` returns the stored dtype, so the norm
+    of a bf16/f16 tensor was rounded to bf16/f16 (an f16 norm above 65504 was inf, which sent the tensor down the
+    exact path). Here the sum of squares is accumulated in float64, a cache-sized chunk at a time, and the norm
+    rounded to the stored dtype. Only the unrounded norm's last bits can differ from torch's (summation order and
+    accumulator width), which after rounding is at most 1 ulp of bf16/f16 on a rounding boundary, ~1e-7 relative
+    for f32: RMS is compared with a 100x outlier ratio and printed to 3 significant digits, so no finding changes
+    (tests/test_data_scan.py compares the scan with the torch one on the fixtures and hostile values)."""
+    sum_sq = 0.0
+    for start in range(0, flat.size, NORM_CHUNK_ELEMENTS):
+        part = flat[start : start + NORM_CHUNK_ELEMENTS].astype(np.float64)
+        sum_sq += float(np.dot(part, part))
+    norm = math.sqrt(sum_sq)  # inf or nan stay so
+    return float(np.float64(norm).astype(flat.dtype))
+
+
+def tensor_stats(key: str, dtype: str, tensor: np.ndarray, factor: str) -> TensorStats:
+    """NaN/Inf/zero/RMS of one tensor, upcasting at most CHUNK_ELEMENTS elements at a time."""
+    stats = TensorStats(key=key, dtype=dtype, numel=int(tensor.size), factor=factor)
     if stats.numel == 0:
         return stats
-    if dtype not in FLOAT_DTYPES:  # reported by dtype_findings; only "all zero" makes sense here
-        stats.all_zero = not bool(tensor.reshape(-1).any())
-        return stats
     flat = tensor.reshape(-1)
+    if dtype not in FLOAT_DTYPES:  # reported by dtype_findings; only "all zero" makes sense here
+        stats.all_zero = not bool(flat.any())
+        return stats
     if dtype in FAST_NORM_DTYPES:
-        # Fast path: one reduction in the stored dtype (float accumulation inside torch), no upcast copy.
-        # A finite, non-zero norm proves there is no NaN, no Inf and not all zeros; only then is RMS all we need
-        # (its ~0.3% rounding in bf16 is nothing next to the 100x outlier ratio). Measured on a 58 MB bf16
-        # tensor, 2 cores: 3 ms, against 730 ms for the chunked float32/float64 path below, which now runs only
-        # when the norm is not finite (NaN/Inf to count and locate) or zero (to tell all-zero from underflow).
-        norm = float(torch.linalg.vector_norm(flat, 2))
-        if math.isfinite(norm) and norm > 0.0:
+        # Fast path: a finite, non-zero norm proves there is no NaN, no Inf and not all zeros; only then is RMS all
+        # we need (its ~0.3% rounding in bf16 is nothing next to the 100x outlier ratio). The chunked path below
+        # runs only when the norm is not finite (NaN/Inf to count and locate) or zero (all-zero or underflow).
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm = _norm_in_stored_dtype(flat)
+        # A subnormal norm has lost precision in the stored dtype (torch's float32 squares had underflowed to 0
+        # there): take the exact path, as torch's zero norm did.
+        if math.isfinite(norm) and norm >= SMALLEST_NORMAL[dtype]:
             stats.rms = norm / math.sqrt(stats.numel)
             return stats
     sum_sq = 0.0
     finite_count = 0
     nonzero = False
     for start in range(0, stats.numel, CHUNK_ELEMENTS):
-        chunk = flat[start : start + CHUNK_ELEMENTS].to(torch.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            chunk = _as_float32(flat[start : start + CHUNK_ELEMENTS])
         bad = None
-        for kind, test in (("nan", torch.isnan), ("inf", torch.isinf)):
+        for kind, test in (("nan", np.isnan), ("inf", np.isinf)):
             mask = test(chunk)
-            count = int(mask.sum())
+            count = int(np.count_nonzero(mask))
             if not count:
                 continue
             if getattr(stats, f"first_{kind}") is None:
-                setattr(stats, f"first_{kind}", start + int(mask.to(torch.uint8).argmax()))
+                setattr(stats, f"first_{kind}", start + int(mask.argmax()))
             setattr(stats, kind, getattr(stats, kind) + count)
             bad = mask if bad is None else bad | mask
         if bad is not None:
             chunk = chunk[~bad]
-        if chunk.numel():
-            as64 = chunk.to(torch.float64)
-            sum_sq += float((as64 * as64).sum())
+        if chunk.size:
+            as64 = chunk.astype(np.float64)
+            sum_sq += float(np.dot(as64, as64))
             nonzero = nonzero or bool(chunk.any())
-            finite_count += int(chunk.numel())
+            finite_count += int(chunk.size)
     stats.rms = math.sqrt(sum_sq / finite_count) if finite_count else 0.0
     stats.all_zero = not nonzero and stats.nan == 0 and stats.inf == 0
     return stats
@@ -144,14 +170,12 @@ def tensor_stats(key: str, dtype: str, tensor, factor: str) -> TensorStats:
 
 def scan_adapter(adapter, *, progress: ProgressFn | None = None, row_energy_modules: Iterable[str] = ()) -> ScanResult:
     """Stream every tensor of `adapter` (through `adapter.read`) and collect statistics and findings."""
-    import torch
-
     started = time.monotonic()
     result = ScanResult()
     wanted = set(row_energy_modules)
     a_of = {m.lora_A.key: m for m in adapter.modules if m.lora_A is not None and m.module in wanted}
     b_of = {m.lora_B.key: m for m in adapter.modules if m.lora_B is not None and m.module in wanted}
-    grams: dict[str, object] = {}
+    grams: dict[str, np.ndarray] = {}
     total = adapter.total_bytes
     for key in _scan_order(adapter):
         info_ = adapter.index.tensors[key]
@@ -159,16 +183,16 @@ def scan_adapter(adapter, *, progress: ProgressFn | None = None, row_energy_modu
         parsed = adapter.parsed.get(key)
         kind = _factor_kind(parsed.factor) if parsed is not None else "unknown"
         result.stats[key] = tensor_stats(key, info_.dtype, tensor, kind)
-        if info_.dtype in FLOAT_DTYPES and tensor.dim() == 2:
+        if info_.dtype in FLOAT_DTYPES and tensor.ndim == 2:
             if key in a_of:
-                a = tensor.to(torch.float64)
+                a = tensor.astype(np.float64)
                 grams[a_of[key].module] = a @ a.T
                 del a
             elif key in b_of and b_of[key].module in grams:
                 gram = grams.pop(b_of[key].module)
-                b = tensor.to(torch.float64)
+                b = tensor.astype(np.float64)
                 if b.shape[1] == gram.shape[0]:
-                    result.row_energy[b_of[key].module] = ((b @ gram) * b).sum(dim=1).clamp_min(0).tolist()
+                    result.row_energy[b_of[key].module] = np.maximum(((b @ gram) * b).sum(axis=1), 0.0).tolist()
                 del b
         del tensor
         result.bytes_read += info_.nbytes

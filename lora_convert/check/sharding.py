@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+from lora_convert.arch.tensor_parallel import head_counts, module_split
 from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
@@ -17,39 +18,6 @@ def run(ctx: CheckContext) -> Outcome:
 
 
 CHECK = Check("sharding", run)
-
-
-# How tensor parallelism splits each projection (by leaf name); routed experts use the MoE TP size (tp / ep).
-ROW_PARALLEL = {"o_proj", "down_proj", "out_proj", "w2", "wo", "dense", "fc2", "c_proj"}
-REPLICATED = {
-    "q_a_proj",
-    "kv_a_proj_with_mqa",
-    "fc1_latent_proj",
-    "fc2_latent_proj",
-    "gate",
-    "wq_b",
-    "wk",
-    "weights_proj",
-    "shared_expert_gate",
-    "embed_tokens",
-    "embeddings",
-    "word_embeddings",
-    "lm_head",
-    "output",
-}
-HEAD_BASED = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_b_proj", "kv_b_proj"}
-# (config field, which TP it must divide, the module families whose LoRA makes it matter)
-HEAD_FIELDS = (
-    (
-        "num_attention_heads",
-        "tp",
-        ("self_attn.", "attn.", "mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj"),
-    ),
-    ("linear_num_value_heads", "tp", ("linear_attn.",)),
-    ("linear_num_key_heads", "tp", ("linear_attn.",)),
-    ("mamba_num_heads", "tp", ("mixer.in_proj", "mixer.out_proj")),
-    ("n_groups", "tp", ("mixer.in_proj",)),
-)
 
 
 def sharding_findings(adapter, arch, text_config: dict, tp: int, ep: int) -> list[Finding]:
@@ -76,19 +44,17 @@ def sharding_findings(adapter, arch, text_config: dict, tp: int, ep: int) -> lis
     for mod in adapter.modules:
         if mod.in_features is None or mod.out_features is None or mod.is_vision:
             continue
-        leaf = mod.leaf
         is_expert = mod.expert is not None or mod.kind == "fused_experts"
         if mod.kind == "fused_experts" and mod.experts:
             expert_counts.add(mod.experts)
-        size = moe_tp if is_expert else tp
-        if size == 1 or leaf in REPLICATED or (leaf in HEAD_BASED and not is_expert) or "indexer." in mod.local_name:
+        size = moe_tp if is_expert else tp  # routed experts use the MoE tensor-parallel size (tp / ep)
+        split = module_split(mod, arch)
+        # A module split by heads is checked through its head counts below; a replicated one is whole on every rank.
+        if size == 1 or split.tp == "replicated" or (split.tp == "heads" and not is_expert):
             continue
         name = mod.local_name or mod.module
-        row = leaf in ROW_PARALLEL
-        out_features = mod.out_features
-        if mod.kind == "fused_experts" and leaf in ("gate_up_proj",):
-            out_features //= 2  # sharded per half: gate rows and up rows
-        dim = mod.in_features if row else out_features
+        row = split.tp == "row"
+        dim = mod.in_features if row else mod.out_features // split.parts
         if dim % size:
             note(name, "input" if row else "output", dim, size, mod.keys[0] if mod.keys else mod.module)
     if arch is not None and ep > 1:
@@ -107,41 +73,27 @@ def sharding_findings(adapter, arch, text_config: dict, tp: int, ep: int) -> lis
                     actual=count,
                 )
             )
-    locals_ = [m.local_name for m in adapter.modules]
-    for field_name, _which, families in HEAD_FIELDS:
-        value = text_config.get(field_name)
-        if not isinstance(value, int) or value <= 0 or tp == 1:
+    adapted = {m.local_name if m.layer is not None else m.module for m in adapter.modules if not m.is_vision}
+    for heads in head_counts(arch, text_config) if tp > 1 else []:
+        if adapted.isdisjoint(heads.sources) or heads.fits(tp):
             continue
-        if not any(name.startswith(families) for name in locals_):
-            continue
-        if value % tp:
-            out.append(
-                finding(
-                    "sharding.tp",
-                    f"{field_name}={value} is not divisible by --tp {tp}; the adapted modules "
-                    "cannot be split across ranks.",
-                    keys=[field_name],
-                    expected=f"a multiple of {tp}",
-                    actual=value,
-                )
+        if heads.may_replicate:
+            message = (
+                f"{heads.label}={heads.value} neither divides nor is divisible by --tp {tp}; "
+                "these heads can be neither split nor replicated evenly."
             )
-    kv = text_config.get("num_key_value_heads")
-    if (
-        isinstance(kv, int)
-        and kv > 0
-        and tp > 1
-        and any(m.leaf in ("k_proj", "v_proj", "qkv_proj") for m in adapter.modules)
-        and kv % tp
-        and tp % kv
-    ):
+        else:
+            message = (
+                f"{heads.label}={heads.value} is not divisible by --tp {tp}; the adapted modules "
+                "cannot be split across ranks."
+            )
         out.append(
             finding(
                 "sharding.tp",
-                f"num_key_value_heads={kv} neither divides nor is divisible by --tp {tp}; "
-                "KV heads can be neither split nor replicated evenly.",
-                keys=["num_key_value_heads"],
-                expected=f"a multiple or divisor of {tp}",
-                actual=kv,
+                message,
+                keys=[heads.label],
+                expected=f"a multiple or divisor of {tp}" if heads.may_replicate else f"a multiple of {tp}",
+                actual=heads.value,
             )
         )
     for (what, value, divisor), entry in sorted(problems.items(), key=lambda kv_: str(kv_[0])):

@@ -3,6 +3,10 @@
 It runs when asked (`--smoke`) or by default where it is cheap (a GPU, or a CPU and an adapter up to 50 MB), and not
 for adapters that already have errors or for stacked outputs. A smoke forward that does not run is a note
 (`smoke.skipped`), or a warning when --smoke asked for it (`smoke.requested-not-run`).
+
+torch and triton are the `[smoke]` extra. Without them the default smoke is the note `smoke.not-installed` (the
+light core is what the pre-commit hook and the Action install: a missing extra is their normal state, not a
+problem of the adapter), and --smoke is an EnvironmentProblem (exit 3) with the install command.
 """
 
 from __future__ import annotations
@@ -11,6 +15,13 @@ from lora_convert.check.context import Check, CheckContext, Outcome
 from lora_convert.codes import finding
 from lora_convert.errors import EnvironmentProblem, LoraConvertError
 from lora_convert.findings import has_errors
+from lora_convert.smoke.runner import (
+    SMOKE_INSTALL,
+    missing_smoke_packages,
+    not_installed_reason,
+    require_smoke_packages,
+    run_smoke,
+)
 
 SMOKE_CPU_LIMIT_BYTES = 50 * 1024 * 1024  # default smoke on a CPU only for adapters up to this size
 
@@ -19,6 +30,14 @@ def run(ctx: CheckContext) -> Outcome:
     smoke, device, adapter = ctx.options.smoke, ctx.options.device, ctx.adapter
     if smoke is False:
         return Outcome(skipped="--no-smoke")
+    missing = missing_smoke_packages()
+    if missing:
+        if smoke:
+            require_smoke_packages()  # raises EnvironmentProblem with the install command
+        names = " and ".join(missing)
+        message = f"The smoke forward did not run: {names} {'is' if len(missing) == 1 else 'are'} not installed here."
+        fix = f"{SMOKE_INSTALL} to run it, or pass --no-smoke to skip it."
+        return Outcome([finding("smoke.not-installed", message, fix=fix)], skipped=not_installed_reason(missing))
 
     def not_run(reason: str, message: str, fix: str | None = None) -> Outcome:
         return Outcome(
@@ -63,8 +82,6 @@ def run(ctx: CheckContext) -> Outcome:
             "the CPU smoke forward is off by default.",
             fix="Pass --smoke to run it anyway.",
         )
-    from lora_convert.smoke.runner import run_smoke
-
     try:
         result = run_smoke(
             str(adapter.source.path),

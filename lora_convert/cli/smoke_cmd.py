@@ -41,6 +41,8 @@ def smoke_command(
     """Run the stacked tensors through the Triton LoRA kernels and compare with PEFT's semantics on the
     original adapter: relative error per dtype, no NaN, no no-op slices, zero fills untouched. Exit 1 on any failure.
 
+    Needs torch and triton, the smoke extra: pip install 'lora-convert\\[smoke]' (without them: exit 3).
+
     Examples: lora-convert smoke ./my-adapter --base deepseek-v3
               lora-convert smoke ./stacked --original ./my-adapter --device cuda
     """

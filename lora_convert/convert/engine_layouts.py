@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from lora_convert.convert import factors
 from lora_convert.convert.group_tensors import build_group_tensors, iter_group_tensors
 from lora_convert.convert.layout_rules import LayoutRules, load_layout_rules
@@ -300,19 +302,17 @@ def verify_layout(lp: LayoutPlan, read: Callable[[str], Any] | None = None) -> L
 
 def _unheld_share(plan: Plan, g: PlannedGroup, unheld: tuple[int, ...], read) -> float | None:
     """Share of the group's delta (squared Frobenius norm of B @ A) in the `unheld` slices, or None if exactly zero."""
-    import torch
-
     A, B = build_group_tensors(plan, g, "F32", read)
     R = plan.rank
     lost = total = 0.0
     nonzero = False
     for i, s in enumerate(g.slices):
-        d = B[factors.b_rows(s)].double() @ A[factors.a_rows(i, R)].double()
+        d = B[factors.b_rows(s)].astype(np.float64) @ A[factors.a_rows(i, R)].astype(np.float64)
         sq = float((d * d).sum())
         total += sq
         if i in unheld:
             lost += sq
-            nonzero |= bool(torch.count_nonzero(d))
+            nonzero |= bool(np.count_nonzero(d))
     if not nonzero:
         return None
     return lost / total if total else 1.0
@@ -406,9 +406,9 @@ def iter_layout_tensors(
         group_bytes = 0
         for m in lg.modules:
             a, b = factors.cut_module(A, B, lg.group, m.slices, R, m.expert)
-            a_out, b_out = a.clone(), b.clone()  # the group's buffers are reused by the next group
+            a_out, b_out = a.copy(), b.copy()  # the group's buffers are reused by the next group
             # The modules written, not the stacked group: dropped slices and per-expert cuts change the byte count.
-            group_bytes += a_out.numel() * a_out.element_size() + b_out.numel() * b_out.element_size()
+            group_bytes += a_out.nbytes + b_out.nbytes
             yield m.a_key, a_out
             yield m.b_key, b_out
         if progress is not None:

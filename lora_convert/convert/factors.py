@@ -21,7 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from lora_convert.convert.plan import PlannedGroup, PlannedSlice, SourceRef
+from lora_convert.io.tensor_files import raw_view
 
 
 # ------------------------------------------------------------------------------------- stacked positions
@@ -88,12 +91,14 @@ def fused_expert_a(a, experts: int, rank: int):
 def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None)):
     """PEFT's 3-D B [out, r*E] (rank-major: column k*E + e), rows `rows`, as a contiguous [E, rows, r].
 
-    perf: viewing the rows as [rows*r, E] gives the transpose of the expert-major [E, rows*r] wanted here; a
-    contiguous 2-D transpose copy (cache-blocked by torch) then a contiguous fold is ~3x faster than folding
-    through the permuted 3-D view, which reads with stride E (docs/benchmarks.md)."""
+    perf: viewing the rows as [rows*r, E] gives the transpose of the expert-major [E, rows*r] wanted here; one
+    contiguous 2-D transpose copy then a contiguous fold is ~3x faster than folding through the permuted 3-D view,
+    which reads with stride E (docs/benchmarks.md). The copy moves raw integers of the same width: exact, and
+    numpy's transpose of ml_dtypes' bfloat16 goes element by element through the dtype's generic copy."""
     part = b[rows]
     n = part.shape[0]
-    return part.reshape(n * rank, experts).t().contiguous().view(experts, n, rank)
+    moved = np.ascontiguousarray(raw_view(part).reshape(n * rank, experts).T)
+    return moved.view(part.dtype).reshape(experts, n, rank)
 
 
 def expert_factors(a, b, experts: int, rank: int, expert: int) -> tuple[Any, Any]:
@@ -102,19 +107,27 @@ def expert_factors(a, b, experts: int, rank: int, expert: int) -> tuple[Any, Any
 
 
 # --------------------------------------------------------------------------------------------- writing
-def fold_into(dest, b, scaling: float) -> None:
-    """dest[...] = b * scaling, computed in float32 and rounded once to dest's dtype.
+def fold_into(dest: np.ndarray, b: np.ndarray, scaling: float) -> None:
+    """dest[...] = b * scaling, computed in float32 and rounded once to dest's dtype: what the torch path wrote.
 
-    perf: when b already has dest's dtype, torch.mul(..., out=dest) does exactly that in one pass (torch's CPU
-    kernels compute reduced-precision products in float32 and round once; checked bit for bit, NaN payloads
-    aside) without the two float32 temporaries of `(b.float() * s).to(dtype)`, which were ~40% of normalize.
-    """
-    import torch
+    That path was `torch.mul(b, s, out=dest)` for one shared bf16/f16/f32 dtype (torch's CPU kernels multiply
+    reduced precision in float32 by float32(s) and round once) and `(b.float() * s).to(dtype)` otherwise (f64
+    rounded to f32 first, the product widened again for f64 output). One ufunc with a float32 loop is exactly
+    that: numpy casts b to float32 and the product to dest's dtype in small buffered blocks, so there is no
+    full-size float32 temporary (perf: 11 ms per 16M bf16 elements here, against 43 ms through astype copies).
+    NaN stays NaN with its sign; its other bits are not torch's (which differ even within one torch call)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf, as in torch
+        np.multiply(b, np.float32(scaling), out=dest, dtype=np.float32, casting="unsafe")
 
-    if b.dtype == dest.dtype and b.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        torch.mul(b, scaling, out=dest)
+
+def copy_into(dest: np.ndarray, a: np.ndarray) -> None:
+    """dest[...] = a: exact for one dtype, else through float32 as torch's `copy_` did (f64 -> f32 -> bf16 is
+    rounded twice, which a direct f64 -> bf16 cast would not do)."""
+    if a.dtype == dest.dtype:
+        np.copyto(dest, a)
     else:
-        dest.copy_((b.float() * scaling).to(dest.dtype))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf, as in torch
+            np.positive(a, out=dest, dtype=np.float32, casting="unsafe")
 
 
 def place_source(
@@ -137,12 +150,12 @@ def place_source(
     r = ref.rank
     rows_a, rows_b = a_rows(index, R, r), b_rows(sl)
     if experts is not None:
-        A[:, rows_a, :].copy_(fused_expert_a(a, experts, r))
+        copy_into(A[:, rows_a, :], fused_expert_a(a, experts, r))
         fold_into(B[:, rows_b, :r], fused_expert_b(b, experts, r, source_rows(ref)), ref.scaling)
         return
     if expert is not None:
         A, B = A[expert], B[expert]
-    A[rows_a, :].copy_(a)
+    copy_into(A[rows_a, :], a)
     fold_into(B[rows_b, :r], b[source_rows(ref)], ref.scaling)
 
 

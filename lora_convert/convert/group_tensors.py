@@ -1,19 +1,23 @@
 """The stacked tensors of each planned group, built from the source factors one group at a time.
 
-Each source tensor is read once per group and each group's A and B built once, so peak memory is one output
-group plus its sources, not the adapter. Scaling is folded into B in float32 and rounded once to the output
+Each source tensor is read once per group and each group's A and B built once (numpy arrays), so peak memory is
+one output group plus its sources, not the adapter. Scaling is folded into B in float32 and rounded once to the output
 dtype; A is copied exactly. Every layout writes from here: the stacked layout writes the groups as they are,
 the engine layouts cut modules out of them (lora_convert.convert.engine_layouts).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from lora_convert.convert import factors
 from lora_convert.convert.plan import Plan, PlannedGroup
 from lora_convert.io.safetensors_writer import TensorSpec
+from lora_convert.io.tensor_files import numpy_dtype
 
 OUTPUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
@@ -49,28 +53,24 @@ class GroupBuffers:
     """One reusable byte buffer each for the A and the B of the group being built (perf, docs/benchmarks.md).
 
     Fresh memory is expensive to touch on the benchmark VM (~0.15 s per GB in page faults, against 0.04 s to
-    rewrite memory already mapped), and torch.zeros of every output group touched a fresh 2 GB per 2 GB adapter.
+    rewrite memory already mapped), and zero-filling every output group touched a fresh 2 GB per 2 GB adapter.
     Every group is built into a prefix of the same two buffers instead, grown to the largest group. Only one
-    group's A and B exist at a time: a tensor handed out is overwritten by the next group, so callers must be
+    group's A and B exist at a time: an array handed out is overwritten by the next group, so callers must be
     done with it (the streaming writer is) before asking for the next one.
     """
 
     def __init__(self) -> None:
-        self._raw: dict[str, Any] = {}
+        self._raw: dict[str, np.ndarray] = {}
 
-    def get(self, role: str, shape: tuple[int, ...], dtype, *, zero: bool):
-        import math
-
-        import torch
-
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype, *, zero: bool) -> np.ndarray:
+        nbytes = math.prod(shape) * dtype.itemsize
         raw = self._raw.get(role)
-        if raw is None or raw.numel() < nbytes:
+        if raw is None or raw.size < nbytes:
             self._raw[role] = raw = None  # drop the old buffer before allocating the larger one
-            self._raw[role] = raw = torch.empty(nbytes, dtype=torch.uint8)
-        out = raw[:nbytes].view(dtype).view(shape)
+            self._raw[role] = raw = np.empty(nbytes, dtype=np.uint8)
+        out = raw[:nbytes].view(dtype).reshape(shape)
         if zero:
-            out.zero_()
+            out.fill(0)
         return out
 
 
@@ -92,11 +92,7 @@ def build_group_tensors(
     """The stacked A and B of one group (slice positions: lora_convert.convert.factors).
 
     With `buffers`, A and B are views into reused memory that the next call overwrites (see GroupBuffers)."""
-    import torch
-
-    from lora_convert.io.tensor_files import torch_dtype
-
-    out_dtype = torch_dtype(dtype_tag)
+    out_dtype = numpy_dtype(dtype_tag)
     R = plan.rank
     # perf: zero-fill only when some row is not written below (a zero-filled slice, rank < R, a missing expert).
     zero = not _fully_covered(group, R)
@@ -104,7 +100,7 @@ def build_group_tensors(
         A = buffers.get("A", group.a_shape(R), out_dtype, zero=zero)
         B = buffers.get("B", group.b_shape(R), out_dtype, zero=zero)
     else:
-        alloc = torch.zeros if zero else torch.empty
+        alloc = np.zeros if zero else np.empty
         A = alloc(group.a_shape(R), dtype=out_dtype)
         B = alloc(group.b_shape(R), dtype=out_dtype)
     if group.experts:

@@ -123,7 +123,7 @@ def _stacked_output(plan: Plan, tag: str) -> _Output:
             yield f"base_model.model.{group.key}.lora_A.weight", A
             yield f"base_model.model.{group.key}.lora_B.weight", B
             if progress is not None:
-                progress.advance(A.numel() * A.element_size() + B.numel() * B.element_size())
+                progress.advance(A.nbytes + B.nbytes)
             del A, B
 
     marker = {"layout": "stacked", "version": 1, "source_peft_version": plan.adapter.config.raw.get("peft_version")}

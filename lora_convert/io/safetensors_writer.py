@@ -14,13 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from lora_convert.io.tensor_files import DTYPE_SIZES, TORCH_DTYPE_NAMES
+import numpy as np
 
-_TORCH_TO_TAG = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
-
-
-def dtype_tag(torch_dtype) -> str:
-    return _TORCH_TO_TAG[str(torch_dtype).removeprefix("torch.")]
+from lora_convert.io.tensor_files import DTYPE_SIZES, dtype_tag
 
 
 @dataclass(frozen=True)
@@ -60,21 +56,19 @@ class StreamingSafetensorsWriter:
         self._handle.write(len(raw).to_bytes(8, "little"))
         self._handle.write(raw)
 
-    def write(self, name: str, tensor) -> None:
+    def write(self, name: str, array: np.ndarray) -> None:
         spec = self.specs[self._next]
         if name != spec.name:
             raise RuntimeError(f"writer expected tensor {spec.name!r} next, got {name!r}")
-        if tuple(tensor.shape) != spec.shape or dtype_tag(tensor.dtype) != spec.dtype:
+        if tuple(array.shape) != spec.shape or dtype_tag(array.dtype) != spec.dtype:
             raise RuntimeError(
-                f"tensor {name!r} is {dtype_tag(tensor.dtype)} {list(tensor.shape)}; "
+                f"tensor {name!r} is {dtype_tag(array.dtype)} {list(array.shape)}; "
                 f"the plan said {spec.dtype} {list(spec.shape)}"
             )
-        data = tensor.contiguous().view(-1)
-        if data.numel():
-            # `view(uint8)` reinterprets the bytes without a copy (bf16 has no numpy dtype, so no .numpy() here).
-            import torch
-
-            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        if array.size:
+            # The bytes as they lie (a copy only for a non-contiguous view); viewed as uint8 because the buffer
+            # protocol does not know ml_dtypes' bfloat16/float8.
+            self._handle.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ of layers is checked: the first, one of each layer type, and the last.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -28,6 +29,34 @@ from lora_convert.findings import Finding
 
 # Relative-error tolerances per stored dtype (||out - ref|| / ||ref||).
 TOLERANCES = {"F32": 1e-5, "F16": 2e-3, "BF16": 1.6e-2, "F64": 1e-5}
+
+# torch and triton are the `[smoke]` extra, not dependencies of the core: inspect, validate and normalize run
+# without them. Only the smoke forward needs them, and whether it can run is decided here, without importing either
+# (find_spec only looks for the package; importing torch alone costs a second or more).
+SMOKE_PACKAGES = ("torch", "triton")
+SMOKE_INSTALL = "pip install 'lora-convert[smoke]'"
+
+
+def missing_smoke_packages() -> list[str]:
+    """The packages the smoke forward needs that are not installed here (empty when it can run)."""
+    return [name for name in SMOKE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def not_installed_reason(missing: list[str]) -> str:
+    """The verdict's "Not run" entry: the first missing package (torch, on a light install) and the command that
+    installs both."""
+    return f"{missing[0]} not installed: {SMOKE_INSTALL}"
+
+
+def require_smoke_packages() -> None:
+    """Raise EnvironmentProblem (exit 3) with the install command when torch or triton is missing."""
+    missing = missing_smoke_packages()
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise EnvironmentProblem(
+            f"The smoke forward needs torch and triton, and {' and '.join(missing)} {verb} not installed here.",
+            hint=f"Install the smoke extra: {SMOKE_INSTALL} (Triton ships Linux wheels only).",
+        )
 
 
 @dataclass
@@ -161,6 +190,21 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
+def to_torch(array):
+    """A numpy array from the core (lora_convert.io reads numpy) as a CPU torch tensor on the same memory.
+
+    bfloat16 and float8 are ml_dtypes types that torch.from_numpy does not know: their raw unsigned integers of the
+    same width go across, then torch reinterprets them (exact, no copy)."""
+    import torch
+
+    from lora_convert.io.tensor_files import TORCH_DTYPE_NAMES, dtype_tag, raw_view
+
+    tag = dtype_tag(array.dtype)
+    if tag in ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"):
+        return torch.from_numpy(raw_view(array)).view(getattr(torch, TORCH_DTYPE_NAMES[tag]))
+    return torch.from_numpy(array)
+
+
 def _group_reader(read: Callable[[str], Any], device) -> Callable[[str], Any]:
     """Original tensors as float64 on the device, each read once per group (a 3-D expert module feeds every
     expert of its group: re-reading it per expert would read it E times)."""
@@ -170,7 +214,7 @@ def _group_reader(read: Callable[[str], Any], device) -> Callable[[str], Any]:
 
     def cached(key: str):
         if key not in cache:
-            cache[key] = read(key).to(device=device, dtype=torch.float64)
+            cache[key] = to_torch(read(key)).to(device=device, dtype=torch.float64)
         return cache[key]
 
     return cached
@@ -179,14 +223,9 @@ def _group_reader(read: Callable[[str], Any], device) -> Callable[[str], Any]:
 # ------------------------------------------------------------------------------------------------ devices
 def select_device(device: str) -> tuple[str, bool]:
     """Return (torch device, interpreter?) or raise EnvironmentProblem (exit 3)."""
-    import importlib.util
-
+    require_smoke_packages()
     import torch
 
-    if importlib.util.find_spec("triton") is None:
-        raise EnvironmentProblem(
-            "Triton is not installed, so the smoke forward cannot run.", hint="pip install triton (Linux)."
-        )
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         raise EnvironmentProblem(
@@ -433,6 +472,7 @@ def run_smoke(
     progress: Callable[[str], None] | None = None,
 ) -> SmokeReport:
     """Smoke-test a raw PEFT adapter (normalized in memory) or a stacked output against its original."""
+    require_smoke_packages()  # before anything imports torch: exit 3 with the install command, not a traceback
     import torch
 
     from lora_convert.convert.group_tensors import build_group_tensors, output_dtype
@@ -543,7 +583,7 @@ def run_smoke(
             with timer("build"):
                 A, B = build_group_tensors(plan, group, tag, plan.adapter.read)
         with timer("to_device"):
-            A, B = A.to(torch_device), B.to(torch_device)
+            A, B = to_torch(A).to(torch_device), to_torch(B).to(torch_device)
         timer.bytes_to_device += A.numel() * A.element_size() + B.numel() * B.element_size()
         reader = _group_reader(read, torch_device)
         gen = torch.Generator().manual_seed(_seed_for(seed, group.key))
