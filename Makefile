@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIN)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,proof,smoke]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,proof,smoke,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

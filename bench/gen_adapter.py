@@ -192,6 +192,7 @@ def generate(out: Path, layout: str, moe_layers: int, dtype: str = "bf16", seed:
     import torch
 
     from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+    from lora_convert.io.tensor_files import numpy_dtype
 
     if layout == "stress":
         d, tensor_layout = TINY, "per-expert"
@@ -224,8 +225,10 @@ def generate(out: Path, layout: str, moe_layers: int, dtype: str = "bf16", seed:
             # One tensor alive at a time. A like kaiming-uniform's scale, B small and non-zero (a trained adapter).
             scale = 1.0 / math.sqrt(fan_in) if fan_in else 1e-3
             t = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(scale).to(tdtype)
-            writer.write(key, t)
-            del t
+            # The writer takes numpy (the core has no torch); the raw bytes are viewed as the tag's numpy dtype.
+            raw = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
+            writer.write(key, raw.view(numpy_dtype(tag)))
+            del t, raw
         writer.close()
     except BaseException:
         writer.abort()

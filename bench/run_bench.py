@@ -185,6 +185,8 @@ def bench_adapter(
         [CLI, "validate", str(folder), "--base", base, *full],
         repeat,
     )
+    # The floor under the data scan (issue 16): a bare numpy exponent-mask pass over the same bytes.
+    run_row(rows, name, "numpy floor (exponent-mask pass)", [PY, str(BENCH / "numpy_floor.py"), str(folder)], repeat)
     for layout in layouts:
         # --drop-unsupported: an engine layout may refuse modules its engine cannot apply (the peft/vLLM layout
         # refuses MLA kv_b_proj); it then writes the rest, which is what is timed. No-op for stacked.
@@ -214,11 +216,12 @@ def machine() -> str:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
     except OSError:
         mem = 0
-    import torch
+    import numpy
 
     return (
         f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
+        f"Python {platform.python_version()}, numpy {numpy.__version__}, load average at the end "
+        + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     )
 
 
@@ -316,16 +319,16 @@ def check_targets(
         if v and cat_:
             out.append(
                 (
-                    f"`{name}` validate with data scan <= 1.3x cat",
+                    f"`{name}` validate with data scan <= 3x cat",
                     f"{v.wall / cat_.wall:.2f}x ({v.wall:.2f} s / {cat_.wall:.2f} s)",
-                    v.rc == 0 and v.wall <= 1.3 * cat_.wall,
+                    v.rc == 0 and v.wall <= 3 * cat_.wall,
                 )
             )
     if stress:
         for prefix in ("inspect", "validate --no-smoke --no-data"):
             r = get(stress, prefix)
             if r:
-                out.append((f"`{stress}` {r.op} < 3 s", f"{r.wall:.2f} s", r.rc == 0 and r.wall < 3))
+                out.append((f"`{stress}` {r.op} < 1 s", f"{r.wall:.2f} s", r.rc == 0 and r.wall < 1))
     mem_rows = [
         r
         for r in rows
@@ -335,9 +338,9 @@ def check_targets(
         worst = max(mem_rows, key=lambda r: r.rss_mb)
         out.append(
             (
-                "peak RSS of normalize and validate < 1.5 GB (every adapter)",
+                "peak RSS of normalize and validate < 1 GB (every adapter)",
                 f"max {worst.rss_mb:,.0f} MB (`{worst.adapter}` {worst.op})",
-                worst.rss_mb < 1536,
+                worst.rss_mb < 1024,
             )
         )
     if help_row:

@@ -5,8 +5,9 @@ experts, q_lora_rank 1536, kv_lora_rank 512, rank 16, bf16), runs `lora_convert.
 every layer, and reports:
 
 - groups per second and GB of (stacked) adapter per second for the whole smoke run;
-- where the time goes: building the stacked tensors on the CPU, moving them to the GPU, the kernels, and the
-  float64 reference (which reads the original factors and moves them to the GPU too);
+- where the time goes (run_smoke's phases): on a GPU, reading each source tensor into pinned memory, copying it to
+  the GPU once, building the stacked tensors there, the kernels and the float64 reference (the full 61-layer case
+  with start-up and the Triton cache cold and warm is bench/smoke_gpu_full.py);
 - the kernels' achieved bandwidth (stacked A+B bytes per kernel second) against the machine's own copy
   bandwidths: device-to-device (torch clone) and host-to-device (pageable, as smoke does it, and pinned).
 

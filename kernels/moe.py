@@ -59,7 +59,9 @@ def _align_by_expert(flat_ids: torch.Tensor, E: int, block_m: int):
     return sorted_ids, block_expert.contiguous(), max_blocks
 
 
-@triton.jit
+# Counts that differ from group to group are not specialized on (==1, divisible by 16): each value class would
+# be another compile, and the smoke run launches hundreds of groups of a handful of shape classes.
+@triton.jit(do_not_specialize=["P", "top_k", "N", "n_col_tiles"])
 def _moe_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -106,7 +108,9 @@ def _moe_shrink_kernel(
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+# Counts that differ from group to group are not specialized on (==1, divisible by 16): each value class would
+# be another compile, and the smoke run launches hundreds of groups of a handful of shape classes.
+@triton.jit(do_not_specialize=["P", "n_slices", "n_col_tiles"])
 def _moe_expand_kernel(
     h_ptr,
     b_ptr,

@@ -19,7 +19,9 @@ from ._utils import masked_dot_loop
 _TABLE_COLS = tl.constexpr(6)
 
 
-@triton.jit
+# Counts that differ from group to group are not specialized on (==1, divisible by 16): each value class would
+# be another compile, and the smoke run launches hundreds of groups of a handful of shape classes.
+@triton.jit(do_not_specialize=["n_row_tiles", "n_col_tiles"])
 def _shrink_kernel(
     x_ptr,
     a_ptr,

@@ -12,6 +12,7 @@ _API = {
     "inspect_adapter": "lora_convert.api",
     "validate_adapter": "lora_convert.api",
     "normalize_adapter": "lora_convert.api",
+    "scan_adapters": "lora_convert.api",
     "InspectResult": "lora_convert.api",
     "ValidationReport": "lora_convert.check.validate",
     "NormalizeResult": "lora_convert.convert.normalize",

@@ -22,10 +22,11 @@ from lora_convert.errors import AdapterNotFoundError, UsageError
 if TYPE_CHECKING:
     from lora_convert.check.validate import ValidationReport
     from lora_convert.convert.normalize import NormalizeResult, WriteProgress
+    from lora_convert.scan.report import ScanResult
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["InspectResult", "inspect_adapter", "validate_adapter", "normalize_adapter"]
+__all__ = ["InspectResult", "inspect_adapter", "validate_adapter", "normalize_adapter", "scan_adapters"]
 
 LAYOUTS = ("stacked", "sglang", "peft")
 DTYPES = ("keep", "bf16", "fp16", "fp32")
@@ -223,4 +224,74 @@ def normalize_adapter(
         token=token,
         progress=progress,
         layout=_choice(layout, "layout", LAYOUTS),
+    )
+
+
+# -------------------------------------------------------------------------------------------------- scan
+def scan_adapters(
+    sources: PathLike | list[PathLike],
+    *,
+    base: PathLike | None = None,
+    engine: str = "none",
+    checks: list[str] | tuple[str, ...] | None = None,
+    data_scan: bool = True,
+    smoke: bool = False,
+    strict: bool = False,
+    allow_unchecked: bool = False,
+    normalize: PathLike | None = None,
+    layout: str | None = None,
+    jobs: int | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    timeout: float = 600.0,
+    output: PathLike | None = None,
+    resume: bool = False,
+    on_start: Callable[[list[Any]], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> ScanResult:
+    """`lora-convert scan`: validate every adapter of `sources` (folders searched recursively, list files, Hub
+    ids) in `jobs` worker processes (or on Ray with `ray=True`), appending one JSON record per adapter to `output`;
+    with `normalize`, also convert each adapter without errors into normalize/<id> in `layout`. Returns a
+    `lora_convert.scan.report.ScanResult` (`.records`, `.summary`, `.ok`, `.interrupted`, `.to_json()`).
+
+    Raises UsageError (bad argument, no SOURCE, an existing report without resume), EnvironmentProblem (ray=True
+    without Ray installed). Problems of single adapters are records, never exceptions."""
+    from lora_convert.check.validate import CHECK_NAMES, ENGINES
+    from lora_convert.scan.report import run_scan
+    from lora_convert.scan.task import ScanOptions
+
+    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    specs = [_adapter_spec(s) if isinstance(s, os.PathLike) else s for s in items]
+    if not all(isinstance(s, str) for s in specs):
+        raise UsageError("sources must be str or os.PathLike values.")
+    selected = None
+    if checks is not None:
+        unknown = [c for c in checks if c not in CHECK_NAMES]
+        if unknown or not checks:
+            raise UsageError(f"Unknown check group(s) {unknown or checks!r}.", hint=f"Use: {', '.join(CHECK_NAMES)}.")
+        selected = tuple(c for c in CHECK_NAMES if c in checks)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    options = ScanOptions(
+        base=_optional_path(base, "base"),
+        engine=_choice(engine, "engine", ENGINES),
+        checks=selected,
+        data_scan=bool(data_scan),
+        smoke=bool(smoke),
+        allow_unchecked=bool(allow_unchecked),
+        strict=bool(strict),
+        layout=_choice(layout, "layout", LAYOUTS) if layout is not None else None,
+        normalize_root=_optional_path(normalize, "normalize"),
+        timeout_s=float(timeout),
+    )
+    return run_scan(
+        specs,
+        options,
+        output=_optional_path(output, "output"),
+        resume=bool(resume),
+        jobs=_positive_int(jobs, "jobs"),
+        backend="ray" if ray or ray_address else "local",
+        address=ray_address,
+        on_start=on_start,
+        on_record=on_record,
     )

@@ -98,28 +98,95 @@ def test_row_energy_matches_dense_product(adapter_writer):
     assert result.row_energy[module] == pytest.approx(delta.pow(2).sum(1).tolist(), rel=1e-9)
 
 
-def test_one_tensor_at_a_time(adapter_writer, monkeypatch):
-    """The scan never holds two tensors read from the file at once (only the r x r Gram matrix in between)."""
-    import gc
-    import weakref
+@pytest.mark.parametrize("read_ahead", [1, 2, 3])
+def test_scan_reads_each_tensor_once_in_bounded_batches(adapter_writer, monkeypatch, read_ahead):
+    """Every tensor is read once, in batches of at most SCAN_BATCH_BYTES (or one larger tensor), into at most
+    SCAN_READ_AHEAD reused arenas: memory is bounded by the batch size, not the adapter."""
+    from lora_convert.peft.adapter import Adapter
 
-    adapter = load_adapter(adapter_writer(_tensors()), strict_config=False)
-    live: list = []
-    original = adapter.read
+    adapter = load_adapter(adapter_writer(_tensors(n_layers=8, h=64)), strict_config=False)
+    sizes = sorted(t.nbytes for t in adapter.index.tensors.values())
+    batch = 3 * sizes[-1]  # several tensors fit in a batch, and the adapter takes many batches
+    monkeypatch.setattr(data_scan, "SCAN_BATCH_BYTES", batch)
+    monkeypatch.setattr(data_scan, "SCAN_READ_AHEAD", read_ahead)
+    requests: list[list[str]] = []
+    arenas: set[int] = set()
+    original = Adapter.read_many
 
-    def read(key):
-        live[:] = [ref for ref in live if ref() is not None]
-        assert not live, "a previously read tensor is still alive"
-        tensor = original(key)
-        live.append(weakref.ref(tensor))
-        return tensor
+    def read_many(self, keys, arena=None):
+        requests.append(list(keys))
+        arenas.add(id(arena))
+        return original(self, keys, arena)
 
-    monkeypatch.setattr(adapter, "read", read)
-    gc.disable()
-    try:
+    monkeypatch.setattr(Adapter, "read_many", read_many)
+    result = scan_adapter(adapter)
+    read = [k for r in requests for k in r]
+    assert sorted(read) == sorted(adapter.index.tensors)  # each once
+    assert len(requests) > 1 and any(len(r) > 1 for r in requests)
+    for r in requests:
+        nbytes = sum(adapter.index.tensors[k].nbytes for k in r)
+        assert len(r) == 1 or nbytes <= batch, r
+    assert len(arenas) <= data_scan.SCAN_READ_AHEAD and id(None) not in arenas  # reused arenas, never fresh memory
+    assert len(result.stats) == len(adapter.index.tensors) and result.bytes_read == adapter.total_bytes
+
+
+@pytest.mark.parametrize("read_ahead", [1, 2])
+@pytest.mark.parametrize("batch_bytes", [1, 4096, 1 << 30])
+def test_batched_scan_equals_tensor_by_tensor(adapter_writer, monkeypatch, batch_bytes, read_ahead):
+    """The same stats and findings whatever the batching: NaN/Inf/zero/huge/tiny tensors and mixed dtypes among
+    the batched ones take the exact path, the rest the vectorized norms."""
+    t = _tensors(n_layers=6, h=48)
+    hostile = _hostile_tensors()
+    for i, x in enumerate(hostile.values()):
+        layer, module = divmod(i, 2)
+        dtype = [torch.float32, torch.bfloat16, torch.float16][i % 3]
+        t[_key(layer, ("q_proj", "v_proj")[module], "B")] = x.reshape(-1).repeat(192)[:192].reshape(48, 4).to(dtype)
+    adapter = load_adapter(adapter_writer(t), strict_config=False)
+    want = {}
+    for key, info in adapter.index.tensors.items():
+        parsed = adapter.parsed.get(key)
+        kind = data_scan._factor_kind(parsed.factor) if parsed is not None else "unknown"
+        want[key] = tensor_stats(key, info.dtype, adapter.read(key), kind)
+    monkeypatch.setattr(data_scan, "SCAN_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(data_scan, "SCAN_READ_AHEAD", read_ahead)
+    result = scan_adapter(adapter)
+    assert list(result.stats) == data_scan._scan_order(adapter)
+    for key, w in want.items():
+        g = result.stats[key]
+        assert (g.nan, g.first_nan, g.inf, g.first_inf, g.all_zero) == (
+            w.nan,
+            w.first_nan,
+            w.inf,
+            w.first_inf,
+            w.all_zero,
+        ), key
+        assert g.rms == pytest.approx(w.rms, rel=1e-6, abs=0.0), key
+    assert result.findings == data_scan.stats_findings({k: want[k] for k in result.stats})
+    assert {"data.nan", "data.inf"} <= {f.code for f in result.findings}
+
+
+def test_a_read_failure_in_the_read_ahead_thread_is_raised(adapter_writer, monkeypatch):
+    import threading
+
+    from lora_convert.errors import AdapterFormatError
+    from lora_convert.peft.adapter import Adapter
+
+    adapter = load_adapter(adapter_writer(_tensors(n_layers=8, h=64)), strict_config=False)
+    monkeypatch.setattr(data_scan, "SCAN_BATCH_BYTES", 1)  # one tensor a batch: many batches
+    monkeypatch.setattr(data_scan, "SCAN_READ_AHEAD", 2)  # the reading thread on
+    calls = {"n": 0}
+    original = Adapter.read_many
+
+    def read_many(self, keys, arena=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise AdapterFormatError("injected read failure")
+        return original(self, keys, arena)
+
+    monkeypatch.setattr(Adapter, "read_many", read_many)
+    with pytest.raises(AdapterFormatError, match="injected"):
         scan_adapter(adapter)
-    finally:
-        gc.enable()
+    assert not [t for t in threading.enumerate() if t.name.startswith("lora-convert-")]
 
 
 # ------------------------------------------------------------------- the numpy scan against the torch one

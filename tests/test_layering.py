@@ -29,7 +29,7 @@ SOURCE_FOLDERS = {
     "lora_convert.schemas": ROOT / "schemas",
 }
 
-STAGES = ("core", "io", "peft", "arch", "engines", "convert", "smoke", "check", "api", "cli")
+STAGES = ("core", "io", "peft", "arch", "engines", "convert", "smoke", "check", "scan", "api", "cli")
 # Module (or package, covering everything under it) -> stage. The longest matching prefix wins.
 STAGE_OF = {
     "lora_convert": "core",  # the package root only; every other top-level module must be listed
@@ -46,6 +46,7 @@ STAGE_OF = {
     "lora_convert.smoke": "smoke",
     "lora_convert.kernels": "smoke",
     "lora_convert.check": "check",
+    "lora_convert.scan": "scan",
     "lora_convert.api": "api",
     "lora_convert.cli": "cli",
     "lora_convert.__main__": "cli",

@@ -234,3 +234,81 @@ def test_cuda_without_gpu_is_an_environment_error():
 def test_smoke_on_gpu(case):
     report = smoke(case, device="cuda", layers="all")
     assert report.device == "cuda" and not report.interpreter and report.ok
+
+
+def _device_build_matches_normalize(case, sources_for):
+    """The stacked tensors the GPU path builds from the source factors (smoke/device.py, torch) are byte for byte
+    the ones normalize writes (convert/group_tensors.py, numpy), for every group and dtype of the fixture."""
+    from lora_convert.convert.group_tensors import build_group_tensors, output_dtype
+    from lora_convert.convert.normalize import plan_normalize
+    from lora_convert.smoke.device import build_group_on_device, group_source_keys
+    from lora_convert.smoke.runner import to_torch
+
+    plan = plan_normalize(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), drop_unsupported=True)
+    checked = 0
+    for tag in sorted({output_dtype(plan, "keep"), "F32", "BF16"}):
+        for group in plan.groups:
+            want_a, want_b = build_group_tensors(plan, group, tag, plan.adapter.read)
+            sources = sources_for(plan, group_source_keys(group))
+            got_a, got_b = build_group_on_device(plan, group, tag, sources)
+            for key in group_source_keys(group):  # the build never writes into the sources the reference reads
+                fresh = to_torch(plan.adapter.read(key))
+                assert torch.equal(sources(key).cpu().view(torch.uint8), fresh.view(torch.uint8)), key
+            for want, got in ((want_a, got_a), (want_b, got_b)):
+                want_t = to_torch(want)
+                assert got.dtype == want_t.dtype and tuple(got.shape) == tuple(want_t.shape), group.key
+                # compared as raw bits: NaN == NaN, and -0.0 != 0.0
+                bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want_t.element_size()]
+                assert torch.equal(got.cpu().view(bits), want_t.view(bits)), (case, tag, group.key)
+            checked += 1
+    assert checked
+
+
+class _CpuSources:
+    """DeviceSources' interface (`device`, key -> tensor) over CPU tensors: the build without a GPU."""
+
+    device = "cpu"
+
+    def __init__(self, plan, keys):
+        from lora_convert.smoke.runner import to_torch
+
+        self.tensors = {k: to_torch(plan.adapter.read(k)) for k in keys}
+
+    def __call__(self, key):
+        return self.tensors[key]
+
+
+@pytest.mark.parametrize("case", SMOKE_CASES)
+def test_device_build_equals_normalize_bytes(case):
+    _device_build_matches_normalize(case, _CpuSources)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", SMOKE_CASES)
+def test_device_build_on_gpu_equals_normalize_bytes(case):
+    from lora_convert.smoke.device import DeviceSources
+    from lora_convert.smoke.runner import PhaseTimer
+
+    def sources_for(plan, keys):
+        sources = DeviceSources(plan.adapter.index, plan.adapter.read, "cuda", PhaseTimer(cuda=True))
+        sources.load(keys)
+        return sources
+
+    _device_build_matches_normalize(case, sources_for)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_smoke_copies_each_source_once():
+    case = "v5_deepseek_v3"
+    report = smoke(case, device="cuda", layers="all")
+    from lora_convert.convert.normalize import plan_normalize
+    from lora_convert.smoke.device import group_source_keys
+
+    plan = plan_normalize(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), drop_unsupported=True)
+    keys = {k for g in plan.groups for k in group_source_keys(g)}
+    source_bytes = sum(plan.adapter.index.tensors[k].nbytes for k in keys)
+    assert report.ok and "build" in report.phases
+    # every source once (each padded to 64 bytes in the pinned buffer), and no stacked tensor on top
+    assert source_bytes <= report.bytes_to_device <= source_bytes + 64 * len(keys)

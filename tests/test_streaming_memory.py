@@ -1,21 +1,21 @@
-"""normalize streams: it never holds more than one group's tensors at a time (issue 5; no timings here).
+"""normalize streams: it holds a bounded number of groups' tensors at a time (issues 5, 16; no timings here).
 
 A small DeepSeek-V3-shaped adapter (tiny dimensions, 12 MoE layers x 8 experts, both PEFT expert layouts) is
 normalized with the source reads and the group builder instrumented:
 
-- every tensor `Adapter.read` returns is tracked with a weakref finalizer, so the bytes of source tensors alive
-  at any moment are known;
-- `build_group_tensors` is wrapped: no source tensor may be alive when a group starts or after it is built (so
-  sources never pile up across groups), and while a group is built the live source bytes stay within that
-  group's own source bytes;
-- the reusable output buffers (`GroupBuffers`) may hold at most the largest group's A and B, a small fraction of
-  the adapter.
+- every tensor `Adapter.read_many` returns is tracked with a weakref finalizer, so the bytes of source tensors
+  alive at any moment are known: with the read/build/write pipeline (lora_convert.convert.group_tensors) at depth
+  d, at most d consecutive groups' sources are alive at once (one group without the pipeline), and none after;
+- the reused read arenas and output buffers (`ReadArena`, `GroupBuffers`) hold at most d times the largest
+  group's sources and its A and B, a small fraction of the adapter.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import threading
 import weakref
 
 import pytest
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from lora_convert.arch.base_config import find_preset
 from lora_convert.convert import group_tensors
 from lora_convert.convert import normalize as normalize_module
+from lora_convert.io.tensor_files import read_runs, run_span
 from lora_convert.peft.adapter import Adapter
 
 H, I, E, R, LAYERS = 64, 32, 8, 4, 12
@@ -105,68 +106,94 @@ def _nbytes(tensor) -> int:
 
 
 class LiveSources:
-    """Bytes of the source tensors handed out by Adapter.read that are still referenced."""
+    """Bytes of the source tensors handed out by Adapter.read_many that are still referenced (threads included)."""
 
     def __init__(self):
         self.live = 0
-        self.peak_in_group = 0
+        self.peak = 0
+        self.lock = threading.Lock()
 
     def track(self, tensor):
         n = _nbytes(tensor)
-        self.live += n
-        self.peak_in_group = max(self.peak_in_group, self.live)
+        with self.lock:
+            self.live += n
+            self.peak = max(self.peak, self.live)
         weakref.finalize(tensor, self._release, n)
         return tensor
 
     def _release(self, n):
-        self.live -= n
+        with self.lock:
+            self.live -= n
 
 
+def _instances(monkeypatch, cls):
+    made = []
+    original_init = cls.__init__
+
+    def init(self):
+        original_init(self)
+        made.append(self)
+
+    monkeypatch.setattr(cls, "__init__", init)
+    return made
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
 @pytest.mark.parametrize("layout", ["per-expert", "fused-3d"])
-def test_normalize_holds_one_group_at_a_time(tmp_path, monkeypatch, layout):
+def test_normalize_holds_a_bounded_number_of_groups(tmp_path, monkeypatch, layout, depth):
+    """Sources of at most `depth` groups (one with the pipeline off) alive at once; reused read arenas and output
+    buffers no larger than `depth` times the largest group's; every source read once, with its group."""
+    monkeypatch.setattr(group_tensors, "PIPELINE_DEPTH", depth)
     base = _base(tmp_path)
     folder, adapter_bytes = _adapter(tmp_path, layout)
     sources = LiveSources()
-    original_read = Adapter.read
-    monkeypatch.setattr(Adapter, "read", lambda self, key: sources.track(original_read(self, key)))
+    reads: list[list[str]] = []
+    original_read_many = Adapter.read_many
 
+    def read_many(self, keys, arena=None):
+        reads.append(list(keys))
+        return {k: sources.track(v) for k, v in original_read_many(self, keys, arena).items()}
+
+    monkeypatch.setattr(Adapter, "read_many", read_many)
     groups = []
     original_build = group_tensors.build_group_tensors
 
     def build(plan, group, dtype_tag, read, *args, **kwargs):
-        assert sources.live == 0, f"source tensors of an earlier group are still alive when {group.key} starts"
-        sources.peak_in_group = 0
-        keys = {
-            k for sl in group.slices for src in sl.sources() for k in (src.module.lora_A.key, src.module.lora_B.key)
-        }
-        group_source_bytes = sum(plan.adapter.index.tensors[k].nbytes for k in keys)
+        keys = group_tensors.group_source_keys(group)
+        infos = [plan.adapter.index.tensors[k] for k in keys]
+        span = sum((run_span(r) + 63) // 64 * 64 for r in read_runs(infos))
         A, B = original_build(plan, group, dtype_tag, read, *args, **kwargs)
-        assert sources.live == 0, f"{group.key}: source tensors outlive the group that read them"
-        assert sources.peak_in_group <= group_source_bytes, (
-            f"{group.key}: {sources.peak_in_group} bytes of sources alive at once, more than the group's own {group_source_bytes}"
-        )
-        groups.append((group.key, _nbytes(A) + _nbytes(B), group_source_bytes, _nbytes(A), _nbytes(B)))
+        groups.append((group.key, sum(i.nbytes for i in infos), span, _nbytes(A), _nbytes(B)))
         return A, B
 
     monkeypatch.setattr(group_tensors, "build_group_tensors", build)
-    buffers = []
-    original_init = group_tensors.GroupBuffers.__init__
-
-    def init(self):
-        original_init(self)
-        buffers.append(self)
-
-    monkeypatch.setattr(group_tensors.GroupBuffers, "__init__", init)
+    buffers = _instances(monkeypatch, group_tensors.GroupBuffers)
+    arenas = _instances(monkeypatch, group_tensors.ReadArena)
 
     result = normalize_module.normalize(str(folder), tmp_path / "out", base=str(base))
 
     assert len(groups) == LAYERS * 6 and result.tensors_written == 2 * len(groups)
-    out_bytes = sum(g[1] for g in groups)
-    largest_group = max(g[1] for g in groups)
-    largest_step = max(g[1] + g[2] for g in groups)
+    # Each group's sources were read once, together, in group order.
+    assert [set(r) for r in reads] == [set(group_tensors.group_source_keys(g)) for g in result.plan.groups], (
+        "sources were not read once per group, in order"
+    )
+    gc.collect()
+    assert sources.live == 0, "source tensors outlive the normalize that read them"
+    out_bytes = sum(g[3] + g[4] for g in groups)
+    largest_group = max(g[3] + g[4] for g in groups)
     # The test only means something if the adapter is many groups large.
-    assert out_bytes >= 10 * largest_group and adapter_bytes >= 10 * largest_step
-    held = sum(raw.nbytes for b in buffers for raw in b._raw.values())
-    bound = max(g[3] for g in groups) + max(g[4] for g in groups)  # the largest A plus the largest B
-    assert held <= bound, f"output buffers hold {held} bytes; the largest A and B are {bound} together"
+    assert out_bytes >= 10 * largest_group and adapter_bytes >= 10 * max(g[1] for g in groups)
+    in_flight = max(depth, 1)
+    window = max(sum(g[1] for g in groups[i : i + in_flight]) for i in range(len(groups)))
+    assert sources.peak <= window, (
+        f"{sources.peak} bytes of sources alive at once; {in_flight} consecutive groups hold at most {window}"
+    )
+    held_buffers = sum(raw.nbytes for b in buffers for raw in b._raw.values())
+    bound = in_flight * (max(g[3] for g in groups) + max(g[4] for g in groups))
+    assert held_buffers <= bound, (
+        f"output buffers hold {held_buffers} bytes; {in_flight} x the largest A + B is {bound}"
+    )
+    held_arenas = sum(a.nbytes for a in arenas)
+    assert held_arenas <= in_flight * max(g[2] for g in groups)
+    assert held_arenas + held_buffers < adapter_bytes / 2  # the small test adapter is only ~12 groups deep
     assert math.isclose(result.bytes_out, out_bytes)

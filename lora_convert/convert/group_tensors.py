@@ -9,6 +9,8 @@ the engine layouts cut modules out of them (lora_convert.convert.engine_layouts)
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 from lora_convert.convert import factors
 from lora_convert.convert.plan import Plan, PlannedGroup
 from lora_convert.io.safetensors_writer import TensorSpec
-from lora_convert.io.tensor_files import numpy_dtype
+from lora_convert.io.tensor_files import ReadArena, numpy_dtype
 
 OUTPUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
@@ -129,12 +131,151 @@ def build_group_tensors(
     return A, B
 
 
+def group_source_keys(group: PlannedGroup) -> list[str]:
+    """The keys of every source tensor a group is built from, each once, in the order the builder uses them."""
+    keys = (k for sl in group.slices for src in sl.sources() for k in (src.module.lora_A.key, src.module.lora_B.key))
+    return list(dict.fromkeys(keys))
+
+
+# Groups in flight at once: one written by the consumer while the next is built and the one after it read (2 sets of
+# output buffers, 2 read arenas). Peak memory is bounded by twice the largest group's sources plus twice its output;
+# a third set bought nothing measurable on the 2-core benchmark machine, where the three stages already share two
+# cores (docs/benchmarks.md, "Issue 16: overlap and batching").
+PIPELINE_DEPTH = 2
+_POLL_S = 0.05  # how often a blocked stage looks whether another stage failed
+
+
+class _Stop(Exception):
+    """Raised inside a stage thread when another stage failed or the consumer went away."""
+
+
+class _Pipeline:
+    """Reader thread -> builder thread -> the consumer (the writer), through bounded queues.
+
+    The reader fetches each group's sources (neighbouring tensors in one read, into a reused arena), the builder
+    folds them into a reused set of output buffers, the consumer writes. numpy's copies and casts and file I/O
+    release the GIL, so the three overlap. A set of output buffers goes back to the builder only when the consumer
+    asks for the next group (the contract of iter_group_tensors: done with a group before asking for the next), an
+    arena goes back to the reader once its group is built. The first failure in any stage is raised in the
+    consumer, and stops the other stages."""
+
+    def __init__(self, plan: Plan, groups: list[PlannedGroup], dtype_tag: str, read, depth: int) -> None:
+        self.plan, self.groups, self.tag, self.read = plan, groups, dtype_tag, read
+        self.stop = threading.Event()
+        self.failure: BaseException | None = None
+        self.free_arenas: queue.Queue = queue.Queue()
+        self.free_buffers: queue.Queue = queue.Queue()
+        for _ in range(depth):
+            self.free_arenas.put(ReadArena())
+            self.free_buffers.put(GroupBuffers())
+        self.read_q: queue.Queue = queue.Queue(maxsize=depth)
+        self.built_q: queue.Queue = queue.Queue(maxsize=depth)
+        self.threads = [
+            threading.Thread(target=self._run, args=(self._reader,), name="lora-convert-read", daemon=True),
+            threading.Thread(target=self._run, args=(self._builder,), name="lora-convert-build", daemon=True),
+        ]
+
+    # -- blocking steps that give up when another stage failed
+    def _get(self, q: queue.Queue):
+        while True:
+            if self.stop.is_set():
+                raise _Stop
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    def _put(self, q: queue.Queue, item) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Stop
+            try:
+                q.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self, stage) -> None:
+        try:
+            stage()
+        except _Stop:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - carried to the consumer and raised there, whatever it is
+            if self.failure is None:
+                self.failure = exc
+            self.stop.set()
+
+    def _reader(self) -> None:
+        for group in self.groups:
+            arena = self._get(self.free_arenas)
+            keys = group_source_keys(group)
+            if self.read is None:
+                sources = self.plan.adapter.read_many(keys, arena)
+            else:
+                sources = {k: self.read(k) for k in keys}
+            self._put(self.read_q, (group, sources, arena))
+            del sources
+
+    def _builder(self) -> None:
+        for _ in self.groups:
+            group, sources, arena = self._get(self.read_q)
+            buffers = self._get(self.free_buffers)
+            A, B = build_group_tensors(self.plan, group, self.tag, sources.__getitem__, buffers)
+            del sources  # the arena's views: dropped before the arena is handed back
+            self.free_arenas.put(arena)
+            self._put(self.built_q, (group, A, B, buffers))
+            del A, B
+
+    def __iter__(self) -> Iterator[tuple[PlannedGroup, Any, Any]]:
+        for t in self.threads:
+            t.start()
+        try:
+            for _ in self.groups:
+                item = None
+                while item is None:
+                    try:
+                        item = self.built_q.get(timeout=_POLL_S)
+                    except queue.Empty:
+                        if self.stop.is_set():
+                            break
+                if item is None:
+                    raise self.failure if self.failure is not None else RuntimeError("normalize pipeline stopped")
+                group, A, B, buffers = item
+                del item
+                yield group, A, B
+                del A, B
+                self.free_buffers.put(buffers)  # the consumer is done with this group: the builder may reuse it
+        finally:
+            self.stop.set()
+            for t in self.threads:
+                t.join()
+        if self.failure is not None:
+            raise self.failure
+
+
 def iter_group_tensors(
-    plan: Plan, groups: list[PlannedGroup], dtype_tag: str, read: Callable[[str], Any] | None = None
+    plan: Plan,
+    groups: list[PlannedGroup],
+    dtype_tag: str,
+    read: Callable[[str], Any] | None = None,
+    *,
+    depth: int | None = None,
 ) -> Iterator[tuple[PlannedGroup, Any, Any]]:
-    """Each group's A and B in order. They live in reused buffers: consume them before the next step."""
+    """Each group's A and B in order. They live in reused buffers: consume them before the next step.
+
+    With `depth` >= 1 (default PIPELINE_DEPTH), reading, building and the consumer's writing overlap (_Pipeline); with 0,
+    each group is read and built in the caller's thread, one at a time. Same arrays either way."""
+    depth = PIPELINE_DEPTH if depth is None else depth
+    if depth >= 1 and len(groups) > 1:
+        yield from _Pipeline(plan, groups, dtype_tag, read, depth)
+        return
     buffers = GroupBuffers()
-    read = read or plan.adapter.read
+    arena = ReadArena()
     for group in groups:
-        A, B = build_group_tensors(plan, group, dtype_tag, read, buffers)
+        if read is None:
+            sources = plan.adapter.read_many(group_source_keys(group), arena)
+            A, B = build_group_tensors(plan, group, dtype_tag, sources.__getitem__, buffers)
+            del sources
+        else:
+            A, B = build_group_tensors(plan, group, dtype_tag, read, buffers)
         yield group, A, B

@@ -221,6 +221,11 @@ def write_folder(
                 writer.close()
             except BaseException:
                 writer.abort()
+                # Stop the producer now (a pipelined one has threads reading and building ahead), not whenever the
+                # traceback that holds it is collected.
+                close = getattr(tensors, "close", None)
+                if close is not None:
+                    close()
                 raise
             for name, text in files.items():
                 (temp / name).write_text(text)

@@ -158,6 +158,11 @@ class Adapter:
     def read(self, key: str):
         return self.index.read(key)
 
+    def read_many(self, keys: list[str], arena=None) -> dict:
+        """Several tensors with as few reads as possible; with an `arena` (lora_convert.io.tensor_files.ReadArena)
+        they are views of its reused memory, valid until its next use."""
+        return self.index.read_many(keys, arena)
+
     def keys_of(self, factor: Factor) -> list[str]:
         return [k for k, p in self.parsed.items() if p.factor is factor]
 

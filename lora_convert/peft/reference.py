@@ -31,3 +31,19 @@ def module_factors(mod: LoraModule, read: Callable[[str], object], *, expert: in
         a = a.reshape(E, r, a.shape[1])[expert]
         b = b.reshape(b.shape[0], r, E)[:, :, expert]
     return a, b, float(mod.scaling)
+
+
+def fused_expert_factors(mod: LoraModule, read: Callable[[str], object], *, device=None):
+    """(A [E, r, in], B [E, out, r], s) of a 3-D module as float64, every expert at once (the same PEFT rule as
+    module_factors, for a batched reference: one gather per routed pair instead of a Python loop over experts)."""
+    import torch
+
+    if mod.kind != ModuleKind.FUSED_EXPERTS:
+        raise ValueError("fused_expert_factors is for 3-D expert modules")
+    a = read(mod.lora_A.key).to(device=device, dtype=torch.float64)
+    b = read(mod.lora_B.key).to(device=device, dtype=torch.float64)
+    r = int(mod.rank)
+    E = a.shape[0] // r
+    a = a.reshape(E, r, a.shape[1])
+    b = b.reshape(b.shape[0], r, E).permute(2, 0, 1)  # [E, out, r]: column k*E + e is expert e's rank-k column
+    return a, b, float(mod.scaling)

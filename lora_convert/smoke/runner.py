@@ -220,6 +220,26 @@ def _group_reader(read: Callable[[str], Any], device) -> Callable[[str], Any]:
     return cached
 
 
+def _device_reader(sources) -> Callable[[str], Any]:
+    """The reference's reader on a GPU: the group's source tensors already on the device (DeviceSources), as
+    float64 there, each converted once per group."""
+    import torch
+
+    cache: dict[str, Any] = {}
+
+    def cached(key: str):
+        if key not in cache:
+            cache[key] = sources(key).to(torch.float64)
+        return cache[key]
+
+    return cached
+
+
+def _pinned_to_device(array, device):
+    """A stacked tensor read from disk (numpy) to the device through pinned memory."""
+    return to_torch(array).pin_memory().to(device, non_blocking=True)
+
+
 # ------------------------------------------------------------------------------------------------ devices
 def select_device(device: str) -> tuple[str, bool]:
     """Return (torch device, interpreter?) or raise EnvironmentProblem (exit 3)."""
@@ -309,16 +329,53 @@ def _reference_slice(plan_slice, x64, read, device, expert=None):
 
 
 def check_dense_group(group, A, B, R: int, tag: str, x, read, device, timer: PhaseTimer) -> GroupCheck:
+    from lora_convert.convert.factors import kernel_offsets
+    from lora_convert.kernels.expand import lora_expand
+    from lora_convert.kernels.shrink import lora_shrink
+
+    with timer("kernels"):
+        h = lora_shrink(x, A)
+        y = lora_expand(h, B, kernel_offsets(group), R)  # fresh zero float32 output: the delta alone
+    return _judge_dense(group, A, B, R, tag, x, y, read, device, timer)
+
+
+# Dense groups of one shape class waiting for one batched launch (kernels/batched.py): at most this many at a time,
+# which bounds what they hold (their stacked A and B, input and float64 source factors; a few MB per group at
+# DeepSeek-V3 size). 61 layers of DeepSeek-V3 make one launch per class.
+DENSE_BATCH = 64
+
+
+def check_dense_groups(items: list[tuple], R: int, device, timer: PhaseTimer) -> list[GroupCheck]:
+    """Dense groups sharing in_features and dtype, (group, A, B, tag, x, read) each, in one shrink and one expand
+    launch for all of them instead of two per group; each is then judged on its own."""
+    import torch
+
+    from lora_convert.convert.factors import kernel_offsets
+    from lora_convert.kernels.batched import lora_shrink_expand_batched
+
+    with timer("kernels"):
+        ys = lora_shrink_expand_batched(
+            [it[4] for it in items],
+            [it[1] for it in items],
+            [it[2] for it in items],
+            [kernel_offsets(it[0]) for it in items],
+            R,
+            out_dtype=torch.float32,
+        )
+    return [
+        _judge_dense(group, A, B, R, tag, x, y, read, device, timer)
+        for (group, A, B, tag, x, read), y in zip(items, ys, strict=True)
+    ]
+
+
+def _judge_dense(group, A, B, R: int, tag: str, x, y, read, device, timer: PhaseTimer) -> GroupCheck:
+    """Hold one dense group's kernel output y [T, out] (float32, the delta alone) to PEFT's reference."""
     import torch
 
     from lora_convert.convert.factors import b_rows, kernel_offsets
     from lora_convert.kernels.expand import lora_expand
     from lora_convert.kernels.shrink import lora_shrink
 
-    offsets = kernel_offsets(group)
-    with timer("kernels"):
-        h = lora_shrink(x, A)
-        y = lora_expand(h, B, offsets, R)  # fresh zero float32 output: the delta alone
     x64 = x.to(torch.float64)
     slices: list[SliceCheck] = []
     diff_sq = ref_sq = 0.0
@@ -342,7 +399,8 @@ def check_dense_group(group, A, B, R: int, tag: str, x, read, device, timer: Pha
         base = torch.randn(
             y.shape, dtype=torch.float32, device=device, generator=torch.Generator(device=device).manual_seed(1)
         )
-        after = lora_expand(h, B, offsets, R, y=base.clone())
+        with timer("kernels"):
+            after = lora_expand(lora_shrink(x, A), B, kernel_offsets(group), R, y=base.clone())
         for rows, sl_check in zip(zero_rows, [s for s in slices if s.zero_filled], strict=True):
             if not torch.equal(after[:, rows], base[:, rows]):
                 sl_check.problem = "a zero-filled slice changed the output rows it owns"
@@ -380,6 +438,42 @@ def route_tokens(T: int, E: int, k: int, seed: int, device):
     return ids.to(device)
 
 
+def _expert_slice_reference(sl, x64, tok, eid, E: int, read, device):
+    """PEFT's float64 output of one slice for every routed (token, expert) pair at once: (ref [P, out], has [P]),
+    `has` False where the pair's expert has no source (its rows must stay zero); None when the slice is zero-filled.
+
+    Batched (perf): one shrink of every token against every expert's A, then one gathered batched product per
+    pair. The per-expert Python loop it replaces was 30.1 s of a 69.4 s full-size DeepSeek-V3 smoke (H200)."""
+    import torch
+
+    from lora_convert.convert.factors import source_rows
+    from lora_convert.peft.reference import fused_expert_factors, module_factors
+
+    if sl.fused_source is not None:
+        src = sl.fused_source
+        a, b, s = fused_expert_factors(src.module, read, device=device)  # [E, r, in], [E, out, r]
+        b = b[:, source_rows(src)] * s
+        has = torch.ones(E, dtype=torch.bool, device=device)
+    elif sl.expert_sources:
+        # Per-expert modules may differ in rank and scaling (rank_pattern): pad every expert to the largest rank
+        # with zeros (adds exact zeros) and fold each expert's own s into its B (in float64).
+        per = {e: (src, module_factors(src.module, read, device=device)) for e, src in sl.expert_sources.items()}
+        r = max(f[0].shape[0] for _, f in per.values())
+        a = torch.zeros((E, r, x64.shape[1]), dtype=torch.float64, device=device)
+        b = torch.zeros((E, sl.out_features, r), dtype=torch.float64, device=device)
+        has = torch.zeros(E, dtype=torch.bool, device=device)
+        for e, (src, (ae, be, se)) in per.items():
+            a[e, : ae.shape[0]] = ae
+            b[e, :, : ae.shape[0]] = be[source_rows(src)] * se
+            has[e] = True
+    else:
+        return None
+    r = a.shape[1]
+    h = (x64 @ a.reshape(E * r, a.shape[2]).T).view(x64.shape[0], E, r)[tok, eid]  # [P, r]
+    ref = torch.bmm(b[eid], h.unsqueeze(-1)).squeeze(-1)  # [P, out]
+    return ref, has[eid]
+
+
 def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int, timer: PhaseTimer) -> GroupCheck:
     import torch
 
@@ -397,39 +491,31 @@ def check_expert_group(group, A, B, R: int, tag: str, x, read, device, seed: int
     if torch.isnan(y).any():
         problems.append(f"the kernel output holds {int(torch.isnan(y).sum())} NaN values")
     x64 = x.to(torch.float64)
-    per_slice = {sl.name: [0.0, 0.0, 0.0] for sl in group.slices}  # diff^2, ref^2, got^2
-    zero_touched = {sl.name: False for sl in group.slices}
-    for e in range(E):
-        pairs = (ids == e).nonzero(as_tuple=False)
-        if pairs.numel() == 0:
-            continue
-        tok, choice = pairs[:, 0], pairs[:, 1]
-        xe = x64[tok]
-        for sl in group.slices:
-            rows = b_rows(sl)
-            got = y[tok, choice][:, rows].to(torch.float64)
-            with timer("reference"):
-                ref = _reference_slice(sl, xe, read, device, expert=e)
-            acc = per_slice[sl.name]
-            if ref is None:
-                if torch.count_nonzero(got):
-                    zero_touched[sl.name] = True
-                continue
-            acc[0] += float((got - ref).norm()) ** 2
-            acc[1] += float(ref.norm()) ** 2
-            acc[2] += float(got.norm()) ** 2
+    tok = torch.arange(T, device=device).repeat_interleave(k)
+    eid = ids.reshape(-1)
+    yp = y.reshape(T * k, -1)
     slices = []
     tol = TOLERANCES.get(tag, 1e-5)
     diff_sq = ref_sq = 0.0
     for sl in group.slices:
-        d2, r2, g2 = per_slice[sl.name]
-        if sl.is_zero_filled:
-            problem = "a zero-filled slice changed the output" if zero_touched[sl.name] else None
-            slices.append(SliceCheck(sl.name, None, True, problem))
+        got = yp[:, b_rows(sl)].to(torch.float64)
+        with timer("reference"):
+            out = _expert_slice_reference(sl, x64, tok, eid, E, read, device)
+        if out is None:
+            touched = bool(torch.count_nonzero(got))
+            slices.append(
+                SliceCheck(sl.name, None, True, "a zero-filled slice changed the output" if touched else None)
+            )
             continue
+        ref, has = out
+        zero_touched = bool(torch.count_nonzero(got[~has]))
+        got, ref = got[has], ref[has]
+        d2 = float((got - ref).norm()) ** 2
+        r2 = float(ref.norm()) ** 2
+        g2 = float(got.norm()) ** 2
         rel = _rel(d2**0.5, r2**0.5)
         problem = None
-        if zero_touched[sl.name]:
+        if zero_touched:
             problem = "a missing expert's zero-filled rows changed the output"
         elif r2 > 0 and g2 == 0:
             problem = "no-op: the source experts are non-zero but the slice changes nothing"
@@ -535,8 +621,32 @@ def run_smoke(
         chosen = present if wanted is None else [layer for layer in present if layer in wanted]
         sampled = False
     read = plan.adapter.read
+    # The set-up phase: resolving and planning (headers only), the CUDA context and the kernel modules' import
+    # (triton), so that the per-group phases below hold only per-group work.
+    import lora_convert.kernels.expand  # noqa: F401
+    import lora_convert.kernels.moe  # noqa: F401
+    import lora_convert.kernels.shrink  # noqa: F401
+
+    if torch_device == "cuda":
+        torch.zeros(1, device=torch_device)
+        torch.cuda.synchronize()
     timer = PhaseTimer(cuda=torch_device == "cuda")
-    checks: list[GroupCheck] = []
+    timer.seconds["setup"] = time.perf_counter() - started
+    on_gpu = torch_device == "cuda"
+    sources = None
+    if on_gpu:
+        from lora_convert.smoke.device import DeviceSources, build_group_on_device, group_source_keys
+
+        sources = DeviceSources(plan.adapter.index, read, torch_device, timer)
+    checks: list[GroupCheck | None] = []
+    pending: dict[tuple, list[tuple[int, tuple]]] = {}
+
+    def flush(batch_key) -> None:
+        batch = pending.pop(batch_key)
+        judged = check_dense_groups([it for _, it in batch], rank, torch_device, timer)
+        for (at, _), check in zip(batch, judged, strict=True):
+            checks[at] = check
+
     for group in plan.groups:
         if group.layer is not None and group.layer not in chosen:
             continue
@@ -580,16 +690,30 @@ def run_smoke(
                 continue
         else:
             group_tag = tag
-            with timer("build"):
-                A, B = build_group_tensors(plan, group, tag, plan.adapter.read)
-        with timer("to_device"):
-            A, B = to_torch(A).to(torch_device), to_torch(B).to(torch_device)
-        timer.bytes_to_device += A.numel() * A.element_size() + B.numel() * B.element_size()
-        reader = _group_reader(read, torch_device)
-        gen = torch.Generator().manual_seed(_seed_for(seed, group.key))
-        x = torch.randn(tokens, group.in_features, generator=gen, dtype=torch.float32).to(
-            device=torch_device, dtype=A.dtype
-        )
+        if sources is not None:
+            # GPU: the sources go to the device once; the stacked tensors are built there (smoke/device.py).
+            sources.load(group_source_keys(group))
+            reader = _device_reader(sources)
+            if read_stacked is None:
+                with timer("build"):
+                    A, B = build_group_on_device(plan, group, tag, sources)
+            else:
+                with timer("to_device"):
+                    A, B = _pinned_to_device(A, torch_device), _pinned_to_device(B, torch_device)
+                timer.bytes_to_device += A.numel() * A.element_size() + B.numel() * B.element_size()
+        else:
+            if read_stacked is None:
+                with timer("build"):
+                    A, B = build_group_tensors(plan, group, tag, plan.adapter.read)
+            with timer("to_device"):
+                A, B = to_torch(A).to(torch_device), to_torch(B).to(torch_device)
+            timer.bytes_to_device += A.numel() * A.element_size() + B.numel() * B.element_size()
+            reader = _group_reader(read, torch_device)
+        # The input is drawn where it is used: on a GPU from a CUDA generator (seeded the same way, so a run is
+        # reproducible on its device). perf: the host generator drew ~400M normals for the 482 groups of a
+        # full-size DeepSeek-V3 adapter, seconds of one CPU core, then copied them over.
+        gen = torch.Generator(device=torch_device).manual_seed(_seed_for(seed, group.key))
+        x = torch.randn(tokens, group.in_features, generator=gen, dtype=torch.float32, device=torch_device).to(A.dtype)
         if group.experts:
             checks.append(
                 check_expert_group(
@@ -597,9 +721,24 @@ def run_smoke(
                 )
             )
         else:
-            checks.append(check_dense_group(group, A, B, rank, group_tag, x, reader, torch_device, timer))
+            # Deferred to one batched launch per shape class. Its float64 source factors are taken now: on a GPU
+            # the next group's sources replace this one's (DeviceSources).
+            for sl in group.slices:
+                if sl.dense_source is not None:
+                    reader(sl.dense_source.module.lora_A.key)
+                    reader(sl.dense_source.module.lora_B.key)
+            batch_key = (group.in_features, str(A.dtype))
+            batch = pending.setdefault(batch_key, [])
+            batch.append((len(checks), (group, A, B, group_tag, x, reader)))
+            checks.append(None)
+            if len(batch) >= DENSE_BATCH:
+                flush(batch_key)
         if progress:
             progress(group.key)
+    for batch_key in list(pending):
+        flush(batch_key)
+    if sources is not None:
+        sources.close()
     return SmokeReport(
         adapter=target.describe(),
         original=original,
@@ -614,5 +753,5 @@ def run_smoke(
         groups=checks,
         seconds=time.perf_counter() - started,
         phases=dict(timer.seconds),
-        bytes_to_device=timer.bytes_to_device,
+        bytes_to_device=timer.bytes_to_device + (sources.bytes_copied if sources is not None else 0),
     )

@@ -1,0 +1,259 @@
+"""One adapter of a scan: what to do with it (`ScanTask`, `ScanOptions`) and the function that does it (`run_task`).
+
+This is the contract between the scan's executors: `lora_convert/scan/local.py` (worker processes) and
+`lora_convert/scan/ray_backend.py` (Ray tasks) both call `run_task` and write what it returns, one JSON line per
+adapter, through `lora_convert/scan/report.py`. Everything here is picklable and the record is plain JSON, so the
+same task gives the same record (apart from `seconds`) whichever executor ran it.
+
+An executor implements
+
+    def run_all(tasks: list[ScanTask], options: ScanOptions, *, on_result: Callable[[dict], None],
+                jobs: int | None = None) -> None
+
+calling `on_result(record)` once per task, in the order the records arrive, with `timeout_record` for a task that
+ran past `options.timeout_s` and `crash_record` for a worker that died.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_convert.errors import EXIT_INTERNAL, LoraConvertError
+
+STATUSES = ("ok", "findings", "error", "crashed", "timeout")
+# Statuses that make `lora-convert scan` exit 1 (an adapter with errors, or one that could not be scanned).
+FAILING = ("findings", "error", "crashed", "timeout")
+
+__all__ = ["FAILING", "STATUSES", "ScanOptions", "ScanTask", "crash_record", "run_task", "timeout_record"]
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    """One adapter."""
+
+    id: str  # stable identity: the path relative to its SOURCE root (or the Hub id / list line)
+    spec: str  # what validate/normalize get (a local folder path or a Hub id)
+    nbytes: int  # tensor bytes from headers/file sizes (0 if unknown): used to schedule largest first
+    output: str | None = None  # with --normalize: OUTROOT/<id>, mirroring the source tree
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Everything validate/normalize need for every adapter of the scan (picklable)."""
+
+    base: str | None = None
+    engine: str = "none"
+    checks: tuple[str, ...] | None = None  # names of lora_convert.check.validate.CHECK_NAMES; None: all of them
+    data_scan: bool = True
+    smoke: bool | None = False  # a scan runs no forward pass unless asked: it would load torch in every worker
+    allow_unchecked: bool = False
+    strict: bool = False
+    layout: str | None = None  # with normalize_root: "stacked", "sglang" or "peft"
+    normalize_root: str | None = None
+    timeout_s: float = 600.0
+
+
+def _record(task: ScanTask, status: str, **fields: Any) -> dict[str, Any]:
+    """Every key in a fixed order, so that two reports of the same scan compare line by line."""
+    record: dict[str, Any] = {
+        "id": task.id,
+        "adapter": task.spec,
+        "status": status,
+        "exit_code": None,
+        "family": None,
+        "verdict": None,
+        "findings": [],
+        "checks": {"run": [], "skipped": {}},
+        "engine_outcomes": {},
+        "normalize": None,
+        "seconds": 0.0,
+        "bytes": task.nbytes,
+        "error": None,
+    }
+    record.update(fields)
+    return record
+
+
+def timeout_record(task: ScanTask, seconds: float) -> dict[str, Any]:
+    """What an executor records for a task it stopped after `seconds`."""
+    return _record(
+        task,
+        "timeout",
+        seconds=round(seconds, 3),
+        error={"type": "Timeout", "message": f"no result after {seconds:.0f} s (--timeout); the worker was stopped"},
+    )
+
+
+def crash_record(task: ScanTask, message: str) -> dict[str, Any]:
+    """What an executor records for a task whose worker died (killed, segfault, out of memory)."""
+    return _record(task, "crashed", error={"type": "WorkerCrashed", "message": message})
+
+
+def run_task(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
+    """Validate (and, with options.normalize_root, convert) one adapter. Never raises: a problem is the record."""
+    started = time.monotonic()
+    try:
+        record = _run(task, options)
+    except LoraConvertError as exc:  # nothing to check: no such folder, the Hub unreachable, a bad --base
+        record = _record(
+            task,
+            "error",
+            exit_code=exc.exit_code,
+            error={"type": type(exc).__name__, "message": exc.message + (f" Hint: {exc.hint}" if exc.hint else "")},
+        )
+    except Exception as exc:  # a bug in lora-convert: recorded, and the scan goes on with the next adapter
+        record = _record(
+            task, "error", exit_code=EXIT_INTERNAL, error={"type": type(exc).__name__, "message": str(exc)}
+        )
+    record["seconds"] = round(time.monotonic() - started, 3)
+    return record
+
+
+def _run(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
+    report = _validate(task.spec, options)
+    summary = report.summary
+    adapter_bytes = (summary.get("adapter") or {}).get("bytes")
+    record = _record(
+        task,
+        "ok" if report.ok else "findings",
+        exit_code=report.exit_code,
+        family=summary.get("family"),
+        verdict=report.verdict(),
+        findings=[{"code": f.code, "severity": f.severity.value, "message": f.message} for f in report.findings],
+        checks=summary.get("checks") or {"run": [], "skipped": {}},
+        engine_outcomes=_engine_outcomes(options.engine, report.findings),
+        bytes=adapter_bytes if isinstance(adapter_bytes, int) else task.nbytes,
+    )
+    if options.normalize_root and task.output:
+        record["normalize"] = _normalize(task, options, report)
+        failed = record["normalize"].pop("exit_code", None)
+        if failed is not None:  # it validated, but the converter refused it (e.g. not servable in that layout)
+            record.update(status="error", exit_code=failed, error=record["normalize"]["error"])
+    return record
+
+
+def _validate(spec: str, options: ScanOptions):
+    """`validate`'s checks on one adapter, or only those named by options.checks (in validate's order)."""
+    from lora_convert.check.validate import CHECK_NAMES, validate_adapter
+
+    if options.checks is None or set(options.checks) >= set(CHECK_NAMES):
+        return validate_adapter(
+            spec,
+            base=options.base,
+            engine=options.engine,
+            data_scan=options.data_scan,
+            smoke=options.smoke,
+            strict=options.strict,
+            allow_unchecked=options.allow_unchecked,
+        )
+    return _validate_selected(spec, options)
+
+
+def _validate_selected(spec: str, options: ScanOptions):
+    """validate_adapter's loop over a subset of its checks (check/validate.py has no such parameter yet).
+
+    Reading the adapter and resolving the base are the same calls; a check that was not selected is reported as
+    skipped with the reason, so the verdict never claims it."""
+    from lora_convert.check.base import resolve_base
+    from lora_convert.check.context import CheckContext, ValidateOptions
+    from lora_convert.check.report import ValidationReport, finish
+    from lora_convert.check.validate import CHECK_NAMES, CHECKS
+    from lora_convert.codes import finding
+    from lora_convert.errors import AdapterConfigError, AdapterFormatError
+    from lora_convert.io.source import resolve_adapter_source
+    from lora_convert.peft.adapter import load_adapter
+
+    started = time.monotonic()
+    selected = set(options.checks or ())
+    vopts = ValidateOptions(
+        base=options.base,
+        engine=options.engine,
+        data_scan=options.data_scan,
+        smoke=options.smoke,
+        allow_unchecked=options.allow_unchecked,
+    )
+    source = resolve_adapter_source(spec)
+    report = ValidationReport(
+        adapter=source.describe(),
+        adapter_path=str(source.path),
+        base=None,
+        engine=vopts.engine,
+        strict=options.strict,
+        allow_unchecked=vopts.allow_unchecked,
+    )
+    try:
+        adapter = load_adapter(source, strict_config=False)
+    except AdapterConfigError as exc:
+        report.findings.append(finding("config.unreadable", exc.message, keys=["adapter_config.json"], fix=exc.hint))
+        why = "adapter_config.json unreadable"
+        return finish(report, started, {"checks": {"run": [], "skipped": dict.fromkeys(CHECK_NAMES, why)}})
+    except AdapterFormatError as exc:
+        report.findings.append(finding("files.unreadable", exc.message, fix=exc.hint))
+        why = "adapter files unreadable"
+        return finish(report, started, {"checks": {"run": [], "skipped": dict.fromkeys(CHECK_NAMES, why)}})
+    resolution = resolve_base(adapter, options.base)
+    report.base = resolution.name
+    ctx = CheckContext(adapter, vopts, resolution, findings=report.findings)
+    report.findings.extend(resolution.findings)
+    ran: list[str] = []
+    skipped: dict[str, str] = {}
+    for check in CHECKS:
+        if check.name not in selected:
+            skipped[check.name] = "not selected by --checks"
+            continue
+        outcome = check.run(ctx)
+        report.findings.extend(outcome.findings)
+        if outcome.skipped is None:
+            ran.append(check.name)
+        else:
+            skipped[check.name] = outcome.skipped
+    return finish(
+        report,
+        started,
+        {
+            "adapter": {"bytes": adapter.total_bytes},
+            "family": getattr(ctx.arch, "family", None),
+            "checks": {"run": ran, "skipped": skipped},
+        },
+    )
+
+
+def _engine_outcomes(engine: str, findings) -> dict[str, int]:
+    """{outcome: count} of the engine rules that fired (outcomes as in lora_convert/engines/*.json)."""
+    if engine == "none":
+        return {}
+    from lora_convert.codes import ENGINE_PREFIX
+    from lora_convert.engines.profiles import load_rules
+
+    prefix = f"{ENGINE_PREFIX}{engine}."
+    outcome_of = {rule["id"]: rule["outcome"] for rule in load_rules(engine)}
+    counts = Counter(outcome_of.get(f.code[len(prefix) :], "unknown") for f in findings if f.code.startswith(prefix))
+    return dict(sorted(counts.items()))
+
+
+def _normalize(task: ScanTask, options: ScanOptions, report) -> dict[str, Any]:
+    """Write the converted adapter to task.output. An adapter with errors is not converted (its output would carry
+    them into serving); a refusal of the converter is recorded, not raised."""
+    from lora_convert.convert.normalize import normalize
+
+    out: dict[str, Any] = {"output": None, "bytes_out": 0}
+    if not report.ok:
+        out["skipped"] = "the adapter has errors"
+        return out
+    try:
+        # force: a scan re-run (or --resume after a kill) replaces its own previous output of this adapter; the
+        # output-folder safety still refuses a folder that is not one, and any folder over or inside an input.
+        result = normalize(
+            task.spec, Path(task.output), base=options.base, layout=options.layout or "stacked", force=True
+        )
+    except LoraConvertError as exc:
+        out["error"] = {"type": type(exc).__name__, "message": exc.message}
+        out["exit_code"] = exc.exit_code  # taken out again by _run
+        return out
+    out["output"] = task.output
+    out["bytes_out"] = result.bytes_out
+    return out

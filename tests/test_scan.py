@@ -1,0 +1,322 @@
+"""`lora-convert scan` (issue 15): a generated registry with planted defects, resume after SIGTERM, a hung adapter,
+--normalize mirroring the tree. Worker processes are real (spawned); nothing here measures time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from helpers import FIXTURES
+from lora_convert.errors import UsageError
+from lora_convert.scan.discover import discover, output_path
+from lora_convert.scan.report import read_report
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
+WEIGHTS = "adapter_model.safetensors"
+# id -> the error code its planted defect must produce (and the only error of that adapter).
+PLANTED = {
+    "bad/nan": "data.nan",
+    "bad/shape": "shapes.out-features",
+    "bad/missing-b": "pairs.missing-B",
+    "bad/config": "config.wrong-type",
+}
+CLEAN = {"team-a/llama", "team-a/mixtral", "team-b/llama5", "team-b/qwen/moe", "team-b/deepseek"}
+
+
+def _copy_case(root: Path, case: str, ident: str) -> Path:
+    """A PEFT-written fixture adapter at root/ident whose config names its base folder (so shapes are checked)."""
+    dst = root / ident
+    shutil.copytree(FIXTURES / "cases" / case / "adapter", dst)
+    base = json.loads((FIXTURES / "cases" / case / "case.json").read_text())["base"]
+    _set_config(dst, base_model_name_or_path=str((FIXTURES / "bases" / base).resolve()))
+    return dst
+
+
+def _set_config(folder: Path, **fields) -> None:
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(fields)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _mutate(folder: Path, change) -> None:
+    tensors = {k: v.copy() for k, v in load_file(folder / WEIGHTS).items()}
+    change(tensors)
+    save_file(tensors, folder / WEIGHTS)
+
+
+def _first(tensors: dict, part: str) -> str:
+    return next(k for k in sorted(tensors) if part in k)
+
+
+def build_registry(root: Path) -> Path:
+    for case, ident in [
+        ("v4_llama", "team-a/llama"),
+        ("v4_mixtral", "team-a/mixtral"),
+        ("v5_llama", "team-b/llama5"),
+        ("v5_qwen3_moe", "team-b/qwen/moe"),
+    ]:
+        _copy_case(root, case, ident)
+    shutil.copytree(EXAMPLE / "adapter", root / "team-b/deepseek")
+    _set_config(root / "team-b/deepseek", base_model_name_or_path=str(EXAMPLE / "base"))
+
+    def nan(t):
+        k = _first(t, "lora_A")
+        t[k].flat[3] = np.nan
+
+    def shape(t):
+        k = _first(t, "lora_B")
+        t[k] = np.full((t[k].shape[0] + 3, t[k].shape[1]), 0.01, t[k].dtype)
+
+    def missing_b(t):
+        del t[_first(t, "lora_B")]
+
+    _mutate(_copy_case(root, "v4_llama", "bad/nan"), nan)
+    _mutate(_copy_case(root, "v4_llama", "bad/shape"), shape)
+    _mutate(_copy_case(root, "v4_llama", "bad/missing-b"), missing_b)
+    _set_config(_copy_case(root, "v4_llama", "bad/config"), r="eight")
+    # Not adapters, and not to be reported: a hidden folder and a stray file.
+    (root / ".cache").mkdir()
+    shutil.copytree(root / "bad/nan", root / ".cache/old")
+    (root / "README.md").write_text("registry\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Path:
+    return build_registry(tmp_path_factory.mktemp("registry"))
+
+
+def _hanging_adapter(folder: Path) -> Path:
+    """An adapter whose shard index is a FIFO with no writer: reading it blocks forever (a stalled network mount
+    behaves the same way), so its worker never answers."""
+    folder.mkdir(parents=True)
+    shutil.copy(FIXTURES / "cases" / "v4_llama" / "adapter" / "adapter_config.json", folder)
+    os.mkfifo(folder / f"{WEIGHTS}.index.json")
+    return folder
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("lora-convert")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lora_convert"]
+
+
+def _by_id(records: list[dict]) -> dict[str, dict]:
+    return {r["id"]: r for r in records}
+
+
+def _errors(record: dict) -> list[str]:
+    return [f["code"] for f in record["findings"] if f["severity"] == "error"]
+
+
+# --------------------------------------------------------------------------------------------- the report
+def test_scan_flags_exactly_the_planted_defects(registry, tmp_path):
+    from lora_convert import scan_adapters
+
+    report = tmp_path / "scan.jsonl"
+    result = scan_adapters(registry, jobs=2, output=report)
+    records = _by_id(result.records)
+    assert set(records) == CLEAN | set(PLANTED)  # .cache and README.md are not adapters
+    flagged = {i for i, r in records.items() if r["status"] != "ok"}
+    assert flagged == set(PLANTED)
+    for ident, code in PLANTED.items():
+        assert records[ident]["status"] == "findings" and _errors(records[ident]) == [code], records[ident]
+    for ident in CLEAN:
+        assert records[ident]["exit_code"] == 0 and records[ident]["family"], records[ident]
+        assert "data" in records[ident]["checks"]["run"]
+    assert not result.ok
+    # The file holds the same records, one per line.
+    on_disk, _ = read_report(report)
+    assert sorted(r["id"] for r in on_disk) == sorted(records)
+    summary = result.summary
+    assert summary["status"] == {"ok": len(CLEAN), "findings": len(PLANTED)}
+    assert {c: v["adapters"] for c, v in summary["codes"].items() if v["severity"] == "error"} == dict.fromkeys(
+        PLANTED.values(), 1
+    )
+    assert {w["id"] for w in summary["worst"]} == set(PLANTED)
+    assert summary["families"]["llama"]["adapters"] == 6
+
+
+def test_cli_summary_json_and_exit_codes(registry, tmp_path):
+    run = subprocess.run(
+        [*_cli(), "scan", str(registry), "--jobs", "2", "--format", "json"], capture_output=True, text=True
+    )
+    assert run.returncode == 1, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["ok"] is False and doc["summary"]["adapters"] == len(CLEAN) + len(PLANTED)
+    assert [r["id"] for r in doc["records"]] == sorted(CLEAN | set(PLANTED))
+
+    clean = subprocess.run([*_cli(), "scan", str(registry / "team-a"), "-j", "1"], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    assert "By family" in clean.stdout and "llama" in clean.stdout and "OK: every adapter passed." in clean.stdout
+
+
+def test_checks_selects_groups(registry):
+    from lora_convert import scan_adapters
+
+    result = scan_adapters(registry / "bad", checks=["config", "keys", "pairs"], jobs=1)
+    records = _by_id(result.records)
+    # Without the data and shapes checks, the NaN and the wrong shape go unseen, and the report says so.
+    assert records["nan"]["status"] == "ok" and records["shape"]["status"] == "ok"
+    assert _errors(records["missing-b"]) == ["pairs.missing-B"]
+    assert records["nan"]["checks"]["run"] == ["config", "keys", "pairs"]
+    assert records["nan"]["checks"]["skipped"]["data"] == "not selected by --checks"
+    with pytest.raises(UsageError, match="Unknown check"):
+        scan_adapters(registry, checks=["nope"])
+
+
+def test_engine_outcomes_are_counted(registry):
+    from lora_convert import scan_adapters
+
+    result = scan_adapters(registry / "team-b" / "deepseek", engine="vllm", jobs=1)
+    (record,) = result.records
+    fired = [f["code"] for f in record["findings"] if f["code"].startswith("engine.vllm.")]
+    assert fired and sum(record["engine_outcomes"].values()) == len(fired)
+    assert result.summary["engine_outcomes"]
+
+
+# ------------------------------------------------------------------------------------- hangs and resume
+def test_a_hung_adapter_is_timed_out_and_the_others_finish(registry, tmp_path):
+    from lora_convert import scan_adapters
+
+    hang = _hanging_adapter(tmp_path / "stuck" / "hang")
+    result = scan_adapters([registry, hang.parent], jobs=2, timeout=2)
+    records = _by_id(result.records)
+    assert records["stuck/hang"]["status"] == "timeout"
+    assert records["stuck/hang"]["error"]["type"] == "Timeout"
+    others = {i: r for i, r in records.items() if i != "stuck/hang"}
+    assert len(others) == len(CLEAN) + len(PLANTED)  # several SOURCE folders: ids carry the folder name
+    assert {i for i, r in others.items() if r["status"] != "ok"} == {f"{registry.name}/{i}" for i in PLANTED}
+
+
+def test_resume_after_sigterm_completes_the_report_without_duplicates(registry, tmp_path):
+    # The FIFO adapter (0 bytes: scheduled last) keeps the first scan running until it is stopped.
+    hang = _hanging_adapter(tmp_path / "stuck" / "hang")
+    report = tmp_path / "scan.jsonl"
+    args = [*_cli(), "scan", str(registry), str(hang.parent), "--jobs", "1", "--output", str(report)]
+    proc = subprocess.Popen([*args, "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and (not report.exists() or report.read_text().count("\n") < 3):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    first, _ = read_report(report)
+    assert len(first) >= 3 and "stuck/hang" not in {r["id"] for r in first}
+    # A line torn by a kill mid-write is dropped, not kept or duplicated.
+    with open(report, "ab") as handle:
+        handle.write(b'{"id": "team-a/ll')
+    resumed = subprocess.run([*args, "--resume", "--timeout", "2"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 1, resumed.stderr
+    lines = report.read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert len(ids) == len(set(ids)) == len(CLEAN) + len(PLANTED) + 1
+    assert ids[: len(first)] == [r["id"] for r in first]
+    assert _by_id([json.loads(x) for x in lines])["stuck/hang"]["status"] == "timeout"
+
+
+def test_an_existing_report_needs_resume(registry, tmp_path):
+    from lora_convert import scan_adapters
+
+    report = tmp_path / "scan.jsonl"
+    report.write_text('{"id": "x"}\n')
+    with pytest.raises(UsageError, match="exists and is not empty") as refused:
+        scan_adapters(registry, output=report)
+    assert "--resume" in refused.value.hint
+    with pytest.raises(UsageError, match="--output"):
+        scan_adapters(registry, resume=True)
+
+
+def test_read_report_ignores_only_a_torn_last_line(tmp_path):
+    report = tmp_path / "r.jsonl"
+    report.write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": "c", "sta')
+    records, good = read_report(report)
+    assert [r["id"] for r in records] == ["a", "b"] and good == len(b'{"id": "a"}\n{"id": "b"}\n')
+    report.write_bytes(b'{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(UsageError, match="line 2"):
+        read_report(report)
+
+
+# ------------------------------------------------------------------------------------------ --normalize
+def test_normalize_mirrors_the_tree_and_skips_failing_adapters(registry, tmp_path):
+    from lora_convert import scan_adapters
+
+    out = tmp_path / "converted"
+    result = scan_adapters(registry, normalize=out, layout="stacked", jobs=2)
+    records = _by_id(result.records)
+    for ident in CLEAN:
+        norm = records[ident]["normalize"]
+        assert norm["output"] == str(out / ident) and norm["bytes_out"] > 0, records[ident]
+        assert (out / ident / "adapter_config.json").is_file()
+    for ident in PLANTED:
+        assert records[ident]["normalize"]["output"] is None and not (out / ident).exists()
+    # The converted tree is a registry of its own, with the same ids, and validates clean.
+    again = scan_adapters(out, jobs=2)
+    assert {r["id"] for r in again.records} == CLEAN
+    assert all(r["status"] == "ok" for r in again.records), [r for r in again.records if r["status"] != "ok"]
+
+
+def test_a_refused_conversion_is_an_error_record(registry, tmp_path):
+    from lora_convert import scan_adapters
+
+    # Mixtral's router LoRA cannot be served exactly in vLLM's layout: the converter refuses, the scan records it.
+    result = scan_adapters(registry / "team-a", normalize=tmp_path / "out", layout="peft", jobs=1)
+    records = _by_id(result.records)
+    assert records["llama"]["status"] == "ok"
+    assert records["mixtral"]["status"] == "error" and records["mixtral"]["exit_code"] == 1
+    assert records["mixtral"]["error"]["type"] == "UnsupportedAdapterError"
+    assert not (tmp_path / "out" / "mixtral").exists() and not result.ok
+
+
+def test_normalize_inside_the_source_is_not_rescanned(registry, tmp_path):
+    from lora_convert import scan_adapters
+
+    source = tmp_path / "reg"
+    shutil.copytree(registry / "team-a", source)
+    out = source / "converted"
+    for _ in range(2):  # the second run replaces its own outputs and does not scan them as adapters
+        result = scan_adapters(source, normalize=out, layout="stacked", jobs=1)
+        assert {r["id"] for r in result.records} == {"llama", "mixtral"}
+        assert all(r["status"] == "ok" for r in result.records), result.records
+    assert (out / "llama" / "lora_layout.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- discovery
+def test_discover_list_files_hub_ids_and_safe_output_paths(registry, tmp_path):
+    listing = tmp_path / "adapters.txt"
+    listing.write_text(f"# the fleet\n{registry / 'team-a' / 'llama'}\n\norg/some-adapter  # on the Hub\n")
+    tasks = discover([str(listing), "org/other@v2"], normalize_root=str(tmp_path / "out"))
+    assert [t.id for t in tasks] == [str(registry / "team-a" / "llama"), "org/some-adapter", "org/other@v2"]
+    assert tasks[0].nbytes == (registry / "team-a" / "llama" / WEIGHTS).stat().st_size
+    assert tasks[1].nbytes == 0 and tasks[1].output == str(tmp_path / "out" / "org" / "some-adapter")
+    assert tasks[0].output.startswith(str(tmp_path / "out") + os.sep)  # an absolute path id stays under the root
+    with pytest.raises(UsageError):
+        output_path(tmp_path, "../escape")
+    with pytest.raises(UsageError):
+        discover([str(tmp_path / "no-such-folder")])
+
+
+def test_ray_without_ray_installed_is_an_environment_problem(registry, monkeypatch):
+    from typer.testing import CliRunner
+
+    import lora_convert.scan.report as report_module
+    from lora_convert.cli import app
+
+    monkeypatch.setattr(report_module, "find_spec", lambda name: None)
+    result = CliRunner().invoke(app, ["scan", str(registry), "--ray"])
+    assert result.exit_code == 3
+    assert "pip install 'lora-convert[ray]'" in result.stderr
