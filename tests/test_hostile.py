@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from typer.testing import CliRunner
 
 from lora_convert.cli import app
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -147,6 +151,94 @@ def test_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(folder / "adapter_model.safetensors")
     result = run_validate(folder)
     assert result.exit_code == 1 and findings_of(result) == ["files.unreadable"]
+
+
+# ---- small JSON files that are FIFOs: refused unread, never waited on ----------------------------------------------
+def run_bounded(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess with a deadline, so that a command blocked on a FIFO fails the test instead of hanging
+    the suite."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1", COLUMNS="200")
+    command = [sys.executable, "-m", "lora_convert", *map(str, args)]
+    try:
+        result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(map(str, args))} blocked (a FIFO was read instead of refused)")
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def _fifo_adapter(folder: Path, fifo: str) -> Path:
+    """The example adapter with `fifo` a FIFO without a writer (the real file removed first where there is one)."""
+    shutil.copytree(EXAMPLE / "adapter", folder)
+    if fifo == "adapter_model.safetensors.index.json":  # a sharded adapter: the index is read, not the single file
+        (folder / "adapter_model.safetensors").rename(folder / "adapter_model-00001-of-00001.safetensors")
+    (folder / fifo).unlink(missing_ok=True)
+    os.mkfifo(folder / fifo)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "fifo, code",
+    [
+        ("adapter_config.json", "config.unreadable"),
+        ("adapter_model.safetensors.index.json", "files.unreadable"),
+        ("lora_layout.json", "files.unreadable"),
+    ],
+)
+def test_fifo_json_in_adapter_is_refused(tmp_path, fifo, code):
+    folder = _fifo_adapter(tmp_path / "ad", fifo)
+    result = run_bounded("validate", folder, "--base", EXAMPLE / "base", "--no-smoke", "--format", "json")
+    assert result.returncode == 1, result.stderr
+    (found,) = json.loads(result.stdout)["findings"]
+    assert found["code"] == code and f"{fifo} is not a regular file but a FIFO" in found["message"], found
+    inspected = run_bounded("inspect", folder)
+    assert inspected.returncode == 1 and f"{fifo} is not a regular file" in inspected.stderr, inspected.stderr
+    normalized = run_bounded("normalize", folder, "--base", EXAMPLE / "base", "-o", tmp_path / "out")
+    assert normalized.returncode == 1 and f"{fifo} is not a regular file" in normalized.stderr, normalized.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fifo_added_tokens_is_a_finding(tmp_path):
+    folder = _fifo_adapter(tmp_path / "ad", "added_tokens.json")
+    result = run_bounded("validate", folder, "--base", EXAMPLE / "base", "--no-smoke", "--format", "json")
+    found = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "config.added-tokens-unreadable"]
+    assert len(found) == 1 and "added_tokens.json is not a regular file but a FIFO" in found[0]["message"]
+
+
+def test_fifo_base_config_is_refused(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    os.mkfifo(base / "config.json")
+    for spec in (base, base / "config.json"):  # the folder and the file itself
+        result = run_bounded("validate", EXAMPLE / "adapter", "--base", spec, "--no-smoke", "--format", "json")
+        assert result.returncode == 1, result.stderr
+        assert "config.json is not a regular file but a FIFO" in result.stderr, result.stderr
+
+
+def test_fifo_manifest_is_not_a_previous_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "lora_convert_manifest.json")
+    result = run_bounded(
+        "normalize", EXAMPLE / "adapter", "--base", EXAMPLE / "base", "-o", out, "--force", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert "lora_convert_manifest.json is not a lora-convert manifest" in result.stderr, result.stderr
+    assert [p.name for p in out.iterdir()] == ["lora_convert_manifest.json"]  # left as it was
+
+
+def test_read_small_text_refuses_folders_and_oversized_files(tmp_path):
+    from lora_convert.errors import BaseConfigError
+    from lora_convert.io.small_files import read_small_text
+
+    with pytest.raises(BaseConfigError, match="not a regular file but a folder"):
+        read_small_text(tmp_path, BaseConfigError)
+    big = tmp_path / "big.json"
+    big.write_text("[" + "0," * 50 + "0]")
+    with pytest.raises(BaseConfigError, match="larger than 64 bytes"):
+        read_small_text(big, BaseConfigError, max_bytes=64)
+    assert read_small_text(big) == big.read_text()
 
 
 # ---- adapter_config.json ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,13 +97,31 @@ def registry(tmp_path_factory) -> Path:
     return build_registry(tmp_path_factory.mktemp("registry"))
 
 
-def _hanging_adapter(folder: Path) -> Path:
-    """An adapter whose shard index is a FIFO with no writer: reading it blocks forever (a stalled network mount
-    behaves the same way), so its worker never answers."""
-    folder.mkdir(parents=True)
-    shutil.copy(FIXTURES / "cases" / "v4_llama" / "adapter" / "adapter_config.json", folder)
-    os.mkfifo(folder / f"{WEIGHTS}.index.json")
-    return folder
+HANG = "org/stalled"  # a Hub id whose download never answers (see `stalled_hub`)
+
+
+@pytest.fixture
+def stalled_hub(monkeypatch, tmp_path):
+    """A Hub that accepts connections and never answers, as a stalled proxy or a black-holed route does: a local
+    socket that listens (the kernel completes the handshakes into its backlog) but is never accepted from, with
+    huggingface_hub's timeouts raised so that fetching HANG waits for ten minutes, so its worker never answers.
+    Set in the test process (spawned workers inherit it); yields the whole environment, to pass to a CLI subprocess."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    settings = {
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}",
+        "HF_HOME": str(tmp_path / "hf-home"),  # an empty cache: nothing of HANG is found without the Hub
+        "HF_HUB_ETAG_TIMEOUT": "600",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "600",
+    }
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it; the Hub must be asked to hang on it
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield dict(os.environ)
+    finally:
+        server.close()
 
 
 def _cli() -> list[str]:
@@ -185,25 +204,27 @@ def test_engine_outcomes_are_counted(registry):
 
 
 # ------------------------------------------------------------------------------------- hangs and resume
-def test_a_hung_adapter_is_timed_out_and_the_others_finish(registry, tmp_path):
+def test_a_hung_adapter_is_timed_out_and_the_others_finish(registry, tmp_path, stalled_hub):
     from lora_convert import scan_adapters
 
-    hang = _hanging_adapter(tmp_path / "stuck" / "hang")
-    result = scan_adapters([registry, hang.parent], jobs=2, timeout=2)
+    # A second SOURCE folder (empty) keeps this a scan of several folders, whose ids carry the folder name.
+    (tmp_path / "more").mkdir()
+    result = scan_adapters([registry, tmp_path / "more", HANG], jobs=2, timeout=2)
     records = _by_id(result.records)
-    assert records["stuck/hang"]["status"] == "timeout"
-    assert records["stuck/hang"]["error"]["type"] == "Timeout"
-    others = {i: r for i, r in records.items() if i != "stuck/hang"}
+    assert records[HANG]["status"] == "timeout"
+    assert records[HANG]["error"]["type"] == "Timeout"
+    others = {i: r for i, r in records.items() if i != HANG}
     assert len(others) == len(CLEAN) + len(PLANTED)  # several SOURCE folders: ids carry the folder name
     assert {i for i, r in others.items() if r["status"] != "ok"} == {f"{registry.name}/{i}" for i in PLANTED}
 
 
-def test_resume_after_sigterm_completes_the_report_without_duplicates(registry, tmp_path):
-    # The FIFO adapter (0 bytes: scheduled last) keeps the first scan running until it is stopped.
-    hang = _hanging_adapter(tmp_path / "stuck" / "hang")
+def test_resume_after_sigterm_completes_the_report_without_duplicates(registry, tmp_path, stalled_hub):
+    # The stalled Hub adapter (0 bytes known: scheduled last) keeps the first scan running until it is stopped.
     report = tmp_path / "scan.jsonl"
-    args = [*_cli(), "scan", str(registry), str(hang.parent), "--jobs", "1", "--output", str(report)]
-    proc = subprocess.Popen([*args, "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [*_cli(), "scan", str(registry), HANG, "--jobs", "1", "--output", str(report)]
+    proc = subprocess.Popen(
+        [*args, "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stalled_hub
+    )
     try:
         while proc.poll() is None and (not report.exists() or report.read_text().count("\n") < 3):
             time.sleep(0.05)
@@ -216,17 +237,19 @@ def test_resume_after_sigterm_completes_the_report_without_duplicates(registry, 
     assert proc.returncode == 130, err
     assert "--resume" in err
     first, _ = read_report(report)
-    assert len(first) >= 3 and "stuck/hang" not in {r["id"] for r in first}
+    assert len(first) >= 3 and HANG not in {r["id"] for r in first}
     # A line torn by a kill mid-write is dropped, not kept or duplicated.
     with open(report, "ab") as handle:
         handle.write(b'{"id": "team-a/ll')
-    resumed = subprocess.run([*args, "--resume", "--timeout", "2"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*args, "--resume", "--timeout", "2"], capture_output=True, text=True, timeout=300, env=stalled_hub
+    )
     assert resumed.returncode == 1, resumed.stderr
     lines = report.read_text().splitlines()
     ids = [json.loads(line)["id"] for line in lines]
     assert len(ids) == len(set(ids)) == len(CLEAN) + len(PLANTED) + 1
     assert ids[: len(first)] == [r["id"] for r in first]
-    assert _by_id([json.loads(x) for x in lines])["stuck/hang"]["status"] == "timeout"
+    assert _by_id([json.loads(x) for x in lines])[HANG]["status"] == "timeout"
 
 
 def test_an_existing_report_needs_resume(registry, tmp_path):

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
+from lora_convert.io.small_files import read_small_text
 
 PRESET_PACKAGE = "lora_convert.arch.presets"
 # Where multimodal wrappers keep the language model's config (Kimi-K2.5, Qwen3.5-VL: `text_config`).
@@ -173,9 +174,9 @@ def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+    try:  # a FIFO, device or oversized file raises BaseConfigError (not a regular file): never read
+        data = json.loads(read_small_text(path, BaseConfigError))
+    except UnicodeDecodeError as exc:
         raise BaseConfigError(f"Cannot read {path} ({exc}).") from None
     except json.JSONDecodeError as exc:
         raise BaseConfigError(

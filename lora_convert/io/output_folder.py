@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from lora_convert.errors import UsageError
 from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
+from lora_convert.io.small_files import read_small_text
 
 ADAPTER_FILE = "adapter_model.safetensors"
 # Every output layout writes this file, listing the files of the output: it is how --force recognises a folder
@@ -65,9 +66,9 @@ def protected_inputs(adapter_path: Path | None, base: str | None) -> list[tuple[
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest of a previous lora-convert output in `folder`, or None when there is none (or it is not ours)."""
-    try:
-        doc = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # a FIFO or device of that name is refused unread (UsageError), like a missing or broken manifest
+        doc = json.loads(read_small_text(folder / MANIFEST_FILE, UsageError))
+    except (UsageError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), list):
         return None
@@ -120,7 +121,13 @@ def check_output_dir(output: str | Path, *, force: bool, protected: list[tuple[s
     if manifest is None:
         raise UsageError(
             f"--force replaces only an empty folder or a previous lora-convert output, and {shown} is neither: it holds "
-            f"{_listing(entries)} and no {MANIFEST_FILE}.",
+            + _listing(entries)
+            + (
+                f", and its {MANIFEST_FILE} is not a lora-convert manifest (a regular JSON file listing the output's "
+                "files)."
+                if MANIFEST_FILE in entries
+                else f" and no {MANIFEST_FILE}."
+            ),
             hint="Choose another -o path, or move those files away yourself.",
         )
     owned = _owned_entries(manifest)

@@ -22,6 +22,7 @@ from typing import Any
 from lora_convert.codes import finding
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
 from lora_convert.findings import Finding
+from lora_convert.io.small_files import read_small_text
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
 from lora_convert.io.tensor_files import TensorIndex, TensorInfo, load_bin_index, read_safetensors_header
 from lora_convert.peft.config import PeftConfig, load_config_file
@@ -178,6 +179,9 @@ def _check_inside(path: Path, roots: tuple[Path, ...]) -> None:
         )
 
 
+_INDEX_HINT = "Re-save the adapter, or remove the index and keep a single adapter_model.safetensors."
+
+
 def _adapter_files(source: AdapterSource) -> tuple[str, list[Path]]:
     folder = source.path
     single = folder / SAFETENSORS_NAME
@@ -186,15 +190,15 @@ def _adapter_files(source: AdapterSource) -> tuple[str, list[Path]]:
         return "safetensors", [single]
     if index_file.exists():
         _check_inside(index_file, source.allowed_roots)
-        try:
-            index = json.loads(index_file.read_text(encoding="utf-8"))
+        try:  # a FIFO, device or oversized index raises its own AdapterFormatError, naming the problem
+            index = json.loads(read_small_text(index_file, AdapterFormatError, hint=_INDEX_HINT))
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise AdapterFormatError(
                 f"{index_file} is not a valid shard index (a JSON object with a `weight_map` of key -> file).",
-                hint="Re-save the adapter, or remove the index and keep a single adapter_model.safetensors.",
+                hint=_INDEX_HINT,
             ) from None
         names = sorted({str(v) for v in weight_map.values()})
         shards = []
@@ -297,7 +301,7 @@ def load_adapter(
     if layout_path.exists():
         _check_inside(layout_path, source.allowed_roots)
         try:
-            layout = json.loads(layout_path.read_text(encoding="utf-8"))
+            layout = json.loads(read_small_text(layout_path, AdapterFormatError))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterFormatError(f"{layout_path} is not valid JSON ({exc}).") from None
     added = None
@@ -305,9 +309,11 @@ def load_adapter(
     if added_path.exists():
         _check_inside(added_path, source.allowed_roots)
         try:
-            loaded = json.loads(added_path.read_text(encoding="utf-8"))
+            loaded = json.loads(read_small_text(added_path, AdapterFormatError))
             added = {str(k): int(v) for k, v in loaded.items()} if isinstance(loaded, dict) else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+        except AdapterFormatError as exc:  # not a regular file, too large, cannot be opened
+            findings.append(finding("config.added-tokens-unreadable", exc.message, keys=["added_tokens.json"]))
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
             findings.append(
                 finding(
                     "config.added-tokens-unreadable",

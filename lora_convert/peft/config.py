@@ -21,6 +21,7 @@ from typing import Any
 from lora_convert.codes import finding
 from lora_convert.errors import AdapterConfigError
 from lora_convert.findings import Finding, Severity
+from lora_convert.io.small_files import read_small_text
 
 # LoRA variants that change what the stored tensors mean; no serving engine computes them, so converting the
 # tensors as plain LoRA would be silently wrong. Values: the config field and what it means.
@@ -506,14 +507,14 @@ class _ConfigParser:
 
 def load_config_file(path: Path) -> PeftConfig:
     """Read adapter_config.json; a file that is missing, empty or not JSON raises (nothing can be checked)."""
-    if not path.is_file():
+    if not path.exists():
         raise AdapterConfigError(
             f"{path.parent} has no adapter_config.json.",
             hint="A PEFT adapter folder holds adapter_config.json next to adapter_model.safetensors; point at that folder.",
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    try:  # a FIFO, device or folder of that name raises AdapterConfigError (not a regular file): never read
+        text = read_small_text(path, AdapterConfigError)
+    except UnicodeDecodeError as exc:
         raise AdapterConfigError(f"{path} could not be read as UTF-8 text ({exc}).") from None
     if not text.strip():
         raise AdapterConfigError(f"{path} is empty.", hint="Save the adapter again with PEFT's save_pretrained.")
