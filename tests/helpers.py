@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -42,3 +43,22 @@ def write_adapter(
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / filename))
     return folder
+
+
+# Not part of a source distribution: local environments, caches and outputs (what the wheel and hook tests leave
+# out when they copy the checkout).
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    "build",
+    "dist",
+    ".pytest_cache",
+    ".hypothesis",
+    "demo-out",
+    "out",
+    ".whl",
+    ".gl",
+)

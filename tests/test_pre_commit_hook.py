@@ -27,23 +27,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import NOT_SOURCE
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
-NOT_SOURCE = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "__pycache__",
-    "*.pyc",
-    "*.egg-info",
-    "build",
-    "dist",
-    ".pytest_cache",
-    ".hypothesis",
-    "demo-out",
-    "out",
-    ".whl",
-    ".gl",
-)
 HOOK_ID = "lora-convert-validate"
 
 pytestmark = pytest.mark.slow

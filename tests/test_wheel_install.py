@@ -26,26 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import NOT_SOURCE
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
 # Source folder -> where its files land in the wheel (setup.py's MAPPED_FOLDERS).
 SHIPPED_SOURCES = {"lora_convert": "lora_convert", "kernels": "lora_convert/kernels", "schemas": "lora_convert/schemas"}
-# Not part of a source distribution: local environments, caches and outputs.
-NOT_SOURCE = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "__pycache__",
-    "*.pyc",
-    "*.egg-info",
-    "build",
-    "dist",
-    ".pytest_cache",
-    ".hypothesis",
-    "demo-out",
-    "out",
-    ".whl",
-    ".gl",
-)
 
 pytestmark = pytest.mark.slow
 

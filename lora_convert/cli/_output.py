@@ -45,3 +45,21 @@ def print_error(message: str, hint: str | None) -> None:
 
 def log(message: str) -> None:
     stderr.print(escape(message), highlight=False, soft_wrap=True)
+
+
+def byte_progress(label: str, *, console: Console | None = None):
+    """A started, transient byte progress bar on stderr (bar, bytes done/total, rate, ETA) after `label`, which
+    may name task fields (`{task.fields[adapters]}`). The one bar style of every command that moves bytes."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console or stderr,
+        transient=True,
+    )
+    bar.start()
+    return bar

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from lora_convert.cli._app import command
 from lora_convert.cli._options import AdapterArg, BaseOpt, CacheDirOpt, FormatOpt, TokenOpt
-from lora_convert.cli._output import OutputFormat, log, print_json, stderr, stdout
+from lora_convert.cli._output import OutputFormat, byte_progress, log, print_json, stderr, stdout
 from lora_convert.errors import UsageError
 
 
@@ -141,26 +141,8 @@ class _NormalizeProgress:
         self._status.start()
 
     def start(self, total_bytes: int) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
         self._stop_status()
-        self._bar = Progress(
-            TextColumn("writing"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=self._console,
-            transient=True,
-        )
-        self._bar.start()
+        self._bar = byte_progress("writing", console=self._console)
         self._task = self._bar.add_task("write", total=total_bytes)
 
     def advance(self, nbytes: int) -> None:

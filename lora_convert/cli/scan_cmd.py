@@ -6,7 +6,7 @@ import typer
 from rich.markup import escape
 
 from lora_convert.cli._app import command
-from lora_convert.cli._output import OutputFormat, print_json, stderr, stdout
+from lora_convert.cli._output import OutputFormat, byte_progress, print_json, stderr, stdout
 from lora_convert.cli.normalize_cmd import Layout
 from lora_convert.cli.validate_cmd import Engine
 from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, UsageError
@@ -150,26 +150,8 @@ class _FleetProgress:
         self._total = 0
 
     def start(self, tasks) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
         self._total = len(tasks)
-        self._progress = Progress(
-            TextColumn("scan {task.fields[adapters]}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-            transient=True,
-        )
-        self._progress.start()
+        self._progress = byte_progress("scan {task.fields[adapters]}")
         self._task = self._progress.add_task(
             "scan", total=sum(t.nbytes for t in tasks) or None, adapters=f"0/{self._total}"
         )

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from lora_convert.cli._app import command
 from lora_convert.cli._options import ADAPTER_HELP, BaseOpt, CacheDirOpt, Device, TokenOpt
-from lora_convert.cli._output import ReportFormat, print_error, print_json, stderr, stdout
+from lora_convert.cli._output import ReportFormat, byte_progress, print_error, print_json, stdout
 from lora_convert.errors import EXIT_OK, LoraConvertError
 
 PROGRESS_MIN_BYTES = 100 * 1024 * 1024  # show a progress bar only for scans larger than this
@@ -158,25 +158,7 @@ class _ByteProgress:
         if not self._enabled or total < PROGRESS_MIN_BYTES:
             return
         if self._progress is None:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("scanning tensors"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=stderr,
-                transient=True,
-            )
-            self._progress.start()
+            self._progress = byte_progress("scanning tensors")
             self._task = self._progress.add_task("scan", total=total)
         self._progress.advance(self._task, nbytes)
 
