@@ -338,3 +338,17 @@ def test_closed_port_fails_at_once_with_exit_3(tmp_path):
     assert result.returncode == 3, result.stderr
     assert "Retrying" not in result.stderr
     assert "lora-convert schemas list" in result.stderr
+
+
+def test_a_check_subset_names_the_rest_as_not_selected():
+    root = EXAMPLE
+    report = validate_adapter(root / "adapter", base=str(root / "base"), checks=("config", "shapes"), smoke=False)
+    checks = report.summary["checks"]
+    assert checks["run"] == ["config", "shapes"]
+    assert {name for name, why in checks["skipped"].items() if why == "not selected by --checks"} == set(
+        CHECK_NAMES
+    ) - {"config", "shapes"}
+    from lora_convert.errors import UsageError
+
+    with pytest.raises(UsageError, match="nope"):
+        validate_adapter(root / "adapter", base=str(root / "base"), checks=("config", "nope"))

@@ -12,7 +12,7 @@ annotation for it like for anything else. docs/validate.md lists every check and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from lora_convert.check.base import resolve_base
 from lora_convert.check.context import DEVICES, ENGINES, CheckContext, ValidateOptions
 from lora_convert.check.report import ValidationReport, checks_sentence, finish
 from lora_convert.codes import finding
-from lora_convert.errors import AdapterConfigError, AdapterFormatError
+from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
 from lora_convert.peft.adapter import load_adapter
 
@@ -47,12 +47,19 @@ def validate_adapter(
     cache_dir: str | Path | None = None,
     token: str | None = None,
     allow_unchecked: bool = False,
+    checks: Collection[str] | None = None,
 ) -> ValidationReport:
     """Run every check on one adapter and return the report (never raises for a problem *in* the adapter).
 
     `allow_unchecked`: shapes that could not be checked are the warning `shapes.unchecked-allowed` instead of the
-    error `shapes.unchecked`.
+    error `shapes.unchecked`. `checks`: run only these check groups (CHECK_NAMES; `scan --checks`); the others are
+    reported as skipped, "not selected by --checks", so the verdict never claims them.
     """
+    unknown = sorted(set(checks or ()) - set(CHECK_NAMES))
+    if unknown:
+        raise UsageError(
+            f"Unknown check group(s): {', '.join(unknown)}.", hint=f"Use some of: {', '.join(CHECK_NAMES)}."
+        )
     started = time.monotonic()
     options = ValidateOptions(
         base=base,
@@ -94,6 +101,9 @@ def validate_adapter(
     ran: list[str] = []
     skipped: dict[str, str] = {}
     for check in CHECKS:
+        if checks is not None and check.name not in checks:
+            skipped[check.name] = "not selected by --checks"
+            continue
         outcome = check.run(ctx)
         report.findings.extend(outcome.findings)
         if outcome.skipped is None:

@@ -138,87 +138,17 @@ def _run(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
 
 def _validate(spec: str, options: ScanOptions):
     """`validate`'s checks on one adapter, or only those named by options.checks (in validate's order)."""
-    from lora_convert.check.validate import CHECK_NAMES, validate_adapter
+    from lora_convert.check.validate import validate_adapter
 
-    if options.checks is None or set(options.checks) >= set(CHECK_NAMES):
-        return validate_adapter(
-            spec,
-            base=options.base,
-            engine=options.engine,
-            data_scan=options.data_scan,
-            smoke=options.smoke,
-            strict=options.strict,
-            allow_unchecked=options.allow_unchecked,
-        )
-    return _validate_selected(spec, options)
-
-
-def _validate_selected(spec: str, options: ScanOptions):
-    """validate_adapter's loop over a subset of its checks (check/validate.py has no such parameter yet).
-
-    Reading the adapter and resolving the base are the same calls; a check that was not selected is reported as
-    skipped with the reason, so the verdict never claims it."""
-    from lora_convert.check.base import resolve_base
-    from lora_convert.check.context import CheckContext, ValidateOptions
-    from lora_convert.check.report import ValidationReport, finish
-    from lora_convert.check.validate import CHECK_NAMES, CHECKS
-    from lora_convert.codes import finding
-    from lora_convert.errors import AdapterConfigError, AdapterFormatError
-    from lora_convert.io.source import resolve_adapter_source
-    from lora_convert.peft.adapter import load_adapter
-
-    started = time.monotonic()
-    selected = set(options.checks or ())
-    vopts = ValidateOptions(
+    return validate_adapter(
+        spec,
         base=options.base,
         engine=options.engine,
         data_scan=options.data_scan,
         smoke=options.smoke,
-        allow_unchecked=options.allow_unchecked,
-    )
-    source = resolve_adapter_source(spec)
-    report = ValidationReport(
-        adapter=source.describe(),
-        adapter_path=str(source.path),
-        base=None,
-        engine=vopts.engine,
         strict=options.strict,
-        allow_unchecked=vopts.allow_unchecked,
-    )
-    try:
-        adapter = load_adapter(source, strict_config=False)
-    except AdapterConfigError as exc:
-        report.findings.append(finding("config.unreadable", exc.message, keys=["adapter_config.json"], fix=exc.hint))
-        why = "adapter_config.json unreadable"
-        return finish(report, started, {"checks": {"run": [], "skipped": dict.fromkeys(CHECK_NAMES, why)}})
-    except AdapterFormatError as exc:
-        report.findings.append(finding("files.unreadable", exc.message, fix=exc.hint))
-        why = "adapter files unreadable"
-        return finish(report, started, {"checks": {"run": [], "skipped": dict.fromkeys(CHECK_NAMES, why)}})
-    resolution = resolve_base(adapter, options.base)
-    report.base = resolution.name
-    ctx = CheckContext(adapter, vopts, resolution, findings=report.findings)
-    report.findings.extend(resolution.findings)
-    ran: list[str] = []
-    skipped: dict[str, str] = {}
-    for check in CHECKS:
-        if check.name not in selected:
-            skipped[check.name] = "not selected by --checks"
-            continue
-        outcome = check.run(ctx)
-        report.findings.extend(outcome.findings)
-        if outcome.skipped is None:
-            ran.append(check.name)
-        else:
-            skipped[check.name] = outcome.skipped
-    return finish(
-        report,
-        started,
-        {
-            "adapter": {"bytes": adapter.total_bytes},
-            "family": getattr(ctx.arch, "family", None),
-            "checks": {"run": ran, "skipped": skipped},
-        },
+        allow_unchecked=options.allow_unchecked,
+        checks=options.checks,
     )
 
 
