@@ -51,7 +51,7 @@ WORKER_BASE_MEMORY = 256 * MiB
 LARGE_ADAPTER_EXTRA = 1024 * MiB
 
 
-def _ray():
+def ray_module():
     """The `ray` module, or EnvironmentProblem naming the extra that installs it."""
     try:
         import ray
@@ -99,7 +99,7 @@ def run_all(
     initialised in this process, that instance is used (and left running). `jobs` caps the tasks running at once
     (default: the cluster's CPUs). `task_fn` is what each task runs (run_task; tests pass one that hangs).
     An exception (KeyboardInterrupt, or one raised by on_result) cancels the tasks in flight and propagates."""
-    ray = _ray()
+    ray = ray_module()
     pending = deque(schedule(tasks))
     if not pending:
         return

@@ -14,11 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from lora_convert.errors import EnvironmentProblem, UsageError
+from lora_convert.errors import UsageError
 from lora_convert.scan.discover import discover
 from lora_convert.scan.summary import summarize
 from lora_convert.scan.task import ScanOptions, ScanTask
@@ -141,9 +140,9 @@ def _executor(backend: str, address: str | None) -> Callable[..., None]:
 
         return run_all
     if backend == "ray":
-        if find_spec("ray") is None:
-            raise EnvironmentProblem("--ray needs Ray, which is not installed.", hint="pip install 'lora-convert[ray]'")
         from lora_convert.scan import ray_backend
+
+        ray_backend.ray_module()  # fail before the report is opened, not after
 
         def run_all(tasks, options, *, on_result, jobs=None):
             ray_backend.run_all(tasks, options, on_result=on_result, jobs=jobs, address=address)
