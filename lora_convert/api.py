@@ -28,7 +28,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["InspectResult", "inspect_adapter", "validate_adapter", "normalize_adapter", "scan_adapters"]
 
-LAYOUTS = ("stacked", "sglang", "peft")
+LAYOUTS = ("stacked", "peft", "sglang", "vllm")  # and ENGINE==VERSION (lora_convert/engines/rules.py)
 DTYPES = ("keep", "bf16", "fp16", "fp32")
 
 
@@ -65,6 +65,25 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if not isinstance(text, str) or text.lower() not in choices:
         raise UsageError(f"Unknown {name} {value!r}.", hint=f"Use one of: {', '.join(choices)}.")
     return text.lower()
+
+
+def _release(value: Any, name: str, fixed: tuple[str, ...]) -> str:
+    """One of `fixed`, or an engine release: `sglang`, `vllm==0.33.0` (lora_convert/engines/rules.py)."""
+    text = value.value if hasattr(value, "value") else value
+    if not isinstance(text, str):
+        raise UsageError(f"Unknown {name} {value!r}.", hint=f"Use one of: {', '.join(fixed)}, or an engine.")
+    text = text.strip().lower()
+    if text in fixed:
+        return text
+    from lora_convert.engines.rules import resolve_engine
+
+    try:
+        resolve_engine(text)
+    except UsageError as exc:
+        raise UsageError(
+            f"--{name} {text!r}: {exc.message}", hint=f"Use one of: {', '.join(fixed)}, or an engine. {exc.hint}"
+        ) from None
+    return text
 
 
 def _positive_int(value: Any, name: str) -> int | None:
@@ -152,13 +171,13 @@ def validate_adapter(
 
     Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable, no CUDA for
     device="cuda" with smoke=True)."""
-    from lora_convert.check.validate import DEVICES, ENGINES
+    from lora_convert.check.validate import DEVICES
     from lora_convert.check.validate import validate_adapter as run_validate
 
     return run_validate(
         _adapter_spec(adapter),
         base=_optional_path(base, "base"),
-        engine=_choice(engine, "engine", ENGINES),
+        engine=_release(engine, "engine", ("none",)),
         tp=_positive_int(tp, "tp"),
         ep=_positive_int(ep, "ep"),
         data_scan=bool(data_scan),
@@ -223,7 +242,7 @@ def normalize_adapter(
         cache_dir=_optional_path(cache_dir, "cache_dir"),
         token=token,
         progress=progress,
-        layout=_choice(layout, "layout", LAYOUTS),
+        layout=_release(layout, "layout", ("stacked", "peft")),
     )
 
 
@@ -256,7 +275,7 @@ def scan_adapters(
 
     Raises UsageError (bad argument, no SOURCE, an existing report without resume), EnvironmentProblem (ray=True
     without Ray installed). Problems of single adapters are records, never exceptions."""
-    from lora_convert.check.validate import CHECK_NAMES, ENGINES
+    from lora_convert.check.validate import CHECK_NAMES
     from lora_convert.scan.report import run_scan
     from lora_convert.scan.task import ScanOptions
 
@@ -274,13 +293,13 @@ def scan_adapters(
         raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     options = ScanOptions(
         base=_optional_path(base, "base"),
-        engine=_choice(engine, "engine", ENGINES),
+        engine=_release(engine, "engine", ("none",)),
         checks=selected,
         data_scan=bool(data_scan),
         smoke=bool(smoke),
         allow_unchecked=bool(allow_unchecked),
         strict=bool(strict),
-        layout=_choice(layout, "layout", LAYOUTS) if layout is not None else None,
+        layout=_release(layout, "layout", ("stacked", "peft")) if layout is not None else None,
         normalize_root=_optional_path(normalize, "normalize"),
         timeout_s=float(timeout),
     )

@@ -202,6 +202,10 @@ class SGLangModel:
                 and layer % g("moe_layer_freq", 1) == 0
             ):
                 inter = g("moe_intermediate_size") * g("n_shared_experts", 0)
+            if self.model_type == "qwen3_next" and g("shared_expert_intermediate_size"):
+                # the memory pool sizes the shared-expert buffers from the real layer (issue 12, proven with
+                # SGLang 0.5.23's own code in tests/test_proof_sglang.py), not from intermediate_size
+                inter = g("shared_expert_intermediate_size")
             moe_i = g("moe_intermediate_size") or g("intermediate_size")
             nope, rope = g("qk_nope_head_dim", 0), g("qk_rope_head_dim", 0)
             table = {

@@ -124,7 +124,9 @@ def test_engine_findings_take_their_severity_from_the_outcome():
 
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
 def test_every_engine_rule_has_a_registered_outcome(engine):
-    doc = json.loads((PACKAGE / "engines" / f"{engine}.json").read_text(encoding="utf-8"))
+    from lora_convert.engines.rules import resolve_engine
+
+    doc = json.loads((PACKAGE / "engines" / resolve_engine(engine).file).read_text(encoding="utf-8"))
     unknown = [(r["id"], r["outcome"]) for r in doc["rules"] if r["outcome"] not in ENGINE_OUTCOMES]
     assert not unknown
 

@@ -1,4 +1,4 @@
-"""`normalize --layout sglang|peft` on every PEFT-written fixture (docs/engine-layouts.md).
+"""`normalize --layout sglang|vllm|peft` on every PEFT-written fixture (docs/engine-layouts.md).
 
 - sglang: the output, run through a model of SGLang 0.5.23's own loader (tests/sglang_loader_sim.py), gives
   exactly the stacked layout, tensor for tensor; and the same model fails on the raw PEFT fixtures where the
@@ -6,7 +6,12 @@
 - peft: per-module keys, one rank, scaling folded, all expert projections present; normalized again to
   `stacked` it equals the direct stacked output.
 - both: our own reader accepts the output; `validate --engine sglang|vllm` reports no engine problem.
-The PEFT logits proof is in test_engine_layouts_peft.py (marked `peft`).
+- vllm: every slice of every expert computes what the stacked layout computes (3-D experts for the model classes
+  vLLM 0.33 loads that way, per-expert modules otherwise); validate --engine vllm reports nothing on it.
+- refusals: what normalize --layout ENGINE refuses is exactly the module groups validate --engine ENGINE reports
+  as unservable, on every fixture.
+The PEFT logits proof is in test_engine_layouts_peft.py (marked `peft`); the engines' own code in
+test_proof_sglang.py and test_proof_vllm.py.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -237,7 +243,9 @@ def test_sglang_layout_names(root):
     report = json.loads((out / REPORT_FILE).read_text())
     assert not any("mixer.in_proj" in k or "experts.0.up_proj" in k for k in keys)
     assert "base_model.model.backbone.layers.1.mixer.experts.0.gate_proj.lora_A.weight" in keys
-    assert any(d["code"] == "sglang.mamba-in-proj-bcdt" and "%" in d["reason"] for d in report["dropped"])
+    assert any(
+        d["code"] == "engine.sglang.nemotron-in-proj-bcdt-dropped" and "%" in d["reason"] for d in report["dropped"]
+    )
     out, _, _ = produce("v5_deepseek_v3_experts_down_only", "sglang", root)
     report = json.loads((out / REPORT_FILE).read_text())
     assert [g["group"] for g in report["groups"] if g["added_zero_filled"]] == [
@@ -366,10 +374,7 @@ def test_our_reader_and_smoke_accept_the_output(case, layout, root):
 
 
 # ---------------------------------------------------------------------------------------------- validate
-ENGINE_OF = {"sglang": "sglang", "peft": "vllm"}
-
-
-@pytest.mark.parametrize("layout", ["sglang", "peft"])
+@pytest.mark.parametrize("layout", ["sglang", "vllm"])
 @pytest.mark.parametrize("case", CASES)
 def test_validate_engine_reports_nothing_on_the_matching_layout(case, layout, root):
     from lora_convert.check.validate import validate_adapter
@@ -377,9 +382,7 @@ def test_validate_engine_reports_nothing_on_the_matching_layout(case, layout, ro
     out, drop, refusal = produce(case, layout, root)
     if out is None:
         return
-    report = validate_adapter(
-        str(out), base=str(case_base_dir(case)), engine=ENGINE_OF[layout], data_scan=True, smoke=False
-    )
+    report = validate_adapter(str(out), base=str(case_base_dir(case)), engine=layout, data_scan=True, smoke=False)
     engine = [f for f in report.findings if f.code.startswith("engine.") and f.severity.value in ("error", "warning")]
     assert not engine, [(f.code, f.message[:160]) for f in engine]
 
@@ -420,7 +423,7 @@ def test_embedding_lora_in_both_layouts(tmp_path):
     assert check_sglang_equals_stacked("v5_llama", tmp_path / "sglang", tmp_path / "stacked") == 2
 
 
-@pytest.mark.parametrize("layout", ["sglang", "peft"])
+@pytest.mark.parametrize("layout", ["sglang", "vllm", "peft"])
 def test_same_input_same_bytes_and_cli(layout, tmp_path):
     import hashlib
 
@@ -465,20 +468,27 @@ def test_same_input_same_bytes_and_cli(layout, tmp_path):
     }
     doc = json.loads(result.stdout[result.stdout.index("{") :])
     assert doc["layout"] == layout and doc["added_zero_filled_groups"]  # the experts' down side was added
+    # a module group the engine cannot serve is refused, and nothing is written; PEFT applies every module
+    refusing = {"sglang": "v4_mixtral", "vllm": "v5_deepseek_v3_all_linear", "peft": "v5_deepseek_v3_all_linear"}[
+        layout
+    ]
     refused = CliRunner().invoke(
         app,
         [
             "normalize",
-            str(case_dir("v4_mixtral") / "adapter"),
+            str(case_dir(refusing) / "adapter"),
             "-o",
             str(tmp_path / "r"),
             "--base",
-            str(case_base_dir("v4_mixtral")),
+            str(case_base_dir(refusing)),
             "--layout",
             layout,
         ],
     )
-    assert refused.exit_code == 1 and not (tmp_path / "r").exists()
+    if layout == "peft":
+        assert refused.exit_code == 0 and (tmp_path / "r").is_dir(), refused.output
+    else:
+        assert refused.exit_code == 1 and not (tmp_path / "r").exists(), refused.output
 
 
 @pytest.mark.parametrize(
@@ -518,3 +528,98 @@ def test_progress_total_is_the_bytes_written(case, layout, tmp_path):
     # One advance per group written (the report lists them, added zero-filled expert sides included).
     assert len(rec.advances) == len(json.loads((out / REPORT_FILE).read_text())["groups"])
     assert all(n > 0 for n in rec.advances)
+
+
+# ------------------------------------------------------------------------------------------------ vllm
+def stacked_deltas(folder: Path) -> dict[tuple, np.ndarray]:
+    """(group key, slice name, expert) -> B_slice @ A_slice in float64, from a stacked output (any rank)."""
+    layout = json.loads((folder / "lora_layout.json").read_text())
+    R = layout["rank"]
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    out = {}
+    for g in layout["groups"]:
+        A = tensors[f"base_model.model.{g['key']}.lora_A.weight"].double().numpy()
+        B = tensors[f"base_model.model.{g['key']}.lora_B.weight"].double().numpy()
+        for i, sl in enumerate(g["slices"]):
+            rows = slice(sl["out_offset"], sl["out_offset"] + sl["out_features"])
+            for e in range(g["experts"] or 1):
+                a, b = (A[e], B[e]) if g["experts"] else (A, B)
+                out[(g["key"], sl["name"], e)] = b[rows] @ a[i * R : (i + 1) * R]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_vllm_layout_computes_the_stacked_delta(case, root, tmp_path):
+    """Normalized again to stacked, the vllm output computes every kept slice's delta of the direct stacked output
+    (its rank may be 2R: a 3-D gate_up of two A factors), and added groups are zero."""
+    from lora_convert.convert.normalize import normalize
+    from lora_convert.peft.adapter import load_adapter
+
+    out, drop, refusal = produce(case, "vllm", root)
+    if out is None:
+        assert case in NOTHING_LEFT | VLLM_NOTHING_LEFT, refusal
+        return
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] and not config["rank_pattern"] and not config["use_rslora"]
+    adapter = load_adapter(str(out))
+    assert not [f for f in adapter.findings if f.severity.value == "error"]
+    classes = set(json.loads((case_base_dir(case) / "config.json").read_text()).get("architectures") or [])
+    three_d = bool(classes & VLLM_3D_CLASSES) and any(m.expert is not None or m.param for m in adapter.modules)
+    assert adapter.expert_layout in (("fused-3d",) if three_d else ("none", "per-expert-2d")), adapter.expert_layout
+    assert bool(config.get("target_parameters")) == three_d
+    again = tmp_path / "again"
+    normalize(str(out), again, base=str(case_base_dir(case)))
+    got, want = stacked_deltas(again), stacked_deltas(stacked(case, drop, root))
+    report = json.loads((out / REPORT_FILE).read_text())
+    dropped = {d["module"].split(" (")[0] for d in report["dropped"]}
+    for key, delta in want.items():
+        if key[0] in dropped:
+            continue
+        np.testing.assert_allclose(got[key], delta, rtol=0, atol=1e-12 + 1e-6 * np.abs(delta).max(), err_msg=str(key))
+    for key in set(got) - set(want):
+        assert not np.any(got[key]), key  # groups the layout added (the other expert side) are zero
+
+
+VLLM_3D_CLASSES = {"Qwen3_5MoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration", "GptOssForCausalLM"}
+# vLLM 0.33.0 serves nothing of these exactly: no LoRA for Kimi-K2.5.
+VLLM_NOTHING_LEFT = {"v4emu_kimi_k25", "v5_kimi_k25", "v5_kimi_k25_vision"}
+
+
+@pytest.mark.parametrize("layout", ["sglang", "vllm"])
+@pytest.mark.parametrize("case", CASES)
+def test_normalize_refuses_exactly_what_validate_reports(case, layout, root):
+    """One rule set: the groups `normalize --layout E` refuses are the groups `validate --engine E` reports as
+    unservable (same codes, same source modules), on every fixture."""
+    from lora_convert.check.engine import planned_group_refusals
+    from lora_convert.check.validate import validate_adapter
+
+    out, drop, refusal = produce(case, layout, root)
+    report = validate_adapter(
+        str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), engine=layout, data_scan=False, smoke=False
+    )
+    reported = {f.code for f in report.findings if f.code.startswith(f"engine.{layout}.")}
+    if out is None:
+        assert refusal, case
+        return
+    doc = json.loads((out / REPORT_FILE).read_text())
+    refused_codes = {d["code"] for d in doc["dropped"] if d["code"].startswith(f"engine.{layout}.")}
+    refused_keys = {k for d in doc["dropped"] if d["code"].startswith(f"engine.{layout}.") for k in d["keys"]}
+    assert refused_codes <= reported, sorted(refused_codes - reported)
+    from lora_convert.arch.base_config import resolve_base
+    from lora_convert.arch.schema import bind
+    from lora_convert.peft.adapter import load_adapter
+
+    adapter = load_adapter(str(case_dir(case) / "adapter"))
+    base = resolve_base(str(case_base_dir(case)))
+    planned, why_not = planned_group_refusals(layout, adapter, bind(base), base.name)
+    assert why_not is None, why_not
+    validate_keys = {k for r in planned for m in adapter.modules if m.module in r.modules for k in m.keys}
+    validate_codes = {r.finding.code for r in planned}
+    # rows a cut leaves out (partially served groups) are reported by their own feature rule, not a group rule
+    assert {c for c in refused_codes if not _is_row_rule(c)} == validate_codes, (refused_codes, validate_codes)
+    row_keys = {k for d in doc["dropped"] if _is_row_rule(d["code"]) for k in d["keys"]}
+    assert refused_keys - row_keys == validate_keys, sorted((refused_keys - row_keys) ^ validate_keys)[:4]
+
+
+def _is_row_rule(code: str) -> bool:
+    return code.endswith("-bcdt-dropped")

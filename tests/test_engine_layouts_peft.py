@@ -81,6 +81,8 @@ def _load_base(case: str, out: Path):
             tried.append(f"{name}: {exc}"[:120])
             continue
         names = {n for n, _ in model.named_modules()}
+        # transformers 5 renamed Mixtral's block_sparse_moe to mlp (a v4 checkpoint is converted on load)
+        names |= {n.replace(".mlp.", ".block_sparse_moe.") for n in names} if TRANSFORMERS_5 else set()
         if wanted <= names:
             return model.eval()
         tried.append(f"{name}: lacks {sorted(wanted - names)[:2]}")

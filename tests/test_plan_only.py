@@ -171,5 +171,8 @@ def test_a_planned_refusal_appears_in_the_dry_run(case, fragments, tmp_path, mon
     dropped = _cli(*args, "--dry-run", "--drop-unsupported", "--format", "json")
     assert dropped.exit_code == 0, dropped.output
     doc = json.loads(dropped.stdout[dropped.stdout.index("{") :])
-    assert {d["code"] for d in doc["dropped"]} & {"sglang.router", "sglang.mamba-in-proj-bcdt"}
+    assert {d["code"] for d in doc["dropped"]} & {
+        "engine.sglang.router-lora",
+        "engine.sglang.nemotron-in-proj-bcdt-dropped",
+    }
     assert any(line.startswith("dropped ") for line in dropped.stderr.splitlines())

@@ -33,7 +33,7 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 GOLDEN = Path(__file__).parent / "torch_path_golden.json"
-LAYOUTS = ("stacked", "sglang", "peft")
+LAYOUTS = ("stacked", "sglang")  # peft: see CHANGED_BY_RULES
 DTYPES = ("keep", "bf16", "fp16", "fp32")
 # dtype variants of fixtures: dense (llama), PEFT 3-D experts (deepseek v5), per-expert experts (mixtral v4)
 VARIANT_CASES = ("v5_llama", "v5_deepseek_v3", "v4_mixtral")
@@ -164,10 +164,30 @@ def _golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+# Outputs whose MODULE SET changed after the golden commit because the engine rules changed (issue 12), not the data
+# path: their bytes per module are still the stacked buffers' (tests/test_engine_layouts.py compares every module of
+# every layout with the stacked output, which is golden-checked here in every dtype).
+CHANGED_BY_RULES = {
+    # `--layout peft` now writes every module PEFT applies (MLA kv_b_proj and routers were refused for vLLM's sake)
+    "peft": "all",
+    # SGLang 0.5.23 serves the Qwen3-Next shared-expert MLP (its memory pool sizes it from the real layer; proven by
+    # tests/test_proof_sglang.py): the golden's drop output was written while it was refused
+    "sglang": {"v4_qwen3_next"},
+}
+
+
+def _compared(key: str, case: str) -> bool:
+    changed = CHANGED_BY_RULES.get(key.split("/")[0])
+    return not (changed == "all" or (changed and case in changed))
+
+
 @pytest.mark.parametrize(("case", "variant"), all_targets(), ids=[target_id(*t) for t in all_targets()])
 def test_numpy_path_writes_the_torch_paths_bytes(case, variant, tmp_path):
     expected = _golden()["outputs"][target_id(case, variant)]
     got = outputs_of(case, variant, tmp_path)
+    expected = {k: v for k, v in expected.items() if _compared(k, case)}
+    got = {k: v for k, v in got.items() if _compared(k, case)}
+    assert any(k.startswith("stacked/") for k in got)
     assert got == expected
 
 

@@ -16,7 +16,7 @@ from lora_convert.errors import UsageError
 from lora_convert.findings import Finding
 from lora_convert.peft.adapter import STACKED_LAYOUT_CODES
 
-ENGINES = ("none", "sglang", "vllm")
+ENGINES = ("none", "sglang", "vllm")  # and ENGINE==VERSION for a release with a rule file (engines/rules.py)
 DEVICES = ("auto", "cpu", "cuda")
 MAX_KEYS = 50  # keys listed per finding
 
@@ -38,8 +38,10 @@ class ValidateOptions:
     allow_unchecked: bool = False
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise UsageError(f"Unknown engine {self.engine!r}.", hint=f"Use one of: {', '.join(ENGINES)}.")
+        if self.engine != "none":
+            from lora_convert.engines.rules import resolve_engine
+
+            resolve_engine(self.engine)  # UsageError naming the engines and releases that have rules
         if self.device not in DEVICES:
             raise UsageError(f"Unknown device {self.device!r}.", hint=f"Use one of: {', '.join(DEVICES)}.")
         for name, value in (("--tp", self.tp), ("--ep", self.ep)):

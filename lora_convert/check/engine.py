@@ -1,10 +1,31 @@
-"""The `engine` check (with --engine): what that serving engine would do with each feature of the adapter
-(rules in lora_convert/engines/<engine>.json, evaluated by lora_convert/engines/profiles.py)."""
+"""The `engine` check (with --engine): what that serving engine release would do with the adapter.
+
+One rule file per engine release (lora_convert/engines/<engine>-<version>.json) holds two kinds of rule, and this
+check evaluates both:
+- feature rules (lora_convert/engines/profiles.py): properties of the adapter as PEFT wrote it -- its config, its
+  key names, which companions are missing -- most of which `normalize --layout ENGINE` fixes;
+- `planned_group` rules: module groups of the plan `normalize` builds from headers that the engine cannot serve
+  in any layout. `normalize --layout ENGINE` refuses exactly these groups (it reads the same rules through
+  lora_convert/convert/layout_rules.py), so validate's findings and normalize's refusals cannot disagree.
+
+`predict_engine` turns the same findings into one word per PEFT module (exact / dropped / wrong) or a load failure:
+what the proof tests (tests/test_proof_*.py) compare with the engines' own code.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass, field
+
 from lora_convert.check.context import Check, CheckContext, Outcome
-from lora_convert.engines.profiles import evaluate_engine
+from lora_convert.codes import engine_finding
+from lora_convert.engines.profiles import compute_features, evaluate_engine
+from lora_convert.engines.rules import PLANNED_GROUP, engine_info, load_rules, resolve_engine
+from lora_convert.errors import LoraConvertError
+from lora_convert.findings import Finding
+from lora_convert.text import spans
+
+MAX_KEYS = 50
 
 
 def run(ctx: CheckContext) -> Outcome:
@@ -14,7 +35,120 @@ def run(ctx: CheckContext) -> Outcome:
     if not ctx.adapter.config.is_valid:
         # The rules reason about ranks and scalings; on placeholder values they would invent findings.
         return Outcome(skipped="adapter_config.json is invalid")
-    return Outcome(evaluate_engine(engine, ctx.adapter, ctx.arch, ctx.text_config, scan=ctx.scan))
+    findings = evaluate_engine(engine, ctx.adapter, ctx.arch, ctx.text_config, scan=ctx.scan)
+    planned, why_not = planned_group_refusals(engine, ctx.adapter, ctx.arch, ctx.base.name)
+    if why_not is not None:
+        return Outcome(findings, skipped=f"the module-group rules: {why_not}")
+    return Outcome(findings + [r.finding for r in planned])
+
+
+@dataclass
+class GroupRefusal:
+    """The groups one planned_group rule refuses, with the PEFT modules that feed them."""
+
+    rule_id: str
+    outcome: str
+    finding: Finding
+    modules: list[str] = field(default_factory=list)
+
+
+def planned_group_refusals(engine: str, adapter, arch, base_name: str | None) -> tuple[list[GroupRefusal], str | None]:
+    """The planned_group rules of `engine` that match a group of the adapter's plan, or (_, why they could not be
+    evaluated): without a bound base there is no plan."""
+    if not any(r["feature"] == PLANNED_GROUP for r in load_rules(engine)):
+        return [], None
+    if arch is None:
+        return [], "no base architecture to plan against"
+    from lora_convert.convert.engine_layouts import model_classes, plan_layout
+    from lora_convert.convert.layout_rules import render
+    from lora_convert.convert.plan import build_plan
+
+    try:
+        plan = build_plan(adapter, arch, base_name=base_name or "", drop_unsupported=True)
+    except LoraConvertError as exc:
+        return [], f"the adapter cannot be planned ({exc.message})"
+    layout_plan = plan_layout(plan, engine)
+    release = resolve_engine(engine)
+    rules = {r["id"]: r for r in load_rules(engine)}
+    by_rule: dict[str, list] = defaultdict(list)
+    prefix = f"engine.{release.engine}."
+    for refused in layout_plan.refused:
+        if refused.code.startswith(prefix) and refused.code[len(prefix) :] in rules:
+            by_rule[refused.code[len(prefix) :]].append(refused)
+    label = engine_info(engine).get("label", release.spec)
+    out = []
+    for rule_id, refusals in by_rule.items():
+        rule = rules[rule_id]
+        modules, keys, layers = [], [], []
+        for r in refusals:
+            for s in r.group.slices:
+                for src in s.sources():
+                    if src.module.module not in modules:
+                        modules.append(src.module.module)
+                        keys += [k for k in src.module.keys if k not in keys]
+            if r.group.layer is not None:
+                layers.append(r.group.layer)
+        values = layout_plan.rules.refusal_values(refusals[0].group, plan.family, arch, model_classes(plan))
+        values.update(count=len(modules), layers=spans(sorted(set(layers))) if layers else "-")
+        reason = render(rule["message"], values)
+        fix = (rule.get("fix") or "").replace("ADAPTER", adapter.source.spec if adapter.source else "ADAPTER")
+        finding = engine_finding(
+            release.engine,
+            rule_id,
+            rule["outcome"],
+            message=f"[{label}: {rule['outcome']}] {reason} (source: {rule['source']})",
+            keys=keys[:MAX_KEYS],
+            expected="exact",
+            actual=rule["outcome"],
+            fix=fix or None,
+        )
+        out.append(GroupRefusal(rule_id, rule["outcome"], finding, modules))
+    return out, None
+
+
+# ------------------------------------------------------------------------------------------------ prediction
+# What the engine holds for a module, by rule outcome: "ignored" and "dropped" both leave the base weight alone.
+_MODULE_EFFECT = {"dropped": "dropped", "ignored": "dropped", "wrong": "wrong"}
+
+
+@dataclass
+class EnginePrediction:
+    """What validate predicts an engine release does with an adapter: the rules that make loading fail (empty:
+    it loads), and per PEFT module `exact`, `dropped` (the engine adds nothing) or `wrong` (it adds another delta)."""
+
+    engine: str
+    load_failure: list[str]
+    modules: dict[str, str]
+    unchecked: str | None = None  # a part of the rules that could not be evaluated, and why
+
+
+def predict_engine(engine: str, adapter, arch, base_name: str | None = None, text_config=None, scan=None):
+    """The per-module prediction behind `validate --engine` (the same rules, evaluated the same way)."""
+    modules = {m.module: "exact" for m in adapter.modules}
+    by_key = {k: m.module for m in adapter.modules for k in m.keys}
+    rules = {r["id"]: r for r in load_rules(engine)}
+    load_failure: list[str] = []
+
+    def mark(rule_id: str, outcome: str, names: list[str], partial: bool = False) -> None:
+        if outcome == "load-failure":
+            load_failure.append(rule_id)
+            return
+        effect = _MODULE_EFFECT.get(outcome)
+        if effect is None:
+            return
+        if partial:  # some rows of the module are served, others not: a different delta
+            effect = "wrong"
+        for name in names or list(modules):  # a rule on the adapter as a whole touches every module
+            if name in modules and modules[name] != "wrong":
+                modules[name] = effect
+
+    for rule_id, values in compute_features(engine, adapter, arch, text_config, scan).items():
+        names = sorted({by_key[k] for k in values.get("all_keys", values.get("keys", [])) if k in by_key})
+        mark(rule_id, rules[rule_id]["outcome"], names, partial=bool(values.get("partial")))
+    planned, why_not = planned_group_refusals(engine, adapter, arch, base_name)
+    for refusal in planned:
+        mark(refusal.rule_id, refusal.outcome, refusal.modules)
+    return EnginePrediction(engine, load_failure, modules, why_not)
 
 
 CHECK = Check("engine", run)

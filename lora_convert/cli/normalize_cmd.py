@@ -14,12 +14,6 @@ from lora_convert.cli._output import OutputFormat, byte_progress, log, print_jso
 from lora_convert.errors import UsageError
 
 
-class Layout(str, Enum):
-    stacked = "stacked"
-    sglang = "sglang"  # engine layout: per-module PEFT keys SGLang 0.5.23 fuses into the stacked groups
-    peft = "peft"  # engine layout: per-module PEFT keys PEFT and vLLM load (docs/engine-layouts.md)
-
-
 class DType(str, Enum):
     keep = "keep"
     bf16 = "bf16"
@@ -40,11 +34,14 @@ def normalize_command(
         "its parent instead of passing `-o .`.",
     ),
     base: str | None = BaseOpt,
-    layout: Layout = typer.Option(
-        Layout.stacked,
+    layout: str = typer.Option(
+        "stacked",
         "--layout",
-        help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `sglang` / `peft`: the same "
-        "slices as per-module PEFT files that SGLang 0.5.23 / PEFT and vLLM load exactly (docs/engine-layouts.md).",
+        metavar="LAYOUT",
+        help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `peft`: per-module PEFT "
+        "keys, one rank, scales folded, every module PEFT applies. `sglang` / `vllm` (or ENGINE==VERSION): what that "
+        "engine release (SGLang 0.5.23, vLLM 0.33.0) loads and applies exactly; what it would drop or apply wrongly "
+        "is refused, the same groups `validate --engine` reports (docs/engine-layouts.md).",
     ),
     rank: int | None = typer.Option(
         None,
@@ -103,7 +100,7 @@ def normalize_command(
             cache_dir=cache_dir,
             token=token,
             progress=progress,
-            layout=layout.value,
+            layout=layout,
         )
     finally:
         if progress:

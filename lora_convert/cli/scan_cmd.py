@@ -7,8 +7,7 @@ from rich.markup import escape
 
 from lora_convert.cli._app import command
 from lora_convert.cli._output import OutputFormat, byte_progress, print_json, stderr, stdout
-from lora_convert.cli.normalize_cmd import Layout
-from lora_convert.cli.validate_cmd import Engine
+from lora_convert.cli.validate_cmd import ENGINE_HELP
 from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, UsageError
 from lora_convert.scan.task import STATUSES
 
@@ -31,9 +30,7 @@ def scan_command(
         help="The base model for every adapter (folder, config.json, Hub id or preset). Default: each adapter's "
         "base_model_name_or_path.",
     ),
-    engine: Engine = typer.Option(
-        Engine.none, "--engine", "-e", case_sensitive=False, help="Also report what this serving engine would do."
-    ),
+    engine: str = typer.Option("none", "--engine", "-e", metavar="ENGINE[==VERSION]", help=ENGINE_HELP),
     checks: str | None = typer.Option(
         None,
         "--checks",
@@ -54,7 +51,9 @@ def scan_command(
         metavar="OUTROOT",
         help="Also convert every adapter without errors into OUTROOT/<id> (mirroring the source tree).",
     ),
-    layout: Layout | None = typer.Option(None, "--layout", case_sensitive=False, help="The layout for --normalize."),
+    layout: str | None = typer.Option(
+        None, "--layout", metavar="LAYOUT", help="The layout for --normalize (as `normalize --layout`)."
+    ),
     jobs: int | None = typer.Option(
         None, "--jobs", "-j", min=1, help="Worker processes on this machine. Default: the core count."
     ),
@@ -95,14 +94,14 @@ def scan_command(
     result = scan_adapters(
         sources,
         base=base,
-        engine=engine.value,
+        engine=engine,
         checks=_check_names(checks),
         data_scan=data,
         smoke=smoke,
         strict=strict,
         allow_unchecked=allow_unchecked,
         normalize=normalize,
-        layout=layout.value if layout is not None else None,
+        layout=layout,
         jobs=jobs,
         ray=ray or ray_address is not None,
         ray_address=ray_address,

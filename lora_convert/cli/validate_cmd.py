@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 
 import typer
@@ -15,10 +14,12 @@ from lora_convert.errors import EXIT_OK, LoraConvertError
 PROGRESS_MIN_BYTES = 100 * 1024 * 1024  # show a progress bar only for scans larger than this
 
 
-class Engine(str, Enum):
-    none = "none"
-    sglang = "sglang"
-    vllm = "vllm"
+ENGINE_HELP = (
+    "Also report what this serving engine release would do with the adapter: `sglang` or `vllm` (their pinned "
+    "releases, SGLang 0.5.23 and vLLM 0.33.0), or ENGINE==VERSION. One rule file per release "
+    "(lora_convert/engines/<engine>-<version>.json), each rule citing the release's source; `normalize --layout "
+    "ENGINE` refuses exactly the module groups this reports as unservable."
+)
 
 
 @command("validate")
@@ -31,14 +32,7 @@ def validate_command(
         + " Several may be given; a path to an adapter_config.json means its folder (for pre-commit).",
     ),
     base: str | None = BaseOpt,
-    engine: Engine = typer.Option(
-        Engine.none,
-        "--engine",
-        "-e",
-        case_sensitive=False,
-        help="Also report what this serving engine would do with each feature of the adapter "
-        "(rules in lora_convert/engines/*.json, each citing the engine version).",
-    ),
+    engine: str = typer.Option("none", "--engine", "-e", metavar="ENGINE[==VERSION]", help=ENGINE_HELP),
     tp: int | None = typer.Option(None, "--tp", min=1, help="Tensor-parallel size to check divisibility for."),
     ep: int | None = typer.Option(None, "--ep", min=1, help="Expert-parallel size to check divisibility for."),
     data: bool = typer.Option(
@@ -92,7 +86,7 @@ def validate_command(
             report = validate_adapter(
                 spec,
                 base=base,
-                engine=engine.value,
+                engine=engine,
                 tp=tp,
                 ep=ep,
                 data_scan=data,

@@ -38,7 +38,7 @@ from lora_convert.convert.plan import DroppedModule, Plan, PlannedGroup, _new_gr
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.safetensors_writer import TensorSpec
 
-LAYOUTS = ("sglang", "peft")
+LAYOUTS = ("sglang", "vllm", "peft")  # an engine may be named with its release: sglang==0.5.23
 REPORT_FILE = "lora_convert_report.json"
 REPORT_FORMAT = "lora-convert/engine-layout"
 REPORT_VERSION = 1
@@ -54,6 +54,9 @@ class OutModule:
     slices: tuple[int, ...]  # contiguous slice indices of the group; more than one only where they share one A
     expert: int | None = None
     embedding: bool = False
+    # Every expert at once, in PEFT's 3-D layout for a `target_parameters` expert parameter (A [E*r, in] expert-
+    # major, B [out, r*E] rank-major): `param` names that parameter (mlp.experts.gate_up_proj).
+    param: str | None = None
 
     @property
     def a_key(self) -> str:
@@ -113,10 +116,11 @@ class LayoutPlan:
     target_modules: list[str] | str = field(default_factory=list)
     notes: tuple[str, ...] = ()
     settled: bool = False
+    out_rank: int = 0  # the rank every written module has: R, or 2R where a 3-D gate_up needs gate's and up's A
 
     @property
     def rank(self) -> int:
-        return self.plan.rank
+        return self.out_rank or self.plan.rank
 
     @property
     def engine(self) -> str:
@@ -132,12 +136,15 @@ class LayoutPlan:
         specs = []
         for lg, m in self.modules():
             start, stop = lg.out_rows(m)
-            specs.append(TensorSpec(m.a_key, dtype, (R, lg.group.in_features)))
-            specs.append(TensorSpec(m.b_key, dtype, (stop - start, R)))
+            E = lg.group.experts if m.param else 1
+            specs.append(TensorSpec(m.a_key, dtype, (E * R, lg.group.in_features)))
+            specs.append(TensorSpec(m.b_key, dtype, (stop - start, R * E)))
         return specs
 
     def adapter_config(self) -> dict[str, Any]:
-        return output_config(self.plan, self.target_modules)
+        params = sorted({m.param for _, m in self.modules() if m.param})
+        extra = {"r": self.rank, "lora_alpha": self.rank, "target_parameters": params or None}
+        return output_config(self.plan, self.target_modules, extra)
 
     def report_json(self) -> dict[str, Any]:
         plan = self.plan
@@ -194,22 +201,31 @@ def _module_summary(lg: LayoutGroup) -> list[dict[str, Any]]:
 def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     """Cut the stacked plan into the modules of `layout`, from the plan alone (no tensor data). Groups the engine
     cannot serve are listed in `refused`; cuts whose exactness depends on data are listed in `checks`."""
-    if layout not in LAYOUTS:
+    if layout.partition("==")[0] not in LAYOUTS:
         raise ValueError(f"unknown engine layout {layout!r}")
     rules = load_layout_rules(layout)
     config = dict(getattr(plan.arch, "config", None) or {})
+    classes = model_classes(plan)
     added = _missing_expert_sides(plan)
     groups = sorted(list(plan.groups) + added, key=_group_order)
     added_ids = {id(g) for g in added}
     out: list[LayoutGroup] = []
     refused: list[Refused] = []
     checks: list[RowCheck] = []
+    experts_3d = bool(set(classes) & set(rules.experts_3d_classes))
+    out_rank = plan.rank
     for g in groups:
-        problem = rules.refusal(g, plan.family, config)
+        problem = rules.refusal(g, plan.family, config, classes)
         if problem is not None:
             refused.append(Refused(g, *problem))
             continue
-        cut = rules.cut(g, plan.family, config)
+        if experts_3d and g.experts and g.kind == "routed_experts":
+            module = _module_3d(g)
+            if not factors.shares_one_a(g.slices):
+                out_rank = max(out_rank, len(g.slices) * plan.rank)  # one A per slice, side by side
+            out.append(LayoutGroup(g, (module,), added=id(g) in added_ids))
+            continue
+        cut = rules.cut(g, plan.family, config, classes)
         modules = _modules(plan, g, rules, cut, config)
         split = next((m for m in modules if not factors.shares_one_a([g.slices[i] for i in m.slices])), None)
         if split is not None:
@@ -235,8 +251,33 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
             checks.append(RowCheck(g, unheld, why.code if why else UNHELD_CODE, reason))
         out.append(LayoutGroup(g, tuple(modules), added=id(g) in added_ids, dropped_slices=unheld))
     return LayoutPlan(
-        plan=plan, layout=layout, rules=rules, groups=tuple(out), refused=tuple(refused), checks=tuple(checks)
+        plan=plan,
+        layout=layout,
+        rules=rules,
+        groups=tuple(out),
+        refused=tuple(refused),
+        checks=tuple(checks),
+        out_rank=out_rank,
     )
+
+
+def _module_3d(g: PlannedGroup) -> OutModule:
+    """All experts of a routed-expert group as one PEFT 3-D parameter module. PEFT nests the second parameter
+    wrapper of one module around the first, so gate_up (targeted first) is saved as `experts.base_layer` and down as
+    `experts` (the layout transformers 5 + PEFT write; vLLM reads gate_up from `.base_layer`)."""
+    container = _container(g)
+    leaf = g.name.rsplit(".", 1)[-1]
+    layer_part = f"layers.{g.layer}."
+    rel = container.split(layer_part, 1)[1] if layer_part in container else container
+    path = container + (".base_layer" if leaf == "gate_up_proj" else "")
+    return OutModule(path, tuple(range(len(g.slices))), param=f"{rel}.{leaf}")
+
+
+def model_classes(plan: Plan) -> tuple[str, ...]:
+    """The base config's `architectures` (the model class an engine builds), top level first."""
+    arch = plan.arch
+    top = dict(getattr(arch, "top_config", None) or getattr(arch, "config", None) or {})
+    return tuple(a for a in top.get("architectures") or () if isinstance(a, str))
 
 
 def _group_order(g: PlannedGroup) -> tuple:
@@ -276,7 +317,7 @@ def _modules(plan: Plan, g: PlannedGroup, rules: LayoutRules, cut, config) -> li
         return [OutModule(g.key, (0,))]
     else:  # q/k/v, q_a/kv_a, gate/up, expert projections: the slice names are the base model's module names
         cuts = [(s.name, (i,)) for i, s in enumerate(g.slices)]
-    renames = rules.rename(g, plan.family, config)
+    renames = rules.rename(g, plan.family, config, model_classes(plan))
     cuts = [(renames.get(name, name), idx) for name, idx in cuts]
     if g.experts:
         return [OutModule(f"{container}.{e}.{name}", idx, expert=e) for e in range(g.experts) for name, idx in cuts]
@@ -358,7 +399,7 @@ def settle_layout(lp: LayoutPlan, *, drop_unsupported: bool = False) -> LayoutPl
     if isinstance(targets, str):
         notes.append(lp.rules.auto_detected_note)
     config = dict(getattr(lp.plan.arch, "config", None) or {})
-    notes += lp.rules.notes_for([lg.group for lg in groups], lp.plan.family, config)
+    notes += lp.rules.notes_for([lg.group for lg in groups], lp.plan.family, config, model_classes(lp.plan))
     return dataclasses.replace(settled, target_modules=targets, notes=tuple(notes))
 
 
@@ -370,9 +411,9 @@ def plan_engine_layout(
 
 
 def _target_modules(lp: LayoutPlan) -> list[str] | str:
-    if lp.layout == "peft":
+    if lp.rules.target_modules == "module_leaves":
         # PEFT, vLLM and SGLang all match target_modules on the last name component: list exactly those in the file
-        return sorted({m.leaf for _, m in lp.modules()})
+        return sorted({m.leaf for _, m in lp.modules() if m.param is None})
     # SGLang: the names its normalization ends with (qkv_proj, gate_up_proj, fused_qkv_a_proj_with_mqa, in_proj_qkvz,
     # in_proj, ...), each its own normalized form and with a get_hidden_dim entry; in_proj_q/x_proj would not have one.
     names = set()
@@ -401,15 +442,28 @@ def iter_layout_tensors(
     what is written."""
     if not lp.settled:
         raise ValueError("iter_layout_tensors needs a settled layout plan (plan_engine_layout)")
-    R = lp.rank
+    R = lp.plan.rank
     groups = [lg.group for lg in lp.groups]
     for lg, (_, A, B) in zip(lp.groups, iter_group_tensors(lp.plan, groups, dtype_tag, read), strict=True):
         group_bytes = 0
+        if lg.modules and lg.modules[0].param is not None:
+            (m,) = lg.modules
+            a, b = factors.peft_3d_module(A, B, lg.group, R, lp.rank)
+            group_bytes += a.nbytes + b.nbytes
+            yield m.a_key, a
+            yield m.b_key, b
+            del a, b
+            if progress is not None:
+                progress.advance(group_bytes)
+            del A, B
+            continue
         for m in lg.modules:
             # Views of the group's buffers, no copies (perf: copying every module was one more pass over the
             # output): the buffers are reused only once the next group is asked for, and the writer is done with
             # each tensor before it asks for the next (iter_layout_tensors' own contract, as iter_group_tensors').
             a, b = factors.cut_module(A, B, lg.group, m.slices, R, m.expert)
+            if lp.rank > R:  # padded with zero rank rows/columns: the same delta
+                a, b = factors.pad_rank(a, b, lp.rank)
             # The modules written, not the stacked group: dropped slices and per-expert cuts change the byte count.
             group_bytes += a.nbytes + b.nbytes
             yield m.a_key, a

@@ -211,3 +211,34 @@ def cut_module(A, B, group: PlannedGroup, slices: Sequence[int], R: int, expert:
         A, B = A[expert], B[expert]
     run = [group.slices[i] for i in slices]
     return A[a_rows(slices[0], R)], B[span_rows(run)]
+
+
+def pad_rank(a, b, rank: int):
+    """(a [r, in], b [out, r]) as rank `rank` >= r, padded with zeros (the same delta: b @ a is unchanged)."""
+    r = a.shape[0]
+    a2 = np.zeros((rank, a.shape[1]), dtype=a.dtype)
+    b2 = np.zeros((b.shape[0], rank), dtype=b.dtype)
+    a2[:r] = a
+    b2[:, :r] = b
+    return a2, b2
+
+
+def peft_3d_module(A, B, group: PlannedGroup, R: int, rank: int):
+    """A stacked routed-expert group (A [E, n*R, in], B [E, out, R]) as PEFT's 3-D parameter LoRA of rank `rank`:
+    A [E*rank, in] (expert-major rows) and B [out, rank*E] (column k*E + e is rank k of expert e).
+
+    Slices that share one A (a 3-D source: gate and up were one module) keep it; otherwise each slice's A-block
+    is stacked and B is block-diagonal over the slices, so every expert's delta B_e @ A_e is unchanged."""
+    E = group.experts
+    out = group.out_features
+    A3 = np.zeros((E, rank, group.in_features), dtype=A.dtype)
+    B3 = np.zeros((E, out, rank), dtype=B.dtype)
+    if shares_one_a(group.slices):
+        A3[:, :R] = A[:, :R]
+        B3[:, :, :R] = B
+    else:
+        for i, s in enumerate(group.slices):
+            rows = b_rows(s)
+            A3[:, i * R : (i + 1) * R] = A[:, a_rows(i, R)]
+            B3[:, rows, i * R : (i + 1) * R] = B[:, rows]
+    return A3.reshape(E * rank, group.in_features), np.ascontiguousarray(B3.transpose(1, 2, 0)).reshape(out, rank * E)

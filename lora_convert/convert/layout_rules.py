@@ -1,15 +1,19 @@
-"""What the engine layouts need to know about an engine, read from the `layout` key of its rule file.
+"""What an output layout needs to know about its loader, read from data.
 
-`lora_convert/engines/<engine>.json` holds, besides the validate rules, a `layout` object for the output layout
-that engine loads (`sglang.json`: --layout sglang; `vllm.json`: --layout peft): which planned groups it refuses,
-how a group is cut into the engine's modules, renames, and notes for the user, each citing its source. A rule
-matches a planned group through `when`, by what the schema says about the group:
+`--layout sglang` / `--layout vllm` read the engine release's rule file (`lora_convert/engines/<engine>-<version>.json`,
+through lora_convert.engines.rules.layout_document): its `layout` object says how a planned group is cut into the
+engine's modules, renamed, and what to tell the user; the groups it REFUSES are that file's `planned_group` rules,
+the same rules `validate --engine` reports, so the two can never disagree. `--layout peft` reads
+`lora_convert/convert/peft_layout.json` (PEFT applies every module: cuts and renames only, no refusals).
+A rule matches a planned group through `when`, by what the schema says about the group:
 
   kind      the schema's group kind (router, mla, mlp, shared_expert, ...)
   name      the group name (qkv_proj, experts.down_proj, in_proj_ba, ...); `leaf` its last component
   slices    the slice names, in order
   experts   whether it is a routed-expert group; `layered` whether it sits on a layer
   family    the schema family, only where the engine behaves per model class rather than per architecture
+  architectures  the base config's `architectures` (the model class the engine builds: a text-only and a VL
+            class of one family can differ)
   width_differs  {"width": "in" | "first_slice_out", "from": EXPR}: the group's width differs from EXPR, an
             expression of the base config and `layer` (lora_convert/arch/expr.py); {want} and {width} are
             then available to the rule's reason.
@@ -26,10 +30,12 @@ from typing import Any
 
 from lora_convert.arch.expr import evaluate
 from lora_convert.convert.plan import PlannedGroup
+from lora_convert.engines.rules import layout_document, resolve_engine
 from lora_convert.errors import SchemaError
 
-ENGINE_PACKAGE = "lora_convert.engines"
-_WHEN_KEYS = {"kind", "name", "leaf", "slices", "experts", "layered", "family", "width_differs"}
+CONVERT_PACKAGE = "lora_convert.convert"
+_WHEN_KEYS = {"kind", "name", "leaf", "slices", "experts", "layered", "family", "architectures", "width_differs"}
+PEFT_LAYOUT_FILE = "peft_layout.json"
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,12 @@ class When:
 
     fields: Mapping[str, Any]
 
-    def match(self, group: PlannedGroup, family: str, config: Mapping) -> dict[str, Any] | None:
-        """None when the group does not match; otherwise the values the rule's text may cite."""
+    def match(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> dict[str, Any] | None:
+        """None when the group does not match; otherwise the values the rule's text may cite. `classes`: the base
+        config's `architectures`."""
         f = self.fields
+        if "architectures" in f and not set(classes) & set(f["architectures"]):
+            return None
         leaf = group.name.rsplit(".", 1)[-1]
         checks = (("kind", group.kind), ("name", group.name), ("leaf", leaf), ("family", family))
         if any(key in f and value not in f[key] for key, value in checks):
@@ -64,10 +73,11 @@ class When:
 
 @dataclass(frozen=True)
 class Refusal:
-    code: str
+    code: str  # engine.<engine>.<rule id>: the code validate --engine reports for the same groups
     when: When
     reason: str
     source: str
+    outcome: str = "load-failure"  # what the engine does with the ORIGINAL adapter's modules of such a group
 
 
 @dataclass(frozen=True)
@@ -106,58 +116,89 @@ class LayoutRules:
     embedding_leaf: str | None  # the leaf an embedding module must have (None: keep the base's own name)
     auto_detected_leaves: tuple[str, ...]  # targets the engine creates only by auto-detection (-> all-linear)
     auto_detected_note: str
+    experts_3d_classes: tuple[str, ...] = ()  # model classes whose routed experts are written as PEFT 3-D params
+    target_modules: str = "module_leaves"  # or "engine_names": the names the engine normalizes modules to (SGLang)
 
-    def refusal(self, group: PlannedGroup, family: str, config: Mapping) -> tuple[str, str] | None:
+    def refusal(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> tuple[str, str] | None:
         """(reason, code) of the first refusal that matches the group, or None."""
+        found = self.refusal_rule(group, family, config, classes)
+        return None if found is None else (found[1], found[0].code)
+
+    def refusal_rule(self, group: PlannedGroup, family: str, config: Mapping, classes=()):
+        """(Refusal, rendered reason) of the first refusal that matches the group, or None."""
         for rule in self.refuse:
-            values = rule.when.match(group, family, config)
+            values = rule.when.match(group, family, config, classes)
             if values is not None:
-                return rule.reason.format(**values), rule.code
+                values.setdefault("count", len({id(src.module) for sl in group.slices for src in sl.sources()}))
+                values.setdefault("layers", "-" if group.layer is None else str(group.layer))
+                return rule, render(rule.reason, values)
         return None
 
-    def cut(self, group: PlannedGroup, family: str, config: Mapping) -> Cut | None:
-        return next((c for c in self.cuts if c.when.match(group, family, config) is not None), None)
+    def refusal_values(self, group: PlannedGroup, family: str, arch, classes=()) -> dict[str, Any]:
+        """The values the first matching refusal's `when` gives its message ({want}, {width}, ...)."""
+        config = dict(getattr(arch, "config", None) or {})
+        for rule in self.refuse:
+            values = rule.when.match(group, family, config, classes)
+            if values is not None:
+                return values
+        return {}
 
-    def rename(self, group: PlannedGroup, family: str, config: Mapping) -> Mapping[str, str]:
+    def cut(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> Cut | None:
+        return next((c for c in self.cuts if c.when.match(group, family, config, classes) is not None), None)
+
+    def rename(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> Mapping[str, str]:
         names: dict[str, str] = {}
         for rule in self.renames:
-            if rule.when.match(group, family, config) is not None:
+            if rule.when.match(group, family, config, classes) is not None:
                 names.update(rule.names)
         return names
 
-    def notes_for(self, groups: list[PlannedGroup], family: str, config: Mapping) -> list[str]:
-        return [n.text for n in self.notes if any(n.when.match(g, family, config) is not None for g in groups)]
+    def notes_for(self, groups: list[PlannedGroup], family: str, config: Mapping, classes=()) -> list[str]:
+        return [n.text for n in self.notes if any(n.when.match(g, family, config, classes) is not None for g in groups)]
+
+
+def render(template: str, values: Mapping[str, Any]) -> str:
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError):
+        return template
 
 
 # ------------------------------------------------------------------------------------------------ loading
+LAYOUTS = ("peft", "sglang", "vllm")
+
+
 @cache
 def load_layout_rules(layout: str) -> LayoutRules:
-    """The rules of `layout`, from the engine file whose `layout.layout` names it. Raises SchemaError."""
-    for entry in sorted(resources.files(ENGINE_PACKAGE).iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".json"):
-            continue
+    """The rules of `layout` (`peft`, or an engine release: `sglang`, `vllm==0.33.0`). Raises SchemaError, or
+    UsageError for an engine release that has no rule file."""
+    if layout == "peft":
+        text = resources.files(CONVERT_PACKAGE).joinpath(PEFT_LAYOUT_FILE).read_text(encoding="utf-8")
         try:
-            doc = json.loads(entry.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SchemaError(f"engines/{entry.name} is not valid JSON ({exc}).") from None
-        data = doc.get("layout") if isinstance(doc, dict) else None
-        if isinstance(data, dict) and data.get("layout") == layout:
-            return _parse(data, f"engines/{entry.name} layout")
-    raise SchemaError(f"No engine file describes the output layout {layout!r}.")
+            raise SchemaError(f"convert/{PEFT_LAYOUT_FILE} is not valid JSON ({exc}).") from None
+        if data.get("refuse"):
+            raise SchemaError(f"convert/{PEFT_LAYOUT_FILE}: PEFT applies every module; the layout refuses nothing.")
+        return _parse({**data, "refuse": []}, f"convert/{PEFT_LAYOUT_FILE}", engine="peft")
+    data = layout_document(layout)
+    return _parse(data, f"{data['_file']} layout", engine=resolve_engine(layout).engine)
 
 
-def _parse(data: dict, where: str) -> LayoutRules:
+def _parse(data: dict, where: str, engine: str) -> LayoutRules:
     try:
         return LayoutRules(
             layout=data["layout"],
             engine=data["engine"],
             served_by=data["served_by"],
-            refuse=tuple(_refusal(r, f"{where}.refuse[{i}]") for i, r in enumerate(data.get("refuse", []))),
+            refuse=tuple(_rule_refusal(r, engine) for r in data.get("refuse", [])),
             cuts=tuple(
                 Cut(
                     _when(c["when"], f"{where}.cut[{i}]"),
                     tuple((m["name"], tuple(m["slices"])) for m in c["modules"]),
-                    _refusal(c["unheld"], f"{where}.cut[{i}].unheld") if c.get("unheld") else None,
+                    _unheld(c["unheld"], data.get("refuse", []), engine, f"{where}.cut[{i}].unheld")
+                    if c.get("unheld")
+                    else None,
                 )
                 for i, c in enumerate(data.get("cut", []))
             ),
@@ -172,13 +213,30 @@ def _parse(data: dict, where: str) -> LayoutRules:
             embedding_leaf=data.get("embedding_leaf"),
             auto_detected_leaves=tuple(data.get("auto_detected_targets", {}).get("leaves", ())),
             auto_detected_note=data.get("auto_detected_targets", {}).get("note", ""),
+            target_modules=data.get("target_modules", "module_leaves"),
+            experts_3d_classes=tuple((data.get("experts_3d") or {}).get("architectures", ())),
         )
     except (KeyError, TypeError) as exc:
         raise SchemaError(f"{where}: malformed entry ({type(exc).__name__}: {exc}).") from None
 
 
-def _refusal(r: dict, where: str) -> Refusal:
-    return Refusal(r["code"], _when(r.get("when", {}), where), r["reason"], _source(r, where))
+def _rule_refusal(rule: dict, engine: str) -> Refusal:
+    """A planned_group rule of the engine file (validated by lora_convert.engines.rules) as a refusal."""
+    where = f"engines/{engine} rule {rule['id']}"
+    return Refusal(
+        f"engine.{engine}.{rule['id']}",
+        _when(rule["params"]["when"], where),
+        rule["message"],
+        rule["source"],
+        rule["outcome"],
+    )
+
+
+def _unheld(entry: dict, rules: list[dict], engine: str, where: str) -> Refusal:
+    """Rows a cut leaves out: `{"rule": id, "reason": ...}`, the id of the engine's validate rule that reports them."""
+    if entry.get("rule") is None:
+        raise SchemaError(f"{where}: name the engine rule (`rule`) that reports these rows.")
+    return Refusal(f"engine.{engine}.{entry['rule']}", When({}), entry["reason"], _source(entry, where), "dropped")
 
 
 def _source(r: dict, where: str) -> str:

@@ -21,7 +21,14 @@ from lora_convert.codes import engine_finding
 from lora_convert.engines.features import FEATURES
 from lora_convert.engines.features.context import MAX_KEYS, Context
 from lora_convert.engines.features.row_split import split_modules
-from lora_convert.engines.rules import OUTCOMES, engine_info, installed_engines, load_rules
+from lora_convert.engines.rules import (
+    OUTCOMES,
+    PLANNED_GROUP,
+    engine_info,
+    installed_engines,
+    load_rules,
+    resolve_engine,
+)
 from lora_convert.findings import Finding
 
 __all__ = [
@@ -53,6 +60,8 @@ def compute_features(engine: str, adapter, arch, text_config: dict | None = None
     ctx = Context(adapter, arch, text_config or {}, scan, engine)
     fired = {}
     for rule in load_rules(engine):
+        if rule["feature"] == PLANNED_GROUP:  # rules on the normalize plan: lora_convert/check/engine.py
+            continue
         values = FEATURES[rule["feature"]](ctx, rule.get("params") or {})
         if values:
             fired[rule["id"]] = values
@@ -73,7 +82,7 @@ def evaluate_engine(engine: str, adapter, arch, text_config: dict | None = None,
         fix = _render(rule["fix"], values).replace("ADAPTER", spec) if rule.get("fix") else None
         findings.append(
             engine_finding(
-                engine,
+                resolve_engine(engine).engine,
                 rule_id,
                 rule["outcome"],
                 message=f"[{info_.get('label', rule['engine_version'])}: {rule['outcome']}] {message} (source: {rule['source']})",
@@ -92,7 +101,7 @@ def row_energy_modules(adapter, arch) -> list[str]:
     ctx = Context(adapter, arch, {}, None, "")
     wanted: list[str] = []
     for engine in installed_engines():
-        for rule in load_rules(engine):
+        for rule in load_rules(engine):  # the pinned release of each engine
             if rule["feature"] == "partial_row_split":
                 wanted += [m.module for m in split_modules(ctx, rule["params"]) if m.module not in wanted]
     return wanted

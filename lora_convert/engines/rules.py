@@ -1,56 +1,144 @@
-"""Engine rule files (`lora_convert/engines/<engine>.json`), read and validated strictly."""
+"""Engine rule files, one per engine release: `lora_convert/engines/<engine>-<version>.json`.
+
+Each file describes one released version of one serving engine (SGLang 0.5.23, vLLM 0.33.0) and is the only
+place that knowledge lives: `validate --engine E` evaluates its `rules`, and `normalize --layout E` reads the same
+file -- its `layout` key (how groups are cut and named) and every rule whose feature is `planned_group` (the groups
+that layout refuses). A file holds
+
+    {"engine": "sglang", "version": "0.5.23", "engine_name", "label", "_note"?, "rules": [...], "layout": {...}}
+
+An engine is named `sglang` (its pinned release: the one file installed for it, or the newest) or
+`sglang==0.5.23` (that release). Rules are validated strictly here: unknown fields, features or outcomes are a
+SchemaError.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
 from lora_convert.codes import ENGINE_OUTCOMES
 from lora_convert.engines.features import FEATURES
-from lora_convert.errors import SchemaError
+from lora_convert.errors import SchemaError, UsageError
 
 ENGINE_PACKAGE = "lora_convert.engines"
 OUTCOMES = tuple(ENGINE_OUTCOMES)  # the severity of each outcome is written once, in lora_convert/codes.py
 RULE_FIELDS = {"id", "engine_version", "feature", "outcome", "message", "fix", "source"}
 OPTIONAL_FIELDS = {"params", "_note"}
+# Rules on planned groups (the plan normalize builds from headers): evaluated by the check and convert stages,
+# which own the plan; `params.when` is a condition of lora_convert/convert/layout_rules.py.
+PLANNED_GROUP = "planned_group"
+_FILE = re.compile(r"^(?P<engine>[a-z][a-z0-9_]*)-(?P<version>\d+(?:\.\d+)*)\.json$")
+
+
+@dataclass(frozen=True, order=True)
+class EngineRelease:
+    """One engine release that has a rule file."""
+
+    engine: str
+    version: str
+
+    @property
+    def file(self) -> str:
+        return f"{self.engine}-{self.version}.json"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.engine}=={self.version}"
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+@cache
+def releases() -> tuple[EngineRelease, ...]:
+    """Every installed rule file, sorted by engine and version."""
+    found = []
+    for entry in resources.files(ENGINE_PACKAGE).iterdir():
+        m = _FILE.match(entry.name)
+        if m:
+            found.append(EngineRelease(m["engine"], m["version"]))
+    return tuple(sorted(found, key=lambda r: (r.engine, _version_key(r.version))))
 
 
 def installed_engines() -> list[str]:
     """Every engine with a rule file, sorted."""
-    return sorted(
-        e.name[: -len(".json")] for e in resources.files(ENGINE_PACKAGE).iterdir() if e.name.endswith(".json")
+    return sorted({r.engine for r in releases()})
+
+
+def resolve_engine(spec: str) -> EngineRelease:
+    """`sglang` (its pinned release: the newest installed) or `sglang==0.5.23`. Raises UsageError."""
+    name, _, version = spec.strip().lower().partition("==")
+    mine = [r for r in releases() if r.engine == name]
+    if not mine:
+        raise UsageError(
+            f"Unknown engine {spec!r}.",
+            hint=f"Use one of: {', '.join(installed_engines())} (or ENGINE==VERSION: "
+            f"{', '.join(r.spec for r in releases())}).",
+        )
+    if not version:
+        return mine[-1]
+    for r in mine:
+        if r.version == version:
+            return r
+    raise UsageError(
+        f"No rules for {name} {version}: lora-convert describes {', '.join(r.spec for r in mine)}.",
+        hint=f"Use --engine {name} for the pinned release ({mine[-1].version}); another release's behaviour is "
+        "not known here, and guessing it would make the verdict a guess.",
     )
 
 
 @cache
 def load_rules(engine: str) -> tuple[dict, ...]:
-    """The rules of one engine, validated: unknown fields, features or outcomes are a SchemaError."""
-    rules = _document(engine).get("rules")
+    """The rules of one engine release (`sglang`, `sglang==0.5.23`), validated."""
+    release = resolve_engine(engine)
+    rules = _document(release).get("rules")
     if not isinstance(rules, list):
-        raise SchemaError(f"engines/{engine}.json must be an object with a `rules` list.")
+        raise SchemaError(f"engines/{release.file} must be an object with a `rules` list.")
     seen: set[str] = set()
     for i, rule in enumerate(rules):
-        _check_rule(rule, f"engines/{engine}.json rules[{i}]", seen)
+        _check_rule(rule, f"engines/{release.file} rules[{i}]", seen)
     return tuple(rules)
 
 
 def engine_info(engine: str) -> dict:
-    """The rule file's fields other than its rules (engine name, label, version)."""
-    return {k: v for k, v in _document(engine).items() if k != "rules"}
+    """The rule file's fields other than its rules and layout (engine name, label, version)."""
+    release = resolve_engine(engine)
+    return {k: v for k, v in _document(release).items() if k not in ("rules", "layout")}
 
 
-def _document(engine: str) -> dict:
+def layout_document(engine: str) -> dict:
+    """The `layout` object of an engine release's file, with that release's planned-group rules as `refuse`."""
+    release = resolve_engine(engine)
+    doc = _document(release)
+    layout = doc.get("layout")
+    if not isinstance(layout, dict):
+        raise SchemaError(f"engines/{release.file} has no `layout` object.")
+    refuse = [r for r in load_rules(engine) if r["feature"] == PLANNED_GROUP]
+    return {**layout, "refuse": refuse, "_file": f"engines/{release.file}"}
+
+
+@cache
+def _document(release: EngineRelease) -> dict:
     try:
-        text = resources.files(ENGINE_PACKAGE).joinpath(f"{engine}.json").read_text(encoding="utf-8")
+        text = resources.files(ENGINE_PACKAGE).joinpath(release.file).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SchemaError(f"No engine profile {engine}.json is installed.") from None
+        raise SchemaError(f"No engine profile {release.file} is installed.") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SchemaError(f"engines/{engine}.json is not valid JSON ({exc}).") from None
+        raise SchemaError(f"engines/{release.file} is not valid JSON ({exc}).") from None
     if not isinstance(doc, dict):
-        raise SchemaError(f"engines/{engine}.json must be an object with a `rules` list.")
+        raise SchemaError(f"engines/{release.file} must be an object with a `rules` list.")
+    if doc.get("engine") != release.engine or doc.get("version") != release.version:
+        raise SchemaError(
+            f"engines/{release.file} says engine {doc.get('engine')!r} version {doc.get('version')!r}; "
+            "the file name and its contents must agree."
+        )
     return doc
 
 
@@ -61,8 +149,10 @@ def _check_rule(rule, where: str, seen: set[str]) -> None:
     unknown = set(rule) - RULE_FIELDS - OPTIONAL_FIELDS
     if missing or unknown:
         raise SchemaError(f"{where} ({rule.get('id')}): missing {sorted(missing)}, unknown {sorted(unknown)}.")
-    if rule["feature"] not in FEATURES:
+    if rule["feature"] not in FEATURES and rule["feature"] != PLANNED_GROUP:
         raise SchemaError(f"{where} ({rule['id']}): unknown feature {rule['feature']!r}.")
+    if rule["feature"] == PLANNED_GROUP and not isinstance((rule.get("params") or {}).get("when"), dict):
+        raise SchemaError(f"{where} ({rule['id']}): a planned_group rule needs params.when.")
     if rule["outcome"] not in OUTCOMES:
         raise SchemaError(f"{where} ({rule['id']}): outcome must be one of {OUTCOMES}.")
     if rule["id"] in seen:

@@ -42,6 +42,7 @@ FEATURES: dict[str, Detector] = {
     # experts
     "partial_expert_projections": ef.f_partial_expert_projections,
     "shared_experts_fusion": ef.f_shared_experts_fusion,
+    "expert_rank_mismatch": ef.f_expert_rank_mismatch,
     # row splits of one module
     "partial_row_split": rs.f_partial_row_split,
 }

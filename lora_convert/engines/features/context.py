@@ -20,6 +20,8 @@ class Context:
         self.engine = engine
         self.family = getattr(arch, "family", None)
         self.modules = [m for m in adapter.modules]
+        top = dict(getattr(arch, "top_config", None) or text_config or {})
+        self.classes = tuple(a for a in top.get("architectures") or () if isinstance(a, str))
 
     def num_layers(self) -> int | None:
         if self.arch is not None:
@@ -47,7 +49,8 @@ def layers_text(layers) -> str:
 
 
 def module_keys(mods) -> list[str]:
-    return [k for m in mods for k in m.keys][:MAX_KEYS]
+    """Every key of `mods` (a finding shows the first MAX_KEYS; the per-module prediction needs them all)."""
+    return [k for m in mods for k in m.keys]
 
 
 def in_families(ctx: Context, params: dict) -> bool:
@@ -61,3 +64,11 @@ def in_containers(ctx: Context, mod, containers) -> bool:
     """Whether `mod` sits in one of `containers` (`mixer` matches `mixer` and `backbone.mixer`)."""
     place = ctx.container(mod)
     return any(place == c or place.endswith("." + c) for c in containers)
+
+
+def in_classes(ctx: Context, params: dict) -> bool:
+    """A rule's model-class conditions on the base config's `architectures`: `classes` (one of them) and
+    `not_classes` (none of them). Unknown classes (no base) pass `not_classes` and fail `classes`."""
+    if params.get("classes") and not set(ctx.classes) & set(params["classes"]):
+        return False
+    return not (params.get("not_classes") and set(ctx.classes) & set(params["not_classes"]))

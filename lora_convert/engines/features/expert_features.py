@@ -76,3 +76,23 @@ def f_shared_experts_fusion(ctx: Context, params: dict):
         "keys": module_keys(mods),
         "examples": examples([m.module for m in mods]),
     }
+
+
+def f_expert_rank_mismatch(ctx: Context, params: dict):
+    """Per-expert modules of one projection of one layer with different ranks."""
+    ranks: dict[tuple, dict[int, list]] = {}
+    for m in ctx.modules:
+        if m.expert is None or m.layer is None or not m.rank:
+            continue
+        ranks.setdefault((m.layer, ctx.container(m).rsplit(".", 1)[0], m.leaf), {}).setdefault(m.rank, []).append(m)
+    mixed = {place: by_rank for place, by_rank in sorted(ranks.items()) if len(by_rank) > 1}
+    if not mixed:
+        return None
+    mods = [m for by_rank in mixed.values() for group in by_rank.values() for m in group]
+    return {
+        "count": len(mods),
+        "examples": examples(
+            [f"layer {layer} {leaf}: ranks {sorted(by_rank)}" for (layer, _, leaf), by_rank in mixed.items()]
+        ),
+        "keys": module_keys(mods),
+    }

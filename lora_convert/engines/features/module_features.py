@@ -8,6 +8,7 @@ from collections import defaultdict
 from lora_convert.engines.features.context import (
     Context,
     examples,
+    in_classes,
     in_containers,
     in_families,
     layers_text,
@@ -16,7 +17,7 @@ from lora_convert.engines.features.context import (
 
 
 def f_leaf_present(ctx: Context, params: dict):
-    if not in_families(ctx, params):
+    if not in_families(ctx, params) or not in_classes(ctx, params):
         return None
     leaves = set(params.get("leaves", []))
     within = tuple(params.get("containers", []))
@@ -30,6 +31,8 @@ def f_leaf_present(ctx: Context, params: dict):
             continue
         is_expert = m.expert is not None or m.kind == "fused_experts"
         if experts is not None and is_expert != experts:
+            continue
+        if params.get("fused") is False and m.kind == "fused_experts":  # per-expert 2-D modules only
             continue
         if params.get("not_vision", True) and m.is_vision:
             continue
@@ -179,6 +182,8 @@ def f_prefix_mismatch(ctx: Context, params: dict):
 
 
 def f_fused_experts(ctx: Context, params: dict):
+    if not in_classes(ctx, params):
+        return None
     mods = [m for m in ctx.modules if m.kind == "fused_experts"]
     if not mods:
         return None

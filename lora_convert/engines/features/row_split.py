@@ -30,6 +30,7 @@ def f_partial_row_split(ctx: Context, params: dict):
         "layers": layers_text([m.layer for m in mods if m.layer is not None]),
         "keys": module_keys(mods),
         "examples": examples([m.module for m in mods]),
+        "partial": True,  # the engine serves some rows of these modules: a different delta, not none
     }
     kept_names = set(params["kept"])
     match = next((x for x in map(ctx.match, mods) if x is not None), None)
