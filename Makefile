@@ -30,9 +30,11 @@ test: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/python tests/readme_samples.py --write
 
-# Regenerate the codes section of docs/validate.md from the registry (tests/test_codes.py checks it).
+# Regenerate the codes section of docs/validate.md from the registry (tests/test_codes.py checks it) and the
+# per-release engine tables of docs/engine-layouts.md from the rule files (tests/test_engine_profiles.py checks it).
 docs: $(STAMP)
 	$(BIN)/python -m lora_convert.codes --write docs/validate.md
+	$(BIN)/python -m lora_convert.engines.table --write docs/engine-layouts.md
 
 clean:
 	rm -rf $(VENV) demo-out

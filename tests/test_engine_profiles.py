@@ -318,3 +318,14 @@ def test_shared_expert_count_comes_from_the_schema():
         ).shared_expert_count()
         is None
     )
+
+
+def test_docs_engine_tables_are_generated_from_the_rule_files():
+    from lora_convert.engines import table
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "engine-layouts.md"
+    text = path.read_text(encoding="utf-8")
+    assert text == table.render_into(text), "docs/engine-layouts.md differs from the rule files: run `make docs`"
+    section = text.split(table.BEGIN_MARKER, 1)[1]
+    for rule_id in [r["id"] for r in load_rules("sglang")] + [r["id"] for r in load_rules("vllm")]:
+        assert f"`{rule_id}`" in section

@@ -4,7 +4,7 @@
 stacked layout: the same groups and slices, one rank R, every module's PEFT scaling folded into B, `r =
 lora_alpha = R`. What differs is how each group is cut back into modules, what each module is called and which
 groups the engine cannot serve; that is the engine's `layout` rules (lora_convert.convert.layout_rules, data in
-lora_convert/engines/<engine>.json):
+lora_convert/engines/<engine>-<version>.json):
 
 - `sglang`: names that SGLang 0.5.23's own loader (rules R1-R8 of its reference notes) fuses into exactly the
   stacked groups: every fused family complete, split groups cut as its rules say, both expert sides present.

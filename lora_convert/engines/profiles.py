@@ -1,6 +1,6 @@
 """Engine profiles: what a serving engine would do with each feature of an adapter.
 
-The engines' behaviour is data: `lora_convert/engines/<engine>.json` holds a list of rules, each citing the engine
+The engines' behaviour is data: `lora_convert/engines/<engine>-<version>.json` holds a list of rules, each citing the engine
 version it describes and its source (a section of the reference notes, an issue, a PR):
 
     {"id", "engine_version", "feature", "params"?, "outcome" (a key of codes.ENGINE_OUTCOMES, which gives its

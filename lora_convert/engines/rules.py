@@ -27,7 +27,7 @@ from lora_convert.errors import SchemaError, UsageError
 ENGINE_PACKAGE = "lora_convert.engines"
 OUTCOMES = tuple(ENGINE_OUTCOMES)  # the severity of each outcome is written once, in lora_convert/codes.py
 RULE_FIELDS = {"id", "engine_version", "feature", "outcome", "message", "fix", "source"}
-OPTIONAL_FIELDS = {"params", "_note"}
+OPTIONAL_FIELDS = {"params", "_note", "layout_effect"}  # layout_effect: what normalize does, where not derived
 # Rules on planned groups (the plan normalize builds from headers): evaluated by the check and convert stages,
 # which own the plan; `params.when` is a condition of lora_convert/convert/layout_rules.py.
 PLANNED_GROUP = "planned_group"
