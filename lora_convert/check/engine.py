@@ -122,10 +122,22 @@ class EnginePrediction:
     unchecked: str | None = None  # a part of the rules that could not be evaluated, and why
 
 
+def _peft_module_name(mod) -> str:
+    """The module's name as PEFT's named_modules() gives it (a second 3-D parameter of one module is nested in
+    `.base_layer`): from its lora_A key, without `base_model.model.`."""
+    key = mod.lora_A.key if mod.lora_A is not None else None
+    if not key or ".lora_" not in key:
+        return mod.module
+    name = key.rsplit(".lora_", 1)[0]
+    return name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
+
+
 def predict_engine(engine: str, adapter, arch, base_name: str | None = None, text_config=None, scan=None):
     """The per-module prediction behind `validate --engine` (the same rules, evaluated the same way)."""
-    modules = {m.module: "exact" for m in adapter.modules}
-    by_key = {k: m.module for m in adapter.modules for k in m.keys}
+    names = {id(m): _peft_module_name(m) for m in adapter.modules}
+    modules = {names[id(m)]: "exact" for m in adapter.modules}
+    by_key = {k: names[id(m)] for m in adapter.modules for k in m.keys}
+    by_module = {m.module: [names[id(x)] for x in adapter.modules if x.module == m.module] for m in adapter.modules}
     rules = {r["id"]: r for r in load_rules(engine)}
     load_failure: list[str] = []
 
@@ -147,8 +159,21 @@ def predict_engine(engine: str, adapter, arch, base_name: str | None = None, tex
         mark(rule_id, rules[rule_id]["outcome"], names, partial=bool(values.get("partial")))
     planned, why_not = planned_group_refusals(engine, adapter, arch, base_name)
     for refusal in planned:
-        mark(refusal.rule_id, refusal.outcome, refusal.modules)
+        mark(refusal.rule_id, refusal.outcome, [n for m in refusal.modules for n in by_module.get(m, [m])])
     return EnginePrediction(engine, load_failure, modules, why_not)
 
 
 CHECK = Check("engine", run)
+
+
+def predict(engine: str, adapter_spec, base_spec) -> EnginePrediction:
+    """`predict_engine` for an adapter folder (or Hub id) and a base (folder, config.json, preset or Hub id)."""
+    import os
+
+    from lora_convert.arch.base_config import resolve_base
+    from lora_convert.arch.schema import bind
+    from lora_convert.peft.adapter import load_adapter
+
+    adapter = load_adapter(os.fspath(adapter_spec))
+    base = resolve_base(os.fspath(base_spec))
+    return predict_engine(engine, adapter, bind(base), base.name, base.text_config)
