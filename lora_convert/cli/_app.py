@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as click_errors
 
 from lora_convert import __version__
-from lora_convert.cli._output import print_error
+from lora_convert.cli._output import fit_page, print_error
 from lora_convert.errors import BUG_REPORT_HINT, EXIT_INTERNAL, EXIT_OK, LoraConvertError
 
 HELP = """Validate PEFT LoRA adapters against their base model and normalize them into the fused, stacked layout
@@ -79,6 +79,7 @@ def command(*names: str, target: typer.Typer | None = None, **kwargs) -> Callabl
     def decorate(func: Callable) -> Callable:
         @functools.wraps(func)
         def wrapper(*args, **kw):
+            fit_page()
             try:
                 return func(*args, **kw)
             except typer.Exit:

@@ -11,14 +11,23 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns and cut module paths; use a wide page,
-# unless COLUMNS says how wide the page is (rich reads it when no width is given).
-stdout = Console(
-    soft_wrap=False,
-    highlight=False,
-    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200,
-)
+
+def page_width() -> int | None:
+    """Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns and cut module paths: a wide page,
+    unless COLUMNS says how wide the page is. None: the terminal's own width."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit():
+        return int(columns)
+    return None if sys.stdout.isatty() else 200
+
+
+stdout = Console(soft_wrap=False, highlight=False, width=page_width())
 stderr = Console(stderr=True, highlight=False)
+
+
+def fit_page() -> None:
+    """Re-read the page width (COLUMNS may differ between calls of one process: the API, tests)."""
+    stdout.width = page_width()  # None: rich measures the terminal (and COLUMNS) itself
 
 
 class OutputFormat(str, Enum):

@@ -106,6 +106,8 @@ def f_added_tokens(ctx: Context, params: dict):
         else list(added.values())
     )
     wide = [(m, w) for m, w in widths if isinstance(vocab, int) and w > vocab]
+    if params.get("widths_only"):  # an engine that never reads added_tokens.json, only the factors' widths
+        beyond = []
     if not beyond and not wide:
         return None
     n = max([len(beyond)] + [w - vocab for _, w in wide]) if isinstance(vocab, int) else len(beyond)
@@ -121,6 +123,11 @@ def f_full_weights(ctx: Context, params: dict):
 
     kinds = {Factor.FULL_WEIGHT, Factor.FULL_BIAS} if params.get("bias", True) else {Factor.FULL_WEIGHT}
     keys = [k for k, p in ctx.adapter.parsed.items() if p.factor in kinds]
+    in_layers = params.get("in_layers")  # None: any; True/False: only whole weights inside / outside a layer
+    if in_layers is not None:
+        keys = [k for k in keys if (ctx.adapter.parsed[k].layer is not None) == in_layers]
+        if not keys:
+            return None
     cfg = ctx.adapter.config
     if not keys and not cfg.modules_to_save:
         return None

@@ -168,6 +168,8 @@ def f_prefix_mismatch(ctx: Context, params: dict):
     if not expected:
         return None
     equivalent = set(params.get("equivalent", {}).get(ctx.family or "", [])) | {expected}
+    if getattr(ctx.arch, "wrapped", False):  # a multimodal wrapper whose text stack the engine also finds by the
+        equivalent |= set(params.get("wrapper_text_names", []))  # text model's own names
     mods = [
         m
         for m in ctx.modules

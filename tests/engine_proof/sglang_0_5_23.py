@@ -1,0 +1,759 @@
+"""SGLang 0.5.23's own LoRA loading code, run on a CPU on one fixture adapter (see common.py for the contract).
+
+What runs is SGLang's, unmodified: `ModelConfig.from_server_args` + the default model loader build SGLang's model class
+for the base (config.json + model.safetensors), then `LoRAManager(...)` is created exactly as
+`ModelRunner.init_lora_manager` creates it for a server started with `--lora-paths a=<adapter>` and no
+`--lora-target-modules` / `--max-lora-rank` (so targets and rank are inferred from the adapter, as in production):
+`LoRAConfig` + `validate_new_adapter`, `LoRAAdapter.initialize_weights` (key parsing, `_normalize_weights`),
+`init_lora_shapes`, `init_lora_modules` (wrapping), `init_memory_pool` (buffers from `get_hidden_dim`),
+`update_lora_info`; then `fetch_new_loras` (`LoRAMemoryPool.prepare_lora_batch` -> `load_lora_weight_to_buffer`, with
+its shape asserts) and `LoRAManager.prepare_lora_batch` on a one-request extend batch. Any exception on that path is
+the `load_error`.
+
+Deltas (float64 `[out, in]`, cut into PEFT's modules by the wrapper's own output offsets):
+- dense modules: SGLang's apply path. `wrapper.apply_lora(zeros, I)` on the `torch_native` backend with an identity
+  input (one request of `max(in)` tokens; the scaling is the batch's `scalings[slot]`), transposed. For
+  `ReplicatedLinearWithLoRA` with one projection (Nemotron-H `fc1/fc2_latent_proj`) the wrapper passes
+  `output_offset=` where the torch_native backend wants `output_offset_cpu=` (a TypeError that only this backend
+  hits; the CUDA backends accept it), so the harness calls `run_lora_a_sgemm` + `run_lora_b_sgemm` of the same
+  backend itself with the wrapper's own buffers and offsets.
+- routed experts (`FusedMoEWithLoRA`): read from the memory pool's `*_moe` buffers of slot 0 the way
+  `lora_moe_runners._add_lora_gate_up_delta` / `_add_lora_down_delta` slice them (gated: A rows `[0:R]`/`[R:2R]`,
+  B rows `[:I]`/`[I:]`; non-gated: whole; shared-outer: expert 0 expanded), `B @ A` (the pool already multiplied B
+  by the adapter scaling at copy time, mem_pool.py). The `fused_moe_lora` Triton kernel under TRITON_INTERPRET=1
+  would need a routed token batch per expert and is slow on two cores; reading the buffers is the documented
+  fallback. Expert LoRA counts only when SGLang wrapped the layer's FusedMoE (it needs both gate_up_proj and
+  down_proj targets); buffers of an unwrapped layer are never read by any forward and count as dropped.
+- a PEFT module that maps to no wrapped SGLang module is absent (dropped).
+
+Stubs (only what needs a GPU or a native kernel; none touches LoRA logic):
+- `SGLANG_USE_CPU_ENGINE=1`: SGLang's own CPU platform switch (no CUDA device probing).
+- `sgl_kernel`, `tvm_ffi` (native kernel packages, CUDA wheels) and `torchvision` (its CPU wheel would pull another
+  torch): import-time stand-ins whose attributes are inert classes. torchvision is stubbed after transformers has
+  decided it is absent, so transformers keeps its no-torchvision paths.
+- `torch.ops.sgl_kernel.<op>`: the CPU ops the model files bind at import (fused_sigmoid_mul_cpu, ...), as callables
+  that raise if ever called (no forward of the base model runs); other names stay absent so
+  `register_fake_if_exists` skips them.
+- pinned memory: `pin_memory=True` is dropped (`torch.tensor`/`empty`/... and `Tensor.pin_memory`) because a
+  CPU-only torch has no pinned allocator; the LoRA wrappers allocate their offset tensors pinned.
+- a one-process gloo process group and SGLang's model-parallel groups (TP=EP=PP=1).
+- The CPU engine's `adjust_config_with_unaligned_cpu_tp` (pads MLP widths to multiples of 32 on the CPU device) is
+  not called: the GPU engine does not pad, and padding would change every MLP/expert LoRA shape.
+- Server args: `device=cpu`, `dtype=float32`, `lora_backend=torch_native`, `max_loras_per_batch=1`,
+  `mamba_radix_cache_strategy=no_buffer` + `disable_overlap_schedule=True` (the default `extra_buffer` needs a
+  GPU platform for Mamba state snapshots; cache settings only, GDN/Mamba layers are built the same),
+  `disable_shared_experts_fusion=True` (what every SGLang DeepSeek/Kimi LoRA test sets; without it SGLang fuses the
+  shared expert into the routed experts on CUDA and the shared-expert LoRA has no module).
+- Base folders are used through a COPY (`_base_copy`) where config fields SGLang needs are added; see
+  `_patch_config`. No added field touches a LoRA target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import re
+import sys
+import tempfile
+import traceback
+import types
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/ (helpers) when run as a script
+sys.path.insert(0, str(HERE))
+
+from common import EngineLoad, classify, fixture_adapter, reference_deltas  # noqa: E402
+
+from helpers import case_base_dir, case_meta, fixture_cases  # noqa: E402
+
+SGLANG_VERSION = "0.5.23"
+
+# --------------------------------------------------------------------------------------------- process set-up
+_KERNEL_OPS = (  # torch.ops.sgl_kernel names the model files bind at import time (never called here)
+    "fused_sigmoid_mul_cpu",
+    "fused_qk_gemma_rmsnorm_cpu",
+    "fused_qk_gemma_rmsnorm_with_gate_cpu",
+    "fused_qkvzba_split_reshape_cat_contiguous_cpu",
+    "fused_qkvzba_split_reshape_cat_cpu",
+    "fused_input_proj_cpu",
+    "shared_expert_cpu",
+    "weight_packed_linear",
+)
+_STUB_PACKAGES = ("torchvision", "tvm_ffi", "sgl_kernel")
+
+
+class _InertMeta(type):
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _InertMeta(name, (), {"__init__": lambda self, *a, **k: None})
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _InertMeta(name, (), {"__init__": lambda self, *a, **k: None, "__call__": lambda self, *a, **k: None})
+        setattr(self, name, value)
+        return value
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in _STUB_PACKAGES:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+class _KernelOps(types.ModuleType):
+    def __getattr__(self, name):
+        if name not in _KERNEL_OPS:
+            raise AttributeError(name)
+
+        def op(*args, **kwargs):
+            raise NotImplementedError(f"torch.ops.sgl_kernel.{name} is stubbed by the harness (CPU kernel)")
+
+        return op
+
+
+def _no_pinned_memory(torch):
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            return fn(*args, **kwargs)
+
+        return inner
+
+    for name in ("tensor", "empty", "zeros", "ones", "full", "arange", "as_tensor", "empty_like", "zeros_like"):
+        setattr(torch, name, wrap(getattr(torch, name)))
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+
+
+def sglang_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sglang") is not None
+
+
+_STATE: dict = {}
+
+
+def _setup_process():
+    if _STATE.get("ready"):
+        return
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    import logging
+
+    import transformers.utils.import_utils as tf_imports
+
+    tf_imports.is_torchvision_available()  # decided (absent) before the stub exists
+    if not any(isinstance(f, _StubFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _StubFinder())
+    import torch
+
+    if not isinstance(getattr(torch.ops, "sgl_kernel", None), _KernelOps):
+        torch.ops.sgl_kernel = _KernelOps("sgl_kernel")
+    _no_pinned_memory(torch)
+    logging.getLogger("sglang").setLevel(logging.ERROR)
+    _STATE["ready"] = True
+
+
+def _publish(server_args):
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish
+
+    publish(server_args, role="test", ranks=SpawnRanks(world_rank=0))
+    if parallel_state._WORLD is not None:
+        get_parallel().override_permanently(world_group=parallel_state._WORLD)
+
+
+def _init_dist(server_args):
+    import socket
+
+    import torch
+    from sglang.srt.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        init_distributed_environment(
+            world_size=1, rank=0, local_rank=0, backend="gloo", distributed_init_method=f"tcp://127.0.0.1:{port}"
+        )
+    if not model_parallel_is_initialized():
+        initialize_model_parallel(backend="gloo")
+
+
+# ------------------------------------------------------------------------------------------------ base models
+_ARCH = {"Kimi_K25ForConditionalGeneration": "KimiK25ForConditionalGeneration"}  # transformers -> SGLang name
+_TEXT_ONLY = {"Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"}
+# Released DeepSeek-V3 / Kimi configs carry these; transformers 5 drops them and SGLang reads them unguarded.
+_DEEPSEEK_FIELDS = {"moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "ep_size": 1}
+_DEEPSEEK_YARN = {"rope_type": "deepseek_yarn", "factor": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def _patch_config(config: dict, model_class: str) -> dict:
+    """The config SGLang 0.5.23 is given for one case (none of these fields is a LoRA target):
+    - `architectures` = the case's model class, spelled as SGLang registers it (Kimi-K2.5);
+    - text-only Qwen3.5 classes on a composite (VL) checkpoint: the text config alone, as transformers loads it for
+      `Qwen3_5ForCausalLM` (SGLang picks its text-only classes by this architecture name);
+    - DeepSeek-V3 / Kimi text configs: a `deepseek_yarn` rope with factor 1 (the identity scaling), because
+      SGLang's CPU rope factory (`get_rope_cpu`) supports only that rope type; the GPU factory takes the default rope.
+      And `_DEEPSEEK_FIELDS` (router/MoE fields every released DeepSeek-V3/Kimi config has; transformers 5 drops
+      them and SGLang's `deepseek_v2.py` reads them unguarded);
+    - Qwen3-Next / Qwen3.5: `full_attention_interval` from `layer_types` (released configs carry both);
+    - Nemotron-H: transformers 5 writes `layers_block_type` as linear_attention/full_attention; SGLang's
+      NemotronHConfig accepts mamba/attention/mlp/moe (same layers, older spelling);
+    - Kimi-K2.5 (v5): SGLang's KimiK25 vision config wants the remote-code field names (`vt_hidden_size`,
+      `init_pos_emb_*`, `text_hidden_size`); copied from the transformers names. The vision tower is never a LoRA
+      target in SGLang (its `should_apply_lora`), and its weights are not loaded (load_format=dummy, `_DUMMY`).
+    """
+    config = json.loads(json.dumps(config))
+    if model_class in _TEXT_ONLY and "text_config" in config:
+        text = config["text_config"]
+        text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+        config = text
+    config["architectures"] = [_ARCH.get(model_class, model_class)]
+    for cfg in (config, config.get("text_config") or {}):
+        if cfg.get("model_type") in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+            theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+            cfg["rope_scaling"] = dict(_DEEPSEEK_YARN, original_max_position_embeddings=cfg["max_position_embeddings"])
+            cfg["rope_parameters"] = dict(cfg["rope_scaling"], rope_theta=theta)
+            cfg["rope_theta"] = theta
+            for key, value in _DEEPSEEK_FIELDS.items():
+                cfg.setdefault(key, value)
+        if isinstance(cfg.get("layer_types"), list) and "full_attention_interval" not in cfg:
+            cfg["full_attention_interval"] = cfg["layer_types"].index("full_attention") + 1
+        if cfg.get("model_type") == "nemotron_h":
+            spelling = {"linear_attention": "mamba", "full_attention": "attention"}
+            for key in ("layers_block_type", "mtp_layers_block_type"):
+                if isinstance(cfg.get(key), list):
+                    cfg[key] = [spelling.get(t, t) for t in cfg[key]]
+    vision = config.get("vision_config")
+    if config.get("model_type") == "kimi_k25" and vision is None:  # v4emu: no tower; SGLang builds one anyway
+        vision = config["vision_config"] = {
+            "hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 48,
+            "patch_size": 4, "merge_kernel_size": [2, 2], "pos_emb_height": 4, "pos_emb_width": 4, "pos_emb_time": 1,
+        }  # fmt: skip
+    if config.get("model_type") == "kimi_k25" and isinstance(vision, dict) and "vt_hidden_size" not in vision:
+        vision.update(
+            vt_hidden_size=vision["hidden_size"],
+            vt_num_attention_heads=vision["num_attention_heads"],
+            vt_num_hidden_layers=vision["num_hidden_layers"],
+            vt_intermediate_size=vision["intermediate_size"],
+            init_pos_emb_height=vision.get("pos_emb_height", 4),
+            init_pos_emb_width=vision.get("pos_emb_width", 4),
+            init_pos_emb_time=vision.get("pos_emb_time", 1),
+            text_hidden_size=config["text_config"]["hidden_size"],
+        )
+    return config
+
+
+def _base_weights(base_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    path = base_dir / "model.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    # v4emu_kimi_k25 has config.json only: the v4 DeepSeek-V3 weights under `language_model.` (tests/fixtures/README.md)
+    donor = load_file(str(base_dir.parent / "v4_deepseek_v3" / "model.safetensors"))
+    return {f"language_model.{k}": v for k, v in donor.items()}
+
+
+@cache
+def _base_copy(base_dir: Path, model_class: str) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(_STATE.setdefault("tmp", tempfile.mkdtemp(prefix="sglang-proof-")))
+    out = root / f"{base_dir.name}-{model_class}"
+    if out.exists():
+        return out
+    out.mkdir()
+    config = json.loads((base_dir / "config.json").read_text())
+    patched = _patch_config(config, model_class)
+    (out / "config.json").write_text(json.dumps(patched, indent=1))
+    weights = _base_weights(base_dir)
+    if "text_config" in config and "text_config" not in patched:  # composite checkpoint -> text model keys
+        prefix = "model.language_model."
+        weights = {
+            ("model." + k[len(prefix) :] if k.startswith(prefix) else k): v
+            for k, v in weights.items()
+            if not k.startswith("model.visual.")
+        }
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
+    return out
+
+
+# Kimi-K2.5: transformers-5 vision weight names that SGLang's loader does not know; base weights are not needed.
+_DUMMY = {"Kimi_K25ForConditionalGeneration", "KimiK25ForConditionalGeneration"}
+
+
+def _server_args(base: Path, model_class: str):
+    from sglang.srt.server_args import ServerArgs
+
+    return ServerArgs(
+        model_path=str(base),
+        load_format="dummy" if model_class in _DUMMY else "auto",
+        mamba_radix_cache_strategy="no_buffer",
+        disable_overlap_schedule=True,
+        device="cpu",
+        dtype="float32",
+        enable_lora=True,
+        lora_backend="torch_native",
+        max_loras_per_batch=1,
+        disable_cuda_graph=True,
+        disable_shared_experts_fusion=True,
+        skip_tokenizer_init=True,
+    )
+
+
+@dataclass
+class _Base:
+    server_args: object
+    model_config: object
+    load_config: object
+    model: object
+
+
+def _build_base(base_dir: Path, model_class: str) -> _Base:
+    """SGLang's model class for one base, built once per process (the LoRA wrapping is undone after each case)."""
+    key = f"{base_dir}:{model_class}"
+    if key in _STATE.setdefault("bases", {}):
+        base = _STATE["bases"][key]
+        _publish(base.server_args)
+        return base
+    _setup_process()
+    from sglang.srt.configs.device_config import DeviceConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_executor.model_runner_components.load_model_utils import build_load_config
+    from sglang.srt.model_loader import get_model_loader
+
+    copy = _base_copy(base_dir, model_class)
+    sa = _server_args(copy, model_class)
+    _publish(sa)
+    _init_dist(sa)
+    mc = ModelConfig.from_server_args(sa)
+    # The CPU engine's `adjust_config_with_unaligned_cpu_tp` minus its MLP-width padding: only the TP=1 head-count
+    # bookkeeping (`linear_num_*_heads_cpu`, read by the GDN layers on the CPU device).
+    from sglang.srt.configs.update_config import adjust_tp_num_heads_if_necessary
+
+    for cfg in (mc.hf_config, getattr(mc.hf_config, "text_config", None)):
+        if cfg is not None:
+            adjust_tp_num_heads_if_necessary(cfg, 1, True)
+    kw = dict(
+        server_args=sa,
+        tp_rank=0,
+        remote_instance_weight_transporter_engine=None,
+        remote_instance_weight_transporter_session_id="",
+        draft_model_idx=None,
+        weight_cache_mode="off",
+        weight_cache_socket=None,
+    )
+    model = get_model_loader(load_config=build_load_config(**kw), model_config=mc).load_model(
+        model_config=mc, device_config=DeviceConfig("cpu", 0)
+    )
+    # The adapter is read with the server's load config; with dummy base weights that is the `auto` format.
+    lc = build_load_config(**kw, load_format="auto")
+    base = _Base(sa, mc, lc, model)
+    _STATE["bases"][key] = base
+    return base
+
+
+def _model_class(case: str) -> str:
+    """The case's model class; emulated remote-code cases describe the emulation after the name."""
+    return re.match(r"\w+", case_meta(case)["model_class"]).group(0)
+
+
+def _snapshot(model):
+    return [(m, dict(m._modules)) for m in model.modules()]
+
+
+def _restore(snapshot):
+    for module, children in snapshot:
+        module._modules.clear()
+        module._modules.update(children)
+
+
+# ------------------------------------------------------------------------------------------------ the load
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load(case: str, adapter_dir: Path, base_dir: Path) -> EngineLoad:
+    base = _build_base(Path(base_dir), _model_class(case))
+    snap = _snapshot(base.model)
+    try:
+        return _load(case, Path(adapter_dir), base)
+    finally:
+        _restore(snap)
+
+
+def _load(case: str, adapter_dir: Path, base: _Base) -> EngineLoad:
+    import torch
+    from sglang.srt.lora.lora_manager import LoRAManager
+    from sglang.srt.lora.lora_registry import LoRARef
+    from sglang.srt.runtime_context import get_lora
+
+    ref = LoRARef(
+        lora_id=LoRARef.deterministic_id("a", str(adapter_dir)), lora_name="a", lora_path=str(adapter_dir), pinned=False
+    )
+    try:
+        manager = LoRAManager(
+            base_model=base.model,
+            base_hf_config=base.model_config.hf_config,
+            max_loras_per_batch=get_lora().max_loras_per_batch,
+            load_config=base.load_config,
+            dtype=torch.float32,
+            server_args=base.server_args,
+            lora_backend=get_lora().lora_backend,
+            max_lora_rank=get_lora().max_lora_rank,
+            target_modules=get_lora().lora_target_modules,
+            lora_paths=[ref],
+        )
+        manager.fetch_new_loras({ref.lora_id})
+        tokens = max(_in_dim(m) for layer in manager.lora_modules for m in layer.values()) if _any(manager) else 1
+        manager.prepare_lora_batch(_batch(ref.lora_id, tokens))
+    except Exception as exc:  # the engine refused or broke while loading: that is the result
+        if os.environ.get("SGLANG_PROOF_TRACE"):
+            traceback.print_exc()
+        return EngineLoad(load_error=_error(exc))
+    return EngineLoad(deltas=_deltas(case, manager, ref.lora_id, tokens))
+
+
+def _any(manager) -> bool:
+    return any(layer for layer in manager.lora_modules)
+
+
+def _batch(lora_id: str, tokens: int):
+    import torch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    return types.SimpleNamespace(
+        forward_mode=ForwardMode.EXTEND,
+        batch_size=1,
+        lora_ids=[lora_id],
+        extend_seq_lens=torch.tensor([tokens], dtype=torch.int32),
+        extend_seq_lens_cpu=[tokens],
+        extend_num_tokens=tokens,
+        can_run_decode_cuda_graph=False,
+    )
+
+
+def _in_dim(module) -> int:
+    from sglang.srt.lora.layers import FusedMoEWithLoRA
+
+    if isinstance(module, FusedMoEWithLoRA):
+        return 1
+    return int(module.A_buffer.shape[-1]) if hasattr(module, "A_buffer") else int(module.A_buffer_qkv.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------- the deltas
+def _dense_delta(module, tokens: int):
+    """[out, in] float64 from the wrapper's own apply path with an identity input."""
+    import torch
+    from sglang.srt.lora.layers import ReplicatedLinearWithLoRA
+
+    n_in = _in_dim(module)
+    x = torch.eye(tokens, n_in, dtype=torch.float32)
+    if isinstance(module, ReplicatedLinearWithLoRA) and module.first_output_dim == 0:
+        backend = module.lora_backend
+        a_out = backend.run_lora_a_sgemm(x, module.A_buffer)
+        out = backend.run_lora_b_sgemm(
+            x=a_out,
+            weights=module.B_buffer,
+            output_offset=module._output_offset,
+            output_offset_cpu=module._output_offset.cpu(),
+            base_output=None,
+        )
+    else:
+        b = module.B_buffer if hasattr(module, "B_buffer") else module.B_buffer_qkv
+        out = module.apply_lora(torch.zeros(tokens, b.shape[-2], dtype=torch.float32), x)
+    return out[:n_in].double().T.contiguous().numpy()
+
+
+def _offsets(module) -> list[int] | None:
+    from sglang.srt.lora.layers import (
+        MergedColumnParallelLinearWithLoRA,
+        QKVParallelLinearWithLoRA,
+        ReplicatedLinearWithLoRA,
+    )
+
+    if isinstance(module, ReplicatedLinearWithLoRA):
+        return [int(v) for v in module._output_offset.tolist()]
+    if isinstance(module, (MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA)):
+        return [int(v) for v in module.output_offset_cpu.tolist()]
+    return None
+
+
+def _expert_deltas(manager, layer_id: int, slot: int):
+    """{"gate"|"up"|"gate_up"|"down": [E, out, in]} float64 from the `*_moe` pool buffers, as the MoE runner reads them."""
+    from sglang.srt.lora.utils import LoRAType
+
+    pool = manager.memory_pool
+    out = {}
+    for proj in ("gate_up_proj", "down_proj"):
+        key = f"{proj}_moe" if f"{proj}_moe" in pool.A_buffer else proj
+        a = pool.get_tensor(target_module=key, layer_id=layer_id, lora_type=LoRAType.LORA_A)[slot].double()
+        b = pool.get_tensor(target_module=key, layer_id=layer_id, lora_type=LoRAType.LORA_B)[slot].double()
+        r = manager.max_lora_rank
+        n_exp = max(a.shape[0], b.shape[0])
+        a = a.expand(n_exp, -1, -1)
+        b = b.expand(n_exp, -1, -1)
+        if proj == "gate_up_proj" and a.shape[1] > r:  # gated: two slices at max_r spacing
+            inter = b.shape[1] // 2
+            out["gate"] = (b[:, :inter] @ a[:, :r]).numpy()
+            out["up"] = (b[:, inter:] @ a[:, r : 2 * r]).numpy()
+        elif proj == "gate_up_proj":
+            out["gate_up"] = (b @ a).numpy()
+        else:
+            out["down"] = (b @ a).numpy()
+    return out
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_FUSED = {  # PEFT leaf -> (SGLang fused leaf, slice index | tuple of slices)
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "q_a_proj": ("fused_qkv_a_proj_with_mqa", 0),
+    "kv_a_proj_with_mqa": ("fused_qkv_a_proj_with_mqa", 1),
+    "in_proj_qkv": ("in_proj_qkvz", (0, 1, 2)),
+    "in_proj_z": ("in_proj_qkvz", 3),
+    "in_proj_b": ("in_proj_ba", 0),
+    "in_proj_a": ("in_proj_ba", 1),
+}
+_EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+_NOT_TEXT = ("vision", "visual", "mm_projector")
+
+
+def _split(name: str) -> tuple[int, str] | None:
+    if any(part in name for part in _NOT_TEXT):
+        return None
+    m = _LAYER.search(name)
+    return (int(m.group(1)), name[m.end() :]) if m else None
+
+
+def _deltas(case: str, manager, lora_id: str, tokens: int) -> dict[str, np.ndarray]:
+
+    slot = manager.memory_pool.get_buffer_id(lora_id)
+    wrapped: dict[tuple[int, str], object] = {}
+    for layer in manager.lora_modules:
+        for name, module in layer.items():
+            split = _split(name)
+            if split is not None:
+                wrapped[split] = module
+    dense_cache: dict = {}
+    moe_cache: dict = {}
+
+    def dense(key):
+        if key not in dense_cache:
+            dense_cache[key] = _dense_delta(wrapped[key], tokens)
+        return dense_cache[key]
+
+    def experts(key):
+        if key not in moe_cache:
+            moe_cache[key] = _expert_deltas(manager, key[0], slot)
+        return moe_cache[key]
+
+    meta = case_meta(case)["modules"]
+    want = reference_deltas(case)
+    out: dict[str, np.ndarray] = {}
+    for module in want:
+        split = _split(module)
+        if split is None:
+            continue
+        layer_id, rest = split
+        info = meta.get(module, {})
+        shape = want[module].shape
+        got = _module_delta(layer_id, rest, info, shape, wrapped, dense, experts)
+        if got is not None:
+            out[module] = got
+    return out
+
+
+def _module_delta(layer_id, rest, info, shape, wrapped, dense, experts):
+    from sglang.srt.lora.layers import FusedMoEWithLoRA
+
+    parts = rest.split(".")
+    # routed experts: per-expert `...experts.<e>.<proj>` or a 3-D ParamWrapper `...experts[.base_layer]` + param
+    if "experts" in parts and not any(p in ("shared_experts",) for p in parts):
+        i = parts.index("experts")
+        key = (layer_id, ".".join(parts[: i + 1]))
+        if key not in wrapped:  # transformers 5 names Mixtral's MoE block `mlp`; SGLang keeps `block_sparse_moe`
+            key = (layer_id, key[1].replace("mlp.experts", "block_sparse_moe.experts"))
+        if not isinstance(wrapped.get(key), FusedMoEWithLoRA):
+            return None
+        held = experts(key)
+        if info.get("param"):  # 3-D [E, out, in]
+            param = info["param"]
+            if param == "gate_up_proj":
+                if "gate" in held:
+                    return np.concatenate([held["gate"], held["up"]], axis=1)
+                return held["gate_up"]
+            if param == "down_proj":
+                return held["down"]
+            if param == "up_proj":  # NemotronH non-gated experts
+                return held.get("gate_up")
+            return None
+        expert, proj = int(parts[i + 1]), _EXPERT_PROJ.get(parts[i + 2])
+        if proj is None:
+            return None
+        if proj in held:
+            return held[proj][expert]
+        if proj in ("up", "gate") and "gate_up" in held:  # non-gated: the single projection
+            return held["gate_up"][expert]
+        return None
+    key = (layer_id, rest)
+    if key in wrapped and not isinstance(wrapped[key], FusedMoEWithLoRA):
+        return _fit(dense(key), shape)
+    leaf = parts[-1]
+    if leaf not in _FUSED:
+        return None
+    fused_leaf, index = _FUSED[leaf]
+    key = (layer_id, ".".join(parts[:-1] + [fused_leaf]))
+    module = wrapped.get(key)
+    if module is None or isinstance(module, FusedMoEWithLoRA):
+        return None
+    full = dense(key)
+    offsets = _offsets(module)
+    if offsets is None:
+        return None
+    slices = index if isinstance(index, tuple) else (index,)
+    if max(slices) + 1 >= len(offsets):
+        return None
+    return _fit(np.concatenate([full[offsets[s] : offsets[s + 1]] for s in slices], axis=0), shape)
+
+
+def _fit(delta: np.ndarray, shape) -> np.ndarray:
+    """SGLang may hold fewer rows than PEFT's module (Nemotron-H mamba in_proj: z|x only): the rest adds zero."""
+    if delta.shape == tuple(shape) or len(shape) != 2 or delta.shape[1] != shape[1] or delta.shape[0] > shape[0]:
+        return delta
+    full = np.zeros(shape, dtype=np.float64)
+    full[: delta.shape[0]] = delta
+    return full
+
+
+# ------------------------------------------------------------------------------------------------ truth table
+def served_base(case: str) -> Path:
+    """The base folder SGLang is given for `case` (a copy with the fields of `_patch_config`): lora-convert's
+    prediction and layout are made against the same config, so both sides describe the same model class."""
+    return _base_copy(case_base_dir(case), _model_class(case))
+
+
+def layout_output(case: str, root: Path) -> tuple[Path | None, list[str], str | None]:
+    """`normalize --layout sglang --drop-unsupported` into root/<case>: (folder or None, refused groups, error)."""
+    from lora_convert.convert.normalize import normalize
+    from lora_convert.errors import UnsupportedAdapterError
+
+    out = root / f"sglang-{case}"
+    base = str(served_base(case))
+    refused: list[str] = []
+    try:
+        normalize(str(fixture_adapter(case)), out, base=base, layout="sglang", drop_unsupported=False)
+    except UnsupportedAdapterError as exc:
+        refused = _refused_from_error(exc)
+        try:
+            normalize(str(fixture_adapter(case)), out, base=base, layout="sglang", drop_unsupported=True)
+        except UnsupportedAdapterError as exc2:
+            return None, refused or _refused_from_error(exc2), exc2.message
+    refused = sorted(set(refused) | set(_refused_from_output(out)))
+    return out, refused, None
+
+
+def _refused_from_error(exc) -> list[str]:
+    for attr in ("modules", "groups", "refused", "details"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, (list, tuple)) and value:
+            return sorted(str(v.get("module", v)) if isinstance(v, dict) else str(v) for v in value)
+    return []
+
+
+def _refused_from_output(out: Path) -> list[str]:
+    from lora_convert.convert.engine_layouts import REPORT_FILE
+
+    path = out / REPORT_FILE
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    return sorted(str(d["module"]) for d in report.get("dropped", []))
+
+
+def truth_row(case: str, root: Path) -> dict:
+    original = load(case, fixture_adapter(case), case_base_dir(case))
+    row = {"original": _summary(case, original)}
+    out, refused, error = layout_output(case, root)
+    row["refused"] = refused
+    if out is None:
+        row["layout"] = {"load_error": None, "modules": {}, "nothing_left": error}
+    else:
+        row["layout"] = _summary(case, load(case, out, case_base_dir(case)), present_only=True)
+    return row
+
+
+def _summary(case: str, result: EngineLoad, present_only: bool = False) -> dict:
+    if result.load_error is not None:
+        return {"load_error": result.load_error}
+    verdicts = classify(case, result)
+    if present_only:
+        verdicts = {m: v for m, v in verdicts.items() if v != "dropped"}
+    return {"load_error": None, "modules": verdicts}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--truth", type=Path, required=True, help="write the truth table (JSON) here")
+    parser.add_argument("--case", action="append", help="only these cases")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="sglang-truth-"))
+    table = {}
+    for case in args.case or fixture_cases():
+        try:
+            table[case] = truth_row(case, root)
+        except Exception as exc:  # a harness failure (not an engine verdict): recorded, never silently skipped
+            traceback.print_exc()
+            table[case] = {"harness_error": _error(exc)}
+            print(case, "HARNESS ERROR", _error(exc), flush=True)
+            continue
+        o = table[case]["original"]
+        print(case, o.get("load_error") or _counts(o["modules"]), flush=True)
+    args.truth.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+def _counts(verdicts: dict) -> dict:
+    counts: dict = {}
+    for v in verdicts.values():
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+if __name__ == "__main__":
+    sys.exit(main())
