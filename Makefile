@@ -14,14 +14,14 @@ TORCH_PIN ?= torch==2.13.0
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml tests/engine_proof/requirements-sglang.txt
+$(STAMP): pyproject.toml tests/engine_proof/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIN)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,proof,smoke,ray]'
 	# The engine proof (tests/test_proof_*.py) runs the engines' own LoRA loaders on the CPU. Their wheels come from
-	# PyPI WITHOUT dependencies (their pins pull CUDA builds); the files list the few pure-Python packages their LoRA
+	# PyPI WITHOUT dependencies (their pins pull CUDA builds); the file lists the few pure-Python packages their LoRA
 	# code imports. GPU-only imports are stubbed by the harnesses in tests/engine_proof/.
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r tests/engine_proof/requirements-sglang.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r tests/engine_proof/requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

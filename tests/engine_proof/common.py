@@ -65,3 +65,87 @@ def classify(case: str, load: EngineLoad) -> dict[str, str]:
 
 def fixture_adapter(case: str) -> Path:
     return case_dir(case) / "adapter"
+
+
+def layout_record(case: str, out: Path | None, refusal: str | None, load: EngineLoad | None) -> dict:
+    """What an engine did with lora-convert's layout output for `case`: nothing to load (`nothing_left`: every
+    module refused), a load error, or the verdict of every module it holds plus the modules whose rows the layout
+    cut away (`rows_cut`, listed as partially dropped in the output's report)."""
+    if out is None:
+        return {"nothing_left": refusal or "refused"}
+    if load.load_error is not None:
+        return {"load_error": load.load_error}
+    verdicts = classify(case, load)
+    return {
+        "load_error": None,
+        "held": {m: v for m, v in verdicts.items() if v != "dropped"},
+        "rows_cut": sorted(rows_cut(out)),
+    }
+
+
+def rows_cut(out: Path) -> set[str]:
+    """Modules (PEFT names) of a layout output whose rows the layout left out, from its report."""
+    import json
+
+    from lora_convert.convert.engine_layouts import REPORT_FILE
+
+    report = json.loads((out / REPORT_FILE).read_text())
+    return {
+        k[len("base_model.model.") :].rsplit(".lora_", 1)[0]
+        for d in report["dropped"]
+        if d["module"].endswith(" rows)")
+        for k in d["keys"]
+    }
+
+
+def run_truth(harness: str, workdir: Path, timeout_s: int = 900) -> dict:
+    """Run an engine harness (`tests/engine_proof/<harness>`) on every fixture in a fresh Python process and return
+    its truth table. A process of its own per engine: each engine initializes global state (process groups, model
+    registries) and the harnesses stub different imports (SGLang needs `tvm_ffi` stubbed, vLLM's xgrammar needs it
+    real), so two engines cannot share one interpreter, nor should the rest of the test session see their stubs."""
+    import json
+    import subprocess
+    import sys
+
+    out = workdir / "truth.json"
+    work = workdir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    script = Path(__file__).parent / harness
+    proc = subprocess.run(
+        [sys.executable, str(script), "--truth", str(out), "--workdir", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"{harness} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def check_layout(engine: str, record: dict) -> None:
+    """(a) of the proof: the engine loads the layout output, and every module it holds is exact, except modules
+    whose rows the layout cut away (which must then not be exact)."""
+    if "nothing_left" in record:  # every module refused: nothing for the engine to load
+        return
+    assert record["load_error"] is None, f"{engine} failed on its layout: {record['load_error']}"
+    held = record["held"]
+    assert held, f"{engine} holds no module of its layout output"
+    cut = set(record["rows_cut"])
+    bad = {m: v for m, v in held.items() if v != "exact" and m not in cut}
+    assert not bad, bad
+    assert all(held.get(m) != "exact" for m in cut)
+
+
+def check_prediction(engine: str, case: str, row: dict) -> None:
+    """(b) of the proof: what the engine did with the original adapter is what validate --engine predicts."""
+    from lora_convert.check.engine import predict
+
+    truth = row["original"]
+    predicted = predict(engine, fixture_adapter(case), row["served_base"])
+    # the module-group rules need a plan; an adapter that cannot be planned (all DoRA) is predicted by the rest
+    assert predicted.load_failure or predicted.unchecked is None, predicted.unchecked
+    if truth.get("load_error"):
+        assert predicted.load_failure, f"{engine} fails ({truth['load_error']}) but the prediction loads it"
+        return
+    assert not predicted.load_failure, f"{engine} loads it; predicted failure {predicted.load_failure}"
+    assert predicted.modules == truth["modules"]

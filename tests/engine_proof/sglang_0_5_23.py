@@ -28,7 +28,7 @@ Deltas (float64 `[out, in]`, cut into PEFT's modules by the wrapper's own output
 
 Stubs (only what needs a GPU or a native kernel; none touches LoRA logic):
 - `SGLANG_USE_CPU_ENGINE=1`: SGLang's own CPU platform switch (no CUDA device probing).
-- `sgl_kernel`, `tvm_ffi` (native kernel packages, CUDA wheels) and `torchvision` (its CPU wheel would pull another
+- `sgl_kernel`, `tvm_ffi` where absent (native kernel packages) and `torchvision` (its CPU wheel would pull another
   torch): import-time stand-ins whose attributes are inert classes. torchvision is stubbed after transformers has
   decided it is absent, so transformers keeps its no-torchvision paths.
 - `torch.ops.sgl_kernel.<op>`: the CPU ops the model files bind at import (fused_sigmoid_mul_cpu, ...), as callables
@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -87,7 +88,9 @@ _KERNEL_OPS = (  # torch.ops.sgl_kernel names the model files bind at import tim
     "shared_expert_cpu",
     "weight_packed_linear",
 )
-_STUB_PACKAGES = ("torchvision", "tvm_ffi", "sgl_kernel")
+# tvm_ffi is a plain CPU wheel (apache-tvm-ffi) that `make setup` installs for vLLM's xgrammar; where it is present
+# the real one is used (xgrammar, which SGLang then imports too, needs its real functions).
+_STUB_PACKAGES = ("torchvision", "sgl_kernel") + (() if importlib.util.find_spec("tvm_ffi") else ("tvm_ffi",))
 
 
 class _InertMeta(type):
@@ -707,14 +710,16 @@ def _refused_from_output(out: Path) -> list[str]:
 
 
 def truth_row(case: str, root: Path) -> dict:
-    original = load(case, fixture_adapter(case), case_base_dir(case))
-    row = {"original": _summary(case, original)}
+    """The record tests/test_proof_sglang.py compares (tests/engine_proof/common.py `layout_record` contract): the
+    original adapter through SGLang, and lora-convert's `--layout sglang` output through SGLang, both on the base
+    SGLang is given (`served_base`), which is also what the prediction is made against."""
+    from common import layout_record
+
+    base = served_base(case)
+    row = {"served_base": str(base), "original": _summary(case, load(case, fixture_adapter(case), base))}
     out, refused, error = layout_output(case, root)
-    row["refused"] = refused
-    if out is None:
-        row["layout"] = {"load_error": None, "modules": {}, "nothing_left": error}
-    else:
-        row["layout"] = _summary(case, load(case, out, case_base_dir(case)), present_only=True)
+    row["layout"] = layout_record(case, out, error, None if out is None else load(case, out, base))
+    row["layout"]["refused"] = refused
     return row
 
 
@@ -730,9 +735,11 @@ def _summary(case: str, result: EngineLoad, present_only: bool = False) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--truth", type=Path, required=True, help="write the truth table (JSON) here")
+    parser.add_argument("--workdir", type=Path, required=True, help="base copies and layout outputs go here")
     parser.add_argument("--case", action="append", help="only these cases")
     args = parser.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="sglang-truth-"))
+    root = args.workdir
+    _STATE["tmp"] = str(root)
     table = {}
     for case in args.case or fixture_cases():
         try:

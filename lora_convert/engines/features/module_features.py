@@ -184,7 +184,7 @@ def f_prefix_mismatch(ctx: Context, params: dict):
 
 
 def f_fused_experts(ctx: Context, params: dict):
-    if not in_classes(ctx, params):
+    if not in_classes(ctx, params) or ctx.family in params.get("not_families", ()):
         return None
     mods = [m for m in ctx.modules if m.kind == "fused_experts"]
     if not mods:
