@@ -287,52 +287,6 @@ def test_nemotron_in_proj_with_zero_bcdt_rows_is_split_exactly(tmp_path, root):
     assert report["target_modules"] == "all-linear"  # Nemotron's literal up_proj target exists only by auto-detection
 
 
-# --------------------------------------------------------------------------------------------------- peft
-@pytest.mark.parametrize("case", CASES)
-def test_peft_layout_round_trips_to_the_stacked_layout(case, root, tmp_path):
-    out, drop, refusal = produce(case, "peft", root)
-    if out is None:
-        assert case in NOTHING_LEFT, refusal
-        return
-    from lora_convert.convert.normalize import normalize
-    from lora_convert.peft.adapter import load_adapter
-
-    config = json.loads((out / "adapter_config.json").read_text())
-    R = config["r"]
-    assert (
-        config["lora_alpha"] == R
-        and not config["rank_pattern"]
-        and not config["alpha_pattern"]
-        and not config["use_rslora"]
-    )
-    assert not config.get("target_parameters")
-    adapter = load_adapter(str(out))
-    assert not [f for f in adapter.findings if f.severity.value == "error"]
-    assert adapter.expert_layout in ("none", "per-expert-2d")
-    assert all(m.rank == R for m in adapter.modules)
-    assert sorted({m.leaf for m in adapter.modules}) == config["target_modules"]  # exactly what is in the file
-    check_all_expert_projections(adapter)
-    # normalized again to stacked, it equals the direct stacked output
-    again = tmp_path / "again"
-    normalize(str(out), again, base=str(case_base_dir(case)))
-    direct = stacked(case, drop, root)
-    a, b = load_file(str(again / "adapter_model.safetensors")), load_file(str(direct / "adapter_model.safetensors"))
-    report = json.loads((out / REPORT_FILE).read_text())
-    added = {
-        f"base_model.model.{g['group']}.lora_{f}.weight"
-        for g in report["groups"]
-        if g["added_zero_filled"]
-        for f in "AB"
-    }
-    dropped = {d["module"] for d in report["dropped"]}
-    kept = {k for k in b if k.rsplit(".lora_", 1)[0][len("base_model.model.") :] not in dropped}
-    assert set(a) == kept | added, sorted(set(a) ^ (kept | added))[:4]
-    for k in kept:
-        assert torch.equal(a[k], b[k]), k
-    for k in added:
-        assert torch.count_nonzero(a[k]) == 0
-
-
 def check_all_expert_projections(adapter) -> None:
     """vLLM's pack_moe: every expert of an adapted MoE layer has gate, up and down (non-gated: up and down)."""
     by_layer: dict[int, dict[int, set[str]]] = {}
@@ -548,25 +502,34 @@ def stacked_deltas(folder: Path) -> dict[tuple, np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("layout", ["vllm", "peft"])
 @pytest.mark.parametrize("case", CASES)
-def test_vllm_layout_computes_the_stacked_delta(case, root, tmp_path):
-    """Normalized again to stacked, the vllm output computes every kept slice's delta of the direct stacked output
-    (its rank may be 2R: a 3-D gate_up of two A factors), and added groups are zero."""
+def test_layout_computes_the_stacked_delta(case, layout, root, tmp_path):
+    """Normalized again to stacked, the vllm / peft output computes every kept slice's delta of the direct stacked
+    output (its rank may be 2R: a 3-D gate_up of two A factors), and added groups are zero. One rank, scales folded,
+    no patterns; routed experts 3-D where that loader takes them (peft: always; vllm: is_3d_moe_weight classes),
+    otherwise per expert with all projections (vLLM's pack_moe)."""
     from lora_convert.convert.normalize import normalize
     from lora_convert.peft.adapter import load_adapter
 
-    out, drop, refusal = produce(case, "vllm", root)
+    out, drop, refusal = produce(case, layout, root)
     if out is None:
-        assert case in NOTHING_LEFT | VLLM_NOTHING_LEFT, refusal
+        assert case in NOTHING_LEFT | (VLLM_NOTHING_LEFT if layout == "vllm" else set()), refusal
         return
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["lora_alpha"] == config["r"] and not config["rank_pattern"] and not config["use_rslora"]
+    assert config["lora_alpha"] == config["r"] and not config["rank_pattern"] and not config["alpha_pattern"]
+    assert not config["use_rslora"]
     adapter = load_adapter(str(out))
     assert not [f for f in adapter.findings if f.severity.value == "error"]
+    assert all(m.rank == config["r"] or m.param for m in adapter.modules)
     classes = set(json.loads((case_base_dir(case) / "config.json").read_text()).get("architectures") or [])
-    three_d = bool(classes & VLLM_3D_CLASSES) and any(m.expert is not None or m.param for m in adapter.modules)
+    experts = any(m.expert is not None or m.param for m in adapter.modules)
+    three_d = experts and (layout == "peft" or bool(classes & VLLM_3D_CLASSES))
     assert adapter.expert_layout in (("fused-3d",) if three_d else ("none", "per-expert-2d")), adapter.expert_layout
     assert bool(config.get("target_parameters")) == three_d
+    if not three_d:
+        check_all_expert_projections(adapter)
+    assert sorted({m.leaf for m in adapter.modules if not m.param}) == sorted(config["target_modules"])
     again = tmp_path / "again"
     normalize(str(out), again, base=str(case_base_dir(case)))
     got, want = stacked_deltas(again), stacked_deltas(stacked(case, drop, root))

@@ -142,7 +142,9 @@ class LayoutPlan:
         return specs
 
     def adapter_config(self) -> dict[str, Any]:
-        params = sorted({m.param for _, m in self.modules() if m.param})
+        # PEFT wraps the parameters in this order and saves the first one as `.base_layer` (see _module_3d): gate_up
+        # (or a non-gated up_proj) first, then down
+        params = sorted({m.param for _, m in self.modules() if m.param}, key=lambda p: (p.endswith("down_proj"), p))
         extra = {"r": self.rank, "lora_alpha": self.rank, "target_parameters": params or None}
         return output_config(self.plan, self.target_modules, extra)
 
@@ -212,7 +214,7 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     out: list[LayoutGroup] = []
     refused: list[Refused] = []
     checks: list[RowCheck] = []
-    experts_3d = bool(set(classes) & set(rules.experts_3d_classes))
+    experts_3d = rules.experts_3d(classes)
     out_rank = plan.rank
     for g in groups:
         problem = rules.refusal(g, plan.family, config, classes)
@@ -220,7 +222,7 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
             refused.append(Refused(g, *problem))
             continue
         if experts_3d and g.experts and g.kind == "routed_experts":
-            module = _module_3d(g)
+            module = _module_3d(g, rules.container(g, plan.family, config, classes))
             if not factors.shares_one_a(g.slices):
                 out_rank = max(out_rank, len(g.slices) * plan.rank)  # one A per slice, side by side
             out.append(LayoutGroup(g, (module,), added=id(g) in added_ids))
@@ -261,15 +263,15 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     )
 
 
-def _module_3d(g: PlannedGroup) -> OutModule:
+def _module_3d(g: PlannedGroup, container: str) -> OutModule:
     """All experts of a routed-expert group as one PEFT 3-D parameter module. PEFT nests the second parameter
-    wrapper of one module around the first, so gate_up (targeted first) is saved as `experts.base_layer` and down as
-    `experts` (the layout transformers 5 + PEFT write; vLLM reads gate_up from `.base_layer`)."""
-    container = _container(g)
+    wrapper of one module around the first, so gate_up (targeted first; Nemotron-H: up_proj) is saved as
+    `experts.base_layer` and down as `experts` (the layout transformers 5 + PEFT write; vLLM reads gate_up from
+    `.base_layer`)."""
     leaf = g.name.rsplit(".", 1)[-1]
     layer_part = f"layers.{g.layer}."
     rel = container.split(layer_part, 1)[1] if layer_part in container else container
-    path = container + (".base_layer" if leaf == "gate_up_proj" else "")
+    path = container + (".base_layer" if leaf != "down_proj" else "")  # gate_up_proj, or a non-gated up_proj
     return OutModule(path, tuple(range(len(g.slices))), param=f"{rel}.{leaf}")
 
 
@@ -304,7 +306,7 @@ def _container(group: PlannedGroup) -> str:
 
 
 def _modules(plan: Plan, g: PlannedGroup, rules: LayoutRules, cut, config) -> list[OutModule]:
-    container = _container(g)
+    container = rules.container(g, plan.family, config, model_classes(plan))
     if g.kind == "embedding":
         path = g.key
         if rules.embedding_leaf and path.rsplit(".", 1)[-1] != rules.embedding_leaf:
@@ -314,7 +316,8 @@ def _modules(plan: Plan, g: PlannedGroup, rules: LayoutRules, cut, config) -> li
     if cut is not None:
         cuts = [(name, tuple(index[s] for s in slices)) for name, slices in cut.modules]
     elif len(g.slices) == 1 and not g.experts:
-        return [OutModule(g.key, (0,))]
+        leaf = g.key.rsplit(".", 1)[-1]
+        return [OutModule(f"{container}.{leaf}" if container else leaf, (0,))]
     else:  # q/k/v, q_a/kv_a, gate/up, expert projections: the slice names are the base model's module names
         cuts = [(s.name, (i,)) for i, s in enumerate(g.slices)]
     renames = rules.rename(g, plan.family, config, model_classes(plan))

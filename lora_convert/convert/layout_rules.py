@@ -112,11 +112,17 @@ class LayoutRules:
     refuse: tuple[Refusal, ...]
     cuts: tuple[Cut, ...]
     renames: tuple[Rename, ...]
+    container_renames: tuple[Rename, ...]  # path components of a group's container (Mixtral block_sparse_moe -> mlp)
     notes: tuple[Note, ...]
     embedding_leaf: str | None  # the leaf an embedding module must have (None: keep the base's own name)
     auto_detected_leaves: tuple[str, ...]  # targets the engine creates only by auto-detection (-> all-linear)
     auto_detected_note: str
     experts_3d_classes: tuple[str, ...] = ()  # model classes whose routed experts are written as PEFT 3-D params
+    experts_3d_all: bool = False  # every model's routed experts as PEFT 3-D params (transformers 5 holds them so)
+
+    def experts_3d(self, classes) -> bool:
+        return self.experts_3d_all or bool(set(classes) & set(self.experts_3d_classes))
+
     target_modules: str = "module_leaves"  # or "engine_names": the names the engine normalizes modules to (SGLang)
 
     def refusal(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> tuple[str, str] | None:
@@ -152,6 +158,17 @@ class LayoutRules:
             if rule.when.match(group, family, config, classes) is not None:
                 names.update(rule.names)
         return names
+
+    def container(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> str:
+        """The group's container path (its key without the last component), with the layout's renames applied."""
+        if "." not in group.key:
+            return ""
+        path = "." + group.key.rsplit(".", 1)[0] + "."
+        for rule in self.container_renames:  # whole dotted components: {"language_model.model": "model.language_model"}
+            if rule.when.match(group, family, config, classes) is not None:
+                for old, new in rule.names.items():
+                    path = path.replace(f".{old}.", f".{new}.")
+        return path.strip(".")
 
     def notes_for(self, groups: list[PlannedGroup], family: str, config: Mapping, classes=()) -> list[str]:
         return [n.text for n in self.notes if any(n.when.match(g, family, config, classes) is not None for g in groups)]
@@ -206,6 +223,14 @@ def _parse(data: dict, where: str, engine: str) -> LayoutRules:
                 Rename(_when(r["when"], f"{where}.rename[{i}]"), dict(r["names"]), _source(r, f"{where}.rename[{i}]"))
                 for i, r in enumerate(data.get("rename", []))
             ),
+            container_renames=tuple(
+                Rename(
+                    _when(r["when"], f"{where}.rename_containers[{i}]"),
+                    dict(r["names"]),
+                    _source(r, f"{where}.rename_containers[{i}]"),
+                )
+                for i, r in enumerate(data.get("rename_containers", []))
+            ),
             notes=tuple(
                 Note(_when(n["when"], f"{where}.notes[{i}]"), n["text"], _source(n, f"{where}.notes[{i}]"))
                 for i, n in enumerate(data.get("notes", []))
@@ -215,6 +240,7 @@ def _parse(data: dict, where: str, engine: str) -> LayoutRules:
             auto_detected_note=data.get("auto_detected_targets", {}).get("note", ""),
             target_modules=data.get("target_modules", "module_leaves"),
             experts_3d_classes=tuple((data.get("experts_3d") or {}).get("architectures", ())),
+            experts_3d_all=bool((data.get("experts_3d") or {}).get("all", False)),
         )
     except (KeyError, TypeError) as exc:
         raise SchemaError(f"{where}: malformed entry ({type(exc).__name__}: {exc}).") from None
