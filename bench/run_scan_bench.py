@@ -7,9 +7,16 @@ nothing else is flagged, and the three reports agree apart from timings.
 
 Each mode runs the scan's executor on the same discovered task list (what `lora-convert scan` does after
 discovery), timed from the first task handed out to the last record received, so that worker start-up is included
-and argument parsing and report writing are not. Ray's own start (`ray.init` of a local instance) is timed apart:
-on a cluster it is paid once, not per scan. The best of --repeat runs is reported; the machine's load average is
-recorded before each mode, since other work on the machine slows every mode.
+and argument parsing is not. With --write-report each record is also appended and flushed to a JSONL report and
+the summary is built at the end, as `scan --output` does, so that the parent does all of the command's work. Ray's
+own start (`ray.init` of a local instance) is timed apart: on a cluster it is paid once, not per scan. The best of
+--repeat runs is reported, and every run; the machine's load average is recorded before each run, since other work
+on the machine slows every mode. --interleave runs the modes in rounds (jobs 1, jobs 2, jobs 1, ...) so that each
+mode sees the same machine when its load changes.
+
+CPU time is recorded with the wall time, as wall-clock ratios mean little on a shared machine: the parent's (this
+process: the executor, on_result, report writing) and the workers' (their own CPU time, counted once they have
+exited: the local modes only; Ray's workers outlive a run).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,16 +67,66 @@ def without_timings(records: list[dict]) -> dict[str, dict]:
     return {r["id"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records}
 
 
-def run_mode(mode: str, tasks, options) -> tuple[float, list[dict]]:
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_mode(mode: str, tasks, options, *, write_report: bool = False) -> tuple[dict, list[dict]]:
+    """One run: {seconds, parent_cpu_s, workers_cpu_s (None for Ray), load_before} and its records."""
     from lora_convert.scan import local, ray_backend
+    from lora_convert.scan.report import ReportWriter
+    from lora_convert.scan.summary import summarize
 
     records: list[dict] = []
-    started = time.perf_counter()
-    if mode == "ray":
-        ray_backend.run_all(tasks, options, on_result=records.append)
-    else:
-        local.run_all(tasks, options, on_result=records.append, jobs=int(mode.split()[1]))
-    return time.perf_counter() - started, records
+    on_result = records.append
+    with tempfile.TemporaryDirectory(prefix="lc-scan-bench-") as tmp:
+        writer = ReportWriter(Path(tmp) / "report.jsonl", keep_bytes=0) if write_report else None
+        if writer is not None:
+
+            def on_result(record: dict) -> None:
+                writer.write(record)
+                records.append(record)
+
+        load = os.getloadavg()[0]
+        parent, children = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        if mode == "ray":
+            ray_backend.run_all(tasks, options, on_result=on_result)
+        else:
+            local.run_all(tasks, options, on_result=on_result, jobs=int(mode.split()[1]))
+        if writer is not None:
+            writer.close()
+            summarize(records)
+        seconds = time.perf_counter() - started
+        run = {
+            "seconds": seconds,
+            "parent_cpu_s": _cpu(resource.RUSAGE_SELF) - parent,
+            # The local workers have exited (run_all joins them); Ray's are not children of this process.
+            "workers_cpu_s": None if mode == "ray" else _cpu(resource.RUSAGE_CHILDREN) - children,
+            "load_before": round(load, 2),
+        }
+    return run, records
+
+
+def _rounded(values: list, digits: int = 2) -> list:
+    return [None if v is None else round(v, digits) for v in values]
+
+
+def summarize_runs(runs: list[dict], n: int, total_bytes: int) -> dict:
+    """The best run's rates, and every run's wall time, CPU times and load."""
+    best = min(r["seconds"] for r in runs)
+    workers = [r["workers_cpu_s"] for r in runs]
+    return {
+        "seconds_best": round(best, 2),
+        "seconds_all": _rounded([r["seconds"] for r in runs]),
+        "adapters_per_s": round(n / best, 1),
+        "mb_per_s": round(total_bytes / 1e6 / best, 1),
+        "parent_cpu_s_all": _rounded([r["parent_cpu_s"] for r in runs]),
+        "parent_cpu_ms_per_adapter_all": _rounded([r["parent_cpu_s"] * 1000 / n for r in runs], 3),
+        "workers_cpu_s_all": _rounded(workers) if any(w is not None for w in workers) else None,
+        "load_before_all": [r["load_before"] for r in runs],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per mode; the best is reported")
     p.add_argument("--modes", default="jobs 1,jobs 2,ray")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--write-report", action="store_true", help="append each record to a JSONL report, as `scan --output` does"
+    )
+    p.add_argument("--interleave", action="store_true", help="run the modes in rounds (not with ray)")
     args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",")]
+    if args.interleave and "ray" in modes:
+        p.error("--interleave runs local modes only (a Ray instance would be started and stopped every round)")
 
     from lora_convert.scan.discover import discover
     from lora_convert.scan.task import ScanOptions
@@ -92,11 +158,32 @@ def main(argv: list[str] | None = None) -> int:
         "adapters": len(tasks),
         "bytes": total_bytes,
         "planted": sum(1 for a in manifest["adapters"].values() if a["defect"]),
+        "write_report": args.write_report,
+        "interleave": args.interleave,
         "modes": {},
     }
     reports: dict[str, dict] = {}
-    for mode in [m.strip() for m in args.modes.split(",")]:
-        row: dict = {"load_before": load_avg()}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    rows: dict[str, dict] = {m: {"load_before": load_avg()} for m in modes}
+
+    def finish(mode: str, records: list[dict]) -> None:
+        row = rows[mode]
+        row.update(summarize_runs(runs[mode], len(tasks), total_bytes))
+        row.update(check=check(records, root, manifest), load_after=load_avg())
+        reports[mode] = without_timings(records)
+        out["modes"][mode] = row
+        print(json.dumps({mode: row}), file=sys.stderr)
+
+    if args.interleave:
+        last: dict[str, list[dict]] = {}
+        for _ in range(args.repeat):
+            for mode in modes:
+                run, last[mode] = run_mode(mode, tasks, options, write_report=args.write_report)
+                runs[mode].append(run)
+        for mode in modes:
+            finish(mode, last[mode])
+    for mode in [] if args.interleave else modes:
+        row = rows[mode]
         ray = None
         if mode == "ray":
             import ray
@@ -105,30 +192,23 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="error")
             row["ray_init_s"] = round(time.perf_counter() - t, 2)
             row["ray_version"] = ray.__version__
-        times = []
         try:
             for _ in range(args.repeat):
-                seconds, records = run_mode(mode, tasks, options)
-                times.append(seconds)
+                run, records = run_mode(mode, tasks, options, write_report=args.write_report)
+                runs[mode].append(run)
         finally:
             if ray is not None:
                 ray.shutdown()
-        best = min(times)
-        row.update(
-            seconds_best=round(best, 2),
-            seconds_all=[round(t, 2) for t in times],
-            adapters_per_s=round(len(tasks) / best, 1),
-            mb_per_s=round(total_bytes / 1e6 / best, 1),
-            check=check(records, root, manifest),
-            load_after=load_avg(),
-        )
-        reports[mode] = without_timings(records)
-        out["modes"][mode] = row
-        print(json.dumps({mode: row}), file=sys.stderr)
+        finish(mode, records)
     first = next(iter(reports.values()))
     out["reports_identical_apart_from_timings"] = all(r == first for r in reports.values())
     if "jobs 1" in out["modes"] and "jobs 2" in out["modes"]:
+        one, two = runs["jobs 1"], runs["jobs 2"]
         out["speedup_jobs2"] = round(out["modes"]["jobs 1"]["seconds_best"] / out["modes"]["jobs 2"]["seconds_best"], 2)
+        if args.interleave:  # each round's jobs 1 over the same round's jobs 2: the machine was about the same
+            out["speedup_jobs2_by_round"] = [
+                round(a["seconds"] / b["seconds"], 2) for a, b in zip(one, two, strict=True)
+            ]
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:

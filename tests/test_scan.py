@@ -274,6 +274,216 @@ def test_read_report_ignores_only_a_torn_last_line(tmp_path):
         read_report(report)
 
 
+# ------------------------------------------------------------------------ a crash or a hang inside a batch
+# The local executor hands a worker several adapters per message (lora_convert/scan/local.py). A worker killed, or
+# an adapter hung, in the middle of a batch must cost that adapter alone: the adapters before it in the batch keep
+# the records they sent, the ones after it never ran and go back to the queue, and every adapter gets one record.
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 4  # adapters per batch in these tests (the executor's own size shrinks towards the end of a scan)
+FLEET = 20  # plain adapters, fleet/a00 .. fleet/a19, all of one size: scheduled in id order
+# In id order KILL is the 7th task, the 3rd of the 2nd batch of 4. HANG_IN_BATCH is the 10th task without KILL (the
+# 2nd of the 3rd batch) and the 11th with it (the 3rd): inside a batch either way.
+KILL = "fleet/a05-kill"
+HANG_IN_BATCH = "fleet/a08-hang"
+SLOW = "LORA_CONVERT_TEST_SLOW"  # ids (comma-separated) that planted_task holds for SLOW_S first, in the workers
+SLOW_S = 2.5
+
+
+def planted_task(task, options):
+    """run_task, except on the planted adapters: `*-kill` kills its own worker (as a segfault or the OOM killer
+    would: no exception, no record), `*-hang` never returns. Module-level: a worker process unpickles it by name."""
+    from lora_convert.scan.task import run_task
+
+    if task.id.endswith("-kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if task.id.endswith("-hang"):
+        time.sleep(600)
+    if task.id in os.environ.get(SLOW, "").split(","):
+        time.sleep(SLOW_S)
+    return run_task(task, options)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Path:
+    """FLEET copies of one fixture adapter plus a `-kill` and a `-hang` one, all of the same size."""
+    root = tmp_path_factory.mktemp("fleet")
+    first = _copy_case(root, "v4_llama", "fleet/a00")
+    for i in range(1, FLEET):
+        shutil.copytree(first, root / f"fleet/a{i:02d}")
+    for ident in (KILL, HANG_IN_BATCH):
+        shutil.copytree(first, root / ident)
+    return root
+
+
+@pytest.fixture
+def batches(monkeypatch) -> list[list[str]]:
+    """Fixed batches of BATCH adapters, and the list of every batch the executor hands out (ids), in order. Workers
+    unpickle planted_task from this module, so the repository root goes on the path they inherit."""
+    from lora_convert.scan import local
+
+    monkeypatch.setattr(sys, "path", [*sys.path, str(REPO)])
+    monkeypatch.setattr(local, "_batch_limit", lambda remaining, jobs: BATCH)
+    sent: list[list[str]] = []
+    take = local._take_batch
+
+    def spy(pending, limit):
+        batch = take(pending, limit)
+        sent.append([t.id for t in batch])
+        return batch
+
+    monkeypatch.setattr(local, "_take_batch", spy)
+    return sent
+
+
+def _once(records: list[dict]):
+    """on_result for run_all: appends to `records`, and fails at once on a second record for an adapter (an
+    executor that re-ran a crashing adapter would otherwise crash it again and again)."""
+
+    def on_result(record: dict) -> None:
+        assert record["id"] not in {r["id"] for r in records}, f"a second record for {record['id']}"
+        records.append(record)
+
+    return on_result
+
+
+def _without_timings(records: list[dict]) -> dict[str, dict]:
+    """Records by id, without what depends on the clock (`seconds`, and the seconds in a timeout's message)."""
+    out = {}
+    for r in records:
+        r = {k: v for k, v in r.items() if k != "seconds"}
+        if r["status"] == "timeout":
+            r["error"] = {"type": r["error"]["type"]}
+        out[r["id"]] = r
+    return out
+
+
+def _expected(tasks, *, killed=(), hung=()) -> dict[str, dict]:
+    """What each task's record must be: run_task's own record in this process, `crashed` / `timeout` for the planted."""
+    from lora_convert.scan.task import ScanOptions, crash_record, run_task, timeout_record
+
+    records = []
+    for t in tasks:
+        if t.id in killed:
+            records.append(crash_record(t, "the worker was killed by SIGKILL"))
+        elif t.id in hung:
+            records.append(timeout_record(t, 0.0))
+        else:
+            records.append(run_task(t, ScanOptions()))
+    return _without_timings(records)
+
+
+def test_a_worker_killed_mid_batch_costs_only_its_adapter(fleet, batches):
+    from lora_convert.scan import local
+    from lora_convert.scan.task import ScanOptions
+
+    tasks = [t for t in discover([str(fleet)]) if t.id != HANG_IN_BATCH]
+    records: list[dict] = []
+    local.run_all(tasks, ScanOptions(timeout_s=60), on_result=_once(records), jobs=2, task_fn=planted_task)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == len(tasks)  # one record each: none lost, none twice
+    got = _without_timings(records)
+    assert got[KILL]["status"] == "crashed" and got[KILL]["error"]["type"] == "WorkerCrashed"
+    assert "SIGKILL" in got[KILL]["error"]["message"]
+    assert got == _expected(tasks, killed={KILL})  # every other adapter: exactly its normal record
+    _handed_out_again(batches, KILL)
+
+
+def _handed_out_again(sent: list[list[str]], ident: str, *, only_failure: bool = True) -> None:
+    """The adapters after `ident` in its batch never ran in that worker: they were handed out again; the ones
+    before it (which have their records) and `ident` itself were not. With one failure in the scan, no adapter
+    was handed out more than twice (behind two failures, one may be re-queued twice)."""
+    batch = next(b for b in sent if ident in b)
+    at = batch.index(ident)
+    assert 0 < at < len(batch) - 1, (ident, batch)  # the case under test: adapters before and after it in its batch
+    count = {i: sum(i in b for b in sent) for b in sent for i in b}
+    assert all(count[i] == 1 for i in batch[: at + 1]), sent
+    assert all(count[i] >= 2 for i in batch[at + 1 :]), sent
+    assert not only_failure or max(count.values()) == 2, sent
+
+
+def test_an_adapter_hung_mid_batch_is_timed_out_alone(fleet, batches, monkeypatch):
+    from lora_convert.scan import local
+    from lora_convert.scan.task import ScanOptions
+
+    # Each adapter has its own clock, started when the one before it in the batch finished: two adapters of the
+    # first batch that take SLOW_S each (5 s together) stay within a 4 s timeout.
+    monkeypatch.setenv(SLOW, "fleet/a01,fleet/a02")
+    tasks = [t for t in discover([str(fleet)]) if t.id != KILL]
+    records: list[dict] = []
+    local.run_all(tasks, ScanOptions(timeout_s=4), on_result=_once(records), jobs=2, task_fn=planted_task)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == len(tasks)
+    (hung,) = [r for r in records if r["status"] == "timeout"]
+    assert hung["id"] == HANG_IN_BATCH and hung["seconds"] >= 4
+    assert batches[0][:3] == ["fleet/a00", "fleet/a01", "fleet/a02"]
+    assert _without_timings(records) == _expected(tasks, hung={HANG_IN_BATCH})
+    _handed_out_again(batches, HANG_IN_BATCH)
+
+
+def test_crash_and_hang_mid_batch_match_jobs_1_and_resume(fleet, batches, monkeypatch, tmp_path):
+    """--jobs 2, interrupted and resumed, writes the report --jobs 1 writes in one go (apart from timings)."""
+    import functools
+
+    from lora_convert.scan import local
+    from lora_convert.scan.report import run_scan
+    from lora_convert.scan.task import ScanOptions
+
+    options = ScanOptions(timeout_s=4)
+    tasks = discover([str(fleet)])
+    serial: list[dict] = []
+    local.run_all(tasks, options, on_result=_once(serial), jobs=1, task_fn=planted_task)
+    _handed_out_again(batches, KILL, only_failure=False)
+    expected = _expected(tasks, killed={KILL}, hung={HANG_IN_BATCH})
+    assert _without_timings(serial) == expected and len(serial) == len(tasks)
+
+    # run_scan runs local.run_all (looked up when it starts): the same executor, with the planted task function.
+    monkeypatch.setattr(local, "run_all", functools.partial(local.run_all, task_fn=planted_task))
+    report = tmp_path / "scan.jsonl"
+    seen: list[str] = []
+
+    def stop_after_five(record):
+        seen.append(record["id"])
+        if len(seen) == 5:  # Ctrl-C while both workers hold a running and a queued batch
+            raise KeyboardInterrupt
+
+    first = run_scan([str(fleet)], options, output=report, jobs=2, on_record=stop_after_five)
+    assert first.interrupted and len(first.records) == 5
+    resumed = run_scan([str(fleet)], options, output=report, jobs=2, resume=True)
+    assert not resumed.interrupted and resumed.resumed == 5
+    on_disk, _ = read_report(report)
+    ids = [r["id"] for r in on_disk]
+    assert len(ids) == len(set(ids)) == len(tasks) and ids[:5] == seen
+    assert _without_timings(on_disk) == expected
+
+
+def test_legacy_bin_adapters_go_to_one_worker(tmp_path, monkeypatch):
+    """Reading an adapter_model.bin imports torch (~1 s and ~300 MB per worker): one worker takes them all, first;
+    another takes some only when nothing else is left and more than TORCH_JOIN per torch worker are waiting."""
+    from lora_convert.scan import local
+    from lora_convert.scan.task import ScanTask
+
+    def task(name: str, *files: str) -> ScanTask:
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(b"x")
+        return ScanTask(id=name, spec=str(tmp_path / name), nbytes=1)
+
+    both = task("both", "adapter_model.bin", "adapter_model.safetensors")  # safetensors is what gets read
+    plain = task("st", "adapter_model.safetensors")
+    queue = local._Queue([task("bin2", "adapter_model.bin"), plain, both, task("bin1", "adapter_model.bin")])
+    assert [t.id for t in queue.torch] == ["bin1", "bin2"] and [t.id for t in queue.plain] == ["both", "st"]
+    assert queue.lane(False, 0) is queue.torch  # no worker holds torch yet: the first one fed takes them
+    assert queue.lane(False, 1) is queue.plain and queue.lane(True, 1) is queue.torch
+    queue.plain.clear()
+    assert queue.lane(False, 1) is None  # 2 waiting: cheaper for the torch worker to do them than a 2nd import
+    monkeypatch.setattr(local, "TORCH_JOIN", 1)
+    assert queue.lane(False, 1) is queue.torch
+    (bin1,) = [t for t in queue.torch if t.id == "bin1"]
+    queue.torch.remove(bin1)
+    queue.put_back([bin1, both])  # each back to its own lane, at the front
+    assert queue.torch[0] is bin1 and list(queue.plain) == [both]
+
+
 # ------------------------------------------------------------------------------------------ --normalize
 def test_normalize_mirrors_the_tree_and_skips_failing_adapters(registry, tmp_path):
     from lora_convert import scan_adapters
@@ -296,8 +506,8 @@ def test_normalize_mirrors_the_tree_and_skips_failing_adapters(registry, tmp_pat
 def test_a_refused_conversion_is_an_error_record(registry, tmp_path):
     from lora_convert import scan_adapters
 
-    # Mixtral's router LoRA cannot be served exactly in vLLM's layout: the converter refuses, the scan records it.
-    result = scan_adapters(registry / "team-a", normalize=tmp_path / "out", layout="peft", jobs=1)
+    # Mixtral's router LoRA cannot be served by SGLang 0.5.23: the converter refuses, the scan records it.
+    result = scan_adapters(registry / "team-a", normalize=tmp_path / "out", layout="sglang", jobs=1)
     records = _by_id(result.records)
     assert records["llama"]["status"] == "ok"
     assert records["mixtral"]["status"] == "error" and records["mixtral"]["exit_code"] == 1
