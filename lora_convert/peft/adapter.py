@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from lora_convert.io.small_files import read_small_text
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
 from lora_convert.io.tensor_files import TensorIndex, TensorInfo, load_bin_index, read_safetensors_header
 from lora_convert.peft.config import PeftConfig, load_config_file
-from lora_convert.peft.naming import Factor, ParsedKey, parse_key
+from lora_convert.peft.naming import Factor, ParsedKey, parse_keys
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 SAFETENSORS_INDEX_NAME = "adapter_model.safetensors.index.json"
@@ -99,6 +101,9 @@ class LoraModule:
         return self.lora_A is not None and self.lora_B is not None
 
     def to_json(self) -> dict[str, Any]:
+        a, b, m, bias = self.lora_A, self.lora_B, self.magnitude, self.lora_bias
+        # perf: `keys` inlined (inspect --format json writes ~50,000 of these for the stress adapter)
+        keys = [t.key for t in (a, b, m, bias) if t is not None]
         return {
             "module": self.module,
             "param": self.param,
@@ -113,10 +118,42 @@ class LoraModule:
             "scaling": self.scaling if self.scaling_known else None,
             "in_features": self.in_features,
             "out_features": self.out_features,
-            "dora": self.magnitude is not None,
+            "dora": m is not None,
             "base_layer_depth": self.base_layer_depth,
-            "keys": self.keys,
+            "keys": keys,
         }
+
+
+# The order of LoraModule's fields, which group_modules passes positionally.
+_MODULE_FIELDS = (
+    "module",
+    "kind",
+    "target_name",
+    "param",
+    "param_source",
+    "layer",
+    "expert",
+    "local_name",
+    "stack_prefix",
+    "is_vision",
+    "base_layer_depth",
+    "adapter_name",
+    "lora_A",
+    "lora_B",
+    "magnitude",
+    "lora_bias",
+    "experts",
+    "rank",
+    "config_rank",
+    "alpha",
+    "scaling",
+    "config_rank_known",
+    "scaling_known",
+    "in_features",
+    "out_features",
+)
+if tuple(f.name for f in fields(LoraModule)) != _MODULE_FIELDS:  # a field was added or moved: update both
+    raise AssertionError("LoraModule's fields changed; update _MODULE_FIELDS and group_modules")
 
 
 @dataclass
@@ -138,11 +175,12 @@ class Adapter:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.index.tensors.values())
+        return sum(map(attrgetter("nbytes"), self.index.tensors.values()))
 
     @property
     def total_params(self) -> int:
-        return sum(t.numel for t in self.index.tensors.values())
+        # perf: TensorInfo.numel is math.prod(shape); mapped in C rather than a property call a tensor
+        return sum(map(math.prod, map(attrgetter("shape"), self.index.tensors.values())))
 
     @property
     def expert_layout(self) -> str:
@@ -229,18 +267,27 @@ def _adapter_files(source: AdapterSource) -> tuple[str, list[Path]]:
 
 
 @contextmanager
-def _cyclic_gc_paused():
+def cyclic_gc_paused():
     """Pause Python's cyclic garbage collector while the index, parsed keys and modules are built.
 
     perf: these are ~5 acyclic objects per tensor (freed by reference counting alone), but every allocation counts
     towards the collector's thresholds, so building them for a 94,000-tensor adapter ran repeated full collections
     over a growing heap: half of load_adapter's time (docs/benchmarks.md). The previous state is restored.
+
+    On the way out the objects built here are handed to the oldest generation (gc.freeze then gc.unfreeze: two
+    list splices, no traversal) instead of staying young: otherwise the first allocation after gc.enable() runs a
+    young-generation collection over all of them (~0.07 s of load_adapter on the stress adapter), and a middle-generation one
+    follows. They are collected as usual by full collections. Skipped when the caller has frozen objects of its
+    own (unfreeze would release those too).
     """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         if was_enabled:
             gc.enable()
 
@@ -274,7 +321,7 @@ def load_adapter(
             + "Fix adapter_config.json (`lora-convert validate` lists every problem).",
         )
     file_format, files = _adapter_files(source)
-    with _cyclic_gc_paused():
+    with cyclic_gc_paused():
         index = TensorIndex()
         for path in files:
             _check_inside(path, source.allowed_roots)
@@ -282,9 +329,8 @@ def load_adapter(
                 index = load_bin_index(path)
             else:
                 tensors, _ = read_safetensors_header(path)
-                for info_ in tensors.values():
-                    index.add(info_)
-        parsed = {key: parse_key(key) for key in index.tensors}
+                index.add_all(tensors)
+        parsed = parse_keys(index.tensors)
         modules, findings = group_modules(parsed, index, config)
     findings = list(config.findings) + findings
     for key, holders in index.duplicates.items():
@@ -340,10 +386,16 @@ def group_modules(
     parsed: dict[str, ParsedKey], index: TensorIndex, config: PeftConfig
 ) -> tuple[list[LoraModule], list[Finding]]:
     findings: list[Finding] = []
-    slots: dict[tuple[str, int], dict[Factor, ParsedKey]] = defaultdict(dict)
+    slots: dict[tuple[str, int], dict[Factor, ParsedKey]] = {}
+    embedding_slots: set[tuple[str, int]] = set()  # slots that hold a lora_embedding_A/B
     leftover_names: list[str] = []
+    # perf: enum members as locals, one dict lookup per slot, and what each slot needs noted on the way
+    # (94,306 keys and 47,153 modules on the stress adapter; docs/benchmarks.md).
+    unknown, full_weight, full_bias = Factor.UNKNOWN, Factor.FULL_WEIGHT, Factor.FULL_BIAS
+    lora_a, lora_b, embedding_a, embedding_b = Factor.LORA_A, Factor.LORA_B, Factor.EMBEDDING_A, Factor.EMBEDDING_B
     for key, p in parsed.items():
-        if p.factor is Factor.UNKNOWN:
+        factor = p.factor
+        if factor is unknown:
             findings.append(
                 finding(
                     "keys.unparseable",
@@ -354,11 +406,11 @@ def group_modules(
                 )
             )
             continue
-        if p.factor in (Factor.FULL_WEIGHT, Factor.FULL_BIAS):
+        if factor is full_weight or factor is full_bias:
             findings.append(
                 finding(
                     "keys.full-weight",
-                    f"{key} is a whole module {'weight' if p.factor is Factor.FULL_WEIGHT else 'bias'} "
+                    f"{key} is a whole module {'weight' if factor is full_weight else 'bias'} "
                     "(modules_to_save or bias), not a LoRA factor; serving engines reject or ignore it.",
                     keys=[key],
                     fix="Merge it into the base model, or normalize with --drop-unsupported to leave it out.",
@@ -367,14 +419,13 @@ def group_modules(
             continue
         if p.adapter_name is not None:
             leftover_names.append(key)
-        slot = slots[(p.module, p.base_layer_depth)]
-        factor = (
-            Factor.LORA_A
-            if p.factor is Factor.EMBEDDING_A
-            else Factor.LORA_B
-            if p.factor is Factor.EMBEDDING_B
-            else p.factor
-        )
+        where = (p.module, p.base_layer_depth)
+        slot = slots.get(where)
+        if slot is None:
+            slot = slots[where] = {}
+        is_embedding = factor is embedding_a or factor is embedding_b
+        if is_embedding:
+            factor = lora_a if factor is embedding_a else lora_b
         if factor in slot:
             findings.append(
                 finding(
@@ -385,6 +436,8 @@ def group_modules(
             )
             continue
         slot[factor] = p
+        if is_embedding:
+            embedding_slots.add(where)
     if leftover_names:
         names = sorted({parsed[k].adapter_name for k in leftover_names})
         findings.append(
@@ -398,44 +451,119 @@ def group_modules(
         )
     fused_params = _resolve_fused_params(slots, index, config, findings)
     modules: list[LoraModule] = []
-    for (module_path, depth), factors in slots.items():
+    tensors = index.tensors
+    magnitude, lora_bias = Factor.MAGNITUDE, Factor.LORA_BIAS
+    ranks = _RankLookup(config)
+    fused = ModuleKind.FUSED_EXPERTS
+    by_target_parameter = bool(config.target_parameters)
+    for where, factors in slots.items():
+        module_path, depth = where
         sample = next(iter(factors.values()))
-        is_embedding = any(p.factor in (Factor.EMBEDDING_A, Factor.EMBEDDING_B) for p in factors.values())
         kind = (
             ModuleKind.FUSED_EXPERTS
-            if sample.is_fused_experts
+            if _is_fused_experts(module_path)
             else ModuleKind.EMBEDDING
-            if is_embedding
+            if where in embedding_slots
             else ModuleKind.LINEAR
         )
-        param, param_source = fused_params.get((module_path, depth), (None, None))
+        param, param_source = fused_params.get(where, (None, None))
         target_name = f"{module_path}.{param}" if param else module_path
-        if kind == ModuleKind.LINEAR and config.target_parameters and config.targets_parameter(module_path, "weight"):
+        if kind == ModuleKind.LINEAR and by_target_parameter and config.targets_parameter(module_path, "weight"):
             target_name = f"{module_path}.weight"
-        mod = LoraModule(
-            module=module_path,
-            kind=kind,
-            target_name=target_name,
-            param=param,
-            param_source=param_source,
-            layer=sample.layer,
-            expert=sample.expert,
-            local_name=sample.local_name,
-            stack_prefix=sample.stack_prefix,
-            is_vision=sample.is_vision,
-            base_layer_depth=depth,
-            adapter_name=sample.adapter_name,
-            lora_A=index.tensors[factors[Factor.LORA_A].key] if Factor.LORA_A in factors else None,
-            lora_B=index.tensors[factors[Factor.LORA_B].key] if Factor.LORA_B in factors else None,
-            magnitude=index.tensors[factors[Factor.MAGNITUDE].key] if Factor.MAGNITUDE in factors else None,
-            lora_bias=index.tensors[factors[Factor.LORA_BIAS].key] if Factor.LORA_BIAS in factors else None,
+        a, b, m, bias = factors.get(lora_a), factors.get(lora_b), factors.get(magnitude), factors.get(lora_bias)
+        rank_values = ranks.shared
+        if rank_values is None:
+            rank_values = ranks(target_name)
+        config_rank, alpha, scaling, config_rank_known, scaling_known = rank_values
+        ta = None if a is None else tensors[a.key]
+        tb = None if b is None else tensors[b.key]
+        # perf: the common module (a 2-D pair whose ranks agree with each other and the config) is filled here;
+        # everything else goes through _fill_shapes, which reports what is wrong.
+        rank = in_features = out_features = None
+        simple = (
+            ta is not None
+            and tb is not None
+            and kind != fused
+            and len(sa := ta.shape) == 2
+            and len(sb := tb.shape) == 2
+            and sa[0] == sb[1]
+            and (not config_rank_known or sa[0] == config_rank)
         )
-        if mod.param and mod.local_name.endswith("experts"):
-            mod.local_name = f"{mod.local_name}.{mod.param}"
-        _fill_ranks(mod, config, findings)
+        if simple:
+            rank, in_features, out_features = sa[0], sa[1], sb[0]
+        local_name = sample.local_name
+        if param and local_name.endswith("experts"):
+            local_name = f"{local_name}.{param}"
+        # perf: positional, in _MODULE_FIELDS order (checked at import): matching 24 keyword arguments took
+        # 0.04 s of the stress adapter's 47,153 modules, three times the call itself.
+        mod = LoraModule(
+            module_path,
+            kind,
+            target_name,
+            param,
+            param_source,
+            sample.layer,
+            sample.expert,
+            local_name,
+            sample.stack_prefix,
+            sample.is_vision,
+            depth,
+            sample.adapter_name,
+            ta,
+            tb,
+            None if m is None else tensors[m.key],
+            None if bias is None else tensors[bias.key],
+            None,  # experts
+            rank,
+            config_rank,
+            alpha,
+            scaling,
+            config_rank_known,
+            scaling_known,
+            in_features,
+            out_features,
+        )
+        if not simple:
+            _fill_shapes(mod, config, findings)
         modules.append(mod)
-    modules.sort(key=lambda m: (m.layer if m.layer is not None else -1, m.module, m.expert or 0, m.param or ""))
+    modules.sort(key=_module_order)
     return modules, findings
+
+
+def _module_order(m: LoraModule) -> tuple:
+    return (m.layer if m.layer is not None else -1, m.module, m.expert or 0, m.param or "")
+
+
+def _is_fused_experts(module_path: str) -> bool:
+    """ParsedKey.is_fused_experts from the module path alone: its last segment is `experts`."""
+    return module_path == "experts" or module_path.endswith(".experts")
+
+
+class _RankLookup:
+    """The config's rank, alpha, scaling and whether they are known, per target name.
+
+    perf: with no rank_pattern and no alpha_pattern entries, `PeftConfig`'s answers cannot depend on the name
+    (every pattern lookup finds nothing), so they are computed once instead of five calls per module."""
+
+    def __init__(self, config: PeftConfig) -> None:
+        self.config = config
+        self.shared: tuple | None = None
+        self.name_free = not config.rank_pattern and not config.alpha_pattern
+
+    def __call__(self, target_name: str) -> tuple[int, float, float, bool, bool]:
+        if self.name_free and self.shared is not None:
+            return self.shared
+        c = self.config
+        values = (
+            c.rank_for(target_name),
+            c.alpha_for(target_name),
+            c.scaling_for(target_name),
+            c.rank_known(target_name),
+            c.scaling_known(target_name),
+        )
+        if self.name_free:
+            self.shared = values
+        return values
 
 
 def _resolve_fused_params(
@@ -443,8 +571,8 @@ def _resolve_fused_params(
 ) -> dict[tuple[str, int], tuple[str, str]]:
     """Decide which 3-D parameter each `experts[.base_layer]*` wrapper holds."""
     by_module: dict[str, list[int]] = defaultdict(list)
-    for (module_path, depth), factors in slots.items():
-        if next(iter(factors.values())).is_fused_experts:
+    for module_path, depth in slots:
+        if _is_fused_experts(module_path):
             by_module[module_path].append(depth)
     resolved: dict[tuple[str, int], tuple[str, str]] = {}
     for module_path, depths in by_module.items():
@@ -500,12 +628,8 @@ def _guess_param_from_shapes(factors: dict[Factor, ParsedKey], index: TensorInde
     return "down_proj"
 
 
-def _fill_ranks(mod: LoraModule, config: PeftConfig, findings: list[Finding]) -> None:
-    mod.config_rank = config.rank_for(mod.target_name)
-    mod.alpha = config.alpha_for(mod.target_name)
-    mod.scaling = config.scaling_for(mod.target_name)
-    mod.config_rank_known = config.rank_known(mod.target_name)
-    mod.scaling_known = config.scaling_known(mod.target_name)
+def _fill_shapes(mod: LoraModule, config: PeftConfig, findings: list[Finding]) -> None:
+    """The module's rank, features and expert count from its tensors (config_rank and the rest already set)."""
     a, b = mod.lora_A, mod.lora_B
     if a is None or b is None:
         present, missing = ("lora_A", "lora_B") if b is None else ("lora_B", "lora_A")
