@@ -16,7 +16,6 @@ from lora_convert.errors import UsageError
 from lora_convert.findings import Finding
 from lora_convert.peft.adapter import STACKED_LAYOUT_CODES
 
-ENGINES = ("none", "sglang", "vllm")  # and ENGINE==VERSION for a release with a rule file (engines/rules.py)
 DEVICES = ("auto", "cpu", "cuda")
 MAX_KEYS = 50  # keys listed per finding
 

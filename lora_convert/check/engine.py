@@ -18,14 +18,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from lora_convert.check.context import Check, CheckContext, Outcome
-from lora_convert.codes import engine_finding
-from lora_convert.engines.profiles import compute_features, evaluate_engine
-from lora_convert.engines.rules import PLANNED_GROUP, engine_info, load_rules, resolve_engine
+from lora_convert.engines.profiles import compute_features, evaluate_engine, rule_finding
+from lora_convert.engines.rules import PLANNED_GROUP, load_rules, resolve_engine
 from lora_convert.errors import LoraConvertError
 from lora_convert.findings import Finding
 from lora_convert.text import spans
-
-MAX_KEYS = 50
 
 
 def run(ctx: CheckContext) -> Outcome:
@@ -59,26 +56,21 @@ def planned_group_refusals(engine: str, adapter, arch, base_name: str | None) ->
         return [], None
     if arch is None:
         return [], "no base architecture to plan against"
-    from lora_convert.convert.engine_layouts import model_classes, plan_layout
-    from lora_convert.convert.layout_rules import render
+    from lora_convert.convert.engine_layouts import plan_layout
     from lora_convert.convert.plan import build_plan
 
     try:
         plan = build_plan(adapter, arch, base_name=base_name or "", drop_unsupported=True)
     except LoraConvertError as exc:
         return [], f"the adapter cannot be planned ({exc.message})"
-    layout_plan = plan_layout(plan, engine)
-    release = resolve_engine(engine)
+    prefix = f"engine.{resolve_engine(engine).engine}."
     rules = {r["id"]: r for r in load_rules(engine)}
     by_rule: dict[str, list] = defaultdict(list)
-    prefix = f"engine.{release.engine}."
-    for refused in layout_plan.refused:
+    for refused in plan_layout(plan, engine).refused:
         if refused.code.startswith(prefix) and refused.code[len(prefix) :] in rules:
             by_rule[refused.code[len(prefix) :]].append(refused)
-    label = engine_info(engine).get("label", release.spec)
     out = []
     for rule_id, refusals in by_rule.items():
-        rule = rules[rule_id]
         modules, keys, layers = [], [], []
         for r in refusals:
             for s in r.group.slices:
@@ -88,21 +80,10 @@ def planned_group_refusals(engine: str, adapter, arch, base_name: str | None) ->
                         keys += [k for k in src.module.keys if k not in keys]
             if r.group.layer is not None:
                 layers.append(r.group.layer)
-        values = layout_plan.rules.refusal_values(refusals[0].group, plan.family, arch, model_classes(plan))
-        values.update(count=len(modules), layers=spans(sorted(set(layers))) if layers else "-")
-        reason = render(rule["message"], values)
-        fix = (rule.get("fix") or "").replace("ADAPTER", adapter.source.spec if adapter.source else "ADAPTER")
-        finding = engine_finding(
-            release.engine,
-            rule_id,
-            rule["outcome"],
-            message=f"[{label}: {rule['outcome']}] {reason} (source: {rule['source']})",
-            keys=keys[:MAX_KEYS],
-            expected="exact",
-            actual=rule["outcome"],
-            fix=fix or None,
-        )
-        out.append(GroupRefusal(rule_id, rule["outcome"], finding, modules))
+        # the message says how many modules and which layers of all the groups the rule refuses, not the first's
+        values = {**refusals[0].values, "count": len(modules), "layers": spans(sorted(set(layers))) if layers else "-"}
+        finding = rule_finding(engine, rules[rule_id], {**values, "keys": keys}, adapter)
+        out.append(GroupRefusal(rule_id, rules[rule_id]["outcome"], finding, modules))
     return out, None
 
 
@@ -137,7 +118,9 @@ def predict_engine(engine: str, adapter, arch, base_name: str | None = None, tex
     names = {id(m): _peft_module_name(m) for m in adapter.modules}
     modules = {names[id(m)]: "exact" for m in adapter.modules}
     by_key = {k: names[id(m)] for m in adapter.modules for k in m.keys}
-    by_module = {m.module: [names[id(x)] for x in adapter.modules if x.module == m.module] for m in adapter.modules}
+    by_module: dict[str, list[str]] = defaultdict(list)  # a module path -> its PEFT names (two for 3-D experts)
+    for m in adapter.modules:
+        by_module[m.module].append(names[id(m)])
     rules = {r["id"]: r for r in load_rules(engine)}
     load_failure: list[str] = []
 

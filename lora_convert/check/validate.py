@@ -18,7 +18,7 @@ from typing import Any
 
 from lora_convert.check import config, data, engine, keys, moe, pairs, shapes, sharding, smoke
 from lora_convert.check.base import resolve_base
-from lora_convert.check.context import DEVICES, ENGINES, CheckContext, ValidateOptions
+from lora_convert.check.context import DEVICES, CheckContext, ValidateOptions
 from lora_convert.check.report import ValidationReport, checks_sentence, finish
 from lora_convert.codes import finding
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
@@ -29,7 +29,7 @@ from lora_convert.peft.adapter import load_adapter
 CHECKS = tuple(m.CHECK for m in (config, keys, pairs, shapes, moe, data, sharding, smoke, engine))
 CHECK_NAMES = tuple(c.name for c in CHECKS)
 
-__all__ = ["CHECKS", "CHECK_NAMES", "DEVICES", "ENGINES", "ValidationReport", "checks_sentence", "validate_adapter"]
+__all__ = ["CHECKS", "CHECK_NAMES", "DEVICES", "ValidationReport", "checks_sentence", "validate_adapter"]
 
 
 def validate_adapter(

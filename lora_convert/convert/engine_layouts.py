@@ -24,7 +24,7 @@ The result says exactly what will be written (`tensor_specs`); `iter_layout_tens
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,7 @@ class Refused:
     reason: str
     code: str
     partial: bool = False
+    values: Mapping[str, Any] = field(default_factory=dict, compare=False)  # what the refusal's `when` gave its text
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,8 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     for g in groups:
         problem = rules.refusal(g, plan.family, config, classes)
         if problem is not None:
-            refused.append(Refused(g, *problem))
+            rule, reason, values = problem
+            refused.append(Refused(g, reason, rule.code, values=values))
             continue
         if experts_3d and g.experts and g.kind == "routed_experts":
             module = _module_3d(g, rules.container(g, plan.family, config, classes))
@@ -228,7 +230,7 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
             out.append(LayoutGroup(g, (module,), added=id(g) in added_ids))
             continue
         cut = rules.cut(g, plan.family, config, classes)
-        modules = _modules(plan, g, rules, cut, config)
+        modules = _modules(plan, g, rules, cut, config, classes)
         split = next((m for m in modules if not factors.shares_one_a([g.slices[i] for i in m.slices])), None)
         if split is not None:
             names = [g.slices[j].name for j in split.slices]
@@ -301,12 +303,8 @@ def _missing_expert_sides(plan: Plan) -> list[PlannedGroup]:
     return extra
 
 
-def _container(group: PlannedGroup) -> str:
-    return group.key.rsplit(".", 1)[0]
-
-
-def _modules(plan: Plan, g: PlannedGroup, rules: LayoutRules, cut, config) -> list[OutModule]:
-    container = rules.container(g, plan.family, config, model_classes(plan))
+def _modules(plan: Plan, g: PlannedGroup, rules: LayoutRules, cut, config, classes) -> list[OutModule]:
+    container = rules.container(g, plan.family, config, classes)
     if g.kind == "embedding":
         path = g.key
         if rules.embedding_leaf and path.rsplit(".", 1)[-1] != rules.embedding_leaf:
@@ -320,7 +318,7 @@ def _modules(plan: Plan, g: PlannedGroup, rules: LayoutRules, cut, config) -> li
         return [OutModule(f"{container}.{leaf}" if container else leaf, (0,))]
     else:  # q/k/v, q_a/kv_a, gate/up, expert projections: the slice names are the base model's module names
         cuts = [(s.name, (i,)) for i, s in enumerate(g.slices)]
-    renames = rules.rename(g, plan.family, config, model_classes(plan))
+    renames = rules.rename(g, plan.family, config, classes)
     cuts = [(renames.get(name, name), idx) for name, idx in cuts]
     if g.experts:
         return [OutModule(f"{container}.{e}.{name}", idx, expert=e) for e in range(g.experts) for name, idx in cuts]

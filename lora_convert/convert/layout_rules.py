@@ -30,6 +30,7 @@ from typing import Any
 
 from lora_convert.arch.expr import evaluate
 from lora_convert.convert.plan import PlannedGroup
+from lora_convert.engines.profiles import render
 from lora_convert.engines.rules import layout_document, resolve_engine
 from lora_convert.errors import SchemaError
 
@@ -119,35 +120,21 @@ class LayoutRules:
     auto_detected_note: str
     experts_3d_classes: tuple[str, ...] = ()  # model classes whose routed experts are written as PEFT 3-D params
     experts_3d_all: bool = False  # every model's routed experts as PEFT 3-D params (transformers 5 holds them so)
+    target_modules: str = "module_leaves"  # or "engine_names": the names the engine normalizes modules to (SGLang)
 
     def experts_3d(self, classes) -> bool:
         return self.experts_3d_all or bool(set(classes) & set(self.experts_3d_classes))
 
-    target_modules: str = "module_leaves"  # or "engine_names": the names the engine normalizes modules to (SGLang)
-
-    def refusal(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> tuple[str, str] | None:
-        """(reason, code) of the first refusal that matches the group, or None."""
-        found = self.refusal_rule(group, family, config, classes)
-        return None if found is None else (found[1], found[0].code)
-
-    def refusal_rule(self, group: PlannedGroup, family: str, config: Mapping, classes=()):
-        """(Refusal, rendered reason) of the first refusal that matches the group, or None."""
+    def refusal(self, group: PlannedGroup, family: str, config: Mapping, classes=()):
+        """(Refusal, its reason rendered for this group, the values its `when` gave) of the first refusal that
+        matches the group, or None."""
         for rule in self.refuse:
             values = rule.when.match(group, family, config, classes)
             if values is not None:
                 values.setdefault("count", len({id(src.module) for sl in group.slices for src in sl.sources()}))
                 values.setdefault("layers", "-" if group.layer is None else str(group.layer))
-                return rule, render(rule.reason, values)
+                return rule, render(rule.reason, values), values
         return None
-
-    def refusal_values(self, group: PlannedGroup, family: str, arch, classes=()) -> dict[str, Any]:
-        """The values the first matching refusal's `when` gives its message ({want}, {width}, ...)."""
-        config = dict(getattr(arch, "config", None) or {})
-        for rule in self.refuse:
-            values = rule.when.match(group, family, config, classes)
-            if values is not None:
-                return values
-        return {}
 
     def cut(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> Cut | None:
         return next((c for c in self.cuts if c.when.match(group, family, config, classes) is not None), None)
@@ -174,17 +161,7 @@ class LayoutRules:
         return [n.text for n in self.notes if any(n.when.match(g, family, config, classes) is not None for g in groups)]
 
 
-def render(template: str, values: Mapping[str, Any]) -> str:
-    try:
-        return template.format(**values)
-    except (KeyError, IndexError, ValueError):
-        return template
-
-
 # ------------------------------------------------------------------------------------------------ loading
-LAYOUTS = ("peft", "sglang", "vllm")
-
-
 @cache
 def load_layout_rules(layout: str) -> LayoutRules:
     """The rules of `layout` (`peft`, or an engine release: `sglang`, `vllm==0.33.0`). Raises SchemaError, or

@@ -38,7 +38,9 @@ __all__ = [
     "engine_info",
     "evaluate_engine",
     "load_rules",
+    "render",
     "row_energy_modules",
+    "rule_finding",
 ]
 
 
@@ -48,7 +50,8 @@ class _Values(dict):
         return "{" + key + "}"
 
 
-def _render(template: str, values: dict) -> str:
+def render(template: str, values) -> str:
+    """A rule's text with its {placeholders} filled from `values`; a placeholder without a value stays as written."""
     try:
         return string.Formatter().vformat(template, (), _Values(values))
     except (ValueError, IndexError, KeyError, AttributeError):
@@ -69,30 +72,36 @@ def compute_features(engine: str, adapter, arch, text_config: dict | None = None
 
 
 def evaluate_engine(engine: str, adapter, arch, text_config: dict | None = None, scan=None) -> list[Finding]:
-    info_ = engine_info(engine)
-    findings = []
-    spec = adapter.source.spec if getattr(adapter, "source", None) is not None else "ADAPTER"
     rules = {r["id"]: r for r in load_rules(engine)}
-    for rule_id, values in compute_features(engine, adapter, arch, text_config, scan).items():
-        rule = rules[rule_id]
-        values = dict(values)
-        values.setdefault("engine", info_.get("engine_name", engine))
-        values.setdefault("version", rule["engine_version"])
-        message = _render(rule["message"], values)
-        fix = _render(rule["fix"], values).replace("ADAPTER", spec) if rule.get("fix") else None
-        findings.append(
-            engine_finding(
-                resolve_engine(engine).engine,
-                rule_id,
-                rule["outcome"],
-                message=f"[{info_.get('label', rule['engine_version'])}: {rule['outcome']}] {message} (source: {rule['source']})",
-                keys=list(values.get("keys", []))[:MAX_KEYS],
-                expected=values.get("expected_rows", "exact"),
-                actual=values.get("actual_rows", rule["outcome"]),
-                fix=fix,
-            )
-        )
-    return findings
+    return [
+        rule_finding(engine, rules[rule_id], values, adapter)
+        for rule_id, values in compute_features(engine, adapter, arch, text_config, scan).items()
+    ]
+
+
+def rule_finding(engine: str, rule: dict, values: dict, adapter) -> Finding:
+    """The finding `engine.<engine>.<rule id>` of a fired rule (a feature rule, or a planned_group rule of
+    lora_convert/check/engine.py): its message and fix rendered from the values it fired with, the engine release's
+    label, outcome and source in the message, the first MAX_KEYS of its `keys`, ADAPTER in the fix replaced by the
+    adapter that was checked."""
+    info_ = engine_info(engine)
+    spec = adapter.source.spec if getattr(adapter, "source", None) is not None else "ADAPTER"
+    values = dict(values)
+    values.setdefault("engine", info_.get("engine_name", engine))
+    values.setdefault("version", rule["engine_version"])
+    message = render(rule["message"], values)
+    fix = render(rule["fix"], values).replace("ADAPTER", spec) if rule.get("fix") else None
+    label = info_.get("label", rule["engine_version"])
+    return engine_finding(
+        resolve_engine(engine).engine,
+        rule["id"],
+        rule["outcome"],
+        message=f"[{label}: {rule['outcome']}] {message} (source: {rule['source']})",
+        keys=list(values.get("keys", []))[:MAX_KEYS],
+        expected=values.get("expected_rows", "exact"),
+        actual=values.get("actual_rows", rule["outcome"]),
+        fix=fix,
+    )
 
 
 def row_energy_modules(adapter, arch) -> list[str]:
