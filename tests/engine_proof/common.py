@@ -67,6 +67,26 @@ def fixture_adapter(case: str) -> Path:
     return case_dir(case) / "adapter"
 
 
+def normalize_layout(case: str, layout: str, base: Path, out: Path) -> tuple[Path | None, str | None]:
+    """lora-convert's `--layout LAYOUT --drop-unsupported` output for a fixture against `base` (the base the engine
+    is given), or (None, the refusal) when nothing is left to write. What was dropped is in the output's report."""
+    from lora_convert.convert.normalize import normalize
+    from lora_convert.errors import UnsupportedAdapterError
+
+    try:
+        normalize(str(fixture_adapter(case)), out, base=str(base), layout=layout, drop_unsupported=True)
+    except UnsupportedAdapterError as exc:
+        return None, f"UnsupportedAdapterError: {exc.message}"
+    return out, None
+
+
+def original_record(case: str, load: EngineLoad) -> dict:
+    """What an engine did with the ORIGINAL adapter: its load error, or the verdict of every PEFT module."""
+    if load.load_error is not None:
+        return {"load_error": load.load_error}
+    return {"load_error": None, "modules": classify(case, load)}
+
+
 def layout_record(case: str, out: Path | None, refusal: str | None, load: EngineLoad | None) -> dict:
     """What an engine did with lora-convert's layout output for `case`: nothing to load (`nothing_left`: every
     module refused), a load error, or the verdict of every module it holds plus the modules whose rows the layout

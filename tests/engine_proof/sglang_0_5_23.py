@@ -71,7 +71,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/ (helpers) when run as a script
 sys.path.insert(0, str(HERE))
 
-from common import EngineLoad, classify, fixture_adapter, reference_deltas  # noqa: E402
+from common import EngineLoad, fixture_adapter, reference_deltas  # noqa: E402
 
 from helpers import case_base_dir, case_meta, fixture_cases  # noqa: E402
 
@@ -671,65 +671,17 @@ def served_base(case: str) -> Path:
     return _base_copy(case_base_dir(case), _model_class(case))
 
 
-def layout_output(case: str, root: Path) -> tuple[Path | None, list[str], str | None]:
-    """`normalize --layout sglang --drop-unsupported` into root/<case>: (folder or None, refused groups, error)."""
-    from lora_convert.convert.normalize import normalize
-    from lora_convert.errors import UnsupportedAdapterError
-
-    out = root / f"sglang-{case}"
-    base = str(served_base(case))
-    refused: list[str] = []
-    try:
-        normalize(str(fixture_adapter(case)), out, base=base, layout="sglang", drop_unsupported=False)
-    except UnsupportedAdapterError as exc:
-        refused = _refused_from_error(exc)
-        try:
-            normalize(str(fixture_adapter(case)), out, base=base, layout="sglang", drop_unsupported=True)
-        except UnsupportedAdapterError as exc2:
-            return None, refused or _refused_from_error(exc2), exc2.message
-    refused = sorted(set(refused) | set(_refused_from_output(out)))
-    return out, refused, None
-
-
-def _refused_from_error(exc) -> list[str]:
-    for attr in ("modules", "groups", "refused", "details"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, (list, tuple)) and value:
-            return sorted(str(v.get("module", v)) if isinstance(v, dict) else str(v) for v in value)
-    return []
-
-
-def _refused_from_output(out: Path) -> list[str]:
-    from lora_convert.convert.engine_layouts import REPORT_FILE
-
-    path = out / REPORT_FILE
-    if not path.exists():
-        return []
-    report = json.loads(path.read_text())
-    return sorted(str(d["module"]) for d in report.get("dropped", []))
-
-
 def truth_row(case: str, root: Path) -> dict:
     """The record tests/test_proof_sglang.py compares (tests/engine_proof/common.py `layout_record` contract): the
     original adapter through SGLang, and lora-convert's `--layout sglang` output through SGLang, both on the base
     SGLang is given (`served_base`), which is also what the prediction is made against."""
-    from common import layout_record
+    from common import layout_record, normalize_layout, original_record
 
     base = served_base(case)
-    row = {"served_base": str(base), "original": _summary(case, load(case, fixture_adapter(case), base))}
-    out, refused, error = layout_output(case, root)
-    row["layout"] = layout_record(case, out, error, None if out is None else load(case, out, base))
-    row["layout"]["refused"] = refused
+    row = {"served_base": str(base), "original": original_record(case, load(case, fixture_adapter(case), base))}
+    out, refusal = normalize_layout(case, "sglang", base, root / f"sglang-{case}")
+    row["layout"] = layout_record(case, out, refusal, None if out is None else load(case, out, base))
     return row
-
-
-def _summary(case: str, result: EngineLoad, present_only: bool = False) -> dict:
-    if result.load_error is not None:
-        return {"load_error": result.load_error}
-    verdicts = classify(case, result)
-    if present_only:
-        verdicts = {m: v for m, v in verdicts.items() if v != "dropped"}
-    return {"load_error": None, "modules": verdicts}
 
 
 def main(argv=None) -> int:

@@ -76,7 +76,7 @@ if __name__ == "__main__":  # script mode: make `helpers` and `engine_proof` imp
 
 import numpy as np  # noqa: E402
 
-from engine_proof.common import EngineLoad, classify  # noqa: E402
+from engine_proof.common import EngineLoad  # noqa: E402
 from helpers import case_base_dir, case_meta, fixture_cases  # noqa: E402
 
 VLLM_VERSION = "0.33.0"
@@ -501,33 +501,14 @@ def load(case: str, adapter_dir: Path, base_dir: Path) -> EngineLoad:
 
 
 # ------------------------------------------------------------------------------------------------ truth table
-def normalize_layout(case: str, layout: str, out: Path) -> tuple[Path | None, str | None]:
-    """lora-convert's `--layout LAYOUT --drop-unsupported` output for a fixture (None + the refusal if none)."""
-    from engine_proof.common import fixture_adapter
-    from lora_convert.convert.normalize import normalize
-    from lora_convert.errors import UnsupportedAdapterError
-
-    try:
-        normalize(str(fixture_adapter(case)), out, base=str(case_base_dir(case)), layout=layout, drop_unsupported=True)
-    except UnsupportedAdapterError as exc:
-        return None, f"UnsupportedAdapterError: {exc.message}"
-    return out, None
-
-
-def verdict(case: str, load_result: EngineLoad) -> dict:
-    if load_result.load_error is not None:
-        return {"load_error": load_result.load_error}
-    return {"modules": classify(case, load_result)}
-
-
 def truth_row(case: str, workdir: Path) -> dict:
     """The record tests/test_proof_vllm.py compares (tests/engine_proof/common.py `truth_record` contract): the
     original adapter through vLLM, and lora-convert's `--layout vllm` output through vLLM."""
-    from engine_proof.common import fixture_adapter, layout_record
+    from engine_proof.common import fixture_adapter, layout_record, normalize_layout, original_record
 
     base = case_base_dir(case)
-    row = {"served_base": str(base), "original": verdict(case, load(case, fixture_adapter(case), base))}
-    out, refusal = normalize_layout(case, "vllm", workdir / f"vllm-{case}")
+    row = {"served_base": str(base), "original": original_record(case, load(case, fixture_adapter(case), base))}
+    out, refusal = normalize_layout(case, "vllm", base, workdir / f"vllm-{case}")
     row["layout"] = layout_record(case, out, refusal, None if out is None else load(case, out, base))
     return row
 
