@@ -460,13 +460,14 @@ def test_legacy_bin_adapters_go_to_one_worker(tmp_path, monkeypatch):
     """Reading an adapter_model.bin imports torch (~1 s and ~300 MB per worker): one worker takes them all, first;
     another takes some only when nothing else is left and more than TORCH_JOIN per torch worker are waiting."""
     from lora_convert.scan import local
+    from lora_convert.scan.discover import tensor_files
     from lora_convert.scan.task import ScanTask
 
     def task(name: str, *files: str) -> ScanTask:
         (tmp_path / name).mkdir()
         for f in files:
             (tmp_path / name / f).write_bytes(b"x")
-        return ScanTask(id=name, spec=str(tmp_path / name), nbytes=1)
+        return ScanTask(id=name, spec=str(tmp_path / name), nbytes=1, legacy_bin=tensor_files(str(tmp_path / name))[1])
 
     both = task("both", "adapter_model.bin", "adapter_model.safetensors")  # safetensors is what gets read
     plain = task("st", "adapter_model.safetensors")

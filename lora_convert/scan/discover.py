@@ -13,6 +13,7 @@ from stat import S_ISREG
 
 from lora_convert.errors import AdapterNotFoundError, UsageError
 from lora_convert.io.source import looks_like_path, parse_hub_id
+from lora_convert.peft.adapter import BIN_NAME, SAFETENSORS_NAME
 from lora_convert.scan.task import ScanTask
 
 CONFIG_NAME = "adapter_config.json"
@@ -65,7 +66,8 @@ def discover(sources: list[str], *, normalize_root: str | None = None) -> list[S
         seen_specs.add(key)
         seen_ids[ident] = spec
         output = str(output_path(normalize_root, ident)) if normalize_root else None
-        tasks.append(ScanTask(id=ident, spec=spec, nbytes=tensor_bytes(spec), output=output))
+        nbytes, legacy_bin = tensor_files(spec)
+        tasks.append(ScanTask(id=ident, spec=spec, nbytes=nbytes, output=output, legacy_bin=legacy_bin))
     return tasks
 
 
@@ -80,10 +82,12 @@ def output_path(root: str | os.PathLike, ident: str) -> Path:
     return Path(root).expanduser().joinpath(*parts)
 
 
-def tensor_bytes(spec: str) -> int:
-    """Sizes of the tensor files of a local adapter (0 for a Hub id or unreadable folder): enough to schedule by."""
+def tensor_files(spec: str) -> tuple[int, bool]:
+    """(sizes of the tensor files, whether they are only a legacy adapter_model.bin) of a local adapter, from one
+    listing of its folder; (0, False) for a Hub id or an unreadable folder: enough to schedule by."""
     folder = Path(spec).expanduser()
     total = 0
+    names = set()
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
@@ -91,9 +95,10 @@ def tensor_bytes(spec: str) -> int:
                     st = entry.stat(follow_symlinks=True)
                     if S_ISREG(st.st_mode):
                         total += st.st_size
+                        names.add(entry.name)
     except OSError:
-        return 0
-    return total
+        return 0, False
+    return total, BIN_NAME in names and SAFETENSORS_NAME not in names
 
 
 def _walk(root: Path, skip: Path | None) -> list[tuple[str, str]]:

@@ -69,8 +69,6 @@ PARENT_NAP_S = 0.005
 # Adapters in a legacy .bin waiting per worker that has imported torch, above which another worker takes some too.
 # Importing torch costs a worker ~0.9 s; a small .bin adapter is ~3 ms of work.
 TORCH_JOIN = 256
-BIN_NAME = "adapter_model.bin"
-SAFETENSORS_NAME = "adapter_model.safetensors"
 
 TaskFn = Callable[[ScanTask, ScanOptions], dict]
 
@@ -107,16 +105,6 @@ def _take_batch(pending: deque[ScanTask], limit: int) -> list[ScanTask]:
     return batch
 
 
-def _needs_torch(task: ScanTask) -> bool:
-    """A local adapter whose tensors are only in a legacy `adapter_model.bin`: reading it imports torch."""
-    try:
-        return os.path.isfile(os.path.join(task.spec, BIN_NAME)) and not os.path.isfile(
-            os.path.join(task.spec, SAFETENSORS_NAME)
-        )
-    except (OSError, ValueError):
-        return False
-
-
 class _Queue:
     """The tasks not handed out yet, largest first, in two lanes: adapters stored as a legacy .bin (reading one
     imports torch: ~0.9 s of CPU and ~300 MB in every worker that does) and the rest. The .bin lane goes to one
@@ -128,7 +116,7 @@ class _Queue:
         self.torch: deque[ScanTask] = deque()
         self.plain: deque[ScanTask] = deque()
         for task in schedule(tasks):
-            (self.torch if _needs_torch(task) else self.plain).append(task)
+            (self.torch if task.legacy_bin else self.plain).append(task)
         self._torch_tasks = set(self.torch)
 
     def __len__(self) -> int:

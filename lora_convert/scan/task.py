@@ -39,6 +39,9 @@ class ScanTask:
     spec: str  # what validate/normalize get (a local folder path or a Hub id)
     nbytes: int  # tensor bytes from headers/file sizes (0 if unknown): used to schedule largest first
     output: str | None = None  # with --normalize: OUTROOT/<id>, mirroring the source tree
+    # stored only as a legacy adapter_model.bin, which is read through torch (the local executor keeps those on one
+    # worker); found by discovery's one listing of the folder
+    legacy_bin: bool = False
 
 
 @dataclass(frozen=True)
