@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lora_convert.errors import AdapterFormatError
 from lora_convert.io.tensor_files import DTYPE_SIZES, read_safetensors_header
-from lora_convert.peft.naming import PEFT_PREFIX, Factor, parse_key
+from lora_convert.peft.naming import PEFT_PREFIX, VISION_SEGMENTS, Factor, parse_key
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
@@ -125,19 +125,7 @@ segment = st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True).filter(
             "modules_to_save",
             "original_module",
         }
-        and s
-        not in {
-            "vision_tower",
-            "visual",
-            "vision_model",
-            "vision_encoder",
-            "mm_projector",
-            "multi_modal_projector",
-            "vision_projector",
-            "image_newline",
-            "patch_embed",
-            "merger",
-        }
+        and s not in VISION_SEGMENTS
     )
 )
 
