@@ -31,6 +31,15 @@ def case_base_dir(name: str) -> Path:
     return FIXTURES / "bases" / case_meta(name)["base"]
 
 
+# Every output layout of `normalize`, with the file only that layout writes (what the installed-wheel tests check).
+OUTPUT_LAYOUTS = [
+    ("stacked", "lora_layout.json"),
+    ("sglang", "lora_convert_report.json"),
+    ("vllm", "lora_convert_report.json"),
+    ("peft", "lora_convert_report.json"),
+]
+
+
 def write_adapter(
     folder: Path, tensors: dict, config: dict | None = None, *, filename: str = "adapter_model.safetensors"
 ) -> Path:

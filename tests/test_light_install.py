@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import OUTPUT_LAYOUTS
 from test_wheel_install import Installed, _check, build_and_install
 
 pytestmark = pytest.mark.slow
@@ -131,10 +132,7 @@ def test_smoke_asked_for_is_an_environment_problem(light, args):
     assert INSTALL_COMMAND in " ".join(hint.split()), proc.stderr
 
 
-@pytest.mark.parametrize(
-    "layout, marker",
-    [("stacked", "lora_layout.json"), ("sglang", "lora_convert_report.json"), ("peft", "lora_convert_report.json")],
-)
+@pytest.mark.parametrize("layout, marker", OUTPUT_LAYOUTS)
 def test_normalize(light, layout, marker):
     out = light.work / f"out-{layout}"
     proc = light.run(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import NOT_SOURCE
+from helpers import NOT_SOURCE, OUTPUT_LAYOUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tiny-deepseek-v3"
@@ -290,10 +290,7 @@ def test_validate_against_a_folder_base(installed):
     assert "OK" in proc.stdout and "smoke.passed" in proc.stdout  # the default smoke ran through the kernels
 
 
-@pytest.mark.parametrize(
-    "layout, marker",
-    [("stacked", "lora_layout.json"), ("sglang", "lora_convert_report.json"), ("peft", "lora_convert_report.json")],
-)
+@pytest.mark.parametrize("layout, marker", OUTPUT_LAYOUTS)
 def test_normalize(installed, layout, marker):
     out = installed.work / f"out-{layout}"
     proc = installed.run(
