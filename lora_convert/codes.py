@@ -378,6 +378,43 @@ AREAS: tuple[Area, ...] = (
             "The base's family has no architecture schema.",
             "`lora-convert schemas list` shows the supported families.",
         ),
+        (
+            "base.checkpoint-shape",
+            ERROR,
+            "A tensor of the base's checkpoint (a local folder or Hub cache snapshot; quantized tensors mapped back "
+            "to their logical shape) disagrees with the shape config.json and the schema give.",
+            "Check that config.json (and its quantization_config) belongs to these weights.",
+        ),
+        (
+            "base.checkpoint-missing-shard",
+            WARNING,
+            "model.safetensors.index.json names a shard the base folder does not hold; its tensors are unchecked.",
+            "Download the base again, or point --base at a complete copy.",
+        ),
+        (
+            "base.checkpoint-unreadable",
+            WARNING,
+            "The base's shard index or a shard header cannot be read; those tensors are unchecked.",
+            "",
+        ),
+    ),
+    _area(
+        "quantized bases",
+        "the base's `quantization_config` (top level or in the wrapper's `text_config`): the scheme per module "
+        "family, from lora_convert/arch/quantization.json (docs/quantization.md); LoRA shapes stay the logical ones",
+        (
+            "quant.scheme",
+            INFO,
+            "The base is quantized: the scheme of each module family, and the checkpoint index checked (if any).",
+            "",
+        ),
+        (
+            "quant.unknown-scheme",
+            INFO,
+            "The base's quant_method is not one lora-convert describes: its checkpoint tensors are not mapped back "
+            "to logical shapes.",
+            "",
+        ),
     ),
     _area(
         "inspect",

@@ -31,6 +31,20 @@ def case_base_dir(name: str) -> Path:
     return FIXTURES / "bases" / case_meta(name)["base"]
 
 
+def orient_reference(case: str, reference: dict) -> dict:
+    """A fixture's reference.safetensors with every 3-D delta as [E, out, in]: PEFT records a parameter's delta in
+    the parameter's own layout, which is [E, in, out] where the model's forward contracts the parameter's axis 1
+    (case.json `forward_contracts`, observed by make_fixtures.py: gpt-oss, Llama-4). numpy arrays or torch tensors."""
+    modules = case_meta(case).get("modules", {})
+    out = dict(reference)
+    for name, info in modules.items():
+        key = f"{name}::delta_weight"
+        if info.get("forward_contracts") == 1 and key in out:
+            d = out[key]
+            out[key] = d.swapaxes(-1, -2) if hasattr(d, "swapaxes") else d.transpose(-1, -2)
+    return out
+
+
 # Every output layout of `normalize`, with the file only that layout writes (what the installed-wheel tests check).
 OUTPUT_LAYOUTS = [
     ("stacked", "lora_layout.json"),

@@ -95,7 +95,16 @@ def _logits(model, adapter_dir: Path, input_ids, zero_modules=()):
             raise KeyError(path)
         module.lora_B["default"].weight.data.zero_()
     with torch.no_grad():
-        return pm(input_ids=input_ids).logits
+        try:
+            return pm(input_ids=input_ids).logits
+        except AttributeError as exc:
+            # transformers 5.24.0's Llama4ForConditionalGeneration.forward reads `outputs.image_outputs` from its
+            # language model's output, which has none (transformers/models/llama4/modeling_llama4.py:1318; 5.23.0
+            # has no such line). With text-only input the wrapper's logits are its language model's: ask it.
+            language_model = getattr(root, "language_model", None)
+            if "image_outputs" not in str(exc) or language_model is None:
+                raise
+            return language_model(input_ids=input_ids).logits
 
 
 def _has(root, path: str) -> bool:

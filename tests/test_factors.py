@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import case_base_dir, case_dir, fixture_cases
+from helpers import case_base_dir, case_dir, case_meta, fixture_cases, orient_reference
 from lora_convert.convert import factors
 from lora_convert.convert.group_tensors import build_group_tensors
 from lora_convert.convert.normalize import plan_normalize
@@ -48,14 +48,20 @@ def test_there_are_fixtures_with_peft_3d_experts():
 def test_expert_factors_give_peft_delta_per_expert(case):
     """expert-major A [E*r, in], rank-major B [out, r*E]: expert e's own pair reproduces PEFT's delta of expert e."""
     adapter = load_adapter(str(case_dir(case) / "adapter"))
-    reference = load_file(str(case_dir(case) / "reference.safetensors"))
+    reference = orient_reference(case, load_file(str(case_dir(case) / "reference.safetensors")))
+    recorded = case_meta(case)["modules"]
     checked = 0
     for mod in adapter.modules:
         if mod.kind != ModuleKind.FUSED_EXPERTS:
             continue
         a, b = adapter.read(mod.lora_A.key), adapter.read(mod.lora_B.key)
         E, r = mod.experts, int(mod.rank)
-        want = reference[_reference_name(mod.lora_A.key)]
+        name = _reference_name(mod.lora_A.key)
+        info = recorded[name.removesuffix("::delta_weight")]
+        if info.get("peft_swapped") and info.get("forward_contracts") == 1:
+            # PEFT swapped in/out of an [E, in, out] parameter (Llama-4): its lora_A is the output side
+            a, b = factors.swapped_expert_factors(a, b, E, r)
+        want = reference[name]
         assert want.shape[0] == E
         stacked_a = factors.fused_expert_a(a, E, r)
         stacked_b = factors.fused_expert_b(b, E, r)
@@ -73,7 +79,7 @@ def test_place_then_cut_reproduces_each_slice(case):
     """Every slice placed into a stacked group (scaling folded into B) and cut back out as a module of rank R holds
     PEFT's delta for the rows of its source that feed it."""
     plan = plan_normalize(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), drop_unsupported=True)
-    reference = load_file(str(case_dir(case) / "reference.safetensors"))
+    reference = orient_reference(case, load_file(str(case_dir(case) / "reference.safetensors")))
     R = plan.rank
     checked = 0
     for group in plan.groups:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import case_base_dir, case_dir, case_meta, fixture_cases
+from helpers import case_base_dir, case_dir, case_meta, fixture_cases, orient_reference
 from lora_convert.errors import UnsupportedAdapterError, UsageError
 from lora_convert.peft.naming import parse_key
 
@@ -65,6 +65,9 @@ def expected_rows(reference: dict, slices: list[dict], expert: int | None, exper
         else:
             name, _ = peft_module_name(s["source"][0])
             full = reference[f"{name}::delta_weight"]
+        if "source_rows" in s:  # an interleaved merged source: the slice's rows are every step-th row
+            out.append(full[slice(*s["source_rows"])].double())
+            continue
         ident = (tuple(s["source"]), expert)
         start = consumed.get(ident, 0)
         out.append(full[start : start + s["out_features"]].double())
@@ -75,7 +78,7 @@ def expected_rows(reference: dict, slices: list[dict], expert: int | None, exper
 def check_output_against_peft(case: str, out: Path) -> int:
     layout = json.loads((out / "lora_layout.json").read_text())
     tensors = load_file(str(out / "adapter_model.safetensors"))
-    reference = load_file(str(case_dir(case) / "reference.safetensors"))
+    reference = orient_reference(case, load_file(str(case_dir(case) / "reference.safetensors")))
     R = layout["rank"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == R and config["lora_alpha"] == R and not config["use_rslora"]

@@ -24,17 +24,36 @@ from lora_convert.errors import BaseConfigError, SchemaError
 from lora_convert.peft.adapter import LoraModule
 from lora_convert.peft.naming import parse_key
 
-FAMILIES = [
-    "deepseek_v3",
-    "kimi_k25",
-    "llama",
-    "mixtral",
-    "nemotron_h",
-    "qwen3_5",
-    "qwen3_5_moe",
-    "qwen3_moe",
-    "qwen3_next",
-]
+FAMILIES = sorted(
+    [
+        "deepseek_v3",
+        "kimi_k25",
+        "llama",
+        "mixtral",
+        "nemotron_h",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen3_moe",
+        "qwen3_next",
+        # issue 14
+        "qwen3",
+        "gemma3",
+        "phi3",
+        "glm4",
+        "gpt_oss",
+        "glm4_moe",
+        "llama4",
+        "qwen2_moe",
+        "olmoe",
+        "granitemoe",
+        "granitemoehybrid",
+        "minimax",
+        "minimax_m2",
+        "deepseek_v32",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+    ]
+)
 
 
 def module(path: str, *, param: str | None = None) -> LoraModule:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import huggingface_hub
 import pytest
@@ -16,7 +17,8 @@ LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64}
 
 def test_list_presets():
     presets = {p["name"]: p for p in list_presets()}
-    assert len(presets) == 9
+    shipped = [f for f in resources.files("lora_convert.arch.presets").iterdir() if f.name.endswith(".json")]
+    assert len(presets) == len(shipped) >= 28  # one per file, none lost (28 shipped as of issue 14)
     assert presets["kimi-k2.5"] == {"name": "kimi-k2.5", "hub_ids": ["moonshotai/Kimi-K2.5"], "model_type": "kimi_k25"}
 
 

@@ -321,6 +321,348 @@ QWEN3_5_MOE = {
     ),
 }
 
+# ---------------------------------------------------------------------------------------------- DeepSeek-V3.2-Exp
+# The DeepSeek-V3 geometry (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, nope 128, rope 64, v 128,
+# intermediate 18432, moe_intermediate 2048, 256 routed + 1 shared, first_k_dense_replace 3, 61 layers) plus the
+# DSA indexer in every attention: index_n_heads 64, index_head_dim 128 (transformers==5.23.0:
+# transformers/models/deepseek_v32/modeling_deepseek_v32.py:172-175: wq_b q_lora_rank -> n_heads * head_dim,
+# wk hidden -> head_dim, weights_proj hidden -> n_heads); dense = the first first_k_dense_replace layers
+# (configuration_deepseek_v32.py:134-136).
+DS32_ATTN = {
+    **DS_ATTN,
+    "indexer.wq_b": (1536, 64 * 128, None, None, None),  # 8192
+    "indexer.wk": (7168, 128, None, None, None),  # one shared key head of index_head_dim
+    "indexer.weights_proj": (7168, 64, None, None, None),  # one weight per indexer head
+}
+DEEPSEEK_V32 = {
+    ("attention", "dense"): (
+        [0, 1, 2],
+        {
+            **DS32_ATTN,
+            "gate_up_proj": (7168, 2 * 18432, (("gate_proj", 18432), ("up_proj", 18432)), True, None),
+            "down_proj": (18432, 7168, None, None, None),
+        },
+    ),
+    ("attention", "moe"): (
+        list(range(3, 61)),
+        {
+            **DS32_ATTN,
+            "experts.gate_up_proj": (7168, 2 * 2048, (("gate_proj", 2048), ("up_proj", 2048)), True, 256),
+            "experts.down_proj": (2048, 7168, None, None, 256),
+            "shared_experts.gate_up_proj": (7168, 2 * 2048 * 1, (("gate_proj", 2048), ("up_proj", 2048)), True, None),
+            "shared_experts.down_proj": (2048 * 1, 7168, None, None, None),
+            "gate": (7168, 256, None, None, None),
+        },
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- Gemma-3
+# Gemma3Attention: head_dim = config.head_dim (modeling_gemma3.py:305); q/k/v/o and gate/up/down are plain Linears
+# (:311-320, :125-127). Sliding vs full attention layers have the same projections, so every layer is one type.
+# Keys a terse Hub text_config leaves out take Gemma3TextConfig's defaults (configuration_gemma3.py:74-80): vocab
+# 262208, 8 heads, 4 KV heads, head_dim 256. The VL wrapper's Hub checkpoint names the text model
+# language_model.model.* and its head language_model.lm_head (transformers maps gemma3 to the llava renames:
+# conversion_mapping.py:96, :748-752); lm_head is a Linear(hidden, vocab) even though it is tied to the embedding.
+def _gemma3(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int) -> dict:
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {
+        ("attention", "dense"): (
+            list(range(layers)),
+            {
+                "qkv_proj": (hidden, q + 2 * kv, (("q_proj", q), ("k_proj", kv), ("v_proj", kv)), None, None),
+                "o_proj": (q, hidden, None, None, None),
+                "gate_up_proj": (hidden, 2 * inter, (("gate_proj", inter), ("up_proj", inter)), True, None),
+                "down_proj": (inter, hidden, None, None, None),
+            },
+        ),
+    }
+
+
+# 1B (text only, Gemma3ForCausalLM): 26 layers, hidden 1152, 4 heads, 1 KV head, head_dim 256, intermediate 6912.
+GEMMA3_1B = _gemma3(26, 1152, 4, 1, 256, 6912)  # qkv 1024 + 256 + 256 = 1536; o 1024 -> 1152
+# 4B: 34 layers, hidden 2560, intermediate 10240; heads 8 / KV 4 / head_dim 256 are the config defaults.
+GEMMA3_4B = _gemma3(34, 2560, 8, 4, 256, 10240)  # qkv 2048 + 1024 + 1024 = 4096; o 2048 -> 2560
+# 27B: 62 layers, hidden 5376, 32 heads, 16 KV heads, head_dim 128, intermediate 21504.
+GEMMA3_27B = _gemma3(62, 5376, 32, 16, 128, 21504)  # qkv 4096 + 2048 + 2048 = 8192; o 4096 -> 5376
+
+# ---------------------------------------------------------------------------------------------- GLM-4-9B-0414
+# hidden 4096, 32 heads, 2 KV heads, head_dim 128 (Glm4Config default 128 = 4096 / 32), intermediate 13696,
+# 40 layers; the base already fuses gate_up_proj = Linear(hidden, 2 * intermediate) (modeling_glm4.py:53).
+GLM4 = {
+    ("attention", "dense"): (
+        list(range(40)),
+        {
+            "qkv_proj": (
+                4096,
+                32 * 128 + 2 * 2 * 128,
+                (("q_proj", 4096), ("k_proj", 256), ("v_proj", 256)),
+                None,
+                None,
+            ),  # 4608
+            "o_proj": (32 * 128, 4096, None, None, None),
+            "gate_up_proj": (4096, 2 * 13696, (("gate_proj", 13696), ("up_proj", 13696)), True, None),  # 27392
+            "down_proj": (13696, 4096, None, None, None),
+        },
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- GLM-4.5 / -Air
+# Glm4MoeDecoderLayer: dense MLP (intermediate_size) while layer_idx < first_k_dense_replace, else MoE
+# (modeling_glm4_moe.py:401-404) with routed experts of moe_intermediate_size (:338-340), a shared MLP of
+# moe_intermediate_size * n_shared_experts (:380) and a router gate [n_routed_experts, hidden]. Both sizes:
+# 96 heads, 8 KV heads, head_dim 128 -> q 12288, k = v = 1024.
+def _glm4_moe(layers: int, dense: int, hidden: int, inter: int, moe: int, experts: int) -> dict:
+    attn = {
+        "qkv_proj": (
+            hidden,
+            96 * 128 + 2 * 8 * 128,
+            (("q_proj", 12288), ("k_proj", 1024), ("v_proj", 1024)),
+            None,
+            None,
+        ),  # 14336
+        "o_proj": (96 * 128, hidden, None, None, None),  # 12288 -> hidden
+    }
+    return {
+        ("attention", "dense"): (
+            list(range(dense)),
+            {
+                **attn,
+                "gate_up_proj": (hidden, 2 * inter, (("gate_proj", inter), ("up_proj", inter)), True, None),
+                "down_proj": (inter, hidden, None, None, None),
+            },
+        ),
+        ("attention", "moe"): (
+            list(range(dense, layers)),
+            {
+                **attn,
+                "experts.gate_up_proj": (hidden, 2 * moe, (("gate_proj", moe), ("up_proj", moe)), True, experts),
+                "experts.down_proj": (moe, hidden, None, None, experts),
+                "shared_experts.gate_up_proj": (
+                    hidden,
+                    2 * moe * 1,
+                    (("gate_proj", moe), ("up_proj", moe)),
+                    True,
+                    None,
+                ),
+                "shared_experts.down_proj": (moe * 1, hidden, None, None, None),
+                "gate": (hidden, experts, None, None, None),
+            },
+        ),
+    }
+
+
+# Air: 46 layers, first_k_dense_replace 1, hidden 4096, intermediate 10944, moe 1408, 128 routed + 1 shared.
+GLM45_AIR = _glm4_moe(46, 1, 4096, 10944, 1408, 128)  # gate_up 21888 dense, 2816 per expert
+# 355B: 92 layers, first_k_dense_replace 3, hidden 5120, intermediate 12288, moe 1536, 160 routed + 1 shared.
+GLM45 = _glm4_moe(92, 3, 5120, 12288, 1536, 160)  # gate_up 24576 dense, 3072 per expert
+
+
+# ---------------------------------------------------------------------------------------------- gpt-oss
+# hidden 2880, 64 heads, 8 KV heads, head_dim 64 -> q 4096, k = v = 512; every layer is attention (sliding or full,
+# same projections) + MoE. Experts: gate_up_proj [E, hidden, 2 * intermediate], down_proj [E, intermediate, hidden]
+# (modeling_gpt_oss.py:74-76), intermediate 2880, gate/up interleaved along 2I (rows 0::2 / 1::2: the slices are
+# still 2880 each); router weight [E, hidden] (:122).
+def _gpt_oss(layers: int, experts: int) -> dict:
+    return {
+        ("attention", "moe"): (
+            list(range(layers)),
+            {
+                "qkv_proj": (
+                    2880,
+                    64 * 64 + 2 * 8 * 64,
+                    (("q_proj", 4096), ("k_proj", 512), ("v_proj", 512)),
+                    None,
+                    None,
+                ),
+                "o_proj": (64 * 64, 2880, None, None, None),  # 4096 -> 2880
+                "experts.gate_up_proj": (2880, 2 * 2880, (("gate_proj", 2880), ("up_proj", 2880)), True, experts),
+                "experts.down_proj": (2880, 2880, None, None, experts),
+                "router": (2880, experts, None, None, None),
+            },
+        ),
+    }
+
+
+GPT_OSS_20B = _gpt_oss(24, 32)  # 24 layers, 32 local experts
+GPT_OSS_120B = _gpt_oss(36, 128)  # 36 layers, 128 local experts
+
+
+# ---------------------------------------------------------------------------------------------- Llama-4
+# text_config: hidden 5120, 40 heads, 8 KV heads, head_dim 128 -> q 5120, k = v = 1024; 48 layers.
+# MoE layers = range(step - 1, 48, step) (configuration_llama4.py:176-184): Scout step 1 -> all 48; Maverick step 2
+# -> 1, 3, ..., 47. Llama4TextMoe: experts gate_up [E, hidden, 2 * intermediate_size] (modeling_llama4.py:61-62),
+# shared_expert Llama4TextMLP(config) of intermediate_size (:163, :91-92), router Linear(hidden, E) (:140-141);
+# dense layers: Llama4TextMLP of intermediate_size_mlp (:403). intermediate_size 8192, intermediate_size_mlp 16384.
+LLAMA4_ATTN = {
+    "qkv_proj": (5120, 40 * 128 + 2 * 8 * 128, (("q_proj", 5120), ("k_proj", 1024), ("v_proj", 1024)), None, None),
+    "o_proj": (40 * 128, 5120, None, None, None),
+}
+
+
+def _llama4_moe(experts: int) -> dict:
+    return {
+        **LLAMA4_ATTN,
+        "experts.gate_up_proj": (5120, 2 * 8192, (("gate_proj", 8192), ("up_proj", 8192)), True, experts),  # 16384
+        "experts.down_proj": (8192, 5120, None, None, experts),
+        "shared_expert.gate_up_proj": (5120, 2 * 8192, (("gate_proj", 8192), ("up_proj", 8192)), True, None),
+        "shared_expert.down_proj": (8192, 5120, None, None, None),
+        "router": (5120, experts, None, None, None),
+    }
+
+
+LLAMA4_SCOUT = {("attention", "moe"): (list(range(48)), _llama4_moe(16))}
+LLAMA4_MAVERICK = {
+    ("attention", "dense"): (
+        list(range(0, 48, 2)),
+        {
+            **LLAMA4_ATTN,
+            "gate_up_proj": (5120, 2 * 16384, (("gate_proj", 16384), ("up_proj", 16384)), True, None),  # 32768
+            "down_proj": (16384, 5120, None, None, None),
+        },
+    ),
+    ("attention", "moe"): (list(range(1, 48, 2)), _llama4_moe(128)),
+}
+
+# ---------------------------------------------------------------------------------------------- MiniMax-M2
+# hidden 3072, 48 heads, 8 KV heads, head_dim 128 (modeling_minimax_m2.py:288-291) -> q 6144, k = v = 1024;
+# 62 layers, every one MoE: 256 experts of intermediate_size 1536 (:74-76), router [256, hidden]. The checkpoint
+# (and the schema path) calls the block block_sparse_moe; transformers names it mlp (:347).
+MINIMAX_M2 = {
+    ("attention", "moe"): (
+        list(range(62)),
+        {
+            "qkv_proj": (
+                3072,
+                48 * 128 + 2 * 8 * 128,
+                (("q_proj", 6144), ("k_proj", 1024), ("v_proj", 1024)),
+                None,
+                None,
+            ),
+            "o_proj": (48 * 128, 3072, None, None, None),  # 6144 -> 3072
+            "experts.gate_up_proj": (3072, 2 * 1536, (("gate_proj", 1536), ("up_proj", 1536)), True, 256),  # 3072
+            "experts.down_proj": (1536, 3072, None, None, 256),
+            "gate": (3072, 256, None, None, None),
+        },
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------- OLMoE-1B-7B-0924
+# hidden 2048, 16 heads, 16 KV heads, head_dim 2048 / 16 = 128; 16 layers, all MoE: 64 experts of
+# intermediate_size 1024 (modeling_olmoe.py:285-287), router gate [64, hidden] (:324).
+OLMOE = {
+    ("attention", "moe"): (
+        list(range(16)),
+        {
+            "qkv_proj": (
+                2048,
+                3 * 16 * 128,
+                (("q_proj", 2048), ("k_proj", 2048), ("v_proj", 2048)),
+                None,
+                None,
+            ),  # 6144
+            "o_proj": (2048, 2048, None, None, None),
+            "experts.gate_up_proj": (2048, 2 * 1024, (("gate_proj", 1024), ("up_proj", 1024)), True, 64),
+            "experts.down_proj": (1024, 2048, None, None, 64),
+            "gate": (2048, 64, None, None, None),
+        },
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- Phi-3 / Phi-4
+# Phi3Attention: head_dim = hidden // heads (Phi3Config has no head_dim), and the BASE fuses qkv_proj of
+# heads * hd + 2 * kv_heads * hd rows (modeling_phi3.py:196-205) and gate_up_proj of 2 * intermediate (:53).
+def _phi3(layers: int, hidden: int, heads: int, kv_heads: int, inter: int) -> dict:
+    hd = hidden // heads
+    q, kv = heads * hd, kv_heads * hd
+    return {
+        ("attention", "dense"): (
+            list(range(layers)),
+            {
+                "qkv_proj": (hidden, q + 2 * kv, (("q_proj", q), ("k_proj", kv), ("v_proj", kv)), None, None),
+                "o_proj": (q, hidden, None, None, None),
+                "gate_up_proj": (hidden, 2 * inter, (("gate_proj", inter), ("up_proj", inter)), True, None),
+                "down_proj": (inter, hidden, None, None, None),
+            },
+        ),
+    }
+
+
+# Phi-3-mini-4k: 32 layers, hidden 3072, 32 heads / 32 KV heads -> hd 96, qkv 3 * 3072 = 9216; intermediate 8192.
+PHI3_MINI = _phi3(32, 3072, 32, 32, 8192)
+# Phi-4: 40 layers, hidden 5120, 40 heads / 10 KV heads -> hd 128, qkv 5120 + 2 * 1280 = 7680; intermediate 17920.
+PHI4 = _phi3(40, 5120, 40, 10, 17920)
+
+# ---------------------------------------------------------------------------------------------- Qwen2-57B-A14B
+# hidden 3584, 28 heads, 4 KV heads, head_dim 3584 / 28 = 128 -> q 3584, k = v = 512; 28 layers, decoder_sparse_step
+# 1 and no mlp_only_layers -> all MoE (modeling_qwen2_moe.py:357-362): 64 experts of moe_intermediate_size 2560,
+# shared_expert MLP of shared_expert_intermediate_size 20480, shared_expert_gate Linear(hidden, 1) (:334-337).
+QWEN2_MOE = {
+    ("attention", "moe"): (
+        list(range(28)),
+        {
+            "qkv_proj": (
+                3584,
+                28 * 128 + 2 * 4 * 128,
+                (("q_proj", 3584), ("k_proj", 512), ("v_proj", 512)),
+                None,
+                None,
+            ),
+            "o_proj": (28 * 128, 3584, None, None, None),
+            "experts.gate_up_proj": (3584, 2 * 2560, (("gate_proj", 2560), ("up_proj", 2560)), True, 64),  # 5120
+            "experts.down_proj": (2560, 3584, None, None, 64),
+            "shared_expert.gate_up_proj": (3584, 2 * 20480, (("gate_proj", 20480), ("up_proj", 20480)), True, None),
+            "shared_expert.down_proj": (20480, 3584, None, None, None),
+            "shared_expert_gate": (3584, 1, None, None, None),
+            "gate": (3584, 64, None, None, None),
+        },
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------- Qwen3-8B, Qwen3-VL-8B
+# Both (Qwen3-VL-8B in text_config): hidden 4096, 32 heads, 8 KV heads, head_dim 128, intermediate 12288, 36 layers.
+QWEN3_DENSE = {
+    ("attention", "dense"): (
+        list(range(36)),
+        {
+            "qkv_proj": (
+                4096,
+                32 * 128 + 2 * 8 * 128,
+                (("q_proj", 4096), ("k_proj", 1024), ("v_proj", 1024)),
+                None,
+                None,
+            ),  # 6144
+            "o_proj": (32 * 128, 4096, None, None, None),
+            "gate_up_proj": (4096, 2 * 12288, (("gate_proj", 12288), ("up_proj", 12288)), True, None),  # 24576
+            "down_proj": (12288, 4096, None, None, None),
+        },
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------- Qwen3-VL-30B-A3B
+# text_config: hidden 2048, 32 heads, 4 KV heads, head_dim 128 -> q 4096, k = v = 512; 48 layers, mlp_only_layers []
+# and decoder_sparse_step 1 -> all MoE (modeling_qwen3_vl_moe.py:322-327): 128 experts of moe_intermediate_size 768.
+QWEN3_VL_MOE = {
+    ("attention", "moe"): (
+        list(range(48)),
+        {
+            "qkv_proj": (
+                2048,
+                32 * 128 + 2 * 4 * 128,
+                (("q_proj", 4096), ("k_proj", 512), ("v_proj", 512)),
+                None,
+                None,
+            ),
+            "o_proj": (32 * 128, 2048, None, None, None),  # 4096 -> 2048
+            "experts.gate_up_proj": (2048, 2 * 768, (("gate_proj", 768), ("up_proj", 768)), True, 128),
+            "experts.down_proj": (768, 2048, None, None, 128),
+            "gate": (2048, 128, None, None, None),
+        },
+    ),
+}
+
 EXPECTED = {
     "deepseek-v3": (
         "deepseek_v3",
@@ -370,6 +712,105 @@ EXPECTED = {
         "model.language_model.layers",
         QWEN3_5_MOE,
         {"model.language_model.embed_tokens": (248320, 2048), "lm_head": (2048, 248320)},
+    ),
+    "deepseek-v3.2-exp": (
+        "deepseek_v32",
+        "model.layers",
+        DEEPSEEK_V32,
+        {"model.embed_tokens": (129280, 7168), "lm_head": (7168, 129280)},
+    ),
+    "gemma-3-1b-it": (
+        "gemma3",
+        "model.layers",
+        GEMMA3_1B,
+        {"model.embed_tokens": (262144, 1152), "lm_head": (1152, 262144)},  # this file spells out vocab 262144
+    ),
+    "gemma-3-4b-it": (
+        "gemma3",
+        "language_model.model.layers",
+        GEMMA3_4B,
+        {"language_model.model.embed_tokens": (262208, 2560), "language_model.lm_head": (2560, 262208)},
+    ),
+    "gemma-3-27b-it": (
+        "gemma3",
+        "language_model.model.layers",
+        GEMMA3_27B,
+        {"language_model.model.embed_tokens": (262208, 5376), "language_model.lm_head": (5376, 262208)},
+    ),
+    "glm-4-9b-0414": ("glm4", "model.layers", GLM4, {"model.embed_tokens": (151552, 4096), "lm_head": (4096, 151552)}),
+    "glm-4.5-air": (
+        "glm4_moe",
+        "model.layers",
+        GLM45_AIR,
+        {"model.embed_tokens": (151552, 4096), "lm_head": (4096, 151552)},
+    ),
+    "glm-4.5": ("glm4_moe", "model.layers", GLM45, {"model.embed_tokens": (151552, 5120), "lm_head": (5120, 151552)}),
+    "gpt-oss-20b": (
+        "gpt_oss",
+        "model.layers",
+        GPT_OSS_20B,
+        {"model.embed_tokens": (201088, 2880), "lm_head": (2880, 201088)},
+    ),
+    "gpt-oss-120b": (
+        "gpt_oss",
+        "model.layers",
+        GPT_OSS_120B,
+        {"model.embed_tokens": (201088, 2880), "lm_head": (2880, 201088)},
+    ),
+    "llama-4-maverick-17b-128e": (
+        "llama4",
+        "language_model.model.layers",
+        LLAMA4_MAVERICK,
+        {"language_model.model.embed_tokens": (202048, 5120), "language_model.lm_head": (5120, 202048)},
+    ),
+    "llama-4-scout-17b-16e": (
+        "llama4",
+        "language_model.model.layers",
+        LLAMA4_SCOUT,
+        {"language_model.model.embed_tokens": (202048, 5120), "language_model.lm_head": (5120, 202048)},
+    ),
+    "minimax-m2": (
+        "minimax_m2",
+        "model.layers",
+        MINIMAX_M2,
+        {"model.embed_tokens": (200064, 3072), "lm_head": (3072, 200064)},
+    ),
+    "olmoe-1b-7b-0924": (
+        "olmoe",
+        "model.layers",
+        OLMOE,
+        {"model.embed_tokens": (50304, 2048), "lm_head": (2048, 50304)},
+    ),
+    "phi-3-mini-4k-instruct": (
+        "phi3",
+        "model.layers",
+        PHI3_MINI,
+        {"model.embed_tokens": (32064, 3072), "lm_head": (3072, 32064)},
+    ),
+    "phi-4": ("phi3", "model.layers", PHI4, {"model.embed_tokens": (100352, 5120), "lm_head": (5120, 100352)}),
+    "qwen2-57b-a14b": (
+        "qwen2_moe",
+        "model.layers",
+        QWEN2_MOE,
+        {"model.embed_tokens": (151936, 3584), "lm_head": (3584, 151936)},
+    ),
+    "qwen3-8b": (
+        "qwen3",
+        "model.layers",
+        QWEN3_DENSE,
+        {"model.embed_tokens": (151936, 4096), "lm_head": (4096, 151936)},
+    ),
+    "qwen3-vl-8b-instruct": (
+        "qwen3_vl",
+        "model.language_model.layers",
+        QWEN3_DENSE,
+        {"model.language_model.embed_tokens": (151936, 4096), "lm_head": (4096, 151936)},
+    ),
+    "qwen3-vl-30b-a3b-instruct": (
+        "qwen3_vl_moe",
+        "model.language_model.layers",
+        QWEN3_VL_MOE,
+        {"model.language_model.embed_tokens": (151936, 2048), "lm_head": (2048, 151936)},
     ),
 }
 

@@ -108,7 +108,8 @@ def test_base_checkpoint_weights_match_the_schema(base):
         else:  # nn.Linear weight is [out, in]
             assert list(t.shape) == [match.expected_out, match.expected_in], key
         checked += 1
-    assert checked >= 15
+    # not vacuous: at least the embedding, lm_head and each of the two tiny layers' attention and MLP projections
+    assert checked >= 8
 
 
 # --------------------------------------------------------------------------------------------- mutations

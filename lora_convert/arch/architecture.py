@@ -212,6 +212,7 @@ class Architecture:
                     kind=g.kind,
                     local_path=path,
                     tp=g.tp,
+                    interleaved=g.interleaved_sources(),
                 )
             )
             for alias, covered, canonical in g.sources():
@@ -276,6 +277,11 @@ class Architecture:
                     kind=t.definition.kind,
                     local_path=t.definition.path,
                     tp=t.definition.tp,
+                    expert_storage=t.definition.expert_storage,
+                    peft_lora_a=t.definition.peft_lora_a,
+                    interleaved=t.definition.interleaved_sources(),
+                    param_3d=t.definition.param_3d() if t.definition.experts else "",
+                    base_fused=t.definition.base_fused(),
                 )
                 for t in self._layers.of(layer).templates
             ]
@@ -321,7 +327,16 @@ class Architecture:
             loc = self._located[key] = self._locate(module)
         m = loc.match
         if m is not None and m.expert != module.expert:  # built directly: dataclasses.replace costs 4x as much
-            m = ModuleMatch(m.group, m.slice_indices, m.canonical, module.expert, m.expected_in, m.expected_out)
+            m = ModuleMatch(
+                m.group,
+                m.slice_indices,
+                m.canonical,
+                module.expert,
+                m.expected_in,
+                m.expected_out,
+                m.interleaved,
+                m.a_on_output,
+            )
             loc = Location(loc.status, m, loc.detail, loc.layer_types, loc.group_kind)
         return loc
 
@@ -374,7 +389,8 @@ class Architecture:
                 layer_types=ts.types,
             )
         group = self.groups(module.layer)[index]
-        return Location("ok", self._match(group, covered, canonical, module.expert), layer_types=ts.types)
+        match = self._match(group, covered, canonical, module.expert, fused_3d=is_fused)
+        return Location("ok", match, layer_types=ts.types)
 
     def _locate_elsewhere(self, local: str, types: frozenset[str]) -> Location:
         """A name this layer's types do not have: another layer type's, one this config lacks, or unknown."""
@@ -398,14 +414,22 @@ class Architecture:
         )
 
     @staticmethod
-    def _match(group: GroupSpec, covered: tuple[int, ...], canonical: str, expert: int | None) -> ModuleMatch:
+    def _match(
+        group: GroupSpec, covered: tuple[int, ...], canonical: str, expert: int | None, *, fused_3d: bool = False
+    ) -> ModuleMatch:
+        width_in, width_out = group.in_features, sum(group.slices[j].out_features for j in covered)
+        # PEFT's lora_A sits on the output side of this 3-D parameter (schema `peft_lora_a`): its factors'
+        # widths swap (A [E*r, out], B [in, r*E]); a per-expert 2-D module is an ordinary nn.Linear.
+        a_on_output = fused_3d and group.peft_lora_a == "out"
         return ModuleMatch(
             group=group,
             slice_indices=covered,
             canonical=canonical,
             expert=expert,
-            expected_in=group.in_features,
-            expected_out=sum(group.slices[j].out_features for j in covered),
+            expected_in=width_out if a_on_output else width_in,
+            expected_out=width_in if a_on_output else width_out,
+            interleaved=canonical in group.interleaved,
+            a_on_output=a_on_output,
         )
 
     def table(self) -> dict[str, Any]:

@@ -41,10 +41,22 @@ class BaseConfig:
     config: dict  # the top-level config.json
     text_config: dict  # the language model's config (the wrapper's text_config, or `config` itself)
     source_note: str | None = None
+    # The folder config.json was read from (a local folder or a Hub cache snapshot): where the base's checkpoint
+    # shards may lie (lora_convert/check/base_checkpoint.py reads their headers). None for presets.
+    folder: Path | None = None
 
     @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
+
+    @property
+    def quantization_config(self) -> dict | None:
+        """`quantization_config` at the top level of config.json, else inside the wrapper's text config."""
+        for cfg in (self.config, self.text_config):
+            qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+            if isinstance(qc, dict) and qc:
+                return qc
+        return None
 
     def describe(self) -> str:
         return f"{self.name} ({self.origin})"
@@ -203,6 +215,7 @@ def _local(path: Path) -> BaseConfig:
         config=config,
         text_config=unwrap_text_config(config),
         source_note=f"read from {file}",
+        folder=file.parent,
     )
 
 
@@ -283,6 +296,7 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
             config=config,
             text_config=unwrap_text_config(config),
             source_note=f"config.json from the Hub ({file})",
+            folder=Path(file).parent,
         )
     if not explicit:
         problem = f"The adapter's base model {spec!r} matches no preset. " + problem

@@ -34,6 +34,18 @@ KINDS = frozenset(
     }
 )
 
+# How a 3-D routed-expert parameter is stored (in memory and in the checkpoint): `out_in` is [E, out, in] (most
+# transformers-5 MoE classes), `in_out` is [E, in, out] (gpt-oss, Llama-4: the forward computes x @ W[e]).
+EXPERT_STORAGE = ("out_in", "in_out")
+# Which side of a 3-D parameter PEFT's ParamWrapper puts lora_A on: `in` normally; `out` when the parameter is
+# stored [E, in, out] but transformers' experts class lacks `is_transposed` (PEFT then swaps in/out, so lora_A
+# [E*r, out] is the output side and lora_B [in, r*E] the input side: Llama-4). peft==0.21.2:
+# peft/tuners/lora/layer.py:2436-2439 (swap unless is_transposed), 2565-2568 (delta einsum per orientation).
+PEFT_LORA_A_SIDES = ("in", "out")
+# How a merged source's output rows are shared among its slices: `consecutive` (slice after slice) or `interleaved`
+# (row j belongs to slice j mod n: gpt-oss gate_up, gate = rows 0::2, up = rows 1::2).
+MERGED_ROWS = ("consecutive", "interleaved")
+
 # How tensor parallelism splits a group (the `sharding` check asks): `column` splits the output rows (each slice of
 # a gated group on its own), `row` the input columns, `replicated` keeps it whole on every rank, and `heads` splits
 # it by attention heads, so what must divide is a head count of `tp_head_counts`, not a width.
@@ -54,13 +66,13 @@ _TOP_OPTIONAL = {
     "tp_head_counts",
 }
 _GROUP_REQUIRED = {"path", "kind", "tp", "on", "in", "slices"}
-_GROUP_OPTIONAL = {"_note", "name", "when", "merged", "experts", "gated"}
+_GROUP_OPTIONAL = {"_note", "name", "when", "merged", "experts", "gated", "expert_storage", "peft_lora_a"}
 _TOP_GROUP_REQUIRED = {"path", "kind", "tp", "in", "slices"}
 _TOP_GROUP_OPTIONAL = {"_note", "name", "when", "wrapped_path", "merged"}
 _SLICE_REQUIRED = {"name", "out"}
 _SLICE_OPTIONAL = {"_note", "aliases"}
 _MERGED_REQUIRED = {"name", "slices", "aliases"}
-_MERGED_OPTIONAL = {"_note"}
+_MERGED_OPTIONAL = {"_note", "rows", "base"}
 _MATCH_KEYS = {"model_type", "architectures"}
 _HEAD_COUNT_REQUIRED = {"count", "groups"}
 _HEAD_COUNT_OPTIONAL = {"_note", "slices", "may_replicate"}
@@ -151,11 +163,26 @@ class _GroupLoader(_Validator):
             merged=self.merged(obj.get("merged", []), f"{where}.merged", [s.name for s in slices]),
             experts=experts,
             gated=gated,
+            expert_storage=self.choice(obj.get("expert_storage", "out_in"), f"{where}.expert_storage", EXPERT_STORAGE),
+            peft_lora_a=self.choice(obj.get("peft_lora_a", "in"), f"{where}.peft_lora_a", PEFT_LORA_A_SIDES),
             tp=self.tp_split(obj["tp"], f"{where}.tp", kind, top),
             wrapped_path=self.string(obj.get("wrapped_path"), f"{where}.wrapped_path", optional=True) if top else None,
         )
         self.check_unique_sources(group, where)
+        if not experts and ("expert_storage" in obj or "peft_lora_a" in obj):
+            raise self.fail(where, "expert_storage and peft_lora_a describe 3-D routed-expert parameters only")
         return group
+
+    def flag(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, "expected true or false")
+        return value
+
+    def choice(self, value: Any, where: str, allowed: tuple[str, ...]) -> str:
+        text = self.string(value, where)
+        if text not in allowed:
+            raise self.fail(where, f"unknown value {text!r} (known: {', '.join(allowed)})")
+        return text
 
     def kind(self, value: Any, where: str) -> str:
         kind = self.string(value, where)
@@ -215,11 +242,16 @@ class _GroupLoader(_Validator):
             for n in covered:
                 if n not in slice_names:
                     raise self.fail(f"{mw}.slices", f"names slice {n!r}, which the group does not have")
+            rows = self.choice(m.get("rows", "consecutive"), f"{mw}.rows", MERGED_ROWS)
+            if rows == "interleaved" and len(covered) < 2:
+                raise self.fail(f"{mw}.rows", "interleaved rows need at least two slices")
             merged.append(
                 MergedDef(
                     name=self.string(m["name"], f"{mw}.name"),
                     slices=covered,
                     aliases=self.strings(m["aliases"], f"{mw}.aliases"),
+                    interleaved=rows == "interleaved",
+                    base=self.flag(m.get("base", False), f"{mw}.base"),
                 )
             )
         return tuple(merged)
@@ -292,11 +324,16 @@ class _SchemaLoader(_GroupLoader):
         raw = self.non_empty_list(value, "groups", "")
         groups = tuple(self.group(g, f"groups[{j}]", declared_types, top=False) for j, g in enumerate(raw))
         paths = [g.path for g in groups]
-        # Two groups may share a path only when their `when` conditions differ (e.g. MLA with/without q_lora_rank).
+        # Two groups may share a path only when their `when` conditions differ (e.g. MLA with/without q_lora_rank) or
+        # they sit on different layer types (MiniMax: qkv_proj of lightning attention and of softmax attention).
         for p in {p for p in paths if paths.count(p) > 1}:
-            whens = [g.when for g in groups if g.path == p]
-            if len(set(whens)) != len(whens):
-                raise self.fail("groups", f"path {p!r} is declared twice with the same `when`")
+            same = [g for g in groups if g.path == p]
+            for j, first in enumerate(same):
+                for second in same[j + 1 :]:
+                    if first.when == second.when and set(first.on) & set(second.on):
+                        raise self.fail(
+                            "groups", f"path {p!r} is declared twice with the same `when` on one layer type"
+                        )
         return groups
 
     def head_counts(self, value: Any, groups: tuple[GroupDef, ...]) -> tuple[HeadCountDef, ...]:

@@ -29,6 +29,11 @@ class GroupSpec:
     kind: str
     local_path: str = ""  # path after `layers.N.` (or the whole path for top-level groups)
     tp: str = "column"  # how tensor parallelism splits it: column | row | replicated | heads (see schema_loader)
+    expert_storage: str = "out_in"  # a 3-D expert parameter's storage: [E, out, in] or [E, in, out] (schema_loader)
+    peft_lora_a: str = "in"  # the side of a 3-D expert parameter PEFT puts lora_A on: in | out (schema_loader)
+    interleaved: frozenset[str] = frozenset()  # canonical names of merged sources whose rows alternate by slice
+    param_3d: str = ""  # routed experts: the 3-D parameter transformers 5 holds, relative to the layer (GroupDef)
+    base_fused: str = ""  # the base's one module for all slices, when the slices have none of their own (GroupDef)
 
     @property
     def out_features(self) -> int:
@@ -62,8 +67,10 @@ class ModuleMatch:
     slice_indices: tuple[int, ...]  # the slices this source module covers
     canonical: str  # canonical source name: q_proj, experts.gate_proj, experts.gate_up_proj, in_proj_qkv, ...
     expert: int | None  # for per-expert 2-D modules
-    expected_in: int  # what lora_A's in-dim must be
-    expected_out: int  # what lora_B's out-dim must be (sum over the covered slices)
+    expected_in: int  # what lora_A's in-dim must be (the output width when `a_on_output`)
+    expected_out: int  # what lora_B's out-dim must be (sum over the covered slices; the input width when `a_on_output`)
+    interleaved: bool = False  # the source's rows alternate among its slices (row j feeds slice j mod n)
+    a_on_output: bool = False  # a PEFT 3-D module whose lora_A is the OUTPUT side (schema `peft_lora_a: out`)
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ class MergedDef:
     name: str
     slices: tuple[str, ...]
     aliases: tuple[str, ...]
+    interleaved: bool = False  # rows alternate among the slices (schema `"rows": "interleaved"`)
+    base: bool = False  # the base model's own module for these slices (schema `"base": true`: Phi-3 qkv_proj)
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,30 @@ class GroupDef:
     gated: bool | None
     tp: str = "column"
     wrapped_path: str | None = None  # top-level groups only
+    expert_storage: str = "out_in"
+    peft_lora_a: str = "in"
+
+    def param_3d(self) -> str:
+        """A routed-expert group's 3-D parameter as transformers 5 holds it (relative to the layer): the first alias
+        of the group's whole output (its merged source, or its one slice) that is `<...>.experts.<param>`, else
+        the group's own path. Granite's `block_sparse_moe.input_linear` -> `block_sparse_moe.experts.gate_up_proj`."""
+        whole = [a for m in self.merged if len(m.slices) == len(self.slices) for a in m.aliases]
+        if len(self.slices) == 1:
+            whole += list(self.slices[0].aliases)
+        params = [a for a in whole if a.split(".")[-2:-1] == ["experts"]]
+        leaf = self.path.rsplit(".", 1)[-1]
+        # the group's own leaf first (Mixtral's down group lists the checkpoint's `experts.w2` before `down_proj`)
+        return next((a for a in params if a.endswith("." + leaf)), params[0] if params else self.path)
+
+    def base_fused(self) -> str:
+        """The name of the merged source that is the base model's ONE module for this group (schema `"base": true`:
+        Phi-3 `qkv_proj`, GLM-4 `gate_up_proj`, Granite `shared_mlp.input_linear`), else ""."""
+        return next((m.name for m in self.merged if m.base and len(m.slices) == len(self.slices)), "")
+
+    def interleaved_sources(self) -> frozenset[str]:
+        """Canonical names of this group's merged sources whose rows alternate among their slices."""
+        parent = self.name.rpartition(".")[0]
+        return frozenset(f"{parent}.{m.name}" if parent else m.name for m in self.merged if m.interleaved)
 
     def sources(self) -> Iterable[tuple[str, tuple[int, ...], str]]:
         """(source name, slice indices, canonical) for every alias of this group."""
@@ -239,8 +272,18 @@ def _describe_group(g: GroupDef) -> dict[str, Any]:
         "when": g.when,
         "in": g.in_,
         "slices": [{"name": s.name, "out": s.out, "aliases": list(s.aliases)} for s in g.slices],
-        "merged": [{"name": m.name, "slices": list(m.slices), "aliases": list(m.aliases)} for m in g.merged],
+        "merged": [
+            {
+                "name": m.name,
+                "slices": list(m.slices),
+                "aliases": list(m.aliases),
+                "rows": "interleaved" if m.interleaved else "consecutive",
+                "base": m.base,
+            }
+            for m in g.merged
+        ],
         "experts": g.experts,
         "gated": g.gated,
         "tp": g.tp,
+        **({"expert_storage": g.expert_storage, "peft_lora_a": g.peft_lora_a} if g.experts else {}),
     }

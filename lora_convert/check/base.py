@@ -89,7 +89,7 @@ def resolve_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> Ba
     try:
         arch = bind(base_cfg)
     except LoraConvertError as exc:
-        return BaseResolution(
+        resolution = BaseResolution(
             config=base_cfg,
             findings=[
                 finding(
@@ -105,4 +105,15 @@ def resolve_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> Ba
             ],
             no_shapes_why=f"no schema for model_type {base_cfg.model_type!r}",
         )
-    return BaseResolution(config=base_cfg, arch=arch)
+        resolution.findings += base_model_findings(base_cfg, None)
+        return resolution
+    return BaseResolution(config=base_cfg, arch=arch, findings=base_model_findings(base_cfg, arch))
+
+
+def base_model_findings(base_cfg, arch) -> list[Finding]:
+    """The base's quantization per module family and its checkpoint index, from config and shard headers only
+    (lora_convert/check/base_checkpoint.py): info when quantized, errors only for a checkpoint that contradicts
+    its config."""
+    from lora_convert.check.base_checkpoint import base_findings
+
+    return base_findings(base_cfg, arch)

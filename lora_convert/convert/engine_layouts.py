@@ -138,6 +138,10 @@ class LayoutPlan:
         for lg, m in self.modules():
             start, stop = lg.out_rows(m)
             E = lg.group.experts if m.param else 1
+            if m.param and _lora_a_on_output(lg.group):  # PEFT's sides of this 3-D parameter are swapped
+                specs.append(TensorSpec(m.a_key, dtype, (E * R, stop - start)))
+                specs.append(TensorSpec(m.b_key, dtype, (lg.group.in_features, R * E)))
+                continue
             specs.append(TensorSpec(m.a_key, dtype, (E * R, lg.group.in_features)))
             specs.append(TensorSpec(m.b_key, dtype, (stop - start, R * E)))
         return specs
@@ -224,7 +228,7 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
             refused.append(Refused(g, reason, rule.code, values=values))
             continue
         if experts_3d and g.experts and g.kind == "routed_experts":
-            module = _module_3d(g, rules.container(g, plan.family, config, classes))
+            module = _module_3d(g, rules.rename_path(_param_3d_path(g), g, plan.family, config, classes))
             if not factors.shares_one_a(g.slices):
                 out_rank = max(out_rank, len(g.slices) * plan.rank)  # one A per slice, side by side
             out.append(LayoutGroup(g, (module,), added=id(g) in added_ids))
@@ -265,16 +269,36 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     )
 
 
-def _module_3d(g: PlannedGroup, container: str) -> OutModule:
+def _param_3d_path(g: PlannedGroup) -> str:
+    """The full path of a routed-expert group's 3-D parameter in transformers 5's naming, before the layout's
+    container renames: the group's layer prefix and the schema's `param_3d` (Granite: the checkpoint's
+    `block_sparse_moe.input_linear` is the in-memory `block_sparse_moe.experts.gate_up_proj`)."""
+    spec = g.spec
+    if spec is None or not spec.param_3d or not g.key.endswith(spec.local_path):
+        return g.key
+    prefix = g.key[: len(g.key) - len(spec.local_path)]
+    return prefix + spec.param_3d
+
+
+def _module_3d(g: PlannedGroup, param_path: str) -> OutModule:
     """All experts of a routed-expert group as one PEFT 3-D parameter module. PEFT nests the second parameter
     wrapper of one module around the first, so gate_up (targeted first; Nemotron-H: up_proj) is saved as
     `experts.base_layer` and down as `experts` (the layout transformers 5 + PEFT write; vLLM reads gate_up from
     `.base_layer`)."""
-    leaf = g.name.rsplit(".", 1)[-1]
+    container, _, leaf = param_path.rpartition(".")
     layer_part = f"layers.{g.layer}."
-    rel = container.split(layer_part, 1)[1] if layer_part in container else container
+    rel = param_path.split(layer_part, 1)[1] if layer_part in param_path else param_path
     path = container + (".base_layer" if leaf != "down_proj" else "")  # gate_up_proj, or a non-gated up_proj
-    return OutModule(path, tuple(range(len(g.slices))), param=f"{rel}.{leaf}")
+    return OutModule(path, tuple(range(len(g.slices))), param=rel)
+
+
+def _lora_a_on_output(g: PlannedGroup) -> bool:
+    return g.spec is not None and bool(g.experts) and g.spec.peft_lora_a == "out"
+
+
+def _interleaved(g: PlannedGroup, slices: tuple[int, ...]) -> bool:
+    """Whether a module covering `slices` of `g` is the base's interleaved merged projection (every slice)."""
+    return g.spec is not None and bool(g.spec.interleaved) and len(slices) == len(g.slices) > 1
 
 
 def model_classes(plan: Plan) -> tuple[str, ...]:
@@ -316,6 +340,8 @@ def _modules(plan: Plan, g: PlannedGroup, rules: LayoutRules, cut, config, class
     elif len(g.slices) == 1 and not g.experts:
         leaf = g.key.rsplit(".", 1)[-1]
         return [OutModule(f"{container}.{leaf}" if container else leaf, (0,))]
+    elif g.spec is not None and g.spec.base_fused:  # the base has one module for every slice (Phi-3 qkv_proj)
+        cuts = [(g.spec.base_fused, tuple(range(len(g.slices))))]
     else:  # q/k/v, q_a/kv_a, gate/up, expert projections: the slice names are the base model's module names
         cuts = [(s.name, (i,)) for i, s in enumerate(g.slices)]
     renames = rules.rename(g, plan.family, config, classes)
@@ -424,8 +450,8 @@ def _target_modules(lp: LayoutPlan) -> list[str] | str:
         leaf = g.name.rsplit(".", 1)[-1]
         if g.kind == "embedding":
             names.add(lp.rules.embedding_leaf or leaf)
-        elif g.experts:
-            names.add("down_proj" if leaf == "down_proj" else "gate_up_proj")
+        elif g.experts:  # by the slices, not the group's name (Granite's checkpoint calls down `output_linear`)
+            names.add("down_proj" if [sl.name for sl in g.slices] == ["down_proj"] else "gate_up_proj")
         elif leaf in lp.rules.auto_detected_leaves:
             auto_detected = True
         else:
@@ -450,6 +476,10 @@ def iter_layout_tensors(
         if lg.modules and lg.modules[0].param is not None:
             (m,) = lg.modules
             a, b = factors.peft_3d_module(A, B, lg.group, R, lp.rank)
+            if _interleaved(lg.group, m.slices):  # the base parameter's rows alternate gate, up (gpt-oss)
+                b = factors.interleave_rows(b, len(m.slices))
+            if _lora_a_on_output(lg.group):  # PEFT's own sides of an [E, in, out] parameter (Llama-4)
+                a, b = factors.swapped_expert_factors(a, b, lg.group.experts, lp.rank)
             group_bytes += a.nbytes + b.nbytes
             yield m.a_key, a
             yield m.b_key, b
@@ -465,6 +495,8 @@ def iter_layout_tensors(
             a, b = factors.cut_module(A, B, lg.group, m.slices, R, m.expert)
             if lp.rank > R:  # padded with zero rank rows/columns: the same delta
                 a, b = factors.pad_rank(a, b, lp.rank)
+            if _interleaved(lg.group, m.slices):  # one module over an interleaved base projection: its row order
+                b = factors.interleave_rows(b, len(m.slices))
             # The modules written, not the stacked group: dropped slices and per-expert cuts change the byte count.
             group_bytes += a.nbytes + b.nbytes
             yield m.a_key, a

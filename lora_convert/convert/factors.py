@@ -50,8 +50,8 @@ def kernel_offsets(group: PlannedGroup) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- sources
 def source_rows(ref: SourceRef) -> slice:
-    """Rows of the source module's B that feed the slice."""
-    return slice(ref.row_start, ref.row_stop)
+    """Rows of the source module's B that feed the slice (a step > 1 for interleaved merged sources)."""
+    return slice(ref.row_start, ref.row_stop, ref.row_step if ref.row_step != 1 else None)
 
 
 def slice_source(sl: PlannedSlice, expert: int | None = None) -> tuple[SourceRef | None, int | None]:
@@ -107,6 +107,35 @@ def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None)):
     for start in range(0, n * rank, TRANSPOSE_BLOCK):
         moved[:, start : start + TRANSPOSE_BLOCK] = src[start : start + TRANSPOSE_BLOCK].T
     return moved.view(part.dtype).reshape(experts, n, rank)
+
+
+def swapped_expert_factors(a, b, experts: int, rank: int, expert_b=None) -> tuple[Any, Any]:
+    """PEFT's 3-D pair of a parameter whose lora_A is the OUTPUT side (lora_A [E*r, out], lora_B [in, r*E]) as
+    the ordinary pair (A [E*r, in] expert-major, B [out, r*E] rank-major) with the same per-expert delta.
+
+    Expert e's forward is x @ lora_B_e @ lora_A_e (the parameter is [E, in, out]), so its input-side factor is
+    lora_B_e^T [r, in] and its output-side factor lora_A_e^T [out, r]. Both results are new arrays. The map is its own
+    inverse: given an ordinary pair it returns PEFT's swapped pair (what `--layout peft` writes for Llama-4)."""
+    expert_b = fused_expert_b if expert_b is None else expert_b
+    n_in, n_out = b.shape[0], a.shape[-1]
+    ordinary_a = _permuted(expert_b(b, experts, rank), (0, 2, 1)).reshape(experts * rank, n_in)  # [E, r, in]
+    ordinary_b = _permuted(a.reshape(experts, rank, n_out), (2, 1, 0)).reshape(n_out, rank * experts)  # k*E + e
+    return ordinary_a, ordinary_b
+
+
+def interleave_rows(b, slices: int):
+    """B [n*w, r] of `slices` equal consecutive slices (the stacked order) with its rows interleaved: row j of
+    slice i goes to row j*slices + i (the base's order for an interleaved merged projection: gpt-oss gate_up).
+    The inverse of reading slice i as rows i::slices (source_rows). A new array."""
+    width = b.shape[0] // slices
+    return np.ascontiguousarray(b.reshape(slices, width, *b.shape[1:]).swapaxes(0, 1)).reshape(b.shape)
+
+
+def _permuted(x, axes: tuple[int, ...]):
+    """x with its axes permuted, copied contiguous (numpy arrays or torch tensors)."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x.transpose(axes))
+    return x.permute(axes).contiguous()
 
 
 def expert_factors(a, b, experts: int, rank: int, expert: int) -> tuple[Any, Any]:
@@ -195,6 +224,8 @@ def place_source(
     r = ref.rank
     rows_a, rows_b = a_rows(index, R, r), b_rows(sl)
     if experts is not None:
+        if ref.a_on_output:  # PEFT's lora_A is the output side: A_e = lora_B_e^T, B_e = lora_A_e^T
+            a, b = swapped_expert_factors(a, b, experts, r, expert_b)
         copy(A[:, rows_a, :], fused_expert_a(a, experts, r))
         fold(B[:, rows_b, :r], expert_b(b, experts, r, source_rows(ref)), ref.scaling)
         return

@@ -150,7 +150,11 @@ class LayoutRules:
         """The group's container path (its key without the last component), with the layout's renames applied."""
         if "." not in group.key:
             return ""
-        path = "." + group.key.rsplit(".", 1)[0] + "."
+        return self.rename_path(group.key.rsplit(".", 1)[0], group, family, config, classes)
+
+    def rename_path(self, path: str, group: PlannedGroup, family: str, config: Mapping, classes=()) -> str:
+        """`path` (a module path of `group`'s layer) with the layout's container renames applied."""
+        path = "." + path + "."
         for rule in self.container_renames:  # whole dotted components: {"language_model.model": "model.language_model"}
             if rule.when.match(group, family, config, classes) is not None:
                 for old, new in rule.names.items():

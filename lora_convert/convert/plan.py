@@ -21,11 +21,14 @@ LAYOUT_VERSION = 1
 
 @dataclass
 class SourceRef:
-    """One source module feeding one slice: B rows [row_start, row_stop) of the module's output."""
+    """One source module feeding one slice: B rows [row_start, row_stop) of the module's output, every
+    `row_step`-th (a merged source whose rows alternate among its slices: gpt-oss gate_up)."""
 
     module: LoraModule
     row_start: int
     row_stop: int
+    row_step: int = 1
+    a_on_output: bool = False  # a PEFT 3-D module whose lora_A is the output side (ModuleMatch.a_on_output)
 
     @property
     def rank(self) -> int:
@@ -67,6 +70,21 @@ class PlannedSlice:
             return None
         return values[0] if len(values) == 1 else values
 
+    def source_layout_json(self) -> dict[str, Any]:
+        """What a reader of lora_layout.json needs beyond `source` when the source is not read the ordinary way:
+        `source_rows` [start, stop, step] for interleaved rows, `source_lora_a: "output"` for a PEFT 3-D module
+        whose lora_A is the output side (docs/stacked-layout.md)."""
+        sources = self.sources()
+        if not sources:
+            return {}
+        ref = sources[0]
+        out: dict[str, Any] = {}
+        if ref.row_step != 1:
+            out["source_rows"] = [ref.row_start, ref.row_stop, ref.row_step]
+        if ref.a_on_output:
+            out["source_lora_a"] = "output"
+        return out
+
     def source_keys(self) -> list[str] | None:
         if self.is_zero_filled:
             return None
@@ -86,6 +104,7 @@ class PlannedGroup:
     experts: int | None
     slices: list[PlannedSlice]
     missing_experts: list[int] = field(default_factory=list)
+    spec: Any = field(default=None, repr=False, compare=False)  # the schema's GroupSpec it was planned from
 
     @property
     def out_features(self) -> int:
@@ -153,6 +172,7 @@ class Plan:
                             "rank": s.rank,
                             "scaling": s.scaling_json(),
                             "source": s.source_keys(),
+                            **s.source_layout_json(),
                         }
                         for s in g.slices
                     ],
@@ -313,14 +333,20 @@ def _new_group(spec) -> PlannedGroup:
         in_features=spec.in_features,
         experts=spec.experts,
         slices=slices,
+        spec=spec,
     )
 
 
 def _attach(group: PlannedGroup, match, mod: LoraModule) -> None:
     row = 0
-    for index in match.slice_indices:
+    covered = len(match.slice_indices)
+    total = sum(group.slices[i].out_features for i in match.slice_indices)
+    for position, index in enumerate(match.slice_indices):
         target = group.slices[index]
-        ref = SourceRef(mod, row, row + target.out_features)
+        if match.interleaved:  # row j of the source feeds its (j mod n)-th slice
+            ref = SourceRef(mod, position, total, covered, match.a_on_output)
+        else:
+            ref = SourceRef(mod, row, row + target.out_features, 1, match.a_on_output)
         row += target.out_features
         if mod.kind == ModuleKind.FUSED_EXPERTS:
             clash = target.fused_source is not None or bool(target.expert_sources)

@@ -42,6 +42,8 @@ class StreamingSafetensorsWriter:
             header["__metadata__"] = dict(metadata)
         offset = 0
         for spec in specs:
+            if spec.name in header:  # a dict would keep one entry and the file's offsets would no longer add up
+                raise ValueError(f"two tensors of one output are both named {spec.name!r}")
             header[spec.name] = {
                 "dtype": spec.dtype,
                 "shape": list(spec.shape),

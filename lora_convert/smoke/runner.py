@@ -324,7 +324,7 @@ def _reference_slice(plan_slice, x64, read, device, expert=None):
     src, inner_expert = slice_source(plan_slice, expert)
     if src is None:
         return None
-    a, b, s = module_factors(src.module, read, expert=inner_expert, device=device)
+    a, b, s = module_factors(src.module, read, expert=inner_expert, device=device, a_on_output=src.a_on_output)
     return s * (x64 @ a.T) @ b[source_rows(src)].T
 
 
@@ -451,7 +451,8 @@ def _expert_slice_reference(sl, x64, tok, eid, E: int, read, device):
 
     if sl.fused_source is not None:
         src = sl.fused_source
-        a, b, s = fused_expert_factors(src.module, read, device=device)  # [E, r, in], [E, out, r]
+        # a [E, r, in], b [E, out, r]
+        a, b, s = fused_expert_factors(src.module, read, device=device, a_on_output=src.a_on_output)
         b = b[:, source_rows(src)] * s
         has = torch.ones(E, dtype=torch.bool, device=device)
     elif sl.expert_sources:

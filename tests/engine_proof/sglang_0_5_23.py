@@ -44,8 +44,12 @@ Stubs (only what needs a GPU or a native kernel; none touches LoRA logic):
   GPU platform for Mamba state snapshots; cache settings only, GDN/Mamba layers are built the same),
   `disable_shared_experts_fusion=True` (what every SGLang DeepSeek/Kimi LoRA test sets; without it SGLang fuses the
   shared expert into the routed experts on CUDA and the shared-expert LoRA has no module).
+- `torch.cuda.get_device_capability` answers (9, 0) while the server args of a DSA base (DeepSeek-V3.2) are
+  resolved: that resolution asks the GPU's capability on the CPU engine too (model_hook.py:339-341) and only picks
+  DSA kernel defaults (`_publish_for`).
 - Base folders are used through a COPY (`_base_copy`) where config fields SGLang needs are added; see
-  `_patch_config`. No added field touches a LoRA target.
+  `_patch_config`. No added field touches a LoRA target. The issue-14 families and Kimi-K2.5 are built with
+  `load_format=dummy` (`_DUMMY`): the LoRA path never reads base weights.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/ (helpers) when run as a script
 sys.path.insert(0, str(HERE))
 
-from common import EngineLoad, fixture_adapter, reference_deltas  # noqa: E402
+from common import EngineLoad, fixture_adapter, reference_deltas, to_param_layout  # noqa: E402
 
 from helpers import case_base_dir, case_meta, fixture_cases  # noqa: E402
 
@@ -192,6 +196,25 @@ def _publish(server_args):
         get_parallel().override_permanently(world_group=parallel_state._WORLD)
 
 
+def _publish_for(server_args, base: Path):
+    """`_publish`; for a DSA base (DeepSeek-V3.2: `index_topk` in its config) with `torch.cuda.get_device_capability`
+    answering (9, 0) meanwhile: SGLang's server-arg resolution for DSA models asks the GPU's compute capability on
+    every non-NPU/XPU platform, the CPU engine included (sglang/srt/arg_groups/model_hook.py:339-341), and the
+    answer only picks DSA kernel defaults (kv-cache dtype, split backend), none of which touches LoRA."""
+    import torch
+
+    config = json.loads((base / "config.json").read_text())
+    if "index_topk" not in config and "index_topk" not in (config.get("text_config") or {}):
+        _publish(server_args)
+        return
+    real = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    try:
+        _publish(server_args)
+    finally:
+        torch.cuda.get_device_capability = real
+
+
 def _init_dist(server_args):
     import socket
 
@@ -218,6 +241,10 @@ _ARCH = {"Kimi_K25ForConditionalGeneration": "KimiK25ForConditionalGeneration"} 
 _TEXT_ONLY = {"Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"}
 # Released DeepSeek-V3 / Kimi configs carry these; transformers 5 drops them and SGLang reads them unguarded.
 _DEEPSEEK_FIELDS = {"moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "ep_size": 1}
+# Released MiniMax-M2 configs (MiniMaxAI/MiniMax-M2 config.json) carry these router fields; transformers 5's
+# MiniMaxM2Config drops them and SGLang's minimax_m2.py:550 reads `scoring_func` unguarded. `rotary_dim` (the
+# rotary width, 64 of head_dim 128 on the Hub) defaults to head_dim here: not a LoRA target either.
+_MINIMAX_M2_FIELDS = {"scoring_func": "sigmoid"}
 _DEEPSEEK_YARN = {"rope_type": "deepseek_yarn", "factor": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
@@ -231,6 +258,7 @@ def _patch_config(config: dict, model_class: str) -> dict:
       And `_DEEPSEEK_FIELDS` (router/MoE fields every released DeepSeek-V3/Kimi config has; transformers 5 drops
       them and SGLang's `deepseek_v2.py` reads them unguarded);
     - Qwen3-Next / Qwen3.5: `full_attention_interval` from `layer_types` (released configs carry both);
+    - MiniMax-M2: `_MINIMAX_M2_FIELDS` and `rotary_dim` (released configs carry them; transformers 5 drops them);
     - Nemotron-H: transformers 5 writes `layers_block_type` as linear_attention/full_attention; SGLang's
       NemotronHConfig accepts mamba/attention/mlp/moe (same layers, older spelling);
     - Kimi-K2.5 (v5): SGLang's KimiK25 vision config wants the remote-code field names (`vt_hidden_size`,
@@ -244,15 +272,20 @@ def _patch_config(config: dict, model_class: str) -> dict:
         config = text
     config["architectures"] = [_ARCH.get(model_class, model_class)]
     for cfg in (config, config.get("text_config") or {}):
-        if cfg.get("model_type") in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+        if cfg.get("model_type") in ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2"):
             theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
             cfg["rope_scaling"] = dict(_DEEPSEEK_YARN, original_max_position_embeddings=cfg["max_position_embeddings"])
             cfg["rope_parameters"] = dict(cfg["rope_scaling"], rope_theta=theta)
             cfg["rope_theta"] = theta
             for key, value in _DEEPSEEK_FIELDS.items():
                 cfg.setdefault(key, value)
-        if isinstance(cfg.get("layer_types"), list) and "full_attention_interval" not in cfg:
-            cfg["full_attention_interval"] = cfg["layer_types"].index("full_attention") + 1
+        types_ = cfg.get("layer_types")
+        if isinstance(types_, list) and "full_attention" in types_ and "full_attention_interval" not in cfg:
+            cfg["full_attention_interval"] = types_.index("full_attention") + 1
+        if cfg.get("model_type") == "minimax_m2":
+            for key, value in _MINIMAX_M2_FIELDS.items():
+                cfg.setdefault(key, value)
+            cfg.setdefault("rotary_dim", cfg.get("head_dim"))
         if cfg.get("model_type") == "nemotron_h":
             spelling = {"linear_attention": "mamba", "full_attention": "attention"}
             for key in ("layers_block_type", "mtp_layers_block_type"):
@@ -293,7 +326,10 @@ def _base_weights(base_dir: Path) -> dict:
 def _base_copy(base_dir: Path, model_class: str) -> Path:
     from safetensors.torch import save_file
 
-    root = Path(_STATE.setdefault("tmp", tempfile.mkdtemp(prefix="sglang-proof-")))
+    # not setdefault(): its argument would create (and leak) a fresh temporary folder on every call
+    if "tmp" not in _STATE:
+        _STATE["tmp"] = tempfile.mkdtemp(prefix="sglang-proof-")
+    root = Path(_STATE["tmp"])
     out = root / f"{base_dir.name}-{model_class}"
     if out.exists():
         return out
@@ -313,8 +349,33 @@ def _base_copy(base_dir: Path, model_class: str) -> Path:
     return out
 
 
-# Kimi-K2.5: transformers-5 vision weight names that SGLang's loader does not know; base weights are not needed.
-_DUMMY = {"Kimi_K25ForConditionalGeneration", "KimiK25ForConditionalGeneration"}
+# Base weights are not read on the LoRA path (buffers come from get_hidden_dim and the adapter), so these classes
+# are built with `load_format=dummy`: Kimi-K2.5 (transformers-5 vision weight names SGLang's loader does not know)
+# and the issue-14 families, whose transformers-5 checkpoints SGLang's loaders either misname (MiniMax through the
+# Transformers fallback: `block_sparse_moe` vs t5's `mlp`; Gemma-3 / Qwen3-VL(-MoE) / Llama-4 composite names) or
+# size differently on tiny fixture configs (OLMoE's q_norm is hidden_size wide in olmoe.py, heads x head_dim in t5).
+_DUMMY = {
+    "Kimi_K25ForConditionalGeneration",
+    "KimiK25ForConditionalGeneration",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "Phi3ForCausalLM",
+    "Glm4ForCausalLM",
+    "Qwen3VLForConditionalGeneration",
+    "GptOssForCausalLM",
+    "Glm4MoeForCausalLM",
+    "Llama4ForCausalLM",
+    "Llama4ForConditionalGeneration",
+    "Qwen2MoeForCausalLM",
+    "OlmoeForCausalLM",
+    "GraniteMoeForCausalLM",
+    "GraniteMoeHybridForCausalLM",
+    "MiniMaxForCausalLM",
+    "MiniMaxM2ForCausalLM",
+    "DeepseekV32ForCausalLM",
+    "Qwen3VLMoeForConditionalGeneration",
+}
 
 
 def _server_args(base: Path, model_class: str):
@@ -359,7 +420,7 @@ def _build_base(base_dir: Path, model_class: str) -> _Base:
 
     copy = _base_copy(base_dir, model_class)
     sa = _server_args(copy, model_class)
-    _publish(sa)
+    _publish_for(sa, copy)
     _init_dist(sa)
     mc = ModelConfig.from_server_args(sa)
     # The CPU engine's `adjust_config_with_unaligned_cpu_tp` minus its MLP-width padding: only the TP=1 head-count
@@ -612,19 +673,27 @@ def _module_delta(layer_id, rest, info, shape, wrapped, dense, experts):
         key = (layer_id, ".".join(parts[: i + 1]))
         if key not in wrapped:  # transformers 5 names Mixtral's MoE block `mlp`; SGLang keeps `block_sparse_moe`
             key = (layer_id, key[1].replace("mlp.experts", "block_sparse_moe.experts"))
+        if key not in wrapped:  # another name for the layer's one FusedMoE (the Transformers fallback nests it in
+            # `mlp.experts.experts`): SGLang files expert keys by layer, so that one wrapper is the one they reach
+            moe = [k for k, m in wrapped.items() if k[0] == layer_id and isinstance(m, FusedMoEWithLoRA)]
+            key = moe[0] if len(moe) == 1 else key
         if not isinstance(wrapped.get(key), FusedMoEWithLoRA):
             return None
         held = experts(key)
-        if info.get("param"):  # 3-D [E, out, in]
+        if info.get("param"):  # 3-D: [E, out, in] here, then in the parameter's own layout (common.to_param_layout)
             param = info["param"]
             if param == "gate_up_proj":
                 if "gate" in held:
-                    return np.concatenate([held["gate"], held["up"]], axis=1)
-                return held["gate_up"]
+                    # the runner's two B slices, rows [:I] then [I:], are the output columns in the base w13's order:
+                    # interleaved for GPT-OSS-style layers (sglang/srt/lora/layers.py:1053-1056)
+                    rows = np.concatenate([held["gate"], held["up"]], axis=1)
+                    interleaved = bool(getattr(wrapped[key], "_uses_interleaved_gate_up", False))
+                    return to_param_layout(rows, info, engine_interleaved=interleaved)
+                return to_param_layout(held["gate_up"], info)
             if param == "down_proj":
-                return held["down"]
+                return to_param_layout(held["down"], info)
             if param == "up_proj":  # NemotronH non-gated experts
-                return held.get("gate_up")
+                return to_param_layout(held.get("gate_up"), info)
             return None
         expert, proj = int(parts[i + 1]), _EXPERT_PROJ.get(parts[i + 2])
         if proj is None:

@@ -49,6 +49,11 @@ Stubs (each is GPU-only machinery; vLLM's LoRA logic itself is never patched):
 7. The model registry inspects a model class in a subprocess "to avoid initializing CUDA"
    (vllm/model_executor/models/registry.py:1122-1125); here it runs in this process
    (`registry._run_in_subprocess = lambda fn: fn()`), so stubs 4-5 apply to it too. There is no CUDA to avoid.
+8. Config fields that released checkpoints carry but transformers 5's config classes drop, which vLLM reads
+   unguarded (`_RELEASED_FIELDS`, as `hf_overrides`): MiniMax-M2 `rotary_dim`/`scoring_func`, Qwen3-VL-MoE
+   `norm_topk_prob`. None is a LoRA target.
+9. Model classes vLLM cannot build on a CPU (`CPU_UNBUILDABLE`: DeepSeek-V3.2's sparse attention) are not stubbed
+   into existence: their rows record the registry entry and the CPU build error, which the proof asserts.
 6. Distributed state: a real one-process gloo group on 127.0.0.1 (`init_distributed_environment`,
    `initialize_model_parallel(1, 1)`), not a stub.
 
@@ -76,7 +81,7 @@ if __name__ == "__main__":  # script mode: make `helpers` and `engine_proof` imp
 
 import numpy as np  # noqa: E402
 
-from engine_proof.common import EngineLoad  # noqa: E402
+from engine_proof.common import EngineLoad, to_param_layout  # noqa: E402
 from helpers import case_base_dir, case_meta, fixture_cases  # noqa: E402
 
 VLLM_VERSION = "0.33.0"
@@ -182,6 +187,7 @@ def _install_stubs() -> None:
         BaseLayerWithLoRA.set_mapping(self, punica_wrapper)
 
     FusedMoEWithLoRA.set_mapping = set_mapping
+
     _STUBS_DONE = True
 
 
@@ -247,6 +253,28 @@ def _init_distributed(vllm_config) -> None:
     _DIST_DONE = True
 
 
+# Config fields every released checkpoint of a family carries but transformers 5's config class drops, and which
+# vLLM reads unguarded (none is a LoRA target): MiniMax-M2 `rotary_dim` (vllm/model_executor/models/minimax_m2.py:274;
+# 64 of head_dim 128 on the Hub, the head_dim here) and `scoring_func` (:99, "sigmoid" on the Hub); Qwen3-VL-MoE's
+# text `norm_topk_prob` (true on the Hub).
+_RELEASED_FIELDS = {
+    "minimax_m2": {"scoring_func": "sigmoid"},
+    "qwen3_vl_moe_text": {"norm_topk_prob": True},
+}
+
+
+def _released_fields(hf_config):
+    """`hf_overrides` for EngineArgs: `_RELEASED_FIELDS` where the config lacks them (top level and text_config)."""
+    for cfg in (hf_config, getattr(hf_config, "text_config", None)):
+        fields = _RELEASED_FIELDS.get(getattr(cfg, "model_type", None), {})
+        if fields and not hasattr(cfg, "rotary_dim") and getattr(cfg, "model_type", None) == "minimax_m2":
+            cfg.rotary_dim = cfg.head_dim
+        for key, value in fields.items():
+            if not hasattr(cfg, key):
+                setattr(cfg, key, value)
+    return hf_config
+
+
 class _Engine:
     """One fixture base in vLLM: config, model with LoRA layers, worker LoRA manager (or the error)."""
 
@@ -281,6 +309,7 @@ class _Engine:
             max_num_seqs=4,
             max_num_batched_tokens=64,
             load_format="dummy",
+            hf_overrides=_released_fields,
         )
         config = args.create_engine_config()
         _init_distributed(config)
@@ -353,6 +382,14 @@ def _expert_deltas(module) -> dict[str, np.ndarray]:
         if len(module.w13_lora_a_stacked) == 2:
             out["w3"] = stack(module.w13_lora_b_stacked[1], module.w13_lora_a_stacked[1])
     return out
+
+
+def _interleaved_w13(module) -> bool:
+    """Whether a MoE LoRA layer's base computes with w13 rows interleaved (gate 0::2, up 1::2)."""
+    base = getattr(module, "base_layer", module)
+    config = getattr(base, "moe_config", None)
+    activation = getattr(config, "activation", None)
+    return getattr(activation, "value", activation) == "swigluoai"
 
 
 def mla_bypassed_modules(eng: _Engine) -> set[str]:
@@ -456,11 +493,15 @@ def read_deltas(case: str, eng: _Engine) -> dict[str, np.ndarray]:
                 if param == "gate_up_proj":
                     if "w3" not in experts:
                         continue
-                    deltas[peft_module] = np.concatenate([experts["w1"], experts["w3"]], axis=1)
+                    # w1 rows then w3 rows re-form the wrapper's w13 rows, which are in the base w13's order: gate
+                    # then up, or interleaved where the layer's activation reads them so (gpt-oss `swigluoai`,
+                    # vllm/model_executor/layers/fused_moe/activation.py:30-34), the checkpoint's own order.
+                    w13 = np.concatenate([experts["w1"], experts["w3"]], axis=1)
+                    deltas[peft_module] = to_param_layout(w13, info, engine_interleaved=_interleaved_w13(module))
                 elif param == "up_proj":  # non-gated (Nemotron-H): w1 is up_proj
-                    deltas[peft_module] = experts["w1"]
+                    deltas[peft_module] = to_param_layout(experts["w1"], info)
                 elif param == "down_proj":
-                    deltas[peft_module] = experts["w2"]
+                    deltas[peft_module] = to_param_layout(experts["w2"], info)
                 continue
             per_expert = len(eng.manager.packed_modules[holder]) // experts["w2"].shape[0]
             expert, proj = divmod(index, per_expert)
@@ -501,12 +542,55 @@ def load(case: str, adapter_dir: Path, base_dir: Path) -> EngineLoad:
 
 
 # ------------------------------------------------------------------------------------------------ truth table
+# Model classes vLLM 0.33.0 cannot build on its CPU platform at all, with the registry entry the rules' sources
+# cite and the refusal the CPU platform gives. DeepSeek-V3.2's DSA attention: `CpuPlatform.get_attn_backend_cls`
+# raises for sparse attention (vllm/platforms/cpu.py:154-155); letting it pick the dense CPU MLA backend instead
+# does not help either (its impl rejects the indexer's `topk_indices_buffer`), and on CUDA the registry entry is
+# another module (vllm/models/deepseek_v32/__init__.py:17-33). For these the proof records, measured in this
+# process, the registry entry and the build error, and asserts both (common.check_cpu_unbuildable); the rules for
+# them are read from the code, not run.
+CPU_UNBUILDABLE = {
+    "DeepseekV32ForCausalLM": {
+        "registry": ["vllm.models.deepseek_v32", "DeepseekV32ForCausalLM"],
+        "build_error": "NotImplementedError: Sparse Attention is not supported on CPU.",
+    },
+}
+
+
+def _architecture(base: Path) -> str | None:
+    import json
+
+    config = json.loads((Path(base) / "config.json").read_text())
+    return (config.get("architectures") or [None])[0]
+
+
+def cpu_unbuildable_record(base: Path, arch: str) -> dict:
+    """What this process measures for a model class in CPU_UNBUILDABLE: vLLM's registry entry and the build error."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    entry = ModelRegistry.models.get(arch)
+    return {
+        "cpu_unbuildable": {
+            "architecture": arch,
+            "registry": [getattr(entry, "module_name", None), getattr(entry, "class_name", None)],
+            "build_error": engine(base).error,
+            "expected": CPU_UNBUILDABLE[arch],
+        }
+    }
+
+
 def truth_row(case: str, workdir: Path) -> dict:
     """The record tests/test_proof_vllm.py compares (tests/engine_proof/common.py `truth_record` contract): the
-    original adapter through vLLM, and lora-convert's `--layout vllm` output through vLLM."""
+    original adapter through vLLM, and lora-convert's `--layout vllm` output through vLLM (or, for a model class
+    vLLM cannot build on a CPU, what is measured instead: `cpu_unbuildable_record`)."""
     from engine_proof.common import fixture_adapter, layout_record, normalize_layout, original_record
 
     base = case_base_dir(case)
+    arch = _architecture(base)
+    if arch in CPU_UNBUILDABLE:
+        _install_stubs()
+        record = cpu_unbuildable_record(base, arch)
+        return {"served_base": str(base), "original": record, "layout": record}
     row = {"served_base": str(base), "original": original_record(case, load(case, fixture_adapter(case), base))}
     out, refusal = normalize_layout(case, "vllm", base, workdir / f"vllm-{case}")
     row["layout"] = layout_record(case, out, refusal, None if out is None else load(case, out, base))

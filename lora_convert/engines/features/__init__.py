@@ -12,6 +12,7 @@ from collections.abc import Callable
 from lora_convert.engines.features import config_features as cf
 from lora_convert.engines.features import expert_features as ef
 from lora_convert.engines.features import module_features as mf
+from lora_convert.engines.features import quantization_features as qf
 from lora_convert.engines.features import row_split as rs
 from lora_convert.engines.features.context import Context
 
@@ -45,6 +46,9 @@ FEATURES: dict[str, Detector] = {
     "expert_rank_mismatch": ef.f_expert_rank_mismatch,
     # row splits of one module
     "partial_row_split": rs.f_partial_row_split,
+    # the base's quantization (quantization_config through lora_convert/arch/quantization.json)
+    "quantized_base": qf.f_quantized_base,
+    "unknown_quantization": qf.f_unknown_quantization,
 }
 
 __all__ = ["Context", "Detector", "FEATURES"]

@@ -1,0 +1,70 @@
+"""Features of the base's quantization: LoRA on modules whose base weights are stored quantized.
+
+Which scheme stores which module comes from the base config's `quantization_config` through
+lora_convert/arch/quantization.json (docs/quantization.md); which schemes an engine serves LoRA on, and with which
+server flags, comes from the rule's params and message (engines/*.json). Without a bound base nothing fires.
+"""
+
+from __future__ import annotations
+
+from lora_convert.arch.quantization import base_quantization
+from lora_convert.engines.features.context import Context, examples, layers_text, module_keys
+
+
+def _quantization(ctx: Context):
+    if ctx.arch is None:
+        return None
+    cache = getattr(ctx, "_quantization_cache", None)
+    if cache is None:
+        cache = (base_quantization(ctx.arch.top_config, ctx.arch.config),)
+        ctx._quantization_cache = cache
+    return cache[0]
+
+
+def f_quantized_base(ctx: Context, params: dict):
+    """Adapted modules whose base group is quantized by one of `schemes` (scheme ids of quantization.json; absent:
+    any known scheme), narrowed to routed experts (`experts: true`) or to everything else (`experts: false`)."""
+    quant = _quantization(ctx)
+    if quant is None or not quant.known:
+        return None
+    wanted = set(params.get("schemes") or ())
+    experts = params.get("experts")
+    mods, labels, families = [], [], []
+    for m in ctx.modules:
+        if m.is_vision:
+            continue
+        match = ctx.match(m)
+        if match is None:
+            continue
+        is_expert = bool(match.group.experts)
+        if experts is not None and is_expert != experts:
+            continue
+        stored = quant.classify(match.group)
+        if stored.scheme is None or (wanted and stored.scheme.scheme.id not in wanted):
+            continue
+        mods.append(m)
+        if stored.scheme.label not in labels:
+            labels.append(stored.scheme.label)
+        kind = match.group.kind.replace("_", " ")
+        if kind not in families:
+            families.append(kind)
+    if not mods:
+        return None
+    layers = [m.layer for m in mods if m.layer is not None]
+    return {
+        "count": len(mods),
+        "scheme": "; ".join(labels),
+        "method": quant.method,
+        "families": ", ".join(families),
+        "layers": layers_text(layers) if layers else "-",
+        "examples": examples([m.module for m in mods]),
+        "keys": module_keys(mods),
+    }
+
+
+def f_unknown_quantization(ctx: Context, params: dict):
+    """A quantized base whose scheme quantization.json does not describe (what the engine does is unknown)."""
+    quant = _quantization(ctx)
+    if quant is None or quant.known:
+        return None
+    return {"method": quant.method, "keys": [quant.where]}
