@@ -176,3 +176,11 @@ def test_ci_examples_name_this_version():
     assert set(named) == {tag}, f"the CI examples must name {tag}: {named}"
     # Both examples name a version (so the check above is about something).
     assert all(any(str(p.relative_to(ROOT)) in v for v in named.values()) for p in places[:2])
+
+
+def test_readme_family_count_is_the_shipped_schemas():
+    from lora_convert.arch.schema import list_schemas
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    claimed = re.search(r"checks trust: (\d+) families", readme)
+    assert claimed is not None and int(claimed.group(1)) == len(list_schemas())
