@@ -31,6 +31,21 @@ def case_base_dir(name: str) -> Path:
     return FIXTURES / "bases" / case_meta(name)["base"]
 
 
+# The families that had schemas before issue 14 added fifteen more: the torch path's golden bytes
+# (test_torch_free_bytes) and the SGLang simulator (test_engine_layouts) cover these only.
+FAMILIES_BEFORE_ISSUE_14 = frozenset(
+    {"deepseek_v3", "kimi_k25", "llama", "mixtral", "nemotron_h", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next"}
+)
+
+
+def case_family(case: str) -> str:
+    """The schema family a fixture's base binds to."""
+    from lora_convert.arch.base_config import config_from_mapping
+    from lora_convert.arch.schema import bind
+
+    return bind(config_from_mapping(json.loads((case_base_dir(case) / "config.json").read_text()))).family
+
+
 def orient_reference(case: str, reference: dict) -> dict:
     """A fixture's reference.safetensors with every 3-D delta as [E, out, in]: PEFT records a parameter's delta in
     the parameter's own layout, which is [E, in, out] where the model's forward contracts the parameter's axis 1

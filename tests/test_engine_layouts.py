@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import case_base_dir, case_dir, fixture_cases
+from helpers import FAMILIES_BEFORE_ISSUE_14, case_base_dir, case_dir, case_family, fixture_cases
 from lora_convert.convert.engine_layouts import REPORT_FILE
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.output_folder import MANIFEST_FILE
@@ -150,27 +150,9 @@ def check_sglang_equals_stacked(case: str, out: Path, stacked_dir: Path) -> int:
     return compared
 
 
-def _family(case: str) -> str:
-    from lora_convert.arch.base_config import config_from_mapping
-    from lora_convert.arch.schema import bind
-
-    return bind(config_from_mapping(json.loads((case_base_dir(case) / "config.json").read_text()))).family
-
-
-# The families tests/sglang_loader_sim.py models (written from sglang-loader.md before issue 14). The families added
-# since are held to SGLang's own loader only (tests/test_proof_sglang.py runs it on every fixture).
-SIMULATED_FAMILIES = {
-    "deepseek_v3",
-    "kimi_k25",
-    "llama",
-    "mixtral",
-    "nemotron_h",
-    "qwen3_5",
-    "qwen3_5_moe",
-    "qwen3_moe",
-    "qwen3_next",
-}
-SIMULATED_CASES = [c for c in CASES if _family(c) in SIMULATED_FAMILIES]
+# tests/sglang_loader_sim.py models SGLang's loader for the families it was written for (from sglang-loader.md,
+# before issue 14); the families added since are held to SGLang's own loader only (tests/test_proof_sglang.py).
+SIMULATED_CASES = [c for c in CASES if case_family(c) in FAMILIES_BEFORE_ISSUE_14]
 
 
 @pytest.mark.parametrize("case", SIMULATED_CASES)

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import FAMILIES_BEFORE_ISSUE_14, case_family
+
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 GOLDEN = Path(__file__).parent / "torch_path_golden.json"
 LAYOUTS = ("stacked", "sglang")  # peft: see CHANGED_BY_RULES
@@ -115,25 +117,15 @@ def make_variant(case: str, variant: str, folder: Path) -> Path:
     return folder
 
 
-# The families the torch path at `source_commit` had schemas for. A fixture of a family added later (issue 14's
-# fifteen) has no torch-path output to compare with: the old code refused it (`No schema matches model_type`).
-# Its numpy output is held to PEFT's own deltas instead (tests/test_normalize.py, every layout).
-FAMILIES_AT_SOURCE_COMMIT = frozenset(
-    {"deepseek_v3", "kimi_k25", "llama", "mixtral", "nemotron_h", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next"}
-)
-
-
-def family_of(case: str) -> str:
-    from lora_convert.arch.base_config import config_from_mapping
-    from lora_convert.arch.schema import bind
-
-    return bind(config_from_mapping(json.loads((base_of(case) / "config.json").read_text()))).family
+# A fixture of a family added by issue 14 has no torch-path output to compare with: the code at `source_commit`
+# refused it (`No schema matches model_type`). Its numpy output is held to PEFT's own deltas instead
+# (tests/test_normalize.py, every layout).
 
 
 def all_targets() -> list[tuple[str, str | None]]:
     """(fixture case, dtype variant or None) for every adapter compared: every fixture of a family the torch path
     knew."""
-    known = [c for c in fixture_cases() if family_of(c) in FAMILIES_AT_SOURCE_COMMIT]
+    known = [c for c in fixture_cases() if case_family(c) in FAMILIES_BEFORE_ISSUE_14]
     return [(c, None) for c in known] + [(c, v) for c in VARIANT_CASES for v in VARIANTS]
 
 

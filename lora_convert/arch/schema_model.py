@@ -72,6 +72,11 @@ class ModuleMatch:
     interleaved: bool = False  # the source's rows alternate among its slices (row j feeds slice j mod n)
     a_on_output: bool = False  # a PEFT 3-D module whose lora_A is the OUTPUT side (schema `peft_lora_a: out`)
 
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(in, out) of the module itself, whichever side PEFT puts lora_A on (a base weight's logical widths)."""
+        return (self.expected_out, self.expected_in) if self.a_on_output else (self.expected_in, self.expected_out)
+
 
 @dataclass(frozen=True)
 class Location:

@@ -287,6 +287,7 @@ class _Checker:
             match = None
         place = None
         if match is not None:
-            place = (match.expected_out, match.expected_in, match.group.experts, match.group.kind)
+            n_in, n_out = match.widths  # the weight's own widths, not those of PEFT's (possibly swapped) factors
+            place = (n_out, n_in, match.group.experts, match.group.kind)
         self._places[cache_key] = place
         return place

@@ -296,9 +296,12 @@ def _lora_a_on_output(g: PlannedGroup) -> bool:
     return g.spec is not None and bool(g.experts) and g.spec.peft_lora_a == "out"
 
 
-def _interleaved(g: PlannedGroup, slices: tuple[int, ...]) -> bool:
-    """Whether a module covering `slices` of `g` is the base's interleaved merged projection (every slice)."""
-    return g.spec is not None and bool(g.spec.interleaved) and len(slices) == len(g.slices) > 1
+def _in_base_row_order(g: PlannedGroup, slices: tuple[int, ...], b):
+    """B of a module covering `slices` of `g`, in the base's row order: re-interleaved when the module is the base's
+    interleaved merged projection (every slice of gpt-oss's gate_up), else unchanged (the stacked order)."""
+    if g.spec is not None and g.spec.interleaved and len(slices) == len(g.slices) > 1:
+        return factors.interleave_rows(b, len(slices))
+    return b
 
 
 def model_classes(plan: Plan) -> tuple[str, ...]:
@@ -476,8 +479,7 @@ def iter_layout_tensors(
         if lg.modules and lg.modules[0].param is not None:
             (m,) = lg.modules
             a, b = factors.peft_3d_module(A, B, lg.group, R, lp.rank)
-            if _interleaved(lg.group, m.slices):  # the base parameter's rows alternate gate, up (gpt-oss)
-                b = factors.interleave_rows(b, len(m.slices))
+            b = _in_base_row_order(lg.group, m.slices, b)
             if _lora_a_on_output(lg.group):  # PEFT's own sides of an [E, in, out] parameter (Llama-4)
                 a, b = factors.swapped_expert_factors(a, b, lg.group.experts, lp.rank)
             group_bytes += a.nbytes + b.nbytes
@@ -495,8 +497,7 @@ def iter_layout_tensors(
             a, b = factors.cut_module(A, B, lg.group, m.slices, R, m.expert)
             if lp.rank > R:  # padded with zero rank rows/columns: the same delta
                 a, b = factors.pad_rank(a, b, lp.rank)
-            if _interleaved(lg.group, m.slices):  # one module over an interleaved base projection: its row order
-                b = factors.interleave_rows(b, len(m.slices))
+            b = _in_base_row_order(lg.group, m.slices, b)
             # The modules written, not the stacked group: dropped slices and per-expert cuts change the byte count.
             group_bytes += a.nbytes + b.nbytes
             yield m.a_key, a
