@@ -1,6 +1,7 @@
 """The floor under the data scan: a bare numpy pass over an adapter's tensor bytes, nothing else.
 
-For each tensor (in file order, neighbours read together into one reused buffer, as the scan reads them), one
+For each tensor (in file order, neighbours mapped together in batches of 16 MB, as the scan reads them: a memory map
+of the file, no copy; on one thread), one
 integer exponent-mask test per dtype: any element whose exponent bits are all ones (NaN or Inf). No counts, no
 first index, no norms: what `validate`'s data scan cannot go below in numpy on this machine (docs/benchmarks.md).
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_convert.io.tensor_files import ReadArena, read_run, read_runs, read_safetensors_header, run_span
+from lora_convert.io.tensor_files import map_many, read_runs, read_safetensors_header
 
 # (unsigned view, exponent mask) per safetensors dtype
 MASKS = {
@@ -45,15 +46,15 @@ def main(argv: list[str]) -> int:
     folder = Path(argv[0])
     started = time.perf_counter()
     bad = 0
-    arena = ReadArena()
     for path in sorted(folder.glob("*.safetensors")):
         tensors, _ = read_safetensors_header(path)
         for run in read_runs(list(tensors.values())):
             batch, size = [], 0
             for info in [*run, None]:
                 if info is None or (batch and size + info.nbytes > BATCH_BYTES):
-                    arrays = read_run(batch, arena.get(run_span(batch)))
-                    for i, a in zip(batch, arrays, strict=True):
+                    arrays = map_many(batch)
+                    for i in batch:
+                        a = arrays[i.key]
                         if i.dtype in MASKS and a.size:
                             view, mask = MASKS[i.dtype]
                             bits = a.reshape(-1).view(view)

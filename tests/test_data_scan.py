@@ -98,17 +98,17 @@ def test_row_energy_matches_dense_product(adapter_writer):
     assert result.row_energy[module] == pytest.approx(delta.pow(2).sum(1).tolist(), rel=1e-9)
 
 
-@pytest.mark.parametrize("read_ahead", [1, 2, 3])
-def test_scan_reads_each_tensor_once_in_bounded_batches(adapter_writer, monkeypatch, read_ahead):
-    """Every tensor is read once, in batches of at most SCAN_BATCH_BYTES (or one larger tensor), into at most
-    SCAN_READ_AHEAD reused arenas: memory is bounded by the batch size, not the adapter."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_scan_reads_each_tensor_once_in_bounded_batches(adapter_writer, monkeypatch, threads):
+    """Every tensor is read once, in batches of at most SCAN_BATCH_BYTES (or one larger tensor), through one reused
+    arena per scanning thread: memory is bounded by the batch size, not the adapter."""
     from lora_convert.peft.adapter import Adapter
 
     adapter = load_adapter(adapter_writer(_tensors(n_layers=8, h=64)), strict_config=False)
     sizes = sorted(t.nbytes for t in adapter.index.tensors.values())
     batch = 3 * sizes[-1]  # several tensors fit in a batch, and the adapter takes many batches
     monkeypatch.setattr(data_scan, "SCAN_BATCH_BYTES", batch)
-    monkeypatch.setattr(data_scan, "SCAN_READ_AHEAD", read_ahead)
+    monkeypatch.setattr(data_scan, "SCAN_THREADS", threads)
     requests: list[list[str]] = []
     arenas: set[int] = set()
     original = Adapter.read_many
@@ -126,13 +126,13 @@ def test_scan_reads_each_tensor_once_in_bounded_batches(adapter_writer, monkeypa
     for r in requests:
         nbytes = sum(adapter.index.tensors[k].nbytes for k in r)
         assert len(r) == 1 or nbytes <= batch, r
-    assert len(arenas) <= data_scan.SCAN_READ_AHEAD and id(None) not in arenas  # reused arenas, never fresh memory
+    assert len(arenas) <= threads and id(None) not in arenas  # reused arenas, never fresh memory
     assert len(result.stats) == len(adapter.index.tensors) and result.bytes_read == adapter.total_bytes
 
 
-@pytest.mark.parametrize("read_ahead", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch_bytes", [1, 4096, 1 << 30])
-def test_batched_scan_equals_tensor_by_tensor(adapter_writer, monkeypatch, batch_bytes, read_ahead):
+def test_batched_scan_equals_tensor_by_tensor(adapter_writer, monkeypatch, batch_bytes, threads):
     """The same stats and findings whatever the batching: NaN/Inf/zero/huge/tiny tensors and mixed dtypes among
     the batched ones take the exact path, the rest the vectorized norms."""
     t = _tensors(n_layers=6, h=48)
@@ -148,8 +148,7 @@ def test_batched_scan_equals_tensor_by_tensor(adapter_writer, monkeypatch, batch
         kind = data_scan._factor_kind(parsed.factor) if parsed is not None else "unknown"
         want[key] = tensor_stats(key, info.dtype, adapter.read(key), kind)
     monkeypatch.setattr(data_scan, "SCAN_BATCH_BYTES", batch_bytes)
-    monkeypatch.setattr(data_scan, "SCAN_READ_AHEAD", read_ahead)
-    result = scan_adapter(adapter)
+    result = scan_adapter(adapter, threads=threads)
     assert list(result.stats) == data_scan._scan_order(adapter)
     for key, w in want.items():
         g = result.stats[key]
@@ -165,7 +164,7 @@ def test_batched_scan_equals_tensor_by_tensor(adapter_writer, monkeypatch, batch
     assert {"data.nan", "data.inf"} <= {f.code for f in result.findings}
 
 
-def test_a_read_failure_in_the_read_ahead_thread_is_raised(adapter_writer, monkeypatch):
+def test_a_read_failure_in_a_scanning_thread_is_raised(adapter_writer, monkeypatch):
     import threading
 
     from lora_convert.errors import AdapterFormatError
@@ -173,7 +172,7 @@ def test_a_read_failure_in_the_read_ahead_thread_is_raised(adapter_writer, monke
 
     adapter = load_adapter(adapter_writer(_tensors(n_layers=8, h=64)), strict_config=False)
     monkeypatch.setattr(data_scan, "SCAN_BATCH_BYTES", 1)  # one tensor a batch: many batches
-    monkeypatch.setattr(data_scan, "SCAN_READ_AHEAD", 2)  # the reading thread on
+    monkeypatch.setattr(data_scan, "SCAN_THREADS", 2)  # batches read and tested on two threads
     calls = {"n": 0}
     original = Adapter.read_many
 

@@ -147,3 +147,52 @@ def test_fold_into_rounds_once():
     dest32 = np.empty((7, 3), dtype=np.float32)
     factors.fold_into(dest32, b.astype(np.float64), 2.5)  # a source of another dtype goes through float32
     assert np.array_equal(dest32, b.astype(np.float64).astype(np.float32) * np.float32(2.5))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_power_of_two_fold_equals_the_float32_multiply_on_every_bit_pattern(dtype, monkeypatch):
+    """The exponent-add path of fold_into (power-of-two scaling, one 16-bit dtype) against the float32 multiply and
+    rounding it replaces, on all 65,536 bit patterns: chunks of normal values take the add, chunks holding zeros,
+    subnormals, inf, NaN or values that leave the normal range take the multiply; the bits are the same."""
+    import ml_dtypes
+
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float16)
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np_dtype)
+    monkeypatch.setattr(factors, "POW2_CHUNK", 64)  # small chunks: most are all-normal, so the add path runs
+    taken = {"add": 0}
+    real_add = np.add
+
+    def counting_add(*args, **kwargs):
+        taken["add"] += 1
+        return real_add(*args, **kwargs)
+
+    for k in range(-24, 25):
+        scaling = 2.0**k
+        want = np.empty_like(patterns)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(patterns, np.float32(scaling), out=want, dtype=np.float32, casting="unsafe")
+        got = np.empty_like(patterns)
+        monkeypatch.setattr(np, "add", counting_add)
+        factors.fold_into(got, patterns, scaling)
+        monkeypatch.setattr(np, "add", real_add)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (dtype, k)
+        assert factors._fold_power_of_two(np.empty_like(patterns[:4]), patterns[256:260], scaling) is True
+    assert taken["add"] > 1000  # the exponent add did the work for most chunks
+    # not a power of two, another dtype, or a strided destination: the general path
+    assert factors._fold_power_of_two(np.empty_like(patterns), patterns, 0.37) is False
+    assert factors._fold_power_of_two(np.empty(4, np.float32), np.ones(4, np.float32), 2.0) is False
+    assert factors._fold_power_of_two(np.empty((4, 4), np_dtype)[:, :2], np.ones((4, 2), np_dtype), 2.0) is False
+
+
+def test_power_of_two_fold_of_one_expert_slice_equals_the_multiply():
+    """A routed-expert group's slice B[:, rows, :] is not contiguous; each expert's block is, and is folded alone."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    b = rng.standard_normal((5, 6, 4)).astype(ml_dtypes.bfloat16)
+    b[2, 3, 1] = 0.0  # a zero: that expert's chunk takes the multiply
+    dest, want = np.zeros((5, 10, 4), ml_dtypes.bfloat16), np.zeros((5, 10, 4), ml_dtypes.bfloat16)
+    factors.fold_into(dest[:, 2:8, :], b, 0.25)
+    np.multiply(b, np.float32(0.25), out=want[:, 2:8, :], dtype=np.float32, casting="unsafe")
+    assert factors._fold_power_of_two(np.empty_like(b), b, 0.25) is True
+    assert np.array_equal(dest.view(np.uint16), want.view(np.uint16))

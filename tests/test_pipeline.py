@@ -116,11 +116,12 @@ def test_a_consumer_that_stops_early_stops_the_threads(deep_case):
     assert not _stage_threads()
 
 
-def test_coalesced_reads_equal_single_reads(tmp_path):
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "copied"])
+def test_coalesced_reads_equal_single_reads(tmp_path, mapped):
     case = max(CASES, key=lambda c: len(load_adapter(str(case_dir(c) / "adapter")).index))
     adapter = load_adapter(str(case_dir(case) / "adapter"))
     keys = list(adapter.index.tensors)
-    arena = tensor_files.ReadArena()
+    arena = tensor_files.ReadArena(mapped=mapped)
     for chunk in (keys, keys[::-1], keys[::3]):
         many = adapter.read_many(chunk, arena)
         assert list(many) == chunk
@@ -128,6 +129,56 @@ def test_coalesced_reads_equal_single_reads(tmp_path):
             one = adapter.read(k)
             assert many[k].dtype == one.dtype and many[k].shape == one.shape
             assert np.array_equal(tensor_files.raw_view(many[k]), tensor_files.raw_view(one)), k
+    # a mapped tensor is the file itself: nothing may write through it
+    assert all(not a.flags.writeable for a in many.values() if a.size) is mapped
+    assert (arena.nbytes == 0) is mapped
+
+
+def test_a_file_that_cannot_be_mapped_is_read_instead(monkeypatch):
+    import mmap
+
+    case = CASES[0]
+    adapter = load_adapter(str(case_dir(case) / "adapter"))
+    keys = list(adapter.index.tensors)
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on file systems that cannot map
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    arena = tensor_files.ReadArena()
+    many = adapter.read_many(keys, arena)
+    assert arena.nbytes > 0  # read into the arena's memory
+    for k in keys:
+        assert np.array_equal(tensor_files.raw_view(many[k]), tensor_files.raw_view(adapter.read(k))), k
+
+
+def test_normalize_writes_the_same_bytes_from_mapped_and_copied_reads(tmp_path, monkeypatch):
+    case = _many_groups_case()
+    _run(case, tmp_path / "mapped", dtype="bf16")
+    original = tensor_files.ReadArena.__init__
+
+    def copying(self, *, mapped=True):
+        original(self, mapped=False)
+
+    monkeypatch.setattr(tensor_files.ReadArena, "__init__", copying)
+    _run(case, tmp_path / "copied", dtype="bf16")
+    assert _digest(tmp_path / "mapped") == _digest(tmp_path / "copied")
+
+
+def test_a_truncated_file_is_reported_by_a_mapped_read(tmp_path):
+    case = CASES[0]
+    adapter = load_adapter(str(case_dir(case) / "adapter"))
+    path = next(iter(adapter.index.tensors.values())).path
+    data = path.read_bytes()
+    copy = tmp_path / "adapter_model.safetensors"
+    copy.write_bytes(data)
+    infos = [
+        tensor_files.TensorInfo(i.key, i.dtype, i.shape, copy, i.start, i.nbytes)
+        for i in adapter.index.tensors.values()
+    ]
+    copy.write_bytes(data[: len(data) - 2])  # the header now promises bytes the file does not have
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        tensor_files.map_many(infos)
 
 
 def _info(start: int, nbytes: int, path="f") -> tensor_files.TensorInfo:

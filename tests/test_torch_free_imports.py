@@ -110,3 +110,42 @@ def test_the_blocker_blocks():
     result = run_blocked(["inspect", str(case_dir("v5_deepseek_v3_bin") / "adapter")])
     assert result["attempts"] and result["code"] == 3, result["output"]
     assert "pip install 'lora-convert[smoke]'" in result["output"]
+
+
+DEFAULT_SMOKE_RUNNER = r"""
+import json, sys
+
+from lora_convert.check import smoke as smoke_check
+
+smoke_check.SMOKE_CPU_LIMIT_BYTES = 0  # every adapter is "large": the default smoke is off on a CPU
+driver = json.loads(sys.argv[2])
+smoke_check.gpu_driver_present = lambda: driver
+sys.argv = ["lora-convert", *json.loads(sys.argv[1])]
+from lora_convert.cli import main
+
+try:
+    main()
+except SystemExit:
+    pass
+sys.stderr.write("\nRESULT " + json.dumps({"torch": "torch" in sys.modules}) + "\n")
+"""
+
+
+@pytest.mark.parametrize("driver", [False, True], ids=["no-gpu-driver", "gpu-driver"])
+def test_plain_validate_of_a_large_adapter_decides_the_default_smoke_without_torch(driver):
+    """Plain `validate` (default smoke) of an adapter above the CPU smoke limit on a machine with no GPU driver:
+    smoke is off by default there, decided from the driver's device files, without importing torch (issue 16:
+    `python -X importtime -m lora_convert validate ...` shows no torch). With a driver, torch is asked."""
+    pytest.importorskip("torch")
+    args = ["validate", str(case_dir(CASE) / "adapter"), "--base", str(case_base_dir(CASE)), "--format", "json"]
+    proc = subprocess.run(
+        [sys.executable, "-c", DEFAULT_SMOKE_RUNNER, json.dumps(args), json.dumps(driver)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(next(ln for ln in proc.stderr.splitlines() if ln.startswith("RESULT ")).removeprefix("RESULT "))
+    assert result["torch"] is driver, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    skipped = [f for f in report["findings"] if f["code"] == "smoke.skipped"]
+    assert skipped and "off by default" in skipped[0]["message"], report["findings"]

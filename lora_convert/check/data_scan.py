@@ -16,14 +16,15 @@ Dtypes are checked from the headers (`dtype_findings`), so they are reported wit
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
-import queue
+import os
 import statistics
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ from lora_convert.peft.naming import Factor
 FAST_NORM_DTYPES = {"F64", "F32", "F16", "BF16"}
 SMALLEST_NORMAL = {"F64": 2.2250738585072014e-308, "F32": 1.1754943508222875e-38, "F16": 6.103515625e-05}
 SMALLEST_NORMAL["BF16"] = SMALLEST_NORMAL["F32"]  # bfloat16 has float32's exponent range
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
 NORM_CHUNK_ELEMENTS = 1 << 18  # 2 MB of float64: stays in cache between the upcast and the dot product
 OUTLIER_RATIO = 100.0  # RMS more than this many times above (or below) the median of its kind
@@ -120,14 +122,60 @@ def _norm_scratch() -> np.ndarray:
     return buf
 
 
+def _sum_sq_16bit(flat: np.ndarray) -> float:
+    """Sum of squares of a bfloat16 or float16 tensor, a cache-sized chunk at a time: each element widened to
+    float32 (bf16: its bits shifted into the upper half of a float32, exact; f16: numpy's cast, exact), squared and
+    summed by one BLAS dot product per chunk, the chunks' sums added in float64. A square of a 16-bit float is exact
+    in float32 (8 or 11 significant bits squared fit in 24); only the chunk sums round (relative ~1e-6, against the
+    bf16/f16 rounding of the norm, 4e-3 / 5e-4, that follows). A sum that overflows float32 (bf16 values above
+    ~1e19) gives inf and sends the tensor down the exact path, as torch's float32 accumulation did.
+
+    perf: 0.4-0.6 ns per bf16 element on the 2-core bench machine, against 1.5 ns for the float64 path of
+    `_norm_in_stored_dtype` (ml_dtypes' element-by-element cast to float64 was most of it)."""
+    raw = flat.view(np.uint16)
+    words = _norm_scratch().view(np.uint32)
+    floats = words.view(np.float32)
+    sum_sq = 0.0
+    bf16 = flat.dtype != np.float16
+    if bf16 and raw.size >= PAIRED_MIN_ELEMENTS and raw.size % 2 == 0 and raw.ctypes.data % 4 == 0:
+        # Two bf16 in each aligned 32-bit word: the upper one is already a float32 once the lower half is masked
+        # off, the lower one once shifted up. Same-width integer operations on half as many words: 0.40 against
+        # 0.55 ns per element for widening each bf16 on its own (microbenchmark on the bench machine).
+        pairs = raw.view(np.uint32)
+        half = words.size // 2
+        low, high = words[:half], words[half : 2 * half]
+        for start in range(0, pairs.size, half):
+            part = pairs[start : start + half]
+            n = part.size
+            np.left_shift(part, 16, out=low[:n])
+            np.bitwise_and(part, np.uint32(0xFFFF0000), out=high[:n])
+            a, b = low[:n].view(np.float32), high[:n].view(np.float32)
+            sum_sq += float(np.dot(a, a)) + float(np.dot(b, b))
+        return sum_sq
+    for start in range(0, raw.size, words.size):
+        part = raw[start : start + words.size]
+        n = part.size
+        if bf16:
+            np.left_shift(part, 16, out=words[:n], dtype=np.uint32, casting="unsafe")
+        else:
+            np.copyto(floats[:n], flat[start : start + n], casting="unsafe")
+        chunk = floats[:n]
+        sum_sq += float(np.dot(chunk, chunk))
+    return sum_sq
+
+
 def _norm_in_stored_dtype(flat: np.ndarray) -> float:
     """The 2-norm as the torch path reported it: `torch.linalg.vector_norm` returns the stored dtype, so the norm
     of a bf16/f16 tensor was rounded to bf16/f16 (an f16 norm above 65504 was inf, which sent the tensor down the
-    exact path). Here the sum of squares is accumulated in float64, a cache-sized chunk at a time, and the norm
-    rounded to the stored dtype. Only the unrounded norm's last bits can differ from torch's (summation order and
-    accumulator width), which after rounding is at most 1 ulp of bf16/f16 on a rounding boundary, ~1e-7 relative
-    for f32: RMS is compared with a 100x outlier ratio and printed to 3 significant digits, so no finding changes
+    exact path). Here the sum of squares is accumulated in float64 (f32/f64 tensors) or per chunk in float32 from
+    exact squares (bf16/f16, `_sum_sq_16bit`), a cache-sized chunk at a time, and the norm rounded to the stored
+    dtype. Only the unrounded norm's last bits can differ from torch's (summation order and accumulator width),
+    which after rounding is at most 1 ulp of bf16/f16 on a rounding boundary, ~1e-7 relative for f32: RMS is
+    compared with a 100x outlier ratio and printed to 3 significant digits, so no finding changes
     (tests/test_data_scan.py compares the scan with the torch one on the fixtures and hostile values)."""
+    if flat.dtype.itemsize == 2:
+        norm = math.sqrt(_sum_sq_16bit(flat))  # inf or nan stay so
+        return float(np.float64(norm).astype(flat.dtype))
     sum_sq = 0.0
     buf = _norm_scratch()
     for start in range(0, flat.size, NORM_CHUNK_ELEMENTS):
@@ -201,12 +249,12 @@ SCAN_BATCH_BYTES = 16 << 20
 # 64 MB float64 array took 30-57 ms against 5 ms one at a time (cache-resident temporaries), while the ~190-element
 # tensors of the stress adapter pay ~20 us of Python per call one by one.
 SMALL_TENSOR_ELEMENTS = 4096
+PAIRED_MIN_ELEMENTS = 1 << 20
 SCAN_BATCH_ELEMENTS = 1 << 16
-# Batches in flight. 1: read and test in turn, in the caller's thread. 2: a thread reads the next batch while this
-# one is tested. On the shared 2-core benchmark machine the thread bought nothing (in-process, same process, load
-# 1.5-2.2: pe9 1.61-1.67 s threaded against 1.32-1.44 s in turn, f3d12 1.2-1.5 against 1.29-1.30, stress 0.72-0.84
-# against 0.66-0.72; the reads are page-cache copies that compete for the same two cores), so it is off by default.
-SCAN_READ_AHEAD = 1
+# Threads that each take a batch, read it (a memory map: no copy, see tensor_files.map_many) and test it. numpy's
+# conversions and dot products release the GIL, so two threads use both cores of the 2-core bench machine; the
+# stats of one tensor never depend on which thread computed them. At most this many batches are held at once.
+SCAN_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _scan_batches(adapter) -> list[list[str]]:
@@ -228,49 +276,46 @@ def _scan_batches(adapter) -> list[list[str]]:
     return batches
 
 
-def _read_ahead(adapter, batches: list[list[str]]) -> Iterator[dict[str, np.ndarray]]:
-    """Each batch's arrays, read into reused arenas (with SCAN_READ_AHEAD > 1, by a thread that reads ahead: file
-    reads release the GIL). The arrays of a batch are valid until the next one is asked for."""
-    if SCAN_READ_AHEAD <= 1 or len(batches) <= 1:
-        arena = ReadArena()
-        for keys in batches:
-            yield adapter.read_many(keys, arena)
+def _scanned_batches(adapter, batches: list[list[str]], threads: int) -> Iterator[tuple[dict[str, TensorStats], int]]:
+    """(stats, bytes) of each batch, in order: each batch read and tested by one of `threads` threads (1: in the
+    caller's thread). A failure in any batch is raised here, after the other threads have stopped."""
+
+    def scan_batch(keys: list[str]) -> tuple[dict[str, TensorStats], int]:
+        arena = _thread_arena()
+        arrays = adapter.read_many(keys, arena)
+        items = []
+        for key, tensor in arrays.items():
+            parsed = adapter.parsed.get(key)
+            kind = _factor_kind(parsed.factor) if parsed is not None else "unknown"
+            items.append((key, adapter.index.tensors[key].dtype, tensor, kind))
+        nbytes = sum(adapter.index.tensors[k].nbytes for k in arrays)
+        del arrays
+        return _batch_stats(items), nbytes
+
+    if threads <= 1 or len(batches) <= 1:
+        yield from map(scan_batch, batches)
         return
-    free: queue.Queue = queue.Queue()
-    for _ in range(SCAN_READ_AHEAD):
-        free.put(ReadArena())
-    ready: queue.Queue = queue.Queue(maxsize=SCAN_READ_AHEAD)
-    stop = threading.Event()
-
-    def reader() -> None:
-        try:
-            for keys in batches:
-                arena = None
-                while arena is None:
-                    if stop.is_set():
-                        return
-                    with contextlib.suppress(queue.Empty):
-                        arena = free.get(timeout=0.05)
-                ready.put((adapter.read_many(keys, arena), arena, None))
-        except BaseException as exc:  # noqa: BLE001 - raised in the scanning thread
-            ready.put((None, None, exc))
-
-    thread = threading.Thread(target=reader, name="lora-convert-scan-read", daemon=True)
-    thread.start()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lora-convert-scan")
     try:
-        for _ in batches:
-            arrays, arena, exc = ready.get()
-            if exc is not None:
-                raise exc
-            yield arrays
-            del arrays
-            free.put(arena)
+        pending: deque = deque()
+        todo = iter(batches)
+        for keys in itertools.islice(todo, 2 * threads):  # bounded: at most 2 x threads batches in flight
+            pending.append(pool.submit(scan_batch, keys))
+        while pending:
+            done = pending.popleft().result()
+            for keys in itertools.islice(todo, 1):
+                pending.append(pool.submit(scan_batch, keys))
+            yield done
     finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:  # unblock a reader waiting to hand over a batch
-                ready.get_nowait()
-        thread.join()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _thread_arena() -> ReadArena:
+    """One ReadArena per thread (it maps; a file that cannot be mapped is read into its reused memory)."""
+    arena = getattr(_scratch, "arena", None)
+    if arena is None:
+        arena = _scratch.arena = ReadArena()
+    return arena
 
 
 def _batch_stats(items: list[tuple[str, str, np.ndarray, str]]) -> dict[str, TensorStats]:
@@ -278,11 +323,29 @@ def _batch_stats(items: list[tuple[str, str, np.ndarray, str]]) -> dict[str, Ten
     squares), the exact path only for tensors whose norm is not finite or not normal (NaN/Inf/zero to locate)."""
     out: dict[str, TensorStats] = {}
     by_dtype: dict[str, list[tuple[str, np.ndarray, str]]] = defaultdict(list)
+    wide_16bit: dict[str, list[tuple[str, np.ndarray, str]]] = defaultdict(list)
     for key, dtype, tensor, factor in items:
         if dtype in FAST_NORM_DTYPES and 0 < tensor.size <= SMALL_TENSOR_ELEMENTS:
             by_dtype[dtype].append((key, tensor, factor))
+        elif dtype in ("BF16", "F16") and tensor.size:
+            wide_16bit[dtype].append((key, tensor, factor))
         else:
             out[key] = tensor_stats(key, dtype, tensor, factor)
+    # perf: the larger bf16/f16 tensors (a per-expert adapter's 16 x 7168 factors) one dot product each, with the
+    # per-tensor Python of tensor_stats (error state, rounding one scalar, the stats object) paid once per batch:
+    # it held the GIL for ~30 us a tensor, which kept a second scan thread from helping on the 13,914-tensor
+    # 2 GB per-expert adapter.
+    for dtype, group in wide_16bit.items():
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = np.array([_sum_sq_16bit(t.reshape(-1)) for _, t, _ in group])
+            norms = np.sqrt(sums).astype(group[0][1].dtype).astype(np.float64)  # rounded as the torch path did
+        for (key, tensor, factor), norm in zip(group, norms.tolist(), strict=True):
+            if math.isfinite(norm) and norm >= SMALLEST_NORMAL[dtype]:
+                stats = TensorStats(key=key, dtype=dtype, numel=int(tensor.size), factor=factor)
+                stats.rms = norm / math.sqrt(stats.numel)
+                out[key] = stats
+            else:
+                out[key] = tensor_stats(key, dtype, tensor, factor)
     for dtype, group in by_dtype.items():
         start = 0
         while start < len(group):
@@ -296,6 +359,8 @@ def _batch_stats(items: list[tuple[str, str, np.ndarray, str]]) -> dict[str, Ten
             with np.errstate(over="ignore", invalid="ignore"):
                 np.multiply(flat, flat, out=flat)
                 sums = np.add.reduceat(flat, np.concatenate(([0], np.cumsum(sizes)[:-1])))
+                if dtype in ("BF16", "F16"):  # as _sum_sq_16bit's float32 sums: past float32's range is inf
+                    sums[sums > FLOAT32_MAX] = np.inf
                 # Rounded to the stored dtype, as _norm_in_stored_dtype (and the torch path) did.
                 norms = np.sqrt(sums).astype(part[0][1].dtype).astype(np.float64)
             for (key, tensor, factor), norm in zip(part, norms.tolist(), strict=True):
@@ -325,22 +390,24 @@ def _row_energy(adapter, module) -> list[float] | None:
     return np.maximum(((b @ gram) * b).sum(axis=1), 0.0).tolist()
 
 
-def scan_adapter(adapter, *, progress: ProgressFn | None = None, row_energy_modules: Iterable[str] = ()) -> ScanResult:
-    """Read every tensor of `adapter` once (batched, `_scan_batches`) and collect statistics and findings."""
+def scan_adapter(
+    adapter,
+    *,
+    progress: ProgressFn | None = None,
+    row_energy_modules: Iterable[str] = (),
+    threads: int | None = None,
+) -> ScanResult:
+    """Read every tensor of `adapter` once (batched, `_scan_batches`) and collect statistics and findings, on
+    `threads` threads (default SCAN_THREADS; the result is the same for any number)."""
     started = time.monotonic()
     result = ScanResult()
     wanted = set(row_energy_modules)
     total = adapter.total_bytes
     stats: dict[str, TensorStats] = {}
-    for arrays in _read_ahead(adapter, _scan_batches(adapter)):
-        items = []
-        for key, tensor in arrays.items():
-            parsed = adapter.parsed.get(key)
-            kind = _factor_kind(parsed.factor) if parsed is not None else "unknown"
-            items.append((key, adapter.index.tensors[key].dtype, tensor, kind))
-        stats.update(_batch_stats(items))
-        del items
-        nbytes = sum(adapter.index.tensors[k].nbytes for k in arrays)
+    for batch_stats, nbytes in _scanned_batches(
+        adapter, _scan_batches(adapter), SCAN_THREADS if threads is None else threads
+    ):
+        stats.update(batch_stats)
         result.bytes_read += nbytes
         if progress is not None:
             progress(nbytes, total)

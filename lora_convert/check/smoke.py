@@ -11,6 +11,9 @@ problem of the adapter), and --smoke is an EnvironmentProblem (exit 3) with the 
 
 from __future__ import annotations
 
+import os
+import sys
+
 from lora_convert.check.context import Check, CheckContext, Outcome
 from lora_convert.codes import finding
 from lora_convert.errors import EnvironmentProblem, LoraConvertError
@@ -24,6 +27,22 @@ from lora_convert.smoke.runner import (
 )
 
 SMOKE_CPU_LIMIT_BYTES = 50 * 1024 * 1024  # default smoke on a CPU only for adapters up to this size
+
+
+# Device files and driver entries without which torch.cuda.is_available() is False: NVIDIA's driver, ROCm's kernel
+# driver (torch.cuda on AMD), WSL2's GPU paravirtualisation.
+GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_driver_present() -> bool:
+    """Whether a GPU driver that torch.cuda could use is installed here (Linux: its device files; elsewhere: assumed
+    yes, except macOS, which has no CUDA). False means torch.cuda.is_available() would be False, so the default
+    smoke decision for a large adapter needs no torch import."""
+    if sys.platform == "darwin":
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
 
 
 def run(ctx: CheckContext) -> Outcome:
@@ -62,6 +81,17 @@ def run(ctx: CheckContext) -> Outcome:
             "the adapter has errors",
             "The smoke forward was not run because the checks above found errors; fix those first.",
         )
+
+    def too_large_for_cpu() -> Outcome:
+        return not_run(
+            "CPU and adapter > 50 MB",
+            f"No GPU, and the adapter is {adapter.total_bytes / 2**20:.0f} MB (> 50 MB): "
+            "the CPU smoke forward is off by default.",
+            fix="Pass --smoke to run it anyway.",
+        )
+
+    if smoke is None and device == "auto" and adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES and not gpu_driver_present():
+        return too_large_for_cpu()  # decided without importing torch (1-1.6 s here): no driver, no CUDA device
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -76,12 +106,7 @@ def run(ctx: CheckContext) -> Outcome:
         )
     chosen = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
     if smoke is None and chosen == "cpu" and adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES:
-        return not_run(
-            "CPU and adapter > 50 MB",
-            f"No GPU, and the adapter is {adapter.total_bytes / 2**20:.0f} MB (> 50 MB): "
-            "the CPU smoke forward is off by default.",
-            fix="Pass --smoke to run it anyway.",
-        )
+        return too_large_for_cpu()
     try:
         result = run_smoke(
             str(adapter.source.path),

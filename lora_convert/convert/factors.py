@@ -18,6 +18,8 @@ all take their indices from here. The PEFT reference (lora_convert.peft.referenc
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,8 +92,31 @@ def fused_expert_a(a, experts: int, rank: int):
 
 TRANSPOSE_BLOCK = 128  # source rows per block of the cache-blocked transpose in fused_expert_b
 
+_reused = threading.local()
 
-def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None)):
+
+def reused_buffer(role: str, shape: tuple[int, ...], dtype, *, zero: bool = False) -> np.ndarray:
+    """An array of `shape` in memory reused across calls, one buffer per thread and role; the next call for the
+    same role overwrites it, so the caller is done with it first. perf: this VM charges for fresh pages (~1.4 s per
+    GB first touched, against 0.04 s to rewrite mapped memory; docs/benchmarks.md), and glibc maps every block over
+    32 MB fresh: a new 58-134 MB transpose target per expert group was most of `transposed`'s 3.8 s in a
+    `--layout peft` of the 2 GB per-expert adapter."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffers = getattr(_reused, "buffers", None)
+    if buffers is None:
+        buffers = _reused.buffers = {}
+    raw = buffers.get(role)
+    if raw is None or raw.size < nbytes:
+        buffers[role] = None  # drop the old buffer before allocating the larger one
+        buffers[role] = raw = np.empty(nbytes, dtype=np.uint8)
+    out = raw[:nbytes].view(dtype).reshape(shape)
+    if zero:
+        out.fill(0)
+    return out
+
+
+def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None), *, reuse: bool = False):
     """PEFT's 3-D B [out, r*E] (rank-major: column k*E + e), rows `rows`, as a contiguous [E, rows, r].
 
     perf: viewing the rows as [rows*r, E] gives the transpose of the expert-major [E, rows*r] wanted here; one
@@ -99,11 +124,15 @@ def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None)):
     which reads with stride E (docs/benchmarks.md). The copy moves raw integers of the same width: exact, and
     numpy's transpose of ml_dtypes' bfloat16 goes element by element through the dtype's generic copy. It goes in
     blocks of TRANSPOSE_BLOCK source rows so that each block's reads and writes stay in cache: 0.24-0.37 s ->
-    0.04-0.05 s per 58 MB B on the 2-core bench machine (bench/pipeline_phases.py --blocked-transpose)."""
+    0.04-0.05 s per 58 MB B on the 2-core bench machine (bench/pipeline_phases.py --blocked-transpose).
+    `reuse`: the result lives in a reused per-thread buffer (`reused_buffer`), valid until the next such call."""
     part = b[rows]
     n = part.shape[0]
     src = raw_view(part).reshape(n * rank, experts)
-    moved = np.empty((experts, n * rank), dtype=src.dtype)
+    if reuse:
+        moved = reused_buffer("fused_expert_b", (experts, n * rank), src.dtype)
+    else:
+        moved = np.empty((experts, n * rank), dtype=src.dtype)
     for start in range(0, n * rank, TRANSPOSE_BLOCK):
         moved[:, start : start + TRANSPOSE_BLOCK] = src[start : start + TRANSPOSE_BLOCK].T
     return moved.view(part.dtype).reshape(experts, n, rank)
@@ -153,8 +182,62 @@ def fold_into(dest: np.ndarray, b: np.ndarray, scaling: float) -> None:
     that: numpy casts b to float32 and the product to dest's dtype in small buffered blocks, so there is no
     full-size float32 temporary (perf: 11 ms per 16M bf16 elements here, against 43 ms through astype copies).
     NaN stays NaN with its sign; its other bits are not torch's (which differ even within one torch call)."""
+    if _fold_power_of_two(dest, b, scaling):
+        return
     with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf, as in torch
         np.multiply(b, np.float32(scaling), out=dest, dtype=np.float32, casting="unsafe")
+
+
+# (exponent shift, exponent mask, largest finite exponent field) of the 16-bit float dtypes, by dtype name
+_EXPONENT_FIELDS = {"bfloat16": (7, 0x7F80, 254), "float16": (10, 0x7C00, 30)}
+POW2_CHUNK = 1 << 16  # elements per exponent test: 128 KB of 16-bit values, in cache between the test and the add
+
+
+def _fold_power_of_two(dest: np.ndarray, b: np.ndarray, scaling: float) -> bool:
+    """fold_into for a power-of-two scaling (alpha = r, 2r, r/2: the usual choices) and one 16-bit dtype: done and
+    True, or False to take the general path. Multiplying a normal bf16/f16 value by 2^k whose result stays normal
+    is exact, and only adds k to the exponent field; the float32 multiply and rounding of the general path give the
+    same bits. So a chunk whose every value is normal and stays normal is folded with one integer add of
+    k << mantissa bits to the raw values; a chunk holding a zero, a subnormal, an inf or NaN, or a value that
+    would leave the normal range takes the general path. tests/test_factors.py compares both paths on every
+    bf16 and f16 bit pattern for k in -24..24.
+
+    perf: 0.4-0.5 ns per element against 1.0-1.4 ns for numpy's float32 multiply through ml_dtypes' casts (the
+    fold was most of the build stage of the 2 GB per-expert normalize; bench machine)."""
+    mantissa, k = math.frexp(scaling)
+    fields = _EXPONENT_FIELDS.get(dest.dtype.name)
+    if fields is None or mantissa != 0.5 or b.dtype != dest.dtype or dest.shape != b.shape:
+        return False
+    if not (dest.flags.c_contiguous and b.flags.c_contiguous):
+        # one routed-expert slice of a stacked group (B[:, rows, :]): each expert's block is contiguous
+        if dest.ndim == 3 and dest[0].flags.c_contiguous and b[0].flags.c_contiguous:
+            return all(_fold_power_of_two(d, s, scaling) for d, s in zip(dest, b, strict=True))
+        return False
+    k -= 1  # scaling = 0.5 * 2**k
+    shift, mask, top = fields
+    if abs(k) >= top:
+        return False
+    lowest, highest = max(1, 1 - k) << shift, min(top, top - k) << shift
+    add = np.uint16((k << shift) & 0xFFFF)  # two's complement for k < 0: the exponent never borrows past the sign
+    src, out = b.reshape(-1).view(np.uint16), dest.reshape(-1).view(np.uint16)
+    exponents = np.empty(min(POW2_CHUNK, src.size), dtype=np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, src.size, POW2_CHUNK):
+            part = src[start : start + POW2_CHUNK]
+            n = part.size
+            field = exponents[:n]
+            np.bitwise_and(part, np.uint16(mask), out=field)
+            if field.min() >= lowest and field.max() <= highest:
+                np.add(part, add, out=out[start : start + n])
+            else:
+                np.multiply(
+                    b.reshape(-1)[start : start + n],
+                    np.float32(scaling),
+                    out=dest.reshape(-1)[start : start + n],
+                    dtype=np.float32,
+                    casting="unsafe",
+                )
+    return True
 
 
 def copy_into(dest: np.ndarray, a: np.ndarray) -> None:
@@ -220,7 +303,10 @@ def place_source(
     Dense: A [c*R, in], B [out, R]. `expert`: one per-expert 2-D source into that expert of A [E, c*R, in],
     B [E, out, R]. `experts`: a PEFT 3-D source covering every expert at once. `ops`: None for numpy arrays (this
     module's functions, looked up at call time) or TORCH_OPS for torch tensors."""
-    copy, fold, expert_b = (copy_into, fold_into, fused_expert_b) if ops is None else (ops.copy, ops.fold, ops.expert_b)
+    if ops is None:  # B's expert-major copy is folded into B at once: a reused buffer serves every group
+        copy, fold, expert_b = copy_into, fold_into, _fused_expert_b_reused
+    else:
+        copy, fold, expert_b = ops.copy, ops.fold, ops.expert_b
     r = ref.rank
     rows_a, rows_b = a_rows(index, R, r), b_rows(sl)
     if experts is not None:
@@ -233,6 +319,10 @@ def place_source(
         A, B = A[expert], B[expert]
     copy(A[rows_a, :], a)
     fold(B[rows_b, :r], b[source_rows(ref)], ref.scaling)
+
+
+def _fused_expert_b_reused(b, experts: int, rank: int, rows: slice = slice(None)):
+    return fused_expert_b(b, experts, rank, rows, reuse=True)
 
 
 def cut_module(A, B, group: PlannedGroup, slices: Sequence[int], R: int, expert: int | None = None) -> tuple[Any, Any]:
@@ -259,17 +349,46 @@ def peft_3d_module(A, B, group: PlannedGroup, R: int, rank: int):
     A [E*rank, in] (expert-major rows) and B [out, rank*E] (column k*E + e is rank k of expert e).
 
     Slices that share one A (a 3-D source: gate and up were one module) keep it; otherwise each slice's A-block
-    is stacked and B is block-diagonal over the slices, so every expert's delta B_e @ A_e is unchanged."""
+    is stacked and B is block-diagonal over the slices, so every expert's delta B_e @ A_e is unchanged. A is the
+    stacked A itself (a view, consumed before the next group like every module cut) when its rows already are the
+    answer; B is always a new array.
+
+    perf: B's expert-minor columns are one 2-D transpose of [E, out*rank], done blockwise on raw integers
+    (`transposed`); numpy's plain transposed copy of the 16-bit values was 3.4 s of a 7.3 s `--layout peft` of the
+    2 GB per-expert adapter (cProfile), and zero-filling A3 and B3 before copying into them another ~1.7 s."""
     E = group.experts
     out = group.out_features
-    A3 = np.zeros((E, rank, group.in_features), dtype=A.dtype)
-    B3 = np.zeros((E, out, rank), dtype=B.dtype)
     if shares_one_a(group.slices):
-        A3[:, :R] = A[:, :R]
-        B3[:, :, :R] = B
+        if rank == R:
+            A3, B3 = A[:, :R], B
+        else:
+            A3 = np.zeros((E, rank, group.in_features), dtype=A.dtype)
+            B3 = reused_buffer("peft_3d_b", (E, out, rank), B.dtype, zero=True)
+            A3[:, :R] = A[:, :R]
+            B3[:, :, :R] = B
     else:
+        n = len(group.slices)
+        if rank == n * R:
+            A3 = A  # slice i's A-block already sits at rows [i*R, (i+1)*R)
+        else:
+            A3 = np.zeros((E, rank, group.in_features), dtype=A.dtype)
+            for i in range(n):
+                A3[:, i * R : (i + 1) * R] = A[:, a_rows(i, R)]
+        B3 = reused_buffer("peft_3d_b", (E, out, rank), B.dtype, zero=True)
         for i, s in enumerate(group.slices):
             rows = b_rows(s)
-            A3[:, i * R : (i + 1) * R] = A[:, a_rows(i, R)]
             B3[:, rows, i * R : (i + 1) * R] = B[:, rows]
-    return A3.reshape(E * rank, group.in_features), np.ascontiguousarray(B3.transpose(1, 2, 0)).reshape(out, rank * E)
+    a3 = np.ascontiguousarray(A3).reshape(E * rank, group.in_features)
+    b3 = np.ascontiguousarray(B3).reshape(E, out * rank)
+    return a3, transposed(b3, reused_buffer("peft_3d_bt", (out * rank, E), b3.dtype)).reshape(out, rank * E)
+
+
+def transposed(x, out=None):
+    """A contiguous 2-D array's transpose as a contiguous array (`out`, or a new one), copied in blocks of
+    TRANSPOSE_BLOCK columns of raw integers of the same width (exact; the same cache-blocking as fused_expert_b)."""
+    src = raw_view(x)
+    rows, cols = src.shape
+    out = np.empty((cols, rows), dtype=src.dtype) if out is None else raw_view(out)
+    for start in range(0, cols, TRANSPOSE_BLOCK):
+        out[start : start + TRANSPOSE_BLOCK] = src[:, start : start + TRANSPOSE_BLOCK].T
+    return out.view(x.dtype)
