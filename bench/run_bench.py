@@ -164,7 +164,7 @@ def bench_adapter(
         # Every writing row starts from the same state: the previous output deleted, then --settle seconds so the
         # VM hands the freed page-cache memory back to the host. Without it, whichever command starts writing
         # soonest after the delete (cp: at once; normalize: after ~2 s of start-up) reuses still-mapped pages and
-        # writes 2 GB in 0.5 s instead of 2-3 s (docs/benchmarks.md, "Where the time goes").
+        # writes 2 GB in 0.5 s instead of 2-3 s (docs/benchmarks.md, "The machine").
         clean()
         time.sleep(args.settle)
 

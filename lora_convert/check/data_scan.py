@@ -5,11 +5,12 @@ module is a no-op), and the RMS. Across the adapter: the RMS of each tensor agai
 (lora_A, lora_B, magnitude), which catches a module whose factors were saved unscaled, in the wrong dtype or
 from the wrong checkpoint.
 
-Memory: tensors are read in batches of neighbours (at most SCAN_BATCH_BYTES, or one larger tensor) into two reused
-arenas (one tested while the next is read), and upcast in chunks of `CHUNK_ELEMENTS`, so peak memory is two
-batches (or the largest tensor twice) plus one float32 chunk, whatever the adapter's size. For the few modules
-whose delta split `engine_profiles` needs (Nemotron-H `in_proj`), A and B are read again after the scan: the
-squared norm of rows S of B @ A is sum over i in S of b_i^T (A A^T) b_i, with no [out, in] product built.
+Memory: tensors are read in batches of neighbours (at most SCAN_BATCH_BYTES, or one larger tensor) through memory
+maps of the file (no copy; a file that cannot be mapped is read into a reused arena per thread), on SCAN_THREADS
+threads, and upcast in cache-sized chunks, so peak memory is a few batches (or the largest tensor) plus one chunk
+per thread, whatever the adapter's size. For the few modules whose delta split `engine_profiles` needs (Nemotron-H
+`in_proj`), A and B are read again after the scan: the squared norm of rows S of B @ A is sum over i in S of b_i^T
+(A A^T) b_i, with no [out, in] product built.
 
 Dtypes are checked from the headers (`dtype_findings`), so they are reported with `--no-data` too.
 """

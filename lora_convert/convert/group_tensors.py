@@ -143,10 +143,11 @@ def group_source_keys(group: PlannedGroup) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-# Groups in flight at once: one written by the consumer while the next is built and the one after it read (2 sets of
-# output buffers, 2 read arenas). Peak memory is bounded by twice the largest group's sources plus twice its output;
-# a third set bought nothing measurable on the 2-core benchmark machine, where the three stages already share two
-# cores (docs/benchmarks.md, "Issue 16: overlap and batching").
+# Groups in flight at once: one written by the consumer while the next is built and the one after it read (2 sets
+# of output buffers for the large groups, 2 read arenas, which hold memory maps rather than copies). Peak memory
+# is bounded by twice the largest group's sources plus twice its output; a third set bought nothing measurable on
+# the 2-core benchmark machine, where the three stages already share two cores (docs/benchmarks.md, "Issue 16:
+# the light core").
 PIPELINE_DEPTH = 2
 _POLL_S = 0.05  # how often a blocked stage looks whether another stage failed
 # A group whose A and B together are at most this many bytes is built into fresh arrays instead of a reused set of

@@ -2,9 +2,9 @@
 
 Listing keys, shapes and dtypes reads only the safetensors header (parsed here, strictly, so that a hostile or
 truncated file gives one clear error instead of a crash or a hang). Tensor data is read per tensor, on request,
-with one positioned read into a numpy array: memory stays bounded by the largest tensor asked for, never by the
-file. No torch: bfloat16 and the float8 types are numpy dtypes through ml_dtypes. Only the legacy pickle format
-(`adapter_model.bin`) needs torch, imported there alone.
+with one positioned read into a numpy array, or many at once as views of a memory map of the file (`map_many`):
+memory stays bounded by the tensors asked for, never by the file. No torch: bfloat16 and the float8 types are numpy
+dtypes through ml_dtypes. Only the legacy pickle format (`adapter_model.bin`) needs torch, imported there alone.
 
 The header parser is ours rather than `safetensors.safe_open` because (a) it needs no torch import, which keeps
 header-only commands fast to start, and (b) every malformed header is reported with what was expected: the
