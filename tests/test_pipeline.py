@@ -165,18 +165,23 @@ def test_normalize_writes_the_same_bytes_from_mapped_and_copied_reads(tmp_path, 
     assert _digest(tmp_path / "mapped") == _digest(tmp_path / "copied")
 
 
-def test_a_truncated_file_is_reported_by_a_mapped_read(tmp_path):
+def _truncated_copy_infos(tmp_path) -> list[tensor_files.TensorInfo]:
+    """The first case's tensors, as they lie in a copy of its file cut 2 bytes short: the header promises bytes the
+    file does not have."""
     case = CASES[0]
     adapter = load_adapter(str(case_dir(case) / "adapter"))
     path = next(iter(adapter.index.tensors.values())).path
     data = path.read_bytes()
     copy = tmp_path / "adapter_model.safetensors"
-    copy.write_bytes(data)
-    infos = [
+    copy.write_bytes(data[: len(data) - 2])
+    return [
         tensor_files.TensorInfo(i.key, i.dtype, i.shape, copy, i.start, i.nbytes)
         for i in adapter.index.tensors.values()
     ]
-    copy.write_bytes(data[: len(data) - 2])  # the header now promises bytes the file does not have
+
+
+def test_a_truncated_file_is_reported_by_a_mapped_read(tmp_path):
+    infos = _truncated_copy_infos(tmp_path)
     with pytest.raises(AdapterFormatError, match="truncated"):
         tensor_files.map_many(infos)
 
@@ -196,17 +201,7 @@ def test_read_runs_join_neighbours_and_split_at_large_gaps():
 
 
 def test_a_truncated_file_is_reported_by_a_coalesced_read(tmp_path):
-    case = CASES[0]
-    adapter = load_adapter(str(case_dir(case) / "adapter"))
-    path = next(iter(adapter.index.tensors.values())).path
-    data = path.read_bytes()
-    copy = tmp_path / "adapter_model.safetensors"
-    copy.write_bytes(data)
-    infos = [
-        tensor_files.TensorInfo(i.key, i.dtype, i.shape, copy, i.start, i.nbytes)
-        for i in adapter.index.tensors.values()
-    ]
-    copy.write_bytes(data[: len(data) - 2])  # the header now promises bytes the file does not have
+    infos = _truncated_copy_infos(tmp_path)
     with pytest.raises(AdapterFormatError, match="could be read"):
         for run in tensor_files.read_runs(infos):
             tensor_files.read_run(run)

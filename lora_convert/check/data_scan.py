@@ -36,6 +36,7 @@ from lora_convert.io.tensor_files import FLOAT_DTYPES, ReadArena, read_runs
 from lora_convert.peft.naming import Factor
 
 FAST_NORM_DTYPES = {"F64", "F32", "F16", "BF16"}
+SIXTEEN_BIT = {"F16", "BF16"}  # norms from exact float32 squares (_sum_sq_16bit)
 SMALLEST_NORMAL = {"F64": 2.2250738585072014e-308, "F32": 1.1754943508222875e-38, "F16": 6.103515625e-05}
 SMALLEST_NORMAL["BF16"] = SMALLEST_NORMAL["F32"]  # bfloat16 has float32's exponent range
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -328,7 +329,7 @@ def _batch_stats(items: list[tuple[str, str, np.ndarray, str]]) -> dict[str, Ten
     for key, dtype, tensor, factor in items:
         if dtype in FAST_NORM_DTYPES and 0 < tensor.size <= SMALL_TENSOR_ELEMENTS:
             by_dtype[dtype].append((key, tensor, factor))
-        elif dtype in ("BF16", "F16") and tensor.size:
+        elif dtype in SIXTEEN_BIT and tensor.size:
             wide_16bit[dtype].append((key, tensor, factor))
         else:
             out[key] = tensor_stats(key, dtype, tensor, factor)
@@ -339,14 +340,7 @@ def _batch_stats(items: list[tuple[str, str, np.ndarray, str]]) -> dict[str, Ten
     for dtype, group in wide_16bit.items():
         with np.errstate(over="ignore", invalid="ignore"):
             sums = np.array([_sum_sq_16bit(t.reshape(-1)) for _, t, _ in group])
-            norms = np.sqrt(sums).astype(group[0][1].dtype).astype(np.float64)  # rounded as the torch path did
-        for (key, tensor, factor), norm in zip(group, norms.tolist(), strict=True):
-            if math.isfinite(norm) and norm >= SMALLEST_NORMAL[dtype]:
-                stats = TensorStats(key=key, dtype=dtype, numel=int(tensor.size), factor=factor)
-                stats.rms = norm / math.sqrt(stats.numel)
-                out[key] = stats
-            else:
-                out[key] = tensor_stats(key, dtype, tensor, factor)
+        _stats_from_sums(out, dtype, group, sums)
     for dtype, group in by_dtype.items():
         start = 0
         while start < len(group):
@@ -360,19 +354,28 @@ def _batch_stats(items: list[tuple[str, str, np.ndarray, str]]) -> dict[str, Ten
             with np.errstate(over="ignore", invalid="ignore"):
                 np.multiply(flat, flat, out=flat)
                 sums = np.add.reduceat(flat, np.concatenate(([0], np.cumsum(sizes)[:-1])))
-                if dtype in ("BF16", "F16"):  # as _sum_sq_16bit's float32 sums: past float32's range is inf
-                    sums[sums > FLOAT32_MAX] = np.inf
-                # Rounded to the stored dtype, as _norm_in_stored_dtype (and the torch path) did.
-                norms = np.sqrt(sums).astype(part[0][1].dtype).astype(np.float64)
-            for (key, tensor, factor), norm in zip(part, norms.tolist(), strict=True):
-                if math.isfinite(norm) and norm >= SMALLEST_NORMAL[dtype]:
-                    stats = TensorStats(key=key, dtype=dtype, numel=int(tensor.size), factor=factor)
-                    stats.rms = norm / math.sqrt(stats.numel)
-                    out[key] = stats
-                else:
-                    out[key] = tensor_stats(key, dtype, tensor, factor)
+            if dtype in SIXTEEN_BIT:  # as _sum_sq_16bit's float32 sums: past float32's range is inf
+                sums[sums > FLOAT32_MAX] = np.inf
+            _stats_from_sums(out, dtype, part, sums)
             start = stop
     return out
+
+
+def _stats_from_sums(
+    out: dict[str, TensorStats], dtype: str, group: list[tuple[str, np.ndarray, str]], sums: np.ndarray
+) -> None:
+    """TensorStats of each tensor of one dtype from its sum of squares: the norm rounded to the stored dtype, as
+    _norm_in_stored_dtype (and the torch path) did; a norm that is not finite or not normal sends the tensor down
+    tensor_stats' exact path (NaN/Inf/zero to count and locate)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.sqrt(sums).astype(group[0][1].dtype).astype(np.float64)
+    for (key, tensor, factor), norm in zip(group, norms.tolist(), strict=True):
+        if math.isfinite(norm) and norm >= SMALLEST_NORMAL[dtype]:
+            stats = TensorStats(key=key, dtype=dtype, numel=int(tensor.size), factor=factor)
+            stats.rms = norm / math.sqrt(stats.numel)
+            out[key] = stats
+        else:
+            out[key] = tensor_stats(key, dtype, tensor, factor)
 
 
 def _row_energy(adapter, module) -> list[float] | None:

@@ -101,15 +101,20 @@ def reused_buffer(role: str, shape: tuple[int, ...], dtype, *, zero: bool = Fals
     GB first touched, against 0.04 s to rewrite mapped memory; docs/benchmarks.md), and glibc maps every block over
     32 MB fresh: a new 58-134 MB transpose target per expert group was most of `transposed`'s 3.8 s in a
     `--layout peft` of the 2 GB per-expert adapter."""
-    dtype = np.dtype(dtype)
+    store = getattr(_reused, "buffers", None)
+    if store is None:
+        store = _reused.buffers = {}
+    return view_in(store, role, shape, np.dtype(dtype), zero=zero)
+
+
+def view_in(store: dict[str, np.ndarray], role: str, shape: tuple[int, ...], dtype: np.dtype, *, zero: bool):
+    """An array of `shape` and `dtype` at the start of `store[role]`, a byte buffer grown (never shrunk) to the
+    largest request: the reuse behind reused_buffer and group_tensors.GroupBuffers."""
     nbytes = math.prod(shape) * dtype.itemsize
-    buffers = getattr(_reused, "buffers", None)
-    if buffers is None:
-        buffers = _reused.buffers = {}
-    raw = buffers.get(role)
+    raw = store.get(role)
     if raw is None or raw.size < nbytes:
-        buffers[role] = None  # drop the old buffer before allocating the larger one
-        buffers[role] = raw = np.empty(nbytes, dtype=np.uint8)
+        store[role] = raw = None  # drop the old buffer before allocating the larger one
+        store[role] = raw = np.empty(nbytes, dtype=np.uint8)
     out = raw[:nbytes].view(dtype).reshape(shape)
     if zero:
         out.fill(0)
@@ -219,21 +224,22 @@ def _fold_power_of_two(dest: np.ndarray, b: np.ndarray, scaling: float) -> bool:
         return False
     lowest, highest = max(1, 1 - k) << shift, min(top, top - k) << shift
     add = np.uint16((k << shift) & 0xFFFF)  # two's complement for k < 0: the exponent never borrows past the sign
-    src, out = b.reshape(-1).view(np.uint16), dest.reshape(-1).view(np.uint16)
+    flat_b, flat_dest = b.reshape(-1), dest.reshape(-1)
+    src, out = flat_b.view(np.uint16), flat_dest.view(np.uint16)
     exponents = np.empty(min(POW2_CHUNK, src.size), dtype=np.uint16)
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, src.size, POW2_CHUNK):
-            part = src[start : start + POW2_CHUNK]
-            n = part.size
-            field = exponents[:n]
+            stop = start + POW2_CHUNK
+            part = src[start:stop]
+            field = exponents[: part.size]
             np.bitwise_and(part, np.uint16(mask), out=field)
             if field.min() >= lowest and field.max() <= highest:
-                np.add(part, add, out=out[start : start + n])
+                np.add(part, add, out=out[start:stop])
             else:
                 np.multiply(
-                    b.reshape(-1)[start : start + n],
+                    flat_b[start:stop],
                     np.float32(scaling),
-                    out=dest.reshape(-1)[start : start + n],
+                    out=flat_dest[start:stop],
                     dtype=np.float32,
                     casting="unsafe",
                 )

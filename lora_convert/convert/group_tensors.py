@@ -65,15 +65,7 @@ class GroupBuffers:
         self._raw: dict[str, np.ndarray] = {}
 
     def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype, *, zero: bool) -> np.ndarray:
-        nbytes = math.prod(shape) * dtype.itemsize
-        raw = self._raw.get(role)
-        if raw is None or raw.size < nbytes:
-            self._raw[role] = raw = None  # drop the old buffer before allocating the larger one
-            self._raw[role] = raw = np.empty(nbytes, dtype=np.uint8)
-        out = raw[:nbytes].view(dtype).reshape(shape)
-        if zero:
-            out.fill(0)
-        return out
+        return factors.view_in(self._raw, role, shape, dtype, zero=zero)
 
 
 def _fully_covered(group: PlannedGroup, R: int) -> bool:

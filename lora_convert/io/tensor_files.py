@@ -384,9 +384,7 @@ def map_many(infos: list[TensorInfo]) -> dict[str, np.ndarray] | None:
                             hint="The file changed or was truncated while it was being read.",
                         )
                     window = mmap.mmap(handle.fileno(), end - base, offset=base, access=mmap.ACCESS_READ)
-            except OSError:
-                return None
-            except ValueError:  # mmap refuses some files (e.g. special files) with ValueError
+            except (OSError, ValueError):  # mmap refuses some file systems (OSError) and special files (ValueError)
                 return None
             raw = np.frombuffer(window, dtype=np.uint8)  # the array keeps the map alive; its last view unmaps it
         for info in file_infos:
