@@ -1,6 +1,9 @@
 # Two entry points, both self-contained on a fresh machine:
 #   make demo   set up .venv and run lora-convert on the example adapter in examples/
 #   make test   set up .venv and run the whole test suite
+# and, for development:
+#   make test-fast  the unit layer only (no slow, peft, engine or gpu tests): under a minute on 2 cores
+#   make lock       re-resolve the locked environment (requirements/constraints.txt) and run the suite on it
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,26 +12,51 @@ STAMP  := $(VENV)/.installed
 # project keeps pip from resolving the open `torch>=2.4` requirement to a multi-GB CUDA build. Real users keep the
 # open range.
 TORCH_PIN ?= torch==2.13.0
+EXTRAS    := test,proof,smoke,ray
+PIP_INSTALL = -m pip install -q --disable-pip-version-check
+# The test/proof/demo environment, every package pinned (transitive ones too): a fresh clone gets exactly what the
+# suite last passed with. Only `make lock` changes it; the library's own ranges in pyproject.toml stay open.
+LOCK      := requirements/constraints.txt
+LOCK_VENV ?= /tmp/lora-convert-lock-venv
+# The unit layer: everything but the slow tests, the PEFT proof, the engine proof and the GPU tests.
+FAST_MARKERS := not slow and not peft and not engine and not gpu
 
-.PHONY: demo test setup clean readme docs
+.PHONY: demo test test-fast lock setup clean readme docs
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml tests/engine_proof/requirements.txt
+$(STAMP): pyproject.toml tests/engine_proof/requirements.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIN)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,proof,smoke,ray]'
+	$(BIN)/python $(PIP_INSTALL) -c $(LOCK) $(TORCH_PIN)
+	$(BIN)/python $(PIP_INSTALL) -c $(LOCK) -e '.[$(EXTRAS)]'
 	# The engine proof (tests/test_proof_*.py) runs the engines' own LoRA loaders on the CPU. Their wheels come from
 	# PyPI WITHOUT dependencies (their pins pull CUDA builds); the file lists the few pure-Python packages their LoRA
 	# code imports. GPU-only imports are stubbed by the harnesses in tests/engine_proof/.
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r tests/engine_proof/requirements.txt
+	$(BIN)/python $(PIP_INSTALL) -c $(LOCK) --no-deps -r tests/engine_proof/requirements.txt
 	touch $(STAMP)
+
+# Refresh the lock on purpose: a throwaway venv resolves the extras WITHOUT the lock (torch first, as above), its
+# pip freeze (less the project itself) becomes the lock (its leading comment kept), and the suite runs there. Commit
+# the new lock only if the suite passed.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python $(PIP_INSTALL) $(TORCH_PIN)
+	$(LOCK_VENV)/bin/python $(PIP_INSTALL) -e '.[$(EXTRAS)]'
+	$(LOCK_VENV)/bin/python $(PIP_INSTALL) --no-deps -r tests/engine_proof/requirements.txt
+	grep '^#' $(LOCK) > $(LOCK).new
+	$(LOCK_VENV)/bin/python -m pip freeze --all --exclude lora-convert --exclude pip >> $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	LORA_CONVERT_REQUIRE_PROOF=1 $(LOCK_VENV)/bin/pytest -q
 
 demo: $(STAMP)
 	bash examples/demo.sh
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m '$(FAST_MARKERS)'
 
 # Re-run the README's sample commands and rewrite their outputs (tests/test_readme_samples.py checks them).
 readme: $(STAMP)

@@ -1,31 +1,72 @@
 """The composite action's logic (action.yml only wires inputs to this): find the PEFT adapters a push or pull request
-changed and run `lora-convert validate --format github` on them.
+changed and run `lora-convert validate --format github` on each of them.
 
 The gate must never pass by accident: every way of not validating anything (no history to diff against, a base ref
 that is missing, weights without a config) is either an `::error::` (exit non-zero) or a `::notice::` that says
-what was done instead. Standard library only; run with the Python that installed lora-convert.
+what was done instead, and a validator that does not end with a verdict (killed by a signal, e.g. the
+out-of-memory killer; crashed; past `timeout-minutes`; an exit code lora-convert does not use; no verdict printed)
+fails the step with an `::error::` saying what happened. Standard library only; run with the Python that installed
+lora-convert.
 
 Inputs (environment): INPUT_ADAPTERS, INPUT_BASE_REF, INPUT_BASE, INPUT_ENGINE, INPUT_STRICT, INPUT_ARGS,
-EVENT_BEFORE (github.event.before), and the runner's GITHUB_BASE_REF and GITHUB_OUTPUT.
+INPUT_TIMEOUT_MINUTES, EVENT_BEFORE (github.event.before), and the runner's GITHUB_BASE_REF and GITHUB_OUTPUT.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
+# ---- what `lora-convert validate` reads: the one list of watched files ----------------------------------------------
+# Derived from the code (lora_convert/peft/adapter.py, io/source.py's ADAPTER_FILE_PATTERNS, check/data.py,
+# check/base_checkpoint.py, arch/base_config.py) and checked against what validate really opens in
+# tests/test_ci_integration.py. The hook's `files:` (.pre-commit-hooks.yaml) and the example workflow's `paths:`
+# (examples/ci/validate-adapters.yml, = WORKFLOW_PATHS) are YAML and cannot import it; the same test checks them.
 CONFIG = "adapter_config.json"
-# The files `save_pretrained` writes for a LoRA adapter; a change to any of them changes the adapter.
-WEIGHTS = re.compile(r"adapter_model[^/]*\.safetensors|adapter_model\.safetensors\.index\.json|adapter_model\.bin")
-NULL_SHA = "0" * 40
+# In an adapter folder, matched against a file's name. Any other file its shard index names is watched too.
+ADAPTER_FILES = (
+    CONFIG,
+    "adapter_model.safetensors",
+    "adapter_model-*.safetensors",  # PEFT's shards, adapter_model-00001-of-00002.safetensors
+    "adapter_model.safetensors.index.json",
+    "adapter_model.bin",
+    "added_tokens.json",  # checked against the base vocabulary (tokens.added)
+    "lora_layout.json",  # a stacked output's group table (layout.*)
+    "lora_convert_report.json",  # a normalize output's list of zero fills (data.zero-fill, not data.zero-b)
+)
+# The files that make a folder an adapter's even without its config: weights no loader can use alone.
+WEIGHT_FILES = ADAPTER_FILES[1:5]
+ADAPTER_INDEX = "adapter_model.safetensors.index.json"
+# In a local base folder (an adapter's base_model_name_or_path or the `base` input, relative to the repository
+# root): its config (or the file `base` names), the checkpoint's index and the shards it names (headers are read
+# to check the checkpoint against its config), or its single model.safetensors.
+BASE_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "*.safetensors")
+BASE_INDEX = "model.safetensors.index.json"
+WORKFLOW_PATHS = ["**/" + pattern for pattern in dict.fromkeys(ADAPTER_FILES + BASE_FILES)]
 
-EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
+NULL_SHA = "0" * 40
+DEFAULT_TIMEOUT_MINUTES = 30.0
+TERMINATE_GRACE_S = 10  # after SIGTERM at the timeout, before SIGKILL
+MAX_JSON_BYTES = 64 * 1024 * 1024  # as lora_convert/io/small_files.py
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_ENV, EXIT_NOT_VALIDATED = 0, 1, 2, 3, 4
+# lora-convert's own exit codes (README, "Exit codes"), as the gate reports them.
+VALIDATOR_EXITS = {
+    EXIT_USAGE: "usage error",
+    EXIT_ENV: "environment problem, e.g. the Hub unreachable or a file it needs not cached",
+    EXIT_NOT_VALIDATED: "internal error, a bug in lora-convert",
+}
+VERDICT = "lora-convert validate: "
 
 
 class GateError(Exception):
@@ -109,30 +150,118 @@ class Plan:
     adapters: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # changed weights files with no adapter_config.json beside them
     deleted: list[str] = field(default_factory=list)  # adapter folders the change removed
+    # watched names outside any adapter folder (a tokenizer's added_tokens.json): validate never reads them
+    not_adapters: list[str] = field(default_factory=list)
+
+
+def split_path(path: str) -> tuple[str, str]:
+    folder, _, name = path.rpartition("/")
+    return folder or ".", name
 
 
 def is_adapter_file(path: str) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return name == CONFIG or WEIGHTS.fullmatch(name) is not None
+    name = split_path(path)[1]
+    return any(fnmatchcase(name, pattern) for pattern in ADAPTER_FILES)
 
 
-def plan_for(paths: list[str]) -> Plan:
-    """Group changed adapter files by folder and look at each folder as the commit leaves it."""
+def read_json(path: Path) -> object:
+    """A small JSON file of the checkout, or None: never a FIFO or device (is_file), never a huge one."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def index_names(index: Path) -> set[str]:
+    """The shard file names a safetensors index lists (its `weight_map` values)."""
+    doc = read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    return {str(v) for v in weight_map.values()} if isinstance(weight_map, dict) else set()
+
+
+def watched_in_adapter(path: str) -> bool:
+    folder, name = split_path(path)
+    return is_adapter_file(path) or name in index_names(Path(folder) / ADAPTER_INDEX)
+
+
+def plan_for(paths: list[str], base_users: dict[str, list[str]] | None = None) -> Plan:
+    """Group changed adapter files by folder and look at each folder as the commit leaves it; add the adapters
+    whose local base model (`base_users`: base file path -> adapter folders) a changed path belongs to."""
     plan = Plan()
-    folders = {path.rsplit("/", 1)[0] if "/" in path else "." for path in paths if is_adapter_file(path)}
+    folders: dict[str, list[str]] = {}
+    for path in paths:
+        if watched_in_adapter(path):
+            folders.setdefault(split_path(path)[0], []).append(path)
+    adapters = set()
     for folder in sorted(folders):
         here = Path(folder)
         if (here / CONFIG).is_file():
-            plan.adapters.append(folder)
+            adapters.add(folder)
             continue
-        weights = (
-            sorted(str(here / p.name) for p in here.iterdir() if WEIGHTS.fullmatch(p.name)) if here.is_dir() else []
-        )
+        present = sorted(p.name for p in here.iterdir()) if here.is_dir() else []
+        weights = [f"{folder}/{n}" for n in present if any(fnmatchcase(n, w) for w in WEIGHT_FILES)]
         if weights:
             plan.orphans.extend(weights)
+        elif any(split_path(p)[1] in present for p in folders[folder]):
+            plan.not_adapters.extend(p for p in folders[folder] if split_path(p)[1] in present)
         else:
             plan.deleted.append(folder)
+    for path in paths:
+        adapters.update((base_users or {}).get(os.path.normpath(path), ()))
+    plan.adapters = sorted(adapters)
     return plan
+
+
+def explicit_base(env: dict) -> str | None:
+    """The base every adapter is validated against: `--base` in `args` (it comes last, so it wins), else `base`."""
+    args = split_args(env.get("INPUT_ARGS", ""), "args")
+    found = env.get("INPUT_BASE", "").strip() or None
+    for i, arg in enumerate(args):
+        if arg == "--base" and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith("--base="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def base_paths(spec: str) -> set[str]:
+    """The repository paths validate reads for the base `spec` when it is (or was) a local folder or file."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        config, folder = path, path.parent
+    else:  # a folder, or a path that no longer exists (a deleted base changes the verdict too)
+        config, folder = path / "config.json", path
+    names = {n for n in index_names(folder / BASE_INDEX) if "/" not in n}
+    if folder.is_dir():
+        names |= {p.name for p in folder.iterdir() if any(fnmatchcase(p.name, b) for b in BASE_FILES)}
+    names |= {"model.safetensors", BASE_INDEX}
+    paths = {config, path, *(folder / n for n in names)}  # `path`: a config file of another name, since deleted
+    return {os.path.normpath(os.path.relpath(p)) for p in paths}
+
+
+def base_users(env: dict) -> dict[str, list[str]]:
+    """Base file path -> the folders of the adapters in the checkout that are validated against it."""
+    common = explicit_base(env)
+    users: dict[str, list[str]] = {}
+    for path in all_adapter_paths():
+        folder, name = split_path(path)
+        if name != CONFIG:
+            continue
+        spec = common
+        if spec is None:
+            config = read_json(Path(path))
+            spec = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if not isinstance(spec, str) or not spec.strip():
+            continue
+        try:
+            watched = base_paths(spec.strip())
+        except (OSError, ValueError):  # a name no file system takes (NUL, too long): no local base
+            continue
+        for base_path in watched:
+            users.setdefault(base_path, []).append(folder)
+    return users
 
 
 def changed_paths(*diff_args: str) -> list[str]:
@@ -149,6 +278,14 @@ def all_adapter_paths() -> list[str]:
 
 
 def find_changed(env: dict) -> Plan:
+    paths = changed_since_base(env)
+    if paths is None:
+        return validate_everything(env)
+    return plan_for(paths, base_users(env))
+
+
+def changed_since_base(env: dict) -> list[str] | None:
+    """The paths the push or pull request changed; None when there is nothing to compare with."""
     explicit = env.get("INPUT_BASE_REF", "").strip()
     pr_base = env.get("GITHUB_BASE_REF", "").strip()
     before = env.get("EVENT_BEFORE", "").strip()
@@ -164,6 +301,11 @@ def find_changed(env: dict) -> Plan:
         return diff_against_branch(ref, f"the pull request's base branch {pr_base}")
     if before and before != NULL_SHA:
         return diff_against_commit(before)
+    return None
+
+
+def validate_everything(env: dict) -> Plan:
+    before = env.get("EVENT_BEFORE", "").strip()
     # A new branch (before is all zeros) or an event without a previous commit (workflow_dispatch, schedule): the
     # commits that are new cannot be told apart from the rest, so everything is checked rather than a guess.
     why = "the push created the branch" if before == NULL_SHA else "this event has no base to diff against"
@@ -184,7 +326,7 @@ def missing_ref(ref: str, what: str) -> GateError:
     )
 
 
-def diff_against_branch(ref: str, what: str) -> Plan:
+def diff_against_branch(ref: str, what: str) -> list[str]:
     """The changes made on HEAD's side since it forked from REF (a three-dot diff)."""
     if not resolves(ref) and not (unshallow(f"to find {what}") and resolves(ref)):
         raise missing_ref(ref, what)
@@ -199,16 +341,16 @@ def diff_against_branch(ref: str, what: str) -> Plan:
             f"No common ancestor of HEAD and {what}; validating every adapter that differs between "
             "the two trees. Check out with `fetch-depth: 0` to validate only what this change did.",
         )
-        return plan_for(changed_paths(ref, "HEAD"))
-    return plan_for(changed_paths(base, "HEAD"))
+        return changed_paths(ref, "HEAD")
+    return changed_paths(base, "HEAD")
 
 
-def diff_against_commit(before: str) -> Plan:
+def diff_against_commit(before: str) -> list[str]:
     """A push: the tree before it against HEAD (no merge base needed, only the two commits)."""
     what = "the commit before the push"
     if not resolves(before) and not (unshallow(f"to find {what}") and resolves(before)):
         raise missing_ref(before, what + " (a force push removes it: set `base-ref`)")
-    return plan_for(changed_paths(before, "HEAD"))
+    return changed_paths(before, "HEAD")
 
 
 # ---- validate -------------------------------------------------------------------------------------------------------
@@ -220,7 +362,8 @@ def split_args(text: str, name: str) -> list[str]:
         raise GateError(f"The `{name}` input is not valid shell words ({exc}): {text!r}") from None
 
 
-def validate_command(adapters: list[str], env: dict) -> list[str]:
+def validate_command(env: dict) -> list[str]:
+    """`lora-convert validate` with the inputs' options; the adapter comes last."""
     exe = shutil.which("lora-convert")
     if exe is None:
         raise GateError(
@@ -234,13 +377,152 @@ def validate_command(adapters: list[str], env: dict) -> list[str]:
         raise GateError(f'The `strict` input must be "true" or "false", not {env["INPUT_STRICT"]!r}.')
     if strict == "true":
         cmd.append("--strict")
-    cmd += split_args(env.get("INPUT_ARGS", ""), "args")
-    # "./" keeps a folder whose name starts with "-" from reading as an option.
-    return cmd + [f"./{a}" if a.startswith("-") else a for a in adapters]
+    return cmd + split_args(env.get("INPUT_ARGS", ""), "args")
+
+
+def timeout_minutes(env: dict) -> float:
+    text = env.get("INPUT_TIMEOUT_MINUTES", "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_MINUTES
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise GateError(f"The `timeout-minutes` input must be a positive number of minutes, not {text!r}.")
+    return value
+
+
+@dataclass
+class Outcome:
+    """How one validator run ended."""
+
+    returncode: int | None  # None: stopped at the timeout
+    verdicts: list[str]  # its "lora-convert validate: OK|FAIL ..." lines
+
+
+def run_validator(cmd: list[str], timeout_s: float) -> Outcome:
+    """Run one validator, its stdout (annotations and verdict) passed through as it comes and kept for the verdict;
+    stopped (SIGTERM, then SIGKILL) past `timeout_s`."""
+    try:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    except OSError as exc:
+        raise GateError(f"Cannot start {cmd[0]}: {exc.strerror or exc}.", EXIT_ENV) from None
+    verdicts: list[str] = []
+
+    def relay() -> None:
+        for line in child.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            text = line.decode("utf-8", "replace")
+            if text.startswith(VERDICT):
+                verdicts.append(text[len(VERDICT) :].strip())
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        child.wait(timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        child.terminate()
+        try:
+            child.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    # A grandchild that kept the pipe open must not hold the gate: the verdict, if any, came before the exit.
+    reader.join(TERMINATE_GRACE_S)
+    return Outcome(None if timed_out else child.returncode, verdicts)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
+def why_killed(number: int) -> str:
+    if number == signal.SIGKILL:
+        return (
+            " — often the out-of-memory killer: the runner ran out of memory (see the runner's memory, or use one "
+            "with more), or something stopped the job"
+        )
+    if number in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT):
+        return " — a crash in native code (numpy, safetensors); report it with the adapter's file headers"
+    return ""
+
+
+def judge(adapter: str, outcome: Outcome, minutes: float) -> tuple[int, str | None]:
+    """The gate's exit code for one validator run, and the error that says why it did not validate, if so.
+
+    Only exit 0 with an OK verdict passes; exit 1 with a FAIL verdict is the adapter's own errors (annotated by
+    lora-convert itself); anything else means the adapter was not validated, which fails the step."""
+    code, verdicts = outcome.returncode, outcome.verdicts
+    not_validated = "so the adapter was not validated"
+    if code is None:
+        return EXIT_NOT_VALIDATED, (
+            f"lora-convert validate did not finish within {minutes:g} minute(s) (the `timeout-minutes` input) on "
+            f"{adapter} and was stopped, {not_validated}. Raise `timeout-minutes` for an adapter this large, or "
+            "find what it waits for (a Hub download: set HF_TOKEN, or pass a local `base`)."
+        )
+    if code < 0:
+        return EXIT_NOT_VALIDATED, (
+            f"lora-convert validate was killed by signal {-code} ({signal_name(-code)}) while validating {adapter}"
+            f"{why_killed(-code)}; {not_validated}."
+        )
+    if code in VALIDATOR_EXITS:
+        debug = (
+            " Re-run with LORA_CONVERT_DEBUG=1 for the traceback and report it." if code == EXIT_NOT_VALIDATED else ""
+        )
+        return code, (
+            f"lora-convert validate could not validate {adapter} (exit {code}: {VALIDATOR_EXITS[code]}; its message "
+            f"is in the log above), {not_validated}.{debug}"
+        )
+    if code in (EXIT_OK, EXIT_ERRORS):
+        expected = "OK" if code == EXIT_OK else "FAIL"
+        if len(verdicts) == 1 and verdicts[0].startswith(expected):
+            return code, None
+        return EXIT_NOT_VALIDATED, (
+            f"lora-convert validate exited {code} on {adapter} but printed no verdict ({VERDICT}{expected} ...) "
+            f"that agrees with it (verdicts: {verdicts or 'none'}), so nothing says the adapter was validated; the "
+            "gate counts it as not validated (`args` must not change --format, which the gate reads)."
+        )
+    return EXIT_NOT_VALIDATED, (
+        f"lora-convert validate ended with exit code {code} on {adapter}{exit_note(code)}, which is no verdict "
+        f'(0 passed, 1 the adapter has errors; README "Exit codes"), {not_validated}.'
+    )
+
+
+def exit_note(code: int) -> str:
+    if code == 130:
+        return " (interrupted)"
+    if 128 < code < 160:  # how a shell or a program copying a signal's death reports it
+        return f" (128 + {code - 128}: signal {signal_name(code - 128)})"
+    return ""
+
+
+def validate_each(adapters: list[str], env: dict) -> int:
+    """One validator per adapter: each gets its own timeout, and a crash names the adapter it happened on."""
+    prefix = validate_command(env)
+    minutes = timeout_minutes(env)
+    code = EXIT_OK
+    for adapter in adapters:
+        # "./" keeps a folder whose name starts with "-" from reading as an option.
+        outcome = run_validator([*prefix, f"./{adapter}" if adapter.startswith("-") else adapter], minutes * 60)
+        adapter_code, error = judge(adapter, outcome, minutes)
+        if error:
+            config = Path(adapter) / CONFIG
+            annotate("error", error, file=str(config) if config.is_file() and not config.is_absolute() else None)
+        code = max(code, adapter_code)
+    return code
 
 
 def run(env: dict) -> int:
     set_output("count", "0")
+    timeout_minutes(env)  # a bad input fails before anything runs
+    validate_command(env)
     explicit = split_args(env.get("INPUT_ADAPTERS", ""), "adapters")
     if explicit:
         plan = Plan(adapters=explicit)
@@ -269,16 +551,16 @@ def run(env: dict) -> int:
         code = EXIT_ERRORS
     for folder in plan.deleted:
         log(f"{folder}: adapter removed, not validated")
+    for path in plan.not_adapters:
+        log(f"{path}: not in an adapter folder (no {CONFIG} or adapter weights beside it), so validate never reads it")
 
     set_output("count", str(len(plan.adapters)))
     if not plan.adapters:
         if code == EXIT_OK:
-            annotate("notice", "No changed PEFT adapter (adapter_config.json or adapter weights) to validate.")
+            annotate("notice", "No changed PEFT adapter (no file that lora-convert validate reads) to validate.")
         return code
     log(f"{len(plan.adapters)} adapter(s) to validate: {', '.join(plan.adapters)}")
-    cmd = validate_command(plan.adapters, env)
-    result = subprocess.run(cmd)
-    return max(code, result.returncode)
+    return max(code, validate_each(plan.adapters, env))
 
 
 def main() -> int:

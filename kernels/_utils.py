@@ -1,7 +1,7 @@
 """Shared launcher helpers (argument checks, block-size choice, slice/scaling tables) and the one masked
 tile-product loop every kernel runs.
 
-Only the op modules import this (it imports torch); ``lora_convert.kernels`` itself stays light.
+Only the op modules import this (it imports torch); ``lora_convert.kernels.availability`` stays light.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from .availability import interpreting
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_DTYPES = (torch.float16, torch.bfloat16)

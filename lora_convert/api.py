@@ -28,8 +28,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["InspectResult", "inspect_adapter", "validate_adapter", "normalize_adapter", "scan_adapters"]
 
-LAYOUTS = ("stacked", "peft", "sglang", "vllm")  # and ENGINE==VERSION (lora_convert/engines/rules.py)
+FIXED_LAYOUTS = ("stacked", "peft")  # the other layouts are the engines with a rule file (layouts())
 DTYPES = ("keep", "bf16", "fp16", "fp32")
+
+
+def layouts() -> tuple[str, ...]:
+    """Every `layout` normalize_adapter writes: `stacked`, `peft`, then one per engine with a rule file
+    (lora_convert/engines/<engine>-<version>.json), which may also be named with its release: `sglang==0.5.23`."""
+    from lora_convert.engines.rules import installed_engines
+
+    return FIXED_LAYOUTS + tuple(installed_engines())
 
 
 # ------------------------------------------------------------------------------------------ argument checks
@@ -68,22 +76,33 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
 
 
 def _release(value: Any, name: str, fixed: tuple[str, ...]) -> str:
-    """One of `fixed`, or an engine release: `sglang`, `vllm==0.33.0` (lora_convert/engines/rules.py)."""
-    text = value.value if hasattr(value, "value") else value
-    if not isinstance(text, str):
-        raise UsageError(f"Unknown {name} {value!r}.", hint=f"Use one of: {', '.join(fixed)}, or an engine.")
-    text = text.strip().lower()
-    if text in fixed:
-        return text
-    from lora_convert.engines.rules import resolve_engine
+    """One of `fixed`, or an engine release: `sglang`, `vllm==0.33.0` (lora_convert/engines/rules.py). A name
+    that is neither is one message listing every valid name once."""
+    from lora_convert.engines.rules import installed_engines, releases, resolve_engine
 
-    try:
-        resolve_engine(text)
-    except UsageError as exc:
+    text = value.value if hasattr(value, "value") else value
+    shown = text.strip().lower() if isinstance(text, str) else text
+    if shown in fixed:
+        return shown
+    engine, _, version = shown.partition("==") if isinstance(shown, str) else (None, "", "")
+    engines = installed_engines()
+    if engine not in engines:
+        article = "an" if name[0] in "aeiou" else "a"
         raise UsageError(
-            f"--{name} {text!r}: {exc.message}", hint=f"Use one of: {', '.join(fixed)}, or an engine. {exc.hint}"
-        ) from None
-    return text
+            f"--{name} {shown!r} is not {article} {name} lora-convert knows.",
+            hint=f"Use one of: {', '.join((*fixed, *engines))} (an engine may name its release: "
+            f"{', '.join(r.spec for r in releases())}).",
+        )
+    if version:
+        try:
+            resolve_engine(shown)
+        except UsageError as exc:
+            raise UsageError(
+                f"--{name} {shown!r}: {exc.message}",
+                hint=f"Use --{name} {engine} for its pinned release; another release's behaviour is not known here, "
+                "and guessing it would make the verdict a guess.",
+            ) from None
+    return shown
 
 
 def _positive_int(value: Any, name: str) -> int | None:
@@ -169,8 +188,8 @@ def validate_adapter(
     """Every check of `lora-convert validate` on one adapter; returns a `lora_convert.check.validate.ValidationReport`
     (`.ok` is the verdict). Problems in the adapter are findings in the report, not exceptions.
 
-    Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable, no CUDA for
-    device="cuda" with smoke=True)."""
+    Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable; with smoke=True and
+    not allow_unchecked, torch/triton not installed or no CUDA for device="cuda")."""
     from lora_convert.check.validate import DEVICES
     from lora_convert.check.validate import validate_adapter as run_validate
 
@@ -206,8 +225,9 @@ def normalize_adapter(
     progress: WriteProgress | None = None,
     cache_dir: PathLike | None = None,
     token: str | None = None,
+    allow_non_finite: bool = False,
 ) -> NormalizeResult:
-    """Convert an adapter into `layout` ("stacked", "sglang" or "peft") in the folder `output`; with
+    """Convert an adapter into `layout` (one of layouts(): "stacked", "peft", "sglang", "vllm") in `output`; with
     `dry_run=True` only plan. `progress` gets `start(total_bytes)` and then `advance(nbytes)` per group while
     the output is written (`lora_convert.convert.normalize.WriteProgress`). Returns a
     `lora_convert.convert.normalize.NormalizeResult`.
@@ -215,7 +235,8 @@ def normalize_adapter(
     Raises UsageError (bad argument, no output without dry_run, an output folder in the way),
     AdapterNotFoundError, EnvironmentProblem, AdapterFormatError / AdapterConfigError (unreadable adapter),
     BaseConfigError / SchemaError (base unresolvable or without a schema), UnsupportedAdapterError (modules it
-    refuses to convert, unless drop_unsupported=True)."""
+    refuses to convert, unless drop_unsupported=True), NonFiniteValuesError (a subclass of it: NaN or Inf in a
+    tensor to be written, found while writing; nothing is left in `output`; allow_non_finite=True writes them)."""
     from lora_convert.convert.normalize import normalize as run_normalize
 
     spec = _adapter_spec(adapter)
@@ -243,6 +264,7 @@ def normalize_adapter(
         token=token,
         progress=progress,
         layout=_release(layout, "layout", ("stacked", "peft")),
+        allow_non_finite=bool(allow_non_finite),
     )
 
 

@@ -30,6 +30,12 @@ class Code:
     severity: Severity
     meaning: str  # what the finding says about the adapter
     action: str  # what to do about it ("" when nothing needs doing)
+    # normalize decides it module by module (refuses those modules, or with --drop-unsupported leaves them out,
+    # listed), so it does not stop normalize before planning (lora_convert/convert/blockers.py)
+    per_module: bool = False
+
+
+PER_MODULE = True  # the fifth field of a code below: see Code.per_module
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class Area:
     codes: tuple[Code, ...]
 
 
-def _area(name: str, checks: str, *codes: tuple[str, Severity, str, str]) -> Area:
+def _area(name: str, checks: str, *codes: tuple) -> Area:
     return Area(name, checks, tuple(Code(*c) for c in codes))
 
 
@@ -193,6 +199,7 @@ AREAS: tuple[Area, ...] = (
             ERROR,
             "A whole module weight or bias (modules_to_save, bias), not a LoRA factor.",
             "Merge it into the base, or normalize with --drop-unsupported.",
+            PER_MODULE,
         ),
         ("keys.duplicate", ERROR, "The same key or factor is stored twice.", ""),
         ("keys.empty", ERROR, "The adapter files hold no tensors.", "Save the adapter again."),
@@ -201,13 +208,15 @@ AREAS: tuple[Area, ...] = (
             "modules.vision",
             WARNING,
             "LoRA on a vision tower or multimodal projector; text-only serving drops it.",
-            "normalize --drop-unsupported",
+            "normalize --drop-unsupported (text-only serving), or normalize --layout peft, which writes it",
+            PER_MODULE,
         ),
         (
             "modules.unknown",
             ERROR,
             "Not a LoRA-able module of the base architecture.",
             "Check that --base is the adapter's base model.",
+            PER_MODULE,
         ),
         (
             "modules.not-on-layer-type",
@@ -221,6 +230,7 @@ AREAS: tuple[Area, ...] = (
             ERROR,
             "Modules on layers past num_hidden_layers (MTP/NextN); engines fail on them.",
             "normalize --drop-unsupported",
+            PER_MODULE,
         ),
     ),
     _area(
@@ -348,13 +358,39 @@ AREAS: tuple[Area, ...] = (
             "smoke.not-installed",
             INFO,
             "The default smoke forward did not run: torch or triton (the `[smoke]` extra) is not installed.",
-            "`pip install 'lora-convert[smoke]'` to run it; `--smoke` without them exits 3.",
+            "`pip install 'lora-convert[smoke]'` to run it; `--smoke` without them exits 3 (unless --allow-unchecked).",
         ),
         (
-            "smoke.requested-not-run",
+            "smoke.unchecked",
+            ERROR,
+            "--smoke asked for the forward pass and it could not run on this adapter (a stacked output, no base "
+            "architecture, errors found before it); on a machine that cannot run it (no torch/triton, no CUDA for "
+            "--device cuda), --smoke exits 3 instead.",
+            "The message says why; --allow-unchecked accepts the adapter without this check.",
+        ),
+        (
+            "smoke.unchecked-allowed",
             WARNING,
-            "--smoke asked for the forward pass but it could not run.",
-            "The message says why and what to do.",
+            "--smoke asked for the forward pass and it did not run (on this adapter or on this machine), accepted "
+            "with --allow-unchecked (still fails under --strict).",
+            "The message says why.",
+        ),
+    ),
+    _area(
+        "engine rules",
+        "with `--engine`: whether that release's rules could be evaluated at all (they need a valid config, and "
+        "their module-group rules a base to plan against and an adapter that can be planned)",
+        (
+            "engine-rules.unchecked",
+            ERROR,
+            "The engine's rules were not all evaluated: what it would do with the adapter is unknown.",
+            "The message says why; --allow-unchecked accepts the adapter without this check.",
+        ),
+        (
+            "engine-rules.unchecked-allowed",
+            WARNING,
+            "The engine's rules were not all evaluated, accepted with --allow-unchecked (still fails under --strict).",
+            "The message says why.",
         ),
     ),
     _area(
@@ -370,13 +406,20 @@ AREAS: tuple[Area, ...] = (
     _area(
         "base",
         "the base could not be resolved (the checks that need it are named), or has no schema (warnings; the "
-        "unchecked shapes are `shapes.unchecked`)",
+        "unchecked shapes are `shapes.unchecked`); a shipped preset stands in for it (a note)",
         ("base.unresolved", WARNING, "No base model resolved; the checks that need one are named.", "Pass --base."),
         (
             "base.unsupported",
             WARNING,
             "The base's family has no architecture schema.",
             "`lora-convert schemas list` shows the supported families.",
+        ),
+        (
+            "base.preset",
+            INFO,
+            "A shipped preset stands in for the base asked for: the Hub could not be reached for that repo id, or "
+            "the adapter's base_model_name_or_path is one of the preset's hub_ids.",
+            "Pass --base with the base model's folder or config.json to check against the exact config.",
         ),
         (
             "base.checkpoint-shape",
@@ -458,6 +501,12 @@ def severity(code: str) -> Severity:
     if entry is None:
         raise InternalError(f"Finding code {code!r} is not registered in lora_convert/codes.py.")
     return entry.severity
+
+
+def decided_per_module(code: str) -> bool:
+    """Whether normalize decides findings of `code` module by module (Code.per_module) rather than stopping."""
+    entry = REGISTRY.get(code)
+    return entry is not None and entry.per_module
 
 
 def finding(code: str, message: str, **kw: Any) -> Finding:

@@ -14,6 +14,9 @@ EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
 EXIT_INTERNAL = 4
+# stdout (or stderr) closed by its reader, as `| head` does after its lines: what a shell reports for a program
+# killed by SIGPIPE (128 + 13), nonzero so that `set -o pipefail` never reads a cut-off report as a pass.
+EXIT_OUTPUT_CLOSED = 141
 
 BUG_REPORT_HINT = (
     "This is a bug in lora-convert, not a problem of the adapter. Re-run with LORA_CONVERT_DEBUG=1 "
@@ -58,6 +61,10 @@ class AdapterConfigError(AdapterFormatError):
 
 class UnsupportedAdapterError(LoraConvertError):
     """The adapter uses something this command refuses to convert (DoRA, lora_bias, ...)."""
+
+
+class NonFiniteValuesError(UnsupportedAdapterError):
+    """A tensor normalize would write holds NaN or Inf (refused unless non-finite values are allowed)."""
 
 
 class SchemaError(LoraConvertError):

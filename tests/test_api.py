@@ -275,6 +275,7 @@ def test_docs_have_an_example_per_function():
         assert any(f"lora_convert.{name}(" in b for b in blocks), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_docs_example_runs(index, tmp_path):
     # The examples are written to run from a checkout's root: give them one with the example adapter only.

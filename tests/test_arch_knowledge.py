@@ -164,6 +164,7 @@ def f(cfg):
     assert not family_hits("formla = 'formlayout'\nqwenish = 1\nw12 = 'kw1'")[2:]  # other words are no hits
 
 
+@pytest.mark.slow
 def test_no_family_knowledge_in_python_outside_the_allow_list():
     found = _package_hits()
     unexplained = {k: v for k, v in found.items() if not _allowed(k)}
@@ -172,6 +173,7 @@ def test_no_family_knowledge_in_python_outside_the_allow_list():
     )
 
 
+@pytest.mark.slow
 def test_the_allow_list_has_no_stale_entries():
     found = _package_hits()
     stale = sorted((file, term) for file, (terms, _) in ALLOWED.items() for term in terms if (file, term) not in found)

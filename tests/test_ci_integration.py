@@ -1,26 +1,53 @@
 """The CI integration runs: the pre-commit hook's command line, and the composite action's script
 (action/validate_changed.py) on real git repositories built here: a bare "origin", full and shallow clones,
 branches, pushes and pull requests, with the real lora-convert console script on PATH. setup-python and the pip
-install are GitHub's; the action's wiring is checked as text."""
+install are GitHub's; the action's wiring is checked as text.
+
+The watched list (the files validate reads) is checked against what validate opens, and the hook's `files:` and
+the example workflow's `paths:` against the list. The gate's fail-closed paths run real children: a real
+`lora-convert validate` blocked on a Hub request to a socket that never answers, killed with SIGKILL by the test
+(what the out-of-memory killer does) or stopped at `timeout-minutes`; and `lora-convert` wrappers first on PATH
+for a crash (the real CLI's exit 4), a segfault, odd exit codes and an exit 0 without a verdict."""
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml  # a dependency of huggingface_hub, so always installed with lora-convert
 
+# Real git repositories and the action's script in subprocesses: not the unit layer (`make test-fast` skips this module).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "action" / "validate_changed.py"
 BIN = Path(sys.executable).parent
+# What the examples put where a user pins lora-convert: no release tag exists yet, so a commit SHA.
+PIN_PLACEHOLDER = "COMMIT_SHA"
+
+
+def action_module():
+    """action/validate_changed.py as a module: the home of the list of files validate reads."""
+    spec = importlib.util.spec_from_file_location("validate_changed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
 
 # A tiny Llama whose shapes match write_adapter's: hidden 16, 4 query heads and 1 KV head of 4 dimensions.
 BASE_CONFIG = {
@@ -158,7 +185,7 @@ def test_example_workflow_uses_the_action():
     wf = yaml.safe_load((ROOT / "examples" / "ci" / "validate-adapters.yml").read_text())
     steps = wf["jobs"]["validate"]["steps"]
     assert steps[0]["uses"].startswith("actions/checkout@") and steps[0]["with"]["fetch-depth"] == 0
-    assert re.fullmatch(r"OWNER/lora-convert@v\d+\.\d+\.\d+", steps[1]["uses"])
+    assert steps[1]["uses"] == f"OWNER/lora-convert@{PIN_PLACEHOLDER}"
 
 
 # ---- the composite action: the script on real repositories ---------------------------------------------------------
@@ -206,6 +233,7 @@ def run_action(repo: Path, tmp_path: Path, **inputs: str) -> Run:
             "INPUT_ENGINE": "none",
             "INPUT_STRICT": "false",
             "INPUT_ARGS": "--no-smoke",
+            "INPUT_TIMEOUT_MINUTES": "30",
             "EVENT_BEFORE": "",
         }
     )
@@ -383,3 +411,398 @@ def test_shallow_pull_request_fetches_the_base_branch(origin, tmp_path):
     run = run_action(clone, tmp_path, GITHUB_BASE_REF="main")
     assert run.code == 1, run
     assert run.outputs["count"] == "1" and run.error_files() == {"adapters/pr/adapter_config.json"}, run
+
+
+# ---- what triggers validation: every file validate reads ------------------------------------------------------------
+def sample_names(pattern: str) -> list[str]:
+    """File names a glob pattern of the watched list stands for (a `*` as PEFT's or the index's shard names)."""
+    if "*" not in pattern:
+        return [pattern]
+    return [pattern.replace("*", "00001-of-00002"), pattern.replace("*", "x")]
+
+
+def test_watched_list_covers_what_the_package_says_an_adapter_holds():
+    from lora_convert.check import base_checkpoint, data
+    from lora_convert.io import source
+    from lora_convert.peft import adapter
+
+    watched = action_module()
+    names = [
+        *source.ADAPTER_FILE_PATTERNS,  # what a Hub adapter download fetches: the adapter's own files
+        adapter.SAFETENSORS_NAME,
+        adapter.SAFETENSORS_INDEX_NAME,
+        adapter.BIN_NAME,
+        adapter.LAYOUT_NAME,
+        data.NORMALIZE_REPORT,  # its presence turns data.zero-b into data.zero-fill
+    ]
+    for name in names:
+        for sample in sample_names(name):
+            assert watched.is_adapter_file(f"a/{sample}"), sample
+    for name in (
+        "config.json",
+        base_checkpoint.SINGLE_FILE,
+        base_checkpoint.INDEX_FILE,
+        "model-00001-of-00003.safetensors",
+    ):
+        assert any(fnmatch.fnmatchcase(name, p) for p in watched.BASE_FILES), name
+    assert not watched.is_adapter_file("a/notes.md") and not watched.is_adapter_file("a/config.json")
+
+
+AUDIT = """
+import sys
+opened = []
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        opened.append(args[0] if isinstance(args[0], str) else args[0].decode())
+sys.addaudithook(hook)
+from lora_convert.api import validate_adapter
+report = validate_adapter(sys.argv[1], base=sys.argv[2], engine="sglang", smoke=False)
+assert report.summary["checks"]["run"], report.verdict()
+print("\\n".join(opened))
+"""
+
+
+def test_every_file_validate_opens_is_watched(tmp_path):
+    """The list is checked against what validate really opens (Python's audit hook sees every open), on adapters of
+    every file kind: safetensors with added tokens, a sharded adapter with its index, a .bin adapter, a stacked
+    output (lora_layout.json, the manifest, the report), against a local base with a sharded checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    watched = action_module()
+    base = write_base(tmp_path / "base")
+    tensors = {
+        "model.layers.0.self_attn.q_proj.weight": torch.zeros(16, 16),
+        "model.embed_tokens.weight": torch.zeros(64, 16),
+    }
+    save_file({k: v for k, v in tensors.items() if "q_proj" in k}, str(base / "model-00001-of-00002.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "embed" in k}, str(base / "model-00002-of-00002.safetensors"))
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f"model-0000{1 if 'q_proj' in k else 2}-of-00002.safetensors" for k in tensors}})
+    )
+    plain = write_adapter(tmp_path / "plain", base=base)
+    (plain / "added_tokens.json").write_text(json.dumps({"<new>": 3}))
+    sharded = write_adapter(tmp_path / "sharded", base=base)
+    weights = load_file(str(sharded / "adapter_model.safetensors"))
+    (sharded / "adapter_model.safetensors").unlink()
+    keys = sorted(weights)
+    parts = {"adapter_model-00001-of-00002.safetensors": keys[:2], "adapter_model-00002-of-00002.safetensors": keys[2:]}
+    for name, part in parts.items():
+        save_file({k: weights[k] for k in part}, str(sharded / name))
+    (sharded / "adapter_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: n for n, part in parts.items() for k in part}})
+    )
+    binary = write_adapter(tmp_path / "binary", base=base)
+    torch.save(load_file(str(binary / "adapter_model.safetensors")), binary / "adapter_model.bin")
+    (binary / "adapter_model.safetensors").unlink()
+    stacked = tmp_path / "stacked"
+    subprocess.run(
+        [
+            str(BIN / "lora-convert"),
+            "normalize",
+            str(plain),
+            "-o",
+            str(stacked),
+            "--base",
+            str(base),
+            "--layout",
+            "stacked",
+        ],
+        check=True,
+        capture_output=True,
+        env=env(),
+        timeout=300,
+    )
+    assert (stacked / "lora_layout.json").is_file()
+    for adapter in (plain, sharded, binary, stacked):
+        result = subprocess.run(
+            [sys.executable, "-c", AUDIT, str(adapter), str(base)],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        opened = {Path(p).resolve() for p in result.stdout.splitlines() if p}
+        read_here = sorted(p for p in opened if p.parent in (adapter.resolve(), base.resolve()))
+        assert any(p.name == "adapter_config.json" for p in read_here), read_here  # the hook saw the reads
+        for path in read_here:
+            kind = "adapter" if path.parent == adapter.resolve() else "base"
+            if kind == "adapter":
+                assert watched.is_adapter_file(f"x/{path.name}"), f"validate reads {path.name}, which is not watched"
+            else:
+                assert any(fnmatch.fnmatchcase(path.name, p) for p in watched.BASE_FILES), path.name
+
+
+def test_hook_pattern_and_workflow_paths_cover_the_watched_list():
+    watched = action_module()
+    files = re.compile(hook()["files"])
+    for pattern in watched.ADAPTER_FILES:
+        for sample in sample_names(pattern):
+            assert files.search(f"adapters/a/{sample}") and files.search(sample), sample
+    for other in ("x/notes.md", "x/config.json", "x/adapter_config.json.bak", "x/my_added_tokens.json"):
+        assert not files.search(other), other
+    wf = yaml.safe_load((ROOT / "examples" / "ci" / "validate-adapters.yml").read_text())
+    trigger = wf.get("on") or wf.get(True)  # YAML 1.1 reads a bare `on` as true
+    for event in ("pull_request", "push"):
+        globs = trigger[event]["paths"]
+        assert globs == watched.WORKFLOW_PATHS, event
+        for pattern in (*watched.ADAPTER_FILES, *watched.BASE_FILES):
+            for sample in sample_names(pattern):
+                # GitHub's `**/` matches any folder depth, the top included
+                assert any(fnmatch.fnmatchcase(sample, g.removeprefix("**/")) for g in globs), sample
+
+
+def test_hook_command_takes_any_watched_file_as_its_adapter(tmp_path):
+    """pre-commit passes the changed file names; each watched name means its adapter folder."""
+    base = write_base(tmp_path / "base")
+    adapter = write_adapter(tmp_path / "a", base=base)
+    (adapter / "added_tokens.json").write_text(json.dumps({"<new>": 70}))  # past the base vocab of 64
+    command = hook()["entry"].split() + list(hook().get("args", []))
+    result = subprocess.run(
+        command + [str(adapter / "added_tokens.json")], capture_output=True, text=True, env=env(), timeout=120
+    )
+    assert result.returncode == 1 and "tokens.added" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_change_to_only_added_tokens_is_validated(origin, tmp_path):
+    git(origin, "checkout", "-q", "-b", "feature")
+    (origin / "adapters" / "old" / "added_tokens.json").write_text(json.dumps({"<new>": 70}))  # vocab is 64
+    commit(origin, "add a token")
+    git(origin, "push", "-q", "origin", "main", "feature")
+    run = run_action(origin, tmp_path, GITHUB_BASE_REF="main")
+    assert run.code == 1, run
+    assert run.outputs["count"] == "1" and run.validated() == 1, run
+    assert any("title=tokens.added," in line for line in run.annotations("error")), run
+
+
+@pytest.mark.parametrize("name", ["lora_layout.json", "lora_convert_report.json", "adapter_model.bin"])
+def test_a_change_to_any_other_adapter_file_is_validated(origin, tmp_path, name):
+    before = git(origin, "rev-parse", "HEAD")
+    (origin / "adapters" / "old" / name).write_bytes(b"{}")
+    commit(origin, f"change {name}")
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before)
+    assert run.outputs["count"] == "1" and run.validated() == 1, run
+
+
+def test_a_shard_the_index_names_is_watched(origin, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = origin / "adapters" / "old"
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_model.safetensors").unlink()
+    keys = sorted(weights)
+    save_file({k: weights[k] for k in keys[:2]}, str(folder / "part-a.safetensors"))
+    save_file({k: weights[k] for k in keys[2:]}, str(folder / "part-b.safetensors"))
+    weight_map = {k: "part-a.safetensors" if k in keys[:2] else "part-b.safetensors" for k in keys}
+    (folder / "adapter_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    before = commit(origin, "shard it")
+    weights[keys[-1]][0, 0] = float("nan")
+    save_file({k: weights[k] for k in keys[2:]}, str(folder / "part-b.safetensors"))
+    commit(origin, "only part-b changes")
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before)
+    assert run.code == 1 and run.validated() == 1 and "data.nan" in run.stdout, run
+
+
+def test_a_change_to_a_base_in_the_repository_validates_its_adapters(origin, tmp_path):
+    write_base(origin / "models" / "base")
+    a = write_adapter(origin / "adapters" / "uses-base")
+    config = json.loads((a / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "models/base"
+    (a / "adapter_config.json").write_text(json.dumps(config))
+    write_adapter(origin / "adapters" / "other", base=tmp_path / "base")
+    before = commit(origin, "adapters on a base in the repository")
+    (origin / "models" / "base" / "config.json").write_text(json.dumps({**BASE_CONFIG, "num_key_value_heads": 2}))
+    commit(origin, "the base changes")
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before, INPUT_BASE="")
+    assert run.code == 1 and run.outputs["count"] == "1" and run.validated() == 1, run
+    assert run.error_files() == {"adapters/uses-base/adapter_config.json"}, run
+
+
+def test_added_tokens_in_a_folder_that_is_no_adapter_is_not_a_change(origin, tmp_path):
+    before = git(origin, "rev-parse", "HEAD")
+    (origin / "models" / "tokenizer").mkdir(parents=True)
+    (origin / "models" / "tokenizer" / "added_tokens.json").write_text("{}")
+    commit(origin, "a tokenizer")
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before)
+    assert run.code == 0 and run.validated() == 0, run
+    assert any("No changed PEFT adapter" in line for line in run.annotations("notice")), run
+
+
+# ---- the gate fails closed when the validator does not finish -------------------------------------------------------
+class SilentHub:
+    """A Hub endpoint that accepts connections and never answers: a real `lora-convert validate` asking it for a
+    base config blocks in its request, at a point the test knows, until it is killed."""
+
+    def __init__(self):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.connected = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            self.connected.set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def close(self):
+        for conn in self.held:
+            conn.close()
+        self.server.close()
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def start_blocked_action(origin: Path, tmp_path: Path, hub: SilentHub, etag_timeout: int, **inputs: str):
+    """The action on a pull request that changed one adapter, validating it against a Hub base id that `hub`
+    serves: the real validator child blocks in its request to `hub`."""
+    git(origin, "checkout", "-q", "-b", "feature")
+    write_adapter(origin / "adapters" / "new")
+    commit(origin, "pr")
+    git(origin, "push", "-q", "origin", "main", "feature")
+    output = tmp_path / "github_output"
+    output.write_text("")
+    e = env()
+    for name in ("HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        e.pop(name, None)
+    e.update(
+        {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_ETAG_TIMEOUT": str(etag_timeout),
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "NO_PROXY": "127.0.0.1",
+            "GITHUB_OUTPUT": str(output),
+            "GITHUB_BASE_REF": "main",
+            "INPUT_ADAPTERS": "",
+            "INPUT_BASE_REF": "",
+            "INPUT_BASE": "some-org/some-base",  # no preset has this id: validate asks the Hub
+            "INPUT_ENGINE": "none",
+            "INPUT_STRICT": "false",
+            "INPUT_ARGS": "--no-smoke",
+            "EVENT_BEFORE": "",
+            **inputs,
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT)], cwd=origin, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_a_validator_killed_by_sigkill_fails_the_step(origin, tmp_path):
+    """What the out-of-memory killer does: SIGKILL to the real `lora-convert validate` child, mid-run."""
+    hub = SilentHub()
+    try:
+        action_run = start_blocked_action(origin, tmp_path, hub, etag_timeout=300)
+        assert hub.connected.wait(120), "the validator never reached the Hub request"
+        (child,) = children_of(action_run.pid)
+        assert "validate" in Path(f"/proc/{child}/cmdline").read_text()
+        os.kill(child, signal.SIGKILL)
+        stdout, stderr = action_run.communicate(timeout=120)
+    finally:
+        hub.close()
+    run = Run(subprocess.CompletedProcess([], action_run.returncode, stdout, stderr), {})
+    assert run.code != 0, run
+    (error,) = [line for line in run.annotations("error") if "killed" in line]
+    assert "killed by signal 9 (SIGKILL)" in error and "out-of-memory" in error and "adapters/new" in error, run
+
+
+def test_a_validator_past_the_timeout_fails_the_step(origin, tmp_path):
+    hub = SilentHub()
+    try:
+        started = time.monotonic()
+        # 0.05 minutes = 3 s; the child alone would wait 60 s for the Hub, then fail with exit 3
+        action_run = start_blocked_action(origin, tmp_path, hub, etag_timeout=60, INPUT_TIMEOUT_MINUTES="0.05")
+        stdout, stderr = action_run.communicate(timeout=200)
+        elapsed = time.monotonic() - started
+    finally:
+        hub.close()
+    run = Run(subprocess.CompletedProcess([], action_run.returncode, stdout, stderr), {})
+    assert run.code != 0, run
+    assert any("did not finish within 0.05 minute(s)" in line for line in run.annotations("error")), run
+    assert elapsed < 60, f"the validator was not stopped at the timeout ({elapsed:.0f} s)"
+    assert not children_of(action_run.pid)
+
+
+def test_a_bad_timeout_input_fails(origin, tmp_path):
+    run = run_action(origin, tmp_path, INPUT_ADAPTERS="adapters/old", INPUT_TIMEOUT_MINUTES="soon")
+    assert run.code == 2 and "timeout-minutes" in run.annotations("error")[0] and run.validated() == 0, run
+
+
+# `lora-convert` wrappers put first on PATH: the real command line, made to end the ways a validator can end badly.
+WRAPPERS = {
+    # the real CLI with a bug inside validate: its own "Internal error" path, exit 4
+    "crash": "import lora_convert.api as api\n"
+    "def broken(*a, **k):\n    raise RuntimeError('boom')\n"
+    "api.validate_adapter = broken\n"
+    "from lora_convert.cli import main\nmain()\n",
+    "segfault": "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n",
+    "odd-code": "raise SystemExit(70)\n",
+    "silent-ok": "raise SystemExit(0)\n",  # exit 0 without a verdict: nothing says the adapter was validated
+    "interrupted": "raise SystemExit(130)\n",
+}
+EXPECTED = {
+    "crash": "exit 4: internal error",
+    "segfault": "killed by signal 11 (SIGSEGV)",
+    "odd-code": "exit code 70",
+    "silent-ok": "printed no verdict",
+    "interrupted": "exit code 130",
+}
+
+
+@pytest.mark.parametrize("how", sorted(WRAPPERS))
+def test_a_validator_that_ends_badly_fails_the_step(origin, tmp_path, how):
+    wrapper_bin = tmp_path / "wrapper-bin"
+    wrapper_bin.mkdir()
+    script = wrapper_bin / "lora-convert"
+    script.write_text(f"#!{sys.executable}\n" + WRAPPERS[how])
+    script.chmod(0o755)
+    before = git(origin, "rev-parse", "HEAD")
+    write_adapter(origin / "adapters" / "new")
+    commit(origin, "second")
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before, PATH=f"{wrapper_bin}{os.pathsep}{env()['PATH']}")
+    assert run.code != 0, run
+    errors = [line for line in run.annotations("error") if "title=lora-convert action" in line]
+    assert any(EXPECTED[how] in line and "adapters/new" in line for line in errors), run
+    assert "Traceback" not in run.stderr, run
+
+
+# ---- pinning -------------------------------------------------------------------------------------------------------
+def test_examples_pin_a_commit_and_never_a_missing_tag():
+    tags = subprocess.run(["git", "tag"], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert tags.returncode == 0, tags.stderr
+    existing = set(tags.stdout.split())
+    places = [*(ROOT / "examples" / "ci").iterdir(), ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    named: dict[str, list[str]] = {}
+    for path in places:
+        text = path.read_text(encoding="utf-8")
+        for ref in re.findall(r"lora-convert@([^\s\"'`)]+)", text) + re.findall(r"^\s*rev:\s*(\S+)", text, flags=re.M):
+            named.setdefault(ref, []).append(path.name)
+    wrong = {
+        ref: where
+        for ref, where in named.items()
+        if ref != PIN_PLACEHOLDER and ref not in existing and not re.fullmatch(r"[0-9a-f]{40}", ref)
+    }
+    assert not wrong, f"refs that are neither an existing tag nor a commit SHA: {wrong}"
+    # both examples pin, and say how to pin
+    for name in ("validate-adapters.yml", "pre-commit-config.yaml"):
+        text = (ROOT / "examples" / "ci" / name).read_text()
+        assert PIN_PLACEHOLDER in text and "commit SHA" in text, name

@@ -51,6 +51,7 @@ def _where(path: Path, node: ast.AST) -> str:
     return f"{path.relative_to(ROOT)}:{node.lineno}"
 
 
+@pytest.mark.slow
 def test_no_severity_is_written_outside_the_registry():
     problems = []
     for path in SOURCES:
@@ -85,6 +86,7 @@ def _finding_calls() -> list[tuple[str, list[str] | None]]:
     return calls
 
 
+@pytest.mark.slow
 def test_every_code_passed_to_finding_is_a_registered_literal():
     calls = _finding_calls()
     assert len(calls) > 80  # the grep sees the call sites (a refactor that hides them must update this test)
@@ -94,6 +96,7 @@ def test_every_code_passed_to_finding_is_a_registered_literal():
     assert not unknown, f"unregistered codes: {unknown}"
 
 
+@pytest.mark.slow
 def test_every_registered_code_is_used():
     used = {c for _, found in _finding_calls() for c in found or []}
     assert set(REGISTRY) - used == set(), "registered but never reported (remove them, or use them)"

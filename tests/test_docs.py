@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted(
@@ -154,33 +153,86 @@ def test_the_code_cites_nothing_outside_the_repository():
     assert not outside, "paths outside the repository cited at:\n  " + "\n  ".join(outside)
 
 
-def test_ci_examples_name_this_version():
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("version")
-    if version is None:  # dynamic: read from the package
-        text = (ROOT / "lora_convert" / "__init__.py").read_text()
-        version = re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
-    tag = f"v{version}"
-    places = [
-        ROOT / "examples" / "ci" / "validate-adapters.yml",
-        ROOT / "examples" / "ci" / "pre-commit-config.yaml",
-        ROOT / "README.md",
-        *(ROOT / "docs").glob("*.md"),
-    ]
-    named = {}
-    for path in places:
-        text = path.read_text(encoding="utf-8")
-        for found in re.findall(r"lora-convert@(v[\w.]+)", text) + re.findall(
-            r"^\s*rev:\s*(v[\w.]+)", text, flags=re.M
-        ):
-            named.setdefault(found, []).append(str(path.relative_to(ROOT)))
-    assert set(named) == {tag}, f"the CI examples must name {tag}: {named}"
-    # Both examples name a version (so the check above is about something).
-    assert all(any(str(p.relative_to(ROOT)) in v for v in named.values()) for p in places[:2])
-
-
 def test_readme_family_count_is_the_shipped_schemas():
     from lora_convert.arch.schema import list_schemas
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     claimed = re.search(r"checks trust: (\d+) families", readme)
     assert claimed is not None and int(claimed.group(1)) == len(list_schemas())
+
+
+# ------------------------------------------------------------------------------ docs/api.md names what exists
+API_DOC = ROOT / "docs" / "api.md"
+DOTTED_NAME = re.compile(r"\blora_convert(?:\.[A-Za-z_]\w*)+")
+
+
+def _import_dotted(name: str):
+    """The object a dotted name names: the longest importable module prefix, then attributes. Raises
+    AttributeError (or ModuleNotFoundError for a missing package) when it does not exist."""
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+                raise  # the module exists but an import inside it failed: that is an error
+            continue
+        for attribute in parts[i:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ModuleNotFoundError(name)
+
+
+def test_the_api_doc_names_lora_convert_objects():
+    # Guards the extraction: the check below would pass vacuously on an empty list.
+    assert len(set(DOTTED_NAME.findall(API_DOC.read_text(encoding="utf-8")))) >= 10
+
+
+def test_a_name_that_does_not_exist_is_caught():
+    assert _import_dotted("lora_convert.check.report.ValidationReport") is not None
+    for missing in ("lora_convert.check.validate.exit_code", "lora_convert.no_such_module.thing"):
+        with pytest.raises((AttributeError, ModuleNotFoundError)):
+            _import_dotted(missing)
+
+
+def test_every_object_the_api_doc_names_exists():
+    missing = []
+    for name in sorted(set(DOTTED_NAME.findall(API_DOC.read_text(encoding="utf-8")))):
+        try:
+            _import_dotted(name)
+        except (AttributeError, ModuleNotFoundError) as exc:
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+    assert not missing, "docs/api.md names what does not exist:\n  " + "\n  ".join(missing)
+
+
+def test_the_api_doc_signatures_are_the_functions():
+    """Each `name(parameters)` the doc spells out in full lists the real function's parameters, in order."""
+    import inspect
+
+    import lora_convert
+
+    text = API_DOC.read_text(encoding="utf-8")
+    checked = 0
+    for name, params in re.findall(r"`(\w+_adapters?)\(([^`]*)\)`", text):
+        if "..." in params:
+            continue  # an abbreviation (the table of functions)
+        documented = [p.split("=")[0].strip() for p in params.replace("\n", " ").split(",")]
+        documented = [p for p in documented if p and p != "*"]
+        real = list(inspect.signature(getattr(lora_convert, name)).parameters)
+        assert documented == real, f"docs/api.md: {name}({', '.join(documented)}); the function takes {real}"
+        checked += 1
+    assert checked >= 3
+
+
+def test_the_api_doc_lists_every_layout():
+    from lora_convert.api import layouts
+
+    text = API_DOC.read_text(encoding="utf-8")
+    sentence = re.search(r"writes\s+`layout`\s+\((.*?)\)\s+into the folder", text, flags=re.S)
+    assert sentence is not None, "docs/api.md no longer says which layouts normalize_adapter writes"
+    documented = re.findall(r'`"([\w.=]+)"`', sentence.group(1))
+    assert [d for d in documented if "==" not in d] == list(layouts()), documented
+    assert {"stacked", "peft", "sglang", "vllm"} <= set(layouts())

@@ -322,6 +322,7 @@ SMOKE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["sglang", "peft"])
 @pytest.mark.parametrize("case", SMOKE_CASES)
 def test_our_reader_and_smoke_accept_the_output(case, layout, root):
@@ -536,8 +537,13 @@ def test_layout_computes_the_stacked_delta(case, layout, root, tmp_path):
         check_all_expert_projections(adapter)
     assert sorted({m.leaf for m in adapter.modules if not m.param}) == sorted(config["target_modules"])
     again = tmp_path / "again"
-    normalize(str(out), again, base=str(case_base_dir(case)))
-    got, want = stacked_deltas(again), stacked_deltas(stacked(case, drop, root))
+    # the stacked layout leaves the peft layout's vision modules out (test_peft_layout_writes_vision_tower_...)
+    vision = any(m.is_vision for m in adapter.modules)
+    assert vision == (
+        layout == "peft" and any(m.is_vision for m in load_adapter(str(case_dir(case) / "adapter")).modules)
+    )
+    normalize(str(out), again, base=str(case_base_dir(case)), drop_unsupported=vision)
+    got, want = stacked_deltas(again), stacked_deltas(stacked(case, drop or vision, root))
     report = json.loads((out / REPORT_FILE).read_text())
     dropped = {d["module"].split(" (")[0] for d in report["dropped"]}
     for key, delta in want.items():
@@ -591,3 +597,73 @@ def test_normalize_refuses_exactly_what_validate_reports(case, layout, root):
 
 def _is_row_rule(code: str) -> bool:
     return code.endswith("-bcdt-dropped")
+
+
+# ------------------------------------------------------------------------------ vision tower and projector
+def test_peft_layout_writes_vision_tower_and_projector_modules(tmp_path):
+    """PEFT applies vision-tower and projector LoRA, so `--layout peft` writes it, without --drop-unsupported: every
+    such module of the original at the path PEFT applied it at, one rank R, its scaling folded into B (the PEFT
+    proof, test_engine_layouts_peft.py, reloads it with PEFT and compares the deltas)."""
+    from lora_convert.peft.adapter import load_adapter
+
+    case = "v5_kimi_k25_vision"
+    out = tmp_path / "peft"
+    _normalize(case, out, "peft", False)
+    original = load_adapter(str(case_dir(case) / "adapter"))
+    vision = [m for m in original.modules if m.is_vision]
+    assert {m.module.split(".")[1] for m in vision} == {"vision_tower", "mm_projector"}
+    src = load_file(str(case_dir(case) / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    R = config["r"]
+    for m in vision:
+        a, b = got[f"base_model.model.{m.module}.lora_A.weight"], got[f"base_model.model.{m.module}.lora_B.weight"]
+        assert a.shape == (R, m.in_features) and b.shape == (m.out_features, R), m.module
+        want = m.scaling * src[m.lora_B.key].double() @ src[m.lora_A.key].double()
+        torch.testing.assert_close(b.double() @ a.double(), want, rtol=1e-6, atol=1e-7, msg=m.module)
+    assert {m.leaf for m in vision} <= set(config["target_modules"])
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["dropped"] == []
+    assert {g["group"] for g in report["groups"]} >= {m.module for m in vision}
+
+
+@pytest.mark.parametrize("layout", ["stacked", "sglang", "vllm"])
+def test_layouts_for_the_text_path_still_refuse_vision_modules(layout, tmp_path):
+    with pytest.raises(UnsupportedAdapterError, match="vision-tower or projector"):
+        _normalize("v5_kimi_k25_vision", tmp_path / layout, layout, False)
+
+
+@pytest.mark.parametrize(
+    "case, layout",
+    [
+        ("v5_kimi_k25_vision", "stacked"),
+        ("v5_kimi_k25_vision", "sglang"),
+        ("v5_llama_dora", "peft"),
+        ("v5_kimi_k25_vision", "vllm"),
+        ("v4_mixtral", "sglang"),
+    ],
+)
+def test_refusal_hints_name_the_file_the_layout_writes(case, layout, tmp_path):
+    """A refusal's hint says where --drop-unsupported lists what it leaves out: a file this layout writes (the
+    stacked layout's lora_layout.json, an engine layout's report), never another layout's file."""
+    from lora_convert.convert.output_config import listing_file
+
+    with pytest.raises(UnsupportedAdapterError) as refused:
+        _normalize(case, tmp_path / "refused", layout, False)
+    other = {"lora_layout.json", REPORT_FILE} - {listing_file(layout)}
+    assert listing_file(layout) in refused.value.hint and not any(f in refused.value.hint for f in other)
+    try:
+        _normalize(case, tmp_path / "out", layout, True)
+    except UnsupportedAdapterError:  # nothing left to write (vLLM serves nothing of a Kimi-K2.5 base)
+        assert case in VLLM_NOTHING_LEFT | NOTHING_LEFT
+        return
+    listed = json.loads((tmp_path / "out" / listing_file(layout)).read_text())["dropped"]
+    assert listed and all(d["keys"] for d in listed)
+
+
+def test_listing_file_is_the_file_each_layout_writes():
+    from helpers import OUTPUT_LAYOUTS
+    from lora_convert.convert.output_config import listing_file
+
+    assert [(layout, listing_file(layout)) for layout, _ in OUTPUT_LAYOUTS] == OUTPUT_LAYOUTS
+    assert listing_file("sglang==0.5.23") == REPORT_FILE

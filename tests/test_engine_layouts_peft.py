@@ -1,5 +1,6 @@
 """The PEFT proof of `normalize --layout peft`: real PEFT loads the output onto the fixture's tiny base model and
-reproduces the original adapter's logits (float32, max abs diff <= 1e-4).
+reproduces the original adapter's logits (float32, max abs diff <= 1e-4), and, for the fixtures with vision-tower
+and projector LoRA (which text-only logits do not reach), every module's delta.
 
 Marked `peft`: it needs transformers and peft (`pip install transformers peft`; CI installs them for this group).
 What is covered and what is skipped, and why, is listed below and in docs/engine-layouts.md.
@@ -27,8 +28,6 @@ else:
 from safetensors.torch import load_file  # noqa: E402
 
 from helpers import case_base_dir, case_dir, case_meta, fixture_cases  # noqa: E402
-from lora_convert.errors import UnsupportedAdapterError  # noqa: E402
-from lora_convert.peft.naming import parse_key  # noqa: E402
 
 pytestmark = pytest.mark.peft
 TOLERANCE = 1e-4
@@ -50,13 +49,13 @@ PEFT_LOSES_DENSE_MLP_NEXT_TO_EXPERTS = {
 
 
 def _produce(case: str, out: Path):
+    """The `peft` output of a fixture, written whole: PEFT applied every module of it, so the layout refuses none
+    (without --drop-unsupported; vision-tower and projector modules included)."""
     from lora_convert.convert.normalize import normalize
 
-    base = str(case_base_dir(case))
-    try:
-        return normalize(str(case_dir(case) / "adapter"), out, base=base, layout="peft"), False
-    except UnsupportedAdapterError:
-        return normalize(str(case_dir(case) / "adapter"), out, base=base, layout="peft", drop_unsupported=True), True
+    result = normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout="peft")
+    assert result.dropped == [], [d.module for d in result.dropped]
+    return result
 
 
 def _load_base(case: str, out: Path):
@@ -82,18 +81,11 @@ def _load_base(case: str, out: Path):
     pytest.fail(f"no model class of {case} has the output's module paths: {tried}")
 
 
-def _logits(model, adapter_dir: Path, input_ids, zero_modules=()):
+def _logits(model, adapter_dir: Path, input_ids):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(model, str(adapter_dir))
     root = pm.base_model.model
-    for path in zero_modules:
-        # transformers 5 renamed Mixtral's block_sparse_moe to mlp; PEFT converts v4 adapters on load
-        candidates = [path, path.replace(".block_sparse_moe.", ".mlp.")]
-        module = next((root.get_submodule(p) for p in candidates if _has(root, p)), None)
-        if module is None:
-            raise KeyError(path)
-        module.lora_B["default"].weight.data.zero_()
     with torch.no_grad():
         try:
             return pm(input_ids=input_ids).logits
@@ -105,14 +97,6 @@ def _logits(model, adapter_dir: Path, input_ids, zero_modules=()):
             if "image_outputs" not in str(exc) or language_model is None:
                 raise
             return language_model(input_ids=input_ids).logits
-
-
-def _has(root, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _cases():
@@ -136,23 +120,11 @@ def _cases():
 @pytest.mark.parametrize("case", _cases())
 def test_peft_layout_reproduces_peft_logits(case, tmp_path):
     out = tmp_path / "peft"
-    result, dropped = _produce(case, out)
+    _produce(case, out)
     ref = load_file(str(case_dir(case) / "reference.safetensors"))
     ids = ref["logits::input_ids"]
-    model = _load_base(case, out)
-    got = _logits(model, out, ids)
-    if not dropped:
-        want = ref["logits::adapted"]
-    else:
-        # The layout left modules out (MoE router or kv_b_proj LoRA, which vLLM does not apply; vision modules):
-        # compare with PEFT's own forward of the original adapter with exactly those modules switched off.
-        paths = sorted({parse_key(k).module for d in result.dropped for k in d.keys})
-        model = _load_base(case, out)
-        try:
-            want = _logits(model, case_dir(case) / "adapter", ids, zero_modules=paths)
-        except (AttributeError, KeyError) as exc:
-            pytest.fail(f"PEFT's in-memory modules of the original adapter do not match the dropped paths ({exc})")
-        assert (want - ref["logits::adapted"]).abs().max() > 0  # the dropped modules did matter
+    got = _logits(_load_base(case, out), out, ids)
+    want = ref["logits::adapted"]
     diff = float((got - want).abs().max())
     effect = float((ref["logits::adapted"] - ref["logits::base"]).abs().max())
     assert diff <= TOLERANCE, f"{case}: max |logits diff| {diff:.3g} (the adapter moves the logits by {effect:.3g})"
@@ -173,6 +145,39 @@ def test_peft_cannot_apply_these_either(case):
     assert float((got - ref["logits::adapted"]).abs().max()) > TOLERANCE
 
 
+def _is_vision(module: str) -> bool:
+    from lora_convert.peft.naming import VISION_SEGMENTS
+
+    return not VISION_SEGMENTS.isdisjoint(module.split("."))
+
+
+def _vision_cases():
+    return [c for c in fixture_cases() if case_meta(c)["auto_class"] and any(map(_is_vision, case_meta(c)["modules"]))]
+
+
+@pytest.mark.parametrize("case", _vision_cases())
+def test_peft_layout_reproduces_vision_tower_and_projector_deltas(case, tmp_path):
+    """Text-only logits do not reach a vision tower, so the vision cases are held to PEFT's own reference deltas:
+    PEFT loads the `peft` output (written without --drop-unsupported) onto the tiny base, and every LoRA module of
+    the original, vision tower and projector included, is a LoRA layer there whose delta equals PEFT's
+    `get_delta_weight` of the original (reference.safetensors)."""
+    out = tmp_path / "peft"
+    _produce(case, out)
+    ref = load_file(str(case_dir(case) / "reference.safetensors"))
+    model = _load_base(case, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = peft.PeftModel.from_pretrained(model, str(out)).base_model.model
+    modules = case_meta(case)["modules"]
+    assert any(map(_is_vision, modules)), case
+    for name in modules:
+        layer = root.get_submodule(name)
+        assert isinstance(layer, peft.tuners.lora.LoraLayer), f"{name}: PEFT did not apply the output's module here"
+        got, want = layer.get_delta_weight("default").detach(), ref[f"{name}::delta_weight"]
+        assert float(want.abs().max()) > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
+
+
 def test_embedding_lora_round_trips_through_peft(tmp_path):
     from helpers import write_adapter
     from lora_convert.convert.normalize import normalize
@@ -191,3 +196,43 @@ def test_embedding_lora_round_trips_through_peft(tmp_path):
     load = lambda: transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()  # noqa: E731
     want, got = _logits(load(), adapter, ids), _logits(load(), tmp_path / "peft", ids)
     assert float((got - want).abs().max()) <= TOLERANCE
+
+
+def test_vision_embedding_lora_round_trips_through_peft(tmp_path):
+    """An Embedding in a vision tower (Qwen3-VL's `pos_embed`): PEFT loads it from the `peft` output with the delta it
+    loads from the original (no fixture holds one: vLLM 0.33.0 refuses such an adapter, which the engine proof of a
+    fixture would hit)."""
+    from helpers import write_adapter
+    from lora_convert.convert.normalize import normalize
+
+    base = case_base_dir("v5_qwen3_vl")
+    vision = json.loads((base / "config.json").read_text())["vision_config"]
+    g = torch.Generator().manual_seed(0)
+    N, D = vision["num_position_embeddings"], vision["hidden_size"]
+    tensors = {
+        "base_model.model.model.visual.pos_embed.lora_embedding_A": torch.randn(4, N, generator=g),
+        "base_model.model.model.visual.pos_embed.lora_embedding_B": torch.randn(D, 4, generator=g),
+        "base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight": torch.randn(2, D, generator=g),
+        "base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight": torch.randn(3 * D, 2, generator=g),
+    }
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["pos_embed", "qkv"], "rank_pattern": {"qkv": 2}}
+    adapter = write_adapter(tmp_path / "vision", tensors, config)
+    normalize(str(adapter), tmp_path / "peft", base=str(base), layout="peft")
+
+    def deltas(folder):
+        model = transformers.AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root = peft.PeftModel.from_pretrained(model, str(folder)).base_model.model
+        kinds = {
+            "model.visual.pos_embed": peft.tuners.lora.Embedding,
+            "model.visual.blocks.0.attn.qkv": peft.tuners.lora.Linear,
+        }
+        for name, kind in kinds.items():
+            assert isinstance(root.get_submodule(name), kind), (folder, name)
+        return {n: root.get_submodule(n).get_delta_weight("default").detach() for n in kinds}
+
+    want, got = deltas(adapter), deltas(tmp_path / "peft")
+    for name, delta in want.items():
+        assert float(delta.abs().max()) > 0, name
+        torch.testing.assert_close(got[name], delta, rtol=1e-5, atol=1e-6 * float(delta.abs().max()), msg=name)

@@ -207,6 +207,41 @@ def test_vllm_rules_on_fixtures():
     assert "engine.vllm.kimi-k25-no-lora" in found
 
 
+def test_vllm_refuses_vision_embedding_lora():
+    # PEFT's LoRA on Qwen3-VL's vision `pos_embed` (an nn.Embedding): vLLM 0.33.0 refuses the adapter (`expected
+    # target modules in {...} but received ['visual.pos_embed', ...]`, measured by tests/test_proof_vllm.py).
+    from lora_convert.check.engine import predict
+
+    case = "v5_qwen3_vl_vision_pos_embed"
+    found, _ = engine_findings(case, "vllm")
+    refused = found["engine.vllm.vision-embedding-rejected"]
+    assert refused.severity.value == "error" and refused.actual == "load-failure"
+    assert "model.visual.pos_embed" in refused.message
+    assert all("pos_embed" in k for k in refused.keys) and len(refused.keys) == 2
+    # vision-ignored is about the vision Linear modules vLLM loads and never applies; this Embedding is not one
+    assert "engine.vllm.vision-ignored" not in found
+    assert predict("vllm", DATA / "cases" / case / "adapter", base_of(case)).load_failure == [
+        "vision-embedding-rejected"
+    ]
+    # the fixture without the Embedding still loads, its vision Linear modules ignored
+    found, _ = engine_findings("v5_qwen3_vl_vision", "vllm")
+    assert "engine.vllm.vision-embedding-rejected" not in found and "engine.vllm.vision-ignored" in found
+
+
+def test_sglang_refuses_a_vision_embedding_target_name():
+    # the same adapter on SGLang 0.5.23: `pos_embed` in target_modules gets a LoRA buffer sized by get_hidden_dim,
+    # which has no entry for it (NotImplementedError at start-up, measured by tests/test_proof_sglang.py)
+    from lora_convert.check.engine import predict
+
+    case = "v5_qwen3_vl_vision_pos_embed"
+    found, _ = engine_findings(case, "sglang")
+    refused = found["engine.sglang.vision-embedding-target"]
+    assert refused.actual == "load-failure" and "pos_embed" in refused.message
+    assert predict("sglang", DATA / "cases" / case / "adapter", base_of(case)).load_failure == [
+        "vision-embedding-target"
+    ]
+
+
 def test_vllm_prefix_mismatch(tmp_path):
     """A text-stack adapter (`model.layers`) against a base whose checkpoint names it otherwise."""
     src = DATA / "cases" / "v4_llama" / "adapter"

@@ -2,7 +2,7 @@
 interpreter that runs the tests), for every command a row applies to.
 
 | 0 | ok (warnings allowed unless --strict) | 1 | the adapter has errors | 2 | usage error | 3 | environment problem |
-| 4 | internal error: a bug in lora-convert |
+| 4 | internal error: a bug in lora-convert | 141 | stdout closed by its reader (`| head`) |
 
 Every failure that is not a report of findings prints `Error: ...` first on stderr, then `Hint: ...`, and never a
 traceback. Each test runs in an empty working folder with an empty, offline Hugging Face cache.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def cli(tmp_path):
         )
 
     run.workdir = workdir
+    run.env = env
     return run
 
 
@@ -111,6 +113,7 @@ def _without_peft_type(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ 0: ok
+@pytest.mark.slow
 def test_0_inspect(cli):
     assert_ok(cli("inspect", ADAPTER))
     result = cli("inspect", ADAPTER, "--format", "json")
@@ -124,6 +127,7 @@ def test_0_inspect_with_a_warning(fast, tmp_path):
     assert "warning" in {f["severity"] for f in json.loads(result.stdout)["findings"]}
 
 
+@pytest.mark.slow
 def test_0_validate(cli):
     result = cli("validate", ADAPTER, "--base", BASE, "--no-smoke", "--format", "json")
     assert_ok(result)
@@ -143,6 +147,7 @@ def test_0_validate_warnings_allowed_unless_strict(fast, tmp_path):
     assert json.loads(strict.stdout)["ok"] is False and "Traceback" not in strict.stderr
 
 
+@pytest.mark.slow
 def test_0_normalize(cli):
     assert_ok(cli("normalize", ADAPTER, "--base", BASE, "-o", "out"))
     assert (cli.workdir / "out" / "lora_layout.json").is_file()
@@ -154,10 +159,12 @@ def test_0_normalize_engine_layouts(fast, layout):
     assert (fast.workdir / "out" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_0_smoke_on_the_cpu(cli):
     assert_ok(cli("smoke", ADAPTER, "--base", BASE, "--device", "cpu"))
 
 
+@pytest.mark.slow
 def test_0_schemas_list(cli):
     assert_ok(cli("schemas", "list"))
 
@@ -187,6 +194,7 @@ BAD_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 def test_1_bad_config_through_the_script(cli, tmp_path):
     folder = adapter_copy(tmp_path, BAD_CONFIGS["r-string"])
     assert_error(cli("inspect", folder), 1, "adapter_config.json is invalid", "`r`")
@@ -255,16 +263,19 @@ COMMANDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_2_unknown_flag(cli, name):
     assert_error(cli(*COMMANDS[name], "--no-such-flag"), 2, "--no-such-flag", "--help")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["no-such-command"], ["schemas", "no-such-command"]])
 def test_2_unknown_command(cli, args):
     assert_error(cli(*args), 2, "no-such-command")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["inspect", "validate", "normalize", "smoke"])
 def test_2_missing_adapter_argument(cli, command):
     assert_error(cli(command), 2, "ADAPTER")
@@ -283,6 +294,7 @@ def test_2_malformed_hub_id(fast, command, hub_id):
     assert_error(fast(command, hub_id, *args), 2, hub_id)
 
 
+@pytest.mark.slow
 def test_2_output_folder_in_the_way(cli):
     bystander = cli.workdir / "out" / "notes.txt"
     bystander.parent.mkdir()
@@ -351,6 +363,7 @@ def _has_cuda() -> bool:
         ["validate", ADAPTER, "--base", BASE, "--smoke", "--device", "cuda"],
     ],
 )
+@pytest.mark.slow
 def test_3_no_cuda_for_device_cuda(cli, args):
     if _has_cuda():
         pytest.skip("this row is about a machine without CUDA")
@@ -389,6 +402,7 @@ def test_0_validate_without_the_smoke_extra(fast, without_smoke_extra):
     assert [f["code"] for f in doc["findings"] if f["code"].startswith("smoke.")] == ["smoke.not-installed"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["inspect", "validate", "normalize", "smoke"])
 def test_3_hub_adapter_not_cached_offline(cli, command):
     args = {"normalize": ["--base", BASE, "-o", "out"], "validate": ["--base", BASE], "smoke": ["--base", BASE]}.get(
@@ -406,6 +420,7 @@ def test_3_hub_adapter_not_cached_offline(cli, command):
         ["schemas", "show"],
     ],
 )
+@pytest.mark.slow
 def test_3_hub_base_not_cached_offline(cli, args):
     assert_error(cli(*args, "--base", UNCACHED_HUB_ID), 3, UNCACHED_HUB_ID)
 
@@ -423,6 +438,19 @@ def test_0_validate_without_base_allowed_unchecked(fast):
     assert_ok(result)
     doc = json.loads(result.stdout)
     assert "shapes.unchecked-allowed" in {f["code"] for f in doc["findings"] if f["severity"] == "warning"}
+
+
+# ---------------------------------------- validate --engine whose rules could not be evaluated: an error, like shapes
+def test_1_validate_engine_rules_not_evaluated(fast, tmp_path):
+    stacked = tmp_path / "stacked"
+    assert_ok(fast("normalize", ADAPTER, "--base", BASE, "-o", stacked))
+    args = ("validate", stacked, "--base", BASE, "--engine", "sglang", "--no-smoke", "--format", "json")
+    result = fast(*args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "engine-rules.unchecked" in {f["code"] for f in json.loads(result.stdout)["findings"]}
+    allowed = fast(*args, "--allow-unchecked")
+    assert_ok(allowed)
+    assert "engine-rules.unchecked-allowed" in {f["code"] for f in json.loads(allowed.stdout)["findings"]}
 
 
 # -------------------------------------------------------------------------- 4: internal error (a bug in lora-convert)
@@ -458,3 +486,92 @@ def test_4_an_unregistered_finding_code_is_a_bug(fast, monkeypatch):
     monkeypatch.setattr(keys, "key_findings", unregistered)
     result = fast("validate", ADAPTER, "--base", BASE, "--no-smoke")
     assert_error(result, 4, "keys.no-such-code", "not registered", "bug in lora-convert")
+
+
+# ---------------------------------------------------------------- 141: stdout closed by its reader (`| head`)
+# What a shell reports for a program killed by SIGPIPE (128 + 13): a reader that stopped reading is neither a
+# verdict on the adapter (1) nor a bug (4), and the program stops quietly, without a message or a traceback.
+EXIT_OUTPUT_CLOSED = 141
+WRITES_TO_STDOUT = {
+    "validate": ["validate", ADAPTER, "--base", BASE, "--no-smoke"],
+    "validate with errors": ["validate", ADAPTER, "--no-smoke"],  # exit 1 when read: shapes.unchecked
+    "validate json": ["validate", ADAPTER, "--base", BASE, "--no-smoke", "--format", "json"],
+    "validate github": ["validate", ADAPTER, "--base", BASE, "--no-smoke", "--format", "github"],
+    "inspect": ["inspect", ADAPTER],
+    "inspect json": ["inspect", ADAPTER, "--format", "json"],
+    "normalize": ["normalize", ADAPTER, "--base", BASE, "-o", "out"],
+    "normalize dry run": ["normalize", ADAPTER, "--base", BASE, "--dry-run"],
+    "normalize json": ["normalize", ADAPTER, "--base", BASE, "--dry-run", "--format", "json"],
+    "smoke": ["smoke", ADAPTER, "--base", BASE, "--device", "cpu"],
+    "scan": ["scan", ADAPTER, "--base", BASE, "--no-smoke", "-o", "report.jsonl"],
+    "schemas list": ["schemas", "list"],
+    "schemas show": ["schemas", "show", "deepseek-v3"],
+    "schemas check": ["schemas", "check"],
+    "version": ["--version"],
+    "help": ["--help"],
+    "command help": ["validate", "--help"],
+}
+
+
+def assert_closed_quietly(result: subprocess.CompletedProcess) -> None:
+    shown = f"exit {result.returncode}\nstderr:\n{result.stderr}"
+    assert result.returncode == EXIT_OUTPUT_CLOSED, shown
+    for word in ("Traceback", "Error:", "Exception ignored", "BrokenPipe"):
+        assert word not in result.stderr, shown
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WRITES_TO_STDOUT))
+def test_141_stdout_whose_reader_is_gone(cli, name):
+    """stdout is a pipe whose read end is closed, as `| head` leaves it once head has exited: every write fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            _console_script() + WRITES_TO_STDOUT[name],
+            cwd=cli.workdir,
+            env=cli.env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert_closed_quietly(result)
+
+
+@pytest.mark.slow
+def test_141_validate_piped_into_head(cli):
+    """The report's first line is printed before the checks run; `head -1` exits after it, and the rest of the
+    report meets a closed pipe (the issue's `lora-convert validate ... | head`)."""
+    command = " ".join(shlex.quote(a) for a in _console_script() + ["validate", ADAPTER, "--base", BASE])
+    result = subprocess.run(
+        ["bash", "-c", f"{command} | head -1; exit ${{PIPESTATUS[0]}}"],
+        cwd=cli.workdir,
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.stdout == f"{ADAPTER}  base: {BASE}\n", result.stdout
+    assert_closed_quietly(result)
+
+
+@pytest.mark.parametrize(
+    "args, valid",
+    [
+        (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--layout", "fused"], "stacked, peft, sglang, vllm"),
+        (["scan", ADAPTER, "--normalize", "out", "--layout", "fused"], "stacked, peft, sglang, vllm"),
+        (["validate", ADAPTER, "--base", BASE, "--engine", "fused"], "none, sglang, vllm"),
+    ],
+)
+def test_2_unknown_layout_or_engine_lists_the_valid_names_once(fast, args, valid):
+    """One message about the option given (`--layout`, not "Unknown engine"), listing every valid name once."""
+    result = fast(*args)
+    option = args[-2]
+    assert_error(result, 2, f"{option} 'fused'", valid)
+    assert result.stderr.count("Use one of") == 1, result.stderr
+    assert result.stderr.count(valid) == 1, result.stderr
+    assert "Unknown engine" not in result.stderr, result.stderr
+    assert not (fast.workdir / "out").exists()

@@ -149,6 +149,7 @@ def test_fold_into_rounds_once():
     assert np.array_equal(dest32, b.astype(np.float64).astype(np.float32) * np.float32(2.5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_power_of_two_fold_equals_the_float32_multiply_on_every_bit_pattern(dtype, monkeypatch):
     """The exponent-add path of fold_into (power-of-two scaling, one 16-bit dtype) against the float32 multiply and

@@ -128,6 +128,7 @@ def test_hostile_safetensors(tmp_path, case):
     assert "\x1b" not in message  # control characters are escaped in messages
 
 
+@pytest.mark.slow
 def test_header_of_hundreds_of_megabytes_is_refused_without_reading(tmp_path):
     folder = tmp_path / "huge"
     folder.mkdir()
@@ -186,6 +187,7 @@ def _fifo_adapter(folder: Path, fifo: str) -> Path:
         ("lora_layout.json", "files.unreadable"),
     ],
 )
+@pytest.mark.slow
 def test_fifo_json_in_adapter_is_refused(tmp_path, fifo, code):
     folder = _fifo_adapter(tmp_path / "ad", fifo)
     result = run_bounded("validate", folder, "--base", EXAMPLE / "base", "--no-smoke", "--format", "json")
@@ -199,6 +201,7 @@ def test_fifo_json_in_adapter_is_refused(tmp_path, fifo, code):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_fifo_added_tokens_is_a_finding(tmp_path):
     folder = _fifo_adapter(tmp_path / "ad", "added_tokens.json")
     result = run_bounded("validate", folder, "--base", EXAMPLE / "base", "--no-smoke", "--format", "json")
@@ -206,6 +209,7 @@ def test_fifo_added_tokens_is_a_finding(tmp_path):
     assert len(found) == 1 and "added_tokens.json is not a regular file but a FIFO" in found[0]["message"]
 
 
+@pytest.mark.slow
 def test_fifo_base_config_is_refused(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -216,6 +220,7 @@ def test_fifo_base_config_is_refused(tmp_path):
         assert "config.json is not a regular file but a FIFO" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_fifo_manifest_is_not_a_previous_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

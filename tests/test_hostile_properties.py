@@ -9,6 +9,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -64,6 +65,7 @@ entries = (
 key_text = st.text(min_size=0, max_size=30) | st.sampled_from(["__metadata__", "base_model.model.x.lora_A.weight"])
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.dictionaries(key_text, entries, max_size=5) | json_values, st.integers(min_value=0, max_value=400))
 def test_random_header_json(header, data_len):
@@ -79,6 +81,7 @@ def test_random_header_json(header, data_len):
             assert t.nbytes == t.numel * DTYPE_SIZES[t.dtype]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(st.tuples(st.sampled_from(sorted(DTYPE_SIZES)), st.lists(st.integers(0, 5), max_size=3)), max_size=5))
 def test_well_formed_headers_are_accepted_and_match_the_library(specs):

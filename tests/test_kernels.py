@@ -40,7 +40,7 @@ def _load_kernels():
     """Import the op modules; reload them if they were decorated under the other TRITON_INTERPRET mode."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from lora_convert.kernels import interpreting
+    from lora_convert.kernels.availability import interpreting
 
     mods = {n: importlib.import_module(f"lora_convert.kernels.{n}") for n in _MODS}
     if isinstance(mods["shrink"]._shrink_kernel, InterpretedFunction) != interpreting():
@@ -350,17 +350,17 @@ def test_argument_errors(gen):
 
 
 def test_package_import_is_light():
-    # The CLI imports lora_convert.kernels for is_available(): that must not pull in torch or triton.
+    # Asking whether the kernels can run (lora_convert.kernels.availability) must not pull in torch or triton.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     code = (
-        "import sys, lora_convert.kernels as k; k.is_available(); "
+        "import sys, lora_convert.kernels.availability as k; k.is_available(); "
         "bad = [m for m in ('triton', 'torch') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    from lora_convert.kernels import is_available
+    from lora_convert.kernels.availability import is_available
 
     assert is_available()
 
@@ -393,7 +393,6 @@ def test_gpu_suite():
         capture_output=True,
         text=True,
         timeout=1800,
-        cwd=Path(__file__).resolve().parent,  # not the repo root: ./lora_convert there lacks kernels/
     )
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
 

@@ -286,6 +286,7 @@ _WORDS = [
         max_size=40,
     )
 )
+@pytest.mark.slow
 def test_parse_keys_equals_parse_key_on_generated_keys(keys):
     # each shape several times with other numbers, so that cached templates are reused
     more = [k.replace("1", "2").replace("3", "14") for k in keys]

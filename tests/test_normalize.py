@@ -331,6 +331,7 @@ def test_rslora_is_exact_with_alpha_equal_rank(case, tmp_path):
     assert check_output_against_peft(case, tmp_path / "out") > 0
 
 
+@pytest.mark.slow
 def test_killed_subprocess_leaves_no_output(tmp_path):
     """A real interruption: SIGTERM while the writer is streaming leaves neither output nor temp folder."""
     import os
@@ -393,3 +394,39 @@ def test_killed_subprocess_leaves_no_output(tmp_path):
     assert proc.returncode != 0
     assert not out.exists()
     assert not temp.exists()
+
+
+def test_a_preset_standing_in_for_the_adapters_base_is_noted(tmp_path):
+    """The adapter's Hub base id is one of a shipped preset's hub_ids: normalize plans against the preset, and says
+    so (stderr, and `notes` in the JSON) as validate does with `base.preset`; a preset named by --base is no note."""
+    from typer.testing import CliRunner
+
+    from helpers import write_adapter
+    from lora_convert.cli import app
+
+    # One q_proj pair of Llama-3.1-8B's shapes (hidden 4096), named by the Hub id the preset lists.
+    g = torch.Generator().manual_seed(0)
+    folder = write_adapter(
+        tmp_path / "adapter",
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 4096, generator=g),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(4096, 4, generator=g),
+        },
+        {"base_model_name_or_path": "meta-llama/Llama-3.1-8B"},
+    )
+    runner = CliRunner()
+    human = runner.invoke(app, ["normalize", str(folder), "-o", str(tmp_path / "out")])
+    assert human.exit_code == 0, human.output
+    stderr = " ".join(human.stderr.split())
+    assert "note: " in stderr and "meta-llama/Llama-3.1-8B" in stderr and "shipped preset llama-3.1-8b" in stderr
+    assert "meta-llama/Llama-3.1-8B" not in human.stdout  # a log line, not data
+
+    dry = runner.invoke(app, ["normalize", str(folder), "--dry-run", "--format", "json"])
+    assert dry.exit_code == 0, dry.output
+    [note] = json.loads(dry.stdout)["notes"]
+    assert "meta-llama/Llama-3.1-8B" in note and "llama-3.1-8b" in note
+
+    named = runner.invoke(app, ["normalize", str(folder), "--base", "llama-3.1-8b", "--dry-run", "--format", "json"])
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.stdout)["notes"] == []
+    assert "shipped preset" not in named.stderr

@@ -106,8 +106,9 @@ def _pre_commit(project: Path, home: Path, *args: str) -> subprocess.CompletedPr
     )
 
 
-def _try_repo(hook_repo: Path, project: Path, home: Path) -> subprocess.CompletedProcess:
-    return _pre_commit(project, home, "try-repo", str(hook_repo), HOOK_ID, "--all-files", "--color", "never")
+def _try_repo(hook_repo: Path, project: Path, home: Path, *, all_files: bool = True) -> subprocess.CompletedProcess:
+    which = ["--all-files"] if all_files else []  # without it: the staged files, as at `git commit`
+    return _pre_commit(project, home, "try-repo", str(hook_repo), HOOK_ID, *which, "--color", "never")
 
 
 def test_hook_definition_as_pre_commit_reads_it():
@@ -143,6 +144,16 @@ def test_try_repo_installs_the_hook_and_catches_broken_adapters(tmp_path):
     assert [v.split(":")[0].split()[0] for v in verdicts if "adapters/nan" in v] == ["FAIL"], verdicts
     assert [v.split(":")[0].split()[0] for v in verdicts if "adapters/short" in v] == ["FAIL"], verdicts
     assert "data.nan" in result.stdout and "shapes.in-features" in result.stdout
+
+    # A commit that changes only added_tokens.json (validate checks its ids against the base vocab, 128 here):
+    # the hook runs on it and validates that adapter alone.
+    (project / "adapters" / "good" / "added_tokens.json").write_text(json.dumps({"<new>": 130}))
+    _git(project, "add", "adapters/good/added_tokens.json")
+    staged = _try_repo(hook_repo, project, tmp_path / "pre-commit-home", all_files=False)
+    out = staged.stdout + staged.stderr
+    assert staged.returncode == 1 and "Failed" in staged.stdout and "tokens.added" in staged.stdout, out
+    verdicts = [line for line in staged.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
+    assert len(verdicts) == 1 and verdicts[0].startswith("FAIL") and "adapters/good" in verdicts[0], out
 
 
 def test_hook_environment_is_the_light_core(tmp_path):

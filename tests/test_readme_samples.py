@@ -13,6 +13,7 @@ def test_readme_has_samples():
     assert blocks and all("$ lora-convert " in b for b in blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", readme_samples.sample_files(), ids=lambda p: p.name)
 def test_samples_are_current(path):
     text = path.read_text(encoding="utf-8")
@@ -29,6 +30,7 @@ def test_comparable_masks_only_timings():
     assert readme_samples.comparable("layers 0-2") == "layers 0-2"
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
     """The README's Python example runs as written, from a folder holding the examples."""
     import re

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +23,10 @@ from helpers import FIXTURES
 from lora_convert.errors import UsageError
 from lora_convert.scan.discover import discover, output_path
 from lora_convert.scan.report import read_report
+from scan_planted import HANG_IN_BATCH, KILL, SLOW, SLOW_S, SLOW_START, planted_task
+
+# Whole scans in worker processes, with timeouts and signals: not the unit layer (`make test-fast` skips this module).
+pytestmark = pytest.mark.slow
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
 WEIGHTS = "adapter_model.safetensors"
@@ -278,29 +284,31 @@ def test_read_report_ignores_only_a_torn_last_line(tmp_path):
 # The local executor hands a worker several adapters per message (lora_convert/scan/local.py). A worker killed, or
 # an adapter hung, in the middle of a batch must cost that adapter alone: the adapters before it in the batch keep
 # the records they sent, the ones after it never ran and go back to the queue, and every adapter gets one record.
-REPO = Path(__file__).resolve().parent.parent
 BATCH = 4  # adapters per batch in these tests (the executor's own size shrinks towards the end of a scan)
 FLEET = 20  # plain adapters, fleet/a00 .. fleet/a19, all of one size: scheduled in id order
-# In id order KILL is the 7th task, the 3rd of the 2nd batch of 4. HANG_IN_BATCH is the 10th task without KILL (the
-# 2nd of the 3rd batch) and the 11th with it (the 3rd): inside a batch either way.
-KILL = "fleet/a05-kill"
-HANG_IN_BATCH = "fleet/a08-hang"
-SLOW = "LORA_CONVERT_TEST_SLOW"  # ids (comma-separated) that planted_task holds for SLOW_S first, in the workers
-SLOW_S = 2.5
+# The planted adapters (KILL, HANG_IN_BATCH) and the slow ones (SLOW, SLOW_START) are played by planted_task, in
+# tests/scan_planted.py: a module of its own, so that the workers import it by its top-level name.
+# Timeouts here hold on a loaded 2-core machine: a worker's start-up (spawn, imports: seconds under load) is not on
+# any adapter's clock (test_a_slow_worker_start_is_not_the_adapters_time), and a tiny adapter is ~50 ms of work, so
+# TIMEOUT_S leaves it seconds of margin while SLOW_S + SLOW_S runs past it.
+TIMEOUT_S = 6
 
 
-def planted_task(task, options):
-    """run_task, except on the planted adapters: `*-kill` kills its own worker (as a segfault or the OOM killer
-    would: no exception, no record), `*-hang` never returns. Module-level: a worker process unpickles it by name."""
-    from lora_convert.scan.task import run_task
+def test_planted_task_is_importable_by_the_workers_without_the_repository_root(tmp_path):
+    """A spawned worker unpickles planted_task by its module name, with the parent's sys.path, which has tests/
+    (pytest's pythonpath) and not the repository root (nothing puts it there: issue 22)."""
+    import pickle
 
-    if task.id.endswith("-kill"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if task.id.endswith("-hang"):
-        time.sleep(600)
-    if task.id in os.environ.get(SLOW, "").split(","):
-        time.sleep(SLOW_S)
-    return run_task(task, options)
+    tests = Path(__file__).resolve().parent
+    code = "import pickle, sys; f = pickle.loads(sys.stdin.buffer.read()); print(f.__module__, f.__name__)"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", SLOW_START)}
+    env["PYTHONPATH"] = str(tests)
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(planted_task), capture_output=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == [planted_task.__module__, "planted_task"]
+    assert "." not in planted_task.__module__  # a top-level module, not tests.<module>
 
 
 @pytest.fixture(scope="module")
@@ -317,11 +325,9 @@ def fleet(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def batches(monkeypatch) -> list[list[str]]:
-    """Fixed batches of BATCH adapters, and the list of every batch the executor hands out (ids), in order. Workers
-    unpickle planted_task from this module, so the repository root goes on the path they inherit."""
+    """Fixed batches of BATCH adapters, and the list of every batch the executor hands out (ids), in order."""
     from lora_convert.scan import local
 
-    monkeypatch.setattr(sys, "path", [*sys.path, str(REPO)])
     monkeypatch.setattr(local, "_batch_limit", lambda remaining, jobs: BATCH)
     sent: list[list[str]] = []
     take = local._take_batch
@@ -406,15 +412,16 @@ def test_an_adapter_hung_mid_batch_is_timed_out_alone(fleet, batches, monkeypatc
     from lora_convert.scan.task import ScanOptions
 
     # Each adapter has its own clock, started when the one before it in the batch finished: two adapters of the
-    # first batch that take SLOW_S each (5 s together) stay within a 4 s timeout.
+    # first batch that take SLOW_S each (more than TIMEOUT_S together) stay within the timeout.
+    assert SLOW_S < TIMEOUT_S < 2 * SLOW_S
     monkeypatch.setenv(SLOW, "fleet/a01,fleet/a02")
     tasks = [t for t in discover([str(fleet)]) if t.id != KILL]
     records: list[dict] = []
-    local.run_all(tasks, ScanOptions(timeout_s=4), on_result=_once(records), jobs=2, task_fn=planted_task)
+    local.run_all(tasks, ScanOptions(timeout_s=TIMEOUT_S), on_result=_once(records), jobs=2, task_fn=planted_task)
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids)) == len(tasks)
     (hung,) = [r for r in records if r["status"] == "timeout"]
-    assert hung["id"] == HANG_IN_BATCH and hung["seconds"] >= 4
+    assert hung["id"] == HANG_IN_BATCH and hung["seconds"] >= TIMEOUT_S
     assert batches[0][:3] == ["fleet/a00", "fleet/a01", "fleet/a02"]
     assert _without_timings(records) == _expected(tasks, hung={HANG_IN_BATCH})
     _handed_out_again(batches, HANG_IN_BATCH)
@@ -428,7 +435,7 @@ def test_crash_and_hang_mid_batch_match_jobs_1_and_resume(fleet, batches, monkey
     from lora_convert.scan.report import run_scan
     from lora_convert.scan.task import ScanOptions
 
-    options = ScanOptions(timeout_s=4)
+    options = ScanOptions(timeout_s=TIMEOUT_S)
     tasks = discover([str(fleet)])
     serial: list[dict] = []
     local.run_all(tasks, options, on_result=_once(serial), jobs=1, task_fn=planted_task)
@@ -454,6 +461,19 @@ def test_crash_and_hang_mid_batch_match_jobs_1_and_resume(fleet, batches, monkey
     ids = [r["id"] for r in on_disk]
     assert len(ids) == len(set(ids)) == len(tasks) and ids[:5] == seen
     assert _without_timings(on_disk) == expected
+
+
+def test_a_slow_worker_start_is_not_the_adapters_time(fleet, batches, monkeypatch):
+    """The flaky `crash_and_hang` case: under load, spawning a worker and importing took longer than the timeout,
+    and its first adapter was recorded `timeout`. Its clock starts when the worker is READY."""
+    from lora_convert.scan import local
+    from lora_convert.scan.task import ScanOptions
+
+    monkeypatch.setenv(SLOW_START, f"{os.getpid()}:3")
+    tasks = [t for t in discover([str(fleet)]) if t.id not in (KILL, HANG_IN_BATCH)][:4]
+    records: list[dict] = []
+    local.run_all(tasks, ScanOptions(timeout_s=2), on_result=_once(records), jobs=2, task_fn=planted_task)
+    assert _without_timings(records) == _expected(tasks)  # all four: their normal record, none timed out
 
 
 def test_legacy_bin_adapters_go_to_one_worker(tmp_path, monkeypatch):
@@ -529,6 +549,120 @@ def test_normalize_inside_the_source_is_not_rescanned(registry, tmp_path):
     assert (out / "llama" / "lora_layout.json").is_file()
 
 
+def _fleet_for_the_recipe(root: Path) -> Path:
+    """The DeepSeek example, whose only errors under --engine sglang are what `--layout sglang` fixes; a clean
+    llama; a NaN llama (an error no layout fixes); Mixtral, whose router LoRA `--layout sglang` refuses."""
+    shutil.copytree(EXAMPLE / "adapter", root / "deepseek")
+    _set_config(root / "deepseek", base_model_name_or_path=str(EXAMPLE / "base"))
+    _copy_case(root, "v4_llama", "llama")
+    _copy_case(root, "v4_mixtral", "mixtral")
+    _mutate(_copy_case(root, "v4_llama", "nan"), lambda t: t[_first(t, "lora_A")].flat.__setitem__(3, np.nan))
+    return root
+
+
+def test_readme_fleet_recipe_converts_what_the_layout_fixes(tmp_path):
+    """`scan SRC --engine sglang --normalize OUT --layout sglang` (README's fleet recipe): the adapter whose only
+    errors are the engine.sglang.* findings the layout exists to fix is converted, and its output validates OK."""
+    from lora_convert.convert.blockers import normalize_blockers
+
+    source, out, report = _fleet_for_the_recipe(tmp_path / "reg"), tmp_path / "served", tmp_path / "convert.jsonl"
+    args = [*_cli(), "scan", str(source), "--engine", "sglang", "--normalize", str(out), "--layout", "sglang"]
+    run = subprocess.run([*args, "--output", str(report), "-j", "2"], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr  # the sources have errors: the scan says so
+    records = _by_id(read_report(report)[0])
+    deepseek = records["deepseek"]
+    assert _errors(deepseek) and all(c.startswith("engine.sglang.") for c in _errors(deepseek))
+    assert deepseek["normalize"]["output"] == str(out / "deepseek"), deepseek
+    assert records["llama"]["normalize"]["output"] == str(out / "llama")
+    assert records["nan"]["normalize"]["output"] is None and "data.nan" in records["nan"]["normalize"]["skipped"]
+    assert records["mixtral"]["status"] == "error" and records["mixtral"]["error"]["type"] == "UnsupportedAdapterError"
+    text = " ".join(run.stdout.split())
+    assert "normalize: converted 2, skipped 1 (errors the layout does not fix), failed 1" in text, run.stdout
+    assert "OK: every adapter passed." not in run.stdout
+    # What was converted is served exactly: the output validates clean against the same engine.
+    for ident in ("deepseek", "llama"):
+        check = subprocess.run(
+            [*_cli(), "validate", str(out / ident), "--engine", "sglang", "--no-smoke"], capture_output=True, text=True
+        )
+        assert check.returncode == 0 and check.stdout.strip().splitlines()[-1].startswith("OK: "), check.stdout
+    # One decision: `normalize --layout sglang` itself converts the same adapter, and the other layouts would not.
+    from lora_convert.check.validate import validate_adapter
+
+    findings = validate_adapter(source / "deepseek", engine="sglang", smoke=False).findings
+    assert normalize_blockers(findings, "sglang") == []
+    assert {f.code for f in normalize_blockers(findings, "stacked")} == set(_errors(deepseek))
+    assert {f.code for f in normalize_blockers(findings, "vllm")} == set(_errors(deepseek))
+    made = subprocess.run(
+        [*_cli(), "normalize", str(source / "deepseek"), "-o", str(tmp_path / "one"), "--layout", "sglang"],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+
+
+def test_readme_vllm_recipe_counts_what_it_did(tmp_path):
+    """The README's own line, `--engine vllm --normalize ./served --layout vllm`: every adapter is converted,
+    skipped or failed, and the summary counts each."""
+    from lora_convert import scan_adapters
+
+    source = _fleet_for_the_recipe(tmp_path / "reg")
+    result = scan_adapters(source, engine="vllm", normalize=tmp_path / "served", layout="vllm", jobs=2)
+    counts = result.summary["normalize"]
+    assert sum(counts.values()) == len(result.records) == 4
+    assert counts["skipped"] >= 1 and counts["converted"] >= 1, result.records
+    assert _by_id(result.records)["nan"]["normalize"]["skipped"]
+
+
+def test_an_interrupted_scan_is_never_ok(registry):
+    """`OK: every adapter passed.` was printed just before `Interrupted: 2 of 31 ...` (exit 130)."""
+    from rich.console import Console
+
+    from lora_convert.cli import scan_cmd
+    from lora_convert.scan.report import ScanResult
+
+    clean = _scan_records(registry / "team-a")
+    result = ScanResult(records=clean, discovered=len(clean) + 3, interrupted=True)
+    assert not result.ok and result.to_json()["ok"] is False and result.summary["ok"] is False
+    console = Console(record=True, width=200)
+    original, scan_cmd.stdout = scan_cmd.stdout, console
+    try:
+        scan_cmd.render_human(result)
+    finally:
+        scan_cmd.stdout = original
+    text = console.export_text()
+    assert "OK" not in text and "every adapter passed" not in text
+    assert f"INTERRUPTED: {len(clean)} of {len(clean) + 3} adapters have a record" in text
+
+
+def _scan_records(source: Path) -> list[dict]:
+    from lora_convert import scan_adapters
+
+    result = scan_adapters(source, jobs=1)
+    assert result.ok, result.records
+    return result.records
+
+
+def test_ctrl_c_mid_scan_prints_no_ok(registry, tmp_path, stalled_hub):
+    """The CLI end to end: every adapter scanned so far passed, the stalled Hub adapter is still running when
+    Ctrl-C comes: exit 130, and no OK anywhere in what it printed."""
+    report = tmp_path / "scan.jsonl"
+    args = [*_cli(), "scan", str(registry / "team-a"), HANG, "--jobs", "1", "--output", str(report)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stalled_hub)
+    try:
+        while proc.poll() is None and len(read_report(report)[0]) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "ok 2" in out and "OK" not in out and "every adapter passed" not in out, out
+    assert out.strip().splitlines()[-1] == "INTERRUPTED: 2 of 3 adapters have a record; the others were not scanned."
+    assert "Interrupted: 2 of 3 adapters" in err
+
+
 # ------------------------------------------------------------------------------------------- discovery
 def test_discover_list_files_hub_ids_and_safe_output_paths(registry, tmp_path):
     listing = tmp_path / "adapters.txt"
@@ -553,3 +687,20 @@ def test_ray_without_ray_installed_is_an_environment_problem(registry, monkeypat
     result = CliRunner().invoke(app, ["scan", str(registry), "--ray"])
     assert result.exit_code == 3
     assert "pip install 'lora-convert[ray]'" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------- --help
+def test_help_prints_every_bracket_of_the_option_texts():
+    """Rich markup ate `[ray]` from `pip install 'lora-convert[ray]'`: help texts are escaped, and printed whole."""
+    from typer.testing import CliRunner
+
+    from lora_convert.cli import app
+    from lora_convert.cli.scan_cmd import scan_command
+
+    result = CliRunner().invoke(app, ["scan", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "pip install 'lora-convert[ray]'" in text
+    for param in inspect.signature(scan_command).parameters.values():
+        for bracket in re.findall(r"\[[^\]\s]*\]", getattr(param.default, "help", None) or ""):
+            assert bracket in text, (param.name, bracket)

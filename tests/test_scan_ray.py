@@ -19,6 +19,9 @@ from lora_convert.scan import local, ray_backend
 from lora_convert.scan.discover import discover
 from lora_convert.scan.task import ScanOptions, run_task
 
+# A local Ray instance: not the unit layer (`make test-fast` skips this module).
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TIMING_KEYS = ("seconds",)
 

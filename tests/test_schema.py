@@ -639,6 +639,7 @@ def test_bind_takes_a_dict_or_an_explicit_schema():
         bind(["not", "a", "config"])  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_resolve_is_constant_time_for_100k_modules(presets):
     arch = presets["deepseek-v3"]
     mods = []

@@ -40,7 +40,7 @@ def test_local_bad_json(tmp_path):
     with pytest.raises(BaseConfigError, match="not valid JSON"):
         resolve_base(str(tmp_path))
     (tmp_path / "config.json").write_text("[1, 2]")
-    with pytest.raises(BaseConfigError, match="not a config object"):
+    with pytest.raises(BaseConfigError, match="holds a JSON array at the top level; expected a JSON object"):
         resolve_base(str(tmp_path))
 
 

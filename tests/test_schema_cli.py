@@ -105,7 +105,8 @@ def test_show_family_with_base(tmp_path):
     [
         (["schemas", "show"], 2, "Give a schema family or preset"),
         # A name that is no family, preset, path or Hub id is a usage error, as for --base everywhere.
-        (["schemas", "show", "no-such-thing"], 2, "not an existing folder or config.json, not a preset name"),
+        (["schemas", "show", "no-such-thing"], 2, "'no-such-thing' is not a schema family or a preset name"),
+        (["schemas", "show", "./no/such/folder"], 2, "'./no/such/folder' is not a schema family or a preset name"),
         (["schemas", "show", "deepseek-v3", "--base", "llama-3.1-8b"], 2, "cannot be combined with --base"),
     ],
 )
@@ -114,3 +115,30 @@ def test_show_errors(args, code, text):
     assert result.exit_code == code, result.output
     assert text in result.stderr
     assert "Error:" in result.stderr and "Hint:" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["nosuch", "./no/such/folder"])
+def test_show_of_an_unknown_name_speaks_of_schema_names(target):
+    """ARCH_OR_PRESET is not --base: the message names the argument and `schemas list`, never --base."""
+    result = runner.invoke(app, ["schemas", "show", target])
+    assert result.exit_code == 2, result.output
+    assert "--base" not in result.stderr, result.stderr
+    assert "`lora-convert schemas list`" in result.stderr.split("Hint:")[1], result.stderr
+
+
+def test_show_says_when_a_preset_stands_in_for_an_unreachable_hub_id(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    def offline(*args, **kwargs):
+        raise hub_errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr("lora_convert.io.source.hub_unreachable", lambda *a, **k: "no connection (test)")
+    result = runner.invoke(app, ["schemas", "show", "deepseek-ai/DeepSeek-V3"])
+    assert result.exit_code == 0, result.output
+    assert "note: the shipped preset deepseek-v3 is used: the Hub was unreachable for 'deepseek-ai/DeepSeek-V3'" in (
+        result.stdout
+    ), result.stdout
+    named = runner.invoke(app, ["schemas", "show", "deepseek-v3"])
+    assert named.exit_code == 0 and "note:" not in named.stdout

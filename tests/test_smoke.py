@@ -22,6 +22,7 @@ def smoke(case, **kw):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SMOKE_CASES)
 def test_smoke_passes_on_every_fixture(case):
     report = smoke(case)
@@ -64,6 +65,7 @@ def first_group(layout, name):
     return next(g for g in layout["groups"] if g["group"] == name)
 
 
+@pytest.mark.slow
 def test_stacked_output_passes_with_original(tmp_path):
     case = "v5_deepseek_v3"
     out = normalized(case, tmp_path)
@@ -71,6 +73,7 @@ def test_stacked_output_passes_with_original(tmp_path):
     assert report.ok and len(report.groups) == len(json.loads((out / "lora_layout.json").read_text())["groups"])
 
 
+@pytest.mark.slow
 def test_swapped_slices_are_caught(tmp_path):
     case = "v4_deepseek_v3"
     out = normalized(case, tmp_path)
@@ -90,6 +93,7 @@ def test_swapped_slices_are_caught(tmp_path):
     assert {(state["key"], "gate_proj"), (state["key"], "up_proj")} <= bad
 
 
+@pytest.mark.slow
 def test_doubled_scale_is_caught(tmp_path):
     case = "v4_deepseek_v3"
     out = normalized(case, tmp_path)
@@ -107,6 +111,7 @@ def test_doubled_scale_is_caught(tmp_path):
     assert bad == {(state["key"], "kv_a_proj_with_mqa")}
 
 
+@pytest.mark.slow
 def test_expert_factors_from_the_neighbour_are_caught(tmp_path):
     case = "v4_deepseek_v3"
     out = normalized(case, tmp_path)
@@ -124,6 +129,7 @@ def test_expert_factors_from_the_neighbour_are_caught(tmp_path):
     assert all(key == state["key"] for key, _ in bad)
 
 
+@pytest.mark.slow
 def test_3d_b_read_expert_major_is_caught(tmp_path):
     """A normalizer that reads PEFT's rank-major 3-D B as expert-major passes every shape check."""
     from lora_convert.peft.adapter import load_adapter
@@ -180,6 +186,7 @@ def test_nan_never_passes(tmp_path):
     assert not smoke_stacked(case, out).ok
 
 
+@pytest.mark.slow
 def test_cli_reports_and_exit_codes(tmp_path):
     case = "v4_llama"
     runner = CliRunner()
@@ -312,3 +319,36 @@ def test_gpu_smoke_copies_each_source_once():
     assert report.ok and "build" in report.phases
     # every source once (each padded to 64 bytes in the pinned buffer), and no stacked tensor on top
     assert source_bytes <= report.bytes_to_device <= source_bytes + 64 * len(keys)
+
+
+def test_layers_that_select_nothing_are_refused_not_a_pass(tmp_path):
+    """`--layers 1` on an adapter with LoRA on layer 0 only checked no group: that is never `PASS: 0/0`."""
+    from helpers import write_adapter
+
+    g = torch.Generator().manual_seed(0)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{prefix}.lora_A.weight": torch.randn(4, 16, generator=g),
+        f"{prefix}.lora_B.weight": torch.randn(16, 4),
+    }
+    adapter = write_adapter(tmp_path / "ad", tensors, {"target_modules": ["q_proj"]})
+    base = tmp_path / "base"
+    base.mkdir()
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 16,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 4,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "vocab_size": 100,
+    }
+    (base / "config.json").write_text(json.dumps(config))
+    args = ["smoke", str(adapter), "--base", str(base), "--device", "cpu"]
+    refused = CliRunner().invoke(app, [*args, "--layers", "1"])
+    assert refused.exit_code == 2, refused.output
+    assert "PASS" not in refused.stdout and "--layers" in refused.stderr and "0" in refused.stderr
+    checked = CliRunner().invoke(app, [*args, "--layers", "0"])
+    assert checked.exit_code == 0 and "PASS: 1/1" in checked.stdout, checked.output

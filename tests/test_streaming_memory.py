@@ -28,6 +28,9 @@ from lora_convert.convert import normalize as normalize_module
 from lora_convert.io.tensor_files import read_runs, run_span
 from lora_convert.peft.adapter import Adapter
 
+# Whole normalize runs under a memory watch: not the unit layer (`make test-fast` skips this module).
+pytestmark = pytest.mark.slow
+
 H, I, E, R, LAYERS = 64, 32, 8, 4, 12
 P = "base_model.model.model.layers"
 ATTN = {

@@ -16,6 +16,9 @@ import pytest
 
 from helpers import case_base_dir, case_dir
 
+# Every core command in a subprocess: not the unit layer (`make test-fast` skips this module).
+pytestmark = pytest.mark.slow
+
 RUNNER = r"""
 import json, sys
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,20 +260,23 @@ def test_sharding(adapter_writer, base_dir):
 
 
 def test_smoke_not_run_is_a_note_unless_asked(adapter_writer):
-    """Without a base there is no architecture to run the forward with: a note by default, a warning (its own code)
-    when --smoke asked for the forward pass, nothing with --no-smoke."""
+    """Without a base there is no architecture to run the forward with: a note by default, the error smoke.unchecked
+    when --smoke asked for the forward pass (a warning with --allow-unchecked), nothing with --no-smoke."""
     folder = adapter_writer(llama_tensors(layers=1))
     default = doc_of(invoke(folder, "--format", "json", "--no-data"))
     asked = doc_of(invoke(folder, "--format", "json", "--no-data", "--smoke"))
     off = doc_of(invoke(folder, "--format", "json", "--no-data", "--no-smoke"))
     smoke = lambda d: [(f["code"], f["severity"]) for f in d["findings"] if f["code"].startswith("smoke.")]  # noqa: E731
     assert smoke(default) == [("smoke.skipped", "info")]
-    assert smoke(asked) == [("smoke.requested-not-run", "warning")]
+    allowed = doc_of(invoke(folder, "--format", "json", "--no-data", "--smoke", "--allow-unchecked"))
+    assert smoke(asked) == [("smoke.unchecked", "error")]
+    assert smoke(allowed) == [("smoke.unchecked-allowed", "warning")]
     assert (
         default["summary"]["checks"]["skipped"]["smoke"]
         == asked["summary"]["checks"]["skipped"]["smoke"]
         == "no base architecture"
     )
+    assert allowed["summary"]["checks"]["skipped"]["smoke"] == "no base architecture; accepted with --allow-unchecked"
     assert smoke(off) == [] and off["summary"]["checks"]["skipped"]["smoke"] == "--no-smoke"
 
 
@@ -414,3 +419,85 @@ def test_added_tokens_without_a_vocab_size_are_a_warning(adapter_writer):
     doc = doc_of(invoke(folder, "--no-smoke", "--format", "json", "--allow-unchecked"))
     found = {f["code"]: f["severity"] for f in doc["findings"] if f["code"].startswith("tokens.")}
     assert found == {"tokens.added-unchecked": "warning"}
+
+
+def test_human_header_names_the_base_given_when_the_adapter_is_unreadable(tmp_path, base_dir):
+    """An unreadable adapter stops validate before the base is resolved; the header still shows the --base given,
+    not `base: (none)`."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{")
+    result = invoke(folder, "--base", base_dir, "--no-smoke")
+    assert result.exit_code == 1, result.output
+    header = result.stdout.splitlines()[0]
+    assert f"base: {base_dir}" in header and "(none)" not in header, header
+    assert "config.unreadable" in result.stdout
+    without = invoke(folder, "--no-smoke")
+    assert "base: (none)" in without.stdout.splitlines()[0], without.stdout
+
+
+EXAMPLE_ADAPTER = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3" / "adapter"
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """No network: one failed probe, and huggingface_hub finds nothing in its cache."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    def offline(*args, **kwargs):
+        raise hub_errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr("lora_convert.io.source.hub_unreachable", lambda *a, **k: "no connection (test)")
+
+
+def test_a_preset_standing_in_for_an_unreachable_hub_base_is_a_note(hub_unreachable):
+    """docs/validate.md: a shipped preset that lists the unreachable repo id is used instead, with a note."""
+    report = validate_adapter(str(EXAMPLE_ADAPTER), base="deepseek-ai/DeepSeek-V3", smoke=False, data_scan=False)
+    assert report.base == "deepseek-v3"
+    [note] = [f for f in report.findings if f.code == "base.preset"]
+    assert note.severity.value == "info"
+    assert "deepseek-ai/DeepSeek-V3" in note.message and "deepseek-v3" in note.message
+    assert "unreachable" in note.message
+    human = invoke(EXAMPLE_ADAPTER, "--base", "deepseek-ai/DeepSeek-V3", "--no-smoke", "--no-data")
+    assert "base.preset" in human.stdout, human.stdout
+
+
+def test_a_preset_matched_on_the_adapters_base_model_is_a_note(tmp_path):
+    folder = tmp_path / "adapter"
+    shutil.copytree(EXAMPLE_ADAPTER, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "deepseek-ai/DeepSeek-R1"})
+    )
+    report = validate_adapter(str(folder), smoke=False, data_scan=False)
+    [note] = [f for f in report.findings if f.code == "base.preset"]
+    assert "deepseek-ai/DeepSeek-R1" in note.message and "deepseek-v3" in note.message
+    named = validate_adapter(str(folder), base="deepseek-v3", smoke=False, data_scan=False)
+    assert "base.preset" not in codes(named)  # a preset asked for by name stands in for nothing
+
+
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        # A name the layer does not have: the module names of that layer are what is expected.
+        ("self_attn.q_proj_extra", "self_attn.q_proj"),
+        # A layer stack the schema does not know: its layer stacks are.
+        ("decoder.layers.0.self_attn.q_proj", "model.layers.N"),
+    ],
+)
+def test_unknown_module_says_what_is_expected(adapter_writer, base_dir, module, expected):
+    tensors = llama_tensors()
+    g = torch.Generator().manual_seed(1)
+    path = module if module.startswith("decoder.") else f"model.layers.0.{module}"
+    tensors[f"base_model.model.{path}.lora_A.weight"] = torch.randn(4, H, generator=g)
+    tensors[f"base_model.model.{path}.lora_B.weight"] = torch.randn(H, 4, generator=g)
+    folder = adapter_writer(tensors, {"target_modules": ["q_proj", "v_proj"]})
+    report = validate_adapter(str(folder), base=str(base_dir), smoke=False, data_scan=False)
+    [unknown] = [f for f in report.findings if f.code == "modules.unknown"]
+    assert unknown.expected, unknown
+    assert expected in unknown.expected, unknown.expected
+    human = invoke(folder, "--base", base_dir, "--no-smoke", "--no-data")
+    [line] = [line.strip() for line in human.stdout.splitlines() if line.strip().startswith("expected:")]
+    assert expected in line, line

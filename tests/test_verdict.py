@@ -190,6 +190,77 @@ def test_stacked_output_keeps_its_own_shape_check(tmp_path):
     assert "shapes.unchecked" not in findings_by_code(doc)
 
 
+# -------------------------------------------------------------------------------------- engine-rules.unchecked
+@pytest.fixture
+def stacked_output(tmp_path):
+    """The example normalized to the stacked layout: the engine's module-group rules cannot plan it."""
+    out = tmp_path / "stacked"
+    made = invoke("normalize", EXAMPLE / "adapter", "--base", EXAMPLE / "base", "-o", out)
+    assert made.exit_code == 0, made.output
+    return out
+
+
+def test_engine_rules_not_evaluated_are_an_error_not_ok(stacked_output):
+    """The issue: `OK ... engine sglang: 0 error(s)` and `Not run: engine (...)` in one report."""
+    result = invoke("validate", stacked_output, "--base", EXAMPLE / "base", "--engine", "sglang", "--no-smoke")
+    assert result.exit_code == 1, result.output
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("FAIL (errors): ") and "Not run: " in verdict and " engine (" in verdict
+    assert "engine-rules.unchecked" in result.stdout
+    doc = json.loads(
+        invoke(
+            "validate", stacked_output, "--base", EXAMPLE / "base", "--engine", "sglang", "--no-smoke", "-f", "json"
+        ).stdout
+    )
+    found = findings_by_code(doc)
+    assert doc["ok"] is False and found["engine-rules.unchecked"]["severity"] == "error"
+    gap = found["engine-rules.unchecked"]
+    assert "sglang" in gap["message"] and "--allow-unchecked" in gap["fix"] and "--layout sglang" in gap["fix"]
+    assert "engine" in doc["summary"]["checks"]["skipped"] and "engine" not in doc["summary"]["checks"]["run"]
+    # the rules that could be evaluated are still reported
+    assert "engine.sglang.kv-b-proj" in found
+
+
+def test_allow_unchecked_makes_the_engine_gap_a_warning(stacked_output):
+    args = ["validate", stacked_output, "--base", EXAMPLE / "base", "--engine", "sglang", "--no-smoke"]
+    result = invoke(*args, "--allow-unchecked", "-f", "json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    found = findings_by_code(doc)
+    assert found["engine-rules.unchecked-allowed"]["severity"] == "warning" and "engine-rules.unchecked" not in found
+    assert doc["verdict"].startswith("OK: ") and "accepted with --allow-unchecked" in doc["verdict"]
+    assert invoke(*args, "--allow-unchecked", "--strict").exit_code == 1
+
+
+def test_engine_without_a_base_is_unchecked_like_the_shapes(adapter):
+    """One mechanism: every check that was asked for and could not run is `<check>.unchecked`."""
+    report = validate_adapter(adapter, engine="sglang", smoke=False)
+    found = {f.code: f for f in report.findings}
+    assert not report.ok
+    assert found["shapes.unchecked"].severity.value == found["engine-rules.unchecked"].severity.value == "error"
+    assert "--base" in found["engine-rules.unchecked"].fix
+    allowed = validate_adapter(adapter, engine="sglang", smoke=False, allow_unchecked=True)
+    codes = {f.code: f.severity.value for f in allowed.findings}
+    assert allowed.ok and codes["engine-rules.unchecked-allowed"] == codes["shapes.unchecked-allowed"] == "warning"
+
+
+def test_an_ok_verdict_never_has_a_check_that_was_asked_for_and_not_run(adapter, base_dir, stacked_output):
+    """Whatever the adapter: OK, and a check in `Not run` that the caller did not turn off, never come together."""
+    chosen = ("--no-smoke", "--engine none", "no --tp/--ep", "--no-data")
+    runs = [
+        validate_adapter(adapter, engine="sglang", smoke=False),
+        validate_adapter(adapter, base=str(base_dir), engine="sglang", smoke=False),
+        validate_adapter(stacked_output, base=str(EXAMPLE / "base"), engine="sglang", smoke=False),
+        validate_adapter(stacked_output, base=str(EXAMPLE / "base"), engine="vllm", smoke=False),
+    ]
+    for report in runs:
+        not_run = {k: v for k, v in report.summary["checks"]["skipped"].items() if v not in chosen}
+        if report.ok:
+            assert not not_run, (report.adapter, report.verdict())
+        gaps = [f for f in report.findings if f.code.endswith((".unchecked", ".unchecked-allowed"))]
+        assert len(gaps) == len(not_run), (report.adapter, report.verdict())
+
+
 # ------------------------------------------------------------------------------------------- checks listed
 def test_verdict_and_summary_list_the_checks(adapter, base_dir):
     result = invoke("validate", adapter, "--base", base_dir, "--no-smoke")
@@ -310,6 +381,7 @@ def run_cli_without_network(args: list, endpoint: str, home: Path) -> subprocess
         ),
     ],
 )
+@pytest.mark.slow
 def test_no_network_asks_the_hub_once(tmp_path, what, args, path):
     server = DroppingServer()
     try:
@@ -325,6 +397,7 @@ def test_no_network_asks_the_hub_once(tmp_path, what, args, path):
     assert len(server.requests) == len(set(server.requests)), server.requests
 
 
+@pytest.mark.slow
 def test_closed_port_fails_at_once_with_exit_3(tmp_path):
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
@@ -352,3 +425,97 @@ def test_a_check_subset_names_the_rest_as_not_selected():
 
     with pytest.raises(UsageError, match="nope"):
         validate_adapter(root / "adapter", base=str(root / "base"), checks=("config", "nope"))
+
+
+# -------------------------------------------------------------------------------------------- smoke.unchecked
+def smoke_findings(doc: dict) -> list[tuple[str, str]]:
+    return [(f["code"], f["severity"]) for f in doc["findings"] if f["code"].startswith("smoke.")]
+
+
+def test_smoke_asked_for_and_not_run_is_an_error_not_ok(stacked_output):
+    """--smoke on a stacked output (validate does not know the adapter it came from): the forward pass that was asked
+    for did not run, so the verdict cannot be OK; --allow-unchecked makes it a warning, which --strict still fails."""
+    args = ["validate", stacked_output, "--base", EXAMPLE / "base", "--no-data", "--smoke"]
+    result = invoke(*args, "-f", "json")
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and smoke_findings(doc) == [("smoke.unchecked", "error")]
+    gap = findings_by_code(doc)["smoke.unchecked"]
+    assert "--original" in gap["fix"] and "--allow-unchecked" in gap["fix"]
+    assert doc["summary"]["checks"]["skipped"]["smoke"] == "stacked output"
+    assert doc["verdict"].startswith("FAIL (errors): ") and "smoke (stacked output)" in doc["verdict"]
+
+    allowed = invoke(*args, "--allow-unchecked", "-f", "json")
+    assert allowed.exit_code == 0, allowed.output
+    doc = json.loads(allowed.stdout)
+    assert smoke_findings(doc) == [("smoke.unchecked-allowed", "warning")]
+    assert doc["summary"]["checks"]["skipped"]["smoke"] == "stacked output; accepted with --allow-unchecked"
+    assert invoke(*args, "--allow-unchecked", "--strict").exit_code == 1
+    # By default (no --smoke) a smoke forward that cannot run is the note it always was.
+    default = json.loads(invoke(*args[:-1], "-f", "json").stdout)
+    assert smoke_findings(default) == [("smoke.skipped", "info")] and default["ok"] is True
+
+
+def test_smoke_asked_for_without_a_base_is_unchecked_like_the_shapes(adapter):
+    report = validate_adapter(adapter, smoke=True, data_scan=False)
+    codes = {f.code: f.severity.value for f in report.findings}
+    assert codes["smoke.unchecked"] == codes["shapes.unchecked"] == "error"
+    allowed = validate_adapter(adapter, smoke=True, data_scan=False, allow_unchecked=True)
+    codes = {f.code: f.severity.value for f in allowed.findings}
+    assert allowed.ok and codes["smoke.unchecked-allowed"] == codes["shapes.unchecked-allowed"] == "warning"
+
+
+@pytest.fixture
+def without_smoke_extra(monkeypatch):
+    """torch and triton look absent (lora-convert decides with importlib.util.find_spec)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "triton") else real(name, *a)
+    )
+
+
+def test_smoke_asked_for_on_a_machine_that_cannot_run_it(adapter, base_dir, without_smoke_extra):
+    """The machine cannot run the forward pass (the [smoke] extra is missing): exit 3 with the install command, as
+    the README's exit-code table says; with --allow-unchecked the warning smoke.unchecked-allowed and a full report."""
+    args = ["validate", adapter, "--base", base_dir, "--smoke"]
+    refused = invoke(*args)
+    assert refused.exit_code == 3 and "pip install 'lora-convert[smoke]'" in refused.stderr, refused.output
+    allowed = invoke(*args, "--allow-unchecked", "-f", "json")
+    assert allowed.exit_code == 0, allowed.output
+    doc = json.loads(allowed.stdout)
+    assert smoke_findings(doc) == [("smoke.unchecked-allowed", "warning")]
+    assert "pip install 'lora-convert[smoke]'" in findings_by_code(doc)["smoke.unchecked-allowed"]["fix"]
+    assert doc["summary"]["checks"]["skipped"]["smoke"] == (
+        "torch not installed: pip install 'lora-convert[smoke]'; accepted with --allow-unchecked"
+    )
+    assert "shapes" in doc["summary"]["checks"]["run"]  # the other checks still ran and are reported
+    # The default smoke is still the note the light install (pre-commit hook, Action) relies on.
+    default = json.loads(invoke(*args[:-1], "-f", "json").stdout)
+    assert smoke_findings(default) == [("smoke.not-installed", "info")] and default["ok"] is True
+
+
+def test_smoke_asked_for_on_cuda_without_a_cuda_device(adapter, base_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["validate", adapter, "--base", base_dir, "--no-data", "--smoke", "--device", "cuda"]
+    refused = invoke(*args)
+    assert refused.exit_code == 3 and "CUDA" in refused.stderr, refused.output
+    allowed = invoke(*args, "--allow-unchecked", "-f", "json")
+    assert allowed.exit_code == 0, allowed.output
+    doc = json.loads(allowed.stdout)
+    assert smoke_findings(doc) == [("smoke.unchecked-allowed", "warning")]
+    assert "CUDA" in findings_by_code(doc)["smoke.unchecked-allowed"]["message"]
+
+
+def test_no_ok_verdict_with_a_smoke_that_was_asked_for_and_not_run(adapter, base_dir, stacked_output):
+    """Whatever stopped it (no base, a stacked output, the errors found before it), a smoke forward asked for and not
+    run leaves the report failing and names itself in `Not run`."""
+    runs = [
+        validate_adapter(adapter, smoke=True, data_scan=False),
+        validate_adapter(stacked_output, base=str(EXAMPLE / "base"), smoke=True, data_scan=False),
+        validate_adapter(adapter, base=str(EXAMPLE / "base"), smoke=True, data_scan=False),  # not its base: errors
+    ]
+    for report in runs:
+        assert "smoke" in report.summary["checks"]["skipped"], report.verdict()
+        assert not report.ok and "smoke.unchecked" in {f.code for f in report.findings}, report.verdict()

@@ -169,7 +169,7 @@ def _shipped_files(source: Path) -> set[str]:
 def test_wheel_holds_every_module_and_json(installed):
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     expected = _shipped_files(installed.source)
-    assert "lora_convert/cli/__init__.py" in expected and "lora_convert/kernels/__init__.py" in expected
+    assert "lora_convert/cli/__init__.py" in expected and "lora_convert/kernels/availability.py" in expected
     missing = sorted(expected - names)
     assert not missing, f"left out of the wheel (see setup.py's package discovery): {missing}"
     assert not [n for n in names if n.split("/")[0] not in ("lora_convert",) and ".dist-info/" not in n], (
@@ -181,12 +181,16 @@ PROBE = r"""
 import importlib, importlib.metadata as md, json, pkgutil, sys
 from packaging.requirements import Requirement
 import lora_convert
+import lora_convert.kernels, lora_convert.schemas  # folders without __init__.py: walk_packages skips them
 mods = {}
-for info in pkgutil.walk_packages(lora_convert.__path__, "lora_convert."):
-    if info.name.endswith(".__main__"):
-        continue  # importing it runs the CLI
-    mods[info.name] = importlib.import_module(info.name).__file__
+for package in (lora_convert, lora_convert.kernels):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if info.name.endswith(".__main__"):
+            continue  # importing it runs the CLI
+        mods[info.name] = importlib.import_module(info.name).__file__
 mods["lora_convert"] = lora_convert.__file__
+for package in (lora_convert.kernels, lora_convert.schemas):
+    (mods[package.__name__],) = package.__path__
 dist = md.distribution("lora-convert")
 unmet = []
 for text in dist.requires or []:

@@ -353,6 +353,8 @@ class Architecture:
             return Location(
                 "unknown-prefix",
                 detail=f"layer stack `{stack}` is not one of {', '.join(sorted(self._stack_prefixes))}",
+                expected=tuple(f"{s}.N" for s in sorted(self._stack_prefixes)),
+                actual=f"{stack}.N",
             )
         if module.layer >= self.num_layers:
             return Location("past-end")
@@ -365,14 +367,18 @@ class Architecture:
             return Location("ok", self._match(self._top_groups[index], covered, canonical, None))
         if any(path == p or path.startswith(p + ".") for p in self.schema.mtp_prefixes):
             return Location("mtp", detail="multi-token-prediction (MTP) module outside the main layer stack")
-        return Location("unknown", detail="not a module of this architecture")
+        return Location(
+            "unknown",
+            detail="not a module of this architecture",
+            expected=(*self._top_sources, *(f"{s}.N.<module>" for s in sorted(self._stack_prefixes))),
+        )
 
     def _locate_in_layer(self, module: LoraModule) -> Location:
         ts = self._layers.of(module.layer)
         local = module.local_name
         hit = ts.sources.get(local)
         if hit is None:
-            return self._locate_elsewhere(local, ts.types)
+            return self._locate_elsewhere(local, ts)
         index, covered, canonical = hit
         template = ts.templates[index]
         is_fused = module.kind == "fused_experts"
@@ -381,22 +387,30 @@ class Architecture:
                 "unknown",
                 detail=f"{local} carries an expert index but {template.definition.name} is not a routed-experts module",
                 layer_types=ts.types,
+                expected=(f"{local} without an expert index",),
+                actual=f"{local} with an expert index" if module.expert is not None else f"{local} as a 3-D parameter",
             )
         if template.experts is not None and module.expert is None and not is_fused:
             return Location(
                 "unknown",
                 detail=f"{local} is a routed-experts module but has no expert index and is not a 3-D expert parameter",
                 layer_types=ts.types,
+                expected=(f"{local} with an expert index", f"{local} as a 3-D expert parameter"),
+                actual=f"{local} without an expert index",
             )
         group = self.groups(module.layer)[index]
         match = self._match(group, covered, canonical, module.expert, fused_3d=is_fused)
         return Location("ok", match, layer_types=ts.types)
 
-    def _locate_elsewhere(self, local: str, types: frozenset[str]) -> Location:
+    def _locate_elsewhere(self, local: str, ts: _TypeSet) -> Location:
         """A name this layer's types do not have: another layer type's, one this config lacks, or unknown."""
         definition = self._family_sources.get(local)
+        types = ts.types
+        here = tuple(ts.sources)  # the module names this layer has, in schema order
         if definition is None:
-            return Location("unknown", detail=f"`{local}` is not a module name of {self.family}", layer_types=types)
+            return Location(
+                "unknown", detail=f"`{local}` is not a module name of {self.family}", layer_types=types, expected=here
+            )
         if not self._evaluator.holds(definition):
             return Location(
                 "unknown",
@@ -404,6 +418,7 @@ class Architecture:
                 "which this config does not satisfy",
                 layer_types=types,
                 group_kind=definition.kind,
+                expected=here,
             )
         status = "experts-on-dense" if definition.kind == "routed_experts" else "not-on-layer-type"
         return Location(

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
-from lora_convert.io.small_files import read_small_text
+from lora_convert.io.small_files import read_small_json
 
 PRESET_PACKAGE = "lora_convert.arch.presets"
 # Where multimodal wrappers keep the language model's config (Kimi-K2.5, Qwen3.5-VL: `text_config`).
@@ -41,6 +41,10 @@ class BaseConfig:
     config: dict  # the top-level config.json
     text_config: dict  # the language model's config (the wrapper's text_config, or `config` itself)
     source_note: str | None = None
+    # Why a preset stands in for the name that was asked for (a Hub id whose config could not be fetched, or the
+    # adapter's base_model_name_or_path matching a preset's hub_ids); None when the preset was named itself.
+    # validate reports it as the note `base.preset` (lora_convert/check/base.py).
+    substitution: str | None = None
     # The folder config.json was read from (a local folder or a Hub cache snapshot): where the base's checkpoint
     # shards may lie (lora_convert/check/base_checkpoint.py reads their headers). None for presets.
     folder: Path | None = None
@@ -48,6 +52,14 @@ class BaseConfig:
     @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
+
+    @property
+    def substitution_note(self) -> str | None:
+        """The sentence that tells the reader a preset stands in for the base asked for (validate's `base.preset`,
+        normalize's notes), or None when it stands in for nothing."""
+        if not self.substitution:
+            return None
+        return f"The base is the shipped preset {self.name} ({self.substitution})."
 
     @property
     def quantization_config(self) -> dict | None:
@@ -122,6 +134,7 @@ def preset_base(preset: dict, note: str | None = None) -> BaseConfig:
         config=config,
         text_config=unwrap_text_config(config),
         source_note="; ".join(parts),
+        substitution=note,
     )
 
 
@@ -186,18 +199,10 @@ def _resolve(spec: str, *, explicit: bool, cache_dir, token) -> BaseConfig:
 
 
 def _read_json(path: Path) -> dict:
-    try:  # a FIFO, device or oversized file raises BaseConfigError (not a regular file): never read
-        data = json.loads(read_small_text(path, BaseConfigError))
-    except UnicodeDecodeError as exc:
-        raise BaseConfigError(f"Cannot read {path} ({exc}).") from None
-    except json.JSONDecodeError as exc:
-        raise BaseConfigError(
-            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}).",
-            hint="Point --base at the base model's config.json.",
-        ) from None
-    if not isinstance(data, dict):
-        raise BaseConfigError(f"{path} holds a JSON {type(data).__name__}, not a config object.")
-    return data
+    # A FIFO, device or oversized file, an LFS pointer, anything but a JSON object: BaseConfigError naming the file.
+    return read_small_json(
+        path, BaseConfigError, hint="Point --base at the base model's config.json.", kind="the base model's config"
+    )
 
 
 def _local(path: Path) -> BaseConfig:

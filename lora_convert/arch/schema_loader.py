@@ -1,5 +1,9 @@
 """Strict loading of `schemas/<family>.json` (shipped as `lora_convert.schemas`, read with importlib.resources).
 
+`lora_convert.schemas` is a folder without `__init__.py` (a namespace package): inside the installed package in a
+wheel, bound to the checkout's top-level schemas/ by lora_convert/__init__.py otherwise; importlib.resources reads
+either the same way (Python 3.10 on; tests/test_import_path.py).
+
 An unknown key anywhere is a SchemaError that names the file and the key path; every expression is compiled
 (never evaluated) at load time. The vocabulary is documented in docs/schemas.md.
 """

@@ -87,6 +87,10 @@ class Location:
     detail: str = ""
     layer_types: frozenset[str] = frozenset()
     group_kind: str | None = None  # for not-on-layer-type / experts-on-dense: the kind of the family's group
+    # for unknown / unknown-prefix: what the schema has in that place (the module names of the layer, the top-level
+    # modules, or the layer stacks), and what the module is, in the same terms: a finding's expected and actual
+    expected: tuple[str, ...] = ()
+    actual: str | None = None
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def check_shapes(adapter: Adapter, arch: Architecture) -> list[Finding]:
             continue
         if loc.status in ("unknown", "unknown-prefix"):
             name = module.local_name if module.layer is not None else module.module
-            unknown.add((name, module.stack_prefix, loc.detail), module)
+            unknown.add((name, module.stack_prefix, loc.detail), module, loc)
             continue
         if loc.status == "mtp":
             mtp.add((module.stack_prefix, loc.detail), module, module.module)
@@ -109,7 +109,8 @@ def check_shapes(adapter: Adapter, arch: Architecture) -> list[Finding]:
                 f"{vision_modules} LoRA module(s) sit in the vision tower or multimodal projector; they are recognized "
                 "but not checked against a text schema, and text-only serving engines do not load them.",
                 keys=vision,
-                fix="Drop them (normalize --drop-unsupported) unless the engine serves the vision tower with LoRA.",
+                fix="Drop them (normalize --drop-unsupported) for text-only serving; `normalize --layout peft` writes "
+                "them for PEFT or an engine that serves the vision tower with LoRA.",
             )
         )
     for (name,), keys in routers.keys.items():
@@ -124,13 +125,16 @@ def check_shapes(adapter: Adapter, arch: Architecture) -> list[Finding]:
     for (name, prefix, detail), keys in unknown.keys.items():
         layers = unknown.layers[(name, prefix, detail)]
         where = f" on layer(s) {_layers_text(layers)}" if layers else ""
+        locations = unknown.extra[(name, prefix, detail)]
+        # What the schema has in those places (layers of different types have different modules): all of it, once.
+        expected = list(dict.fromkeys(e for loc in locations for e in loc.expected))
         findings.append(
             finding(
                 "modules.unknown",
                 f"`{name}`{where} is not a LoRA-able module of {arch.family} ({detail}).",
                 keys=keys,
-                expected=None,
-                actual=name,
+                expected=expected or None,
+                actual=locations[0].actual or name,
                 fix="Check that --base is the adapter's base model; `lora-convert schemas show` lists the modules.",
             )
         )

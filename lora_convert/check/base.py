@@ -105,9 +105,25 @@ def resolve_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> Ba
             ],
             no_shapes_why=f"no schema for model_type {base_cfg.model_type!r}",
         )
-        resolution.findings += base_model_findings(base_cfg, None)
+        resolution.findings += preset_note(base_cfg) + base_model_findings(base_cfg, None)
         return resolution
-    return BaseResolution(config=base_cfg, arch=arch, findings=base_model_findings(base_cfg, arch))
+    return BaseResolution(
+        config=base_cfg, arch=arch, findings=preset_note(base_cfg) + base_model_findings(base_cfg, arch)
+    )
+
+
+def preset_note(base_cfg) -> list[Finding]:
+    """`base.preset` when a shipped preset stands in for the base asked for (docs/validate.md promises the note):
+    the verdict is then about the preset's config, which the reader must know."""
+    if not base_cfg.substitution:
+        return []
+    return [
+        finding(
+            "base.preset",
+            base_cfg.substitution_note,
+            fix="Pass --base with the base model's folder or config.json to check against its exact config.",
+        )
+    ]
 
 
 def base_model_findings(base_cfg, arch) -> list[Finding]:

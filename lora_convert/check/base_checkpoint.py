@@ -17,7 +17,6 @@ Two things, both from config and headers only:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from lora_convert.arch.quantization import BaseQuantization, base_quantization
 from lora_convert.codes import finding
 from lora_convert.errors import LoraConvertError
 from lora_convert.findings import Finding
-from lora_convert.io.small_files import read_small_text
+from lora_convert.io.small_files import read_small_json
 from lora_convert.io.tensor_files import read_safetensors_header
 from lora_convert.peft.adapter import LoraModule, ModuleKind
 from lora_convert.peft.naming import PEFT_PREFIX, parse_key
@@ -114,11 +113,14 @@ def checkpoint_files(folder: Path | None) -> tuple[list[Path], list[str], str | 
         return [], [], None
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            doc = json.loads(read_small_text(index, LoraConvertError))
-            names = sorted({str(v) for v in (doc.get("weight_map") or {}).values()})
-        except (LoraConvertError, ValueError, AttributeError) as exc:
-            return [], [], f"{INDEX_FILE} cannot be read ({exc})"
+        try:  # a FIFO, an LFS pointer, bad or too deeply nested JSON, not an object: the reader's one message
+            doc = read_small_json(index, LoraConvertError)
+        except LoraConvertError as exc:
+            return [], [], f"shard index cannot be read: {exc.message.rstrip('.')}"
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict):
+            return [], [], f"shard index {index} has no `weight_map` object of tensor -> shard file"
+        names = sorted({str(v) for v in weight_map.values()})
         present, missing = [], []
         for name in names:
             path = folder / name
@@ -167,7 +169,9 @@ def checkpoint_findings(base_cfg, arch, quant: BaseQuantization | None) -> tuple
             checker.check(info.key, info.shape, info.dtype, result)
         del infos
     for text in result.unreadable:
-        out.append(finding("base.checkpoint-unreadable", f"A shard header of the base cannot be read: {text}."))
+        out.append(
+            finding("base.checkpoint-unreadable", f"A shard header of the base cannot be read: {text.rstrip('.')}.")
+        )
     if result.wrong_count:
         more = f" (+{result.wrong_count - len(result.wrong)} more)" if result.wrong_count > len(result.wrong) else ""
         out.append(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_convert.check.base import BaseResolution
-from lora_convert.errors import UsageError
+from lora_convert.errors import InternalError, UsageError
 from lora_convert.findings import Finding
 from lora_convert.peft.adapter import STACKED_LAYOUT_CODES
 
@@ -74,6 +74,28 @@ class CheckContext:
 class Outcome:
     findings: list[Finding] = field(default_factory=list)
     skipped: str | None = None  # why the check did not run; None: it ran
+
+
+ACCEPTED = "; accepted with --allow-unchecked"
+
+
+def unchecked_text(allowed: bool, message: str, fix: str) -> dict[str, str]:
+    """The message and fix of a `*.unchecked` / `*.unchecked-allowed` finding (see `not_checked`)."""
+    if allowed:
+        return {"message": message + " Accepted with --allow-unchecked.", "fix": fix + "."}
+    return {"message": message, "fix": fix + "; --allow-unchecked accepts the adapter without this check."}
+
+
+def not_checked(ctx: CheckContext, why: str, gap: Finding, findings=()) -> Outcome:
+    """A check that was asked for and could not run (or not in full) is never a pass: it reports `gap`, the error
+    `<area>.unchecked` or, with --allow-unchecked, the warning `<area>.unchecked-allowed` (both registered in
+    lora_convert/codes.py; the caller names them as literals, with `unchecked_text` for the wording), and is listed
+    as not run, with `why`. A check the caller turned off (--no-data, --engine none, --no-smoke) is a plain
+    `Outcome(skipped=...)` instead. `findings`: what the check found before it had to stop."""
+    allowed = ctx.options.allow_unchecked
+    if not gap.code.endswith(".unchecked-allowed" if allowed else ".unchecked"):
+        raise InternalError(f"{gap.code} is not the unchecked finding for allow_unchecked={allowed}.")
+    return Outcome([*findings, gap], skipped=why + (ACCEPTED if allowed else ""))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ check evaluates both:
 
 `predict_engine` turns the same findings into one word per PEFT module (exact / dropped / wrong) or a load failure:
 what the proof tests (tests/test_proof_*.py) compare with the engines' own code.
+
+Rules that cannot be evaluated (no base to plan against, an adapter that cannot be planned, an invalid config) are
+the error `engine-rules.unchecked` (`engine-rules.unchecked-allowed` with --allow-unchecked), as for shapes: an
+engine verdict that was not reached is never a pass.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from lora_convert.check.context import Check, CheckContext, Outcome
+from lora_convert.check.context import Check, CheckContext, Outcome, not_checked, unchecked_text
+from lora_convert.codes import finding
 from lora_convert.engines.profiles import compute_features, evaluate_engine, rule_finding
 from lora_convert.engines.rules import PLANNED_GROUP, load_rules, resolve_engine
 from lora_convert.errors import LoraConvertError
@@ -31,12 +36,38 @@ def run(ctx: CheckContext) -> Outcome:
         return Outcome(skipped="--engine none")
     if not ctx.adapter.config.is_valid:
         # The rules reason about ranks and scalings; on placeholder values they would invent findings.
-        return Outcome(skipped="adapter_config.json is invalid")
+        why = "adapter_config.json is invalid"
+        return _not_evaluated(ctx, why, "Fix adapter_config.json (its findings say how)")
     findings = evaluate_engine(engine, ctx.adapter, ctx.arch, ctx.text_config, scan=ctx.scan)
     planned, why_not = planned_group_refusals(engine, ctx.adapter, ctx.arch, ctx.base.name)
-    if why_not is not None:
-        return Outcome(findings, skipped=f"the module-group rules: {why_not}")
-    return Outcome(findings + [r.finding for r in planned])
+    if why_not is None:
+        return Outcome(findings + [r.finding for r in planned])
+    if ctx.arch is None:
+        fix = "Pass --base with a base model whose family has a schema (`lora-convert schemas list`)"
+    elif ctx.stacked:
+        fix = (
+            f"A stacked output (lora_layout.json) is the kernels' layout; for {engine}, validate the output of "
+            f"`lora-convert normalize ADAPTER -o OUT --layout {resolve_engine(engine).engine}` instead"
+        )
+    else:
+        fix = "Fix the errors reported for the adapter itself"
+    return _not_evaluated(ctx, f"the module-group rules: {why_not}", fix, findings)
+
+
+def _not_evaluated(ctx: CheckContext, why: str, fix: str, findings=()) -> Outcome:
+    """The error `engine-rules.unchecked` (with --allow-unchecked the warning `engine-rules.unchecked-allowed`): what
+    the engine would do with (part of) the adapter is unknown, so the verdict cannot claim it."""
+    engine = ctx.options.engine
+    message = (
+        f"The {engine} rules were not all evaluated: {why}. What {engine} would do with the modules they cover "
+        "is unknown, so this report cannot say the adapter is served correctly."
+    )
+    allowed = ctx.options.allow_unchecked
+    gap = finding(
+        "engine-rules.unchecked-allowed" if allowed else "engine-rules.unchecked",
+        **unchecked_text(allowed, message, fix),
+    )
+    return not_checked(ctx, why, gap, findings)
 
 
 @dataclass

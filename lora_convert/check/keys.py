@@ -57,7 +57,8 @@ def fallback_layer_findings(adapter, text_config: dict) -> list[Finding]:
                 f"{len(vision)} LoRA module(s) sit in a vision tower or multimodal projector (e.g. {vision[0].module}); "
                 "text-only serving drops them and SGLang may file `...layers.N` ones under text layer N.",
                 keys=[k for m in vision[:MAX_KEYS] for k in m.keys][:MAX_KEYS],
-                fix="lora-convert normalize ADAPTER -o OUT --drop-unsupported",
+                fix="lora-convert normalize ADAPTER -o OUT --drop-unsupported (text-only serving), or --layout peft "
+                "to keep them",
             )
         )
     n_layers = text_config.get("num_hidden_layers")

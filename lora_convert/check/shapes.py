@@ -1,12 +1,13 @@
 """The `shapes` check: every module against the base's architecture schema (lora_convert/arch/shape_check.py),
 or a stacked output against its own lora_layout.json. When neither is possible the check does not run, and says so
-with the error `shapes.unchecked` (a warning, `shapes.unchecked-allowed`, with --allow-unchecked): an adapter with
-a wrong-shaped tensor must not pass a CI gate because its base was unknown."""
+with the error `shapes.unchecked` (a warning, `shapes.unchecked-allowed`, with --allow-unchecked; see
+`lora_convert.check.context.not_checked`): an adapter with a wrong-shaped tensor must not pass a CI gate because its
+base was unknown."""
 
 from __future__ import annotations
 
 from lora_convert.arch.shape_check import check_shapes
-from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome
+from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome, not_checked, unchecked_text
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
 
@@ -17,36 +18,31 @@ def run(ctx: CheckContext) -> Outcome:
     if ctx.arch is not None:
         return Outcome(check_shapes(ctx.adapter, ctx.arch))
     why = ctx.base.no_shapes_why or "no architecture schema"
-    allowed = ctx.options.allow_unchecked
-    return Outcome(
-        [unchecked_finding(why, ctx.base.config, allowed=allowed)],
-        skipped=why + ("; accepted with --allow-unchecked" if allowed else ""),
+    message = (
+        f"The tensor shapes were not checked against the base model: {why}. A wrong-shaped tensor would go "
+        "unnoticed until an engine loads the adapter."
     )
+    allowed = ctx.options.allow_unchecked
+    gap = finding(
+        "shapes.unchecked-allowed" if allowed else "shapes.unchecked",
+        **unchecked_text(allowed, message, _unchecked_fix(ctx.base.config)),
+    )
+    return not_checked(ctx, why, gap)
 
 
 CHECK = Check("shapes", run)
 
 
-def unchecked_finding(why: str, base_cfg, *, allowed: bool) -> Finding:
-    """`shapes.unchecked`, or `shapes.unchecked-allowed` when the caller accepted unchecked shapes."""
+def _unchecked_fix(base_cfg) -> str:
     if base_cfg is None:
-        fix = (
+        return (
             "Pass --base with the base model: a folder holding config.json, a config.json file, a Hub id, or a preset "
             "from `lora-convert schemas list`"
         )
-    else:
-        fix = (
-            f"Add a schema for model_type {base_cfg.model_type!r} (docs/schemas.md; `lora-convert schemas list` shows "
-            "the supported families), or pass --base with a supported base"
-        )
-    fix += "; --allow-unchecked accepts the adapter without the shape check." if not allowed else "."
-    message = (
-        f"The tensor shapes were not checked against the base model: {why}. A wrong-shaped tensor would go "
-        "unnoticed until an engine loads the adapter."
+    return (
+        f"Add a schema for model_type {base_cfg.model_type!r} (docs/schemas.md; `lora-convert schemas list` shows "
+        "the supported families), or pass --base with a supported base"
     )
-    if allowed:
-        return finding("shapes.unchecked-allowed", message + " Accepted with --allow-unchecked.", fix=fix)
-    return finding("shapes.unchecked", message, fix=fix)
 
 
 def stacked_findings(adapter, arch) -> list[Finding]:

@@ -1,12 +1,15 @@
 """The `smoke` check: a forward pass through the kernels compared with PEFT's reference (lora_convert/smoke/runner.py).
 
 It runs when asked (`--smoke`) or by default where it is cheap (a GPU, or a CPU and an adapter up to 50 MB), and not
-for adapters that already have errors or for stacked outputs. A smoke forward that does not run is a note
-(`smoke.skipped`), or a warning when --smoke asked for it (`smoke.requested-not-run`).
+for adapters that already have errors or for stacked outputs.
 
-torch and triton are the `[smoke]` extra. Without them the default smoke is the note `smoke.not-installed` (the
-light core is what the pre-commit hook and the Action install: a missing extra is their normal state, not a
-problem of the adapter), and --smoke is an EnvironmentProblem (exit 3) with the install command.
+By default a smoke forward that does not run is a note (`smoke.skipped`; `smoke.not-installed` without torch and
+triton, the `[smoke]` extra: the light core is what the pre-commit hook and the Action install, so a missing extra is
+their normal state, not a problem of the adapter). A forward pass the caller asked for (--smoke) is never a pass when
+it did not run: the machine that cannot run it (the extra missing, no CUDA for --device cuda) is an
+EnvironmentProblem (exit 3, with what to install or pass), an adapter it cannot run on (a stacked output, no base
+architecture, errors found before it) is the error `smoke.unchecked`; --allow-unchecked turns both into the warning
+`smoke.unchecked-allowed` (lora_convert.check.context.not_checked), with the other checks' report.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lora_convert.check.context import Check, CheckContext, Outcome
+from lora_convert.check.context import Check, CheckContext, Outcome, not_checked, unchecked_text
 from lora_convert.codes import finding
 from lora_convert.errors import EnvironmentProblem, LoraConvertError
 from lora_convert.findings import has_errors
@@ -45,6 +48,22 @@ def gpu_driver_present() -> bool:
     return any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
 
 
+def _unchecked(ctx: CheckContext, reason: str, message: str, fix: str) -> Outcome:
+    """The --smoke forward pass that did not run: `smoke.unchecked`, or `smoke.unchecked-allowed`."""
+    allowed = ctx.options.allow_unchecked
+    gap = finding(
+        "smoke.unchecked-allowed" if allowed else "smoke.unchecked", **unchecked_text(allowed, message, fix.rstrip("."))
+    )
+    return not_checked(ctx, reason, gap)
+
+
+def _environment(ctx: CheckContext, reason: str, problem: EnvironmentProblem) -> Outcome:
+    """--smoke on a machine that cannot run it: exit 3 (the README's code for it), unless --allow-unchecked."""
+    if not ctx.options.allow_unchecked:
+        raise problem
+    return _unchecked(ctx, reason, problem.message, problem.hint or "Run it on a machine that can")
+
+
 def run(ctx: CheckContext) -> Outcome:
     smoke, device, adapter = ctx.options.smoke, ctx.options.device, ctx.adapter
     if smoke is False:
@@ -52,16 +71,20 @@ def run(ctx: CheckContext) -> Outcome:
     missing = missing_smoke_packages()
     if missing:
         if smoke:
-            require_smoke_packages()  # raises EnvironmentProblem with the install command
+            try:
+                require_smoke_packages()
+            except EnvironmentProblem as exc:  # the install command
+                return _environment(ctx, not_installed_reason(missing), exc)
         names = " and ".join(missing)
         message = f"The smoke forward did not run: {names} {'is' if len(missing) == 1 else 'are'} not installed here."
         fix = f"{SMOKE_INSTALL} to run it, or pass --no-smoke to skip it."
         return Outcome([finding("smoke.not-installed", message, fix=fix)], skipped=not_installed_reason(missing))
 
     def not_run(reason: str, message: str, fix: str | None = None) -> Outcome:
-        return Outcome(
-            [finding("smoke.requested-not-run" if smoke else "smoke.skipped", message, fix=fix)], skipped=reason
-        )
+        if smoke:
+            fix = fix or "Fix what the message names, or pass --no-smoke to validate without the forward pass"
+            return _unchecked(ctx, reason, message, fix)
+        return Outcome([finding("smoke.skipped", message, fix=fix)], skipped=reason)
 
     if ctx.stacked:
         return not_run(
@@ -97,10 +120,11 @@ def run(ctx: CheckContext) -> Outcome:
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         if smoke:
-            raise EnvironmentProblem(
+            problem = EnvironmentProblem(
                 "--device cuda was given but no CUDA device is available.",
                 hint="Use --device cpu, or --no-smoke to skip the forward pass.",
             )
+            return _environment(ctx, "no CUDA device", problem)
         return not_run(
             "no CUDA device", "--device cuda was given but no CUDA device is available; no forward pass was run."
         )
@@ -115,9 +139,9 @@ def run(ctx: CheckContext) -> Outcome:
             cache_dir=ctx.options.cache_dir,
             token=ctx.options.token,
         )
-    except EnvironmentProblem:
+    except EnvironmentProblem as exc:
         if smoke:
-            raise
+            return _environment(ctx, "environment", exc)
         return not_run("environment", "The smoke forward could not run on this machine.")
     except LoraConvertError as exc:
         return not_run(

@@ -51,9 +51,10 @@ def validate_adapter(
 ) -> ValidationReport:
     """Run every check on one adapter and return the report (never raises for a problem *in* the adapter).
 
-    `allow_unchecked`: shapes that could not be checked are the warning `shapes.unchecked-allowed` instead of the
-    error `shapes.unchecked`. `checks`: run only these check groups (CHECK_NAMES; `scan --checks`); the others are
-    reported as skipped, "not selected by --checks", so the verdict never claims them.
+    `allow_unchecked`: a check that was asked for and could not run is a warning (`shapes.unchecked-allowed`,
+    `engine-rules.unchecked-allowed`) instead of an error (`shapes.unchecked`, `engine-rules.unchecked`; see
+    lora_convert.check.context.not_checked). `checks`: run only these check groups (CHECK_NAMES; `scan --checks`);
+    the others are reported as skipped, "not selected by --checks", so the verdict never claims them.
     """
     unknown = sorted(set(checks or ()) - set(CHECK_NAMES))
     if unknown:

@@ -15,14 +15,14 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as click_errors
 
 from lora_convert import __version__
-from lora_convert.cli._output import fit_page, print_error
-from lora_convert.errors import BUG_REPORT_HINT, EXIT_INTERNAL, EXIT_OK, LoraConvertError
+from lora_convert.cli._output import fit_page, output_closed, print_error, write_stdout
+from lora_convert.errors import BUG_REPORT_HINT, EXIT_INTERNAL, EXIT_OK, EXIT_OUTPUT_CLOSED, LoraConvertError
 
 HELP = """Validate PEFT LoRA adapters against their base model and normalize them into the fused, stacked layout
 that serving kernels compute with.
 
 Exit codes: 0 ok, 1 the adapter has errors, 2 usage error, 3 environment problem (e.g. no CUDA), 4 internal
-error (a bug in lora-convert: please report it).
+error (a bug in lora-convert: please report it), 141 stdout closed by its reader (`| head`).
 Set LORA_CONVERT_DEBUG=1 to see a traceback for any error."""
 
 
@@ -44,6 +44,12 @@ class _Group(TyperGroup):
         except typer.Abort:
             print_error("Interrupted.", None)
             sys.exit(130)
+        except SystemExit as exc:
+            # typer (on EPIPE) and rich's own consoles (the help pages) exit 1 when stdout's reader has gone; 1 says
+            # the adapter has errors, so that exit becomes ours (README: exit codes).
+            if exc.code != EXIT_OUTPUT_CLOSED and isinstance(exc.__context__, BrokenPipeError):
+                output_closed()
+            raise
         # Without standalone mode click returns the command's return value (None) or an Exit's code.
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
@@ -114,7 +120,7 @@ def command(*names: str, target: typer.Typer | None = None, **kwargs) -> Callabl
 
 def _version_callback(value: bool) -> None:
     if value:
-        sys.stdout.write(f"lora-convert {__version__}\n")
+        write_stdout(f"lora-convert {__version__}\n")
         raise typer.Exit(0)
 
 

@@ -6,10 +6,12 @@ import json
 import os
 import sys
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
+
+from lora_convert.errors import EXIT_OUTPUT_CLOSED
 
 
 def page_width() -> int | None:
@@ -21,8 +23,32 @@ def page_width() -> int | None:
     return None if sys.stdout.isatty() else 200
 
 
-stdout = Console(soft_wrap=False, highlight=False, width=page_width())
-stderr = Console(stderr=True, highlight=False)
+def output_closed(stream: Any = None) -> NoReturn:
+    """The reader of `stream` (stdout by default, or stderr) went away (`lora-convert validate ... | head` once
+    head has its lines): stop at once, print nothing more, and exit EXIT_OUTPUT_CLOSED, as a program killed by
+    SIGPIPE would. The stream is first pointed at /dev/null, so that what is still buffered does not fail again
+    when the interpreter flushes it at exit (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        fd = (stream or sys.stdout).fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (typer's CliRunner): nothing to flush
+        fd = None
+    if fd is not None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    raise SystemExit(EXIT_OUTPUT_CLOSED)
+
+
+class _Console(Console):
+    """rich's Console, except that a closed pipe ends the command through output_closed (rich exits 1, the code
+    that says the adapter has errors)."""
+
+    def on_broken_pipe(self) -> None:
+        output_closed(self.file)
+
+
+stdout = _Console(soft_wrap=False, highlight=False, width=page_width())
+stderr = _Console(stderr=True, highlight=False)
 
 
 def fit_page() -> None:
@@ -42,8 +68,16 @@ class ReportFormat(str, Enum):
 
 
 def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
-    sys.stdout.flush()
+    write_stdout(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_stdout(text: str) -> None:
+    """Raw text to stdout (JSON, GitHub annotations, the version), flushed at once."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        output_closed()
 
 
 def print_error(message: str, hint: str | None) -> None:

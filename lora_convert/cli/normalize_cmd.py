@@ -68,8 +68,16 @@ def normalize_command(
     drop_unsupported: bool = typer.Option(
         False,
         "--drop-unsupported",
-        help="Leave out DoRA, lora_bias, modules_to_save, vision and past-the-end modules instead of refusing; "
-        "they are listed in lora_layout.json and on stderr.",
+        help="Leave out what the layout cannot write exactly instead of refusing: DoRA, lora_bias, modules_to_save, "
+        "past-the-end modules, vision-tower and projector modules (except `--layout peft`, which writes them), and "
+        "an engine layout's refused groups. They are listed on stderr and in the output: lora_layout.json for "
+        "`stacked`, lora_convert_report.json for the other layouts.",
+    ),
+    allow_non_finite: bool = typer.Option(
+        False,
+        "--allow-non-finite",
+        help="Write NaN and Inf values as they are. By default a tensor that would be written with them is refused "
+        "(exit 1, naming the source tensor) and no output is left; `validate` lists them as data.nan / data.inf.",
     ),
     format: OutputFormat = FormatOpt,
     cache_dir: str | None = CacheDirOpt,
@@ -101,6 +109,7 @@ def normalize_command(
             token=token,
             progress=progress,
             layout=layout,
+            allow_non_finite=allow_non_finite,
         )
     finally:
         if progress:

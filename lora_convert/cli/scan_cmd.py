@@ -9,7 +9,7 @@ from lora_convert.cli._app import command
 from lora_convert.cli._output import OutputFormat, byte_progress, print_json, stderr, stdout
 from lora_convert.cli.validate_cmd import ENGINE_HELP
 from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, UsageError
-from lora_convert.scan.task import STATUSES
+from lora_convert.scan.task import FAILING, STATUSES
 
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C, as elsewhere in the CLI
 
@@ -43,13 +43,17 @@ def scan_command(
     ),
     strict: bool = typer.Option(False, "--strict", help="Warnings make an adapter fail too."),
     allow_unchecked: bool = typer.Option(
-        False, "--allow-unchecked", help="Shapes that could not be checked are a warning, not an error."
+        False,
+        "--allow-unchecked",
+        help="Shapes, engine rules or a --smoke forward pass that could not be checked are a warning, not an error "
+        "(as validate).",
     ),
     normalize: str | None = typer.Option(
         None,
         "--normalize",
         metavar="OUTROOT",
-        help="Also convert every adapter without errors into OUTROOT/<id> (mirroring the source tree).",
+        help="Also convert into OUTROOT/<id> (mirroring the source tree) every adapter without errors that --layout "
+        "does not fix (as `normalize --layout`; with --engine E --layout E, the E findings that layout rewrites).",
     ),
     layout: str | None = typer.Option(
         None, "--layout", metavar="LAYOUT", help="The layout for --normalize (as `normalize --layout`)."
@@ -57,7 +61,9 @@ def scan_command(
     jobs: int | None = typer.Option(
         None, "--jobs", "-j", min=1, help="Worker processes on this machine. Default: the core count."
     ),
-    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'lora-convert[ray]')."),
+    ray: bool = typer.Option(  # help texts are rich markup: escape() keeps the extra's [ray]
+        False, "--ray", help=escape("Run on a Ray cluster (pip install 'lora-convert[ray]').")
+    ),
     ray_address: str | None = typer.Option(
         None,
         "--ray-address",
@@ -220,5 +226,22 @@ def render_human(result) -> None:
             ["adapter", "status", "error codes", "errors", "warnings"],
             [[w["id"], w["status"], _first_codes(w["codes"]), w["errors"], w["warnings"]] for w in s["worst"]],
         )
-    verdict = "OK: every adapter passed." if s["ok"] else "FAIL: some adapters have errors or could not be scanned."
-    stdout.print(f"[{'bold green' if s['ok'] else 'bold red'}]{verdict}[/]", soft_wrap=True)
+    if s.get("normalize") is not None:
+        counts = s["normalize"]
+        stdout.print(
+            f"normalize: converted {counts['converted']}, skipped {counts['skipped']} (errors the layout does not "
+            f"fix), failed {counts['failed']} (refused by the converter, or not scanned)",
+            soft_wrap=True,
+        )
+    stdout.print(f"[{'bold green' if s['ok'] else 'bold red'}]{escape(_verdict(result))}[/]", soft_wrap=True)
+
+
+def _verdict(result) -> str:
+    """The last line: OK only for a complete scan in which every adapter passed."""
+    s = result.summary
+    if result.interrupted:
+        return (
+            f"INTERRUPTED: {len(result.records)} of {result.discovered} adapters have a record; the others were not "
+            "scanned" + ("." if not any(st in s["status"] for st in FAILING) else ", and some have errors.")
+        )
+    return "OK: every adapter passed." if s["ok"] else "FAIL: some adapters have errors or could not be scanned."

@@ -117,14 +117,38 @@ def show_command(
             f"{target!r} is not a schema family, so it cannot be combined with --base.",
             hint="Pass either a preset / config as ARCH_OR_PRESET, or a family name with --base.",
         )
-    resolved = resolve_base(base if base is not None else target, cache_dir=cache_dir, token=token)
+    resolved = (
+        resolve_base(base, cache_dir=cache_dir, token=token)
+        if base is not None
+        else _resolve_target(target, cache_dir=cache_dir, token=token)
+    )
     arch = bind(resolved, schema=family)
     table = arch.table()
-    table["base"] = {"name": resolved.name, "origin": resolved.origin, "note": resolved.source_note}
+    table["base"] = {
+        "name": resolved.name,
+        "origin": resolved.origin,
+        "note": resolved.source_note,
+        "substitution": resolved.substitution,  # why a preset stands in for the base named, or None
+    }
     if format is OutputFormat.json:
         print_json(table)
         return
     _render_table(table)
+
+
+def _resolve_target(target: str, *, cache_dir, token):
+    """ARCH_OR_PRESET that is no schema family: a preset, or anything --base accepts. A name that is none of them
+    is reported as the argument it is (schema and preset names), not as a --base."""
+    from lora_convert.arch.base_config import resolve_base
+
+    try:
+        return resolve_base(target, cache_dir=cache_dir, token=token)
+    except UsageError:
+        raise UsageError(
+            f"ARCH_OR_PRESET {target!r} is not a schema family or a preset name, and not the folder, config.json "
+            "or Hub repo id of a base model.",
+            hint="`lora-convert schemas list` shows the schema families and the presets.",
+        ) from None
 
 
 def _slices_text(slices: list[dict]) -> str:
@@ -156,6 +180,8 @@ def _render_table(table: dict) -> None:
         f"[bold]{escape(table['family'])}[/] ({escape(table['schema_file'])}) bound to "
         f"{escape(base['name'])} ({base['origin']})"
     )
+    if base.get("substitution"):
+        stdout.print(f"note: the shipped preset {escape(base['name'])} is used: {escape(base['substitution'])}")
     extras = f", {table['mtp_layers']} MTP layer(s) after them" if table["mtp_layers"] else ""
     stdout.print(
         f"{table['num_layers']} layers{extras}; routed experts: {table['expert_count'] or '-'}; "

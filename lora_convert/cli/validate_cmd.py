@@ -8,7 +8,7 @@ from rich.markup import escape
 
 from lora_convert.cli._app import command
 from lora_convert.cli._options import ADAPTER_HELP, BaseOpt, CacheDirOpt, Device, TokenOpt
-from lora_convert.cli._output import ReportFormat, byte_progress, print_error, print_json, stdout
+from lora_convert.cli._output import ReportFormat, byte_progress, print_error, print_json, stdout, write_stdout
 from lora_convert.errors import EXIT_OK, LoraConvertError
 
 PROGRESS_MIN_BYTES = 100 * 1024 * 1024  # show a progress bar only for scans larger than this
@@ -45,15 +45,21 @@ def validate_command(
         None,
         "--smoke/--no-smoke",
         show_default=False,
-        help="Run a forward pass with the adapter. Default: on with a GPU, and on a CPU for adapters up to 50 MB.",
+        help="Run a forward pass with the adapter. Default: on with a GPU, and on a CPU for adapters up to 50 MB; "
+        "when it cannot run, a note. --smoke that cannot run fails: exit 3 when this machine cannot (no torch/triton, "
+        "no CUDA for --device cuda), the error `smoke.unchecked` when the adapter cannot (a stacked output, no base, "
+        "errors found before it); --allow-unchecked makes either a warning.",
     ),
     device: Device = typer.Option(Device.auto, "--device", case_sensitive=False, help="Where the smoke forward runs."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on warnings too."),
     allow_unchecked: bool = typer.Option(
         False,
         "--allow-unchecked",
-        help="Accept an adapter whose shapes could not be checked (no base, a base that does not resolve, a family "
-        "without a schema): the warning `shapes.unchecked-allowed` instead of the error `shapes.unchecked`.",
+        help="Accept an adapter a check could not cover: shapes (no base, a base that does not resolve, a family "
+        "without a schema), --engine rules that could not be evaluated, or a --smoke forward pass that did not run. "
+        "The warnings `shapes.unchecked-allowed` / `engine-rules.unchecked-allowed` / `smoke.unchecked-allowed` "
+        "instead of the errors `shapes.unchecked` / `engine-rules.unchecked` / `smoke.unchecked` (or, for --smoke on "
+        "a machine that cannot run it, exit 3).",
     ),
     format: ReportFormat = typer.Option(
         ReportFormat.human,
@@ -67,11 +73,12 @@ def validate_command(
 ) -> None:
     """Check an adapter against its base model and report every problem: config, keys, A/B pairs and ranks,
     shapes against the architecture schema, MoE experts, tensor data, TP/EP sharding and, with --engine, what
-    SGLang or vLLM would do with it. Shapes that could not be checked are the error shapes.unchecked unless
-    --allow-unchecked; the verdict line names the checks that ran and those that did not.
+    SGLang or vLLM would do with it. Shapes, engine rules or a --smoke forward pass that could not be checked are the
+    errors shapes.unchecked / engine-rules.unchecked / smoke.unchecked unless --allow-unchecked; the verdict line
+    names the checks that ran and those that did not.
 
     Exit codes: 0 no error (warnings allowed unless --strict), 1 errors, 2 usage error, 3 environment problem,
-    4 internal error (a bug in lora-convert).
+    4 internal error (a bug in lora-convert), 141 stdout closed by its reader (`| head`).
 
     Example: lora-convert validate ./my-adapter --base Qwen/Qwen3-8B --engine sglang --format json
     """
@@ -111,7 +118,7 @@ def validate_command(
         reports.append(report)
         codes.append(report.exit_code)
         if format is ReportFormat.human:
-            render_human(report)
+            render_human(report, base_given=base)
         elif format is ReportFormat.github:
             render_github(report)
     if format is ReportFormat.json:
@@ -178,7 +185,7 @@ def _short(value, limit: int = 60) -> str:
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
-def render_human(report) -> None:
+def render_human(report, *, base_given: str | None = None) -> None:
     """A heading, one block per finding (severity and code, then the message, keys, expected vs actual and fix
     indented under it), and the verdict. Blocks rather than a table: a six-column table folds module paths and
     messages into narrow columns at any width a terminal or CI log has."""
@@ -186,7 +193,7 @@ def render_human(report) -> None:
 
     stdout.print(
         f"[bold]{escape(_safe(report.adapter))}[/]"
-        + (f"  base: {escape(_safe(report.base))}" if report.base else "  base: (none)")
+        + f"  base: {escape(_safe(report.base or base_given or '(none)'))}"
         + (f"  engine: {report.engine}" if report.engine != "none" else "")
     )
     indent = " " * (max(len(s) for s in SEVERITY_STYLE) + 2)
@@ -223,7 +230,7 @@ def _annotation(level: str, title: str, message: str, file: str | None) -> None:
     props = f"title={_escape_property(title)}"
     if file:
         props += f",file={_escape_property(file)}"
-    sys.stdout.write(f"::{level} {props}::{_escape_data(message)}\n")
+    write_stdout(f"::{level} {props}::{_escape_data(message)}\n")
 
 
 GITHUB_LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
@@ -247,5 +254,4 @@ def render_github(report) -> None:
         if f.fix:
             message += f" Fix: {f.fix}"
         _annotation(GITHUB_LEVEL[f.severity.value], f.code, message, file)
-    sys.stdout.write(_safe(f"lora-convert validate: {report.verdict()}") + "\n")
-    sys.stdout.flush()
+    write_stdout(_safe(f"lora-convert validate: {report.verdict()}") + "\n")

@@ -8,9 +8,9 @@ lora_convert/engines/<engine>-<version>.json):
 
 - `sglang`: names that SGLang 0.5.23's own loader (rules R1-R8 of its reference notes) fuses into exactly the
   stacked groups: every fused family complete, split groups cut as its rules say, both expert sides present.
-- `peft` (what PEFT and vLLM load): one PEFT module per base-model module, module paths in the base checkpoint's
-  naming, 3-D experts expanded to per-expert 2-D keys with every projection present (zero-filled where the
-  adapter had none, as vLLM requires).
+- `peft` (what PEFT loads): one PEFT module per module PEFT applies, in transformers 5's in-memory naming, routed
+  experts as PEFT's 3-D `target_parameters`, and vision-tower and projector modules at the adapter's own paths.
+- `vllm`: the `peft` naming, with what vLLM cannot serve refused and the experts in the format its model class takes.
 
 Planning, then execution, in three steps that write nothing:
 1. `plan_layout` decides every module, refusal and drop from the plan (headers, config, schema) alone.
@@ -33,13 +33,14 @@ import numpy as np
 from lora_convert.convert import factors
 from lora_convert.convert.group_tensors import build_group_tensors, iter_group_tensors
 from lora_convert.convert.layout_rules import LayoutRules, load_layout_rules
-from lora_convert.convert.output_config import output_config
-from lora_convert.convert.plan import DroppedModule, Plan, PlannedGroup, _new_group
+from lora_convert.convert.output_config import ENGINE_REPORT_FILE, listing_file, output_config
+from lora_convert.convert.plan import VISION_KIND, DroppedModule, Plan, PlannedGroup, _new_group
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.safetensors_writer import TensorSpec
+from lora_convert.peft.adapter import ModuleKind
 
 LAYOUTS = ("sglang", "vllm", "peft")  # an engine may be named with its release: sglang==0.5.23
-REPORT_FILE = "lora_convert_report.json"
+REPORT_FILE = ENGINE_REPORT_FILE
 REPORT_FORMAT = "lora-convert/engine-layout"
 REPORT_VERSION = 1
 DIFFERENT_A_CODE = "layout.slices-differ-in-a"
@@ -205,6 +206,12 @@ def _module_summary(lg: LayoutGroup) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------- 1. plan (no data)
+def keeps_vision(layout: str) -> bool:
+    """Whether `layout` writes vision-tower and projector modules (its rules' `vision_modules`), so the plan keeps
+    them (lora_convert.convert.plan.build_plan's keep_vision) instead of refusing them."""
+    return layout.partition("==")[0] in LAYOUTS and load_layout_rules(layout).keeps_vision
+
+
 def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     """Cut the stacked plan into the modules of `layout`, from the plan alone (no tensor data). Groups the engine
     cannot serve are listed in `refused`; cuts whose exactness depends on data are listed in `checks`."""
@@ -226,6 +233,10 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
         if problem is not None:
             rule, reason, values = problem
             refused.append(Refused(g, reason, rule.code, values=values))
+            continue
+        if g.kind == VISION_KIND:  # one module, written where the adapter has it (PEFT applied it there)
+            embedding = g.slices[0].dense_source.module.kind == ModuleKind.EMBEDDING
+            out.append(LayoutGroup(g, (OutModule(g.key, (0,), embedding=embedding),)))
             continue
         if experts_3d and g.experts and g.kind == "routed_experts":
             module = _module_3d(g, rules.rename_path(_param_3d_path(g), g, plan.family, config, classes))
@@ -402,7 +413,7 @@ def settle_layout(lp: LayoutPlan, *, drop_unsupported: bool = False) -> LayoutPl
         raise UnsupportedAdapterError(
             f"--layout {lp.layout}: {len(refused)} module group(s) cannot be served exactly by {lp.rules.served_by}: "
             f"{listing}{more}.",
-            hint="Pass --drop-unsupported to leave them out (listed in lora_convert_report.json and on stderr; the "
+            hint=f"Pass --drop-unsupported to leave them out (listed in {listing_file(lp.layout)} and on stderr; the "
             "served adapter then differs from the trained one), or use --layout stacked.",
         )
     whole = [r for r in lp.refused if not r.partial]
@@ -463,18 +474,35 @@ def _target_modules(lp: LayoutPlan) -> list[str] | str:
 
 
 # --------------------------------------------------------------------------------------------- execution
+def _unwritten_keys(lp: LayoutPlan) -> frozenset[str]:
+    """The source tensors that feed only slices the layout leaves out (a partly served group's dropped rows)."""
+    dropped, kept = set(), set()
+    for lg in lp.groups:
+        for i, sl in enumerate(lg.group.slices):
+            (dropped if i in lg.dropped_slices else kept).update(sl.source_keys() or ())
+    return frozenset(dropped - kept)
+
+
 def iter_layout_tensors(
-    lp: LayoutPlan, dtype_tag: str, read: Callable[[str], Any] | None = None, progress=None
+    lp: LayoutPlan,
+    dtype_tag: str,
+    read: Callable[[str], Any] | None = None,
+    progress=None,
+    *,
+    allow_non_finite: bool = False,
 ) -> Iterator[tuple[str, Any]]:
     """(key, tensor) in `tensor_specs` order: each group is built once (stacked, scaling folded) and cut into its
     modules. The tensors are views of reused buffers: consume each before asking for the next. `progress.advance`
     gets, after each group, the bytes of the tensors yielded for it. Decides nothing: the settled plan already says
-    what is written."""
+    what is written; only NaN or Inf in what is written raises NonFiniteValuesError, unless `allow_non_finite`."""
     if not lp.settled:
         raise ValueError("iter_layout_tensors needs a settled layout plan (plan_engine_layout)")
     R = lp.plan.rank
     groups = [lg.group for lg in lp.groups]
-    for lg, (_, A, B) in zip(lp.groups, iter_group_tensors(lp.plan, groups, dtype_tag, read), strict=True):
+    built = iter_group_tensors(
+        lp.plan, groups, dtype_tag, read, allow_non_finite=allow_non_finite, unwritten_keys=_unwritten_keys(lp)
+    )
+    for lg, (_, A, B) in zip(lp.groups, built, strict=True):
         group_bytes = 0
         if lg.modules and lg.modules[0].param is not None:
             (m,) = lg.modules

@@ -4,7 +4,8 @@
 through lora_convert.engines.rules.layout_document): its `layout` object says how a planned group is cut into the
 engine's modules, renamed, and what to tell the user; the groups it REFUSES are that file's `planned_group` rules,
 the same rules `validate --engine` reports, so the two can never disagree. `--layout peft` reads
-`lora_convert/convert/peft_layout.json` (PEFT applies every module: cuts and renames only, no refusals).
+`lora_convert/convert/peft_layout.json` (PEFT applies every module: cuts and renames only, no refusals; its
+`vision_modules` says that vision-tower and projector modules are written, at the adapter's own paths).
 A rule matches a planned group through `when`, by what the schema says about the group:
 
   kind      the schema's group kind (router, mla, mlp, shared_expert, ...)
@@ -121,6 +122,7 @@ class LayoutRules:
     experts_3d_classes: tuple[str, ...] = ()  # model classes whose routed experts are written as PEFT 3-D params
     experts_3d_all: bool = False  # every model's routed experts as PEFT 3-D params (transformers 5 holds them so)
     target_modules: str = "module_leaves"  # or "engine_names": the names the engine normalizes modules to (SGLang)
+    keeps_vision: bool = False  # vision-tower and projector modules are written, not refused (`vision_modules`)
 
     def experts_3d(self, classes) -> bool:
         return self.experts_3d_all or bool(set(classes) & set(self.experts_3d_classes))
@@ -222,9 +224,20 @@ def _parse(data: dict, where: str, engine: str) -> LayoutRules:
             target_modules=data.get("target_modules", "module_leaves"),
             experts_3d_classes=tuple((data.get("experts_3d") or {}).get("architectures", ())),
             experts_3d_all=bool((data.get("experts_3d") or {}).get("all", False)),
+            keeps_vision=_vision_modules(data.get("vision_modules"), f"{where}.vision_modules"),
         )
     except (KeyError, TypeError) as exc:
         raise SchemaError(f"{where}: malformed entry ({type(exc).__name__}: {exc}).") from None
+
+
+def _vision_modules(entry: dict | None, where: str) -> bool:
+    """`{"written": true, "source": ...}`: the loader applies vision-tower and projector LoRA where the adapter has it."""
+    if entry is None:
+        return False
+    _source(entry, where)
+    if not isinstance(entry.get("written"), bool):
+        raise SchemaError(f"{where}: `written` must be true or false.")
+    return entry["written"]
 
 
 def _rule_refusal(rule: dict, engine: str) -> Refusal:

@@ -21,7 +21,7 @@ from typing import Any
 
 from lora_convert.convert import engine_layouts
 from lora_convert.convert.group_tensors import iter_group_tensors, output_dtype, stacked_specs
-from lora_convert.convert.output_config import output_config
+from lora_convert.convert.output_config import STACKED_LAYOUT_FILE, listing_file, output_config
 from lora_convert.convert.plan import DroppedModule, Plan, build_plan
 from lora_convert.io.output_folder import WriteProgress, check_output_dir, protected_inputs, write_folder
 from lora_convert.io.safetensors_writer import TensorSpec
@@ -29,7 +29,7 @@ from lora_convert.peft.adapter import load_adapter
 
 __all__ = ["NormalizeResult", "WriteProgress", "normalize", "plan_normalize"]
 
-LAYOUT_FILE = "lora_layout.json"
+LAYOUT_FILE = STACKED_LAYOUT_FILE
 
 
 @dataclass
@@ -69,6 +69,7 @@ class NormalizeResult:
         if self.layout != "stacked":
             doc["layout"] = self.layout
             doc.update(self.layout_summary or {})
+        doc["notes"] = list(self.notes)  # the plan's (a preset standing in for the base) and the layout's
         return doc
 
     def tensors_json(self) -> list[dict[str, Any]]:
@@ -83,8 +84,12 @@ def plan_normalize(
     drop_unsupported: bool = False,
     cache_dir=None,
     token=None,
+    layout: str = "stacked",
 ) -> Plan:
-    """The stacked plan of an adapter against its base (headers, config and schema only)."""
+    """The stacked plan of an adapter against its base (headers, config and schema only), with what `layout` keeps
+    (vision modules for `peft`) and its refusal hints naming the file that layout writes. A shipped preset standing
+    in for the base named (the adapter's Hub id among the preset's hub_ids, the Hub unreachable) is a note in
+    `plan.notes`."""
     from lora_convert.arch.base_config import resolve_base
     from lora_convert.arch.schema import bind
     from lora_convert.arch.shape_check import check_shapes
@@ -95,14 +100,22 @@ def plan_normalize(
     )
     arch = bind(base_config)
     shape_findings = check_shapes(adapter, arch)
-    return build_plan(
+    plan = build_plan(
         adapter,
         arch,
         base_name=base_config.name,
         rank=rank,
         drop_unsupported=drop_unsupported,
         shape_findings=shape_findings,
+        keep_vision=engine_layouts.keeps_vision(layout),
+        listed_in=listing_file(layout),
     )
+    if base_config.substitution_note:  # validate's `base.preset`: the plan is the preset's, which the user must know
+        plan.notes.append(
+            f"{base_config.substitution_note} Pass --base with the base model's folder or config.json to convert "
+            "against its exact config."
+        )
+    return plan
 
 
 @dataclass
@@ -117,9 +130,9 @@ class _Output:
     summary: dict[str, Any] | None
 
 
-def _stacked_output(plan: Plan, tag: str) -> _Output:
+def _stacked_output(plan: Plan, tag: str, allow_non_finite: bool) -> _Output:
     def tensors(progress: WriteProgress | None) -> Iterator[tuple[str, Any]]:
-        for group, A, B in iter_group_tensors(plan, plan.groups, tag):
+        for group, A, B in iter_group_tensors(plan, plan.groups, tag, allow_non_finite=allow_non_finite):
             yield f"base_model.model.{group.key}.lora_A.weight", A
             yield f"base_model.model.{group.key}.lora_B.weight", B
             if progress is not None:
@@ -137,7 +150,7 @@ def _stacked_output(plan: Plan, tag: str) -> _Output:
     return _Output(stacked_specs(plan, tag), files, tensors, [], list(plan.dropped), None)
 
 
-def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool) -> _Output:
+def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool, allow_non_finite: bool) -> _Output:
     lp = engine_layouts.plan_engine_layout(plan, layout, drop_unsupported=drop_unsupported)
     files = {
         "adapter_config.json": json.dumps(lp.adapter_config(), indent=2) + "\n",
@@ -146,7 +159,9 @@ def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool) ->
     return _Output(
         lp.tensor_specs(tag),
         files,
-        lambda progress: engine_layouts.iter_layout_tensors(lp, tag, progress=progress),
+        lambda progress: engine_layouts.iter_layout_tensors(
+            lp, tag, progress=progress, allow_non_finite=allow_non_finite
+        ),
         list(lp.notes),
         list(lp.dropped),
         lp.summary(),
@@ -174,6 +189,7 @@ def normalize(
     token=None,
     progress: WriteProgress | None = None,
     layout: str = "stacked",
+    allow_non_finite: bool = False,
 ) -> NormalizeResult:
     """The whole command as one library call: plan, then (unless dry_run) write the output in `layout`
     (`stacked`, or an engine layout from lora_convert.convert.engine_layouts: `sglang`, `peft`).
@@ -181,7 +197,12 @@ def normalize(
     Every refusal is raised (UnsupportedAdapterError) while planning, dry run or not, before anything is written.
     `progress` (optional) gets `start(total_bytes)` once writing begins and `advance(nbytes)` per group
     (see WriteProgress). The output folder is refused, before any planning, when it is, contains or lies inside
-    the adapter or a local base, or is the working directory; --force replaces only a previous output."""
+    the adapter or a local base, or is the working directory; --force replaces only a previous output.
+
+    NaN and Inf are in the data, not the headers: unless `allow_non_finite`, a group that would be written with
+    them (NaN or Inf in a source, or a finite source value the scaling fold or the output dtype makes infinite)
+    raises NonFiniteValuesError while writing (checked on each group's sources as they are read, no extra read), and the
+    temporary folder is removed, so no output (and no change to a previous one) is left."""
     started = time.perf_counter()
     adapter_spec = os.fspath(adapter_spec)
     output = Path(output) if output is not None else None
@@ -189,10 +210,19 @@ def normalize(
     if output is not None and not dry_run:
         check_output_dir(output, force=force, protected=protected)  # fail before seconds of planning
     plan = plan_normalize(
-        adapter_spec, base=base, rank=rank, drop_unsupported=drop_unsupported, cache_dir=cache_dir, token=token
+        adapter_spec,
+        base=base,
+        rank=rank,
+        drop_unsupported=drop_unsupported,
+        cache_dir=cache_dir,
+        token=token,
+        layout=layout,
     )
     tag = output_dtype(plan, dtype)
-    planned = _stacked_output(plan, tag) if layout == "stacked" else _engine_output(plan, layout, tag, drop_unsupported)
+    if layout == "stacked":
+        planned = _stacked_output(plan, tag, allow_non_finite)
+    else:
+        planned = _engine_output(plan, layout, tag, drop_unsupported, allow_non_finite)
     written = 0
     if not dry_run and output is not None:
         # The adapter as resolved (a Hub snapshot, say) and a local base read by path are protected as well.
@@ -215,7 +245,7 @@ def normalize(
         bytes_out=sum(s.nbytes for s in planned.specs),
         seconds=time.perf_counter() - started,
         tensors_written=written,
-        notes=planned.notes,
+        notes=[*plan.notes, *planned.notes],
         layout=layout,
         layout_summary=planned.summary,
         specs=planned.specs,

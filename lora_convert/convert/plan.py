@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_convert.convert.blockers import normalize_blockers
 from lora_convert.errors import UnsupportedAdapterError, UsageError
 from lora_convert.findings import Finding
 from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
@@ -138,6 +139,8 @@ class Plan:
     groups: list[PlannedGroup]
     dropped: list[DroppedModule]
     findings: list[Finding] = field(default_factory=list)
+    # What the reader must know about what the plan stands on (a shipped preset standing in for the base).
+    notes: list[str] = field(default_factory=list)
     arch: Any = None  # the schema bound to the base config (lora_convert.arch.schema.Architecture)
 
     @property
@@ -184,9 +187,13 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------------------------ building
+VISION_KIND = "vision"  # the group of one vision-tower or projector module, kept as it is (build_plan's keep_vision)
+
+
 # Module-level problems that make a module unconvertible. Value: (finding code, reason shown to the user).
-def _unsupported_reason(mod: LoraModule) -> tuple[str, str] | None:
-    if mod.is_vision:
+def _unsupported_reason(mod: LoraModule, keep_vision: bool = False) -> tuple[str, str] | None:
+    # a kept vision module is a Linear or Embedding pair (the reader refuses factors that are not 2-D: conv LoRA)
+    if mod.is_vision and not (keep_vision and mod.kind in (ModuleKind.LINEAR, ModuleKind.EMBEDDING)):
         return "modules.vision", "vision-tower or projector module: the text serving path has no place for it"
     if mod.magnitude is not None:
         return (
@@ -198,6 +205,14 @@ def _unsupported_reason(mod: LoraModule) -> tuple[str, str] | None:
     return None
 
 
+def _vision_group(mod: LoraModule) -> PlannedGroup:
+    """A vision-tower or projector module as a group of one slice at the adapter's own module path: the path PEFT
+    applied it at (no schema describes vision towers, so nothing is renamed or fused)."""
+    out_features, in_features = mod.lora_B.shape[0], mod.lora_A.shape[1]
+    sl = PlannedSlice(mod.leaf, 0, out_features, in_features, dense_source=SourceRef(mod, 0, out_features))
+    return PlannedGroup(mod.module, mod.leaf, VISION_KIND, None, in_features, None, [sl])
+
+
 def build_plan(
     adapter: Adapter,
     arch,
@@ -206,9 +221,13 @@ def build_plan(
     rank: int | None = None,
     drop_unsupported: bool = False,
     shape_findings: list[Finding] | None = None,
+    keep_vision: bool = False,
+    listed_in: str | None = None,
 ) -> Plan:
     """Plan the stacked output. Raises UnsupportedAdapterError (exit 1) listing every refused module unless
-    `drop_unsupported`, in which case they are listed in `plan.dropped`."""
+    `drop_unsupported`, in which case they are listed in `plan.dropped`. `keep_vision`: vision-tower and projector
+    modules become groups of kind VISION_KIND (for a layout that writes them: `--layout peft`) instead of refusals.
+    `listed_in`: the output file that lists dropped modules, which the refusal's hint names."""
     cfg = adapter.config
     fatal: list[str] = []
     if cfg.variants:
@@ -217,12 +236,7 @@ def build_plan(
         )
     if cfg.fan_in_fan_out:
         fatal.append("fan_in_fan_out is set: the factors belong to a transposed (Conv1D) base weight")
-    broken = [f for f in adapter.findings if f.severity.value == "error" and f.code not in ("keys.full-weight",)]
-    broken += [
-        f
-        for f in (shape_findings or [])
-        if f.severity.value == "error" and f.code not in ("layers.past-end", "modules.unknown", "modules.vision")
-    ]
+    broken = normalize_blockers([*adapter.findings, *(shape_findings or [])])
     if broken:
         fatal.append(f"{len(broken)} error(s) in the adapter itself, e.g. {broken[0].message}")
     if fatal:
@@ -246,7 +260,11 @@ def build_plan(
     for mod in adapter.modules:
         if not mod.is_complete:
             continue
-        problem = _unsupported_reason(mod)
+        problem = _unsupported_reason(mod, keep_vision)
+        if problem is None and mod.is_vision:
+            builds[mod.module] = _vision_group(mod)
+            order.append(mod.module)
+            continue
         if problem is None and mod.layer is not None and mod.layer >= arch.num_layers:
             problem = (
                 "layers.past-end",
@@ -276,7 +294,9 @@ def build_plan(
         more = f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""
         raise UnsupportedAdapterError(
             f"{len(dropped)} module(s) cannot be converted: {listing}{more}.",
-            hint="Pass --drop-unsupported to leave them out (they are listed in lora_layout.json), or fix the adapter.",
+            hint="Pass --drop-unsupported to leave them out"
+            + (f" (they are listed in {listed_in})" if listed_in else "")
+            + ", or fix the adapter.",
         )
     groups = [builds[p] for p in order]
     groups.sort(key=lambda g: (g.layer if g.layer is not None else 10**9, _kind_order(g), g.key))

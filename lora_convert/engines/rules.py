@@ -31,6 +31,16 @@ OPTIONAL_FIELDS = {"params", "_note", "layout_effect"}  # layout_effect: what no
 # Rules on planned groups (the plan normalize builds from headers): evaluated by the check and convert stages,
 # which own the plan; `params.when` is a condition of lora_convert/convert/layout_rules.py.
 PLANNED_GROUP = "planned_group"
+# What `normalize --layout E` does about a rule of E that fires (`layout_treatment`).
+REWRITES = "rewrites"  # the output is written so that E serves it exactly
+REFUSES = "refuses"  # normalize refuses those modules (--drop-unsupported: leaves them out, listed)
+KEEPS = "keeps"  # written unchanged: nothing to fix, a server setting, or a property of the base
+# Features normalize refuses in the engine layouts, before any engine rule (lora_convert/convert/plan.py): not plain
+# LoRA factors (DoRA, biases, whole weights, new tokens), or modules no text layer of the base has.
+NORMALIZE_REFUSES = frozenset({"dora", "bias", "full_weights", "added_tokens", "vision_modules", "layers_past_end"})
+# Features of the base model, not of the adapter: no layout of the adapter changes them.
+BASE_FEATURES = frozenset({"quantized_base", "unknown_quantization"})
+_NOTHING_TO_FIX = ("exact", "needs-flag")
 _FILE = re.compile(r"^(?P<engine>[a-z][a-z0-9_]*)-(?P<version>\d+(?:\.\d+)*)\.json$")
 
 
@@ -140,6 +150,19 @@ def _document(release: EngineRelease) -> dict:
             "the file name and its contents must agree."
         )
     return doc
+
+
+def layout_treatment(rule: dict) -> str:
+    """What `normalize --layout E` does about a rule of engine E that fires: REWRITES, REFUSES or KEEPS. Planned-group
+    rules are exactly the groups that layout refuses; a rule with its own `layout_effect` text is one whose modules
+    normalize writes unchanged (the text says what it notes instead). The docs' engine tables
+    (lora_convert/engines/table.py) and the errors that stop `scan --normalize` (lora_convert/convert/blockers.py)
+    both read this."""
+    if rule["feature"] == PLANNED_GROUP or rule["feature"] in NORMALIZE_REFUSES:
+        return REFUSES
+    if rule["outcome"] in _NOTHING_TO_FIX or rule["feature"] in BASE_FEATURES or rule.get("layout_effect"):
+        return KEEPS
+    return REWRITES
 
 
 def _check_rule(rule, where: str, seen: set[str]) -> None:

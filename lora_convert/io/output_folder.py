@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from lora_convert.errors import UsageError
 from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
-from lora_convert.io.small_files import read_small_text
+from lora_convert.io.small_files import read_small_json
 
 ADAPTER_FILE = "adapter_model.safetensors"
 # Every output layout writes this file, listing the files of the output: it is how --force recognises a folder
@@ -66,13 +66,18 @@ def protected_inputs(adapter_path: Path | None, base: str | None) -> list[tuple[
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest of a previous lora-convert output in `folder`, or None when there is none (or it is not ours)."""
-    try:  # a FIFO or device of that name is refused unread (UsageError), like a missing or broken manifest
-        doc = json.loads(read_small_text(folder / MANIFEST_FILE, UsageError))
-    except (UsageError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), list):
-        return None
-    return doc
+    return _manifest_and_problem(folder)[0]
+
+
+def _manifest_and_problem(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """(the manifest, "") or (None, why it is not one)."""
+    try:  # a FIFO or device of that name, or anything but a JSON object in it, is refused unread (UsageError)
+        doc = read_small_json(folder / MANIFEST_FILE, UsageError)
+    except UsageError as exc:
+        return None, exc.message
+    if doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), list):
+        return None, f"its `format` is not {MANIFEST_FORMAT!r} or it has no `files` list"
+    return doc, ""
 
 
 def _owned_entries(manifest: dict[str, Any]) -> set[str]:
@@ -117,14 +122,14 @@ def check_output_dir(output: str | Path, *, force: bool, protected: list[tuple[s
             f"The output folder {shown} exists and is not empty.",
             hint="Pass --force to replace a previous lora-convert output, or choose another -o path.",
         )
-    manifest = read_manifest(target)
+    manifest, problem = _manifest_and_problem(target)
     if manifest is None:
         raise UsageError(
             f"--force replaces only an empty folder or a previous lora-convert output, and {shown} is neither: it holds "
             + _listing(entries)
             + (
                 f", and its {MANIFEST_FILE} is not a lora-convert manifest (a regular JSON file listing the output's "
-                "files)."
+                f"files): {problem.rstrip('.')}."
                 if MANIFEST_FILE in entries
                 else f" and no {MANIFEST_FILE}."
             ),

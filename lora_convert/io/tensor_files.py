@@ -27,6 +27,13 @@ from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from lora_convert.errors import AdapterFormatError, EnvironmentProblem
+from lora_convert.io.small_files import (
+    LFS_HINT,
+    LFS_POINTER_MAX_BYTES,
+    LFS_POINTER_PREFIX,
+    lfs_pointer_problem,
+    parse_json,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -169,6 +176,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             )
         with open(path, "rb") as handle:
             prefix = handle.read(8)
+            if prefix == LFS_POINTER_PREFIX[:8]:  # "version ": read as a length, 2336927755350992246 bytes
+                problem = lfs_pointer_problem(prefix + handle.read(LFS_POINTER_MAX_BYTES - 8), name)
+                if problem is not None:
+                    raise AdapterFormatError(problem, hint=LFS_HINT)
             if len(prefix) < 8:
                 raise AdapterFormatError(
                     f"{name} is {size} bytes long, too short to be a safetensors file (it needs at least an 8-byte "
@@ -191,14 +202,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raw = handle.read(header_len)
     except OSError as exc:
         raise AdapterFormatError(f"{name} could not be read: {exc.strerror or exc}.") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise AdapterFormatError(
-            f"{name}: the safetensors header is not valid UTF-8 JSON ({why}).",
-            hint="The file is corrupt or not a safetensors file: download or save the adapter again.",
-        ) from None
+    header = parse_json(
+        raw,
+        f"{name}: the safetensors header",
+        AdapterFormatError,
+        hint="The file is corrupt or not a safetensors file: download or save the adapter again.",
+    )
     if not isinstance(header, dict):
         raise AdapterFormatError(
             f"{name}: the safetensors header must be a JSON object, got {type(header).__name__}.",
@@ -576,6 +585,20 @@ def _torch_to_numpy(tensor, tag: str) -> np.ndarray:
     return raw.view(numpy_dtype(tag)).reshape(tuple(tensor.shape))
 
 
+def _refuse_lfs_pointer(path: Path) -> None:
+    """A Git LFS pointer in place of a pickle checkpoint: named as such, not as an unreadable pickle."""
+    try:
+        if not S_ISREG(path.stat().st_mode):  # never open a FIFO: the open itself may block
+            return
+        with open(path, "rb") as handle:
+            head = handle.read(LFS_POINTER_MAX_BYTES)
+    except OSError:
+        return  # the loader reports it
+    problem = lfs_pointer_problem(head, str(path))
+    if problem is not None:
+        raise AdapterFormatError(problem, hint=LFS_HINT)
+
+
 def load_bin_index(path: Path) -> TensorIndex:
     """Index a legacy `adapter_model.bin` without running arbitrary pickle code.
 
@@ -584,6 +607,7 @@ def load_bin_index(path: Path) -> TensorIndex:
     """
     import pickle
 
+    _refuse_lfs_pointer(path)
     try:
         import torch
     except ImportError:

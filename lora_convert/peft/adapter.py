@@ -12,7 +12,6 @@ A is `[E*r, in]` expert-major; B is `[out, r*E]` rank-major.
 from __future__ import annotations
 
 import gc
-import json
 import math
 from collections import defaultdict
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from typing import Any
 from lora_convert.codes import finding
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
 from lora_convert.findings import Finding
-from lora_convert.io.small_files import read_small_text
+from lora_convert.io.small_files import json_type_name, read_small_json
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
 from lora_convert.io.tensor_files import TensorIndex, TensorInfo, load_bin_index, read_safetensors_header
 from lora_convert.peft.config import PeftConfig, load_config_file
@@ -228,16 +227,15 @@ def _adapter_files(source: AdapterSource) -> tuple[str, list[Path]]:
         return "safetensors", [single]
     if index_file.exists():
         _check_inside(index_file, source.allowed_roots)
-        try:  # a FIFO, device or oversized index raises its own AdapterFormatError, naming the problem
-            index = json.loads(read_small_text(index_file, AdapterFormatError, hint=_INDEX_HINT))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        # A FIFO, device or oversized index, an LFS pointer, bad JSON, not an object: its own AdapterFormatError.
+        index = read_small_json(index_file, AdapterFormatError, hint=_INDEX_HINT)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
             raise AdapterFormatError(
-                f"{index_file} is not a valid shard index (a JSON object with a `weight_map` of key -> file).",
+                f"{index_file} is not a valid shard index: expected a JSON object with a `weight_map` object of "
+                f"key -> file, but its `weight_map` is {json_type_name(weight_map)}.",
                 hint=_INDEX_HINT,
-            ) from None
+            )
         names = sorted({str(v) for v in weight_map.values()})
         shards = []
         for name in names:
@@ -346,20 +344,21 @@ def load_adapter(
     layout_path = source.path / LAYOUT_NAME
     if layout_path.exists():
         _check_inside(layout_path, source.allowed_roots)
-        try:
-            layout = json.loads(read_small_text(layout_path, AdapterFormatError))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterFormatError(f"{layout_path} is not valid JSON ({exc}).") from None
+        layout = read_small_json(
+            layout_path,
+            AdapterFormatError,
+            hint=f"{LAYOUT_NAME} is written by `lora-convert normalize`: normalize the original adapter again.",
+        )
     added = None
     added_path = source.path / "added_tokens.json"
     if added_path.exists():
         _check_inside(added_path, source.allowed_roots)
         try:
-            loaded = json.loads(read_small_text(added_path, AdapterFormatError))
-            added = {str(k): int(v) for k, v in loaded.items()} if isinstance(loaded, dict) else None
-        except AdapterFormatError as exc:  # not a regular file, too large, cannot be opened
+            loaded = read_small_json(added_path, AdapterFormatError)
+            added = {str(k): int(v) for k, v in loaded.items()}
+        except AdapterFormatError as exc:  # not a regular file, too large, an LFS pointer, not a JSON object
             findings.append(finding("config.added-tokens-unreadable", exc.message, keys=["added_tokens.json"]))
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+        except (TypeError, ValueError):
             findings.append(
                 finding(
                     "config.added-tokens-unreadable",

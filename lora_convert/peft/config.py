@@ -21,7 +21,7 @@ from typing import Any
 from lora_convert.codes import finding
 from lora_convert.errors import AdapterConfigError
 from lora_convert.findings import Finding, Severity
-from lora_convert.io.small_files import read_small_text
+from lora_convert.io.small_files import read_small_json
 
 # LoRA variants that change what the stored tensors mean; no serving engine computes them, so converting the
 # tensors as plain LoRA would be silently wrong. Values: the config field and what it means.
@@ -512,17 +512,12 @@ def load_config_file(path: Path) -> PeftConfig:
             f"{path.parent} has no adapter_config.json.",
             hint="A PEFT adapter folder holds adapter_config.json next to adapter_model.safetensors; point at that folder.",
         )
-    try:  # a FIFO, device or folder of that name raises AdapterConfigError (not a regular file): never read
-        text = read_small_text(path, AdapterConfigError)
-    except UnicodeDecodeError as exc:
-        raise AdapterConfigError(f"{path} could not be read as UTF-8 text ({exc}).") from None
-    if not text.strip():
-        raise AdapterConfigError(f"{path} is empty.", hint="Save the adapter again with PEFT's save_pretrained.")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AdapterConfigError(
-            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.",
-            hint="Fix the JSON syntax, or save the adapter again with PEFT's save_pretrained.",
-        ) from None
+    # A FIFO or device of that name, an LFS pointer, bytes that are not UTF-8 JSON, JSON nested too deeply: all
+    # raise AdapterConfigError naming the file. Any top-level type is returned: parse_config reports a non-object.
+    raw = read_small_json(
+        path,
+        AdapterConfigError,
+        hint="Fix the JSON syntax, or save the adapter again with PEFT's save_pretrained.",
+        expect=None,
+    )
     return parse_config(raw, source=path.name)

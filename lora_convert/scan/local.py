@@ -23,11 +23,13 @@ for a good part of every adapter. Instead:
 
 The per-adapter timeout holds inside a batch. A worker runs its tasks in the order it got them, one at a time, and
 starts the next one as soon as it has sent a record, so the parent knows which adapter each worker is on (the
-first of its tasks without a record) and when it started: when the previous record arrived, or when the batch was
-sent to an idle worker. The parent learns of a record after it was sent, so that clock can only start late, never
-early. When an adapter runs past `options.timeout_s`, or its worker dies (any record it had already sent is taken
-first), that adapter alone is recorded (`timeout_record` / `crash_record`), the worker is replaced, and the rest of
-its tasks, which never ran, go back to the front of the queue: each adapter gets exactly one record.
+first of its tasks without a record) and when it started: when the previous record arrived, when the batch was
+sent to an idle worker, or, for a new worker, when it said READY (spawning it and importing lora-convert is not the
+adapter's time: on a loaded machine it takes seconds). The parent learns of a message after it was sent, so that
+clock can only start late, never early. When an adapter runs past `options.timeout_s`, or its worker dies (any
+record it had already sent is taken first), that adapter alone is recorded (`timeout_record` / `crash_record`),
+the worker is replaced, and the rest of its tasks, which never ran, go back to the front of the queue: each adapter
+gets exactly one record.
 
 Largest adapters go first, so that the longest task does not start last and leave the other workers idle at the
 end, with one exception: adapters stored as a legacy `adapter_model.bin` are read through torch, whose import costs
@@ -40,6 +42,7 @@ teardown (a third of a second each, after the last record).
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import signal
@@ -71,6 +74,12 @@ PARENT_NAP_S = 0.005
 TORCH_JOIN = 256
 
 TaskFn = Callable[[ScanTask, ScanOptions], dict]
+
+# A worker's first message: it has started (spawned, imported) and runs its tasks from now on. Its first adapter's
+# clock starts then, not when the batch was sent; until then it has WORKER_START_S (or --timeout, if longer) to
+# start, which on a loaded machine takes seconds, not the adapter's time.
+READY = "ready"
+WORKER_START_S = 120.0
 
 
 def default_jobs() -> int:
@@ -139,11 +148,19 @@ class _Queue:
 
 
 def _worker(conn: Connection, options: ScanOptions, task_fn: TaskFn) -> None:
-    """Run batches of tasks, one record sent per task in order, until told to stop (None) or the parent goes away."""
+    """Say READY once started, then run batches of tasks, one record sent per task in order, until told to stop
+    (None) or the parent goes away."""
     # The parent handles Ctrl-C and SIGTERM for the fleet and then stops its workers; a worker that also raised
     # KeyboardInterrupt would print a traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch's pool costs more than it saves per small op (see cli/_app)
+    # What every task imports is the worker's start-up, not its first adapter's time (a second or more on a loaded
+    # machine, which a short --timeout would otherwise charge to that adapter).
+    importlib.import_module("lora_convert.check.validate")
+    try:
+        conn.send(READY)
+    except (BrokenPipeError, OSError):
+        return
     while True:
         try:
             batch = conn.recv()
@@ -171,6 +188,7 @@ class _Worker:
     big: bool = False  # the batch it runs is one large adapter: queue nothing behind it
     torch: bool = False  # it has been given an adapter stored as a legacy .bin (so it has imported torch)
     started: float = 0.0  # when tasks[0] started, as far as the parent knows (never earlier than it did)
+    ready: bool = False  # it has said READY: started and imported; until then its clock is WORKER_START_S
 
 
 def _signal_name(code: int | None) -> str:
@@ -269,6 +287,10 @@ def run_all(
         try:
             while worker.conn.poll():
                 record = worker.conn.recv()
+                if record == READY:
+                    worker.ready = True
+                    worker.started = time.monotonic()  # the clock of the adapter it is on starts now
+                    continue
                 if not worker.tasks:  # pragma: no cover - a record nobody asked for: the protocol is broken
                     raise RuntimeError("a scan worker sent a record without a task")
                 record_done(worker)
@@ -289,6 +311,10 @@ def run_all(
             workers.append(start())
         if record is not None:
             on_result(record)
+
+    def limit(worker: _Worker) -> float:
+        """How long tasks[0] may take from worker.started: --timeout once the worker is ready."""
+        return options.timeout_s if worker.ready else max(options.timeout_s, WORKER_START_S)
 
     def died(worker: _Worker) -> None:
         """`worker` is gone: hand on the records it sent before, record `crashed` for the task it was on."""
@@ -312,7 +338,7 @@ def run_all(
                 break
             if PARENT_NAP_S and (not pending or all(len(w.batches) > QUEUED_BATCHES for w in workers)):
                 time.sleep(PARENT_NAP_S)
-            deadline = min(w.started for w in busy) + options.timeout_s
+            deadline = min(w.started + limit(w) for w in busy)
             ready = set(
                 wait(
                     [w.conn for w in busy] + [w.process.sentinel for w in busy],
@@ -325,12 +351,15 @@ def run_all(
                 if (exited or worker.conn in ready) and (not take(worker) or exited):
                     died(worker)
             for worker in [w for w in workers if w.tasks]:
-                if time.monotonic() - worker.started < options.timeout_s:
+                if time.monotonic() - worker.started < limit(worker):
                     continue
                 if not take(worker):  # a record may have come in since wait() returned
                     died(worker)
-                elif worker.tasks and (seconds := time.monotonic() - worker.started) >= options.timeout_s:
-                    lose(worker, timeout_record(worker.tasks[0], seconds))
+                elif worker.tasks and (seconds := time.monotonic() - worker.started) >= limit(worker):
+                    if worker.ready:
+                        lose(worker, timeout_record(worker.tasks[0], seconds))
+                    else:
+                        lose(worker, crash_record(worker.tasks[0], f"the worker did not start within {seconds:.0f} s"))
     finally:
         # Every worker is told first and then waited for, so that they exit together, not one after the other.
         for worker in workers:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_convert.errors import UsageError
+from lora_convert.io.small_files import parse_json
 from lora_convert.scan.discover import discover
 from lora_convert.scan.summary import summarize
 from lora_convert.scan.task import ScanOptions, ScanTask
@@ -36,15 +37,17 @@ class ScanResult:
     discovered: int = 0  # adapters found in the SOURCEs
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM before every adapter had a record
     output: str | None = None
+    normalizing: bool | None = None  # ran with --normalize (None: as the records say)
 
     @property
     def summary(self) -> dict[str, Any]:
-        """lora_convert.scan.summary.summarize of the records (by status, family, code, engine outcome, worst)."""
-        return summarize(self.records)
+        """lora_convert.scan.summary.summarize of the records (by status, family, code, engine outcome, worst,
+        and with --normalize converted / skipped / failed); never ok when the scan was interrupted."""
+        return summarize(self.records, complete=not self.interrupted, normalizing=self.normalizing)
 
     @property
     def ok(self) -> bool:
-        """No adapter has errors, failed to be read, crashed or timed out (the CLI exits 0)."""
+        """Every adapter has a record, and none has errors, failed to be read, crashed or timed out (exit 0)."""
         return self.summary["ok"]
 
     def to_json(self) -> dict[str, Any]:
@@ -78,9 +81,9 @@ def read_report(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
             break  # torn
         text = line.strip()
         if text:
-            try:
-                record = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            try:  # not UTF-8, not JSON or nested too deeply: the one JSON reader's UsageError
+                record = parse_json(text, str(path), UsageError)
+            except UsageError:
                 if end == len(data):
                     break  # a torn last line that happened to end in a newline byte
                 lineno = data[:offset].count(b"\n") + 1
@@ -194,6 +197,7 @@ def run_scan(
     todo = [t for t in tasks if t.id not in done]
     result = ScanResult(records=list(earlier), resumed=len(earlier), discovered=len(tasks))
     result.output = str(output) if output is not None else None
+    result.normalizing = bool(options.normalize_root)
     run_all = _executor(backend, address)
     writer = ReportWriter(output, keep_bytes=keep) if output is not None else None
     seen: set[str] = set(done)

@@ -12,9 +12,10 @@ from typing import Any
 from lora_convert.scan.task import FAILING, STATUSES
 
 WORST = 10  # adapters listed as the worst
+NORMALIZE_OUTCOMES = ("converted", "skipped", "failed")
 _STATUS_RANK = {"crashed": 0, "timeout": 1, "error": 2, "findings": 3, "ok": 4}
 
-__all__ = ["WORST", "summarize"]
+__all__ = ["NORMALIZE_OUTCOMES", "WORST", "normalize_outcome", "summarize"]
 
 
 def _counts(record: dict[str, Any]) -> tuple[int, int]:
@@ -25,8 +26,23 @@ def _counts(record: dict[str, Any]) -> tuple[int, int]:
     )
 
 
-def summarize(records: list[dict[str, Any]], *, worst: int = WORST) -> dict[str, Any]:
-    """One JSON-able document: totals, and the tables the human summary prints."""
+def normalize_outcome(record: dict[str, Any]) -> str:
+    """What --normalize did with one adapter: converted; skipped (it has errors the layout does not fix); failed
+    (the converter refused it, or it could not be scanned: crashed, timed out, unreadable)."""
+    norm = record.get("normalize") or {}
+    if norm.get("output"):
+        return "converted"
+    return "skipped" if norm.get("skipped") else "failed"
+
+
+def summarize(
+    records: list[dict[str, Any]], *, worst: int = WORST, complete: bool = True, normalizing: bool | None = None
+) -> dict[str, Any]:
+    """One JSON-able document: totals, and the tables the human summary prints. `complete`: False for an
+    interrupted scan, which is never ok (the adapters without a record were not checked). `normalizing`: whether
+    the scan ran with --normalize (None: whether any record has a conversion)."""
+    if normalizing is None:
+        normalizing = any(r.get("normalize") is not None for r in records)
     status = Counter(r.get("status") for r in records)
     families: dict[str, Counter] = defaultdict(Counter)
     codes: dict[str, dict[str, Any]] = {}
@@ -48,8 +64,10 @@ def summarize(records: list[dict[str, Any]], *, worst: int = WORST) -> dict[str,
         (r for r in records if r.get("status") != "ok"),
         key=lambda r: (_STATUS_RANK.get(r.get("status"), 5), -_counts(r)[0], -_counts(r)[1], r.get("id", "")),
     )
+    normalized = Counter(normalize_outcome(r) for r in records) if normalizing else None
     return {
-        "ok": not any(status[s] for s in FAILING),
+        "ok": complete and not any(status[s] for s in FAILING),
+        "complete": complete,
         "adapters": len(records),
         "status": {s: status[s] for s in STATUSES if status[s]},
         "bytes": sum(r.get("bytes") or 0 for r in records),
@@ -60,6 +78,8 @@ def summarize(records: list[dict[str, Any]], *, worst: int = WORST) -> dict[str,
         },
         "codes": dict(sorted(codes.items(), key=lambda kv: (-kv[1]["adapters"], kv[0]))),
         "engine_outcomes": {k: dict(v) for k, v in sorted(outcomes.items())},
+        # only with --normalize: a scan that converted nothing must not read as one that was not asked to
+        "normalize": {k: normalized[k] for k in NORMALIZE_OUTCOMES} if normalized is not None else None,
         "worst": [
             {
                 "id": r.get("id"),

@@ -169,20 +169,26 @@ def _engine_outcomes(engine: str, findings) -> dict[str, int]:
 
 
 def _normalize(task: ScanTask, options: ScanOptions, report) -> dict[str, Any]:
-    """Write the converted adapter to task.output. An adapter with errors is not converted (its output would carry
-    them into serving); a refusal of the converter is recorded, not raised."""
+    """Write the converted adapter to task.output. An adapter with errors the layout does not fix is not converted
+    (its output would carry them into serving): the same decision `normalize --layout L` makes
+    (lora_convert/convert/blockers.py), so with --engine E --layout E an adapter whose only errors are what layout E
+    rewrites is converted. A refusal of the converter is recorded, not raised."""
+    from lora_convert.convert.blockers import normalize_blockers
     from lora_convert.convert.normalize import normalize
 
+    layout = options.layout or "stacked"
     out: dict[str, Any] = {"output": None, "bytes_out": 0}
-    if not report.ok:
-        out["skipped"] = "the adapter has errors"
+    blockers = normalize_blockers(report.findings, layout, strict=options.strict)
+    if blockers:
+        codes = sorted({f.code for f in blockers})
+        out["skipped"] = (
+            f"the adapter has {len(blockers)} problem(s) --layout {layout} does not fix: {', '.join(codes)}"
+        )
         return out
     try:
         # force: a scan re-run (or --resume after a kill) replaces its own previous output of this adapter; the
         # output-folder safety still refuses a folder that is not one, and any folder over or inside an input.
-        result = normalize(
-            task.spec, Path(task.output), base=options.base, layout=options.layout or "stacked", force=True
-        )
+        result = normalize(task.spec, Path(task.output), base=options.base, layout=layout, force=True)
     except LoraConvertError as exc:
         out["error"] = {"type": type(exc).__name__, "message": exc.message}
         out["exit_code"] = exc.exit_code  # taken out again by _run

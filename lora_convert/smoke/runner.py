@@ -14,7 +14,6 @@ of layers is checked: the first, one of each layer type, and the last.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import time
 import zlib
@@ -564,6 +563,7 @@ def run_smoke(
 
     from lora_convert.convert.group_tensors import build_group_tensors, output_dtype
     from lora_convert.convert.normalize import plan_normalize
+    from lora_convert.io.small_files import read_small_json
     from lora_convert.io.source import resolve_adapter_source
     from lora_convert.peft.adapter import LAYOUT_NAME
 
@@ -576,13 +576,12 @@ def run_smoke(
     target = resolve_adapter_source(adapter_spec, cache_dir=cache_dir, token=token)
     stacked_layout = None
     if (target.path / LAYOUT_NAME).exists():
-        try:
-            stacked_layout = json.loads((target.path / LAYOUT_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(
-                f"{target.path / LAYOUT_NAME} is not valid JSON ({exc}).",
-                hint="Re-create the output with lora-convert normalize; the file is written by it.",
-            ) from None
+        # A FIFO, an LFS pointer, bad or too deeply nested JSON, not an object: UsageError naming the file.
+        stacked_layout = read_small_json(
+            target.path / LAYOUT_NAME,
+            UsageError,
+            hint="Re-create the output with lora-convert normalize; the file is written by it.",
+        )
         if original is None:
             raise UsageError(
                 f"{adapter_spec} is a stacked output; the smoke check needs the original PEFT adapter to compare with.",
@@ -621,6 +620,13 @@ def run_smoke(
         wanted = parse_layers(layers, arch.num_layers)
         chosen = present if wanted is None else [layer for layer in present if layer in wanted]
         sampled = False
+    if not any(g.layer is None or g.layer in chosen for g in plan.groups):
+        # Only an explicit --layers can select nothing; a run that checked no group must not read as a pass.
+        held = ", ".join(map(str, present)) if len(present) <= 12 else f"{present[0]}..{present[-1]}"
+        raise UsageError(
+            f"--layers {layers} selects none of the layers the adapter has LoRA on ({held}): nothing would be checked.",
+            hint="Pick some of those layers, or pass --layers auto or all.",
+        )
     read = plan.adapter.read
     # The set-up phase: resolving and planning (headers only), the CUDA context and the kernel modules' import
     # (triton), so that the per-group phases below hold only per-group work.

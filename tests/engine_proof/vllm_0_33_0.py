@@ -76,8 +76,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 if __name__ == "__main__":  # script mode: make `helpers` and `engine_proof` importable
-    _TESTS = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(_TESTS), str(_TESTS.parent)]
+    # tests/ only, never the repository root (tests/test_import_path.py): lora_convert comes from the install.
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import numpy as np  # noqa: E402
 

@@ -198,9 +198,25 @@ def f_fused_experts(ctx: Context, params: dict):
 
 
 def f_vision(ctx: Context, params: dict):
+    """Vision-tower and projector modules. `kinds` / `not_kinds` keep or leave out module kinds (an engine may load
+    a vision Linear it does not apply but refuse a vision Embedding); `listed_in_targets` keeps those whose leaf is
+    the last component of a name in a list-valued target_modules (an engine that sizes a buffer per target name);
+    `with_layer_index` those with `layers.N.` in their path."""
     mods = [m for m in ctx.modules if m.is_vision or (ctx.arch is not None and ctx.arch.vision_module(m.module))]
+    if "kinds" in params:
+        mods = [m for m in mods if m.kind in params["kinds"]]
+    mods = [m for m in mods if m.kind not in params.get("not_kinds", ())]
+    if params.get("listed_in_targets"):
+        targets = ctx.adapter.config.target_modules
+        listed = {t.rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else set()
+        mods = [m for m in mods if m.leaf in listed]
     if params.get("with_layer_index"):
         mods = [m for m in mods if re.search(r"layers\.\d+\.", m.module + ".")]
     if not mods:
         return None
-    return {"count": len(mods), "examples": examples([m.module for m in mods]), "keys": module_keys(mods)}
+    return {
+        "count": len(mods),
+        "examples": examples([m.module for m in mods]),
+        "names": ", ".join(sorted({m.leaf for m in mods})),
+        "keys": module_keys(mods),
+    }

@@ -1,7 +1,8 @@
-"""Triton kernels that apply stacked LoRA groups (``lora_convert.kernels``).
+"""Whether the Triton kernels (``lora_convert.kernels``) can run here, and the layout contract they share.
 
-Ops live one per module and are imported explicitly, so that importing this package stays cheap (the CLI
-imports it to ask :func:`is_available` and must not pay for torch/triton):
+``lora_convert.kernels`` is a folder without ``__init__.py`` (so the repository's top-level ``kernels/`` can never
+be imported as, and shadow, PyPI's package of that name). Ops live one per module and are imported explicitly;
+this module imports neither torch nor triton, so asking :func:`is_available` stays cheap:
 
 * ``lora_convert.kernels.shrink.lora_shrink``     h = x @ A^T                              (fp32 out)
 * ``lora_convert.kernels.expand.lora_expand``     y[:, slice_i] += s_i * h[:, rank block i] @ B_i^T
