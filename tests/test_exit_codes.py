@@ -544,8 +544,11 @@ def test_141_stdout_whose_reader_is_gone(cli, name):
 @pytest.mark.slow
 def test_141_validate_piped_into_head(cli):
     """The report's first line is printed before the checks run; `head -1` exits after it, and the rest of the
-    report meets a closed pipe (the issue's `lora-convert validate ... | head`)."""
-    command = " ".join(shlex.quote(a) for a in _console_script() + ["validate", ADAPTER, "--base", BASE])
+    report meets a closed pipe (the issue's `lora-convert validate ... | head`). Eight copies of the adapter keep
+    the validator writing for seconds after its first line, so even a head scheduled late on a loaded machine has
+    closed the pipe before the last report is written."""
+    copies = [str(shutil.copytree(ADAPTER, Path(cli.workdir) / f"adapter-{i}")) for i in range(8)]
+    command = " ".join(shlex.quote(a) for a in _console_script() + ["validate", *copies, "--base", BASE])
     result = subprocess.run(
         ["bash", "-c", f"{command} | head -1; exit ${{PIPESTATUS[0]}}"],
         cwd=cli.workdir,
@@ -554,7 +557,7 @@ def test_141_validate_piped_into_head(cli):
         text=True,
         timeout=300,
     )
-    assert result.stdout == f"{ADAPTER}  base: {BASE}\n", result.stdout
+    assert result.stdout == f"{copies[0]}  base: {BASE}\n", result.stdout
     assert_closed_quietly(result)
 
 

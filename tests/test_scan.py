@@ -130,6 +130,22 @@ def stalled_hub(monkeypatch, tmp_path):
         server.close()
 
 
+def _stop_scan_after(args: list[str], env: dict, report: Path, records: int, sig: int) -> tuple[int, str, str]:
+    """Run the scan CLI, send `sig` once its report holds `records` lines (while it still runs); its exit code,
+    stdout and stderr."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while proc.poll() is None and (not report.exists() or report.read_text().count("\n") < records):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
 def _cli() -> list[str]:
     script = Path(sys.executable).with_name("lora-convert")
     return [str(script)] if script.exists() else [sys.executable, "-m", "lora_convert"]
@@ -228,19 +244,8 @@ def test_resume_after_sigterm_completes_the_report_without_duplicates(registry, 
     # The stalled Hub adapter (0 bytes known: scheduled last) keeps the first scan running until it is stopped.
     report = tmp_path / "scan.jsonl"
     args = [*_cli(), "scan", str(registry), HANG, "--jobs", "1", "--output", str(report)]
-    proc = subprocess.Popen(
-        [*args, "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stalled_hub
-    )
-    try:
-        while proc.poll() is None and (not report.exists() or report.read_text().count("\n") < 3):
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, _, err = _stop_scan_after([*args, "--timeout", "600"], stalled_hub, report, 3, signal.SIGTERM)
+    assert returncode == 130, err
     assert "--resume" in err
     first, _ = read_report(report)
     assert len(first) >= 3 and HANG not in {r["id"] for r in first}
@@ -647,17 +652,8 @@ def test_ctrl_c_mid_scan_prints_no_ok(registry, tmp_path, stalled_hub):
     Ctrl-C comes: exit 130, and no OK anywhere in what it printed."""
     report = tmp_path / "scan.jsonl"
     args = [*_cli(), "scan", str(registry / "team-a"), HANG, "--jobs", "1", "--output", str(report)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stalled_hub)
-    try:
-        while proc.poll() is None and len(read_report(report)[0]) < 2:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, out, err = _stop_scan_after(args, stalled_hub, report, 2, signal.SIGINT)
+    assert returncode == 130, err
     assert "ok 2" in out and "OK" not in out and "every adapter passed" not in out, out
     assert out.strip().splitlines()[-1] == "INTERRUPTED: 2 of 3 adapters have a record; the others were not scanned."
     assert "Interrupted: 2 of 3 adapters" in err

@@ -432,6 +432,8 @@ def test_human_header_names_the_base_given_when_the_adapter_is_unreadable(tmp_pa
     header = result.stdout.splitlines()[0]
     assert f"base: {base_dir}" in header and "(none)" not in header, header
     assert "config.unreadable" in result.stdout
+    # and the verdict does not contradict the header: the base was given, the adapter was never checked against it
+    assert "(not checked against a base model)" in result.stdout.splitlines()[-1], result.stdout
     without = invoke(folder, "--no-smoke")
     assert "base: (none)" in without.stdout.splitlines()[0], without.stdout
 

@@ -82,7 +82,7 @@ def test_no_base_is_an_error_not_ok(broken_adapter):
     assert result.exit_code == 1, result.output
     assert "shapes.unchecked" in result.stdout
     verdict = result.stdout.strip().splitlines()[-1]
-    assert verdict.startswith("FAIL (errors): ") and "(no base model)" in verdict
+    assert verdict.startswith("FAIL (errors): ") and "(not checked against a base model)" in verdict
     assert "Not run: shapes (no --base, and adapter_config.json names no base model)" in verdict
 
 

@@ -41,7 +41,7 @@ class ValidationReport:
     def verdict(self) -> str:
         s = self.summary
         counts = f"{s.get('errors', 0)} error(s), {s.get('warnings', 0)} warning(s), {s.get('infos', 0)} note(s)"
-        against = f" against {self.base}" if self.base else " (no base model)"
+        against = f" against {self.base}" if self.base else " (not checked against a base model)"
         engine = f", engine {self.engine}" if self.engine != "none" else ""
         if self.ok:
             head = "OK"
