@@ -4,6 +4,7 @@
 # and, for development:
 #   make test-fast  the unit layer only (no slow, peft, engine or gpu tests): under a minute on 2 cores
 #   make lock       re-resolve the locked environment (requirements/constraints.txt) and run the suite on it
+#   make screenshot rewrite docs/images/fleet-page.png (the fleet page in headless Chromium)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -21,7 +22,7 @@ LOCK_VENV ?= /tmp/lora-convert-lock-venv
 # The unit layer: everything but the slow tests, the PEFT proof, the engine proof and the GPU tests.
 FAST_MARKERS := not slow and not peft and not engine and not gpu
 
-.PHONY: demo test test-fast lock setup clean readme docs
+.PHONY: demo test test-fast lock setup clean readme docs screenshot
 
 setup: $(STAMP)
 
@@ -67,6 +68,11 @@ readme: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m lora_convert.codes --write docs/validate.md
 	$(BIN)/python -m lora_convert.engines.table --write docs/engine-layouts.md
+
+# Rewrite docs/images/fleet-page.png (the README's picture of the fleet page) from the browser test's seeded records;
+# needs Debian's chromium and chromium-driver (`.ci/run` installs them; as root: apt-get install chromium chromium-driver).
+screenshot: $(STAMP)
+	LORA_CONVERT_REQUIRE_BROWSER=1 LORA_CONVERT_WRITE_SCREENSHOT=1 $(BIN)/pytest -q tests/test_fleet_page_browser.py -k screenshot
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -5,11 +5,12 @@ The gate must never pass by accident: every way of not validating anything (no h
 that is missing, weights without a config) is either an `::error::` (exit non-zero) or a `::notice::` that says
 what was done instead, and a validator that does not end with a verdict (killed by a signal, e.g. the
 out-of-memory killer; crashed; past `timeout-minutes`; an exit code lora-convert does not use; no verdict printed)
-fails the step with an `::error::` saying what happened. Standard library only; run with the Python that installed
-lora-convert.
+fails the step with an `::error::` saying what happened. Whatever happened, the job summary (job_summary.py,
+beside this file) says it too. Standard library only; run with the Python that installed lora-convert.
 
 Inputs (environment): INPUT_ADAPTERS, INPUT_BASE_REF, INPUT_BASE, INPUT_ENGINE, INPUT_STRICT, INPUT_ARGS,
-INPUT_TIMEOUT_MINUTES, EVENT_BEFORE (github.event.before), and the runner's GITHUB_BASE_REF and GITHUB_OUTPUT.
+INPUT_TIMEOUT_MINUTES, EVENT_BEFORE (github.event.before), and the runner's GITHUB_BASE_REF, GITHUB_OUTPUT,
+GITHUB_STEP_SUMMARY, GITHUB_SERVER_URL, GITHUB_REPOSITORY and GITHUB_RUN_ID.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # job_summary.py, also when this file is loaded by path
+import job_summary  # noqa: E402
+import sarif_log  # noqa: E402
 
 # ---- what `lora-convert validate` reads: the one list of watched files ----------------------------------------------
 # Derived from the code (lora_convert/peft/adapter.py, io/source.py's ADAPTER_FILE_PATTERNS, check/data.py,
@@ -67,6 +74,11 @@ VALIDATOR_EXITS = {
     EXIT_NOT_VALIDATED: "internal error, a bug in lora-convert",
 }
 VERDICT = "lora-convert validate: "
+ANNOTATION = re.compile(r"::(error|warning|notice) title=([^,:]*)")  # one per finding, its code as the title
+OWN_TITLE = "lora-convert"  # the title of lora-convert's annotation of an error that stopped it: no finding
+# What this run did, for the job summary; the action's own annotations are recorded by annotate().
+RECORD = job_summary.GateRecord()
+SARIF = sarif_log.SarifCollector()  # the `sarif` input's log (main() sets its target from the environment)
 
 
 class GateError(Exception):
@@ -87,6 +99,7 @@ def _escape_property(text: str) -> str:
 
 
 def annotate(level: str, message: str, file: str | None = None) -> None:
+    RECORD.messages.append((level, message, file))
     props = f" title=lora-convert action,file={_escape_property(file)}" if file else " title=lora-convert action"
     # Annotations go to stdout, where the runner reads workflow commands; flushed before any child process writes.
     sys.stdout.write(f"::{level}{props}::{_escape_data(message)}\n")
@@ -399,6 +412,7 @@ class Outcome:
 
     returncode: int | None  # None: stopped at the timeout
     verdicts: list[str]  # its "lora-convert validate: OK|FAIL ..." lines
+    findings: list[tuple[str, str]] = field(default_factory=list)  # (level, code) of each finding's annotation
 
 
 def run_validator(cmd: list[str], timeout_s: float) -> Outcome:
@@ -409,6 +423,7 @@ def run_validator(cmd: list[str], timeout_s: float) -> Outcome:
     except OSError as exc:
         raise GateError(f"Cannot start {cmd[0]}: {exc.strerror or exc}.", EXIT_ENV) from None
     verdicts: list[str] = []
+    findings: list[tuple[str, str]] = []
 
     def relay() -> None:
         for line in child.stdout:
@@ -417,6 +432,8 @@ def run_validator(cmd: list[str], timeout_s: float) -> Outcome:
             text = line.decode("utf-8", "replace")
             if text.startswith(VERDICT):
                 verdicts.append(text[len(VERDICT) :].strip())
+            elif (m := ANNOTATION.match(text)) and m[2] != OWN_TITLE:
+                findings.append((m[1], m[2]))
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
@@ -433,7 +450,7 @@ def run_validator(cmd: list[str], timeout_s: float) -> Outcome:
             child.wait()
     # A grandchild that kept the pipe open must not hold the gate: the verdict, if any, came before the exit.
     reader.join(TERMINATE_GRACE_S)
-    return Outcome(None if timed_out else child.returncode, verdicts)
+    return Outcome(None if timed_out else child.returncode, verdicts, findings)
 
 
 def signal_name(number: int) -> str:
@@ -495,6 +512,34 @@ def judge(adapter: str, outcome: Outcome, minutes: float) -> tuple[int, str | No
     )
 
 
+def short_verdict(outcome: Outcome, error: str | None, minutes: float) -> str:
+    """The adapter's verdict in the job summary's table: the validator's own (OK, FAIL (errors), ...) when the gate
+    accepted it (`error` None), else what happened instead."""
+    code = outcome.returncode
+    if error is None:
+        return outcome.verdicts[0].split(":", 1)[0]
+    if code is None:
+        return f"timeout ({minutes:g} min)"
+    if code < 0:
+        return f"killed ({signal_name(-code)})"
+    if code in VALIDATOR_EXITS:
+        return f"not validated (exit {code}: {VALIDATOR_EXITS[code].split(',')[0]})"
+    if code in (EXIT_OK, EXIT_ERRORS):
+        return f"no verdict (exit {code})"
+    return f"not validated (exit {code})"
+
+
+def requested_engine(cmd: list[str]) -> str:
+    """The engine a validator run with `cmd` checks: its last --engine/-e (`args` come after the `engine` input)."""
+    engine = "none"
+    for i, arg in enumerate(cmd):
+        if arg in ("--engine", "-e") and i + 1 < len(cmd):
+            engine = cmd[i + 1]
+        elif arg.startswith("--engine="):
+            engine = arg.split("=", 1)[1]
+    return engine
+
+
 def exit_note(code: int) -> str:
     if code == 130:
         return " (interrupted)"
@@ -507,11 +552,25 @@ def validate_each(adapters: list[str], env: dict) -> int:
     """One validator per adapter: each gets its own timeout, and a crash names the adapter it happened on."""
     prefix = validate_command(env)
     minutes = timeout_minutes(env)
+    RECORD.engine = requested_engine(prefix)
     code = EXIT_OK
     for adapter in adapters:
         # "./" keeps a folder whose name starts with "-" from reading as an option.
-        outcome = run_validator([*prefix, f"./{adapter}" if adapter.startswith("-") else adapter], minutes * 60)
+        sarif_args = SARIF.args(adapter)  # the `sarif` input: each validator writes its own log, merged at the end
+        argv = [*prefix, *sarif_args, f"./{adapter}" if adapter.startswith("-") else adapter]
+        outcome = run_validator(argv, minutes * 60)
         adapter_code, error = judge(adapter, outcome, minutes)
+        if error:
+            SARIF.not_validated(adapter, error)
+        RECORD.results.append(
+            job_summary.AdapterResult(
+                adapter,
+                short_verdict(outcome, error, minutes),
+                validated=error is None,
+                levels=Counter(level for level, _ in outcome.findings),
+                codes=[finding for _, finding in outcome.findings],
+            )
+        )
         if error:
             config = Path(adapter) / CONFIG
             annotate("error", error, file=str(config) if config.is_file() and not config.is_absolute() else None)
@@ -555,6 +614,7 @@ def run(env: dict) -> int:
         log(f"{path}: not in an adapter folder (no {CONFIG} or adapter weights beside it), so validate never reads it")
 
     set_output("count", str(len(plan.adapters)))
+    RECORD.planned = len(plan.adapters)
     if not plan.adapters:
         if code == EXIT_OK:
             annotate("notice", "No changed PEFT adapter (no file that lora-convert validate reads) to validate.")
@@ -564,11 +624,23 @@ def run(env: dict) -> int:
 
 
 def main() -> int:
+    env = dict(os.environ)
+    SARIF.set_target(env.get("INPUT_SARIF", ""))  # resolved before run() changes directory
     try:
-        return run(dict(os.environ))
+        code = run(env)
     except GateError as exc:
         annotate("error", str(exc))
-        return exc.exit_code
+        code = exc.exit_code
+    try:
+        SARIF.write()
+    except OSError as exc:
+        annotate("error", f"Cannot write the SARIF log (the `sarif` input) {SARIF.target}: {exc}.")
+        code = max(code, EXIT_ENV)
+    try:
+        job_summary.write(RECORD, code, env)
+    except OSError as exc:  # the summary is a report: the gate's exit code stands without it
+        log(f"could not append the job summary to $GITHUB_STEP_SUMMARY: {exc}")
+    return code
 
 
 if __name__ == "__main__":

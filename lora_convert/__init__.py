@@ -48,6 +48,8 @@ _API = {
     "validate_adapter": "lora_convert.api",
     "normalize_adapter": "lora_convert.api",
     "scan_adapters": "lora_convert.api",
+    "fleet_page": "lora_convert.api",
+    "FleetPage": "lora_convert.api",
     "InspectResult": "lora_convert.api",
     "ValidationReport": "lora_convert.check.validate",
     "NormalizeResult": "lora_convert.convert.normalize",

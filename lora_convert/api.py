@@ -26,7 +26,15 @@ if TYPE_CHECKING:
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["InspectResult", "inspect_adapter", "validate_adapter", "normalize_adapter", "scan_adapters"]
+__all__ = [
+    "FleetPage",
+    "InspectResult",
+    "fleet_page",
+    "inspect_adapter",
+    "validate_adapter",
+    "normalize_adapter",
+    "scan_adapters",
+]
 
 FIXED_LAYOUTS = ("stacked", "peft")  # the other layouts are the engines with a rule file (layouts())
 DTYPES = ("keep", "bf16", "fp16", "fp32")
@@ -269,11 +277,28 @@ def normalize_adapter(
 
 
 # -------------------------------------------------------------------------------------------------- scan
+def _scan_engines(engine: Any) -> list[str]:
+    """The engine releases of a scan, in the order given, each release once (as the caller spelled it: the verdict
+    names it so); [] for none. "all": every engine's pinned release (its newest rule file)."""
+    from lora_convert.engines.rules import installed_engines, resolve_engine
+
+    items = [engine] if isinstance(engine, str) or hasattr(engine, "value") else list(engine or ["none"])
+    names: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        text = _release(item, "engine", ("none", "all"))
+        for one in installed_engines() if text == "all" else [] if text == "none" else [text]:
+            if resolve_engine(one).spec not in seen:
+                seen.add(resolve_engine(one).spec)
+                names.append(one)
+    return names
+
+
 def scan_adapters(
     sources: PathLike | list[PathLike],
     *,
     base: PathLike | None = None,
-    engine: str = "none",
+    engine: str | list[str] | tuple[str, ...] = "none",
     checks: list[str] | tuple[str, ...] | None = None,
     data_scan: bool = True,
     smoke: bool = False,
@@ -287,12 +312,16 @@ def scan_adapters(
     timeout: float = 600.0,
     output: PathLike | None = None,
     resume: bool = False,
+    html: PathLike | None = None,
     on_start: Callable[[list[Any]], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> ScanResult:
     """`lora-convert scan`: validate every adapter of `sources` (folders searched recursively, list files, Hub
     ids) in `jobs` worker processes (or on Ray with `ray=True`), appending one JSON record per adapter to `output`;
-    with `normalize`, also convert each adapter without errors into normalize/<id> in `layout`. Returns a
+    with `normalize`, also convert each adapter without errors into normalize/<id> in `layout`. `engine` may be one
+    release, a list of them (each adapter is checked against every one; the record's "engines" counts each
+    release's outcomes) or "all" (every engine's pinned release). With `html`, the fleet page of every record is
+    written there when the scan ends, also when it was interrupted (`result.page`; docs/fleet-page.md). Returns a
     `lora_convert.scan.report.ScanResult` (`.records`, `.summary`, `.ok`, `.interrupted`, `.to_json()`).
 
     Raises UsageError (bad argument, no SOURCE, an existing report without resume), EnvironmentProblem (ray=True
@@ -313,9 +342,11 @@ def scan_adapters(
         selected = tuple(c for c in CHECK_NAMES if c in checks)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    engines = _scan_engines(engine)
     options = ScanOptions(
         base=_optional_path(base, "base"),
-        engine=_release(engine, "engine", ("none",)),
+        engine=engines[0] if engines else "none",
+        more_engines=tuple(engines[1:]),
         checks=selected,
         data_scan=bool(data_scan),
         smoke=bool(smoke),
@@ -325,10 +356,16 @@ def scan_adapters(
         normalize_root=_optional_path(normalize, "normalize"),
         timeout_s=float(timeout),
     )
-    return run_scan(
+    page = _optional_path(html, "html")
+    output_path = _optional_path(output, "output")
+    if page is not None:
+        from lora_convert.scan.fleet import check_page_path
+
+        check_page_path(page, keep=(output_path,) if output_path else ())  # before the scan, not after it
+    result = run_scan(
         specs,
         options,
-        output=_optional_path(output, "output"),
+        output=output_path,
         resume=bool(resume),
         jobs=_positive_int(jobs, "jobs"),
         backend="ray" if ray or ray_address else "local",
@@ -336,3 +373,49 @@ def scan_adapters(
         on_start=on_start,
         on_record=on_record,
     )
+    if page is not None:
+        from lora_convert.scan.fleet import render_page, write_page
+
+        html_text = render_page(
+            result.records, complete=not result.interrupted, discovered=result.discovered, source=output_path
+        )
+        result.page = str(write_page(html_text, page, keep=(output_path,) if output_path else ()))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+@dataclass
+class FleetPage:
+    """What `fleet_page` wrote."""
+
+    path: str  # the page
+    adapters: int  # records on it
+    complete: bool  # False when the report ended in a torn line (a killed scan)
+
+
+def fleet_page(report: PathLike, html: PathLike) -> FleetPage:
+    """`lora-convert report REPORT.jsonl --html OUT.html`: the fleet page of an existing scan report (a resumed or
+    interrupted one too: a torn last line is left out and the page says the scan is incomplete).
+
+    Raises UsageError (no such report, a file that is not a scan report, an --html path that is a folder, the
+    report itself, or a file that is not a previous fleet page)."""
+    from lora_convert.scan.fleet import check_page_path, render_page, write_page
+    from lora_convert.scan.report import read_report
+
+    report_path = _optional_path(report, "report")
+    page = _optional_path(html, "html")
+    if report_path is None or page is None:
+        raise UsageError("fleet_page needs a report and an html path.")
+    path = Path(report_path)
+    if not path.exists():
+        raise UsageError(f"No report at {report_path}.", hint="Pass the JSONL file of `lora-convert scan --output`.")
+    if not path.is_file():
+        raise UsageError(f"The report {report_path} is not a file.", hint="Pass the JSONL file of `scan --output`.")
+    check_page_path(page, keep=(report_path,))
+    try:
+        records, good = read_report(path)
+    except UsageError as exc:
+        raise UsageError(exc.message, hint="Pass the JSONL file of `lora-convert scan --output`.") from None
+    complete = good == path.stat().st_size
+    text = render_page(records, complete=complete, source=report_path)
+    return FleetPage(str(write_page(text, page, keep=(report_path,))), len(records), complete)

@@ -92,6 +92,16 @@ def write_adapter(folder: Path, *, nan: bool = False, wrong_shape: bool = False,
     return folder
 
 
+# The variables GitHub sets that make the link to the workflow run's page in the job summary.
+RUN_LINK = {
+    "GITHUB_SERVER_URL": "https://github.example",
+    "GITHUB_REPOSITORY": "acme/adapters",
+    "GITHUB_RUN_ID": "4242",
+}
+RUN_URL = "https://github.example/acme/adapters/actions/runs/4242"
+EARLIER_SUMMARY = "## an earlier step's summary\n"
+
+
 def env() -> dict:
     # The console script of this environment, as the action's install step puts it on PATH; no skip without it:
     # a missing script is a broken install.
@@ -110,7 +120,8 @@ def env() -> dict:
             "GIT_CONFIG_NOSYSTEM": "1",
         }
     )
-    for name in ("GITHUB_BASE_REF", "GITHUB_OUTPUT", "GITHUB_EVENT_NAME"):
+    # A runner's own variables (when these tests run in GitHub Actions) must not reach the action under test.
+    for name in ("GITHUB_BASE_REF", "GITHUB_OUTPUT", "GITHUB_EVENT_NAME", "GITHUB_STEP_SUMMARY", *RUN_LINK):
         e.pop(name, None)
     return e
 
@@ -243,6 +254,48 @@ def run_action(repo: Path, tmp_path: Path, **inputs: str) -> Run:
     return Run(result, outputs)
 
 
+def with_summary(tmp_path: Path, name: str = "step_summary.md", link: bool = True) -> dict:
+    """The environment of a step with a job summary file that an earlier step already wrote to."""
+    path = tmp_path / name
+    path.write_text(EARLIER_SUMMARY)
+    return {"GITHUB_STEP_SUMMARY": str(path), **(RUN_LINK if link else {})}
+
+
+def summary_of(tmp_path: Path, name: str = "step_summary.md") -> str:
+    text = (tmp_path / name).read_text(encoding="utf-8")
+    assert text.startswith(EARLIER_SUMMARY), text  # appended to, as GitHub expects, never overwritten
+    return text[len(EARLIER_SUMMARY) :]
+
+
+def table(summary: str, first_columns: str) -> list[dict[str, str]]:
+    """The rows of the Markdown table whose header starts with `first_columns`, as {column: cell}; a cell splits
+    only at an unescaped `|`, as GitHub's table parser does."""
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_columns))
+
+    def cells(line: str) -> list[str]:
+        assert line.startswith("|") and line.endswith("|"), line
+        return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+    header = cells(lines[start])
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        row = cells(line)
+        assert len(row) == len(header), line
+        rows.append(dict(zip(header, row, strict=True)))
+    return rows
+
+
+def adapter_rows(summary: str) -> dict[str, list[str]]:
+    """adapter -> [verdict, errors, warnings, notes] of the summary's adapter table."""
+    return {
+        r["adapter"]: [r["verdict"], r["errors"], r["warnings"], r["notes"]]
+        for r in table(summary, "| adapter | verdict |")
+    }
+
+
 @pytest.fixture
 def origin(tmp_path):
     """A bare origin whose main holds one good adapter and a README; returns a full clone of it."""
@@ -272,7 +325,7 @@ def test_pull_request_with_two_broken_adapters_fails_with_two_errors(origin, tmp
     git(origin, "push", "-q", "origin", "main", "feature")
     git(origin, "checkout", "-q", "feature")
 
-    run = run_action(origin, tmp_path, GITHUB_BASE_REF="main")
+    run = run_action(origin, tmp_path, GITHUB_BASE_REF="main", **with_summary(tmp_path))
     assert run.code == 1, run
     assert run.outputs["count"] == "3" and run.validated() == 3, run
     assert run.error_files() == {"adapters/bad-nan/adapter_config.json", "adapters/bad-shape/adapter_config.json"}, run
@@ -282,6 +335,18 @@ def test_pull_request_with_two_broken_adapters_fails_with_two_errors(origin, tmp
     ), run
     assert any("title=shapes." in line for line in run.annotations("error")), run
     assert "Traceback" not in run.stderr
+    # the job summary: the same verdicts, counted from the annotations each validator printed
+    summary = summary_of(tmp_path)
+    assert "**Failed** (exit 1)" in summary and "Passed" not in summary, summary
+    assert "Adapters validated: 3 of 3" in summary, summary
+    rows = adapter_rows(summary)
+    assert set(rows) == {"adapters/good", "adapters/bad-nan", "adapters/bad-shape"}, summary
+    assert rows["adapters/good"] == ["OK", "0", "0", "0"], summary
+    for bad in ("adapters/bad-nan", "adapters/bad-shape"):
+        errors = sum(1 for line in run.annotations("error") if f"file={bad}/" in line)
+        assert rows[bad][:2] == ["FAIL (errors)", str(errors)] and errors >= 1, summary
+    assert "| release |" not in summary, summary  # no engine asked: no engine table
+    assert f"]({RUN_URL})" in summary and "Files changed" in summary, summary
 
 
 @pytest.mark.parametrize(
@@ -307,10 +372,14 @@ def test_nothing_changed_succeeds_with_a_notice(origin, tmp_path):
     (origin / "README.md").write_text("y")
     (origin / "adapters" / "old" / "notes.md").write_text("not an adapter file")
     commit(origin, "docs only")
-    run = run_action(origin, tmp_path, EVENT_BEFORE=before)
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before, **with_summary(tmp_path, link=False))
     assert run.code == 0, run
     assert run.outputs["count"] == "0" and run.validated() == 0
     assert any("No changed PEFT adapter" in line for line in run.annotations("notice")), run
+    summary = summary_of(tmp_path)
+    assert "**Passed** (exit 0): no changed adapter to validate" in summary, summary
+    assert "Adapters validated: 0" in summary and "No changed PEFT adapter" in summary, summary
+    assert "| adapter | verdict |" not in summary and "/actions/runs/" not in summary, summary
 
 
 def test_non_ascii_and_space_folders_are_validated(origin, tmp_path):
@@ -331,11 +400,16 @@ def test_weights_without_config_are_an_error_and_deleted_adapters_are_skipped(or
     (orphan / "adapter_config.json").unlink()
     git(origin, "rm", "-q", "-r", "adapters/old")  # a deleted adapter is not validated
     commit(origin, "second")
-    run = run_action(origin, tmp_path, EVENT_BEFORE=before)
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before, **with_summary(tmp_path))
     assert run.code == 1, run
     assert run.error_files() == {"adapters/orphan/adapter_model.safetensors"}, run
     assert run.outputs["count"] == "0" and run.validated() == 0, run
     assert "adapters/old: adapter removed" in run.stderr
+    # nothing was validated and the step fails: the summary says so, and why
+    summary = summary_of(tmp_path)
+    assert "**Failed** (exit 1)" in summary and "Passed" not in summary, summary
+    assert "Adapters validated: 0" in summary, summary
+    assert "adapters/orphan/adapter\\_model.safetensors" in summary and "no adapter\\_config.json" in summary, summary
 
 
 def test_args_split_like_a_shell(origin, tmp_path):
@@ -711,7 +785,7 @@ def test_a_validator_killed_by_sigkill_fails_the_step(origin, tmp_path):
     """What the out-of-memory killer does: SIGKILL to the real `lora-convert validate` child, mid-run."""
     hub = SilentHub()
     try:
-        action_run = start_blocked_action(origin, tmp_path, hub, etag_timeout=300)
+        action_run = start_blocked_action(origin, tmp_path, hub, etag_timeout=300, **with_summary(tmp_path))
         assert hub.connected.wait(120), "the validator never reached the Hub request"
         (child,) = children_of(action_run.pid)
         assert "validate" in Path(f"/proc/{child}/cmdline").read_text()
@@ -723,6 +797,11 @@ def test_a_validator_killed_by_sigkill_fails_the_step(origin, tmp_path):
     assert run.code != 0, run
     (error,) = [line for line in run.annotations("error") if "killed" in line]
     assert "killed by signal 9 (SIGKILL)" in error and "out-of-memory" in error and "adapters/new" in error, run
+    summary = summary_of(tmp_path)
+    assert f"**Failed** (exit {run.code})" in summary and "Passed" not in summary, summary
+    assert "Adapters validated: 0 of 1" in summary, summary
+    assert adapter_rows(summary) == {"adapters/new": ["killed (SIGKILL)", "-", "-", "-"]}, summary
+    assert "killed by signal 9 (SIGKILL)" in summary and "out-of-memory" in summary, summary
 
 
 def test_a_validator_past_the_timeout_fails_the_step(origin, tmp_path):
@@ -730,7 +809,9 @@ def test_a_validator_past_the_timeout_fails_the_step(origin, tmp_path):
     try:
         started = time.monotonic()
         # 0.05 minutes = 3 s; the child alone would wait 60 s for the Hub, then fail with exit 3
-        action_run = start_blocked_action(origin, tmp_path, hub, etag_timeout=60, INPUT_TIMEOUT_MINUTES="0.05")
+        action_run = start_blocked_action(
+            origin, tmp_path, hub, etag_timeout=60, INPUT_TIMEOUT_MINUTES="0.05", **with_summary(tmp_path)
+        )
         stdout, stderr = action_run.communicate(timeout=200)
         elapsed = time.monotonic() - started
     finally:
@@ -740,6 +821,9 @@ def test_a_validator_past_the_timeout_fails_the_step(origin, tmp_path):
     assert any("did not finish within 0.05 minute(s)" in line for line in run.annotations("error")), run
     assert elapsed < 60, f"the validator was not stopped at the timeout ({elapsed:.0f} s)"
     assert not children_of(action_run.pid)
+    summary = summary_of(tmp_path)
+    assert "**Failed**" in summary and "Passed" not in summary, summary
+    assert adapter_rows(summary) == {"adapters/new": ["timeout (0.05 min)", "-", "-", "-"]}, summary
 
 
 def test_a_bad_timeout_input_fails(origin, tmp_path):
@@ -766,6 +850,14 @@ EXPECTED = {
     "silent-ok": "printed no verdict",
     "interrupted": "exit code 130",
 }
+# ... and the adapter's verdict in the job summary
+SUMMARY_VERDICT = {
+    "crash": "not validated (exit 4: internal error)",
+    "segfault": "killed (SIGSEGV)",
+    "odd-code": "not validated (exit 70)",
+    "silent-ok": "no verdict (exit 0)",
+    "interrupted": "not validated (exit 130)",
+}
 
 
 @pytest.mark.parametrize("how", sorted(WRAPPERS))
@@ -778,11 +870,105 @@ def test_a_validator_that_ends_badly_fails_the_step(origin, tmp_path, how):
     before = git(origin, "rev-parse", "HEAD")
     write_adapter(origin / "adapters" / "new")
     commit(origin, "second")
-    run = run_action(origin, tmp_path, EVENT_BEFORE=before, PATH=f"{wrapper_bin}{os.pathsep}{env()['PATH']}")
+    run = run_action(
+        origin,
+        tmp_path,
+        EVENT_BEFORE=before,
+        PATH=f"{wrapper_bin}{os.pathsep}{env()['PATH']}",
+        **with_summary(tmp_path),
+    )
     assert run.code != 0, run
     errors = [line for line in run.annotations("error") if "title=lora-convert action" in line]
     assert any(EXPECTED[how] in line and "adapters/new" in line for line in errors), run
     assert "Traceback" not in run.stderr, run
+    summary = summary_of(tmp_path)
+    assert f"**Failed** (exit {run.code})" in summary and "Passed" not in summary, summary
+    assert adapter_rows(summary) == {"adapters/new": [SUMMARY_VERDICT[how], "-", "-", "-"]}, summary
+
+
+# ---- the job summary -----------------------------------------------------------------------------------------------
+def test_job_summary_of_a_passing_pull_request_and_none_without_the_variable(origin, tmp_path):
+    git(origin, "checkout", "-q", "-b", "feature")
+    write_adapter(origin / "adapters" / "good")
+    commit(origin, "add an adapter")
+    git(origin, "push", "-q", "origin", "main", "feature")
+    run = run_action(origin, tmp_path, GITHUB_BASE_REF="main", **with_summary(tmp_path))
+    assert run.code == 0, run
+    summary = summary_of(tmp_path)
+    assert summary.startswith("## lora-convert validate\n"), summary
+    assert "**Passed** (exit 0): 1 adapter(s) validated, none with errors" in summary and "Failed" not in summary
+    assert "Adapters validated: 1 of 1" in summary, summary
+    assert adapter_rows(summary) == {"adapters/good": ["OK", "0", "0", "0"]}, summary
+    assert f"[this workflow run's checks page]({RUN_URL})" in summary and "Files changed" in summary, summary
+
+    # without GITHUB_STEP_SUMMARY (a local run, another CI), or with it empty: no summary file anywhere, no noise
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    for value in (None, ""):
+        inputs = {} if value is None else {"GITHUB_STEP_SUMMARY": value}
+        run = run_action(origin, tmp_path, GITHUB_BASE_REF="main", **RUN_LINK, **inputs)
+        assert run.code == 0 and run.validated() == 1 and run.stderr.count("summary") == 0, run
+        assert sorted(p.name for p in tmp_path.iterdir()) == listing
+        assert git(origin, "status", "--porcelain", "--ignored") == ""
+
+
+def test_job_summary_engine_table(origin, tmp_path):
+    before = git(origin, "rev-parse", "HEAD")
+    rslora = write_adapter(origin / "adapters" / "rslora")
+    config = json.loads((rslora / "adapter_config.json").read_text())
+    (rslora / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    write_adapter(origin / "adapters" / "plain")
+    commit(origin, "two adapters")
+    # SGLang 0.5.23 ignores use_rslora (a `wrong` rule, an error); the plain adapter fires no rule
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before, INPUT_ENGINE="sglang", **with_summary(tmp_path))
+    assert run.code == 1, run
+    summary = summary_of(tmp_path)
+    assert adapter_rows(summary)["adapters/rslora"][:2] == ["FAIL (errors)", "1"], summary
+    rows = {r.pop("adapter"): r for r in table(summary, "| adapter | release |")}
+    outcomes = ["exact", "wrong", "load-failure", "dropped", "ignored", "needs-flag"]
+    assert rows["adapters/rslora"] == {
+        "release": "SGLang 0.5.23",
+        **{o: "1" if o == "wrong" else "0" for o in outcomes},
+        "note": "",
+    }, summary
+    assert rows["adapters/plain"] == {
+        "release": "SGLang 0.5.23",
+        **dict.fromkeys(outcomes, "0"),
+        "note": "no rule fired",
+    }
+    # the engine named in `args` (it comes last, so it wins): vLLM 0.33.0 honours use_rslora (an `exact` rule)
+    run = run_action(
+        origin,
+        tmp_path,
+        EVENT_BEFORE=before,
+        INPUT_ARGS="--no-smoke --engine=vllm",
+        **with_summary(tmp_path, "vllm.md"),
+    )
+    assert run.code == 0, run
+    rows = {r.pop("adapter"): r for r in table(summary_of(tmp_path, "vllm.md"), "| adapter | release |")}
+    assert rows["adapters/rslora"]["release"] == "vLLM 0.33.0" and rows["adapters/rslora"]["exact"] == "1", rows
+
+
+def test_job_summary_escapes_names_and_messages(origin, tmp_path):
+    before = git(origin, "rev-parse", "HEAD")
+    write_adapter(origin / "adapters" / "a|b`c<d>*e", nan=True)
+    commit(origin, "a name full of Markdown")
+    run = run_action(origin, tmp_path, EVENT_BEFORE=before, **with_summary(tmp_path))
+    assert run.code == 1 and run.validated() == 1, run
+    summary = summary_of(tmp_path)
+    escaped = "adapters/a\\|b\\`c\\<d\\>\\*e"
+    # one row of five cells: the `|` in the name did not split it, and nothing in it became markup or HTML
+    assert adapter_rows(summary) == {escaped: ["FAIL (errors)", "1", "0", "0"]}, summary
+    assert "a|b`c<d>" not in summary, summary
+    # a message of the action quoting user input: a base ref with markup and a line break stays one line
+    run = run_action(
+        origin, tmp_path, INPUT_BASE_REF="no|such`ref<x>\nsecond line", **with_summary(tmp_path, "gate.md")
+    )
+    assert run.code == 2, run
+    summary = summary_of(tmp_path, "gate.md")
+    assert "**Failed** (exit 2)" in summary and "Passed" not in summary, summary
+    (line,) = [line for line in summary.splitlines() if "Cannot find" in line]
+    assert "no\\|such\\`ref\\<x\\> second line" in line, summary
+    assert not any(line.startswith("second line") for line in summary.splitlines()), summary
 
 
 # ---- pinning -------------------------------------------------------------------------------------------------------

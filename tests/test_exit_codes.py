@@ -260,6 +260,7 @@ COMMANDS = {
     "schemas list": ["schemas", "list"],
     "schemas show": ["schemas", "show", "deepseek-v3"],
     "schemas check": ["schemas", "check"],
+    "report": ["report", "scan.jsonl", "--html", "fleet.html"],
 }
 
 

@@ -120,6 +120,7 @@ print(json.dumps({"file": kernels.__file__, "dist": str(md.distribution("kernels
 """
 
 
+@pytest.mark.slow  # a subprocess that imports transformers: about a second each
 @pytest.mark.parametrize("root_on_path", [False, True], ids=["cwd-is-root", "root-on-PYTHONPATH"])
 def test_pypi_kernels_package_wins_next_to_the_checkout(root_on_path):
     pytest.importorskip("transformers", reason="the proof extra (transformers) is part of `make setup`")

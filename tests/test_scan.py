@@ -242,13 +242,16 @@ def test_a_hung_adapter_is_timed_out_and_the_others_finish(registry, tmp_path, s
 
 def test_resume_after_sigterm_completes_the_report_without_duplicates(registry, tmp_path, stalled_hub):
     # The stalled Hub adapter (0 bytes known: scheduled last) keeps the first scan running until it is stopped.
-    report = tmp_path / "scan.jsonl"
-    args = [*_cli(), "scan", str(registry), HANG, "--jobs", "1", "--output", str(report)]
+    report, page = tmp_path / "scan.jsonl", tmp_path / "fleet.html"
+    args = [*_cli(), "scan", str(registry), HANG, "--jobs", "1", "--output", str(report), "--html", str(page)]
     returncode, _, err = _stop_scan_after([*args, "--timeout", "600"], stalled_hub, report, 3, signal.SIGTERM)
     assert returncode == 130, err
     assert "--resume" in err
     first, _ = read_report(report)
     assert len(first) >= 3 and HANG not in {r["id"] for r in first}
+    # the interrupted scan's fleet page is written, says so, and holds exactly the records of the report
+    html = page.read_text()
+    assert 'id="incomplete"' in html and f'data-total="adapters">{len(first)}<' in html
     # A line torn by a kill mid-write is dropped, not kept or duplicated.
     with open(report, "ab") as handle:
         handle.write(b'{"id": "team-a/ll')
@@ -261,6 +264,7 @@ def test_resume_after_sigterm_completes_the_report_without_duplicates(registry, 
     assert len(ids) == len(set(ids)) == len(CLEAN) + len(PLANTED) + 1
     assert ids[: len(first)] == [r["id"] for r in first]
     assert _by_id([json.loads(x) for x in lines])[HANG]["status"] == "timeout"
+    assert 'id="incomplete"' not in page.read_text()  # the resumed, complete scan replaced its page
 
 
 def test_an_existing_report_needs_resume(registry, tmp_path):

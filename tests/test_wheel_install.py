@@ -266,6 +266,15 @@ def test_inspect(installed):
     assert "kv_a_proj_with_mqa" in proc.stdout and "q_b_proj" in proc.stdout
 
 
+def test_report_writes_the_fleet_page(installed):
+    """The page's template, styles and script are package data: the wheel must ship them."""
+    (installed.work / "scan.jsonl").write_text('{"id": "a", "status": "ok", "findings": [], "bytes": 7}\n')
+    proc = installed.run("report", "scan.jsonl", "--html", "fleet.html")
+    _check(proc, "report")
+    page = (installed.work / "fleet.html").read_text()
+    assert 'id="fleet-data"' in page and "function compare(" in page and "#adapters th" in page
+
+
 def test_schemas_list_and_show(installed):
     listed = installed.run("schemas", "list")
     _check(listed, "schemas list")

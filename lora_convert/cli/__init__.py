@@ -7,6 +7,7 @@ from __future__ import annotations
 from lora_convert.cli import (
     inspect_cmd,  # noqa: E402,F401
     normalize_cmd,  # noqa: E402,F401
+    report_cmd,  # noqa: F401
     scan_cmd,  # noqa: F401
     schemas_cmd,  # noqa
     smoke_cmd,  # noqa: E402,F401

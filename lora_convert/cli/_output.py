@@ -65,6 +65,13 @@ class ReportFormat(str, Enum):
     human = "human"
     json = "json"
     github = "github"
+    sarif = "sarif"
+
+
+class ScanFormat(str, Enum):
+    human = "human"
+    json = "json"
+    sarif = "sarif"
 
 
 def print_json(document: Any) -> None:

@@ -6,7 +6,7 @@ import typer
 from rich.markup import escape
 
 from lora_convert.cli._app import command
-from lora_convert.cli._output import OutputFormat, byte_progress, print_json, stderr, stdout
+from lora_convert.cli._output import ScanFormat, byte_progress, print_json, stderr, stdout
 from lora_convert.cli.validate_cmd import ENGINE_HELP
 from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, UsageError
 from lora_convert.scan.task import FAILING, STATUSES
@@ -30,7 +30,14 @@ def scan_command(
         help="The base model for every adapter (folder, config.json, Hub id or preset). Default: each adapter's "
         "base_model_name_or_path.",
     ),
-    engine: str = typer.Option("none", "--engine", "-e", metavar="ENGINE[==VERSION]", help=ENGINE_HELP),
+    engine: list[str] = typer.Option(
+        ["none"],
+        "--engine",
+        "-e",
+        metavar="ENGINE[==VERSION]",
+        help=ENGINE_HELP + " Give it several times to check every adapter against several releases (the record's "
+        "`engines` counts each release's outcomes), or `all` for every engine's pinned release.",
+    ),
     checks: str | None = typer.Option(
         None,
         "--checks",
@@ -75,12 +82,20 @@ def scan_command(
         None, "--output", "-o", help="The JSONL report: one line per adapter, appended as each finishes."
     ),
     resume: bool = typer.Option(False, "--resume", help="Skip the adapters already in the --output report."),
-    format: OutputFormat = typer.Option(
-        OutputFormat.human,
+    html: str | None = typer.Option(
+        None,
+        "--html",
+        metavar="OUT.html",
+        help="Also write the fleet page of the scan (one self-contained HTML file) when it ends, also when it is "
+        "interrupted (the page then says so). It replaces only a previous fleet page.",
+    ),
+    format: ScanFormat = typer.Option(
+        ScanFormat.human,
         "--format",
         "-f",
         case_sensitive=False,
-        help="`human` summary tables, or one `json` document (summary and every record) on stdout.",
+        help="`human` summary tables, one `json` document (summary and every record), or one `sarif` (SARIF "
+        "2.1.0) log of every adapter's findings for code scanning, on stdout.",
     ),
 ) -> None:
     """Validate every adapter of a registry (and with --normalize convert them), in parallel, into one report.
@@ -114,13 +129,20 @@ def scan_command(
         timeout=timeout,
         output=output,
         resume=resume,
+        html=html,
         on_start=bar.start if bar else None,
         on_record=bar.advance if bar else None,
     )
     if bar:
         bar.close()
-    if format is OutputFormat.json:
+    if result.page:
+        stderr.print(f"Fleet page: {escape(result.page)}", highlight=False, soft_wrap=True)
+    if format is ScanFormat.json:
         print_json(result.to_json())
+    elif format is ScanFormat.sarif:
+        from lora_convert.scan.sarif import records_sarif
+
+        print_json(records_sarif(result.records))
     else:
         render_human(result)
     if result.interrupted:

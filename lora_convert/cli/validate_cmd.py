@@ -66,7 +66,16 @@ def validate_command(
         "--format",
         "-f",
         case_sensitive=False,
-        help="`human` table, one `json` document, or `github` workflow annotations.",
+        help="`human` table, one `json` document, `github` workflow annotations, or one `sarif` (SARIF 2.1.0) log "
+        "for code scanning (every adapter in one run).",
+    ),
+    sarif_file: str | None = typer.Option(
+        None,
+        "--sarif",
+        metavar="FILE",
+        help="Also write the SARIF 2.1.0 log (what --format sarif prints) to FILE, whatever --format is: the "
+        "Action's annotations and a log for code scanning from one run. It replaces only a previous SARIF log of "
+        "lora-convert.",
     ),
     cache_dir: str | None = CacheDirOpt,
     token: str | None = TokenOpt,
@@ -85,8 +94,13 @@ def validate_command(
     from lora_convert.api import validate_adapter
 
     adapters = _distinct(adapters)
+    if sarif_file is not None:
+        from lora_convert.check.sarif import check_sarif_path
+
+        check_sarif_path(sarif_file)  # before any work: a path it may not write fails at once
     reports = []
     codes: list[int] = []
+    failed: dict[str, str] = {}  # adapter -> why it was not validated (SARIF's tool notifications)
     for spec in adapters:
         bar = _ByteProgress()
         try:
@@ -112,6 +126,7 @@ def validate_command(
                 raise
             print_error(f"{spec}: {exc.message}", exc.hint)
             codes.append(exc.exit_code)
+            failed[spec] = exc.message
             continue
         finally:
             bar.close()
@@ -126,6 +141,14 @@ def validate_command(
             print_json(reports[0].to_json())
         elif reports or len(adapters) > 1:
             print_json({"ok": all(c == EXIT_OK for c in codes), "reports": [r.to_json() for r in reports]})
+    if format is ReportFormat.sarif or sarif_file is not None:
+        from lora_convert.check.sarif import reports_sarif, write_sarif
+
+        log = reports_sarif(reports, failed=failed)
+        if sarif_file is not None:
+            write_sarif(log, sarif_file)
+        if format is ReportFormat.sarif:
+            print_json(log)
     code = max(codes) if codes else EXIT_OK
     if code:
         raise typer.Exit(code)

@@ -38,6 +38,7 @@ class ScanResult:
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM before every adapter had a record
     output: str | None = None
     normalizing: bool | None = None  # ran with --normalize (None: as the records say)
+    page: str | None = None  # the fleet page written (scan --html)
 
     @property
     def summary(self) -> dict[str, Any]:

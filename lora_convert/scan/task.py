@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_convert.errors import EXIT_INTERNAL, LoraConvertError
+from lora_convert.errors import EXIT_FINDINGS, EXIT_INTERNAL, LoraConvertError, UsageError
 
 STATUSES = ("ok", "findings", "error", "crashed", "timeout")
 # Statuses that make `lora-convert scan` exit 1 (an adapter with errors, or one that could not be scanned).
 FAILING = ("findings", "error", "crashed", "timeout")
+MAX_KEYS = 20  # keys kept per finding in a record (SARIF locates a finding by them)
 
-__all__ = ["FAILING", "STATUSES", "ScanOptions", "ScanTask", "crash_record", "run_task", "timeout_record"]
+__all__ = ["FAILING", "STATUSES", "ScanOptions", "ScanTask", "crash_record", "new_record", "run_task", "timeout_record"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,10 @@ class ScanOptions:
     """Everything validate/normalize need for every adapter of the scan (picklable)."""
 
     base: str | None = None
-    engine: str = "none"
+    engine: str = "none"  # the first engine release asked for: validate's engine (findings, verdict, engine_outcomes)
+    # the other releases asked for (`scan --engine` given several times, or `all`): their rules are evaluated too,
+    # their findings added to the record's, and each release's outcome counts kept under "engines"
+    more_engines: tuple[str, ...] = ()
     checks: tuple[str, ...] | None = None  # names of lora_convert.check.validate.CHECK_NAMES; None: all of them
     data_scan: bool = True
     smoke: bool | None = False  # a scan runs no forward pass unless asked: it would load torch in every worker
@@ -60,7 +64,7 @@ class ScanOptions:
     timeout_s: float = 600.0
 
 
-def _record(task: ScanTask, status: str, **fields: Any) -> dict[str, Any]:
+def new_record(task: ScanTask, status: str, **fields: Any) -> dict[str, Any]:
     """Every key in a fixed order, so that two reports of the same scan compare line by line."""
     record: dict[str, Any] = {
         "id": task.id,
@@ -68,10 +72,13 @@ def _record(task: ScanTask, status: str, **fields: Any) -> dict[str, Any]:
         "status": status,
         "exit_code": None,
         "family": None,
+        "base": None,
+        "rank": None,
         "verdict": None,
         "findings": [],
         "checks": {"run": [], "skipped": {}},
         "engine_outcomes": {},
+        "engines": {},
         "normalize": None,
         "seconds": 0.0,
         "bytes": task.nbytes,
@@ -83,7 +90,7 @@ def _record(task: ScanTask, status: str, **fields: Any) -> dict[str, Any]:
 
 def timeout_record(task: ScanTask, seconds: float) -> dict[str, Any]:
     """What an executor records for a task it stopped after `seconds`."""
-    return _record(
+    return new_record(
         task,
         "timeout",
         seconds=round(seconds, 3),
@@ -93,7 +100,7 @@ def timeout_record(task: ScanTask, seconds: float) -> dict[str, Any]:
 
 def crash_record(task: ScanTask, message: str) -> dict[str, Any]:
     """What an executor records for a task whose worker died (killed, segfault, out of memory)."""
-    return _record(task, "crashed", error={"type": "WorkerCrashed", "message": message})
+    return new_record(task, "crashed", error={"type": "WorkerCrashed", "message": message})
 
 
 def run_task(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
@@ -102,14 +109,14 @@ def run_task(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
     try:
         record = _run(task, options)
     except LoraConvertError as exc:  # nothing to check: no such folder, the Hub unreachable, a bad --base
-        record = _record(
+        record = new_record(
             task,
             "error",
             exit_code=exc.exit_code,
             error={"type": type(exc).__name__, "message": exc.message + (f" Hint: {exc.hint}" if exc.hint else "")},
         )
     except Exception as exc:  # a bug in lora-convert: recorded, and the scan goes on with the next adapter
-        record = _record(
+        record = new_record(
             task, "error", exit_code=EXIT_INTERNAL, error={"type": type(exc).__name__, "message": str(exc)}
         )
     record["seconds"] = round(time.monotonic() - started, 3)
@@ -120,15 +127,37 @@ def _run(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
     report = _validate(task.spec, options)
     summary = report.summary
     adapter_bytes = (summary.get("adapter") or {}).get("bytes")
-    record = _record(
+    findings = list(report.findings)
+    engines = {}
+    if options.engine != "none":
+        engines = _release_outcomes(options.engine, report.findings, summary)
+    failed_elsewhere = []
+    for engine in options.more_engines:
+        extra = _validate(task.spec, options, engine=engine)
+        fired = [f for f in extra.findings if _is_engine_finding(f.code)]
+        findings += fired
+        engines.update(_release_outcomes(engine, fired, extra.summary))
+        if not extra.ok:
+            failed_elsewhere.append(_spec(engine))
+    ok = report.ok and not failed_elsewhere
+    verdict = report.verdict()
+    if failed_elsewhere:
+        verdict += f" Also failed for {', '.join(failed_elsewhere)}."
+    record = new_record(
         task,
-        "ok" if report.ok else "findings",
-        exit_code=report.exit_code,
+        "ok" if ok else "findings",
+        exit_code=report.exit_code if ok or not report.ok else EXIT_FINDINGS,
         family=summary.get("family"),
-        verdict=report.verdict(),
-        findings=[{"code": f.code, "severity": f.severity.value, "message": f.message} for f in report.findings],
+        base=report.base,
+        rank=_rank(report),
+        verdict=verdict,
+        findings=[
+            {"code": f.code, "severity": f.severity.value, "message": f.message, "keys": list(f.keys[:MAX_KEYS])}
+            for f in findings
+        ],
         checks=summary.get("checks") or {"run": [], "skipped": {}},
         engine_outcomes=_engine_outcomes(options.engine, report.findings),
+        engines=dict(sorted(engines.items())),
         bytes=adapter_bytes if isinstance(adapter_bytes, int) else task.nbytes,
     )
     if options.normalize_root and task.output:
@@ -139,10 +168,23 @@ def _run(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
     return record
 
 
-def _validate(spec: str, options: ScanOptions):
-    """`validate`'s checks on one adapter, or only those named by options.checks (in validate's order)."""
+def _validate(spec: str, options: ScanOptions, engine: str | None = None):
+    """`validate`'s checks on one adapter, or only those named by options.checks (in validate's order). With
+    `engine` (one of options.more_engines): only that release's engine rules, without reading tensor data again
+    (the data scan refines the rules' messages, not whether they fire)."""
     from lora_convert.check.validate import validate_adapter
 
+    if engine is not None:
+        return validate_adapter(
+            spec,
+            base=options.base,
+            engine=engine,
+            data_scan=False,
+            smoke=False,
+            strict=options.strict,
+            allow_unchecked=options.allow_unchecked,
+            checks=("engine",),
+        )
     return validate_adapter(
         spec,
         base=options.base,
@@ -155,14 +197,56 @@ def _validate(spec: str, options: ScanOptions):
     )
 
 
+def _spec(engine: str) -> str:
+    """`engine==version` of an engine name or release (the key of a record's "engines")."""
+    from lora_convert.engines.rules import resolve_engine
+
+    return resolve_engine(engine).spec
+
+
+def _is_engine_finding(code: str) -> bool:
+    from lora_convert.codes import ENGINE_PREFIX
+
+    return code.startswith((ENGINE_PREFIX, "engine-rules."))
+
+
+def _release_outcomes(engine: str, findings, summary: dict[str, Any]) -> dict[str, dict[str, int] | None]:
+    """{"engine==version": {outcome: rules fired}} when the release's rules were all evaluated (an empty count: none
+    fired); {"engine==version": None} when they were not (the engine check skipped, or `engine-rules.unchecked`).
+    A release absent from a record's "engines" was not asked for."""
+    checks = summary.get("checks") or {}
+    evaluated = "engine" in (checks.get("run") or []) and not any(
+        f.code.startswith("engine-rules.unchecked") for f in findings
+    )
+    return {_spec(engine): _engine_outcomes(engine, findings) if evaluated else None}
+
+
+def _rank(report) -> int | None:
+    """The adapter's LoRA rank: the largest of r and its rank_pattern values (None when unknown)."""
+    r = (report.summary.get("adapter") or {}).get("r")
+    ranks = [r] if isinstance(r, int) and not isinstance(r, bool) else []
+    if report.adapter_path:
+        from lora_convert.io.small_files import read_small_json
+
+        try:
+            config = read_small_json(Path(report.adapter_path) / "adapter_config.json", UsageError)
+        except LoraConvertError:  # unreadable: validate's findings say so
+            config = None
+        pattern = config.get("rank_pattern") if isinstance(config, dict) else None
+        if isinstance(pattern, dict):
+            ranks += [v for v in pattern.values() if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return max(ranks) if ranks else None
+
+
 def _engine_outcomes(engine: str, findings) -> dict[str, int]:
     """{outcome: count} of the engine rules that fired (outcomes as in lora_convert/engines/*.json)."""
     if engine == "none":
         return {}
     from lora_convert.codes import ENGINE_PREFIX
     from lora_convert.engines.profiles import load_rules
+    from lora_convert.engines.rules import resolve_engine
 
-    prefix = f"{ENGINE_PREFIX}{engine}."
+    prefix = f"{ENGINE_PREFIX}{resolve_engine(engine).engine}."  # codes name the engine, not the release
     outcome_of = {rule["id"]: rule["outcome"] for rule in load_rules(engine)}
     counts = Counter(outcome_of.get(f.code[len(prefix) :], "unknown") for f in findings if f.code.startswith(prefix))
     return dict(sorted(counts.items()))
