@@ -64,10 +64,13 @@ readme: $(STAMP)
 	$(BIN)/python tests/readme_samples.py --write
 
 # Regenerate the codes section of docs/validate.md from the registry (tests/test_codes.py checks it) and the
-# per-release engine tables of docs/engine-layouts.md from the rule files (tests/test_engine_profiles.py checks it).
+# per-release engine tables of docs/engine-layouts.md from the rule files (tests/test_engine_profiles.py checks it),
+# and the stages and modules of docs/architecture.md from the layering table and the docstrings
+# (tests/test_architecture_doc.py checks it).
 docs: $(STAMP)
 	$(BIN)/python -m lora_convert.codes --write docs/validate.md
 	$(BIN)/python -m lora_convert.engines.table --write docs/engine-layouts.md
+	$(BIN)/python tests/architecture_map.py --write docs/architecture.md
 
 # Rewrite docs/images/fleet-page.png (the README's picture of the fleet page) from the browser test's seeded records;
 # needs Debian's chromium and chromium-driver (`.ci/run` installs them; as root: apt-get install chromium chromium-driver).

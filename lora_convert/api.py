@@ -198,10 +198,9 @@ def validate_adapter(
 
     Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable; with smoke=True and
     not allow_unchecked, torch/triton not installed or no CUDA for device="cuda")."""
-    from lora_convert.check.validate import DEVICES
-    from lora_convert.check.validate import validate_adapter as run_validate
+    from lora_convert.check.validate import DEVICES, run_checks
 
-    return run_validate(
+    return run_checks(
         _adapter_spec(adapter),
         base=_optional_path(base, "base"),
         engine=_release(engine, "engine", ("none",)),

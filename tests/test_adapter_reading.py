@@ -91,6 +91,22 @@ def test_fused_experts_decided_by_target_parameters(adapter_writer):
     assert adapter.expert_layout == ExpertLayout.FUSED_3D
 
 
+def test_module_kinds_and_expert_layouts_are_enums_written_as_their_values(adapter_writer):
+    """One form for named string choices (as Factor and Severity): an Enum whose members are the strings that
+    inspect writes, in JSON and in text."""
+    from enum import Enum
+
+    assert issubclass(ModuleKind, Enum) and issubclass(ExpertLayout, Enum)
+    assert {k.value for k in ModuleKind} == {"linear", "embedding", "fused_experts"}
+    assert {k.value for k in ExpertLayout} == {"none", "per-expert-2d", "fused-3d", "mixed"}
+    a, b = lin(32, 16, 4)
+    adapter = load_adapter(
+        str(adapter_writer({f"{P}.0.self_attn.q_proj.lora_A.weight": a, f"{P}.0.self_attn.q_proj.lora_B.weight": b}))
+    )
+    assert json.dumps(adapter.modules[0].to_json()["kind"]) == '"linear"'
+    assert f"{adapter.expert_layout}" == "none" and type(adapter.expert_layout) is str
+
+
 @pytest.mark.parametrize("param, in_dim, out_dim", [("down_proj", 6, 12), ("gate_up_proj", 12, 12)])
 def test_single_targeted_parameter_has_no_base_layer(adapter_writer, param, in_dim, out_dim):
     # Only one parameter targeted: the key is `experts.lora_A` either way; the config says which it is.

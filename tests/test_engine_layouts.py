@@ -337,12 +337,12 @@ def test_our_reader_and_smoke_accept_the_output(case, layout, root):
 @pytest.mark.parametrize("layout", ["sglang", "vllm"])
 @pytest.mark.parametrize("case", CASES)
 def test_validate_engine_reports_nothing_on_the_matching_layout(case, layout, root):
-    from lora_convert.check.validate import validate_adapter
+    from lora_convert.check.validate import run_checks
 
     out, drop, refusal = produce(case, layout, root)
     if out is None:
         return
-    report = validate_adapter(str(out), base=str(case_base_dir(case)), engine=layout, data_scan=True, smoke=False)
+    report = run_checks(str(out), base=str(case_base_dir(case)), engine=layout, data_scan=True, smoke=False)
     engine = [f for f in report.findings if f.code.startswith("engine.") and f.severity.value in ("error", "warning")]
     assert not engine, [(f.code, f.message[:160]) for f in engine]
 
@@ -565,10 +565,10 @@ def test_normalize_refuses_exactly_what_validate_reports(case, layout, root):
     """One rule set: the groups `normalize --layout E` refuses are the groups `validate --engine E` reports as
     unservable (same codes, same source modules), on every fixture."""
     from lora_convert.check.engine import planned_group_refusals
-    from lora_convert.check.validate import validate_adapter
+    from lora_convert.check.validate import run_checks
 
     out, drop, refusal = produce(case, layout, root)
-    report = validate_adapter(
+    report = run_checks(
         str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), engine=layout, data_scan=False, smoke=False
     )
     reported = {f.code for f in report.findings if f.code.startswith(f"engine.{layout}.")}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lora_convert.check.validate import validate_adapter
+from lora_convert.check.validate import run_checks
 from lora_convert.codes import ENGINE_OUTCOMES
 from lora_convert.engines.profiles import FEATURES, OUTCOMES, load_rules
 
@@ -24,7 +24,7 @@ def base_of(case):
 
 def engine_findings(case_or_folder, engine, case=None, **kw):
     folder = case_or_folder if isinstance(case_or_folder, Path) else DATA / "cases" / case_or_folder / "adapter"
-    report = validate_adapter(str(folder), base=base_of(case or case_or_folder), engine=engine, smoke=False, **kw)
+    report = run_checks(str(folder), base=base_of(case or case_or_folder), engine=engine, smoke=False, **kw)
     return {f.code: f for f in report.findings if f.code.startswith(f"engine.{engine}.")}, report
 
 
@@ -110,7 +110,7 @@ def test_unknown_engine_is_a_usage_error(adapter_writer):
         }
     )
     with pytest.raises(UsageError):
-        validate_adapter(str(folder), engine="tgi")
+        run_checks(str(folder), engine="tgi")
 
 
 # ---- the findings the issue asks for ---------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_shared_expert_fusion_needs_the_default_config(tmp_path):
     cfg = json.loads((Path(base_of("v4_deepseek_v3")) / "config.json").read_text())
     cfg["n_routed_experts"], cfg["n_shared_experts"] = 256, 1
     (base / "config.json").write_text(json.dumps(cfg))
-    report = validate_adapter(
+    report = run_checks(
         str(DATA / "cases" / "v4_deepseek_v3" / "adapter"),
         base=str(base),
         engine="sglang",
@@ -302,7 +302,7 @@ def test_engine_json_output_and_no_engine_no_findings():
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert any(f["code"] == "engine.sglang.rslora-ignored" for f in doc["findings"])
-    plain = validate_adapter(folder, base=base_of("v5_llama_rslora"), smoke=False, data_scan=False)
+    plain = run_checks(folder, base=base_of("v5_llama_rslora"), smoke=False, data_scan=False)
     assert not [f for f in plain.findings if f.code.startswith("engine.")]
 
 

@@ -276,6 +276,33 @@ def test_2_unknown_command(cli, args):
     assert_error(cli(*args), 2, "no-such-command")
 
 
+@pytest.mark.parametrize("args", [[], ["schemas"]])
+def test_2_no_arguments_prints_the_help(cli, args):
+    """A group called without a command prints its help on stdout and exits 2, with nothing on stderr."""
+    result = cli(*args)
+    assert result.returncode == 2, result
+    assert f"Usage: lora-convert {' '.join(args)}".rstrip() in result.stdout and "Commands" in result.stdout, result
+    assert result.stderr == "", result
+
+
+def test_cli_imports_no_private_modules_of_other_packages():
+    """Typer's and click's underscore modules are no API; a typer release may move them (cli/_app.py)."""
+    import ast
+
+    cli_dir = Path(__file__).resolve().parent.parent / "lora_convert" / "cli"
+    private = []
+    for path in sorted(cli_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] != "lora_convert" and any(p.startswith("_") and not p.endswith("__") for p in parts):
+                    private.append(f"{path.name}: {name}")
+    assert private == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["inspect", "validate", "normalize", "smoke"])
 def test_2_missing_adapter_argument(cli, command):

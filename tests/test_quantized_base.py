@@ -17,7 +17,7 @@ import pytest
 
 from lora_convert.arch.base_config import find_preset
 from lora_convert.arch.quantization import base_quantization, find_quantization_config, schemes
-from lora_convert.check.validate import validate_adapter
+from lora_convert.check.validate import run_checks
 from lora_convert.io.tensor_files import DTYPE_SIZES, read_safetensors_header
 
 DATA = Path(__file__).parent / "fixtures" / "data"
@@ -177,7 +177,7 @@ CASES = {
 
 
 def run(case: str, base: Path, engine: str = "none"):
-    report = validate_adapter(str(DATA / "cases" / case / "adapter"), base=str(base), engine=engine, smoke=False)
+    report = run_checks(str(DATA / "cases" / case / "adapter"), base=str(base), engine=engine, smoke=False)
     return report, {f.code: f for f in report.findings}
 
 

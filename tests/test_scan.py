@@ -595,9 +595,9 @@ def test_readme_fleet_recipe_converts_what_the_layout_fixes(tmp_path):
         )
         assert check.returncode == 0 and check.stdout.strip().splitlines()[-1].startswith("OK: "), check.stdout
     # One decision: `normalize --layout sglang` itself converts the same adapter, and the other layouts would not.
-    from lora_convert.check.validate import validate_adapter
+    from lora_convert.check.validate import run_checks
 
-    findings = validate_adapter(source / "deepseek", engine="sglang", smoke=False).findings
+    findings = run_checks(source / "deepseek", engine="sglang", smoke=False).findings
     assert normalize_blockers(findings, "sglang") == []
     assert {f.code for f in normalize_blockers(findings, "stacked")} == set(_errors(deepseek))
     assert {f.code for f in normalize_blockers(findings, "vllm")} == set(_errors(deepseek))

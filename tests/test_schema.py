@@ -134,7 +134,13 @@ def _mutated(edit):
         (lambda d: d["groups"][0]["slices"][0].update(out="hidden_size +"), "slices[0].out: Expression"),
         (lambda d: d["groups"][0].update({"in": "__import__('os')"}), ".in: Expression"),
         (lambda d: d["layer_types"].update(attention="config.x"), "layer_types.attention: Expression"),
-        (lambda d: d["groups"][0].update(kind="ffn"), "unknown kind 'ffn'"),
+        (
+            lambda d: d["groups"][0].update(kind="ffn"),
+            (
+                "groups[0] (self_attn.qkv_proj).kind: expected one of attention, embedding, latent, linear_attention,"
+                " lm_head, mamba, mla, mlp, routed_experts, router, shared_expert, got string 'ffn'"
+            ),
+        ),
         (lambda d: d["groups"][0].update(on=["moe"]), "layer type 'moe' is not declared"),
         (lambda d: d["groups"][0]["merged"][0].update(slices=["q_proj", "k_proj"]), "names slice 'k_proj'"),
         (lambda d: d["groups"][0].update(experts=True), "only groups of kind routed_experts"),
@@ -142,12 +148,15 @@ def _mutated(edit):
         (lambda d: d.update(family="other"), "the file is named toy.json"),
         (lambda d: d.update(match={}), "needs at least one model_type"),
         (lambda d: d.update(groups=[]), "groups: expected a non-empty list"),
-        (lambda d: d["groups"][0].update(gated="yes"), "gated: expected true, false or null"),
-        (lambda d: d.update(_note=3), "_note: must be a string"),
+        (lambda d: d["groups"][0].update(gated="yes"), "gated: expected true or false, got string 'yes'"),
+        (lambda d: d.update(_note=3), "schemas/toy.json: _note: expected a string, got number 3"),
         # the tensor-parallel vocabulary: every group says how TP splits it, head counts name real groups
         (lambda d: d["groups"][0].pop("tp"), "groups[0] (self_attn.qkv_proj): missing required key 'tp'"),
-        (lambda d: d["groups"][0].update(tp="diagonal"), ".tp: unknown tensor-parallel split 'diagonal'"),
-        (lambda d: d["groups"][0].update(tp=None), ".tp: expected a non-empty string"),
+        (
+            lambda d: d["groups"][0].update(tp="diagonal"),
+            ".tp: expected one of column, row, replicated, heads, got string 'diagonal'",
+        ),
+        (lambda d: d["groups"][0].update(tp=None), ".tp: expected one of column, row, replicated, heads, got null"),
         (lambda d: d.pop("tp_head_counts"), "missing required key 'tp_head_counts' (groups split by heads"),
         (lambda d: d.update(tp_head_counts={}), "tp_head_counts: expected a list"),
         (lambda d: d["tp_head_counts"][0].update(heads=1), "tp_head_counts[0]: unknown key 'heads'"),

@@ -246,10 +246,10 @@ def test_smoke_on_gpu(case):
 def _device_build_matches_normalize(case, sources_for):
     """The stacked tensors the GPU path builds from the source factors (smoke/device.py, torch) are byte for byte
     the ones normalize writes (convert/group_tensors.py, numpy), for every group and dtype of the fixture."""
-    from lora_convert.convert.group_tensors import build_group_tensors, output_dtype
+    from lora_convert.convert.group_tensors import build_group_tensors, group_source_keys, output_dtype
     from lora_convert.convert.normalize import plan_normalize
-    from lora_convert.smoke.device import build_group_on_device, group_source_keys
-    from lora_convert.smoke.runner import to_torch
+    from lora_convert.smoke.device import build_group_on_device
+    from lora_convert.smoke.staging import to_torch
 
     plan = plan_normalize(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), drop_unsupported=True)
     checked = 0
@@ -277,7 +277,7 @@ class _CpuSources:
     device = "cpu"
 
     def __init__(self, plan, keys):
-        from lora_convert.smoke.runner import to_torch
+        from lora_convert.smoke.staging import to_torch
 
         self.tensors = {k: to_torch(plan.adapter.read(k)) for k in keys}
 
@@ -295,7 +295,7 @@ def test_device_build_equals_normalize_bytes(case):
 @pytest.mark.parametrize("case", SMOKE_CASES)
 def test_device_build_on_gpu_equals_normalize_bytes(case):
     from lora_convert.smoke.device import DeviceSources
-    from lora_convert.smoke.runner import PhaseTimer
+    from lora_convert.smoke.timer import PhaseTimer
 
     def sources_for(plan, keys):
         sources = DeviceSources(plan.adapter.index, plan.adapter.read, "cuda", PhaseTimer(cuda=True))
@@ -310,8 +310,8 @@ def test_device_build_on_gpu_equals_normalize_bytes(case):
 def test_gpu_smoke_copies_each_source_once():
     case = "v5_deepseek_v3"
     report = smoke(case, device="cuda", layers="all")
+    from lora_convert.convert.group_tensors import group_source_keys
     from lora_convert.convert.normalize import plan_normalize
-    from lora_convert.smoke.device import group_source_keys
 
     plan = plan_normalize(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), drop_unsupported=True)
     keys = {k for g in plan.groups for k in group_source_keys(g)}

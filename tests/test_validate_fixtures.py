@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_convert.check.validate import validate_adapter
+from lora_convert.check.validate import run_checks
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 CASES = sorted(p.name for p in (DATA / "cases").iterdir() if (p / "adapter").is_dir())
@@ -25,7 +25,7 @@ def base_of(case: str) -> str:
 def validate(case_or_folder, case=None, **kw):
     folder = case_or_folder if isinstance(case_or_folder, Path) else DATA / "cases" / case_or_folder / "adapter"
     kw.setdefault("smoke", False)
-    return validate_adapter(str(folder), base=base_of(case or case_or_folder), **kw)
+    return run_checks(str(folder), base=base_of(case or case_or_folder), **kw)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -9,14 +9,12 @@ and `Architecture` answers questions about layers and modules (`groups`, `resolv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lora_convert.arch.expr import evaluate, names_in
 from lora_convert.arch.schema_model import GroupDef, GroupSpec, HeadCount, Location, ModuleMatch, Schema, SliceSpec
 from lora_convert.errors import BaseConfigError, SchemaError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lora_convert.peft.adapter import LoraModule
+from lora_convert.peft.adapter import LoraModule, ModuleKind
 
 Sources = dict[str, tuple[int, tuple[int, ...], str]]  # source name -> (group index, covered slices, canonical)
 
@@ -381,7 +379,7 @@ class Architecture:
             return self._locate_elsewhere(local, ts)
         index, covered, canonical = hit
         template = ts.templates[index]
-        is_fused = module.kind == "fused_experts"
+        is_fused = module.kind == ModuleKind.FUSED_EXPERTS
         if template.experts is None and (module.expert is not None or is_fused):
             return Location(
                 "unknown",

@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
+from lora_convert.io.shipped_data import ANY, STRING, ListOf, MapOf, Object, load_shipped, shipped_files
 from lora_convert.io.small_files import read_small_json
 
 PRESET_PACKAGE = "lora_convert.arch.presets"
@@ -61,15 +61,6 @@ class BaseConfig:
             return None
         return f"The base is the shipped preset {self.name} ({self.substitution})."
 
-    @property
-    def quantization_config(self) -> dict | None:
-        """`quantization_config` at the top level of config.json, else inside the wrapper's text config."""
-        for cfg in (self.config, self.text_config):
-            qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-            if isinstance(qc, dict) and qc:
-                return qc
-        return None
-
     def describe(self) -> str:
         return f"{self.name} ({self.origin})"
 
@@ -85,20 +76,26 @@ def unwrap_text_config(config: dict, field: str | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- presets
+PRESET_SPEC = Object(
+    required={
+        "name": STRING,
+        "hub_ids": ListOf(STRING),
+        "note": STRING,
+        "sources": ListOf(STRING, non_empty=True),
+        "hub_config_url": STRING,
+        "unverified": ListOf(STRING),
+        "config": MapOf(ANY),
+    },
+    optional={"implied_defaults": MapOf(ANY)},
+)
+
+
 @lru_cache(maxsize=1)
 def _load_presets() -> tuple[dict, ...]:
-    presets = []
-    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".json"):
-            continue
-        try:
-            data = json.loads(entry.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BaseConfigError(f"The shipped preset {entry.name} is not valid JSON ({exc}).") from None
-        if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not data.get("name"):
-            raise BaseConfigError(f"The shipped preset {entry.name} lacks `name` or a `config` object.")
-        presets.append(data)
-    return tuple(presets)
+    files = shipped_files(PRESET_PACKAGE)
+    return tuple(
+        load_shipped(PRESET_PACKAGE, name, PRESET_SPEC, f"lora_convert/arch/presets/{name}") for name in sorted(files)
+    )
 
 
 def list_presets() -> list[dict]:

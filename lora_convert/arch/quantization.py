@@ -11,15 +11,14 @@ reads the headers). docs/quantization.md explains both.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from typing import Any
 
 from lora_convert.arch.expr import evaluate
 from lora_convert.errors import SchemaError
+from lora_convert.io.shipped_data import BOOL, EXPRESSION, STRING, Choice, ListOf, MapOf, Nullable, Object, load_shipped
 
 DATA_FILE = "quantization.json"
 
@@ -95,21 +94,45 @@ class StorageCheck:
 
 
 # ------------------------------------------------------------------------------------------------ the data
-def _exprs(values, where: str) -> tuple[Any, ...]:
-    if not isinstance(values, list):
-        raise SchemaError(f"{DATA_FILE} {where}: a shape is a list of expressions.")
-    return tuple(values)
+_SHAPE = ListOf(EXPRESSION)  # expressions over n_out, n_in, E and the params (stored) or d0..d3 (logical)
+_FORM = Object(
+    required={"tensor": STRING, "stored": _SHAPE, "logical": _SHAPE},
+    optional={"dtypes": ListOf(STRING), "aux": MapOf(Object(optional={"shape": Nullable(_SHAPE)}))},
+)
+_SCHEME = Object(
+    required={"id": STRING, "quant_method": ListOf(STRING, non_empty=True), "label": STRING},
+    optional={
+        "params": MapOf(EXPRESSION),
+        "skip_fields": ListOf(STRING),
+        "skip_syntax": Choice(("transformers", "compressed-tensors")),
+        "never": ListOf(STRING),
+        "forms": ListOf(_FORM),
+        "forms_3d": ListOf(_FORM),
+        "sources": ListOf(STRING),
+        "when": EXPRESSION,
+        "format": ListOf(STRING),
+        "experts_only": BOOL,
+    },
+    label="id",
+)
+QUANTIZATION_SPEC = Object(required={"schemes": ListOf(_SCHEME)}, optional={"config_fields": ListOf(STRING)})
 
 
-def _form(raw: dict, where: str, experts_3d: bool) -> Form:
-    aux = {}
-    for suffix, spec in (raw.get("aux") or {}).items():
-        aux[suffix] = _exprs(spec["shape"], f"{where}.aux.{suffix}") if spec.get("shape") is not None else None
+@cache
+def _document() -> dict:
+    return load_shipped("lora_convert.arch", DATA_FILE, QUANTIZATION_SPEC, f"lora_convert/arch/{DATA_FILE}")
+
+
+def _form(raw: dict, experts_3d: bool) -> Form:
+    aux = {
+        suffix: tuple(spec["shape"]) if spec.get("shape") is not None else None
+        for suffix, spec in raw.get("aux", {}).items()
+    }
     return Form(
         tensor=raw["tensor"],
-        dtypes=tuple(raw.get("dtypes") or ()),
-        stored=_exprs(raw["stored"], f"{where}.stored"),
-        logical=_exprs(raw["logical"], f"{where}.logical"),
+        dtypes=tuple(raw.get("dtypes", ())),
+        stored=tuple(raw["stored"]),
+        logical=tuple(raw["logical"]),
         aux=aux,
         experts_3d=experts_3d,
     )
@@ -118,41 +141,30 @@ def _form(raw: dict, where: str, experts_3d: bool) -> Form:
 @cache
 def schemes() -> tuple[Scheme, ...]:
     """Every scheme of quantization.json, in file order (the first that matches a config wins)."""
-    try:
-        doc = json.loads(resources.files("lora_convert.arch").joinpath(DATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SchemaError(f"lora_convert/arch/{DATA_FILE} cannot be read ({exc}).") from None
-    out = []
-    for i, raw in enumerate(doc.get("schemes") or []):
-        where = f"schemes[{i}] ({raw.get('id')})"
-        try:
-            forms = [_form(f, f"{where}.forms[{j}]", False) for j, f in enumerate(raw.get("forms") or [])]
-            forms += [_form(f, f"{where}.forms_3d[{j}]", True) for j, f in enumerate(raw.get("forms_3d") or [])]
-            out.append(
-                Scheme(
-                    id=raw["id"],
-                    quant_method=tuple(raw["quant_method"]),
-                    label=raw["label"],
-                    params=dict(raw.get("params") or {}),
-                    skip_fields=tuple(raw.get("skip_fields") or ()),
-                    skip_syntax=raw.get("skip_syntax", "transformers"),
-                    never=frozenset(raw.get("never") or ()),
-                    forms=tuple(forms),
-                    sources=tuple(raw.get("sources") or ()),
-                    when=raw.get("when"),
-                    formats=tuple(raw.get("format") or ()),
-                    experts_only=bool(raw.get("experts_only")),
-                )
-            )
-        except (KeyError, TypeError) as exc:
-            raise SchemaError(f"lora_convert/arch/{DATA_FILE} {where} lacks {exc}.") from None
-    return tuple(out)
+    return tuple(
+        Scheme(
+            id=raw["id"],
+            quant_method=tuple(raw["quant_method"]),
+            label=raw["label"],
+            params=dict(raw.get("params", {})),
+            skip_fields=tuple(raw.get("skip_fields", ())),
+            skip_syntax=raw.get("skip_syntax", "transformers"),
+            never=frozenset(raw.get("never", ())),
+            forms=tuple(
+                [_form(f, False) for f in raw.get("forms", [])] + [_form(f, True) for f in raw.get("forms_3d", [])]
+            ),
+            sources=tuple(raw.get("sources", ())),
+            when=raw.get("when"),
+            formats=tuple(raw.get("format", ())),
+            experts_only=raw.get("experts_only", False),
+        )
+        for raw in _document()["schemes"]
+    )
 
 
 @cache
 def config_fields() -> tuple[str, ...]:
-    doc = json.loads(resources.files("lora_convert.arch").joinpath(DATA_FILE).read_text(encoding="utf-8"))
-    return tuple(doc.get("config_fields") or ("quantization_config",))
+    return tuple(_document().get("config_fields") or ("quantization_config",))
 
 
 def scheme_ids() -> list[str]:

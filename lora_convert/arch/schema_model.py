@@ -229,28 +229,6 @@ class Schema:
     shared_expert_count: str | None = None  # expression: shared experts fused into one MLP (engine rules ask)
     tp_head_counts: tuple[HeadCountDef, ...] = ()
 
-    def expressions(self) -> list[tuple[str, str]]:
-        """(where, expression) for every expression in the file."""
-        out = [("num_layers", self.num_layers)]
-        out += [
-            (w, e)
-            for w, e in (
-                ("expert_count", self.expert_count),
-                ("shared_expert_count", self.shared_expert_count),
-                ("mtp_layers", self.mtp_layers),
-            )
-            if e
-        ]
-        out += [(f"let.{k}", e) for k, e in self.let]
-        out += [(f"layer_types.{k}", e) for k, e in self.layer_types]
-        for g in self.groups + self.top_level:
-            out.append((f"{g.path}.in", g.in_))
-            if g.when:
-                out.append((f"{g.path}.when", g.when))
-            out += [(f"{g.path}.{s.name}.out", s.out) for s in g.slices]
-        out += [(f"tp_head_counts[{j}].count", h.count) for j, h in enumerate(self.tp_head_counts)]
-        return out
-
     def describe(self) -> dict[str, Any]:
         """The schema with its expressions unevaluated (for `schemas show FAMILY` without a config)."""
         return {

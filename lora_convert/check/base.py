@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_convert.arch.base_config import resolve_base as resolve_base_config
+from lora_convert.arch.base_config import resolve_base
 from lora_convert.arch.schema import bind
 from lora_convert.codes import finding
 from lora_convert.errors import LoraConvertError
@@ -49,7 +49,7 @@ def _skipped(message: str, missing: list[str]) -> str:
     return message.rstrip(".") + ". Skipped: " + ", ".join(missing) + "."
 
 
-def resolve_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> BaseResolution:
+def resolve_adapter_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> BaseResolution:
     adapter_base = adapter.config.base_model_name_or_path
     if not spec and not adapter_base:
         return BaseResolution(
@@ -67,7 +67,7 @@ def resolve_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> Ba
             no_shapes_why="no --base, and adapter_config.json names no base model",
         )
     try:
-        base_cfg = resolve_base_config(spec, adapter_base_name=adapter_base, cache_dir=cache_dir, token=token)
+        base_cfg = resolve_base(spec, adapter_base_name=adapter_base, cache_dir=cache_dir, token=token)
     except LoraConvertError as exc:
         if spec:
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome, adapter_findings
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
+from lora_convert.peft.adapter import ModuleKind
 
 
 def run(ctx: CheckContext) -> Outcome:
@@ -145,7 +146,7 @@ def vocab_findings(adapter, text_config: dict) -> list[Finding]:
     for mod in adapter.modules:
         if mod.layer is not None or mod.lora_A is None or mod.lora_B is None:
             continue
-        if mod.kind == "embedding" or mod.leaf in ("embed_tokens", "embeddings", "word_embeddings", "wte"):
+        if mod.kind == ModuleKind.EMBEDDING or mod.leaf in ("embed_tokens", "embeddings", "word_embeddings", "wte"):
             widths.append((mod.module, mod.lora_A.shape[-1], mod.keys))
         elif mod.leaf in ("lm_head", "output", "unembed_tokens"):
             widths.append((mod.module, mod.lora_B.shape[0], mod.keys))

@@ -1,6 +1,6 @@
 """What every check of `validate` is given, and what it gives back.
 
-A check is a name and a function `run(ctx) -> Outcome`. `validate_adapter` runs them in the order of
+A check is a name and a function `run(ctx) -> Outcome`. `run_checks` (lora_convert/check/validate.py) runs them in the order of
 `lora_convert.check.validate.CHECKS`; each returns its findings and, when it did not run, why not (the verdict line
 and `summary.checks` are built from those answers, so a report never claims a check it skipped).
 """
@@ -54,7 +54,7 @@ class CheckContext:
     options: ValidateOptions
     base: BaseResolution
     findings: list[Finding] = field(default_factory=list)  # what the checks before this one found
-    scan: Any = None  # the data scan (lora_convert.check.data_scan.ScanResult), once the data check ran
+    scan: Any = None  # the data scan (lora_convert.check.data_scan.DataScanResult), once the data check ran
 
     @property
     def arch(self):

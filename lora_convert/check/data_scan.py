@@ -65,7 +65,7 @@ class TensorStats:
 
 
 @dataclass
-class ScanResult:
+class DataScanResult:
     stats: dict[str, TensorStats] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     bytes_read: int = 0
@@ -400,11 +400,11 @@ def scan_adapter(
     progress: ProgressFn | None = None,
     row_energy_modules: Iterable[str] = (),
     threads: int | None = None,
-) -> ScanResult:
+) -> DataScanResult:
     """Read every tensor of `adapter` once (batched, `_scan_batches`) and collect statistics and findings, on
     `threads` threads (default SCAN_THREADS; the result is the same for any number)."""
     started = time.monotonic()
-    result = ScanResult()
+    result = DataScanResult()
     wanted = set(row_energy_modules)
     total = adapter.total_bytes
     stats: dict[str, TensorStats] = {}

@@ -8,6 +8,7 @@ from lora_convert.arch.tensor_parallel import head_counts, module_split
 from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
+from lora_convert.peft.adapter import ModuleKind
 
 
 def run(ctx: CheckContext) -> Outcome:
@@ -44,8 +45,8 @@ def sharding_findings(adapter, arch, text_config: dict, tp: int, ep: int) -> lis
     for mod in adapter.modules:
         if mod.in_features is None or mod.out_features is None or mod.is_vision:
             continue
-        is_expert = mod.expert is not None or mod.kind == "fused_experts"
-        if mod.kind == "fused_experts" and mod.experts:
+        is_expert = mod.expert is not None or mod.kind == ModuleKind.FUSED_EXPERTS
+        if mod.kind == ModuleKind.FUSED_EXPERTS and mod.experts:
             expert_counts.add(mod.experts)
         size = moe_tp if is_expert else tp  # routed experts use the MoE tensor-parallel size (tp / ep)
         split = module_split(mod, arch)

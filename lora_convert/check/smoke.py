@@ -21,13 +21,13 @@ from lora_convert.check.context import Check, CheckContext, Outcome, not_checked
 from lora_convert.codes import finding
 from lora_convert.errors import EnvironmentProblem, LoraConvertError
 from lora_convert.findings import has_errors
-from lora_convert.smoke.runner import (
+from lora_convert.smoke.availability import (
     SMOKE_INSTALL,
     missing_smoke_packages,
     not_installed_reason,
     require_smoke_packages,
-    run_smoke,
 )
+from lora_convert.smoke.runner import run_smoke
 
 SMOKE_CPU_LIMIT_BYTES = 50 * 1024 * 1024  # default smoke on a CPU only for adapters up to this size
 

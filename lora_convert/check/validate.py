@@ -1,6 +1,6 @@
 """`lora-convert validate`: every check on one adapter, in one library call.
 
-`validate_adapter` never stops at the first problem: it reads the adapter, resolves the base model once, then runs
+`run_checks` never stops at the first problem: it reads the adapter, resolves the base model once, then runs
 the checks of `CHECKS` in order; each returns its findings and says whether it ran (and why not), which is what the
 verdict line and `summary.checks` report. The report's verdict is "no error" (and, with `strict`, "no warning").
 Only problems that leave nothing to check raise: a usage error (no such folder, a malformed Hub id, an explicit
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_convert.check import config, data, engine, keys, moe, pairs, shapes, sharding, smoke
-from lora_convert.check.base import resolve_base
+from lora_convert.check.base import resolve_adapter_base
 from lora_convert.check.context import DEVICES, CheckContext, ValidateOptions
 from lora_convert.check.report import ValidationReport, checks_sentence, finish
 from lora_convert.codes import finding
@@ -29,10 +29,10 @@ from lora_convert.peft.adapter import load_adapter
 CHECKS = tuple(m.CHECK for m in (config, keys, pairs, shapes, moe, data, sharding, smoke, engine))
 CHECK_NAMES = tuple(c.name for c in CHECKS)
 
-__all__ = ["CHECKS", "CHECK_NAMES", "DEVICES", "ValidationReport", "checks_sentence", "validate_adapter"]
+__all__ = ["CHECKS", "CHECK_NAMES", "DEVICES", "ValidationReport", "checks_sentence", "run_checks"]
 
 
-def validate_adapter(
+def run_checks(
     spec: str | Path | AdapterSource,
     *,
     base: str | None = None,
@@ -95,7 +95,7 @@ def validate_adapter(
         report.findings.append(finding("files.unreadable", exc.message, fix=exc.hint))
         return finish(report, started, {"checks": _nothing_ran("adapter files unreadable")})
 
-    resolution = resolve_base(adapter, base, cache_dir=cache_dir, token=token)
+    resolution = resolve_adapter_base(adapter, base, cache_dir=cache_dir, token=token)
     report.base = resolution.name
     ctx = CheckContext(adapter, options, resolution, findings=report.findings)
     report.findings.extend(resolution.findings)

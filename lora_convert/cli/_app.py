@@ -1,3 +1,6 @@
+"""The root command and the `command` decorator every command registers with: where errors become `Error:` +
+`Hint:` lines and exit codes."""
+
 from __future__ import annotations
 
 import functools
@@ -9,10 +12,10 @@ from collections.abc import Callable
 import typer
 from typer.core import TyperGroup
 
-try:  # typer 0.2x vendors click and raises its copy's exceptions; older typer raises click's own
-    from typer._click import exceptions as click_errors
+try:  # typer 0.2x vendors click, whose errors derive from typer.TyperException; older typer raises click's own
+    from typer import TyperException as ClickError
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as click_errors
+    from click import ClickException as ClickError
 
 from lora_convert import __version__
 from lora_convert.cli._output import fit_page, output_closed, print_error, write_stdout
@@ -26,7 +29,20 @@ error (a bug in lora-convert: please report it), 141 stdout closed by its reader
 Set LORA_CONVERT_DEBUG=1 to see a traceback for any error."""
 
 
-class _Group(TyperGroup):
+class HelpWithoutCommandGroup(TyperGroup):
+    """A command group (`no_args_is_help`) that, called without a command, prints its help on stdout and exits 2:
+    a usage error whose message is the help itself."""
+
+    def parse_args(self, ctx, args):
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            help_text = ctx.get_help()  # typer's rich help prints itself and returns ""; plain click's returns it
+            if help_text:
+                typer.echo(help_text)
+            raise typer.Exit(2)
+        return super().parse_args(ctx, args)
+
+
+class _Group(HelpWithoutCommandGroup):
     """The root command group. Click reports a bad flag, a missing argument or an out-of-range value (`--rank 0`)
     in a framed box that starts with `Usage:`; here those become the same `Error:` + `Hint:` lines, exit 2, as
     every other usage error, so that scripts and CI logs can rely on one format."""
@@ -36,9 +52,7 @@ class _Group(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click_errors.NoArgsIsHelpError as exc:
-            sys.exit(exc.exit_code)  # typer printed the help already, while parsing
-        except click_errors.ClickException as exc:
+        except ClickError as exc:
             print_error(exc.format_message(), _usage_hint(exc))
             sys.exit(exc.exit_code)
         except typer.Abort:

@@ -1,3 +1,5 @@
+"""`lora-convert inspect`: calls lora_convert.api.inspect_adapter and renders what the adapter holds as a table or JSON."""
+
 from __future__ import annotations
 
 import typer

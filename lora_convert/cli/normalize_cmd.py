@@ -1,3 +1,5 @@
+"""`lora-convert normalize`: calls lora_convert.api.normalize_adapter and renders the plan, progress and what was written."""
+
 from __future__ import annotations
 
 import sys

@@ -1,3 +1,5 @@
+"""`lora-convert report`: an existing scan report as a fleet page (lora_convert.api.fleet_page) or a SARIF log."""
+
 from __future__ import annotations
 
 import typer

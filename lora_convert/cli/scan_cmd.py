@@ -1,3 +1,5 @@
+"""`lora-convert scan`: calls lora_convert.api.scan_adapters and renders the fleet's progress and summary."""
+
 from __future__ import annotations
 
 import sys

@@ -1,3 +1,5 @@
+"""`lora-convert smoke`: calls lora_convert.smoke.runner.run_smoke and renders its per-group results."""
+
 from __future__ import annotations
 
 import typer
@@ -46,7 +48,8 @@ def smoke_command(
     Examples: lora-convert smoke ./my-adapter --base deepseek-v3
               lora-convert smoke ./stacked --original ./my-adapter --device cuda
     """
-    from lora_convert.smoke.runner import TOLERANCES, run_smoke
+    from lora_convert.smoke.report import TOLERANCES
+    from lora_convert.smoke.runner import run_smoke
 
     report = run_smoke(
         adapter,

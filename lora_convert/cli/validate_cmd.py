@@ -1,3 +1,5 @@
+"""`lora-convert validate`: calls lora_convert.api.validate_adapter per adapter and renders findings and verdict."""
+
 from __future__ import annotations
 
 import sys

@@ -22,21 +22,18 @@ A rule matches a planned group through `when`, by what the schema says about the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from typing import Any
 
 from lora_convert.arch.expr import evaluate
 from lora_convert.convert.plan import PlannedGroup
 from lora_convert.engines.profiles import render
-from lora_convert.engines.rules import layout_document, resolve_engine
-from lora_convert.errors import SchemaError
+from lora_convert.engines.rules import LAYOUT_SPEC, layout_document, resolve_engine
+from lora_convert.io.shipped_data import load_shipped
 
 CONVERT_PACKAGE = "lora_convert.convert"
-_WHEN_KEYS = {"kind", "name", "leaf", "slices", "experts", "layered", "family", "architectures", "width_differs"}
 PEFT_LAYOUT_FILE = "peft_layout.json"
 
 
@@ -171,102 +168,57 @@ class LayoutRules:
 @cache
 def load_layout_rules(layout: str) -> LayoutRules:
     """The rules of `layout` (`peft`, or an engine release: `sglang`, `vllm==0.33.0`). Raises SchemaError, or
-    UsageError for an engine release that has no rule file."""
+    UsageError for an engine release that has no rule file. Both files are checked against LAYOUT_SPEC (peft_layout.json
+    by it, an engine file as part of its own spec); PEFT applies every module, so the PEFT layout refuses nothing."""
     if layout == "peft":
-        text = resources.files(CONVERT_PACKAGE).joinpath(PEFT_LAYOUT_FILE).read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"convert/{PEFT_LAYOUT_FILE} is not valid JSON ({exc}).") from None
-        if data.get("refuse"):
-            raise SchemaError(f"convert/{PEFT_LAYOUT_FILE}: PEFT applies every module; the layout refuses nothing.")
-        return _parse({**data, "refuse": []}, f"convert/{PEFT_LAYOUT_FILE}", engine="peft")
-    data = layout_document(layout)
-    return _parse(data, f"{data['_file']} layout", engine=resolve_engine(layout).engine)
+        data = load_shipped(CONVERT_PACKAGE, PEFT_LAYOUT_FILE, LAYOUT_SPEC, f"convert/{PEFT_LAYOUT_FILE}")
+        return _parse({**data, "refuse": []}, engine="peft")
+    return _parse(layout_document(layout), engine=resolve_engine(layout).engine)
 
 
-def _parse(data: dict, where: str, engine: str) -> LayoutRules:
-    try:
-        return LayoutRules(
-            layout=data["layout"],
-            engine=data["engine"],
-            served_by=data["served_by"],
-            refuse=tuple(_rule_refusal(r, engine) for r in data.get("refuse", [])),
-            cuts=tuple(
-                Cut(
-                    _when(c["when"], f"{where}.cut[{i}]"),
-                    tuple((m["name"], tuple(m["slices"])) for m in c["modules"]),
-                    _unheld(c["unheld"], data.get("refuse", []), engine, f"{where}.cut[{i}].unheld")
-                    if c.get("unheld")
-                    else None,
-                )
-                for i, c in enumerate(data.get("cut", []))
-            ),
-            renames=tuple(
-                Rename(_when(r["when"], f"{where}.rename[{i}]"), dict(r["names"]), _source(r, f"{where}.rename[{i}]"))
-                for i, r in enumerate(data.get("rename", []))
-            ),
-            container_renames=tuple(
-                Rename(
-                    _when(r["when"], f"{where}.rename_containers[{i}]"),
-                    dict(r["names"]),
-                    _source(r, f"{where}.rename_containers[{i}]"),
-                )
-                for i, r in enumerate(data.get("rename_containers", []))
-            ),
-            notes=tuple(
-                Note(_when(n["when"], f"{where}.notes[{i}]"), n["text"], _source(n, f"{where}.notes[{i}]"))
-                for i, n in enumerate(data.get("notes", []))
-            ),
-            embedding_leaf=data.get("embedding_leaf"),
-            auto_detected_leaves=tuple(data.get("auto_detected_targets", {}).get("leaves", ())),
-            auto_detected_note=data.get("auto_detected_targets", {}).get("note", ""),
-            target_modules=data.get("target_modules", "module_leaves"),
-            experts_3d_classes=tuple((data.get("experts_3d") or {}).get("architectures", ())),
-            experts_3d_all=bool((data.get("experts_3d") or {}).get("all", False)),
-            keeps_vision=_vision_modules(data.get("vision_modules"), f"{where}.vision_modules"),
-        )
-    except (KeyError, TypeError) as exc:
-        raise SchemaError(f"{where}: malformed entry ({type(exc).__name__}: {exc}).") from None
-
-
-def _vision_modules(entry: dict | None, where: str) -> bool:
-    """`{"written": true, "source": ...}`: the loader applies vision-tower and projector LoRA where the adapter has it."""
-    if entry is None:
-        return False
-    _source(entry, where)
-    if not isinstance(entry.get("written"), bool):
-        raise SchemaError(f"{where}: `written` must be true or false.")
-    return entry["written"]
+def _parse(data: dict, engine: str) -> LayoutRules:
+    """LayoutRules of a layout object that fits LAYOUT_SPEC."""
+    auto = data.get("auto_detected_targets", {})
+    experts_3d = data.get("experts_3d", {})
+    return LayoutRules(
+        layout=data["layout"],
+        engine=data["engine"],
+        served_by=data["served_by"],
+        refuse=tuple(_rule_refusal(r, engine) for r in data["refuse"]),
+        cuts=tuple(
+            Cut(
+                When(c["when"]),
+                tuple((m["name"], tuple(m["slices"])) for m in c["modules"]),
+                _unheld(c["unheld"], engine) if "unheld" in c else None,
+            )
+            for c in data.get("cut", [])
+        ),
+        renames=tuple(Rename(When(r["when"]), dict(r["names"]), r["source"]) for r in data.get("rename", [])),
+        container_renames=tuple(
+            Rename(When(r["when"]), dict(r["names"]), r["source"]) for r in data.get("rename_containers", [])
+        ),
+        notes=tuple(Note(When(n["when"]), n["text"], n["source"]) for n in data.get("notes", [])),
+        embedding_leaf=data.get("embedding_leaf"),
+        auto_detected_leaves=tuple(auto.get("leaves", ())),
+        auto_detected_note=auto.get("note", ""),
+        target_modules=data.get("target_modules", "module_leaves"),
+        experts_3d_classes=tuple(experts_3d.get("architectures", ())),
+        experts_3d_all=experts_3d.get("all", False),
+        keeps_vision=data.get("vision_modules", {}).get("written", False),
+    )
 
 
 def _rule_refusal(rule: dict, engine: str) -> Refusal:
     """A planned_group rule of the engine file (validated by lora_convert.engines.rules) as a refusal."""
-    where = f"engines/{engine} rule {rule['id']}"
     return Refusal(
         f"engine.{engine}.{rule['id']}",
-        _when(rule["params"]["when"], where),
+        When(rule["params"]["when"]),
         rule["message"],
         rule["source"],
         rule["outcome"],
     )
 
 
-def _unheld(entry: dict, rules: list[dict], engine: str, where: str) -> Refusal:
+def _unheld(entry: dict, engine: str) -> Refusal:
     """Rows a cut leaves out: `{"rule": id, "reason": ...}`, the id of the engine's validate rule that reports them."""
-    if entry.get("rule") is None:
-        raise SchemaError(f"{where}: name the engine rule (`rule`) that reports these rows.")
-    return Refusal(f"engine.{engine}.{entry['rule']}", When({}), entry["reason"], _source(entry, where), "dropped")
-
-
-def _source(r: dict, where: str) -> str:
-    if not r.get("source"):
-        raise SchemaError(f"{where}: every layout rule cites its `source`.")
-    return r["source"]
-
-
-def _when(fields: dict, where: str) -> When:
-    unknown = set(fields) - _WHEN_KEYS
-    if unknown:
-        raise SchemaError(f"{where}.when: unknown condition(s) {sorted(unknown)}; known: {sorted(_WHEN_KEYS)}.")
-    return When(dict(fields))
+    return Refusal(f"engine.{engine}.{entry['rule']}", When({}), entry["reason"], entry["source"], "dropped")

@@ -14,7 +14,6 @@ SchemaError.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -22,12 +21,23 @@ from importlib import resources
 
 from lora_convert.codes import ENGINE_OUTCOMES
 from lora_convert.engines.features import FEATURES
-from lora_convert.errors import SchemaError, UsageError
+from lora_convert.errors import UsageError
+from lora_convert.io.shipped_data import (
+    ANY,
+    BOOL,
+    EXPRESSION,
+    STRING,
+    TEXT,
+    Choice,
+    ListOf,
+    MapOf,
+    Object,
+    fail,
+    load_shipped,
+)
 
 ENGINE_PACKAGE = "lora_convert.engines"
 OUTCOMES = tuple(ENGINE_OUTCOMES)  # the severity of each outcome is written once, in lora_convert/codes.py
-RULE_FIELDS = {"id", "engine_version", "feature", "outcome", "message", "fix", "source"}
-OPTIONAL_FIELDS = {"params", "_note", "layout_effect"}  # layout_effect: what normalize does, where not derived
 # Rules on planned groups (the plan normalize builds from headers): evaluated by the check and convert stages,
 # which own the plan; `params.when` is a condition of lora_convert/convert/layout_rules.py.
 PLANNED_GROUP = "planned_group"
@@ -42,6 +52,65 @@ NORMALIZE_REFUSES = frozenset({"dora", "bias", "full_weights", "added_tokens", "
 BASE_FEATURES = frozenset({"quantized_base", "unknown_quantization"})
 _NOTHING_TO_FIX = ("exact", "needs-flag")
 _FILE = re.compile(r"^(?P<engine>[a-z][a-z0-9_]*)-(?P<version>\d+(?:\.\d+)*)\.json$")
+
+
+# ------------------------------------------------------------------------------------------------ the file format
+# A condition on a planned group: its vocabulary is documented in lora_convert/convert/layout_rules.py.
+WHEN_SPEC = Object(
+    optional={
+        **{key: ListOf(STRING) for key in ("kind", "name", "leaf", "slices", "family", "architectures")},
+        "experts": BOOL,
+        "layered": BOOL,
+        "width_differs": Object(required={"width": Choice(("in", "first_slice_out")), "from": EXPRESSION}),
+    }
+)
+_RULE = Object(
+    required={
+        "id": STRING,
+        "engine_version": STRING,
+        "feature": Choice((*sorted(FEATURES), PLANNED_GROUP)),
+        "outcome": Choice(OUTCOMES),
+        "message": STRING,
+        "fix": TEXT,
+        "source": STRING,
+    },
+    optional={"params": MapOf(ANY), "layout_effect": STRING},  # layout_effect: what normalize does, where not derived
+    label="id",
+)
+_CITED = {"when": WHEN_SPEC, "source": STRING}  # every layout rule cites its source
+# How a layout cuts, renames and annotates planned groups: an engine file's `layout`, and convert/peft_layout.json.
+LAYOUT_SPEC = Object(
+    required={"layout": STRING, "engine": STRING, "served_by": STRING},
+    optional={
+        "cut": ListOf(
+            Object(
+                required={**_CITED, "modules": ListOf(Object(required={"name": STRING, "slices": ListOf(STRING)}))},
+                optional={"unheld": Object(required={"rule": STRING, "reason": STRING, "source": STRING})},
+            )
+        ),
+        "rename": ListOf(Object(required={**_CITED, "names": MapOf(STRING)})),
+        "rename_containers": ListOf(Object(required={**_CITED, "names": MapOf(STRING)})),
+        "notes": ListOf(Object(required={**_CITED, "text": STRING})),
+        "embedding_leaf": STRING,
+        "auto_detected_targets": Object(
+            required={"leaves": ListOf(STRING), "note": STRING}, optional={"source": STRING}
+        ),
+        "target_modules": Choice(("module_leaves", "engine_names")),
+        "experts_3d": Object(required={"source": STRING}, optional={"architectures": ListOf(STRING), "all": BOOL}),
+        "vision_modules": Object(required={"written": BOOL, "source": STRING}),
+    },
+)
+ENGINE_FILE_SPEC = Object(
+    required={
+        "engine": STRING,
+        "version": STRING,
+        "engine_name": STRING,
+        "label": STRING,
+        "rules": ListOf(_RULE),
+        "layout": LAYOUT_SPEC,
+    },
+    optional={"engine_version": STRING},
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -105,14 +174,7 @@ def resolve_engine(spec: str) -> EngineRelease:
 @cache
 def load_rules(engine: str) -> tuple[dict, ...]:
     """The rules of one engine release (`sglang`, `sglang==0.5.23`), validated."""
-    release = resolve_engine(engine)
-    rules = _document(release).get("rules")
-    if not isinstance(rules, list):
-        raise SchemaError(f"engines/{release.file} must be an object with a `rules` list.")
-    seen: set[str] = set()
-    for i, rule in enumerate(rules):
-        _check_rule(rule, f"engines/{release.file} rules[{i}]", seen)
-    return tuple(rules)
+    return tuple(_document(resolve_engine(engine))["rules"])
 
 
 def engine_info(engine: str) -> dict:
@@ -125,30 +187,28 @@ def layout_document(engine: str) -> dict:
     """The `layout` object of an engine release's file, with that release's planned-group rules as `refuse`."""
     release = resolve_engine(engine)
     doc = _document(release)
-    layout = doc.get("layout")
-    if not isinstance(layout, dict):
-        raise SchemaError(f"engines/{release.file} has no `layout` object.")
+    layout = doc["layout"]
     refuse = [r for r in load_rules(engine) if r["feature"] == PLANNED_GROUP]
     return {**layout, "refuse": refuse, "_file": f"engines/{release.file}"}
 
 
 @cache
 def _document(release: EngineRelease) -> dict:
-    try:
-        text = resources.files(ENGINE_PACKAGE).joinpath(release.file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SchemaError(f"No engine profile {release.file} is installed.") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SchemaError(f"engines/{release.file} is not valid JSON ({exc}).") from None
-    if not isinstance(doc, dict):
-        raise SchemaError(f"engines/{release.file} must be an object with a `rules` list.")
-    if doc.get("engine") != release.engine or doc.get("version") != release.version:
-        raise SchemaError(
-            f"engines/{release.file} says engine {doc.get('engine')!r} version {doc.get('version')!r}; "
-            "the file name and its contents must agree."
-        )
+    """The rule file of `release`, checked against ENGINE_FILE_SPEC, then for what the spec cannot say: the name
+    and the contents agree, rule ids are unique, a planned_group rule has a `params.when` condition."""
+    file = f"engines/{release.file}"
+    doc = load_shipped(ENGINE_PACKAGE, release.file, ENGINE_FILE_SPEC, file)
+    for key, value in (("engine", release.engine), ("version", release.version)):
+        if doc[key] != value:
+            raise fail(file, key, f"expected {value!r} (the file name and its contents must agree), got {doc[key]!r}")
+    seen: set[str] = set()
+    for i, rule in enumerate(doc["rules"]):
+        where = f"rules[{i}] ({rule['id']})"
+        if rule["id"] in seen:
+            raise fail(file, f"{where}.id", f"expected a rule id not used before, got {rule['id']!r} again")
+        seen.add(rule["id"])
+        if rule["feature"] == PLANNED_GROUP:
+            WHEN_SPEC.check((rule.get("params") or {}).get("when"), file, f"{where}.params.when")
     return doc
 
 
@@ -163,21 +223,3 @@ def layout_treatment(rule: dict) -> str:
     if rule["outcome"] in _NOTHING_TO_FIX or rule["feature"] in BASE_FEATURES or rule.get("layout_effect"):
         return KEEPS
     return REWRITES
-
-
-def _check_rule(rule, where: str, seen: set[str]) -> None:
-    if not isinstance(rule, dict):
-        raise SchemaError(f"{where} is not an object.")
-    missing = RULE_FIELDS - set(rule)
-    unknown = set(rule) - RULE_FIELDS - OPTIONAL_FIELDS
-    if missing or unknown:
-        raise SchemaError(f"{where} ({rule.get('id')}): missing {sorted(missing)}, unknown {sorted(unknown)}.")
-    if rule["feature"] not in FEATURES and rule["feature"] != PLANNED_GROUP:
-        raise SchemaError(f"{where} ({rule['id']}): unknown feature {rule['feature']!r}.")
-    if rule["feature"] == PLANNED_GROUP and not isinstance((rule.get("params") or {}).get("when"), dict):
-        raise SchemaError(f"{where} ({rule['id']}): a planned_group rule needs params.when.")
-    if rule["outcome"] not in OUTCOMES:
-        raise SchemaError(f"{where} ({rule['id']}): outcome must be one of {OUTCOMES}.")
-    if rule["id"] in seen:
-        raise SchemaError(f"{where}: duplicate rule id {rule['id']!r}.")
-    seen.add(rule["id"])

@@ -16,6 +16,7 @@ import math
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,13 @@ STACKED_LAYOUT_CODES = frozenset({"shapes.not-2d", "rank.config-mismatch", "rank
 EXPERT_PARAM_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class ModuleKind:
+class ModuleKind(str, Enum):
     LINEAR = "linear"
     EMBEDDING = "embedding"
     FUSED_EXPERTS = "fused_experts"  # PEFT ParamWrapper over a 3-D expert parameter
 
 
-class ExpertLayout:
+class ExpertLayout(str, Enum):
     NONE = "none"
     PER_EXPERT = "per-expert-2d"
     FUSED_3D = "fused-3d"
@@ -183,15 +184,19 @@ class Adapter:
 
     @property
     def expert_layout(self) -> str:
+        """One of ExpertLayout's values (the string, as reports write it)."""
         per_expert = any(m.expert is not None for m in self.modules)
-        fused = any(m.kind == ModuleKind.FUSED_EXPERTS for m in self.modules)
+        fused_experts = ModuleKind.FUSED_EXPERTS
+        fused = any(m.kind == fused_experts for m in self.modules)
         if per_expert and fused:
-            return ExpertLayout.MIXED
-        if fused:
-            return ExpertLayout.FUSED_3D
-        if per_expert:
-            return ExpertLayout.PER_EXPERT
-        return ExpertLayout.NONE
+            layout = ExpertLayout.MIXED
+        elif fused:
+            layout = ExpertLayout.FUSED_3D
+        elif per_expert:
+            layout = ExpertLayout.PER_EXPERT
+        else:
+            layout = ExpertLayout.NONE
+        return layout.value
 
     def read(self, key: str):
         return self.index.read(key)
@@ -200,9 +205,6 @@ class Adapter:
         """Several tensors with as few reads as possible; with an `arena` (lora_convert.io.tensor_files.ReadArena)
         they are views of its reused memory, valid until its next use."""
         return self.index.read_many(keys, arena)
-
-    def keys_of(self, factor: Factor) -> list[str]:
-        return [k for k, p in self.parsed.items() if p.factor is factor]
 
 
 # --------------------------------------------------------------------------------------------------- files
@@ -453,21 +455,15 @@ def group_modules(
     tensors = index.tensors
     magnitude, lora_bias = Factor.MAGNITUDE, Factor.LORA_BIAS
     ranks = _RankLookup(config)
-    fused = ModuleKind.FUSED_EXPERTS
+    linear, embedding, fused = ModuleKind.LINEAR, ModuleKind.EMBEDDING, ModuleKind.FUSED_EXPERTS
     by_target_parameter = bool(config.target_parameters)
     for where, factors in slots.items():
         module_path, depth = where
         sample = next(iter(factors.values()))
-        kind = (
-            ModuleKind.FUSED_EXPERTS
-            if _is_fused_experts(module_path)
-            else ModuleKind.EMBEDDING
-            if where in embedding_slots
-            else ModuleKind.LINEAR
-        )
+        kind = fused if _is_fused_experts(module_path) else embedding if where in embedding_slots else linear
         param, param_source = fused_params.get(where, (None, None))
         target_name = f"{module_path}.{param}" if param else module_path
-        if kind == ModuleKind.LINEAR and by_target_parameter and config.targets_parameter(module_path, "weight"):
+        if kind == linear and by_target_parameter and config.targets_parameter(module_path, "weight"):
             target_name = f"{module_path}.weight"
         a, b, m, bias = factors.get(lora_a), factors.get(lora_b), factors.get(magnitude), factors.get(lora_bias)
         rank_values = ranks.shared

@@ -56,7 +56,6 @@ CONFIG_FIELDS = (
     "bias",
     "base_model_name_or_path",
 )
-INIT_ONLY_FIELDS = {"init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 
 
 @dataclass

@@ -172,10 +172,10 @@ def _validate(spec: str, options: ScanOptions, engine: str | None = None):
     """`validate`'s checks on one adapter, or only those named by options.checks (in validate's order). With
     `engine` (one of options.more_engines): only that release's engine rules, without reading tensor data again
     (the data scan refines the rules' messages, not whether they fire)."""
-    from lora_convert.check.validate import validate_adapter
+    from lora_convert.check.validate import run_checks
 
     if engine is not None:
-        return validate_adapter(
+        return run_checks(
             spec,
             base=options.base,
             engine=engine,
@@ -185,7 +185,7 @@ def _validate(spec: str, options: ScanOptions, engine: str | None = None):
             allow_unchecked=options.allow_unchecked,
             checks=("engine",),
         )
-    return validate_adapter(
+    return run_checks(
         spec,
         base=options.base,
         engine=options.engine,

@@ -19,16 +19,6 @@ from lora_convert.convert import factors
 from lora_convert.io.tensor_files import TORCH_DTYPE_NAMES
 
 
-def group_source_keys(group) -> list[str]:
-    """Every source tensor key a group's slices read (A and B of each source module), once each."""
-    keys: dict[str, None] = {}
-    for sl in group.slices:
-        for src in sl.sources():
-            keys[src.module.lora_A.key] = None
-            keys[src.module.lora_B.key] = None
-    return list(keys)
-
-
 class DeviceSources:
     """One group's source tensors on the device, each read once from disk into a pinned host buffer (reused and
     grown to the largest group) and copied from there: pinned copies run at the card's full rate (55 GB/s on the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from lora_convert.engines.features.context import MAX_KEYS, Context, examples, module_keys
+from lora_convert.peft.adapter import ModuleKind
 
 
 def f_config_flag(ctx: Context, params: dict):
@@ -41,8 +42,8 @@ def _engine_scale(cfg, params: dict) -> float:
 
 def f_rank_mismatch(ctx: Context, params: dict):
     cfg = ctx.adapter.config
-    mods = [m for m in ctx.modules if m.rank and m.rank != cfg.r and m.kind != "fused_experts"]
-    mods += [m for m in ctx.modules if m.kind == "fused_experts" and m.config_rank != cfg.r]
+    mods = [m for m in ctx.modules if m.rank and m.rank != cfg.r and m.kind != ModuleKind.FUSED_EXPERTS]
+    mods += [m for m in ctx.modules if m.kind == ModuleKind.FUSED_EXPERTS and m.config_rank != cfg.r]
     if not mods:
         return None
     ranks = sorted({m.rank or m.config_rank for m in mods})
@@ -95,7 +96,7 @@ def f_added_tokens(ctx: Context, params: dict):
     for m in ctx.modules:
         if m.layer is not None or m.lora_A is None or m.lora_B is None:
             continue
-        if m.kind == "embedding" or m.leaf in ("embed_tokens", "embeddings", "word_embeddings"):
+        if m.kind == ModuleKind.EMBEDDING or m.leaf in ("embed_tokens", "embeddings", "word_embeddings"):
             widths.append((m, m.lora_A.shape[-1]))
         elif m.leaf in ("lm_head", "output"):
             widths.append((m, m.lora_B.shape[0]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from lora_convert.engines.features.context import Context, examples, in_families, layers_text, module_keys
+from lora_convert.peft.adapter import ModuleKind
 
 
 def _expert_projections(ctx: Context, roles: dict[str, list[str]]) -> dict[tuple, set[str]]:
@@ -12,7 +13,7 @@ def _expert_projections(ctx: Context, roles: dict[str, list[str]]) -> dict[tuple
     (rule data) maps each parameter or leaf name to the roles it carries (`gate_up_proj` -> gate and up)."""
     found: dict[tuple, set[str]] = defaultdict(set)
     for m in ctx.modules:
-        if m.layer is None or not (m.expert is not None or m.kind == "fused_experts"):
+        if m.layer is None or not (m.expert is not None or m.kind == ModuleKind.FUSED_EXPERTS):
             continue
         place = (m.layer, ctx.container(m) if m.expert is not None else (m.local_name or "").rsplit(".", 1)[0])
         found[place].update(roles.get(m.param or m.leaf, ()))
@@ -39,7 +40,9 @@ def f_partial_expert_projections(ctx: Context, params: dict):
         return None
     missing = sorted({p for _, _, ps in hits for p in ps})
     layers = {h[0] for h in hits}
-    mods = [m for m in ctx.modules if m.layer in layers and (m.expert is not None or m.kind == "fused_experts")]
+    mods = [
+        m for m in ctx.modules if m.layer in layers and (m.expert is not None or m.kind == ModuleKind.FUSED_EXPERTS)
+    ]
     return {
         "count": len(hits),
         "layers": layers_text([h[0] for h in hits]),

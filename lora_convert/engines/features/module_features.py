@@ -14,6 +14,7 @@ from lora_convert.engines.features.context import (
     layers_text,
     module_keys,
 )
+from lora_convert.peft.adapter import ModuleKind
 
 
 def f_leaf_present(ctx: Context, params: dict):
@@ -29,10 +30,10 @@ def f_leaf_present(ctx: Context, params: dict):
             continue
         if within and not in_containers(ctx, m, within):
             continue
-        is_expert = m.expert is not None or m.kind == "fused_experts"
+        is_expert = m.expert is not None or m.kind == ModuleKind.FUSED_EXPERTS
         if experts is not None and is_expert != experts:
             continue
-        if params.get("fused") is False and m.kind == "fused_experts":  # per-expert 2-D modules only
+        if params.get("fused") is False and m.kind == ModuleKind.FUSED_EXPERTS:  # per-expert 2-D modules only
             continue
         if params.get("not_vision", True) and m.is_vision:
             continue
@@ -186,7 +187,7 @@ def f_prefix_mismatch(ctx: Context, params: dict):
 def f_fused_experts(ctx: Context, params: dict):
     if not in_classes(ctx, params) or ctx.family in params.get("not_families", ()):
         return None
-    mods = [m for m in ctx.modules if m.kind == "fused_experts"]
+    mods = [m for m in ctx.modules if m.kind == ModuleKind.FUSED_EXPERTS]
     if not mods:
         return None
     return {
