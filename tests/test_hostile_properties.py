@@ -14,7 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_convert.errors import AdapterFormatError
-from lora_convert.io.tensor_files import DTYPE_SIZES, read_safetensors_header
+from lora_convert.io.tensor_files import (
+    DTYPE_SIZES,
+    _checked_entry,
+    _offset_ordered,
+    _well_formed_in_order,
+    read_safetensors_header,
+)
 from lora_convert.peft.naming import PEFT_PREFIX, VISION_SEGMENTS, Factor, parse_key
 
 SETTINGS = settings(
@@ -100,6 +106,51 @@ def test_well_formed_headers_are_accepted_and_match_the_library(specs):
     assert sorted(tensors) == sorted(header)
     for key, entry in header.items():
         assert list(tensors[key].shape) == entry["shape"] and tensors[key].dtype == entry["dtype"]
+
+
+# Entries that get data_offsets from their shape below: mostly well formed, so that the fast path has work to do.
+sized_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(sorted(DTYPE_SIZES)),
+        "shape": st.lists(st.integers(min_value=-1, max_value=5), max_size=3),
+    }
+)
+
+
+@settings(SETTINGS, max_examples=600)
+@given(
+    st.lists(
+        st.tuples(key_text, sized_entries | entries, st.none() | st.integers(0, 60), st.sampled_from([0, 0, 0, 1, -1])),
+        max_size=5,
+    ),
+    st.integers(min_value=-8, max_value=64),
+)
+def test_fast_header_path_agrees_with_the_plain_one(specs, slack):
+    """`_well_formed_in_order` (the fast path) either declines or returns exactly what the plain path, entry by
+    entry through `_checked_entry` and then `_offset_ordered`, returns for the same header."""
+    header, offset = {}, 0
+    for key, entry, start, error in specs:
+        if isinstance(entry, dict) and str(entry.get("dtype")) in DTYPE_SIZES:
+            shape = entry.get("shape")
+            if isinstance(shape, list) and all(type(d) is int for d in shape):  # negative sizes included
+                n = DTYPE_SIZES[entry["dtype"]]
+                for d in shape:
+                    n *= d
+                begin = offset if start is None else start  # None: next in offset order; else anywhere
+                entry = {**entry, "data_offsets": [begin, begin + n + error]}
+                offset = max(offset, begin + n)
+        # Control characters in names are `_tensor_infos`' concern: it takes the fast path only without them.
+        header["".join(c for c in key if c >= " " and c != "\x7f")] = entry
+    header.pop("__metadata__", None)
+    data_len = max(0, offset + slack)  # around the end of the last tensor: truncation both sides of it
+    path, data_start = Path("adapter_model.safetensors"), 100
+    fast = _well_formed_in_order(header, path, data_start, data_len)
+    if fast is None:
+        return
+    plain = _offset_ordered(
+        str(path), [_checked_entry(str(path), k, e, path, data_start, data_len) for k, e in header.items()]
+    )
+    assert list(fast.items()) == list(plain.items())
 
 
 # ---- parse_key --------------------------------------------------------------------------------------------------

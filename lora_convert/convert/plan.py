@@ -228,87 +228,140 @@ def build_plan(
     `drop_unsupported`, in which case they are listed in `plan.dropped`. `keep_vision`: vision-tower and projector
     modules become groups of kind VISION_KIND (for a layout that writes them: `--layout peft`) instead of refusals.
     `listed_in`: the output file that lists dropped modules, which the refusal's hint names."""
+    _refuse_unusable_adapter(adapter, shape_findings or [])
+    groups, refused = _group_modules(adapter, arch, keep_vision)
+    dropped = _full_weight_drops(adapter) + refused
+    if dropped and not drop_unsupported:
+        raise _refused_modules_error(dropped, listed_in)
+    groups = _in_output_order(groups)
+    for group in groups:
+        if group.experts:
+            group.missing_experts = _missing_experts(group)
+    max_rank = _largest_rank(groups, dropped)
+    return Plan(
+        adapter=adapter,
+        base_name=base_name,
+        family=arch.family,
+        rank=_output_rank(rank, max_rank),
+        groups=groups,
+        dropped=dropped,
+        arch=arch,
+    )
+
+
+def _refuse_unusable_adapter(adapter: Adapter, shape_findings: list[Finding]) -> None:
+    """Refuse, in one error, what makes the whole adapter unconvertible whatever its modules are."""
+    problems = _adapter_level_problems(adapter, shape_findings)
+    if problems:
+        raise UnsupportedAdapterError(
+            "This adapter cannot be normalized: " + " Also: ".join(problems),
+            hint="Run `lora-convert validate` for the full list of problems.",
+        )
+
+
+def _adapter_level_problems(adapter: Adapter, shape_findings: list[Finding]) -> list[str]:
     cfg = adapter.config
-    fatal: list[str] = []
+    problems: list[str] = []
     if cfg.variants:
-        fatal.append(
+        problems.append(
             "the adapter uses " + "; ".join(f"{k} ({v})" for k, v in cfg.variants.items()) + ", which is not plain LoRA"
         )
     if cfg.fan_in_fan_out:
-        fatal.append("fan_in_fan_out is set: the factors belong to a transposed (Conv1D) base weight")
-    broken = normalize_blockers([*adapter.findings, *(shape_findings or [])])
+        problems.append("fan_in_fan_out is set: the factors belong to a transposed (Conv1D) base weight")
+    broken = normalize_blockers([*adapter.findings, *shape_findings])
     if broken:
-        fatal.append(f"{len(broken)} error(s) in the adapter itself, e.g. {broken[0].message}")
-    if fatal:
-        raise UnsupportedAdapterError(
-            "This adapter cannot be normalized: " + " Also: ".join(fatal),
-            hint="Run `lora-convert validate` for the full list of problems.",
+        problems.append(f"{len(broken)} error(s) in the adapter itself, e.g. {broken[0].message}")
+    return problems
+
+
+def _full_weight_drops(adapter: Adapter) -> list[DroppedModule]:
+    """Whole module weights saved beside the factors (modules_to_save, bias): never part of a LoRA layout."""
+    return [
+        DroppedModule(
+            parsed.module,
+            [key],
+            "a whole module weight (modules_to_save or bias), not a LoRA factor",
+            "keys.full-weight",
         )
-    dropped: list[DroppedModule] = []
-    for key, parsed in adapter.parsed.items():
-        if parsed.factor.value in ("full_weight", "full_bias"):
-            dropped.append(
-                DroppedModule(
-                    parsed.module,
-                    [key],
-                    "a whole module weight (modules_to_save or bias), not a LoRA factor",
-                    "keys.full-weight",
-                )
-            )
+        for key, parsed in adapter.parsed.items()
+        if parsed.factor.value in ("full_weight", "full_bias")
+    ]
+
+
+def _group_modules(adapter: Adapter, arch, keep_vision: bool) -> tuple[list[PlannedGroup], list[DroppedModule]]:
+    """Every complete module placed into its output group, or refused with its reason; groups in first-seen order."""
     builds: dict[str, PlannedGroup] = {}
-    order: list[str] = []
+    order: list[str] = []  # a schema group's path once; a vision module's path each time one is kept
+    refused: list[DroppedModule] = []
     for mod in adapter.modules:
         if not mod.is_complete:
             continue
-        problem = _unsupported_reason(mod, keep_vision)
-        if problem is None and mod.is_vision:
+        match, problem = _match_or_problem(mod, arch, keep_vision)
+        if problem is not None:
+            refused.append(_refused_module(mod, problem))
+        elif match is None:
             builds[mod.module] = _vision_group(mod)
             order.append(mod.module)
-            continue
-        if problem is None and mod.layer is not None and mod.layer >= arch.num_layers:
-            problem = (
-                "layers.past-end",
-                f"layer {mod.layer} is past the base model's {arch.num_layers} layers (an MTP/NextN layer)",
-            )
-        match = None
-        if problem is None:
-            match = arch.resolve(mod)
-            if match is None:
-                problem = (
-                    "modules.unknown",
-                    f"the {arch.family} schema has no module {mod.local_name!r} at this layer",
-                )
-        if problem is not None:
-            dropped.append(
-                DroppedModule(mod.module + (f".{mod.param}" if mod.param else ""), mod.keys, problem[1], problem[0])
-            )
-            continue
-        group = builds.get(match.group.path)
-        if group is None:
-            group = _new_group(match.group)
-            builds[match.group.path] = group
-            order.append(match.group.path)
-        _attach(group, match, mod)
-    if dropped and not drop_unsupported:
-        listing = "; ".join(f"{d.module} ({d.reason})" for d in dropped[:6])
-        more = f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""
-        raise UnsupportedAdapterError(
-            f"{len(dropped)} module(s) cannot be converted: {listing}{more}.",
-            hint="Pass --drop-unsupported to leave them out"
-            + (f" (they are listed in {listed_in})" if listed_in else "")
-            + ", or fix the adapter.",
+        else:
+            if match.group.path not in builds:
+                builds[match.group.path] = _new_group(match.group)
+                order.append(match.group.path)
+            _attach(builds[match.group.path], match, mod)
+    return [builds[path] for path in order], refused
+
+
+def _match_or_problem(mod: LoraModule, arch, keep_vision: bool) -> tuple[Any, tuple[str, str] | None]:
+    """The schema match of one complete module, or the (finding code, reason) it is refused with. (None, None) for
+    a kept vision module, which no schema describes."""
+    problem = _unsupported_reason(mod, keep_vision)
+    if problem is not None:
+        return None, problem
+    if mod.is_vision:
+        return None, None
+    if mod.layer is not None and mod.layer >= arch.num_layers:
+        return None, (
+            "layers.past-end",
+            f"layer {mod.layer} is past the base model's {arch.num_layers} layers (an MTP/NextN layer)",
         )
-    groups = [builds[p] for p in order]
-    groups.sort(key=lambda g: (g.layer if g.layer is not None else 10**9, _kind_order(g), g.key))
-    for g in groups:
-        if g.experts:
-            present = set()
-            for s in g.slices:
-                if s.fused_source is not None:
-                    present = set(range(g.experts))
-                    break
-                present |= set(s.expert_sources)
-            g.missing_experts = sorted(set(range(g.experts)) - present)
+    match = arch.resolve(mod)
+    if match is None:
+        return None, ("modules.unknown", f"the {arch.family} schema has no module {mod.local_name!r} at this layer")
+    return match, None
+
+
+def _refused_module(mod: LoraModule, problem: tuple[str, str]) -> DroppedModule:
+    code, reason = problem
+    return DroppedModule(mod.module + (f".{mod.param}" if mod.param else ""), mod.keys, reason, code)
+
+
+def _refused_modules_error(dropped: list[DroppedModule], listed_in: str | None) -> UnsupportedAdapterError:
+    listing = "; ".join(f"{d.module} ({d.reason})" for d in dropped[:6])
+    more = f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""
+    return UnsupportedAdapterError(
+        f"{len(dropped)} module(s) cannot be converted: {listing}{more}.",
+        hint="Pass --drop-unsupported to leave them out"
+        + (f" (they are listed in {listed_in})" if listed_in else "")
+        + ", or fix the adapter.",
+    )
+
+
+def _in_output_order(groups: list[PlannedGroup]) -> list[PlannedGroup]:
+    """By layer (layerless groups last), dense before expert groups, then by path."""
+    return sorted(groups, key=lambda g: (g.layer if g.layer is not None else 10**9, _kind_order(g), g.key))
+
+
+def _missing_experts(group: PlannedGroup) -> list[int]:
+    """The experts of an expert group that no source module feeds (a fused 3-D source feeds them all)."""
+    present: set[int] = set()
+    for s in group.slices:
+        if s.fused_source is not None:
+            return []
+        present |= set(s.expert_sources)
+    return sorted(set(range(group.experts)) - present)
+
+
+def _largest_rank(groups: list[PlannedGroup], dropped: list[DroppedModule]) -> int:
+    """The largest effective rank of any planned slice; refuses a plan that converts nothing."""
     max_rank = max((s.rank for g in groups for s in g.slices), default=0)
     if max_rank == 0:
         reasons = sorted({d.reason for d in dropped})
@@ -317,20 +370,17 @@ def build_plan(
             f"The adapter has no LoRA module that can be converted.{why}",
             hint="Run `lora-convert validate` to see what it holds and why.",
         )
-    if rank is not None and rank < max_rank:
+    return max_rank
+
+
+def _output_rank(requested: int | None, max_rank: int) -> int:
+    """The one rank R of the output: the requested --rank, which may pad but never truncate, else the largest."""
+    if requested is not None and requested < max_rank:
         raise UsageError(
-            f"--rank {rank} is below the adapter's largest effective rank {max_rank}.",
+            f"--rank {requested} is below the adapter's largest effective rank {max_rank}.",
             hint=f"Use --rank {max_rank} or more, or leave --rank out.",
         )
-    return Plan(
-        adapter=adapter,
-        base_name=base_name,
-        family=arch.family,
-        rank=rank or max_rank,
-        groups=groups,
-        dropped=dropped,
-        arch=arch,
-    )
+    return requested or max_rank
 
 
 def _kind_order(group: PlannedGroup) -> int:
