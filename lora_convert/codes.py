@@ -20,6 +20,7 @@ from typing import Any
 
 from lora_convert.errors import InternalError
 from lora_convert.findings import Finding, Severity
+from lora_convert.text import replace_generated_section
 
 ERROR, WARNING, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
 
@@ -567,11 +568,7 @@ def markdown() -> str:
 
 def render_into(text: str) -> str:
     """`text` (docs/validate.md) with the part between the markers replaced by `markdown()`."""
-    head, begin, rest = text.partition(BEGIN_MARKER)
-    _, end, tail = rest.partition(END_MARKER)
-    if not begin or not end:
-        raise InternalError(f"The codes markers are missing: {BEGIN_MARKER} ... {END_MARKER}.")
-    return f"{head}{BEGIN_MARKER}\n{markdown()}{END_MARKER}{tail}"
+    return replace_generated_section(text, BEGIN_MARKER, END_MARKER, "\n" + markdown())
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lora_convert.errors import InternalError
+
 
 def spans(values: list[int]) -> str:
     """Sorted integers as compact ranges: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"; [] -> "-"."""
@@ -16,3 +18,13 @@ def spans(values: list[int]) -> str:
         if value is not None:
             start = prev = value
     return ",".join(parts)
+
+
+def replace_generated_section(text: str, begin: str, end: str, body: str) -> str:
+    """`text` with what lies between the markers `begin` and `end` (a generated part of a doc) replaced by `body`.
+    Raises InternalError when either marker is missing."""
+    head, found_begin, rest = text.partition(begin)
+    _, found_end, tail = rest.partition(end)
+    if not found_begin or not found_end:
+        raise InternalError(f"The generated section's markers are missing: {begin} ... {end}.")
+    return f"{head}{begin}{body}{end}{tail}"

@@ -9,6 +9,7 @@ import re
 import pytest
 
 import architecture_map as amap
+from lora_convert.errors import InternalError
 from test_layering import MODULES, ROOT, STAGES
 
 DOC = ROOT / "docs" / "architecture.md"
@@ -67,7 +68,7 @@ def test_the_write_command(tmp_path):
     written = target.read_text(encoding="utf-8")
     assert written.startswith("before\n") and written.endswith(f"{amap.END_MARKER}\nafter\n")
     assert "stale" not in written and "`lora_convert/api.py`" in written
-    with pytest.raises(ValueError):
+    with pytest.raises(InternalError):
         amap.render_into("no markers here")
 
 
