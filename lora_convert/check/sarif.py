@@ -25,8 +25,9 @@ from typing import Any
 
 from lora_convert import __version__
 from lora_convert.codes import AREAS, ENGINE_OUTCOMES, ENGINE_PREFIX, REGISTRY
-from lora_convert.errors import LoraConvertError
+from lora_convert.errors import LoraConvertError, UsageError
 from lora_convert.io.report_file import check_report_path, write_report_file
+from lora_convert.io.small_files import parse_json
 
 SARIF_VERSION = "2.1.0"
 TOOL_NAME = "lora-convert"
@@ -329,8 +330,8 @@ def _is_our_log(path: Path) -> bool:
     try:
         if path.stat().st_size > MAX_PREVIOUS_BYTES:
             return False
-        document = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        document = parse_json(path.read_bytes(), str(path), UsageError)  # the one JSON reader
+    except (OSError, UsageError):
         return False
     try:
         return document["version"] == SARIF_VERSION and all(
