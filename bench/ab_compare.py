@@ -19,8 +19,8 @@ import time
 
 import lora_convert
 from lora_convert.check.data_scan import scan_adapter
-from lora_convert.convert.normalize import normalize
 from lora_convert.peft.adapter import load_adapter
+from lora_convert.pipeline.commands import normalize
 
 what, name = sys.argv[1], sys.argv[2]
 path = f"{sys.argv[3] if len(sys.argv) > 3 else '/tmp/lc-bench-t1'}/{name}"

@@ -191,8 +191,8 @@ def tiny_base_config(d: dict) -> dict:
 def generate(out: Path, layout: str, moe_layers: int, dtype: str = "bf16", seed: int = 0) -> dict:
     import torch
 
+    from lora_convert.io.dtypes import numpy_dtype
     from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter, TensorSpec
-    from lora_convert.io.tensor_files import numpy_dtype
 
     if layout == "stress":
         d, tensor_layout = TINY, "per-expert"

@@ -21,9 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from lora_convert.convert import group_tensors
-from lora_convert.convert.normalize import normalize
 from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter
 from lora_convert.peft.adapter import Adapter
+from lora_convert.pipeline.commands import normalize
 
 busy: dict[str, float] = defaultdict(float)
 lock = threading.Lock()

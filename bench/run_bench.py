@@ -120,10 +120,10 @@ def ensure_adapter(workdir: Path, name: str, layout: str, moe_layers: int) -> di
 
 
 def normalize_layouts() -> list[str]:
-    """Every layout `normalize --layout` writes (lora_convert.api.LAYOUTS); the benchmark runs each."""
-    from lora_convert.api import LAYOUTS
+    """Every layout `normalize --layout` writes (lora_convert.api.layouts()); the benchmark runs each."""
+    from lora_convert.api import layouts
 
-    return list(LAYOUTS)
+    return list(layouts())
 
 
 def validate_flags() -> tuple[list[str], list[str]]:

@@ -1,7 +1,7 @@
 """Smoke forward on a GPU over a synthetic adapter with DeepSeek-V3's real dimensions.
 
 Generates (or reuses) a PEFT adapter with bench/gen_adapter.py (hidden 7168, moe_intermediate_size 2048, 256
-experts, q_lora_rank 1536, kv_lora_rank 512, rank 16, bf16), runs `lora_convert.smoke.runner.run_smoke` on CUDA over
+experts, q_lora_rank 1536, kv_lora_rank 512, rank 16, bf16), runs `lora_convert.pipeline.commands.smoke` on CUDA over
 every layer, and reports:
 
 - groups per second and GB of (stacked) adapter per second for the whole smoke run;
@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.adapter} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     size = sum(f.stat().st_size for f in args.adapter.iterdir() if f.suffix == ".safetensors")
 
-    from lora_convert.smoke.runner import run_smoke
+    from lora_convert.pipeline.commands import smoke
 
-    run_smoke(
+    smoke(
         str(args.adapter), base="deepseek-v3", device="cuda", tokens=args.tokens, layers="3"
     )  # warm-up: compile kernels
-    report = run_smoke(str(args.adapter), base="deepseek-v3", device="cuda", tokens=args.tokens, layers="all")
+    report = smoke(str(args.adapter), base="deepseek-v3", device="cuda", tokens=args.tokens, layers="all")
     phases = report.phases
     kernel_s = phases.get("kernels", 0.0)
     to_device_s = phases.get("to_device", 0.0)

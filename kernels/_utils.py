@@ -14,10 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_convert.io.dtypes import DTYPES
+
 from .availability import interpreting
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOW_DTYPES = (torch.float16, torch.bfloat16)
+# The kernels take the IEEE floats up to 32 bits (they accumulate in float32), the 16-bit ones on tensor cores.
+FLOAT_DTYPES = tuple(getattr(torch, d.name) for d in DTYPES if d.ieee and d.size <= 4)
+LOW_DTYPES = tuple(getattr(torch, d.name) for d in DTYPES if d.ieee and d.size == 2)
 
 
 @triton.jit
@@ -74,7 +77,8 @@ def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        supported = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: {supported}")
 
 
 def check_ndim(name: str, t: torch.Tensor, ndim: int, what: str) -> None:

@@ -48,26 +48,41 @@ def lora_shrink_expand_batched(
     Returns new tensors ``y_g [T_g, sum_out_g]`` of ``out_dtype``: views into one flat buffer.
     """
     G = len(A_list)
+    _check_batch_lists(A_list, B_list, offsets_list, scalings, out_dtype)
+    if G == 0:
+        return []
+    R = int(rank)
+    if R <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    shared = isinstance(x, torch.Tensor)
+    xs = [x] * G if shared else list(x)
+    if len(xs) != G:
+        raise ValueError(f"x has {len(xs)} tensors for {G} groups")
+    offs_all = _check_groups(xs, shared, A_list, B_list, offsets_list, R)
+    A_cat = torch.cat(list(A_list), 0)
+    B_cat = torch.cat(list(B_list), 0)
+    X = x if shared else torch.cat(xs, 0)
+    U.check_device(x=X, A=A_cat, B=B_cat)
+    ns = [(len(offs) - 1) * R for offs in offs_all]
+    h, t_rows, h_row0, h_col0 = _shrink_all(X, xs, shared, A_cat, ns)
+    return _expand_all(h, B_cat, offs_all, scalings, R, t_rows, h_row0, h_col0, out_dtype)
+
+
+def _check_batch_lists(A_list, B_list, offsets_list, scalings, out_dtype) -> None:
+    G = len(A_list)
     if len(B_list) != G or len(offsets_list) != G:
         raise ValueError(f"A_list, B_list, offsets_list lengths differ: {G}, {len(B_list)}, {len(offsets_list)}")
     if scalings is not None and len(scalings) != G:
         raise ValueError(f"scalings has {len(scalings)} entries for {G} groups")
     if out_dtype not in U.FLOAT_DTYPES:
         raise ValueError(f"out_dtype {out_dtype} not supported")
-    if G == 0:
-        return []
-    R = int(rank)
-    if R <= 0:
-        raise ValueError(f"rank must be positive, got {rank}")
 
-    shared = isinstance(x, torch.Tensor)
-    xs = [x] * G if shared else list(x)
-    if len(xs) != G:
-        raise ValueError(f"x has {len(xs)} tensors for {G} groups")
+
+def _check_groups(xs, shared: bool, A_list, B_list, offsets_list, R: int) -> list[list[int]]:
+    """Check every group's x, A, B and offsets against each other and the batch; return each group's offsets."""
     K = A_list[0].shape[1] if A_list[0].dim() == 2 else -1
-    ns, offs_all = [], []
-    for g in range(G):
-        a, b, xg = A_list[g], B_list[g], xs[g]
+    offs_all = []
+    for g, (a, b, xg) in enumerate(zip(A_list, B_list, xs, strict=True)):
         U.check_float(f"A_list[{g}]", a)
         U.check_float(f"B_list[{g}]", b)
         U.check_float(f"x[{g}]" if not shared else "x", xg)
@@ -82,43 +97,42 @@ def lora_shrink_expand_batched(
         c = len(offs) - 1
         if a.shape[0] != c * R:
             raise ValueError(f"group {g}: A has {a.shape[0]} rows but {c} slices x rank {R} = {c * R}")
-        ns.append(c * R)
         offs_all.append(offs)
+    return offs_all
 
-    A_cat = torch.cat(list(A_list), 0)
-    B_cat = torch.cat(list(B_list), 0)
-    X = x if shared else torch.cat(xs, 0)
-    U.check_device(x=X, A=A_cat, B=B_cat)
-    dev = X.device
 
-    # --- shrink: one launch
-    a_row0 = [0] * G
-    for g in range(1, G):
-        a_row0[g] = a_row0[g - 1] + ns[g - 1]
+def _running_starts(sizes: list[int]) -> list[int]:
+    starts = [0] * len(sizes)
+    for g in range(1, len(sizes)):
+        starts[g] = starts[g - 1] + sizes[g - 1]
+    return starts
+
+
+def _shrink_all(X, xs, shared: bool, A_cat, ns: list[int]):
+    """The shrink of every group in one launch: h (fp32), each group's token rows, and where its h block starts."""
+    G, K = len(ns), A_cat.shape[1]
+    a_row0 = _running_starts(ns)
     if shared:
         T = X.shape[0]
-        t_rows, t0 = [T] * G, [0] * G
-        h = torch.zeros((T, A_cat.shape[0]), dtype=torch.float32, device=dev)
+        h = torch.zeros((T, A_cat.shape[0]), dtype=torch.float32, device=X.device)
         if K > 0:
             _launch_shrink(X, A_cat, h, [[0, T, 0, A_cat.shape[0], 0, 0]], T, A_cat.shape[0], h_is_zero=True)
-        h_row0, h_col0 = t0, a_row0
-    else:
-        t_rows = [xg.shape[0] for xg in xs]
-        t0 = [0] * G
-        for g in range(1, G):
-            t0[g] = t0[g - 1] + t_rows[g - 1]
-        h = torch.zeros((X.shape[0], max(ns)), dtype=torch.float32, device=dev)
-        if K > 0:
-            groups = [[t0[g], t_rows[g], a_row0[g], ns[g], t0[g], 0] for g in range(G)]
-            _launch_shrink(X, A_cat, h, groups, max(t_rows), max(ns), h_is_zero=True)
-        h_row0, h_col0 = t0, [0] * G
+        return h, [T] * G, [0] * G, a_row0
+    t_rows = [xg.shape[0] for xg in xs]
+    t0 = _running_starts(t_rows)
+    h = torch.zeros((X.shape[0], max(ns)), dtype=torch.float32, device=X.device)
+    if K > 0:
+        groups = [[t0[g], t_rows[g], a_row0[g], ns[g], t0[g], 0] for g in range(G)]
+        _launch_shrink(X, A_cat, h, groups, max(t_rows), max(ns), h_is_zero=True)
+    return h, t_rows, t0, [0] * G
 
-    # --- expand: one launch over every slice of every group, outputs packed in one flat buffer
+
+def _expand_all(h, B_cat, offs_all, scalings, R: int, t_rows, h_row0, h_col0, out_dtype) -> list[torch.Tensor]:
+    """The expand of every slice of every group in one launch, outputs packed in one flat buffer."""
+    G = len(offs_all)
     widths = [offs[-1] for offs in offs_all]
-    bases = [0] * G
-    for g in range(1, G):
-        bases[g] = bases[g - 1] + t_rows[g - 1] * widths[g - 1]
-    flat = torch.zeros(bases[-1] + t_rows[-1] * widths[-1], dtype=out_dtype, device=dev)
+    bases = _running_starts([t_rows[g] * widths[g] for g in range(G)])
+    flat = torch.zeros(bases[-1] + t_rows[-1] * widths[-1], dtype=out_dtype, device=h.device)
     slices, scales = [], []
     b_row0 = 0
     max_out = 0

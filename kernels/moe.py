@@ -191,6 +191,33 @@ def lora_moe(
     expert ids (-1 = no expert: row stays zero), ``topk_weights`` optional ``[T, k]`` multipliers.
     ``out_dtype`` defaults to x's dtype; accumulation is fp32 throughout.
     """
+    offs = _check_moe_args(x, A, B, topk_ids, slice_offsets, rank, topk_weights)
+    R, E, c = int(rank), A.shape[0], len(offs) - 1
+    scales = U.as_scalings(scaling, c)
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in U.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} not supported")
+    T, k = topk_ids.shape
+    y = torch.zeros((T, k, offs[-1]), dtype=out_dtype, device=x.device)
+    P = T * k
+    if P == 0 or offs[-1] == 0:
+        return y
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    lo, hi = (int(v) for v in torch.aminmax(flat))  # one host sync: a bad id would read out of bounds
+    if lo < -1 or hi >= E:
+        raise ValueError(f"topk_ids must lie in [-1, {E - 1}], got range [{lo}, {hi}]")
+    if hi < 0:
+        return y
+    # Row tile: 16 (tl.dot minimum) for decode-sized batches, larger when experts get many pairs each.
+    block_m = U.block(max(1, P // E), hi=64)
+    routing = _align_by_expert(flat, E, block_m)
+    h = _moe_shrink(x, A, routing, block_m, k, c * R)
+    _moe_expand(h, B, y.view(P, offs[-1]), routing, block_m, offs, scales, topk_weights, R)
+    return y
+
+
+def _check_moe_args(x, A, B, topk_ids, slice_offsets, rank, topk_weights) -> list[int]:
+    """Check lora_moe's arguments against each other; return the slice offsets."""
     U.check_float("x", x)
     U.check_float("A", A)
     U.check_float("B", B)
@@ -217,76 +244,67 @@ def lora_moe(
         raise ValueError(f"A has {A.shape[1]} rows per expert but {c} slices x rank {R} = {c * R}")
     if topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {T}")
-    k = topk_ids.shape[1]
     if topk_weights is not None:
         U.check_float("topk_weights", topk_weights)
-        if tuple(topk_weights.shape) != (T, k):
-            raise ValueError(f"topk_weights must have shape {(T, k)}, got {tuple(topk_weights.shape)}")
+        if tuple(topk_weights.shape) != (T, topk_ids.shape[1]):
+            raise ValueError(f"topk_weights must have shape {(T, topk_ids.shape[1])}, got {tuple(topk_weights.shape)}")
         U.check_device(x=x, A=A, B=B, topk_ids=topk_ids, topk_weights=topk_weights)
     else:
         U.check_device(x=x, A=A, B=B, topk_ids=topk_ids)
-    scales = U.as_scalings(scaling, c)
-    sum_out = offs[-1]
-    out_dtype = out_dtype or x.dtype
-    if out_dtype not in U.FLOAT_DTYPES:
-        raise ValueError(f"out_dtype {out_dtype} not supported")
-    y = torch.zeros((T, k, sum_out), dtype=out_dtype, device=x.device)
-    P = T * k
-    if P == 0 or sum_out == 0:
-        return y
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    lo, hi = (int(v) for v in torch.aminmax(flat))  # one host sync: a bad id would read out of bounds
-    if lo < -1 or hi >= E:
-        raise ValueError(f"topk_ids must lie in [-1, {E - 1}], got range [{lo}, {hi}]")
-    if hi < 0:
-        return y
+    return offs
 
-    # Row tile: 16 (tl.dot minimum) for decode-sized batches, larger when experts get many pairs each.
-    BLOCK_M = U.block(max(1, P // E), hi=64)
-    sorted_ids, block_expert, max_blocks = _align_by_expert(flat, E, BLOCK_M)
 
-    N = c * R
+def _moe_shrink(x, A, routing, block_m: int, k: int, N: int) -> torch.Tensor:
+    """h[P, c*R] = x[pair's token] @ A[pair's expert]^T for every (token, choice) pair, in fp32."""
+    sorted_ids, block_expert, max_blocks = routing
+    P, K = x.shape[0] * k, x.shape[1]
     h = torch.empty((P, N), dtype=torch.float32, device=x.device)
     if K == 0:
-        h.zero_()
-    else:
-        low = U.low_dot(x.dtype, A.dtype)
-        BLOCK_N = U.block(N, hi=64)
-        BLOCK_K = U.block(K, hi=128 if low else 64)
-        n_col = triton.cdiv(N, BLOCK_N)
-        _moe_shrink_kernel[(max_blocks * n_col,)](
-            x,
-            A,
-            h,
-            sorted_ids,
-            block_expert,
-            P,
-            k,
-            N,
-            n_col,
-            x.stride(0),
-            x.stride(1),
-            A.stride(0),
-            A.stride(1),
-            A.stride(2),
-            h.stride(0),
-            h.stride(1),
-            K=K,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
-            DOT_LOW=low,
-        )
+        return h.zero_()
+    low = U.low_dot(x.dtype, A.dtype)
+    block_n = U.block(N, hi=64)
+    block_k = U.block(K, hi=128 if low else 64)
+    n_col = triton.cdiv(N, block_n)
+    _moe_shrink_kernel[(max_blocks * n_col,)](
+        x,
+        A,
+        h,
+        sorted_ids,
+        block_expert,
+        P,
+        k,
+        N,
+        n_col,
+        x.stride(0),
+        x.stride(1),
+        A.stride(0),
+        A.stride(1),
+        A.stride(2),
+        h.stride(0),
+        h.stride(1),
+        K=K,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        DOT_LOW=low,
+    )
+    return h
 
+
+def _moe_expand(h, B, y2, routing, block_m: int, offs: list[int], scales, topk_weights, R: int) -> None:
+    """y2[P, sum_out] slice i = scaling_i * h[:, i*R:(i+1)*R] @ B[pair's expert, slice i]^T (times the pair's
+    weight when given)."""
+    sorted_ids, block_expert, max_blocks = routing
+    c = len(offs) - 1
+    P = y2.shape[0]
     low = U.low_dot(B.dtype)
     max_out = max(offs[i + 1] - offs[i] for i in range(c))
-    BLOCK_N = U.block(max_out, hi=128)
-    BLOCK_R = U.block(R, hi=64)
-    n_col = triton.cdiv(max_out, BLOCK_N)
-    offs_t = U.table(offs, x.device).reshape(-1)
-    scale_t = U.table(scales, x.device, torch.float32)
+    block_n = U.block(max_out, hi=128)
+    block_r = U.block(R, hi=64)
+    n_col = triton.cdiv(max_out, block_n)
+    offs_t = U.table(offs, y2.device).reshape(-1)
+    scale_t = U.table(scales, y2.device, torch.float32)
     w = topk_weights.reshape(-1) if topk_weights is not None else scale_t  # dummy pointer when absent
-    y2 = y.view(P, sum_out)
     _moe_expand_kernel[(max_blocks * c * n_col,)](
         h,
         B,
@@ -307,10 +325,9 @@ def lora_moe(
         y2.stride(0),
         y2.stride(1),
         R=R,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_R=BLOCK_R,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
         DOT_LOW=low,
         HAS_W=topk_weights is not None,
     )
-    return y

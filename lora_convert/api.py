@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from lora_convert.errors import AdapterNotFoundError, UsageError
+from lora_convert.io.dtypes import OUTPUT_DTYPE_CHOICES
 
 if TYPE_CHECKING:
     from lora_convert.check.validate import ValidationReport
@@ -36,16 +37,22 @@ __all__ = [
     "scan_adapters",
 ]
 
-FIXED_LAYOUTS = ("stacked", "peft")  # the other layouts are the engines with a rule file (layouts())
-DTYPES = ("keep", "bf16", "fp16", "fp32")
+DTYPES = OUTPUT_DTYPE_CHOICES  # `dtype` of normalize_adapter: "keep" or a choice of the dtype table
 
 
 def layouts() -> tuple[str, ...]:
     """Every `layout` normalize_adapter writes: `stacked`, `peft`, then one per engine with a rule file
     (lora_convert/engines/<engine>-<version>.json), which may also be named with its release: `sglang==0.5.23`."""
-    from lora_convert.engines.rules import installed_engines
+    from lora_convert.convert.layout_rules import output_layouts
 
-    return FIXED_LAYOUTS + tuple(installed_engines())
+    return output_layouts()
+
+
+def _built_in_layouts() -> tuple[str, ...]:
+    """The layouts that are not an engine's: `stacked` and `peft`."""
+    from lora_convert.convert.layout_rules import BUILT_IN_LAYOUTS
+
+    return BUILT_IN_LAYOUTS
 
 
 # ------------------------------------------------------------------------------------------ argument checks
@@ -105,11 +112,7 @@ def _release(value: Any, name: str, fixed: tuple[str, ...]) -> str:
         try:
             resolve_engine(shown)
         except UsageError as exc:
-            raise UsageError(
-                f"--{name} {shown!r}: {exc.message}",
-                hint=f"Use --{name} {engine} for its pinned release; another release's behaviour is not known here, "
-                "and guessing it would make the verdict a guess.",
-            ) from None
+            raise UsageError(f"--{name} {shown!r}: {exc.message}", hint=exc.hint) from None
     return shown
 
 
@@ -156,7 +159,7 @@ class InspectResult:
 
     @classmethod
     def from_report(cls, report: dict[str, Any]) -> InspectResult:
-        """From `lora_convert.check.inspect.build_report`'s document."""
+        """From `lora_convert.pipeline.inspect_report.build_report`'s document."""
         names = [f.name for f in fields(cls) if not f.name.startswith("_")]
         return cls(**{name: report.get(name) for name in names}, _document=dict(report))
 
@@ -168,12 +171,10 @@ def inspect_adapter(adapter: PathLike, *, cache_dir: PathLike | None = None, tok
     An invalid adapter_config.json does not raise: it is reported in `config["errors"]` and makes `ok` False.
     Raises UsageError (bad argument), AdapterNotFoundError (no such folder or Hub repo), EnvironmentProblem (the
     Hub unreachable), AdapterFormatError (unreadable tensor files)."""
-    from lora_convert.check.inspect import build_report
-    from lora_convert.peft.adapter import load_adapter
+    from lora_convert.pipeline.commands import inspect
 
     spec = _adapter_spec(adapter)
-    loaded = load_adapter(spec, cache_dir=_optional_path(cache_dir, "cache_dir"), token=token, strict_config=False)
-    return InspectResult.from_report(build_report(loaded))
+    return InspectResult.from_report(inspect(spec, cache_dir=_optional_path(cache_dir, "cache_dir"), token=token))
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -198,9 +199,10 @@ def validate_adapter(
 
     Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable; with smoke=True and
     not allow_unchecked, torch/triton not installed or no CUDA for device="cuda")."""
-    from lora_convert.check.validate import DEVICES, run_checks
+    from lora_convert.check.validate import DEVICES
+    from lora_convert.pipeline.commands import validate
 
-    return run_checks(
+    return validate(
         _adapter_spec(adapter),
         base=_optional_path(base, "base"),
         engine=_release(engine, "engine", ("none",)),
@@ -244,7 +246,7 @@ def normalize_adapter(
     BaseConfigError / SchemaError (base unresolvable or without a schema), UnsupportedAdapterError (modules it
     refuses to convert, unless drop_unsupported=True), NonFiniteValuesError (a subclass of it: NaN or Inf in a
     tensor to be written, found while writing; nothing is left in `output`; allow_non_finite=True writes them)."""
-    from lora_convert.convert.normalize import normalize as run_normalize
+    from lora_convert.pipeline.commands import normalize
 
     spec = _adapter_spec(adapter)
     if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "advance")):
@@ -258,7 +260,7 @@ def normalize_adapter(
         raise UsageError(
             "normalize needs an output folder.", hint="Pass output=..., or dry_run=True to see the plan only."
         )
-    return run_normalize(
+    return normalize(
         spec,
         Path(out) if out is not None else None,
         base=_optional_path(base, "base"),
@@ -270,7 +272,7 @@ def normalize_adapter(
         cache_dir=_optional_path(cache_dir, "cache_dir"),
         token=token,
         progress=progress,
-        layout=_release(layout, "layout", ("stacked", "peft")),
+        layout=_release(layout, "layout", _built_in_layouts()),
         allow_non_finite=bool(allow_non_finite),
     )
 
@@ -278,7 +280,7 @@ def normalize_adapter(
 # -------------------------------------------------------------------------------------------------- scan
 def _scan_engines(engine: Any) -> list[str]:
     """The engine releases of a scan, in the order given, each release once (as the caller spelled it: the verdict
-    names it so); [] for none. "all": every engine's pinned release (its newest rule file)."""
+    names it so); [] for none. "all": every engine's newest release (its newest rule file)."""
     from lora_convert.engines.rules import installed_engines, resolve_engine
 
     items = [engine] if isinstance(engine, str) or hasattr(engine, "value") else list(engine or ["none"])
@@ -319,7 +321,7 @@ def scan_adapters(
     ids) in `jobs` worker processes (or on Ray with `ray=True`), appending one JSON record per adapter to `output`;
     with `normalize`, also convert each adapter without errors into normalize/<id> in `layout`. `engine` may be one
     release, a list of them (each adapter is checked against every one; the record's "engines" counts each
-    release's outcomes) or "all" (every engine's pinned release). With `html`, the fleet page of every record is
+    release's outcomes) or "all" (every engine's newest release). With `html`, the fleet page of every record is
     written there when the scan ends, also when it was interrupted (`result.page`; docs/fleet-page.md). Returns a
     `lora_convert.scan.report.ScanResult` (`.records`, `.summary`, `.ok`, `.interrupted`, `.to_json()`).
 
@@ -351,7 +353,7 @@ def scan_adapters(
         smoke=bool(smoke),
         allow_unchecked=bool(allow_unchecked),
         strict=bool(strict),
-        layout=_release(layout, "layout", ("stacked", "peft")) if layout is not None else None,
+        layout=_release(layout, "layout", _built_in_layouts()) if layout is not None else None,
         normalize_root=_optional_path(normalize, "normalize"),
         timeout_s=float(timeout),
     )
@@ -418,3 +420,94 @@ def fleet_page(report: PathLike, html: PathLike) -> FleetPage:
     complete = good == path.stat().st_size
     text = render_page(records, complete=complete, source=report_path)
     return FleetPage(str(write_page(text, page, keep=(report_path,))), len(records), complete)
+
+
+# ------------------------------------------------------------------------------------------------ engines
+def engine_releases() -> list[dict[str, Any]]:
+    """`lora-convert engines list`: every engine release that has a rule file, oldest first per engine, as
+    `{"engine", "version", "spec", "label", "file", "extends" (the release it inherits from, or None), "rules",
+    "newest" (what `--engine ENGINE` means)}`. Raises SchemaError for a rule file that does not load."""
+    from lora_convert.engines.rules import engine_info, load_rules, releases
+
+    known = releases()
+    newest = {r.engine: r for r in known}  # sorted by version: the last of each engine wins
+    return [
+        {
+            "engine": r.engine,
+            "version": r.version,
+            "spec": r.spec,
+            "label": engine_info(r.spec)["label"],
+            "file": f"lora_convert/engines/{r.file}",
+            "extends": engine_info(r.spec).get("extends"),
+            "rules": len(load_rules(r.spec)),
+            "newest": newest[r.engine] == r,
+        }
+        for r in known
+    ]
+
+
+def _rule_summary(rule: dict | None) -> dict[str, Any] | None:
+    if rule is None:
+        return None
+    return {k: rule.get(k) for k in ("outcome", "feature", "message", "fix", "source")}
+
+
+def engines_diff(
+    old: str,
+    new: str,
+    adapter: PathLike | None = None,
+    *,
+    base: PathLike | None = None,
+    all_modules: bool = False,
+    cache_dir: PathLike | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """`lora-convert engines diff OLD NEW [ADAPTER]`: what differs between two releases of one engine.
+
+    Without an adapter: the rules (`"rules"`: added, removed, or changed with the fields that differ: outcome,
+    message, fix, feature, params, layout_effect, source, each side's outcome, message and source) and the
+    `layout` keys that differ. With an adapter: the prediction of each release (`"load_failure"`: the rules that
+    make loading fail, per release) and per module of the adapter `{"module", "old", "new"}`, each `exact`,
+    `dropped`, `wrong` or `load failure` (the release refuses the whole adapter), only the modules whose
+    prediction differs unless `all_modules`. Raises UsageError (an unknown release, two engines), and what reading
+    the adapter raises."""
+    from lora_convert.engines.rules import diff_layouts, diff_rules, engine_info, resolve_engine
+
+    releases_ = [resolve_engine(old), resolve_engine(new)]
+    if releases_[0].engine != releases_[1].engine:
+        raise UsageError(
+            f"engines diff compares two releases of one engine, got {releases_[0].spec} and {releases_[1].spec}.",
+            hint="Name two releases of the same engine, e.g. `lora-convert engines diff vllm==0.33.0 vllm==0.34.0`.",
+        )
+    specs = [r.spec for r in releases_]
+    out: dict[str, Any] = {"old": specs[0], "new": specs[1], "labels": [engine_info(s)["label"] for s in specs]}
+    if adapter is None:
+        changes = diff_rules(*specs)
+        out["rules"] = [{**c, "old": _rule_summary(c["old"]), "new": _rule_summary(c["new"])} for c in changes]
+        out["layout"] = diff_layouts(*specs)
+        return out
+    return {**out, **_prediction_diff(specs, adapter, base, all_modules, cache_dir, token)}
+
+
+def _prediction_diff(specs, adapter, base, all_modules, cache_dir, token) -> dict[str, Any]:
+    """The per-module part of `engines_diff`: the adapter read once, each release's prediction of it."""
+    from lora_convert.pipeline.commands import predict, prepared
+
+    spec = _adapter_spec(adapter)
+    adapter_ = prepared(spec, base=_optional_path(base, "base"), cache_dir=cache_dir, token=token)
+    # predict() takes a prepared adapter as it is (the base it was prepared with)
+    old, new = (predict(s, adapter_, base or "") for s in specs)
+
+    def outcome(prediction, module: str) -> str:
+        return "load failure" if prediction.load_failure else prediction.modules.get(module, "exact")
+
+    names = list(dict.fromkeys([*old.modules, *new.modules]))
+    rows = [{"module": m, "old": outcome(old, m), "new": outcome(new, m)} for m in names]
+    return {
+        "adapter": spec,
+        "load_failure": {"old": list(old.load_failure), "new": list(new.load_failure)},
+        "unchecked": {"old": old.unchecked, "new": new.unchecked},
+        "modules_total": len(rows),
+        "modules_differing": sum(r["old"] != r["new"] for r in rows),
+        "modules": rows if all_modules else [r for r in rows if r["old"] != r["new"]],
+    }

@@ -34,9 +34,20 @@ class Code:
     # normalize decides it module by module (refuses those modules, or with --drop-unsupported leaves them out,
     # listed), so it does not stop normalize before planning (lora_convert/convert/blockers.py)
     per_module: bool = False
+    # the finding is about PEFT's per-module layout (2-D factors, one rank per module); a stacked output
+    # (lora_layout.json) has 3-D, rank-padded tensors on purpose, so there it says nothing about the adapter and its
+    # layout file is checked instead (the `layout.*` codes)
+    peft_layout: bool = False
+    # the feature of the engine rules (lora_convert/engines/features) that is about what this code reports, when
+    # normalize refuses those modules in every layout, before any engine rule (lora_convert/convert/plan.py; with
+    # --drop-unsupported it leaves them out): `normalize --layout E` therefore refuses what E's rules on that
+    # feature are about (lora_convert/engines/rules.py layout_treatment)
+    refused_feature: str | None = None
 
 
-PER_MODULE = True  # the fifth field of a code below: see Code.per_module
+# Flags after a code's four fields in the table below: each sets the Code field of its name.
+PER_MODULE = "per_module"
+PEFT_LAYOUT = "peft_layout"
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,24 @@ class Area:
     name: str
     checks: str  # what the checks of this area look at
     codes: tuple[Code, ...]
+    # the check of `validate` (lora_convert/check/validate.py CHECKS) that reports this area's findings, among them
+    # those made while the adapter was read; None: reported outside the checks (reading the files, resolving the
+    # base, inspect)
+    check: str | None = None
 
 
-def _area(name: str, checks: str, *codes: tuple) -> Area:
-    return Area(name, checks, tuple(Code(*c) for c in codes))
+def _area(name: str, checks: str, *codes: tuple, check: str | None = None) -> Area:
+    return Area(name, checks, tuple(Code(*c[:4], **dict(_flag(f) for f in c[4:])) for c in codes), check)
+
+
+def _flag(flag: str | tuple[str, str]) -> tuple[str, object]:
+    """A flag after a code's four fields: a field name (set to True) or a (field name, value) pair."""
+    return flag if isinstance(flag, tuple) else (flag, True)
+
+
+def refuses_feature(feature: str) -> tuple[str, str]:
+    """The flag of a code whose modules normalize refuses in every layout: see Code.refused_feature."""
+    return ("refused_feature", feature)
 
 
 AREAS: tuple[Area, ...] = (
@@ -118,12 +143,14 @@ AREAS: tuple[Area, ...] = (
             ERROR,
             "DoRA: the delta depends on the base weights; engines reject it and it cannot be converted exactly.",
             "Merge into the base model (PEFT merge_and_unload), or retrain with use_dora=False.",
+            refuses_feature("dora"),
         ),
         (
             "config.lora-bias",
             ERROR,
             "`lora_bias` is set: vLLM rejects it and SGLang reads the bias as a B factor.",
             "normalize --drop-unsupported drops the bias (the delta then differs).",
+            refuses_feature("bias"),
         ),
         ("config.bias", WARNING, '`bias` is not "none": trained base biases that engines reject or ignore.', ""),
         (
@@ -164,6 +191,7 @@ AREAS: tuple[Area, ...] = (
         ),
         ("config.rslora", INFO, "`use_rslora`: each module's scaling is lora_alpha / sqrt(r).", ""),
         ("config.added-tokens-unreadable", WARNING, "added_tokens.json is not a JSON object of token -> id.", ""),
+        check="config",
     ),
     _area(
         "tokens",
@@ -173,6 +201,7 @@ AREAS: tuple[Area, ...] = (
             ERROR,
             "The adapter adds tokens the base vocabulary does not have.",
             "Serve a base resized to the new vocabulary (merge the adapter), or retrain without added tokens.",
+            refuses_feature("added_tokens"),
         ),
         (
             "tokens.added-unchecked",
@@ -182,6 +211,7 @@ AREAS: tuple[Area, ...] = (
             "Pass --base.",
         ),
         ("tokens.added-within-vocab", INFO, "added_tokens.json lists tokens, all inside the base vocabulary.", ""),
+        check="config",
     ),
     _area(
         "keys",
@@ -201,6 +231,7 @@ AREAS: tuple[Area, ...] = (
             "A whole module weight or bias (modules_to_save, bias), not a LoRA factor.",
             "Merge it into the base, or normalize with --drop-unsupported.",
             PER_MODULE,
+            refuses_feature("full_weights"),
         ),
         ("keys.duplicate", ERROR, "The same key or factor is stored twice.", ""),
         ("keys.empty", ERROR, "The adapter files hold no tensors.", "Save the adapter again."),
@@ -211,6 +242,7 @@ AREAS: tuple[Area, ...] = (
             "LoRA on a vision tower or multimodal projector; text-only serving drops it.",
             "normalize --drop-unsupported (text-only serving), or normalize --layout peft, which writes it",
             PER_MODULE,
+            refuses_feature("vision_modules"),
         ),
         (
             "modules.unknown",
@@ -232,22 +264,26 @@ AREAS: tuple[Area, ...] = (
             "Modules on layers past num_hidden_layers (MTP/NextN); engines fail on them.",
             "normalize --drop-unsupported",
             PER_MODULE,
+            refuses_feature("layers_past_end"),
         ),
+        check="keys",
     ),
     _area(
         "pairs and ranks",
         "A without B and B without A; rank of A vs B vs `r` / `rank_pattern`; 3-D expert factors that are not E x r",
         ("pairs.missing-A", ERROR, "A module has lora_B but no lora_A.", "Save the adapter again, or drop the module."),
         ("pairs.missing-B", ERROR, "A module has lora_A but no lora_B.", "Save the adapter again, or drop the module."),
-        ("rank.a-b-mismatch", ERROR, "lora_A and lora_B of a module have different ranks.", ""),
+        ("rank.a-b-mismatch", ERROR, "lora_A and lora_B of a module have different ranks.", "", PEFT_LAYOUT),
         (
             "rank.config-mismatch",
             ERROR,
             "The tensors' rank differs from `r` / `rank_pattern`; PEFT would refuse.",
             "Fix r / rank_pattern in adapter_config.json.",
+            PEFT_LAYOUT,
         ),
-        ("rank.fused-experts", ERROR, "3-D expert factors whose rows/columns are not E x r.", ""),
-        ("shapes.not-2d", ERROR, "A LoRA factor that is not 2-D.", ""),
+        ("rank.fused-experts", ERROR, "3-D expert factors whose rows/columns are not E x r.", "", PEFT_LAYOUT),
+        ("shapes.not-2d", ERROR, "A LoRA factor that is not 2-D.", "", PEFT_LAYOUT),
+        check="pairs",
     ),
     _area(
         "shapes",
@@ -284,6 +320,7 @@ AREAS: tuple[Area, ...] = (
             "The shapes could not be checked, accepted with --allow-unchecked (still fails under --strict).",
             "Pass --base, or add a schema for the family.",
         ),
+        check="shapes",
     ),
     _area(
         "MoE",
@@ -310,6 +347,7 @@ AREAS: tuple[Area, ...] = (
         ),
         ("experts.unknown-parameter", ERROR, "A 3-D LoRA wrapper whose parameter target_parameters does not name.", ""),
         ("experts.parameter-guessed", WARNING, "A 3-D expert LoRA's parameter was inferred from the shapes.", ""),
+        check="moe",
     ),
     _area(
         "data",
@@ -340,6 +378,7 @@ AREAS: tuple[Area, ...] = (
         ("data.mixed-dtypes", WARNING, "The adapter mixes float dtypes.", ""),
         ("data.fp8", INFO, "8-bit float factors: low precision for LoRA.", ""),
         ("data.magnitude-outlier", WARNING, "A tensor's RMS is far from the median of its factor kind.", ""),
+        check="data",
     ),
     _area(
         "sharding",
@@ -347,6 +386,7 @@ AREAS: tuple[Area, ...] = (
         "state-space head counts, KV heads (split or replicated), expert counts over `--ep`, `--ep` dividing `--tp`",
         ("sharding.tp", ERROR, "A dimension or head count does not divide by the tensor-parallel size.", ""),
         ("sharding.ep", ERROR, "Experts do not divide over --ep, or --ep does not divide --tp.", ""),
+        check="sharding",
     ),
     _area(
         "smoke",
@@ -376,6 +416,7 @@ AREAS: tuple[Area, ...] = (
             "with --allow-unchecked (still fails under --strict).",
             "The message says why.",
         ),
+        check="smoke",
     ),
     _area(
         "engine rules",
@@ -393,6 +434,7 @@ AREAS: tuple[Area, ...] = (
             "The engine's rules were not all evaluated, accepted with --allow-unchecked (still fails under --strict).",
             "The message says why.",
         ),
+        check="engine",
     ),
     _area(
         "stacked outputs",
@@ -403,6 +445,7 @@ AREAS: tuple[Area, ...] = (
         ("layout.missing-tensor", ERROR, "A group's tensor is not in the file.", ""),
         ("layout.shape", ERROR, "A tensor's shape differs from what lora_layout.json implies.", ""),
         ("layout.unlisted-tensor", ERROR, "Tensors lora_layout.json does not describe.", ""),
+        check="shapes",
     ),
     _area(
         "base",
@@ -494,6 +537,19 @@ REGISTRY: dict[str, Code] = {c.code: c for area in AREAS for c in area.codes}
 if len(REGISTRY) != sum(len(area.codes) for area in AREAS):  # pragma: no cover - a duplicate in the table above
     raise InternalError("lora_convert/codes.py registers a code twice.")
 ENGINE_PREFIX = "engine."
+# The codes a stacked output's findings leave out (Code.peft_layout).
+PEFT_LAYOUT_CODES = frozenset(c.code for c in REGISTRY.values() if c.peft_layout)
+# The engine rule features whose modules normalize refuses in every layout (Code.refused_feature).
+NORMALIZE_REFUSED_FEATURES = frozenset(c.refused_feature for c in REGISTRY.values() if c.refused_feature)
+_CHECK_OF = {c.code: area.check for area in AREAS for c in area.codes}
+
+
+def check_of(code: str) -> str | None:
+    """The check of `validate` that reports findings of a registered `code` (Area.check); an unregistered one is a
+    bug."""
+    if code not in _CHECK_OF:
+        raise InternalError(f"Finding code {code!r} is not registered in lora_convert/codes.py.")
+    return _CHECK_OF[code]
 
 
 def severity(code: str) -> Severity:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from lora_convert.errors import InternalError
 
 
-def spans(values: list[int]) -> str:
-    """Sorted integers as compact ranges: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"; [] -> "-"."""
+def spans(values: Iterable[int]) -> str:
+    """Integers as compact ranges, the one rendering of layer (and expert) sets in messages and tables:
+    [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"; [] -> "-". Any order, repeats allowed: [2, 0, 1, 1] -> "0-2"."""
+    values = sorted(set(values))
     if not values:
         return "-"
     parts, start, prev = [], values[0], values[0]

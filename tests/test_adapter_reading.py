@@ -47,7 +47,7 @@ def test_listing_reads_no_tensor_data(adapter_writer, monkeypatch):
 
     monkeypatch.setattr(tensor_files, "read_tensor_data", forbidden)
     adapter = load_adapter(str(folder))
-    from lora_convert.check.inspect import build_report
+    from lora_convert.pipeline.inspect_report import build_report
 
     assert build_report(adapter)["module_count"] == 1
     with pytest.raises(AssertionError):
@@ -288,7 +288,7 @@ def _same_bytes(array: np.ndarray, tensor: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn])
 def test_read_gives_numpy_with_the_stored_bytes(adapter_writer, tmp_path, dtype):
     """safetensors and legacy .bin alike: a numpy array of the stored dtype (bf16/float8 through ml_dtypes)."""
-    from lora_convert.io.tensor_files import dtype_tag
+    from lora_convert.io.dtypes import dtype_tag
 
     a, b = lin(8, 8, 2)
     a, b = a.to(dtype), b.to(dtype)

@@ -32,9 +32,9 @@ def test_public_names_are_functions_not_submodules():
 
     assert callable(inspect_adapter) and callable(validate_adapter) and callable(normalize_adapter)
     # importing the submodules of the same stem must not shadow the API functions
-    import lora_convert.check.inspect  # noqa: F401
     import lora_convert.check.validate  # noqa: F401
     import lora_convert.convert.normalize  # noqa: F401
+    import lora_convert.pipeline.inspect_report  # noqa: F401
 
     assert lora_convert.normalize_adapter is normalize_adapter
     assert lora_convert.ValidationReport is lora_convert.check.validate.ValidationReport

@@ -191,8 +191,8 @@ def test_the_allow_list_has_no_stale_entries():
     ],
 )
 def test_inspect_takes_module_kinds_from_the_schemas(case, module, kind):
-    from lora_convert.check.inspect import build_report
     from lora_convert.peft.adapter import load_adapter
+    from lora_convert.pipeline.inspect_report import build_report
 
     data = Path(__file__).parent / "fixtures" / "data" / "cases" / case / "adapter"
     families = build_report(load_adapter(str(data)))["families"]

@@ -191,7 +191,7 @@ def test_a_read_failure_in_a_scanning_thread_is_raised(adapter_writer, monkeypat
 # ------------------------------------------------------------------- the numpy scan against the torch one
 def _numpy(t: torch.Tensor):
     """A torch tensor as the numpy array the core reads (bf16 through ml_dtypes, same bytes)."""
-    from lora_convert.io.tensor_files import numpy_dtype
+    from lora_convert.io.dtypes import numpy_dtype
 
     tag = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}[t.dtype]
     return t.contiguous().view(-1).view(torch.uint8).numpy().view(numpy_dtype(tag)).reshape(tuple(t.shape))

@@ -39,7 +39,7 @@ SGLANG_NOTHING_LEFT = {"v5_deepseek_v3_noq"}
 
 
 def _normalize(case: str, out: Path, layout: str, drop: bool):
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     return normalize(
         str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout=layout, drop_unsupported=drop
@@ -281,7 +281,7 @@ def test_nemotron_in_proj_with_zero_bcdt_rows_is_split_exactly(tmp_path, root):
     adapter.mkdir()
     save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     (adapter / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     normalize(str(adapter), tmp_path / "sglang", base=str(case_base_dir(case)), layout="sglang")
     normalize(str(adapter), tmp_path / "stacked", base=str(case_base_dir(case)))
@@ -326,10 +326,10 @@ SMOKE_CASES = [
 @pytest.mark.parametrize("layout", ["sglang", "peft"])
 @pytest.mark.parametrize("case", SMOKE_CASES)
 def test_our_reader_and_smoke_accept_the_output(case, layout, root):
-    from lora_convert.smoke.runner import run_smoke
+    from lora_convert.pipeline.commands import smoke
 
     out, drop, _ = produce(case, layout, root)
-    report = run_smoke(str(out), base=str(case_base_dir(case)), device="cpu", tokens=8, layers="all")
+    report = smoke(str(out), base=str(case_base_dir(case)), device="cpu", tokens=8, layers="all")
     assert report.groups and report.ok, [(g.key, g.problems) for g in report.groups if not g.ok]
 
 
@@ -337,12 +337,12 @@ def test_our_reader_and_smoke_accept_the_output(case, layout, root):
 @pytest.mark.parametrize("layout", ["sglang", "vllm"])
 @pytest.mark.parametrize("case", CASES)
 def test_validate_engine_reports_nothing_on_the_matching_layout(case, layout, root):
-    from lora_convert.check.validate import run_checks
+    from lora_convert.pipeline.commands import validate
 
     out, drop, refusal = produce(case, layout, root)
     if out is None:
         return
-    report = run_checks(str(out), base=str(case_base_dir(case)), engine=layout, data_scan=True, smoke=False)
+    report = validate(str(out), base=str(case_base_dir(case)), engine=layout, data_scan=True, smoke=False)
     engine = [f for f in report.findings if f.code.startswith("engine.") and f.severity.value in ("error", "warning")]
     assert not engine, [(f.code, f.message[:160]) for f in engine]
 
@@ -366,7 +366,7 @@ def _embedding_adapter(tmp_path):
 
 
 def test_embedding_lora_in_both_layouts(tmp_path):
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     adapter = _embedding_adapter(tmp_path)
     base = str(case_base_dir("v5_llama"))
@@ -471,7 +471,7 @@ def test_progress_total_is_the_bytes_written(case, layout, tmp_path):
 
     rec = Recorder()
     out = tmp_path / "out"
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     result = normalize(
         str(case_dir(case) / "adapter"),
@@ -515,8 +515,8 @@ def test_layout_computes_the_stacked_delta(case, layout, root, tmp_path):
     output (its rank may be 2R: a 3-D gate_up of two A factors), and added groups are zero. One rank, scales folded,
     no patterns; routed experts 3-D where that loader takes them (peft: always; vllm: is_3d_moe_weight classes),
     otherwise per expert with all projections (vLLM's pack_moe)."""
-    from lora_convert.convert.normalize import normalize
     from lora_convert.peft.adapter import load_adapter
+    from lora_convert.pipeline.commands import normalize
 
     out, drop, refusal = produce(case, layout, root)
     if out is None:
@@ -565,10 +565,10 @@ def test_normalize_refuses_exactly_what_validate_reports(case, layout, root):
     """One rule set: the groups `normalize --layout E` refuses are the groups `validate --engine E` reports as
     unservable (same codes, same source modules), on every fixture."""
     from lora_convert.check.engine import planned_group_refusals
-    from lora_convert.check.validate import run_checks
+    from lora_convert.pipeline.commands import validate
 
     out, drop, refusal = produce(case, layout, root)
-    report = run_checks(
+    report = validate(
         str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), engine=layout, data_scan=False, smoke=False
     )
     reported = {f.code for f in report.findings if f.code.startswith(f"engine.{layout}.")}
@@ -579,13 +579,11 @@ def test_normalize_refuses_exactly_what_validate_reports(case, layout, root):
     refused_codes = {d["code"] for d in doc["dropped"] if d["code"].startswith(f"engine.{layout}.")}
     refused_keys = {k for d in doc["dropped"] if d["code"].startswith(f"engine.{layout}.") for k in d["keys"]}
     assert refused_codes <= reported, sorted(refused_codes - reported)
-    from lora_convert.arch.base_config import resolve_base
-    from lora_convert.arch.schema import bind
-    from lora_convert.peft.adapter import load_adapter
+    from lora_convert.pipeline.prepared import prepare
 
-    adapter = load_adapter(str(case_dir(case) / "adapter"))
-    base = resolve_base(str(case_base_dir(case)))
-    planned, why_not = planned_group_refusals(layout, adapter, bind(base), base.name)
+    prepared = prepare(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)))
+    adapter = prepared.adapter
+    planned, why_not = planned_group_refusals(layout, prepared)
     assert why_not is None, why_not
     validate_keys = {k for r in planned for m in adapter.modules if m.module in r.modules for k in m.keys}
     validate_codes = {r.finding.code for r in planned}

@@ -51,7 +51,7 @@ PEFT_LOSES_DENSE_MLP_NEXT_TO_EXPERTS = {
 def _produce(case: str, out: Path):
     """The `peft` output of a fixture, written whole: PEFT applied every module of it, so the layout refuses none
     (without --drop-unsupported; vision-tower and projector modules included)."""
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     result = normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), layout="peft")
     assert result.dropped == [], [d.module for d in result.dropped]
@@ -180,7 +180,7 @@ def test_peft_layout_reproduces_vision_tower_and_projector_deltas(case, tmp_path
 
 def test_embedding_lora_round_trips_through_peft(tmp_path):
     from helpers import write_adapter
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     base = case_base_dir("v5_llama")
     cfg = json.loads((base / "config.json").read_text())
@@ -203,7 +203,7 @@ def test_vision_embedding_lora_round_trips_through_peft(tmp_path):
     loads from the original (no fixture holds one: vLLM 0.33.0 refuses such an adapter, which the engine proof of a
     fixture would hit)."""
     from helpers import write_adapter
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     base = case_base_dir("v5_qwen3_vl")
     vision = json.loads((base / "config.json").read_text())["vision_config"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lora_convert.check.validate import run_checks
 from lora_convert.codes import ENGINE_OUTCOMES
-from lora_convert.engines.profiles import FEATURES, OUTCOMES, load_rules
+from lora_convert.engines.profiles import FEATURES, OUTCOMES, engine_info, load_rules
+from lora_convert.pipeline.commands import validate
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 
@@ -24,7 +24,7 @@ def base_of(case):
 
 def engine_findings(case_or_folder, engine, case=None, **kw):
     folder = case_or_folder if isinstance(case_or_folder, Path) else DATA / "cases" / case_or_folder / "adapter"
-    report = run_checks(str(folder), base=base_of(case or case_or_folder), engine=engine, smoke=False, **kw)
+    report = validate(str(folder), base=base_of(case or case_or_folder), engine=engine, smoke=False, **kw)
     return {f.code: f for f in report.findings if f.code.startswith(f"engine.{engine}.")}, report
 
 
@@ -39,13 +39,14 @@ def test_rule_files_are_complete(engine):
         assert re.fullmatch(r"[a-z0-9-]+", rule["id"])
         if ENGINE_OUTCOMES[rule["outcome"]][0].value == "error":
             assert rule["fix"], rule["id"]
-    if engine == "sglang":
-        assert all(r["engine_version"] == "SGLang 0.5.23" for r in rules)
+    # every rule of a release says it describes that release (an inherited rule too: engines/rules.py)
+    assert all(r["engine_version"] == engine_info(engine)["label"] for r in rules)
     if engine == "vllm":
-        assert all(r["engine_version"] == "vLLM 0.33.0" for r in rules)
-        # every rule cites the released wheel, not a main-line commit
-        assert all("vllm==0.33.0" in r["source"] for r in rules if r["id"] not in VLLM_GENERIC), [
-            r["id"] for r in rules if "vllm==0.33.0" not in r["source"]
+        # every rule cites a released wheel (its release's, or the one it was read in and inherited from), not a
+        # main-line commit
+        cites_a_release = re.compile(r"\bvllm==\d+\.\d+\.\d+: ")
+        assert all(cites_a_release.search(r["source"]) for r in rules if r["id"] not in VLLM_GENERIC), [
+            r["id"] for r in rules if not cites_a_release.search(r["source"])
         ]
 
 
@@ -110,7 +111,7 @@ def test_unknown_engine_is_a_usage_error(adapter_writer):
         }
     )
     with pytest.raises(UsageError):
-        run_checks(str(folder), engine="tgi")
+        validate(str(folder), engine="tgi")
 
 
 # ---- the findings the issue asks for ---------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_vllm_rules_on_fixtures():
 def test_vllm_refuses_vision_embedding_lora():
     # PEFT's LoRA on Qwen3-VL's vision `pos_embed` (an nn.Embedding): vLLM 0.33.0 refuses the adapter (`expected
     # target modules in {...} but received ['visual.pos_embed', ...]`, measured by tests/test_proof_vllm.py).
-    from lora_convert.check.engine import predict
+    from lora_convert.pipeline.commands import predict
 
     case = "v5_qwen3_vl_vision_pos_embed"
     found, _ = engine_findings(case, "vllm")
@@ -231,7 +232,7 @@ def test_vllm_refuses_vision_embedding_lora():
 def test_sglang_refuses_a_vision_embedding_target_name():
     # the same adapter on SGLang 0.5.23: `pos_embed` in target_modules gets a LoRA buffer sized by get_hidden_dim,
     # which has no entry for it (NotImplementedError at start-up, measured by tests/test_proof_sglang.py)
-    from lora_convert.check.engine import predict
+    from lora_convert.pipeline.commands import predict
 
     case = "v5_qwen3_vl_vision_pos_embed"
     found, _ = engine_findings(case, "sglang")
@@ -267,7 +268,7 @@ def test_shared_expert_fusion_needs_the_default_config(tmp_path):
     cfg = json.loads((Path(base_of("v4_deepseek_v3")) / "config.json").read_text())
     cfg["n_routed_experts"], cfg["n_shared_experts"] = 256, 1
     (base / "config.json").write_text(json.dumps(cfg))
-    report = run_checks(
+    report = validate(
         str(DATA / "cases" / "v4_deepseek_v3" / "adapter"),
         base=str(base),
         engine="sglang",
@@ -302,7 +303,7 @@ def test_engine_json_output_and_no_engine_no_findings():
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert any(f["code"] == "engine.sglang.rslora-ignored" for f in doc["findings"])
-    plain = run_checks(folder, base=base_of("v5_llama_rslora"), smoke=False, data_scan=False)
+    plain = validate(folder, base=base_of("v5_llama_rslora"), smoke=False, data_scan=False)
     assert not [f for f in plain.findings if f.code.startswith("engine.")]
 
 

@@ -13,9 +13,9 @@ from safetensors.numpy import load_file
 from helpers import case_base_dir, case_dir, case_meta, fixture_cases, orient_reference
 from lora_convert.convert import factors
 from lora_convert.convert.group_tensors import build_group_tensors
-from lora_convert.convert.normalize import plan_normalize
 from lora_convert.peft.adapter import ModuleKind, load_adapter
 from lora_convert.peft.naming import parse_key
+from lora_convert.pipeline.commands import plan_normalize
 
 TOL = 1e-5
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_convert.errors import AdapterFormatError
+from lora_convert.io.dtypes import DTYPE_SIZES
 from lora_convert.io.tensor_files import (
-    DTYPE_SIZES,
     _checked_entry,
     _offset_ordered,
     _well_formed_in_order,

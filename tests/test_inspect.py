@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import case_dir, case_meta, fixture_cases
-from lora_convert.check.inspect import build_report
 from lora_convert.cli import app
 from lora_convert.peft.adapter import load_adapter
+from lora_convert.pipeline.inspect_report import build_report
 
 CASES = fixture_cases()
 

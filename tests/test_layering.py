@@ -2,7 +2,7 @@
 
 Stages follow the data, earliest first:
 
-    core < io < peft < arch < engines < convert < smoke < check < api < cli
+    core < io < peft < arch < engines < convert < smoke < check < pipeline < scan < api < cli
 
 core is the vocabulary every stage shares (errors, findings, codes, text and the package root); kernels/ ships as
 lora_convert.kernels and belongs to smoke; schemas/ ships as lora_convert.schemas (JSON only) and belongs to arch.
@@ -29,7 +29,7 @@ SOURCE_FOLDERS = {
     "lora_convert.schemas": ROOT / "schemas",
 }
 
-STAGES = ("core", "io", "peft", "arch", "engines", "convert", "smoke", "check", "scan", "api", "cli")
+STAGES = ("core", "io", "peft", "arch", "engines", "convert", "smoke", "check", "pipeline", "scan", "api", "cli")
 # Module (or package, covering everything under it) -> stage. The longest matching prefix wins.
 STAGE_OF = {
     "lora_convert": "core",  # the package root only; every other top-level module must be listed
@@ -46,6 +46,7 @@ STAGE_OF = {
     "lora_convert.smoke": "smoke",
     "lora_convert.kernels": "smoke",
     "lora_convert.check": "check",
+    "lora_convert.pipeline": "pipeline",
     "lora_convert.scan": "scan",
     "lora_convert.api": "api",
     "lora_convert.cli": "cli",

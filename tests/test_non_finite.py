@@ -166,8 +166,8 @@ def test_all_finite_agrees_with_numpy(dtype):
 @pytest.mark.parametrize("depth", [0, 2])
 def test_serial_and_pipelined_paths_refuse_alike(tmp_path, depth):
     from lora_convert.convert.group_tensors import iter_group_tensors
-    from lora_convert.convert.normalize import plan_normalize
     from lora_convert.errors import NonFiniteValuesError
+    from lora_convert.pipeline.commands import plan_normalize
 
     adapter = poisoned(tmp_path, "v5_llama", LLAMA_B, np.nan)
     plan = plan_normalize(adapter, base=str(case_base_dir("v5_llama")))

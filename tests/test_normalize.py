@@ -31,7 +31,7 @@ CONVERTIBLE = [c for c in CASES if refused_code(c) is None]
 
 
 def run_normalize(case: str, out: Path, **kw):
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     return normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)), **kw)
 

@@ -279,7 +279,7 @@ class _Interrupt:
 
 @pytest.mark.parametrize("layout", ["stacked", "peft"])
 def test_an_interrupted_run_keeps_the_previous_output(root, monkeypatch, layout):
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     first = run(root, "d/myad", "--base", "d/base", "-o", "out", monkeypatch=monkeypatch)
     assert first.exit_code == 0, first.output
@@ -299,8 +299,8 @@ def test_an_interrupted_run_keeps_the_previous_output(root, monkeypatch, layout)
 
 
 def test_library_accepts_paths_and_refuses_like_the_cli(root):
-    from lora_convert.convert.normalize import normalize
     from lora_convert.errors import UsageError
+    from lora_convert.pipeline.commands import normalize
 
     before = tree(root)
     with pytest.raises(UsageError, match="contains the input adapter folder"):

@@ -13,11 +13,11 @@ import pytest
 
 from helpers import case_base_dir, case_dir, fixture_cases
 from lora_convert.convert import group_tensors
-from lora_convert.convert.normalize import normalize
 from lora_convert.errors import AdapterFormatError
 from lora_convert.io import tensor_files
 from lora_convert.io.safetensors_writer import StreamingSafetensorsWriter
 from lora_convert.peft.adapter import Adapter, load_adapter
+from lora_convert.pipeline.commands import normalize
 
 CASES = [c for c in fixture_cases() if "dora" not in c and "vision" not in c]
 LAYOUTS = ["stacked", "sglang", "peft"]
@@ -53,7 +53,7 @@ def test_pipelined_output_equals_one_group_at_a_time(tmp_path, monkeypatch, case
 
 def _many_groups_case() -> str:
     """The fixture with the most groups, so a failure can land in the middle of the pipeline."""
-    from lora_convert.convert.normalize import plan_normalize
+    from lora_convert.pipeline.commands import plan_normalize
 
     best = max(
         CASES,
@@ -106,7 +106,7 @@ def test_a_failing_stage_stops_the_others_and_leaves_no_output(tmp_path, monkeyp
 
 
 def test_a_consumer_that_stops_early_stops_the_threads(deep_case):
-    from lora_convert.convert.normalize import plan_normalize
+    from lora_convert.pipeline.commands import plan_normalize
 
     plan = plan_normalize(str(case_dir(deep_case) / "adapter"), base=str(case_base_dir(deep_case)))
     assert len(plan.groups) >= 3

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from helpers import case_base_dir, case_dir, fixture_cases
 from lora_convert.cli import app
 from lora_convert.convert import engine_layouts
-from lora_convert.convert.normalize import normalize, plan_normalize
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.tensor_files import read_safetensors_header
 from lora_convert.peft.adapter import Adapter
+from lora_convert.pipeline.commands import normalize, plan_normalize
 
 CASES = fixture_cases()
 NOTHING_CONVERTIBLE = {"v4_mixtral_dora", "v5_deepseek_v3_dora", "v5_llama_dora"}  # every module is DoRA
@@ -51,7 +51,7 @@ def _snapshot(plan) -> str:
 def test_no_layout_planner_reads_tensor_data(case, no_data):
     plan = _plan(case)
     before = _snapshot(plan)
-    for layout in engine_layouts.LAYOUTS:
+    for layout in engine_layouts.rule_layouts():
         lp = engine_layouts.plan_layout(plan, layout)
         specs = lp.tensor_specs("F32")
         assert len(specs) == 2 * sum(len(lg.modules) for lg in lp.groups)

@@ -17,8 +17,9 @@ import pytest
 
 from lora_convert.arch.base_config import find_preset
 from lora_convert.arch.quantization import base_quantization, find_quantization_config, schemes
-from lora_convert.check.validate import run_checks
-from lora_convert.io.tensor_files import DTYPE_SIZES, read_safetensors_header
+from lora_convert.io.dtypes import DTYPE_SIZES
+from lora_convert.io.tensor_files import read_safetensors_header
+from lora_convert.pipeline.commands import validate
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 
@@ -177,7 +178,7 @@ CASES = {
 
 
 def run(case: str, base: Path, engine: str = "none"):
-    report = run_checks(str(DATA / "cases" / case / "adapter"), base=str(base), engine=engine, smoke=False)
+    report = validate(str(DATA / "cases" / case / "adapter"), base=str(base), engine=engine, smoke=False)
     return report, {f.code: f for f in report.findings}
 
 

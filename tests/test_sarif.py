@@ -116,8 +116,12 @@ def test_every_registered_code_and_engine_rule_is_a_valid_rule():
         assert rules[code]["defaultConfiguration"]["level"] == LEVELS[entry.severity.value]
         assert rules[code]["fullDescription"]["text"].startswith(entry.meaning)
         assert entry.action in rules[code]["help"]["text"]
-    for release in releases():
+    described = set()  # a code's SARIF rule is that of the newest release that has it
+    for release in reversed(releases()):
         for r in load_rules(release.spec):
+            if f"engine.{release.engine}.{r['id']}" in described:
+                continue
+            described.add(f"engine.{release.engine}.{r['id']}")
             rule = rules[f"engine.{release.engine}.{r['id']}"]
             assert rule["defaultConfiguration"]["level"] == LEVELS[ENGINE_OUTCOMES[r["outcome"]][0].value]
             assert r["source"] in rule["help"]["text"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -485,6 +486,69 @@ def test_a_slow_worker_start_is_not_the_adapters_time(fleet, batches, monkeypatc
     assert _without_timings(records) == _expected(tasks)  # all four: their normal record, none timed out
 
 
+def test_a_worker_that_never_starts_costs_its_first_adapter_a_crash(fleet, monkeypatch):
+    """A worker still not READY after WORKER_START_S (or --timeout, if longer) is killed; the adapter it was given
+    is recorded `crashed` (it never ran: not a `timeout` of that adapter) and the next goes to a fresh worker."""
+    from lora_convert.scan import local
+    from lora_convert.scan.task import ScanOptions
+
+    monkeypatch.setattr(local, "WORKER_START_S", 1.0)
+    monkeypatch.setenv(SLOW_START, f"{os.getpid()}:30")  # every worker: far longer than it is given
+    tasks = discover([str(fleet)])[:2]
+    records: list[dict] = []
+    local.run_all(tasks, ScanOptions(timeout_s=1), on_result=_once(records), jobs=1, task_fn=planted_task)
+    assert [r["id"] for r in records] == [t.id for t in tasks]
+    for record in records:
+        assert record["status"] == "crashed" and record["error"]["type"] == "WorkerCrashed", record
+        assert re.fullmatch(r"the worker did not start within \d+ s", record["error"]["message"]), record
+    assert not [p for p in multiprocessing.active_children() if p.name == "lora-convert-scan-worker"]
+
+
+def test_an_exception_in_on_result_stops_every_worker(fleet):
+    """An exception out of on_result (a full disk under the report, or Ctrl-C in it) propagates at once, and no
+    worker is left running: each is killed or told to stop, and waited for."""
+    from lora_convert.scan import local
+    from lora_convert.scan.task import ScanOptions
+
+    tasks = [t for t in discover([str(fleet)]) if t.id not in (KILL, HANG_IN_BATCH)]
+    seen: list[str] = []
+
+    def fail_on_the_third(record: dict) -> None:
+        seen.append(record["id"])
+        if len(seen) == 3:
+            raise OSError("no space left on device")
+
+    with pytest.raises(OSError, match="no space left"):
+        local.run_all(tasks, ScanOptions(timeout_s=60), on_result=fail_on_the_third, jobs=2, task_fn=planted_task)
+    assert len(seen) == 3
+    assert not [p for p in multiprocessing.active_children() if p.name == "lora-convert-scan-worker"]
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_a_worker_holds_at_most_its_running_and_one_queued_batch(fleet, batches, monkeypatch, large):
+    """Memory stays bounded: while its first adapter runs (slowly), a worker has been sent its running batch and
+    QUEUED_BATCHES more, not the queue; behind a large adapter (alone in its batch), nothing."""
+    from lora_convert.scan import local
+    from lora_convert.scan.task import ScanOptions
+
+    if large:
+        monkeypatch.setattr(local, "BATCH_MAX_BYTES", 1)  # every adapter is large
+    tasks = [t for t in discover([str(fleet)]) if t.id not in (KILL, HANG_IN_BATCH)][:10]
+    monkeypatch.setenv(SLOW, tasks[0].id)
+    sent_at_first_record: list[int] = []
+    records: list[dict] = []
+
+    def on_result(record: dict) -> None:
+        sent_at_first_record.append(len(batches))
+        records.append(record)
+
+    local.run_all(tasks, ScanOptions(timeout_s=60), on_result=on_result, jobs=1, task_fn=planted_task)
+    assert _without_timings(records) == _expected(tasks)
+    assert batches[0][0] == tasks[0].id
+    assert sent_at_first_record[0] == (1 if large else 1 + local.QUEUED_BATCHES), batches
+    assert max(len(b) for b in batches) == (1 if large else BATCH)
+
+
 def test_legacy_bin_adapters_go_to_one_worker(tmp_path, monkeypatch):
     """Reading an adapter_model.bin imports torch (~1 s and ~300 MB per worker): one worker takes them all, first;
     another takes some only when nothing else is left and more than TORCH_JOIN per torch worker are waiting."""
@@ -595,9 +659,9 @@ def test_readme_fleet_recipe_converts_what_the_layout_fixes(tmp_path):
         )
         assert check.returncode == 0 and check.stdout.strip().splitlines()[-1].startswith("OK: "), check.stdout
     # One decision: `normalize --layout sglang` itself converts the same adapter, and the other layouts would not.
-    from lora_convert.check.validate import run_checks
+    from lora_convert.pipeline.commands import validate
 
-    findings = run_checks(source / "deepseek", engine="sglang", smoke=False).findings
+    findings = validate(source / "deepseek", engine="sglang", smoke=False).findings
     assert normalize_blockers(findings, "sglang") == []
     assert {f.code for f in normalize_blockers(findings, "stacked")} == set(_errors(deepseek))
     assert {f.code for f in normalize_blockers(findings, "vllm")} == set(_errors(deepseek))

@@ -96,6 +96,24 @@ def test_a_hanging_adapter_is_timed_out_and_the_others_finish(local_ray, registr
     assert record["error"]["type"] == "Timeout" and record["seconds"] >= 4.0
 
 
+def test_a_task_queued_in_ray_is_not_timed_out_for_its_wait(local_ray, registry):
+    """On 2 CPUs with 4 tasks in flight, the 3rd and 4th wait in Ray's queue behind two that take 6 s; their clocks
+    start when they are among the 2 oldest in flight (when Ray runs them), so 6 s of work each stays within a 10 s
+    timeout (a clock started at submission would give them 12 s). The margins are for a loaded machine: starting a
+    Ray worker takes seconds there, and so does importing torch (no legacy .bin adapter here)."""
+    out, _, _ = registry
+    tasks = [t for t in discover([str(out / "adapters")]) if not t.legacy_bin][:4]
+
+    def slow(task, options):
+        time.sleep(6.0)
+        return run_task(task, options)
+
+    records: list[dict] = []
+    ray_backend.run_all(tasks, ScanOptions(timeout_s=10.0), on_result=records.append, task_fn=slow)
+    assert len(records) == 4
+    assert all(r["status"] in ("ok", "findings") for r in records), [(r["id"], r["status"]) for r in records]
+
+
 def test_a_worker_that_dies_is_recorded_as_crashed(local_ray, registry):
     out, _, _ = registry
     tasks = discover([str(out / "adapters")])[:3]

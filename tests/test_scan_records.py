@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from lora_convert.engines.rules import resolve_engine
 from lora_convert.errors import UsageError
 from lora_convert.scan.task import MAX_KEYS, ScanOptions, ScanTask, run_task
 
+NEWEST_VLLM = resolve_engine("vllm").spec  # what `--engine vllm` means: the newest release with a rule file
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
 ADAPTER, BASE = EXAMPLE / "adapter", EXAMPLE / "base"
 
@@ -32,10 +34,10 @@ def test_a_record_has_its_base_rank_and_each_release_it_was_checked_for():
     config = json.loads((ADAPTER / "adapter_config.json").read_text())
     assert record["base"] == str(BASE)
     assert record["rank"] == max([config["r"], *config.get("rank_pattern", {}).values()])
-    assert set(record["engines"]) == {"vllm==0.33.0", "sglang==0.5.23"}
+    assert set(record["engines"]) == {NEWEST_VLLM, "sglang==0.5.23"}
     # the first release is validate's: engine_outcomes (kept for old readers) is its entry
-    assert record["engines"]["vllm==0.33.0"] == record["engine_outcomes"]
-    for engine, release in (("vllm", "vllm==0.33.0"), ("sglang", "sglang==0.5.23")):
+    assert record["engines"][NEWEST_VLLM] == record["engine_outcomes"]
+    for engine, release in (("vllm", NEWEST_VLLM), ("sglang", "sglang==0.5.23")):
         fired = _fired(record, engine)
         assert fired and sum(record["engines"][release].values()) == len(fired)
     # the second release's errors make the adapter fail, as its own validate would
@@ -59,7 +61,7 @@ def test_an_engine_named_with_its_release_counts_its_outcomes():
 def test_a_release_whose_rules_could_not_be_evaluated_is_null():
     record = _run(engine="vllm")  # its config names a base that is not here: no plan, so not every rule ran
     assert any(f["code"] == "engine-rules.unchecked" for f in record["findings"])
-    assert record["engines"] == {"vllm==0.33.0": None}
+    assert record["engines"] == {NEWEST_VLLM: None}
 
 
 def test_without_an_engine_the_record_has_no_releases():
@@ -73,7 +75,7 @@ def test_scan_engines_all_repeated_and_none():
 
     assert _scan_engines("none") == [] and _scan_engines(["none"]) == []
     assert _scan_engines("all") == installed_engines()
-    assert _scan_engines(["vllm", "vllm==0.33.0", "sglang", "all"]) == ["vllm", "sglang"]
+    assert _scan_engines(["vllm", NEWEST_VLLM, "sglang", "all"]) == ["vllm", "sglang"]
     with pytest.raises(UsageError):
         _scan_engines(["vllm", "nope"])
 

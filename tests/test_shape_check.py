@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from lora_convert.arch.base_config import resolve_base
 from lora_convert.arch.schema import bind
-from lora_convert.arch.shape_check import check_shapes
+from lora_convert.check.shape_check import check_shapes
 from lora_convert.findings import Severity
 from lora_convert.io.tensor_files import read_safetensors_header
 from lora_convert.peft.adapter import LoraModule, load_adapter
@@ -268,3 +268,59 @@ def test_top_level_mtp_stack_is_reported_not_crashed_on(tmp_path):
     )
     [f] = findings_for(folder, "v4_qwen3_next")
     assert f.code == "layers.past-end" and "1 LoRA module(s) belong to the multi-token-prediction" in f.message
+
+
+def test_layer_lists_in_messages_are_spans(tmp_path):
+    # the same unknown name on both layers of v4_llama: one finding whose layers read as a span (text.spans)
+    edit = rename_module(f"{P}.0.self_attn.q_proj", f"{P}.0.self_attn.q_proj_extra")
+    folder = mutated(
+        tmp_path,
+        "v4_llama",
+        lambda t: rename_module(f"{P}.1.self_attn.q_proj", f"{P}.1.self_attn.q_proj_extra")(edit(t)),
+    )
+    [f] = findings_for(folder, "v4_llama")
+    assert f.code == "modules.unknown" and "`self_attn.q_proj_extra` on layer(s) 0-1 is not" in f.message
+
+
+def test_router_layers_are_spans():
+    [f] = check_shapes(load_adapter(DATA / "cases" / "v4_mixtral" / "adapter"), arch_for("v4_mixtral"))
+    layers = sorted(
+        {m.layer for m in load_adapter(DATA / "cases" / "v4_mixtral" / "adapter").modules if m.layer is not None}
+    )
+    assert f.code == "modules.router" and f"on layer(s) {layers[0]}-{layers[-1]} (" in f.message
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_resolve_path_answers_as_resolve_does_for_checkpoint_modules(base):
+    """`Architecture.resolve_path(module path, 3-D parameter)` -- the question base_checkpoint asks of a checkpoint
+    tensor -- gives the match `resolve` gives for the equivalent LoRA module, on every weight of every tiny base
+    (2-D weights and 3-D expert parameters), on made-up places (past the end, unknown, MTP) and per expert."""
+    arch = arch_for(base)
+    tensors, _ = read_safetensors_header(DATA / "bases" / base / "model.safetensors")
+    places = {("model.layers.99.mlp.down_proj", None), ("nope.weird", None), ("mtp.layers.0.mlp.experts", "down_proj")}
+    for key in tensors:
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight":
+            places.add((module, None))
+        elif module.endswith("experts"):
+            places.add((module, leaf))
+    for expert in (0, 1, 3, 9):
+        places.add((f"model.layers.1.mlp.experts.{expert}.gate_proj", None))
+    resolved = 0
+    for module, param in sorted(places, key=str):
+        p = parse_key(f"base_model.model.{module}.lora_A.weight")
+        oracle = LoraModule(
+            module=module,
+            kind="fused_experts" if param else "linear",
+            target_name=module,
+            param=param,
+            layer=p.layer,
+            expert=p.expert,
+            local_name=f"{p.local_name}.{param}" if param else p.local_name,
+            stack_prefix=p.stack_prefix,
+            is_vision=p.is_vision,
+        )
+        want = arch.resolve(oracle)
+        assert arch.resolve_path(module, param) == want, (module, param)
+        resolved += want is not None
+    assert resolved >= 5  # not vacuous: embedding, lm_head and projections of each tiny base resolve

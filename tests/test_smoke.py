@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 
 from helpers import case_base_dir, case_dir, fixture_cases
 from lora_convert.cli import app
-from lora_convert.smoke.runner import run_smoke
+from lora_convert.pipeline.commands import smoke as smoke_spec
 
 SMOKE_CASES = [c for c in fixture_cases() if "dora" not in c and "vision" not in c]
 
 
 def smoke(case, **kw):
-    return run_smoke(
+    return smoke_spec(
         str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device=kw.pop("device", "cpu"), **kw
     )
 
@@ -34,7 +34,7 @@ def test_smoke_passes_on_every_fixture(case):
 
 
 def normalized(case, tmp_path):
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     out = tmp_path / "stacked"
     normalize(str(case_dir(case) / "adapter"), out, base=str(case_base_dir(case)))
@@ -50,7 +50,7 @@ def tamper(out, edit):
 
 
 def smoke_stacked(case, out):
-    return run_smoke(
+    return smoke_spec(
         str(out), original=str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), device="cpu", layers="all"
     )
 
@@ -247,7 +247,7 @@ def _device_build_matches_normalize(case, sources_for):
     """The stacked tensors the GPU path builds from the source factors (smoke/device.py, torch) are byte for byte
     the ones normalize writes (convert/group_tensors.py, numpy), for every group and dtype of the fixture."""
     from lora_convert.convert.group_tensors import build_group_tensors, group_source_keys, output_dtype
-    from lora_convert.convert.normalize import plan_normalize
+    from lora_convert.pipeline.commands import plan_normalize
     from lora_convert.smoke.device import build_group_on_device
     from lora_convert.smoke.staging import to_torch
 
@@ -311,7 +311,7 @@ def test_gpu_smoke_copies_each_source_once():
     case = "v5_deepseek_v3"
     report = smoke(case, device="cuda", layers="all")
     from lora_convert.convert.group_tensors import group_source_keys
-    from lora_convert.convert.normalize import plan_normalize
+    from lora_convert.pipeline.commands import plan_normalize
 
     plan = plan_normalize(str(case_dir(case) / "adapter"), base=str(case_base_dir(case)), drop_unsupported=True)
     keys = {k for g in plan.groups for k in group_source_keys(g)}

@@ -139,7 +139,7 @@ def outputs_of(case: str, variant: str | None, work: Path) -> dict[str, str]:
     import functools
     import inspect
 
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     if "allow_non_finite" in inspect.signature(normalize).parameters:
         # The bytes of the arithmetic are compared, Inf from the "specials" variant's overflows included (the torch
@@ -247,7 +247,7 @@ def _source(dtype_name: str):
         t = t.double() * (1 + 2.0**-30)  # bits below float32's precision
     else:
         t = t.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype_name])
-    from lora_convert.io.tensor_files import numpy_dtype
+    from lora_convert.io.dtypes import numpy_dtype
 
     raw = t.contiguous().view(-1).view(torch.uint8).numpy().copy()
     return raw.view(numpy_dtype(dtype_name)), t
@@ -268,7 +268,7 @@ def test_fold_matches_torch_bit_for_bit(src, out, scaling):
     import torch
 
     from lora_convert.convert import factors
-    from lora_convert.io.tensor_files import numpy_dtype
+    from lora_convert.io.dtypes import numpy_dtype
 
     b_np, b_t = _source(src)
     ref = _torch_reference_fold(
@@ -286,7 +286,7 @@ def test_copy_matches_torch_copy_(src, out):
     import torch
 
     from lora_convert.convert import factors
-    from lora_convert.io.tensor_files import numpy_dtype
+    from lora_convert.io.dtypes import numpy_dtype
 
     a_np, a_t = _source(src)
     ref = torch.empty(
@@ -302,7 +302,7 @@ def test_copy_matches_torch_copy_(src, out):
 @pytest.mark.parametrize("out", ["F32", "F16", "BF16", "F64"])
 def test_nan_stays_nan_with_its_sign(src, out):
     from lora_convert.convert import factors
-    from lora_convert.io.tensor_files import numpy_dtype
+    from lora_convert.io.dtypes import numpy_dtype
 
     b = np.array([np.nan, -np.nan, 1.0, np.nan], dtype=np.float64).astype(numpy_dtype(src))
     dest = np.empty(b.shape, dtype=numpy_dtype(out))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lora_convert.check.validate import run_checks
 from lora_convert.cli import app
+from lora_convert.pipeline.commands import validate
 
 H, HEADS, KV, HD, LAYERS, VOCAB = 16, 4, 1, 4, 2, 100
 BASE_CONFIG = {
@@ -87,7 +87,7 @@ def test_clean_adapter_json_document(adapter_writer, base_dir):
 
 def test_library_call_matches_cli(adapter_writer, base_dir):
     folder = adapter_writer(llama_tensors(), {"target_modules": ["q_proj", "v_proj"]})
-    report = run_checks(str(folder), base=str(base_dir), smoke=False)
+    report = validate(str(folder), base=str(base_dir), smoke=False)
     assert report.ok and report.base and report.summary["adapter"]["modules"] == 4
 
 
@@ -388,7 +388,7 @@ def test_progress_bar_only_for_large_scans_on_a_terminal():
 def test_progress_callback_gets_every_byte(adapter_writer):
     folder = adapter_writer(llama_tensors())
     seen = []
-    report = run_checks(str(folder), smoke=False, progress=lambda n, total: seen.append((n, total)))
+    report = validate(str(folder), smoke=False, progress=lambda n, total: seen.append((n, total)))
     assert sum(n for n, _ in seen) == report.summary["adapter"]["bytes"] == seen[-1][1]
 
 
@@ -403,12 +403,12 @@ def test_zero_fills_of_a_normalize_output_are_their_own_note(tmp_path):
     example = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
     out = tmp_path / "out"
     normalize_adapter(example / "adapter", out, base=example / "base", layout="sglang")
-    report = run_checks(str(out), base=str(example / "base"), smoke=False)
+    report = validate(str(out), base=str(example / "base"), smoke=False)
     fills = [f for f in report.findings if f.code == "data.zero-fill"]
     assert len(fills) == 1 and fills[0].severity.value == "info" and fills[0].keys
     assert "lora_convert_report.json" in fills[0].message and "data.zero-b" not in report.summary["codes"]
     (out / "lora_convert_report.json").unlink()  # without the report the zeros are unexplained
-    again = run_checks(str(out), base=str(example / "base"), smoke=False)
+    again = validate(str(out), base=str(example / "base"), smoke=False)
     assert [f.severity.value for f in again.findings if f.code == "data.zero-b"] == ["warning"]
     assert "data.zero-fill" not in again.summary["codes"]
 
@@ -456,7 +456,7 @@ def hub_unreachable(monkeypatch):
 
 def test_a_preset_standing_in_for_an_unreachable_hub_base_is_a_note(hub_unreachable):
     """docs/validate.md: a shipped preset that lists the unreachable repo id is used instead, with a note."""
-    report = run_checks(str(EXAMPLE_ADAPTER), base="deepseek-ai/DeepSeek-V3", smoke=False, data_scan=False)
+    report = validate(str(EXAMPLE_ADAPTER), base="deepseek-ai/DeepSeek-V3", smoke=False, data_scan=False)
     assert report.base == "deepseek-v3"
     [note] = [f for f in report.findings if f.code == "base.preset"]
     assert note.severity.value == "info"
@@ -473,10 +473,10 @@ def test_a_preset_matched_on_the_adapters_base_model_is_a_note(tmp_path):
     (folder / "adapter_config.json").write_text(
         json.dumps({**config, "base_model_name_or_path": "deepseek-ai/DeepSeek-R1"})
     )
-    report = run_checks(str(folder), smoke=False, data_scan=False)
+    report = validate(str(folder), smoke=False, data_scan=False)
     [note] = [f for f in report.findings if f.code == "base.preset"]
     assert "deepseek-ai/DeepSeek-R1" in note.message and "deepseek-v3" in note.message
-    named = run_checks(str(folder), base="deepseek-v3", smoke=False, data_scan=False)
+    named = validate(str(folder), base="deepseek-v3", smoke=False, data_scan=False)
     assert "base.preset" not in codes(named)  # a preset asked for by name stands in for nothing
 
 
@@ -496,7 +496,7 @@ def test_unknown_module_says_what_is_expected(adapter_writer, base_dir, module, 
     tensors[f"base_model.model.{path}.lora_A.weight"] = torch.randn(4, H, generator=g)
     tensors[f"base_model.model.{path}.lora_B.weight"] = torch.randn(H, 4, generator=g)
     folder = adapter_writer(tensors, {"target_modules": ["q_proj", "v_proj"]})
-    report = run_checks(str(folder), base=str(base_dir), smoke=False, data_scan=False)
+    report = validate(str(folder), base=str(base_dir), smoke=False, data_scan=False)
     [unknown] = [f for f in report.findings if f.code == "modules.unknown"]
     assert unknown.expected, unknown
     assert expected in unknown.expected, unknown.expected

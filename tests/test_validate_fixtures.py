@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_convert.check.validate import run_checks
+from lora_convert.pipeline.commands import validate as validate_spec
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 CASES = sorted(p.name for p in (DATA / "cases").iterdir() if (p / "adapter").is_dir())
@@ -25,7 +25,7 @@ def base_of(case: str) -> str:
 def validate(case_or_folder, case=None, **kw):
     folder = case_or_folder if isinstance(case_or_folder, Path) else DATA / "cases" / case_or_folder / "adapter"
     kw.setdefault("smoke", False)
-    return run_checks(str(folder), base=base_of(case or case_or_folder), **kw)
+    return validate_spec(str(folder), base=base_of(case or case_or_folder), **kw)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -144,7 +144,7 @@ def test_fixture_json_document_via_cli():
 
 @pytest.mark.parametrize("case", ["v4_deepseek_v3", "v5_deepseek_v3", "v5_qwen3_5", "v4_mixtral"])
 def test_stacked_outputs_validate_against_their_layout(tmp_path, case):
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     out = tmp_path / "stacked"
     normalize(str(DATA / "cases" / case / "adapter"), out, base=base_of(case))

@@ -17,8 +17,9 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import write_adapter
-from lora_convert.check.validate import CHECK_NAMES, run_checks
+from lora_convert.check.validate import CHECK_NAMES
 from lora_convert.cli import app
+from lora_convert.pipeline.commands import validate
 
 H, HEADS, KV, HD, LAYERS = 16, 4, 1, 4, 2
 LLAMA = {
@@ -87,7 +88,7 @@ def test_no_base_is_an_error_not_ok(broken_adapter):
 
 
 def test_no_base_library_report_keeps_base_unresolved_and_adds_the_error(adapter):
-    report = run_checks(adapter, smoke=False)
+    report = validate(adapter, smoke=False)
     found = {f.code: f for f in report.findings}
     assert not report.ok
     assert found["shapes.unchecked"].severity.value == "error"
@@ -158,7 +159,7 @@ def test_allow_unchecked_makes_it_a_warning(broken_adapter):
 
 
 def test_allow_unchecked_in_the_library(adapter):
-    report = run_checks(adapter, smoke=False, allow_unchecked=True)
+    report = validate(adapter, smoke=False, allow_unchecked=True)
     assert report.ok and report.allow_unchecked
     assert [f.severity.value for f in report.findings if f.code == "shapes.unchecked-allowed"] == ["warning"]
     assert "shapes.unchecked" not in {f.code for f in report.findings}
@@ -234,12 +235,12 @@ def test_allow_unchecked_makes_the_engine_gap_a_warning(stacked_output):
 
 def test_engine_without_a_base_is_unchecked_like_the_shapes(adapter):
     """One mechanism: every check that was asked for and could not run is `<check>.unchecked`."""
-    report = run_checks(adapter, engine="sglang", smoke=False)
+    report = validate(adapter, engine="sglang", smoke=False)
     found = {f.code: f for f in report.findings}
     assert not report.ok
     assert found["shapes.unchecked"].severity.value == found["engine-rules.unchecked"].severity.value == "error"
     assert "--base" in found["engine-rules.unchecked"].fix
-    allowed = run_checks(adapter, engine="sglang", smoke=False, allow_unchecked=True)
+    allowed = validate(adapter, engine="sglang", smoke=False, allow_unchecked=True)
     codes = {f.code: f.severity.value for f in allowed.findings}
     assert allowed.ok and codes["engine-rules.unchecked-allowed"] == codes["shapes.unchecked-allowed"] == "warning"
 
@@ -248,10 +249,10 @@ def test_an_ok_verdict_never_has_a_check_that_was_asked_for_and_not_run(adapter,
     """Whatever the adapter: OK, and a check in `Not run` that the caller did not turn off, never come together."""
     chosen = ("--no-smoke", "--engine none", "no --tp/--ep", "--no-data")
     runs = [
-        run_checks(adapter, engine="sglang", smoke=False),
-        run_checks(adapter, base=str(base_dir), engine="sglang", smoke=False),
-        run_checks(stacked_output, base=str(EXAMPLE / "base"), engine="sglang", smoke=False),
-        run_checks(stacked_output, base=str(EXAMPLE / "base"), engine="vllm", smoke=False),
+        validate(adapter, engine="sglang", smoke=False),
+        validate(adapter, base=str(base_dir), engine="sglang", smoke=False),
+        validate(stacked_output, base=str(EXAMPLE / "base"), engine="sglang", smoke=False),
+        validate(stacked_output, base=str(EXAMPLE / "base"), engine="vllm", smoke=False),
     ]
     for report in runs:
         not_run = {k: v for k, v in report.summary["checks"]["skipped"].items() if v not in chosen}
@@ -294,7 +295,7 @@ def test_json_summary_checks_are_accurate(adapter, base_dir, extra, ran, not_run
 
 
 def test_smoke_that_ran_is_listed(adapter, base_dir):
-    report = run_checks(adapter, base=str(base_dir), smoke=True, device="cpu")
+    report = validate(adapter, base=str(base_dir), smoke=True, device="cpu")
     assert "smoke" in report.summary["checks"]["run"], report.summary["checks"]
     assert "smoke" not in report.summary["checks"]["skipped"]
 
@@ -415,7 +416,7 @@ def test_closed_port_fails_at_once_with_exit_3(tmp_path):
 
 def test_a_check_subset_names_the_rest_as_not_selected():
     root = EXAMPLE
-    report = run_checks(root / "adapter", base=str(root / "base"), checks=("config", "shapes"), smoke=False)
+    report = validate(root / "adapter", base=str(root / "base"), checks=("config", "shapes"), smoke=False)
     checks = report.summary["checks"]
     assert checks["run"] == ["config", "shapes"]
     assert {name for name, why in checks["skipped"].items() if why == "not selected by --checks"} == set(
@@ -424,7 +425,7 @@ def test_a_check_subset_names_the_rest_as_not_selected():
     from lora_convert.errors import UsageError
 
     with pytest.raises(UsageError, match="nope"):
-        run_checks(root / "adapter", base=str(root / "base"), checks=("config", "nope"))
+        validate(root / "adapter", base=str(root / "base"), checks=("config", "nope"))
 
 
 # -------------------------------------------------------------------------------------------- smoke.unchecked
@@ -457,10 +458,10 @@ def test_smoke_asked_for_and_not_run_is_an_error_not_ok(stacked_output):
 
 
 def test_smoke_asked_for_without_a_base_is_unchecked_like_the_shapes(adapter):
-    report = run_checks(adapter, smoke=True, data_scan=False)
+    report = validate(adapter, smoke=True, data_scan=False)
     codes = {f.code: f.severity.value for f in report.findings}
     assert codes["smoke.unchecked"] == codes["shapes.unchecked"] == "error"
-    allowed = run_checks(adapter, smoke=True, data_scan=False, allow_unchecked=True)
+    allowed = validate(adapter, smoke=True, data_scan=False, allow_unchecked=True)
     codes = {f.code: f.severity.value for f in allowed.findings}
     assert allowed.ok and codes["smoke.unchecked-allowed"] == codes["shapes.unchecked-allowed"] == "warning"
 
@@ -512,9 +513,9 @@ def test_no_ok_verdict_with_a_smoke_that_was_asked_for_and_not_run(adapter, base
     """Whatever stopped it (no base, a stacked output, the errors found before it), a smoke forward asked for and not
     run leaves the report failing and names itself in `Not run`."""
     runs = [
-        run_checks(adapter, smoke=True, data_scan=False),
-        run_checks(stacked_output, base=str(EXAMPLE / "base"), smoke=True, data_scan=False),
-        run_checks(adapter, base=str(EXAMPLE / "base"), smoke=True, data_scan=False),  # not its base: errors
+        validate(adapter, smoke=True, data_scan=False),
+        validate(stacked_output, base=str(EXAMPLE / "base"), smoke=True, data_scan=False),
+        validate(adapter, base=str(EXAMPLE / "base"), smoke=True, data_scan=False),  # not its base: errors
     ]
     for report in runs:
         assert "smoke" in report.summary["checks"]["skipped"], report.verdict()

@@ -3,7 +3,8 @@ dict from source name to (group, slices) per set, so that `Architecture.resolve(
 
 Three parts, one job each: `_Evaluator` evaluates the schema's expressions against the config (and says which
 field is missing when one fails), `_LayerIndex` builds the groups and source names of each set of layer types,
-and `Architecture` answers questions about layers and modules (`groups`, `resolve`, `locate`, `table`).
+and `Architecture` answers questions about layers and modules (`groups`, `resolve`, `locate`, `table`; and
+`resolve_path` for a base checkpoint's module, named by its path).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lora_convert.arch.expr import evaluate, names_in
 from lora_convert.arch.schema_model import GroupDef, GroupSpec, HeadCount, Location, ModuleMatch, Schema, SliceSpec
 from lora_convert.errors import BaseConfigError, SchemaError
 from lora_convert.peft.adapter import LoraModule, ModuleKind
+from lora_convert.peft.naming import PEFT_PREFIX, parse_key
 
 Sources = dict[str, tuple[int, tuple[int, ...], str]]  # source name -> (group index, covered slices, canonical)
 
@@ -145,6 +147,22 @@ class _LayerIndex:
                     )
                 sources[alias] = (len(templates) - 1, covered, canonical)
         return _TypeSet(types=types, templates=templates, sources=sources)
+
+
+def _with_expert(match: ModuleMatch | None, expert: int | None) -> ModuleMatch | None:
+    """`match` for the module with expert index `expert` (a place's match is shared by all its experts)."""
+    if match is None or match.expert == expert:
+        return match
+    return ModuleMatch(  # built directly: dataclasses.replace costs 4x as much
+        match.group,
+        match.slice_indices,
+        match.canonical,
+        expert,
+        match.expected_in,
+        match.expected_out,
+        match.interleaved,
+        match.a_on_output,
+    )
 
 
 class Architecture:
@@ -305,45 +323,58 @@ class Architecture:
         """Map an adapter module (any alias, prefix or transformers version) to its group; None if it has none."""
         return self.locate(module).match
 
+    def resolve_path(self, module_path: str, param: str | None = None) -> ModuleMatch | None:
+        """The group of a base-model module named by its path, as a checkpoint names it (`model.layers.3.mlp.
+        experts.2.gate_proj`); `param` names the 3-D expert parameter of an `experts` container (`gate_up_proj`).
+        None if it has no place. The path is read with the LoRA key grammar of peft/naming.py (one grammar)."""
+        parsed = parse_key(f"{PEFT_PREFIX}{module_path}.lora_A.weight")
+        local = f"{parsed.local_name}.{param}" if param is not None else parsed.local_name
+        loc = self._place_of(
+            module_path, parsed.layer, parsed.expert, local, parsed.stack_prefix, parsed.is_vision, param is not None
+        )
+        return _with_expert(loc.match, parsed.expert)
+
     def locate(self, module: LoraModule) -> Location:
         """Like resolve, but says why a module has no place (used by shape_check for its findings)."""
-        if module.layer is None:
-            return self._locate(module)
+        fused = module.kind == ModuleKind.FUSED_EXPERTS
+        loc = self._place_of(
+            module.module, module.layer, module.expert, module.local_name, module.stack_prefix, module.is_vision, fused
+        )
+        m = loc.match
+        if m is None or m.expert == module.expert:
+            return loc
+        return Location(loc.status, _with_expert(m, module.expert), loc.detail, loc.layer_types, loc.group_kind)
+
+    def _place_of(
+        self,
+        path: str,
+        layer: int | None,
+        expert: int | None,
+        local: str,
+        stack_prefix: str | None,
+        is_vision: bool,
+        fused: bool,
+    ) -> Location:
+        """Where the module at `path` sits (what a LoRA module and a checkpoint module have in common; `fused` for
+        a 3-D expert parameter). A match in a layer may carry another module's expert index: see _with_expert."""
+        if layer is None:
+            return self._locate(path, layer, expert, local, stack_prefix, is_vision, fused)
         # perf: a per-expert adapter has ~47,000 modules (DeepSeek-V3: 58 MoE layers x 256 experts x 3) but a few
         # hundred distinct places; the answer depends on the module's path up to its expert index (the vision
-        # segments, the stack, the layer and the local name) and on its kind, so it is computed once per place.
-        key = (
-            module.stack_prefix,
-            module.layer,
-            module.local_name,
-            module.kind,
-            module.expert is None,
-            module.is_vision,
-        )
+        # segments, the stack, the layer and the local name) and on whether it is a 3-D parameter, so it is
+        # computed once per place.
+        key = (stack_prefix, layer, local, fused, expert is None, is_vision)
         loc = self._located.get(key)
         if loc is None:
-            loc = self._located[key] = self._locate(module)
-        m = loc.match
-        if m is not None and m.expert != module.expert:  # built directly: dataclasses.replace costs 4x as much
-            m = ModuleMatch(
-                m.group,
-                m.slice_indices,
-                m.canonical,
-                module.expert,
-                m.expected_in,
-                m.expected_out,
-                m.interleaved,
-                m.a_on_output,
-            )
-            loc = Location(loc.status, m, loc.detail, loc.layer_types, loc.group_kind)
+            loc = self._located[key] = self._locate(path, layer, expert, local, stack_prefix, is_vision, fused)
         return loc
 
-    def _locate(self, module: LoraModule) -> Location:
-        if module.is_vision or self.vision_module(module.module):
+    def _locate(self, path, layer, expert, local, stack_prefix, is_vision, fused) -> Location:
+        if is_vision or self.vision_module(path):
             return Location("vision", detail="vision tower or multimodal projector")
-        if module.layer is None:
-            return self._locate_top_level(module.module)
-        prefix = module.stack_prefix or ""
+        if layer is None:
+            return self._locate_top_level(path)
+        prefix = stack_prefix or ""
         if prefix in self.schema.mtp_prefixes:
             return Location("mtp", detail=f"multi-token-prediction (MTP) layer under `{prefix}.`")
         stack = f"{prefix}.layers" if prefix else "layers"
@@ -354,9 +385,9 @@ class Architecture:
                 expected=tuple(f"{s}.N" for s in sorted(self._stack_prefixes)),
                 actual=f"{stack}.N",
             )
-        if module.layer >= self.num_layers:
+        if layer >= self.num_layers:
             return Location("past-end")
-        return self._locate_in_layer(module)
+        return self._locate_in_layer(layer, expert, local, fused)
 
     def _locate_top_level(self, path: str) -> Location:
         hit = self._top_sources.get(path)
@@ -371,24 +402,22 @@ class Architecture:
             expected=(*self._top_sources, *(f"{s}.N.<module>" for s in sorted(self._stack_prefixes))),
         )
 
-    def _locate_in_layer(self, module: LoraModule) -> Location:
-        ts = self._layers.of(module.layer)
-        local = module.local_name
+    def _locate_in_layer(self, layer: int, expert: int | None, local: str, fused: bool) -> Location:
+        ts = self._layers.of(layer)
         hit = ts.sources.get(local)
         if hit is None:
             return self._locate_elsewhere(local, ts)
         index, covered, canonical = hit
         template = ts.templates[index]
-        is_fused = module.kind == ModuleKind.FUSED_EXPERTS
-        if template.experts is None and (module.expert is not None or is_fused):
+        if template.experts is None and (expert is not None or fused):
             return Location(
                 "unknown",
                 detail=f"{local} carries an expert index but {template.definition.name} is not a routed-experts module",
                 layer_types=ts.types,
                 expected=(f"{local} without an expert index",),
-                actual=f"{local} with an expert index" if module.expert is not None else f"{local} as a 3-D parameter",
+                actual=f"{local} with an expert index" if expert is not None else f"{local} as a 3-D parameter",
             )
-        if template.experts is not None and module.expert is None and not is_fused:
+        if template.experts is not None and expert is None and not fused:
             return Location(
                 "unknown",
                 detail=f"{local} is a routed-experts module but has no expert index and is not a 3-D expert parameter",
@@ -396,8 +425,8 @@ class Architecture:
                 expected=(f"{local} with an expert index", f"{local} as a 3-D expert parameter"),
                 actual=f"{local} without an expert index",
             )
-        group = self.groups(module.layer)[index]
-        match = self._match(group, covered, canonical, module.expert, fused_3d=is_fused)
+        group = self.groups(layer)[index]
+        match = self._match(group, covered, canonical, expert, fused_3d=fused)
         return Location("ok", match, layer_types=ts.types)
 
     def _locate_elsewhere(self, local: str, ts: _TypeSet) -> Location:

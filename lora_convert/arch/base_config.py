@@ -43,7 +43,7 @@ class BaseConfig:
     source_note: str | None = None
     # Why a preset stands in for the name that was asked for (a Hub id whose config could not be fetched, or the
     # adapter's base_model_name_or_path matching a preset's hub_ids); None when the preset was named itself.
-    # validate reports it as the note `base.preset` (lora_convert/check/base.py).
+    # validate reports it as the note `base.preset` (lora_convert/check/base_resolution.py).
     substitution: str | None = None
     # The folder config.json was read from (a local folder or a Hub cache snapshot): where the base's checkpoint
     # shards may lie (lora_convert/check/base_checkpoint.py reads their headers). None for presets.
@@ -228,21 +228,25 @@ _OFFLINE_BASE_HINT = (
 
 
 def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, explicit: bool) -> BaseConfig:
-    try:
-        import huggingface_hub
-        from huggingface_hub import errors as hub_errors
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise EnvironmentProblem(
-            "huggingface_hub is not installed, so Hub ids cannot be used for --base.",
-            hint="pip install huggingface_hub, or use a local config.json or a preset.",
-        ) from None
-    from lora_convert.io.source import hub_unreachable, offline_reason
+    """A base's config.json from the Hub (or its local cache when the Hub is unreachable); a shipped preset listing
+    the repo stands in when neither has it. Every failure is a typed error saying what to do."""
+    huggingface_hub, hub_errors = _huggingface_hub()
+    from lora_convert.io.source import hub_unreachable
 
     fallback = find_preset(repo_id, hub_ids=True)
     unreachable = hub_unreachable(repo_id, "config.json", revision=revision, token=token)
-    # Looked up at call time so that tests (and users) patching huggingface_hub.hf_hub_download are honoured.
-    kind: type[Exception] = BaseConfigError
+    fetch_errors = (
+        hub_errors.HfHubHTTPError,
+        hub_errors.GatedRepoError,
+        hub_errors.RepositoryNotFoundError,
+        hub_errors.RevisionNotFoundError,
+        hub_errors.EntryNotFoundError,
+        hub_errors.LocalEntryNotFoundError,
+        OSError,
+        ValueError,
+    )
     try:
+        # Looked up at call time so that tests (and users) patching huggingface_hub.hf_hub_download are honoured.
         file = huggingface_hub.hf_hub_download(
             repo_id,
             "config.json",
@@ -251,58 +255,84 @@ def _hub(spec: str, repo_id: str, revision: str | None, *, cache_dir, token, exp
             token=token or None,
             **({"local_files_only": True} if unreachable else {}),
         )
-    except hub_errors.GatedRepoError:
-        problem = f"The Hub repo {repo_id!r} is gated; its config.json needs an accepted licence and a token."
-        hint = "Accept the licence on the Hub and set HF_TOKEN, or pass a preset / local config.json with --base."
-        kind = EnvironmentProblem
-    except hub_errors.RepositoryNotFoundError:
-        problem = f"The Hub has no repo {repo_id!r} (or it is private and no token was given)."
-        hint = "Check the id, set HF_TOKEN for a private repo, or pass --base with a local config.json or a preset."
-        kind = UsageError if explicit else BaseConfigError
-    except hub_errors.RevisionNotFoundError:
-        problem = f"The Hub repo {repo_id!r} has no revision {revision!r}."
-        hint = "Check the branch, tag or commit after `@`."
-        kind = UsageError if explicit else BaseConfigError
-    except hub_errors.LocalEntryNotFoundError:
-        if fallback is not None:
+    except fetch_errors as exc:
+        # the preset stands in only when the Hub could not be asked (no cache entry offline, a network failure)
+        answered = isinstance(exc, (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError))
+        offline = isinstance(exc, hub_errors.LocalEntryNotFoundError) or not answered
+        if offline and fallback is not None:
             return preset_base(
                 fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used"
             )
+        kind, problem, hint = _hub_failure(exc, hub_errors, repo_id, revision, explicit, unreachable)
+        if not explicit:
+            problem = f"The adapter's base model {spec!r} matches no preset. " + problem
+        raise kind(problem, hint=hint) from None
+    config = _read_json(Path(file))
+    return BaseConfig(
+        name=f"{repo_id}@{revision}" if revision else repo_id,
+        origin="hub",
+        config=config,
+        text_config=unwrap_text_config(config),
+        source_note=f"config.json from the Hub ({file})",
+        folder=Path(file).parent,
+    )
+
+
+def _huggingface_hub():
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hub_errors
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise EnvironmentProblem(
+            "huggingface_hub is not installed, so Hub ids cannot be used for --base.",
+            hint="pip install huggingface_hub, or use a local config.json or a preset.",
+        ) from None
+    return huggingface_hub, hub_errors
+
+
+def _hub_failure(exc, hub_errors, repo_id: str, revision, explicit: bool, unreachable) -> tuple[type, str, str]:
+    """(error class, problem, hint) for a failed config.json fetch; checked most specific first, as the Hub's error
+    classes derive from each other (a gated repo is a missing one; a missing cache entry is a missing file)."""
+    from lora_convert.io.source import offline_reason
+
+    not_found = UsageError if explicit else BaseConfigError
+    if isinstance(exc, hub_errors.GatedRepoError):
+        return (
+            EnvironmentProblem,
+            f"The Hub repo {repo_id!r} is gated; its config.json needs an accepted licence and a token.",
+            "Accept the licence on the Hub and set HF_TOKEN, or pass a preset / local config.json with --base.",
+        )
+    if isinstance(exc, hub_errors.RepositoryNotFoundError):
+        return (
+            not_found,
+            f"The Hub has no repo {repo_id!r} (or it is private and no token was given).",
+            "Check the id, set HF_TOKEN for a private repo, or pass --base with a local config.json or a preset.",
+        )
+    if isinstance(exc, hub_errors.RevisionNotFoundError):
+        return (
+            not_found,
+            f"The Hub repo {repo_id!r} has no revision {revision!r}.",
+            "Check the branch, tag or commit after `@`.",
+        )
+    if isinstance(exc, hub_errors.LocalEntryNotFoundError):
         problem = (
             f"config.json of {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
             f"({offline_reason(unreachable)})."
         )
-        hint = _OFFLINE_BASE_HINT
-        kind = EnvironmentProblem
-    except hub_errors.EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
-        problem = f"The Hub repo {repo_id!r} has no config.json (it may be an adapter or a dataset, not a base model)."
-        hint = "Pass --base with the base model's repo id, a local config.json, or a preset."
-    except hub_errors.HfHubHTTPError as exc:
-        problem = f"The Hub answered with an error for {repo_id!r}: {exc}."
-        hint = "Retry later, or pass --base with a local config.json or a preset."
-        kind = EnvironmentProblem
-    except (OSError, ValueError) as exc:
-        if fallback is not None:
-            return preset_base(
-                fallback, f"the Hub was unreachable for {repo_id!r}, so the shipped preset listing it was used"
-            )
-        problem = f"Fetching config.json of {repo_id!r} from the Hub failed: {exc}."
-        hint = _OFFLINE_BASE_HINT
-        kind = EnvironmentProblem
-    else:
-        config = _read_json(Path(file))
-        name = f"{repo_id}@{revision}" if revision else repo_id
-        return BaseConfig(
-            name=name,
-            origin="hub",
-            config=config,
-            text_config=unwrap_text_config(config),
-            source_note=f"config.json from the Hub ({file})",
-            folder=Path(file).parent,
+        return EnvironmentProblem, problem, _OFFLINE_BASE_HINT
+    if isinstance(exc, hub_errors.EntryNotFoundError):
+        return (
+            BaseConfigError,
+            f"The Hub repo {repo_id!r} has no config.json (it may be an adapter or a dataset, not a base model).",
+            "Pass --base with the base model's repo id, a local config.json, or a preset.",
         )
-    if not explicit:
-        problem = f"The adapter's base model {spec!r} matches no preset. " + problem
-    raise kind(problem, hint=hint)
+    if isinstance(exc, hub_errors.HfHubHTTPError):
+        return (
+            EnvironmentProblem,
+            f"The Hub answered with an error for {repo_id!r}: {exc}.",
+            "Retry later, or pass --base with a local config.json or a preset.",
+        )
+    return EnvironmentProblem, f"Fetching config.json of {repo_id!r} from the Hub failed: {exc}.", _OFFLINE_BASE_HINT
 
 
 def config_from_mapping(config: dict, name: str = "<config>") -> BaseConfig:

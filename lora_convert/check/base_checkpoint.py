@@ -26,8 +26,6 @@ from lora_convert.errors import LoraConvertError
 from lora_convert.findings import Finding
 from lora_convert.io.small_files import read_small_json
 from lora_convert.io.tensor_files import read_safetensors_header
-from lora_convert.peft.adapter import LoraModule, ModuleKind
-from lora_convert.peft.naming import PEFT_PREFIX, parse_key
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -190,13 +188,13 @@ def checkpoint_findings(base_cfg, arch, quant: BaseQuantization | None) -> tuple
 
 
 class _Checker:
-    """Maps checkpoint tensor names to the schema's groups (cached per place) and checks their shapes."""
+    """Maps checkpoint tensor names to the schema's groups (the architecture caches per place) and checks their
+    shapes."""
 
     def __init__(self, arch, quant: BaseQuantization | None):
         self.arch = arch
         self.quant = quant if quant is not None and quant.known else None
         self.suffixes = self.quant.suffixes() if self.quant is not None else []
-        self._places: dict[tuple, tuple | None] = {}
 
     def check(self, key: str, shape, dtype: str, result: CheckpointCheck) -> None:
         split = self._split(key, dtype)
@@ -267,31 +265,11 @@ class _Checker:
 
     def _place(self, module: str, param: str | None):
         """(n_out, n_in, experts, kind) of the schema's place for a checkpoint module, or None."""
-        parsed = parse_key(f"{PEFT_PREFIX}{module}.lora_A.weight")
-        fused = param is not None
-        local = f"{parsed.local_name}.{param}" if fused else parsed.local_name
-        ident = (parsed.stack_prefix, parsed.layer, local, fused, parsed.expert is None, parsed.is_vision, module)
-        cache_key = ident if parsed.layer is None else ident[:-1]
-        if cache_key in self._places:
-            return self._places[cache_key]
-        mod = LoraModule(
-            module=module,
-            kind=ModuleKind.FUSED_EXPERTS if fused else ModuleKind.LINEAR,
-            target_name=module,
-            param=param,
-            layer=parsed.layer,
-            expert=parsed.expert,
-            local_name=local,
-            stack_prefix=parsed.stack_prefix,
-            is_vision=parsed.is_vision,
-        )
         try:
-            match = self.arch.resolve(mod)
+            match = self.arch.resolve_path(module, param)
         except (LoraConvertError, ValueError):
-            match = None
-        place = None
-        if match is not None:
-            n_in, n_out = match.widths  # the weight's own widths, not those of PEFT's (possibly swapped) factors
-            place = (n_out, n_in, match.group.experts, match.group.kind)
-        self._places[cache_key] = place
-        return place
+            return None
+        if match is None:
+            return None
+        n_in, n_out = match.widths  # the weight's own widths, not those of PEFT's (possibly swapped) factors
+        return (n_out, n_in, match.group.experts, match.group.kind)

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_convert.check.base import BaseResolution
+from lora_convert.check.base_resolution import BaseResolution
+from lora_convert.codes import PEFT_LAYOUT_CODES, check_of
 from lora_convert.errors import InternalError, UsageError
 from lora_convert.findings import Finding
-from lora_convert.peft.adapter import STACKED_LAYOUT_CODES
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_KEYS = 50  # keys listed per finding
@@ -50,11 +50,23 @@ class ValidateOptions:
 
 @dataclass
 class CheckContext:
-    adapter: Any  # lora_convert.peft.adapter.Adapter
+    # lora_convert.pipeline.prepared.PreparedAdapter: the adapter read once, its base, shape findings and plans
+    prepared: Any
     options: ValidateOptions
-    base: BaseResolution
     findings: list[Finding] = field(default_factory=list)  # what the checks before this one found
     scan: Any = None  # the data scan (lora_convert.check.data_scan.DataScanResult), once the data check ran
+
+    @property
+    def adapter(self):  # lora_convert.peft.adapter.Adapter
+        return self.prepared.adapter
+
+    @property
+    def base(self) -> BaseResolution:
+        return self.prepared.base
+
+    @property
+    def shape_findings(self) -> list[Finding]:
+        return self.prepared.shape_findings
 
     @property
     def arch(self):
@@ -104,26 +116,14 @@ class Check:
     run: Callable[[CheckContext], Outcome]
 
 
-# Findings made while the adapter was read (lora_convert/peft/adapter.py and peft/config.py), by the check group that
-# reports them; every other code of the adapter model (keys., modules., layers.) belongs to `keys`.
-ADAPTER_FINDING_GROUPS = {
-    "config": ("config.", "tokens."),
-    "pairs": ("pairs.", "rank.", "shapes."),
-    "moe": ("experts.",),
-}
-
-
 def adapter_findings(ctx: CheckContext, group: str) -> list[Finding]:
-    """The findings of reading the adapter that belong to check `group`.
+    """The findings made while the adapter was read (lora_convert/peft/adapter.py and peft/config.py) that check
+    `group` reports: each code's check is written in the codes registry (lora_convert/codes.py `check_of`).
 
     A stacked output's factors are not PEFT's per-module A/B pairs; its rank and shape findings are replaced by the
     checks against lora_layout.json (lora_convert/check/shapes.py)."""
-    claimed = tuple(p for prefixes in ADAPTER_FINDING_GROUPS.values() for p in prefixes)
-    mine = ADAPTER_FINDING_GROUPS.get(group)
-    out = []
-    for f in ctx.adapter.findings:
-        if ctx.stacked and f.code in STACKED_LAYOUT_CODES:
-            continue
-        if f.code.startswith(mine) if mine is not None else not f.code.startswith(claimed):
-            out.append(f)
-    return out
+    return [
+        f
+        for f in ctx.adapter.findings
+        if check_of(f.code) == group and not (ctx.stacked and f.code in PEFT_LAYOUT_CODES)
+    ]

@@ -32,13 +32,13 @@ import numpy as np
 
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
-from lora_convert.io.tensor_files import FLOAT_DTYPES, ReadArena, read_runs
+from lora_convert.io.dtypes import BY_TAG, FLOAT_DTYPES, IEEE_FLOAT_DTYPES, smallest_normal
+from lora_convert.io.tensor_files import ReadArena, read_runs
 from lora_convert.peft.naming import Factor
 
-FAST_NORM_DTYPES = {"F64", "F32", "F16", "BF16"}
-SIXTEEN_BIT = {"F16", "BF16"}  # norms from exact float32 squares (_sum_sq_16bit)
-SMALLEST_NORMAL = {"F64": 2.2250738585072014e-308, "F32": 1.1754943508222875e-38, "F16": 6.103515625e-05}
-SMALLEST_NORMAL["BF16"] = SMALLEST_NORMAL["F32"]  # bfloat16 has float32's exponent range
+FAST_NORM_DTYPES = IEEE_FLOAT_DTYPES
+SIXTEEN_BIT = frozenset(t for t in IEEE_FLOAT_DTYPES if BY_TAG[t].size == 2)  # norms from exact float32 squares
+SMALLEST_NORMAL = {t: smallest_normal(t) for t in IEEE_FLOAT_DTYPES}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 CHUNK_ELEMENTS = 1 << 24  # 16M elements: 64 MB of float32 per chunk
 NORM_CHUNK_ELEMENTS = 1 << 18  # 2 MB of float64: stays in cache between the upcast and the dot product
@@ -132,8 +132,8 @@ def _sum_sq_16bit(flat: np.ndarray) -> float:
     bf16/f16 rounding of the norm, 4e-3 / 5e-4, that follows). A sum that overflows float32 (bf16 values above
     ~1e19) gives inf and sends the tensor down the exact path, as torch's float32 accumulation did.
 
-    perf: 0.4-0.6 ns per bf16 element on the 2-core bench machine, against 1.5 ns for the float64 path of
-    `_norm_in_stored_dtype` (ml_dtypes' element-by-element cast to float64 was most of it)."""
+    Why not the float64 path of `_norm_in_stored_dtype`: ml_dtypes' element-by-element cast to float64 makes it
+    several times slower (docs/benchmarks.md, "Hot paths")."""
     raw = flat.view(np.uint16)
     words = _norm_scratch().view(np.uint32)
     floats = words.view(np.float32)
@@ -141,8 +141,8 @@ def _sum_sq_16bit(flat: np.ndarray) -> float:
     bf16 = flat.dtype != np.float16
     if bf16 and raw.size >= PAIRED_MIN_ELEMENTS and raw.size % 2 == 0 and raw.ctypes.data % 4 == 0:
         # Two bf16 in each aligned 32-bit word: the upper one is already a float32 once the lower half is masked
-        # off, the lower one once shifted up. Same-width integer operations on half as many words: 0.40 against
-        # 0.55 ns per element for widening each bf16 on its own (microbenchmark on the bench machine).
+        # off, the lower one once shifted up. Same-width integer operations on half as many words, faster than
+        # widening each bf16 on its own (docs/benchmarks.md).
         pairs = raw.view(np.uint32)
         half = words.size // 2
         low, high = words[:half], words[half : 2 * half]
@@ -183,8 +183,8 @@ def _norm_in_stored_dtype(flat: np.ndarray) -> float:
     for start in range(0, flat.size, NORM_CHUNK_ELEMENTS):
         part = flat[start : start + NORM_CHUNK_ELEMENTS]
         sq = buf[: part.size]
-        # perf: multiply and numpy's (pairwise) sum, not np.dot: BLAS ddot woke OpenBLAS's thread pool for every
-        # chunk, 0.85-0.95 s for one 29M-element bf16 tensor on the loaded 2-core machine, against 0.02-0.06 s.
+        # multiply and numpy's (pairwise) sum, not np.dot: BLAS ddot wakes OpenBLAS's thread pool for every chunk,
+        # which on a loaded machine costs more than the arithmetic (docs/benchmarks.md).
         np.copyto(sq, part, casting="unsafe")
         np.multiply(sq, sq, out=sq)
         sum_sq += float(sq.sum())
@@ -242,14 +242,14 @@ def tensor_stats(key: str, dtype: str, tensor: np.ndarray, factor: str) -> Tenso
 
 
 # Small tensors are read and tested together: neighbours in the file in one read (up to SCAN_BATCH_BYTES) and the
-# norms of a batch's same-dtype tensors in one pass (perf: per-tensor open/seek/read and a Python-level stats call
-# were most of the scan of the 94,000-tensor stress adapter, and ~1 s of the 13,914 small tensors of the 2 GB
-# per-expert one). A tensor larger than the batch is read alone.
+# norms of a batch's same-dtype tensors in one pass (per-tensor open/seek/read and a Python-level stats call were
+# most of the scan of adapters of many small tensors: docs/benchmarks.md). A tensor larger than the batch is read
+# alone.
 SCAN_BATCH_BYTES = 16 << 20
 # Vectorized together: tensors of at most SMALL_TENSOR_ELEMENTS, SCAN_BATCH_ELEMENTS at a time (512 KB of float64
-# squares, which stay in cache). Larger tensors go one by one: batching 70 bf16 tensors of 115K elements through one
-# 64 MB float64 array took 30-57 ms against 5 ms one at a time (cache-resident temporaries), while the ~190-element
-# tensors of the stress adapter pay ~20 us of Python per call one by one.
+# squares, which stay in cache). Larger tensors go one by one: batched through one large float64 array they lose
+# the cache-resident temporaries, while tensors of a few hundred elements pay a Python call each one by one
+# (docs/benchmarks.md).
 SMALL_TENSOR_ELEMENTS = 4096
 PAIRED_MIN_ELEMENTS = 1 << 20
 SCAN_BATCH_ELEMENTS = 1 << 16
@@ -333,10 +333,9 @@ def _batch_stats(items: list[tuple[str, str, np.ndarray, str]]) -> dict[str, Ten
             wide_16bit[dtype].append((key, tensor, factor))
         else:
             out[key] = tensor_stats(key, dtype, tensor, factor)
-    # perf: the larger bf16/f16 tensors (a per-expert adapter's 16 x 7168 factors) one dot product each, with the
+    # The larger bf16/f16 tensors (a per-expert adapter's 16 x 7168 factors) one dot product each, with the
     # per-tensor Python of tensor_stats (error state, rounding one scalar, the stats object) paid once per batch:
-    # it held the GIL for ~30 us a tensor, which kept a second scan thread from helping on the 13,914-tensor
-    # 2 GB per-expert adapter.
+    # paid per tensor, it held the GIL long enough to keep a second scan thread from helping (docs/benchmarks.md).
     for dtype, group in wide_16bit.items():
         with np.errstate(over="ignore", invalid="ignore"):
             sums = np.array([_sum_sq_16bit(t.reshape(-1)) for _, t, _ in group])

@@ -39,7 +39,7 @@ def run(ctx: CheckContext) -> Outcome:
         why = "adapter_config.json is invalid"
         return _not_evaluated(ctx, why, "Fix adapter_config.json (its findings say how)")
     findings = evaluate_engine(engine, ctx.adapter, ctx.arch, ctx.text_config, scan=ctx.scan)
-    planned, why_not = planned_group_refusals(engine, ctx.adapter, ctx.arch, ctx.base.name)
+    planned, why_not = planned_group_refusals(engine, ctx.prepared)
     if why_not is None:
         return Outcome(findings + [r.finding for r in planned])
     if ctx.arch is None:
@@ -80,18 +80,20 @@ class GroupRefusal:
     modules: list[str] = field(default_factory=list)
 
 
-def planned_group_refusals(engine: str, adapter, arch, base_name: str | None) -> tuple[list[GroupRefusal], str | None]:
-    """The planned_group rules of `engine` that match a group of the adapter's plan, or (_, why they could not be
-    evaluated): without a bound base there is no plan."""
+def planned_group_refusals(engine: str, prepared) -> tuple[list[GroupRefusal], str | None]:
+    """The planned_group rules of `engine` that match a group of the prepared adapter's plan
+    (lora_convert.pipeline.prepared.PreparedAdapter), or (_, why they could not be evaluated): without a bound base
+    there is no plan. The plan is the one `normalize --drop-unsupported` builds (shape errors are the shape check's
+    findings, not a reason to leave the rules unevaluated)."""
     if not any(r["feature"] == PLANNED_GROUP for r in load_rules(engine)):
         return [], None
-    if arch is None:
+    if prepared.arch is None:
         return [], "no base architecture to plan against"
     from lora_convert.convert.engine_layouts import plan_layout
-    from lora_convert.convert.plan import build_plan
 
+    adapter = prepared.adapter
     try:
-        plan = build_plan(adapter, arch, base_name=base_name or "", drop_unsupported=True)
+        plan = prepared.plan(drop_unsupported=True, shapes=False)
     except LoraConvertError as exc:
         return [], f"the adapter cannot be planned ({exc.message})"
     prefix = f"engine.{resolve_engine(engine).engine}."
@@ -144,8 +146,10 @@ def _peft_module_name(mod) -> str:
     return name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
 
 
-def predict_engine(engine: str, adapter, arch, base_name: str | None = None, text_config=None, scan=None):
-    """The per-module prediction behind `validate --engine` (the same rules, evaluated the same way)."""
+def predict_engine(engine: str, prepared, scan=None) -> EnginePrediction:
+    """The per-module prediction behind `validate --engine` (the same rules, evaluated the same way) for a prepared
+    adapter (lora_convert.pipeline.prepared.PreparedAdapter)."""
+    adapter, arch, text_config = prepared.adapter, prepared.arch, prepared.base.text_config
     names = {id(m): _peft_module_name(m) for m in adapter.modules}
     modules = {names[id(m)]: "exact" for m in adapter.modules}
     by_key = {k: names[id(m)] for m in adapter.modules for k in m.keys}
@@ -171,23 +175,10 @@ def predict_engine(engine: str, adapter, arch, base_name: str | None = None, tex
     for rule_id, values in compute_features(engine, adapter, arch, text_config, scan).items():
         names = sorted({by_key[k] for k in values.get("all_keys", values.get("keys", [])) if k in by_key})
         mark(rule_id, rules[rule_id]["outcome"], names, partial=bool(values.get("partial")))
-    planned, why_not = planned_group_refusals(engine, adapter, arch, base_name)
+    planned, why_not = planned_group_refusals(engine, prepared)
     for refusal in planned:
         mark(refusal.rule_id, refusal.outcome, [n for m in refusal.modules for n in by_module.get(m, [m])])
     return EnginePrediction(engine, load_failure, modules, why_not)
 
 
 CHECK = Check("engine", run)
-
-
-def predict(engine: str, adapter_spec, base_spec) -> EnginePrediction:
-    """`predict_engine` for an adapter folder (or Hub id) and a base (folder, config.json, preset or Hub id)."""
-    import os
-
-    from lora_convert.arch.base_config import resolve_base
-    from lora_convert.arch.schema import bind
-    from lora_convert.peft.adapter import load_adapter
-
-    adapter = load_adapter(os.fspath(adapter_spec))
-    base = resolve_base(os.fspath(base_spec))
-    return predict_engine(engine, adapter, bind(base), base.name, base.text_config)

@@ -1,11 +1,12 @@
 """The `keys` check: tensor names (from reading the adapter), the PEFT prefix, and, where the schema check cannot
-run, vision modules and layers past the end (lora_convert/arch/shape_check.py reports those itself when it runs)."""
+run, vision modules and layers past the end (lora_convert/check/shape_check.py reports those itself when it runs)."""
 
 from __future__ import annotations
 
 from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome, adapter_findings
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
+from lora_convert.text import spans
 
 
 def run(ctx: CheckContext) -> Outcome:
@@ -69,10 +70,9 @@ def fallback_layer_findings(adapter, text_config: dict) -> list[Finding]:
             out.append(
                 finding(
                     "layers.past-end",
-                    f"{len(past)} module(s) are on layer(s) {layers} but the base has num_hidden_layers={n_layers} "
-                    "(layers 0..{0}); MTP/NextN layers are not served with LoRA, and SGLang fails to load the adapter.".format(
-                        n_layers - 1
-                    ),
+                    f"{len(past)} module(s) are on layer(s) {spans(layers)} but the base has "
+                    f"num_hidden_layers={n_layers} (layers 0..{n_layers - 1}); MTP/NextN layers are not served with "
+                    "LoRA, and SGLang fails to load the adapter.",
                     keys=[k for m in past[:MAX_KEYS] for k in m.keys][:MAX_KEYS],
                     expected=f"< {n_layers}",
                     actual=layers,

@@ -20,66 +20,90 @@ CHECK = Check("moe", run)
 
 def moe_findings(adapter, arch) -> list[Finding]:
     """Per-expert (2-D) layouts: experts missing in a layer, and projections missing for some experts."""
-    out: list[Finding] = []
-    by_layer: dict[tuple, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-    keys_by_layer: dict[tuple, list[str]] = defaultdict(list)
-    for mod in adapter.modules:
-        if mod.expert is None or mod.layer is None:
-            continue
-        container = mod.local_name.rsplit(".", 1)[0]  # e.g. mlp.experts
-        by_layer[(mod.layer, container)][mod.leaf].add(mod.expert)
-        keys_by_layer[(mod.layer, container)].extend(mod.keys)
-    if not by_layer:
-        return out
-    expected = None
+    experts = _ExpertsByLayer(adapter)
+    if not experts.projections:
+        return []
+    expected, guessed = _expected_experts(arch, experts)
+    return [
+        *_missing_experts_findings(experts, expected, guessed),
+        *_missing_projection_findings(experts),
+    ]
+
+
+class _ExpertsByLayer:
+    """The per-expert modules of an adapter, per (layer, expert container such as `mlp.experts`): which experts
+    each projection has, and the tensor keys."""
+
+    def __init__(self, adapter) -> None:
+        self.projections: dict[tuple, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+        self.keys: dict[tuple, list[str]] = defaultdict(list)
+        for mod in adapter.modules:
+            if mod.expert is None or mod.layer is None:
+                continue
+            container = mod.local_name.rsplit(".", 1)[0]  # e.g. mlp.experts
+            self.projections[(mod.layer, container)][mod.leaf].add(mod.expert)
+            self.keys[(mod.layer, container)].extend(mod.keys)
+
+    def highest_expert(self) -> int:
+        return max(e for projs in self.projections.values() for es in projs.values() for e in es)
+
+
+def _expected_experts(arch, experts: _ExpertsByLayer) -> tuple[int, bool]:
+    """(routed experts per layer, whether that was counted from the adapter for want of an architecture count)."""
     if arch is not None:
         try:
-            expected = int(arch.expert_count())
+            return int(arch.expert_count()), False
         except Exception:  # noqa: BLE001 - a dense schema or no expert count
-            expected = None
-    if expected is None:
-        expected = 1 + max(e for projs in by_layer.values() for es in projs.values() for e in es)
-        guessed = True
-    else:
-        guessed = False
-    missing_experts: dict[int, list[int]] = {}
-    missing_proj: list[str] = []
-    missing_proj_keys: list[str] = []
-    for (layer, container), projs in sorted(by_layer.items()):
-        present = set().union(*projs.values())
-        gap = sorted(set(range(expected)) - present)
+            pass
+    return 1 + experts.highest_expert(), True
+
+
+def _missing_experts_findings(experts: _ExpertsByLayer, expected: int, guessed: bool) -> list[Finding]:
+    """Layers where some of the `expected` experts have no LoRA at all."""
+    missing: dict[int, list[int]] = {}
+    for (layer, _), projs in sorted(experts.projections.items()):
+        gap = sorted(set(range(expected)) - set().union(*projs.values()))
         if gap:
-            missing_experts[layer] = gap
-        for proj, experts in sorted(projs.items()):
-            lacking = sorted(present - experts)
+            missing[layer] = gap
+    if not missing:
+        return []
+    first = next(iter(missing))
+    return [
+        finding(
+            "experts.missing",
+            f"{len(missing)} layer(s) have LoRA on only some routed experts (of {expected}"
+            f"{', counted from the adapter' if guessed else ''}); e.g. layer {first} lacks experts "
+            f"{spans(missing[first])}. PEFT adapts every expert of a targeted layer; the adapter is incomplete.",
+            keys=[
+                k
+                for layer in list(missing)[:5]
+                for k in experts.keys[next(c for c in experts.projections if c[0] == layer)][:2]
+            ],
+            expected=expected,
+            actual={str(k): v[:20] for k, v in list(missing.items())[:20]},
+        )
+    ]
+
+
+def _missing_projection_findings(experts: _ExpertsByLayer) -> list[Finding]:
+    """Experts that lack a projection other experts of the same layer have."""
+    missing: list[str] = []
+    keys: list[str] = []
+    for (layer, container), projs in sorted(experts.projections.items()):
+        present = set().union(*projs.values())
+        for proj, have in sorted(projs.items()):
+            lacking = sorted(present - have)
             if lacking:
-                missing_proj.append(f"layer {layer} {container}.{proj}: experts {spans(lacking)}")
-                missing_proj_keys.extend(keys_by_layer[(layer, container)][:2])
-    if missing_experts:
-        first = next(iter(missing_experts))
-        out.append(
-            finding(
-                "experts.missing",
-                f"{len(missing_experts)} layer(s) have LoRA on only some routed experts (of {expected}"
-                f"{', counted from the adapter' if guessed else ''}); e.g. layer {first} lacks experts "
-                f"{spans(missing_experts[first])}. PEFT adapts every expert of a targeted layer; the adapter is incomplete.",
-                keys=[
-                    k
-                    for layer in list(missing_experts)[:5]
-                    for k in keys_by_layer[next(c for c in by_layer if c[0] == layer)][:2]
-                ],
-                expected=expected,
-                actual={str(k): v[:20] for k, v in list(missing_experts.items())[:20]},
-            )
+                missing.append(f"layer {layer} {container}.{proj}: experts {spans(lacking)}")
+                keys.extend(experts.keys[(layer, container)][:2])
+    if not missing:
+        return []
+    return [
+        finding(
+            "experts.missing-projection",
+            f"Some experts lack projections that other experts of the same layer have: {'; '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}. vLLM requires all three expert projections per expert.",
+            keys=keys[:MAX_KEYS],
+            actual=missing[:20],
         )
-    if missing_proj:
-        out.append(
-            finding(
-                "experts.missing-projection",
-                f"Some experts lack projections that other experts of the same layer have: {'; '.join(missing_proj[:5])}"
-                f"{' ...' if len(missing_proj) > 5 else ''}. vLLM requires all three expert projections per expert.",
-                keys=missing_proj_keys[:MAX_KEYS],
-                actual=missing_proj[:20],
-            )
-        )
-    return out
+    ]

@@ -1,4 +1,4 @@
-"""The `shapes` check: every module against the base's architecture schema (lora_convert/arch/shape_check.py),
+"""The `shapes` check: every module against the base's architecture schema (lora_convert/check/shape_check.py),
 or a stacked output against its own lora_layout.json. When neither is possible the check does not run, and says so
 with the error `shapes.unchecked` (a warning, `shapes.unchecked-allowed`, with --allow-unchecked; see
 `lora_convert.check.context.not_checked`): an adapter with a wrong-shaped tensor must not pass a CI gate because its
@@ -6,8 +6,8 @@ base was unknown."""
 
 from __future__ import annotations
 
-from lora_convert.arch.shape_check import check_shapes
 from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome, not_checked, unchecked_text
+from lora_convert.check.shape_check import check_shapes
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
 
@@ -47,80 +47,85 @@ def _unchecked_fix(base_cfg) -> str:
 
 def stacked_findings(adapter, arch) -> list[Finding]:
     """Check a stacked output (lora_layout.json) against its own layout file: every group's A and B shapes."""
-    out: list[Finding] = []
     layout = adapter.stacked_layout or {}
-    if not isinstance(layout, dict) or layout.get("format") != "lora-convert/stacked":
-        out.append(
-            finding(
-                "layout.unknown",
-                f"lora_layout.json does not describe a lora-convert stacked layout "
-                f"(format {layout.get('format') if isinstance(layout, dict) else None!r}).",
-                keys=["lora_layout.json"],
-                expected="lora-convert/stacked",
-            )
-        )
-        return out
-    rank = layout.get("rank")
-    groups = layout.get("groups") or []
-    if not isinstance(rank, int) or rank <= 0 or not isinstance(groups, list):
-        out.append(
-            finding(
-                "layout.invalid",
-                "lora_layout.json lacks a positive `rank` or a `groups` list.",
-                keys=["lora_layout.json"],
-            )
-        )
-        return out
-    if adapter.config.r != rank:
-        out.append(
-            finding(
-                "layout.rank-mismatch",
-                f"lora_layout.json says rank {rank} but adapter_config.json says r={adapter.config.r}.",
-                keys=["lora_layout.json", "adapter_config.json"],
-                expected=rank,
-                actual=adapter.config.r,
-            )
-        )
-    tensors = adapter.index.tensors
+    unreadable = _unreadable_layout(layout)
+    if unreadable is not None:
+        return [unreadable]
+    rank, groups, tensors = layout["rank"], layout.get("groups") or [], adapter.index.tensors
+    out = _rank_findings(rank, adapter.config.r)
     for group in groups:
-        if not isinstance(group, dict) or not isinstance(group.get("key"), str):
-            out.append(
-                finding("layout.invalid", "lora_layout.json has a group without a `key`.", keys=["lora_layout.json"])
-            )
-            continue
-        key = group["key"]
-        slices = group.get("slices") or []
-        c = len(slices)
-        out_total = sum(int(s.get("out_features") or 0) for s in slices if isinstance(s, dict))
-        in_features = group.get("in_features")
-        experts = group.get("experts")
-        a_key, b_key = f"base_model.model.{key}.lora_A.weight", f"base_model.model.{key}.lora_B.weight"
-        for k in (a_key, b_key):
-            if k not in tensors:
-                out.append(
-                    finding(
-                        "layout.missing-tensor",
-                        f"lora_layout.json lists group {key} but {k} is not in the file.",
-                        keys=[k],
-                    )
-                )
-        if a_key not in tensors or b_key not in tensors:
-            continue
-        lead = (experts,) if isinstance(experts, int) and experts else ()
-        want_a = lead + (c * rank, in_features)
-        want_b = lead + (out_total, rank)
-        for k, want in ((a_key, want_a), (b_key, want_b)):
-            got = tensors[k].shape
-            if tuple(got) != tuple(want):
-                out.append(
-                    finding(
-                        "layout.shape",
-                        f"{k} has shape {list(got)}; lora_layout.json implies {list(want)}.",
-                        keys=[k],
-                        expected=list(want),
-                        actual=list(got),
-                    )
-                )
+        out.extend(_group_findings(group, rank, tensors))
+    out.extend(_unlisted_findings(groups, tensors))
+    return out
+
+
+def _unreadable_layout(layout) -> Finding | None:
+    """Why lora_layout.json cannot be checked against (not our format; no rank or groups), or None."""
+    if not isinstance(layout, dict) or layout.get("format") != "lora-convert/stacked":
+        return finding(
+            "layout.unknown",
+            f"lora_layout.json does not describe a lora-convert stacked layout "
+            f"(format {layout.get('format') if isinstance(layout, dict) else None!r}).",
+            keys=["lora_layout.json"],
+            expected="lora-convert/stacked",
+        )
+    rank = layout.get("rank")
+    if not isinstance(rank, int) or rank <= 0 or not isinstance(layout.get("groups") or [], list):
+        return finding(
+            "layout.invalid",
+            "lora_layout.json lacks a positive `rank` or a `groups` list.",
+            keys=["lora_layout.json"],
+        )
+    return None
+
+
+def _rank_findings(rank: int, config_r) -> list[Finding]:
+    if config_r == rank:
+        return []
+    return [
+        finding(
+            "layout.rank-mismatch",
+            f"lora_layout.json says rank {rank} but adapter_config.json says r={config_r}.",
+            keys=["lora_layout.json", "adapter_config.json"],
+            expected=rank,
+            actual=config_r,
+        )
+    ]
+
+
+def _group_findings(group, rank: int, tensors: dict) -> list[Finding]:
+    """One group of the layout: its key, both tensors present, and their shapes as the layout implies them."""
+    if not isinstance(group, dict) or not isinstance(group.get("key"), str):
+        return [finding("layout.invalid", "lora_layout.json has a group without a `key`.", keys=["lora_layout.json"])]
+    key = group["key"]
+    a_key, b_key = f"base_model.model.{key}.lora_A.weight", f"base_model.model.{key}.lora_B.weight"
+    missing = [
+        finding("layout.missing-tensor", f"lora_layout.json lists group {key} but {k} is not in the file.", keys=[k])
+        for k in (a_key, b_key)
+        if k not in tensors
+    ]
+    if missing:
+        return missing
+    slices = group.get("slices") or []
+    out_total = sum(int(s.get("out_features") or 0) for s in slices if isinstance(s, dict))
+    experts = group.get("experts")
+    lead = (experts,) if isinstance(experts, int) and experts else ()  # a 3-D group: [E, ...]
+    wanted = ((a_key, lead + (len(slices) * rank, group.get("in_features"))), (b_key, lead + (out_total, rank)))
+    return [
+        finding(
+            "layout.shape",
+            f"{k} has shape {list(tensors[k].shape)}; lora_layout.json implies {list(want)}.",
+            keys=[k],
+            expected=list(want),
+            actual=list(tensors[k].shape),
+        )
+        for k, want in wanted
+        if tuple(tensors[k].shape) != tuple(want)
+    ]
+
+
+def _unlisted_findings(groups: list, tensors: dict) -> list[Finding]:
+    """Tensors in the file that no group of the layout describes."""
     listed = {
         f"base_model.model.{g['key']}.lora_{f}.weight"
         for g in groups
@@ -128,12 +133,12 @@ def stacked_findings(adapter, arch) -> list[Finding]:
         for f in "AB"
     }
     extra = [k for k in tensors if k not in listed]
-    if extra:
-        out.append(
-            finding(
-                "layout.unlisted-tensor",
-                f"{len(extra)} tensor(s) are not described by lora_layout.json (e.g. {extra[0]}).",
-                keys=extra[:MAX_KEYS],
-            )
+    if not extra:
+        return []
+    return [
+        finding(
+            "layout.unlisted-tensor",
+            f"{len(extra)} tensor(s) are not described by lora_layout.json (e.g. {extra[0]}).",
+            keys=extra[:MAX_KEYS],
         )
-    return out
+    ]

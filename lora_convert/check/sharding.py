@@ -22,60 +22,58 @@ CHECK = Check("sharding", run)
 
 
 def sharding_findings(adapter, arch, text_config: dict, tp: int, ep: int) -> list[Finding]:
-    out: list[Finding] = []
+    """What would not divide over `tp` tensor-parallel and `ep` expert-parallel ranks: the expert counts, the head
+    counts of adapted modules, then each adapted module's split dimension."""
     if tp % ep:
-        out.append(
+        return [
             finding(
                 "sharding.ep",
                 f"--ep {ep} does not divide --tp {tp}; the MoE tensor-parallel size would be {tp}/{ep}.",
                 expected=f"a divisor of {tp}",
                 actual=ep,
             )
-        )
-        return out
-    moe_tp = tp // ep
-    problems: dict[tuple, dict] = {}
+        ]
+    sized = [m for m in adapter.modules if m.in_features is not None and m.out_features is not None and not m.is_vision]
+    return [
+        *_expert_findings(_expert_counts(adapter, sized, arch, ep), ep),
+        *_head_findings(adapter, arch, text_config, tp),
+        *_dimension_findings(sized, arch, tp, tp // ep),
+    ]
 
-    def note(what, dim, value, divisor, key):
-        entry = problems.setdefault((what, value, divisor), {"keys": [], "dim": dim})
-        if len(entry["keys"]) < MAX_KEYS:
-            entry["keys"].append(key)
 
-    expert_counts = set()
-    for mod in adapter.modules:
-        if mod.in_features is None or mod.out_features is None or mod.is_vision:
-            continue
-        is_expert = mod.expert is not None or mod.kind == ModuleKind.FUSED_EXPERTS
-        if mod.kind == ModuleKind.FUSED_EXPERTS and mod.experts:
-            expert_counts.add(mod.experts)
-        size = moe_tp if is_expert else tp  # routed experts use the MoE tensor-parallel size (tp / ep)
-        split = module_split(mod, arch)
-        # A module split by heads is checked through its head counts below; a replicated one is whole on every rank.
-        if size == 1 or split.tp == "replicated" or (split.tp == "heads" and not is_expert):
-            continue
-        name = mod.local_name or mod.module
-        row = split.tp == "row"
-        dim = mod.in_features if row else mod.out_features // split.parts
-        if dim % size:
-            note(name, "input" if row else "output", dim, size, mod.keys[0] if mod.keys else mod.module)
+def _expert_counts(adapter, sized: list, arch, ep: int) -> set[int]:
+    """The routed-expert counts in play: the 3-D expert modules' (of `sized`), the architecture's (with --ep), else
+    one more than the highest per-expert index."""
+    counts = {m.experts for m in sized if m.kind == ModuleKind.FUSED_EXPERTS and m.experts}
     if arch is not None and ep > 1:
         with contextlib.suppress(Exception):
-            expert_counts.add(int(arch.expert_count()))
+            counts.add(int(arch.expert_count()))
     per_expert = {m.expert for m in adapter.modules if m.expert is not None}
-    if per_expert and not expert_counts:
-        expert_counts.add(max(per_expert) + 1)
-    for count in expert_counts:
-        if ep > 1 and count % ep:
-            out.append(
-                finding(
-                    "sharding.ep",
-                    f"{count} routed experts do not divide evenly over --ep {ep}.",
-                    expected=f"a multiple of {ep}",
-                    actual=count,
-                )
-            )
+    if per_expert and not counts:
+        counts.add(max(per_expert) + 1)
+    return counts
+
+
+def _expert_findings(expert_counts: set[int], ep: int) -> list[Finding]:
+    return [
+        finding(
+            "sharding.ep",
+            f"{count} routed experts do not divide evenly over --ep {ep}.",
+            expected=f"a multiple of {ep}",
+            actual=count,
+        )
+        for count in expert_counts
+        if ep > 1 and count % ep
+    ]
+
+
+def _head_findings(adapter, arch, text_config: dict, tp: int) -> list[Finding]:
+    """Head counts (of modules the adapter adapts) that --tp can neither split nor, where allowed, replicate."""
+    if tp <= 1:
+        return []
     adapted = {m.local_name if m.layer is not None else m.module for m in adapter.modules if not m.is_vision}
-    for heads in head_counts(arch, text_config) if tp > 1 else []:
+    out = []
+    for heads in head_counts(arch, text_config):
         if adapted.isdisjoint(heads.sources) or heads.fits(tp):
             continue
         if heads.may_replicate:
@@ -97,14 +95,35 @@ def sharding_findings(adapter, arch, text_config: dict, tp: int, ep: int) -> lis
                 actual=heads.value,
             )
         )
-    for (what, value, divisor), entry in sorted(problems.items(), key=lambda kv_: str(kv_[0])):
-        out.append(
-            finding(
-                "sharding.tp",
-                f"{what}: its {entry['dim']} dimension {value} is not divisible by the tensor-parallel size {divisor}.",
-                keys=entry["keys"],
-                expected=f"a multiple of {divisor}",
-                actual=value,
-            )
-        )
     return out
+
+
+def _dimension_findings(sized: list, arch, tp: int, moe_tp: int) -> list[Finding]:
+    """Modules whose split dimension (input for row-parallel, output per part otherwise) the ranks do not divide,
+    one finding per (module name, dimension, ranks)."""
+    problems: dict[tuple, dict] = {}
+    for mod in sized:
+        is_expert = mod.expert is not None or mod.kind == ModuleKind.FUSED_EXPERTS
+        size = moe_tp if is_expert else tp  # routed experts use the MoE tensor-parallel size (tp / ep)
+        split = module_split(mod, arch)
+        # A module split by heads is checked through its head counts; a replicated one is whole on every rank.
+        if size == 1 or split.tp == "replicated" or (split.tp == "heads" and not is_expert):
+            continue
+        row = split.tp == "row"
+        dim = mod.in_features if row else mod.out_features // split.parts
+        if dim % size:
+            entry = problems.setdefault(
+                (mod.local_name or mod.module, dim, size), {"keys": [], "dim": "input" if row else "output"}
+            )
+            if len(entry["keys"]) < MAX_KEYS:
+                entry["keys"].append(mod.keys[0] if mod.keys else mod.module)
+    return [
+        finding(
+            "sharding.tp",
+            f"{what}: its {entry['dim']} dimension {value} is not divisible by the tensor-parallel size {divisor}.",
+            keys=entry["keys"],
+            expected=f"a multiple of {divisor}",
+            actual=value,
+        )
+        for (what, value, divisor), entry in sorted(problems.items(), key=lambda item: str(item[0]))
+    ]

@@ -27,7 +27,8 @@ from lora_convert.smoke.availability import (
     not_installed_reason,
     require_smoke_packages,
 )
-from lora_convert.smoke.runner import run_smoke
+from lora_convert.smoke.runner import run_smoke, smoke_machine
+from lora_convert.smoke.target import peft_target
 
 SMOKE_CPU_LIMIT_BYTES = 50 * 1024 * 1024  # default smoke on a CPU only for adapters up to this size
 
@@ -65,56 +66,85 @@ def _environment(ctx: CheckContext, reason: str, problem: EnvironmentProblem) ->
 
 
 def run(ctx: CheckContext) -> Outcome:
-    smoke, device, adapter = ctx.options.smoke, ctx.options.device, ctx.adapter
-    if smoke is False:
+    """The check's steps: asked for at all, installed here, an adapter it can run on, a device, the forward."""
+    if ctx.options.smoke is False:
         return Outcome(skipped="--no-smoke")
     missing = missing_smoke_packages()
     if missing:
-        if smoke:
-            try:
-                require_smoke_packages()
-            except EnvironmentProblem as exc:  # the install command
-                return _environment(ctx, not_installed_reason(missing), exc)
-        names = " and ".join(missing)
-        message = f"The smoke forward did not run: {names} {'is' if len(missing) == 1 else 'are'} not installed here."
-        fix = f"{SMOKE_INSTALL} to run it, or pass --no-smoke to skip it."
-        return Outcome([finding("smoke.not-installed", message, fix=fix)], skipped=not_installed_reason(missing))
+        return _not_installed(ctx, missing)
+    not_runnable = _adapter_not_runnable(ctx)
+    if not_runnable is not None:
+        return not_runnable
+    device = _choose_device(ctx)
+    if isinstance(device, Outcome):
+        return device
+    return _forward(ctx, device)
 
-    def not_run(reason: str, message: str, fix: str | None = None) -> Outcome:
-        if smoke:
-            fix = fix or "Fix what the message names, or pass --no-smoke to validate without the forward pass"
-            return _unchecked(ctx, reason, message, fix)
-        return Outcome([finding("smoke.skipped", message, fix=fix)], skipped=reason)
 
+def _not_run(ctx: CheckContext, reason: str, message: str, fix: str | None = None) -> Outcome:
+    """A forward that did not run: the error `smoke.unchecked` when --smoke asked for it, else the note
+    `smoke.skipped`."""
+    if ctx.options.smoke:
+        fix = fix or "Fix what the message names, or pass --no-smoke to validate without the forward pass"
+        return _unchecked(ctx, reason, message, fix)
+    return Outcome([finding("smoke.skipped", message, fix=fix)], skipped=reason)
+
+
+def _not_installed(ctx: CheckContext, missing: list[str]) -> Outcome:
+    """torch or triton missing: exit 3 with the install command for --smoke, else the note `smoke.not-installed`."""
+    if ctx.options.smoke:
+        try:
+            require_smoke_packages()
+        except EnvironmentProblem as exc:  # the install command
+            return _environment(ctx, not_installed_reason(missing), exc)
+    names = " and ".join(missing)
+    message = f"The smoke forward did not run: {names} {'is' if len(missing) == 1 else 'are'} not installed here."
+    fix = f"{SMOKE_INSTALL} to run it, or pass --no-smoke to skip it."
+    return Outcome([finding("smoke.not-installed", message, fix=fix)], skipped=not_installed_reason(missing))
+
+
+def _adapter_not_runnable(ctx: CheckContext) -> Outcome | None:
+    """Why the forward cannot run on this adapter (a stacked output, no architecture, errors found), or None."""
     if ctx.stacked:
-        return not_run(
+        return _not_run(
+            ctx,
             "stacked output",
             "The smoke forward of a stacked output compares it with the adapter it came "
             "from; validate does not know that adapter.",
             fix="Run `lora-convert smoke OUT --original ADAPTER`.",
         )
     if ctx.arch is None:
-        return not_run(
+        return _not_run(
+            ctx,
             "no base architecture",
             "The smoke forward needs the base architecture; none was resolved.",
             fix="Pass --base.",
         )
     if has_errors(ctx.findings):
-        return not_run(
+        return _not_run(
+            ctx,
             "the adapter has errors",
             "The smoke forward was not run because the checks above found errors; fix those first.",
         )
+    return None
 
-    def too_large_for_cpu() -> Outcome:
-        return not_run(
-            "CPU and adapter > 50 MB",
-            f"No GPU, and the adapter is {adapter.total_bytes / 2**20:.0f} MB (> 50 MB): "
-            "the CPU smoke forward is off by default.",
-            fix="Pass --smoke to run it anyway.",
-        )
 
-    if smoke is None and device == "auto" and adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES and not gpu_driver_present():
-        return too_large_for_cpu()  # decided without importing torch (1-1.6 s here): no driver, no CUDA device
+def _too_large_for_cpu(ctx: CheckContext) -> Outcome:
+    return _not_run(
+        ctx,
+        "CPU and adapter > 50 MB",
+        f"No GPU, and the adapter is {ctx.adapter.total_bytes / 2**20:.0f} MB (> 50 MB): "
+        "the CPU smoke forward is off by default.",
+        fix="Pass --smoke to run it anyway.",
+    )
+
+
+def _choose_device(ctx: CheckContext) -> str | Outcome:
+    """ "cuda" or "cpu", or the outcome when none will do: by default no CPU forward for an adapter over 50 MB."""
+    smoke, device = ctx.options.smoke, ctx.options.device
+    large = ctx.adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES
+    if smoke is None and device == "auto" and large and not gpu_driver_present():
+        return _too_large_for_cpu(ctx)  # decided without importing torch (1-1.6 s here): no driver, no CUDA device
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -125,38 +155,35 @@ def run(ctx: CheckContext) -> Outcome:
                 hint="Use --device cpu, or --no-smoke to skip the forward pass.",
             )
             return _environment(ctx, "no CUDA device", problem)
-        return not_run(
-            "no CUDA device", "--device cuda was given but no CUDA device is available; no forward pass was run."
+        return _not_run(
+            ctx, "no CUDA device", "--device cuda was given but no CUDA device is available; no forward pass was run."
         )
     chosen = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
-    if smoke is None and chosen == "cpu" and adapter.total_bytes > SMOKE_CPU_LIMIT_BYTES:
-        return too_large_for_cpu()
+    if smoke is None and chosen == "cpu" and large:
+        return _too_large_for_cpu(ctx)
+    return chosen
+
+
+def _forward(ctx: CheckContext, device: str) -> Outcome:
+    """The forward itself, on the prepared adapter's plan (the one the engine rules use: planned once)."""
     try:
-        result = run_smoke(
-            str(adapter.source.path),
-            base=ctx.options.base,
-            device=chosen,
-            cache_dir=ctx.options.cache_dir,
-            token=ctx.options.token,
-        )
+        machine = smoke_machine(device)
+        target = peft_target(ctx.prepared.source, ctx.prepared.plan(drop_unsupported=True))
+        result = run_smoke(target, machine)
     except EnvironmentProblem as exc:
-        if smoke:
+        if ctx.options.smoke:
             return _environment(ctx, "environment", exc)
-        return not_run("environment", "The smoke forward could not run on this machine.")
+        return _not_run(ctx, "environment", "The smoke forward could not run on this machine.")
     except LoraConvertError as exc:
-        return not_run(
-            "not normalizable", f"The smoke forward could not prepare the adapter: {exc.message}", fix=exc.hint
+        return _not_run(
+            ctx, "not normalizable", f"The smoke forward could not prepare the adapter: {exc.message}", fix=exc.hint
         )
     found = result.findings()
-    if not found:
-        layers = ", ".join(map(str, result.layers_checked[:8]))
-        found = [
-            finding(
-                "smoke.passed",
-                f"Smoke forward on {chosen}: {len(result.groups)} group(s) match PEFT's reference (layers {layers}).",
-            )
-        ]
-    return Outcome(found)
+    if found:
+        return Outcome(found)
+    layers = ", ".join(map(str, result.layers_checked[:8]))
+    message = f"Smoke forward on {device}: {len(result.groups)} group(s) match PEFT's reference (layers {layers})."
+    return Outcome([finding("smoke.passed", message)])
 
 
 CHECK = Check("smoke", run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 # Importing the command modules registers their commands on `app`.
 from lora_convert.cli import (
+    engines_cmd,  # noqa: F401
     inspect_cmd,  # noqa: E402,F401
     normalize_cmd,  # noqa: E402,F401
     report_cmd,  # noqa: F401

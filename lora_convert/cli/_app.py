@@ -76,16 +76,22 @@ def _usage_hint(exc: Exception) -> str:
     return f"Run `{ctx.command_path} --help` for the arguments and options (usage: {usage})."
 
 
-app = typer.Typer(
-    name="lora-convert",
-    help=HELP,
-    cls=_Group,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# Every (sub)command group: no tracebacks or completion installers, -h as well as --help, help without arguments.
+_GROUP_SETTINGS = {
+    "no_args_is_help": True,
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "pretty_exceptions_show_locals": False,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
+app = typer.Typer(name="lora-convert", help=HELP, cls=_Group, **_GROUP_SETTINGS)
+
+
+def command_group(name: str, help: str) -> typer.Typer:
+    """A group of subcommands (`lora-convert schemas ...`), registered on the app."""
+    group = typer.Typer(name=name, help=help, cls=HelpWithoutCommandGroup, **_GROUP_SETTINGS)
+    app.add_typer(group, name=name)
+    return group
 
 
 def debug_enabled() -> bool:

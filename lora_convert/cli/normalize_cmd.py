@@ -42,7 +42,8 @@ def normalize_command(
         metavar="LAYOUT",
         help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `peft`: per-module PEFT "
         "keys, one rank, scales folded, every module PEFT applies. `sglang` / `vllm` (or ENGINE==VERSION): what that "
-        "engine release (SGLang 0.5.23, vLLM 0.33.0) loads and applies exactly; what it would drop or apply wrongly "
+        "engine release (the newest, or the one named; `lora-convert engines list`) loads and applies exactly; "
+        "what it would drop or apply wrongly "
         "is refused, the same groups `validate --engine` reports (docs/engine-layouts.md).",
     ),
     rank: int | None = typer.Option(

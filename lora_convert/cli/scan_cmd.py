@@ -38,7 +38,7 @@ def scan_command(
         "-e",
         metavar="ENGINE[==VERSION]",
         help=ENGINE_HELP + " Give it several times to check every adapter against several releases (the record's "
-        "`engines` counts each release's outcomes), or `all` for every engine's pinned release.",
+        "`engines` counts each release's outcomes), or `all` for every engine's newest release.",
     ),
     checks: str | None = typer.Option(
         None,

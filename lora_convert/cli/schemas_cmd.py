@@ -8,23 +8,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lora_convert.cli._app import HelpWithoutCommandGroup, app, command
+from lora_convert.cli._app import command, command_group
 from lora_convert.cli._options import BaseOpt, CacheDirOpt, FormatOpt, TokenOpt
 from lora_convert.cli._output import OutputFormat, print_json, stdout
 from lora_convert.errors import EXIT_FINDINGS, LoraConvertError, UsageError
 from lora_convert.text import spans
 
-schemas_app = typer.Typer(
-    name="schemas",
-    help="The architecture schemas and base-config presets that ship with lora-convert.",
-    cls=HelpWithoutCommandGroup,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(schemas_app, name="schemas")
+schemas_app = command_group("schemas", "The architecture schemas and base-config presets that ship with lora-convert.")
 
 
 def _command(name: str) -> Callable:

@@ -1,4 +1,4 @@
-"""`lora-convert smoke`: calls lora_convert.smoke.runner.run_smoke and renders its per-group results."""
+"""`lora-convert smoke`: calls lora_convert.pipeline.commands.smoke and renders its per-group results."""
 
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ def smoke_command(
     Examples: lora-convert smoke ./my-adapter --base deepseek-v3
               lora-convert smoke ./stacked --original ./my-adapter --device cuda
     """
+    from lora_convert.pipeline.commands import smoke
     from lora_convert.smoke.report import TOLERANCES
-    from lora_convert.smoke.runner import run_smoke
 
-    report = run_smoke(
+    report = smoke(
         adapter,
         base=base,
         original=original,

@@ -17,8 +17,9 @@ PROGRESS_MIN_BYTES = 100 * 1024 * 1024  # show a progress bar only for scans lar
 
 
 ENGINE_HELP = (
-    "Also report what this serving engine release would do with the adapter: `sglang` or `vllm` (their pinned "
-    "releases, SGLang 0.5.23 and vLLM 0.33.0), or ENGINE==VERSION. One rule file per release "
+    "Also report what this serving engine release would do with the adapter: `sglang` or `vllm` (the newest release "
+    "with a rule file), ENGINE==VERSION (a pinned one; `lora-convert engines list` shows them all) or "
+    "ENGINE==installed (the version installed in this Python). One rule file per release "
     "(lora_convert/engines/<engine>-<version>.json), each rule citing the release's source; `normalize --layout "
     "ENGINE` refuses exactly the module groups this reports as unservable."
 )

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from lora_convert.codes import ENGINE_PREFIX, decided_per_module
 from lora_convert.engines.rules import KEEPS, installed_engines, layout_treatment, load_rules
-from lora_convert.findings import Finding
+from lora_convert.findings import Finding, Severity
 
 __all__ = ["normalize_blockers"]
 
@@ -26,11 +26,9 @@ def normalize_blockers(
     findings: Iterable[Finding], layout: str | None = None, *, strict: bool = False
 ) -> list[Finding]:
     """The findings that stop `normalize --layout layout` (None: before any layout is chosen), in their order."""
-    counted = ("error", "warning") if strict else ("error",)
+    counted = (Severity.ERROR, Severity.WARNING) if strict else (Severity.ERROR,)
     fixed = _fixed_by_layout(layout)
-    return [
-        f for f in findings if f.severity.value in counted and not decided_per_module(f.code) and f.code not in fixed
-    ]
+    return [f for f in findings if f.severity in counted and not decided_per_module(f.code) and f.code not in fixed]
 
 
 def _fixed_by_layout(layout: str | None) -> frozenset[str]:

@@ -32,14 +32,13 @@ import numpy as np
 
 from lora_convert.convert import factors
 from lora_convert.convert.group_tensors import build_group_tensors, iter_group_tensors
-from lora_convert.convert.layout_rules import LayoutRules, load_layout_rules
+from lora_convert.convert.layout_rules import LayoutRules, load_layout_rules, rule_layouts
 from lora_convert.convert.output_config import ENGINE_REPORT_FILE, listing_file, output_config
 from lora_convert.convert.plan import VISION_KIND, DroppedModule, Plan, PlannedGroup, _new_group
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.safetensors_writer import TensorSpec
 from lora_convert.peft.adapter import ModuleKind
 
-LAYOUTS = ("sglang", "vllm", "peft")  # an engine may be named with its release: sglang==0.5.23
 REPORT_FILE = ENGINE_REPORT_FILE
 REPORT_FORMAT = "lora-convert/engine-layout"
 REPORT_VERSION = 1
@@ -209,13 +208,13 @@ def _module_summary(lg: LayoutGroup) -> list[dict[str, Any]]:
 def keeps_vision(layout: str) -> bool:
     """Whether `layout` writes vision-tower and projector modules (its rules' `vision_modules`), so the plan keeps
     them (lora_convert.convert.plan.build_plan's keep_vision) instead of refusing them."""
-    return layout.partition("==")[0] in LAYOUTS and load_layout_rules(layout).keeps_vision
+    return layout.partition("==")[0] in rule_layouts() and load_layout_rules(layout).keeps_vision
 
 
 def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     """Cut the stacked plan into the modules of `layout`, from the plan alone (no tensor data). Groups the engine
     cannot serve are listed in `refused`; cuts whose exactness depends on data are listed in `checks`."""
-    if layout.partition("==")[0] not in LAYOUTS:
+    if layout.partition("==")[0] not in rule_layouts():
         raise ValueError(f"unknown engine layout {layout!r}")
     rules = load_layout_rules(layout)
     config = dict(getattr(plan.arch, "config", None) or {})
@@ -519,7 +518,7 @@ def iter_layout_tensors(
             del A, B
             continue
         for m in lg.modules:
-            # Views of the group's buffers, no copies (perf: copying every module was one more pass over the
+            # Views of the group's buffers, no copies (a copy of every module would be one more pass over the
             # output): the buffers are reused only once the next group is asked for, and the writer is done with
             # each tensor before it asks for the next (iter_layout_tensors' own contract, as iter_group_tensors').
             a, b = factors.cut_module(A, B, lg.group, m.slices, R, m.expert)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from lora_convert.convert.plan import PlannedGroup, PlannedSlice, SourceRef
+from lora_convert.io.dtypes import DTYPES
 from lora_convert.io.tensor_files import raw_view
 
 
@@ -97,10 +98,9 @@ _reused = threading.local()
 
 def reused_buffer(role: str, shape: tuple[int, ...], dtype, *, zero: bool = False) -> np.ndarray:
     """An array of `shape` in memory reused across calls, one buffer per thread and role; the next call for the
-    same role overwrites it, so the caller is done with it first. perf: this VM charges for fresh pages (~1.4 s per
-    GB first touched, against 0.04 s to rewrite mapped memory; docs/benchmarks.md), and glibc maps every block over
-    32 MB fresh: a new 58-134 MB transpose target per expert group was most of `transposed`'s 3.8 s in a
-    `--layout peft` of the 2 GB per-expert adapter."""
+    same role overwrites it, so the caller is done with it first. Reused because touching fresh pages costs far
+    more than rewriting mapped ones, and glibc maps every block over 32 MB fresh: a new transpose target per expert
+    group was most of `transposed`'s time (docs/benchmarks.md, "Hot paths")."""
     store = getattr(_reused, "buffers", None)
     if store is None:
         store = _reused.buffers = {}
@@ -124,12 +124,11 @@ def view_in(store: dict[str, np.ndarray], role: str, shape: tuple[int, ...], dty
 def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None), *, reuse: bool = False):
     """PEFT's 3-D B [out, r*E] (rank-major: column k*E + e), rows `rows`, as a contiguous [E, rows, r].
 
-    perf: viewing the rows as [rows*r, E] gives the transpose of the expert-major [E, rows*r] wanted here; one
-    contiguous 2-D transpose copy then a contiguous fold is ~3x faster than folding through the permuted 3-D view,
-    which reads with stride E (docs/benchmarks.md). The copy moves raw integers of the same width: exact, and
-    numpy's transpose of ml_dtypes' bfloat16 goes element by element through the dtype's generic copy. It goes in
-    blocks of TRANSPOSE_BLOCK source rows so that each block's reads and writes stay in cache: 0.24-0.37 s ->
-    0.04-0.05 s per 58 MB B on the 2-core bench machine (bench/pipeline_phases.py --blocked-transpose).
+    Viewing the rows as [rows*r, E] gives the transpose of the expert-major [E, rows*r] wanted here: one contiguous
+    2-D transpose copy, then a contiguous fold, instead of folding through the permuted 3-D view, which reads with
+    stride E. The copy moves raw integers of the same width: exact, and numpy's transpose of ml_dtypes' bfloat16
+    goes element by element through the dtype's generic copy. It goes in blocks of TRANSPOSE_BLOCK source rows so
+    that each block's reads and writes stay in cache (timings: docs/benchmarks.md, "Hot paths").
     `reuse`: the result lives in a reused per-thread buffer (`reused_buffer`), valid until the next such call."""
     part = b[rows]
     n = part.shape[0]
@@ -185,7 +184,7 @@ def fold_into(dest: np.ndarray, b: np.ndarray, scaling: float) -> None:
     reduced precision in float32 by float32(s) and round once) and `(b.float() * s).to(dtype)` otherwise (f64
     rounded to f32 first, the product widened again for f64 output). One ufunc with a float32 loop is exactly
     that: numpy casts b to float32 and the product to dest's dtype in small buffered blocks, so there is no
-    full-size float32 temporary (perf: 11 ms per 16M bf16 elements here, against 43 ms through astype copies).
+    full-size float32 temporary (astype copies were ~4x slower: docs/benchmarks.md).
     NaN stays NaN with its sign; its other bits are not torch's (which differ even within one torch call)."""
     if _fold_power_of_two(dest, b, scaling):
         return
@@ -194,7 +193,9 @@ def fold_into(dest: np.ndarray, b: np.ndarray, scaling: float) -> None:
 
 
 # (exponent shift, exponent mask, largest finite exponent field) of the 16-bit float dtypes, by dtype name
-_EXPONENT_FIELDS = {"bfloat16": (7, 0x7F80, 254), "float16": (10, 0x7C00, 30)}
+_EXPONENT_FIELDS = {
+    d.name: (d.mantissa_bits, d.exponent_mask, d.largest_exponent_field) for d in DTYPES if d.ieee and d.size == 2
+}
 POW2_CHUNK = 1 << 16  # elements per exponent test: 128 KB of 16-bit values, in cache between the test and the add
 
 
@@ -207,8 +208,8 @@ def _fold_power_of_two(dest: np.ndarray, b: np.ndarray, scaling: float) -> bool:
     would leave the normal range takes the general path. tests/test_factors.py compares both paths on every
     bf16 and f16 bit pattern for k in -24..24.
 
-    perf: 0.4-0.5 ns per element against 1.0-1.4 ns for numpy's float32 multiply through ml_dtypes' casts (the
-    fold was most of the build stage of the 2 GB per-expert normalize; bench machine)."""
+    Why a fast path: numpy's float32 multiply through ml_dtypes' casts was most of the build stage of a per-expert
+    normalize; the integer add is 2-3x faster (docs/benchmarks.md, "Hot paths")."""
     mantissa, k = math.frexp(scaling)
     fields = _EXPONENT_FIELDS.get(dest.dtype.name)
     if fields is None or mantissa != 0.5 or b.dtype != dest.dtype or dest.shape != b.shape:
@@ -359,9 +360,9 @@ def peft_3d_module(A, B, group: PlannedGroup, R: int, rank: int):
     stacked A itself (a view, consumed before the next group like every module cut) when its rows already are the
     answer; B is always a new array.
 
-    perf: B's expert-minor columns are one 2-D transpose of [E, out*rank], done blockwise on raw integers
-    (`transposed`); numpy's plain transposed copy of the 16-bit values was 3.4 s of a 7.3 s `--layout peft` of the
-    2 GB per-expert adapter (cProfile), and zero-filling A3 and B3 before copying into them another ~1.7 s."""
+    B's expert-minor columns are one 2-D transpose of [E, out*rank], done blockwise on raw integers
+    (`transposed`), and A3 and B3 are not zero-filled before they are written: numpy's plain transposed copy of
+    16-bit values and that fill were most of a `--layout peft` (docs/benchmarks.md, "Hot paths")."""
     E = group.experts
     out = group.out_features
     if shares_one_a(group.slices):
@@ -398,3 +399,32 @@ def transposed(x, out=None):
     for start in range(0, cols, TRANSPOSE_BLOCK):
         out[start : start + TRANSPOSE_BLOCK] = src[:, start : start + TRANSPOSE_BLOCK].T
     return out.view(x.dtype)
+
+
+def place_group(A, B, group, R: int, read: Callable[[str], Any], *, ops: FactorOps | None = None) -> None:
+    """Place every source of `group` into its stacked A and B (the caller allocates them, zeroed where nothing is
+    placed). `read(key)` gives a source tensor: on the CPU a numpy view (ops None), on a GPU a torch tensor
+    (TORCH_OPS). A fused 3-D expert source fills every expert of its slice at once."""
+
+    def factors_of(module) -> tuple[Any, Any]:
+        return read(module.lora_A.key), read(module.lora_B.key)
+
+    if group.experts:
+        for i, sl in enumerate(group.slices):
+            if sl.fused_source is not None:
+                a, b = factors_of(sl.fused_source.module)
+                place_source(A, B, i, sl, sl.fused_source, a, b, R, experts=group.experts, ops=ops)
+                continue
+            for e, src in sl.expert_sources.items():
+                a, b = factors_of(src.module)
+                place_source(A, B, i, sl, src, a, b, R, expert=e, ops=ops)
+        return
+    read_once: dict[str, tuple[Any, Any]] = {}  # a pre-merged source feeds several slices: read it once
+    for i, sl in enumerate(group.slices):
+        src = sl.dense_source
+        if src is None:
+            continue
+        if src.module.lora_A.key not in read_once:
+            read_once[src.module.lora_A.key] = factors_of(src.module)
+        a, b = read_once[src.module.lora_A.key]
+        place_source(A, B, i, sl, src, a, b, R, ops=ops)

@@ -25,20 +25,18 @@ from lora_convert.codes import REGISTRY
 from lora_convert.convert import factors
 from lora_convert.convert.plan import Plan, PlannedGroup
 from lora_convert.errors import NonFiniteValuesError
+from lora_convert.io.dtypes import BY_TAG, IEEE_FLOAT_DTYPES, KEEP, OUTPUT_DTYPES, numpy_dtype
 from lora_convert.io.safetensors_writer import TensorSpec
-from lora_convert.io.tensor_files import ReadArena, numpy_dtype
-
-OUTPUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+from lora_convert.io.tensor_files import ReadArena
 
 
 def output_dtype(plan: Plan, requested: str) -> str:
     """The safetensors dtype tag of the output: `requested`, or for `keep` the sources' one float dtype."""
-    if requested != "keep":
+    if requested != KEEP:
         return OUTPUT_DTYPES[requested]
-    tags = source_dtypes(plan)
-    floats = [t for t in ("F64", "F32", "BF16", "F16") if t in tags]
+    floats = IEEE_FLOAT_DTYPES & source_dtypes(plan)  # float8 sources are never kept: written as float32
     if len(floats) == 1:
-        return floats[0]
+        return next(iter(floats))
     # Mixed (or non-float) source dtypes: float32 holds every source without loss.
     return "F32"
 
@@ -64,10 +62,10 @@ def stacked_specs(plan: Plan, dtype: str) -> list[TensorSpec]:
 
 
 class GroupBuffers:
-    """One reusable byte buffer each for the A and the B of the group being built (perf, docs/benchmarks.md).
+    """One reusable byte buffer each for the A and the B of the group being built.
 
-    Fresh memory is expensive to touch on the benchmark VM (~0.15 s per GB in page faults, against 0.04 s to
-    rewrite memory already mapped), and zero-filling every output group touched a fresh 2 GB per 2 GB adapter.
+    Fresh memory is expensive to touch (page faults, several times the cost of rewriting memory already mapped:
+    docs/benchmarks.md), and zero-filling every output group touched a fresh 2 GB per 2 GB adapter.
     Every group is built into a prefix of the same two buffers instead, grown to the largest group. Only one
     group's A and B exist at a time: an array handed out is overwritten by the next group, so callers must be
     done with it (the streaming writer is) before asking for the next one.
@@ -100,7 +98,8 @@ def build_group_tensors(
     With `buffers`, A and B are views into reused memory that the next call overwrites (see GroupBuffers)."""
     out_dtype = numpy_dtype(dtype_tag)
     R = plan.rank
-    # perf: zero-fill only when some row is not written below (a zero-filled slice, rank < R, a missing expert).
+    # Zero-fill (one more pass over the memory) only when some row is not written below (a zero-filled slice,
+    # rank < R, a missing expert).
     zero = not _fully_covered(group, R)
     if buffers is not None:
         A = buffers.get("A", group.a_shape(R), out_dtype, zero=zero)
@@ -109,43 +108,19 @@ def build_group_tensors(
         alloc = np.zeros if zero else np.empty
         A = alloc(group.a_shape(R), dtype=out_dtype)
         B = alloc(group.b_shape(R), dtype=out_dtype)
-    if group.experts:
-        for i, sl in enumerate(group.slices):
-            if sl.fused_source is not None:
-                src = sl.fused_source
-                a, b = read(src.module.lora_A.key), read(src.module.lora_B.key)
-                factors.place_source(A, B, i, sl, src, a, b, R, experts=group.experts)
-                del a, b
-                continue
-            for e, src in sl.expert_sources.items():
-                factors.place_source(
-                    A, B, i, sl, src, read(src.module.lora_A.key), read(src.module.lora_B.key), R, expert=e
-                )
-        return A, B
-    cache: dict[str, Any] = {}  # a pre-merged source feeds several slices: read it once
-    for i, sl in enumerate(group.slices):
-        src = sl.dense_source
-        if src is None:
-            continue
-        mod = src.module
-        if mod.lora_A.key not in cache:
-            cache[mod.lora_A.key] = read(mod.lora_A.key)
-            cache[mod.lora_B.key] = read(mod.lora_B.key)
-        factors.place_source(A, B, i, sl, src, cache[mod.lora_A.key], cache[mod.lora_B.key], R)
+    factors.place_group(A, B, group, R, read)
     return A, B
 
 
 # ------------------------------------------------------------------------------------------- non-finite values
 # IEEE 754 floats (bfloat16 is the upper half of a float32) are NaN or infinite exactly when every exponent bit is
 # set. With the sign bit on top and the exponent below it, that is: as unsigned integers, at least sign+exponent
-# (a negative one); as signed integers, at least the exponent mask (a positive one). perf: two max-reductions of the
-# same integer view, one cache-sized chunk at a time, allocate nothing and run at memory speed (10-20 GB/s for
-# bfloat16 here, against ~2 GB/s for np.isfinite, which also allocates a bool array the size of the tensor).
+# (a negative one); as signed integers, at least the exponent mask (a positive one). Two max-reductions of the
+# same integer view, one cache-sized chunk at a time, allocate nothing and run at memory speed; np.isfinite
+# allocates a bool array the size of the tensor and is several times slower (docs/benchmarks.md).
 _NON_FINITE_FROM = {  # dtype name: (unsigned view, signed view, exponent mask)
-    "float64": (np.uint64, np.int64, 0x7FF0000000000000),
-    "float32": (np.uint32, np.int32, 0x7F800000),
-    "bfloat16": (np.uint16, np.int16, 0x7F80),
-    "float16": (np.uint16, np.int16, 0x7C00),
+    BY_TAG[tag].name: (np.dtype(f"u{BY_TAG[tag].size}"), np.dtype(f"i{BY_TAG[tag].size}"), BY_TAG[tag].exponent_mask)
+    for tag in IEEE_FLOAT_DTYPES
 }
 FINITE_CHUNK_ELEMENTS = 1 << 18
 MAX_NAMED_TENSORS = 4  # source tensors named one by one in a refusal
@@ -214,9 +189,8 @@ class FiniteCheck:
 
     The sources of each group are checked as they are read, in the pipeline's reader thread, which otherwise only
     maps them: the check is the first touch of their pages (faults the builder no longer pays) and runs beside the
-    builder and the writer. perf (bench/gen_adapter.py bf16 adapters, 6 MoE layers, 16-core host, median of 7):
-    +0.04 s on the 1.0 GB fused-3d normalize (0.64 s), +0.11 s on the 1.4 GB per-expert one (0.54 s), the cost of
-    one more pass over the data; checking the built A and B in the builder instead cost +0.12 and +0.11 s.
+    builder and the writer: its cost is one more pass over the data, less than checking the built A and B in the
+    builder (docs/benchmarks.md, "Hot paths").
 
     Overflow (a float16 output, a float32 or float64 value beyond bfloat16's or float32's range, any value times a
     scaling > 1) is decided from the same pass: it yields each source's largest |value| (largest_finite_magnitude),
@@ -272,7 +246,7 @@ class FiniteCheck:
             for key, value, scaling in overflows[:MAX_NAMED_TENSORS]
         )
         more = f"; and {len(overflows) - MAX_NAMED_TENSORS} more" if len(overflows) > MAX_NAMED_TENSORS else ""
-        wider = self.tag in ("F16", "BF16") and all(
+        wider = self.out_dtype.itemsize < 4 and all(
             self._stays_finite(np.dtype(np.float32), value, scaling, np.dtype(np.float32))
             for _, value, scaling in overflows
         )
@@ -321,10 +295,9 @@ PIPELINE_DEPTH = 2
 _POLL_S = 0.05  # how often a blocked stage looks whether another stage failed
 # A group whose A and B together are at most this many bytes is built into fresh arrays instead of a reused set of
 # output buffers, and up to SMALL_GROUPS_IN_FLIGHT of them may wait for the writer beyond the `depth` large ones.
-# perf: DeepSeek-V3's attention groups (~1 MB) sit between each layer's two 75-150 MB expert groups; holding a
-# buffer set each, one of them stalled the builder until the writer had finished the large group before it, so
-# building and writing alternated instead of overlapping (timeline of the 2 GB per-expert normalize: in-process
-# wall 1.86 s with the builder idle ~40% of the time).
+# Why: DeepSeek-V3's attention groups (~1 MB) sit between each layer's two large expert groups; holding a buffer
+# set each, one of them stalled the builder until the writer had finished the large group before it, so building
+# and writing alternated instead of overlapping (docs/benchmarks.md, "Hot paths").
 SMALL_GROUP_BYTES = 8 << 20
 SMALL_GROUPS_IN_FLIGHT = 16
 

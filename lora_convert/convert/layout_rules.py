@@ -30,11 +30,27 @@ from typing import Any
 from lora_convert.arch.expr import evaluate
 from lora_convert.convert.plan import PlannedGroup
 from lora_convert.engines.profiles import render
-from lora_convert.engines.rules import LAYOUT_SPEC, layout_document, resolve_engine
+from lora_convert.engines.rules import LAYOUT_SPEC, installed_engines, layout_document, resolve_engine
 from lora_convert.io.shipped_data import load_shipped
 
 CONVERT_PACKAGE = "lora_convert.convert"
 PEFT_LAYOUT_FILE = "peft_layout.json"
+STACKED_LAYOUT = "stacked"  # lora-convert's own layout (docs/stacked-layout.md): groups as planned, no rules
+PEFT_LAYOUT = "peft"  # what PEFT loads: its rules are PEFT_LAYOUT_FILE
+
+
+BUILT_IN_LAYOUTS = (STACKED_LAYOUT, PEFT_LAYOUT)  # the layouts that are not an engine's
+
+
+def rule_layouts() -> tuple[str, ...]:
+    """The layouts written through layout rules: `peft`, then one per engine with a rule file (an engine may also
+    be named with its release: `sglang==0.5.23`)."""
+    return (PEFT_LAYOUT, *installed_engines())
+
+
+def output_layouts() -> tuple[str, ...]:
+    """Every layout `normalize` writes: the built-in `stacked` and `peft`, then one per engine with a rule file."""
+    return (*BUILT_IN_LAYOUTS, *installed_engines())
 
 
 @dataclass(frozen=True)
@@ -170,9 +186,9 @@ def load_layout_rules(layout: str) -> LayoutRules:
     """The rules of `layout` (`peft`, or an engine release: `sglang`, `vllm==0.33.0`). Raises SchemaError, or
     UsageError for an engine release that has no rule file. Both files are checked against LAYOUT_SPEC (peft_layout.json
     by it, an engine file as part of its own spec); PEFT applies every module, so the PEFT layout refuses nothing."""
-    if layout == "peft":
+    if layout == PEFT_LAYOUT:
         data = load_shipped(CONVERT_PACKAGE, PEFT_LAYOUT_FILE, LAYOUT_SPEC, f"convert/{PEFT_LAYOUT_FILE}")
-        return _parse({**data, "refuse": []}, engine="peft")
+        return _parse({**data, "refuse": []}, engine=PEFT_LAYOUT)
     return _parse(layout_document(layout), engine=resolve_engine(layout).engine)
 
 

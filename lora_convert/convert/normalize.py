@@ -1,18 +1,18 @@
-"""`lora-convert normalize`: plan every output layout from headers and config, then write it.
+"""Writing a normalize plan: every output layout, decided from the plan before a byte is written.
 
-The orchestrator. `normalize` plans (lora_convert.convert.plan; for an engine layout also
-lora_convert.convert.engine_layouts, whose only data reads are an explicit verification step), so that every
-tensor name, shape and dtype, every refusal and every drop is known before a byte is written; a dry run stops
-there and shows it all. Writing then only produces what was planned: the tensors of each group, built one group
-at a time (lora_convert.convert.group_tensors), streamed into a temporary folder that is swapped into place
-(lora_convert.io.output_folder). The output folder may never be, contain or lie inside the input adapter or a
-local base, and --force replaces only a previous lora-convert output (recognised by its manifest).
+`lora-convert normalize` plans first (lora_convert/pipeline/commands.py: the adapter prepared once, its plan from
+lora_convert.convert.plan; for an engine layout also lora_convert.convert.engine_layouts, whose only data reads are
+an explicit verification step), so that every tensor name, shape and dtype, every refusal and every drop is known
+before a byte is written; a dry run stops there and shows it all. `write_normalized` then only produces what was
+planned: the tensors of each group, built one group at a time (lora_convert.convert.group_tensors), streamed into a
+temporary folder that is swapped into place (lora_convert.io.output_folder). The output folder may never be,
+contain or lie inside the input adapter or a local base, and --force replaces only a previous lora-convert output
+(recognised by its manifest).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,13 +21,12 @@ from typing import Any
 
 from lora_convert.convert import engine_layouts
 from lora_convert.convert.group_tensors import iter_group_tensors, output_dtype, stacked_specs
-from lora_convert.convert.output_config import STACKED_LAYOUT_FILE, listing_file, output_config
-from lora_convert.convert.plan import DroppedModule, Plan, build_plan
-from lora_convert.io.output_folder import WriteProgress, check_output_dir, protected_inputs, write_folder
+from lora_convert.convert.output_config import STACKED_LAYOUT_FILE, output_config
+from lora_convert.convert.plan import DroppedModule, Plan
+from lora_convert.io.output_folder import WriteProgress, protected_inputs, write_folder
 from lora_convert.io.safetensors_writer import TensorSpec
-from lora_convert.peft.adapter import load_adapter
 
-__all__ = ["NormalizeResult", "WriteProgress", "normalize", "plan_normalize"]
+__all__ = ["NormalizeResult", "WriteChoices", "WriteProgress", "write_normalized"]
 
 LAYOUT_FILE = STACKED_LAYOUT_FILE
 
@@ -74,48 +73,6 @@ class NormalizeResult:
 
     def tensors_json(self) -> list[dict[str, Any]]:
         return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.specs]
-
-
-def plan_normalize(
-    adapter_spec: str | os.PathLike,
-    *,
-    base: str | None = None,
-    rank: int | None = None,
-    drop_unsupported: bool = False,
-    cache_dir=None,
-    token=None,
-    layout: str = "stacked",
-) -> Plan:
-    """The stacked plan of an adapter against its base (headers, config and schema only), with what `layout` keeps
-    (vision modules for `peft`) and its refusal hints naming the file that layout writes. A shipped preset standing
-    in for the base named (the adapter's Hub id among the preset's hub_ids, the Hub unreachable) is a note in
-    `plan.notes`."""
-    from lora_convert.arch.base_config import resolve_base
-    from lora_convert.arch.schema import bind
-    from lora_convert.arch.shape_check import check_shapes
-
-    adapter = load_adapter(os.fspath(adapter_spec), cache_dir=cache_dir, token=token)
-    base_config = resolve_base(
-        base, adapter_base_name=adapter.config.base_model_name_or_path, cache_dir=cache_dir, token=token
-    )
-    arch = bind(base_config)
-    shape_findings = check_shapes(adapter, arch)
-    plan = build_plan(
-        adapter,
-        arch,
-        base_name=base_config.name,
-        rank=rank,
-        drop_unsupported=drop_unsupported,
-        shape_findings=shape_findings,
-        keep_vision=engine_layouts.keeps_vision(layout),
-        listed_in=listing_file(layout),
-    )
-    if base_config.substitution_note:  # validate's `base.preset`: the plan is the preset's, which the user must know
-        plan.notes.append(
-            f"{base_config.substitution_note} Pass --base with the base model's folder or config.json to convert "
-            "against its exact config."
-        )
-    return plan
 
 
 @dataclass
@@ -168,78 +125,60 @@ def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool, al
     )
 
 
-def _local_adapter_folder(spec: str) -> Path | None:
-    path = Path(spec).expanduser()
-    if not path.exists():
-        return None
-    return path if path.is_dir() else path.parent
+@dataclass(frozen=True)
+class WriteChoices:
+    """How a plan is written: the caller's choices, checked before planning."""
+
+    layout: str = "stacked"  # or an engine layout (engine_layouts.LAYOUTS)
+    dtype: str = "keep"
+    dry_run: bool = False
+    force: bool = False
+    drop_unsupported: bool = False
+    allow_non_finite: bool = False
 
 
-def normalize(
-    adapter_spec: str | os.PathLike,
-    output: str | os.PathLike | None,
+def write_normalized(
+    plan: Plan,
+    output: Path | None,
+    choices: WriteChoices,
     *,
-    base: str | None = None,
-    rank: int | None = None,
-    dtype: str = "keep",
-    dry_run: bool = False,
-    force: bool = False,
-    drop_unsupported: bool = False,
-    cache_dir=None,
-    token=None,
+    protected: list[Path],
+    started: float,
     progress: WriteProgress | None = None,
-    layout: str = "stacked",
-    allow_non_finite: bool = False,
 ) -> NormalizeResult:
-    """The whole command as one library call: plan, then (unless dry_run) write the output in `layout`
-    (`stacked`, or an engine layout from lora_convert.convert.engine_layouts: `sglang`, `peft`).
+    """Write `plan` in `choices.layout` to `output` (nothing for a dry run) and say what was written.
 
-    Every refusal is raised (UnsupportedAdapterError) while planning, dry run or not, before anything is written.
-    `progress` (optional) gets `start(total_bytes)` once writing begins and `advance(nbytes)` per group
-    (see WriteProgress). The output folder is refused, before any planning, when it is, contains or lies inside
-    the adapter or a local base, or is the working directory; --force replaces only a previous output.
+    `progress` (optional) gets `start(total_bytes)` once writing begins and `advance(nbytes)` per group (see
+    WriteProgress). `protected`: the input folders the output may not touch (the output folder was already checked
+    against them before planning; write_folder checks again, adding the adapter as resolved and a local base).
 
     NaN and Inf are in the data, not the headers: unless `allow_non_finite`, a group that would be written with
     them (NaN or Inf in a source, or a finite source value the scaling fold or the output dtype makes infinite)
-    raises NonFiniteValuesError while writing (checked on each group's sources as they are read, no extra read), and the
-    temporary folder is removed, so no output (and no change to a previous one) is left."""
-    started = time.perf_counter()
-    adapter_spec = os.fspath(adapter_spec)
-    output = Path(output) if output is not None else None
-    protected = protected_inputs(_local_adapter_folder(adapter_spec), base)
-    if output is not None and not dry_run:
-        check_output_dir(output, force=force, protected=protected)  # fail before seconds of planning
-    plan = plan_normalize(
-        adapter_spec,
-        base=base,
-        rank=rank,
-        drop_unsupported=drop_unsupported,
-        cache_dir=cache_dir,
-        token=token,
-        layout=layout,
-    )
-    tag = output_dtype(plan, dtype)
+    raises NonFiniteValuesError while writing (checked on each group's sources as they are read, no extra read), and
+    the temporary folder is removed, so no output (and no change to a previous one) is left."""
+    layout = choices.layout
+    tag = output_dtype(plan, choices.dtype)
     if layout == "stacked":
-        planned = _stacked_output(plan, tag, allow_non_finite)
+        planned = _stacked_output(plan, tag, choices.allow_non_finite)
     else:
-        planned = _engine_output(plan, layout, tag, drop_unsupported, allow_non_finite)
+        planned = _engine_output(plan, layout, tag, choices.drop_unsupported, choices.allow_non_finite)
     written = 0
-    if not dry_run and output is not None:
+    if not choices.dry_run and output is not None:
         # The adapter as resolved (a Hub snapshot, say) and a local base read by path are protected as well.
-        protected += protected_inputs(plan.adapter.path, plan.base_name)
+        protected = protected + protected_inputs(plan.adapter.path, plan.base_name)
         written = write_folder(
             output,
             planned.specs,
             planned.tensors(progress),
             planned.files,
             protected=protected,
-            force=force,
+            force=choices.force,
             layout=layout,
             progress=progress,
         )
     return NormalizeResult(
         plan=plan,
-        output=None if dry_run else output,
+        output=None if choices.dry_run else output,
         dtype=tag,
         bytes_in=plan.adapter.total_bytes,
         bytes_out=sum(s.nbytes for s in planned.specs),

@@ -220,15 +220,14 @@ def build_plan(
     base_name: str,
     rank: int | None = None,
     drop_unsupported: bool = False,
-    shape_findings: list[Finding] | None = None,
     keep_vision: bool = False,
     listed_in: str | None = None,
 ) -> Plan:
     """Plan the stacked output. Raises UnsupportedAdapterError (exit 1) listing every refused module unless
     `drop_unsupported`, in which case they are listed in `plan.dropped`. `keep_vision`: vision-tower and projector
     modules become groups of kind VISION_KIND (for a layout that writes them: `--layout peft`) instead of refusals.
-    `listed_in`: the output file that lists dropped modules, which the refusal's hint names."""
-    _refuse_unusable_adapter(adapter, shape_findings or [])
+    `listed_in`: the output file that lists dropped modules, which the refusal's hint names. What makes the whole
+    adapter unconvertible is refused before, by `refuse_unusable_adapter`."""
     groups, refused = _group_modules(adapter, arch, keep_vision)
     dropped = _full_weight_drops(adapter) + refused
     if dropped and not drop_unsupported:
@@ -249,7 +248,7 @@ def build_plan(
     )
 
 
-def _refuse_unusable_adapter(adapter: Adapter, shape_findings: list[Finding]) -> None:
+def refuse_unusable_adapter(adapter: Adapter, shape_findings: list[Finding]) -> None:
     """Refuse, in one error, what makes the whole adapter unconvertible whatever its modules are."""
     problems = _adapter_level_problems(adapter, shape_findings)
     if problems:

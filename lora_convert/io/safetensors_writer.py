@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from lora_convert.io.tensor_files import DTYPE_SIZES, dtype_tag
+from lora_convert.io.dtypes import DTYPE_SIZES, dtype_tag
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from lora_convert.errors import AdapterFormatError, EnvironmentProblem
+from lora_convert.io.dtypes import DTYPE_SIZES, numpy_dtype, tag_of_torch_name
 from lora_convert.io.small_files import (
     LFS_HINT,
     LFS_POINTER_MAX_BYTES,
@@ -38,29 +38,9 @@ from lora_convert.io.small_files import (
 if TYPE_CHECKING:
     import numpy as np
 
-# perf: numpy and ml_dtypes (0.04-0.05 s to import) are imported where tensor data is touched, not here: the
-# header-only commands (`inspect`) never need them.
+# numpy and ml_dtypes are imported where tensor data is touched, not here: the header-only commands (`inspect`)
+# never need them, and importing them is a noticeable share of a small command's start-up (docs/benchmarks.md).
 
-# Bytes per element of each safetensors dtype tag. Sub-byte float formats (F4, F6) are not LoRA dtypes.
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 
 # The safetensors library refuses headers above 100 MB; a 94,000-tensor adapter has a ~15 MB header.
 MAX_HEADER_BYTES = 100_000_000
@@ -69,8 +49,8 @@ MAX_HEADER_BYTES = 100_000_000
 class TensorInfo:
     """Where one tensor lives and what it is, from the header alone. Treated as immutable; equal when every field is.
 
-    perf: a slotted class with a plain __init__, not a frozen dataclass (whose __init__ sets each field through
-    object.__setattr__): 94,000 of them are built per header of the stress adapter, 0.08 s against 0.25 s."""
+    A slotted class with a plain __init__, not a frozen dataclass (whose __init__ sets each field through
+    object.__setattr__): one is built per tensor of every header read (docs/benchmarks.md)."""
 
     __slots__ = ("key", "dtype", "shape", "path", "start", "nbytes")
 
@@ -102,8 +82,8 @@ class TensorInfo:
         )
 
 
-# perf: one C-level regex search per key instead of a Python loop over its characters; on the 94,000-tensor
-# stress adapter this check alone took ~1 s of header parsing (docs/benchmarks.md).
+# One C-level regex search per key instead of a Python loop over its characters: it runs once per tensor of every
+# header (docs/benchmarks.md).
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -114,7 +94,7 @@ def _control_free(key: str) -> bool:
 def _checked_entry(name: str, key: str, entry: Any, path: Path, data_start: int, data_len: int) -> TensorInfo:
     """One header entry checked step by step: the TensorInfo, or an AdapterFormatError that says what is wrong."""
     # json.dumps(key) in messages escapes control characters so a message stays one readable line; it is only
-    # computed on error (perf: ~1.5 us a key, 0.15 s on the 94,000-tensor stress adapter).
+    # computed on error, as it costs a call per key.
     if not _control_free(key):
         raise AdapterFormatError(
             f"{name}: tensor name {json.dumps(key)} contains control characters.",
@@ -251,8 +231,8 @@ def _tensor_infos(
     header: dict[str, Any], raw: bytes, path: Path, name: str, data_start: int, data_len: int
 ) -> dict[str, TensorInfo]:
     """Every header entry checked and made a TensorInfo, in file-offset order; overlapping tensors are refused."""
-    # perf: JSON writes a control character inside a string only as an escape (or DEL raw), so a header without
-    # a backslash or a DEL byte has no key to check one by one (0.05 s of the 94,000-tensor stress header).
+    # JSON writes a control character inside a string only as an escape (or DEL raw), so a header without a
+    # backslash or a DEL byte has no key to check one by one.
     if b"\\" not in raw and b"\x7f" not in raw:
         tensors = _well_formed_in_order(header, path, data_start, data_len)
         if tensors is not None:
@@ -269,9 +249,8 @@ def _well_formed_in_order(
     end of the one before it, so that sorting and the overlap test would find nothing; None at the first doubt,
     and the plain path then names the problem.
 
-    perf: exact-type tests, no generator for 2-D shapes (every LoRA factor) and no per-entry call: on the
-    94,000-tensor stress header the checks and construction took 0.30 s of 0.49 s through `_checked_entry`, and
-    the sort and overlap test 0.05 s."""
+    Exact-type tests, no generator for 2-D shapes (every LoRA factor) and no per-entry call, because this runs once
+    per tensor of every header (docs/benchmarks.md)."""
     sizes = DTYPE_SIZES
     prod = math.prod
     tensors: dict[str, TensorInfo] = {}
@@ -327,7 +306,7 @@ class TensorIndex:
     def add_all(self, infos: dict[str, TensorInfo]) -> None:
         """`add` each of one file's tensors (`read_safetensors_header`), in order."""
         if self.tensors.keys().isdisjoint(infos):
-            self.tensors.update(infos)  # perf: one C-level update (94,000 `add` calls were 0.03 s)
+            self.tensors.update(infos)  # one C-level update rather than an `add` call per tensor
             return
         for info in infos.values():
             self.add(info)
@@ -374,8 +353,7 @@ class TensorIndex:
         handles: dict[Path, Any] = {}
         try:
             for run, span in zip(runs, spans, strict=True):
-                # perf: one open per file, not per run (a per-expert group is hundreds of runs: 768 opens per
-                # gate_up group of the 2 GB per-expert adapter).
+                # One open per file, not per run: a per-expert group is hundreds of runs (docs/benchmarks.md).
                 path = run[0].path
                 if path not in handles:
                     try:
@@ -395,10 +373,8 @@ def map_many(infos: list[TensorInfo]) -> dict[str, np.ndarray] | None:
     """Read-only views of `infos` in memory maps of their files, one map per file over the window they span; None
     when a file cannot be mapped (some network and FUSE file systems), and the caller reads instead.
 
-    perf: a mapped tensor is the page cache itself, so reading it costs page-table entries instead of a copy into
-    process memory: 2.07 GB copied out of the page cache into a reused buffer took 0.50-0.53 s on the 2-core bench
-    machine through positioned reads plus the copy a consumer makes, 0.22-0.24 s when the consumer copies straight
-    from the map (docs/benchmarks.md). Only the pages touched count in RSS, and a map is released with the last
+    A mapped tensor is the page cache itself, so reading it costs page-table entries instead of a copy into
+    process memory (docs/benchmarks.md measures both). Only the pages touched count in RSS, and a map is released with the last
     view of it, so memory stays what the caller keeps alive. The file's size is checked before mapping: a
     truncated file is an AdapterFormatError, as a short read is. (A file truncated by another process while it is
     mapped would still end the process with SIGBUS; the same is true of every mmap-based reader, safetensors' own.)"""
@@ -439,9 +415,8 @@ def map_many(infos: list[TensorInfo]) -> dict[str, np.ndarray] | None:
 class ReadArena:
     """Where `TensorIndex.read_many` puts what it reads. `mapped` (the default): read-only views of memory maps of
     the files (`map_many`; no copy, no process memory); a file that cannot be mapped, or `mapped=False`, is read
-    into reused memory instead (perf: fresh pages cost ~0.15 s per GB in page faults on the benchmark VM, against
-    ~0.04 s to rewrite mapped ones; reading a 2 GB 3-D adapter's sources into fresh arrays was 3.1 s of a 12.5 s
-    normalize, cProfile), which grows to the largest request and keeps that size."""
+    into reused memory instead (fresh pages cost far more in page faults than rewriting mapped ones:
+    docs/benchmarks.md), which grows to the largest request and keeps that size."""
 
     def __init__(self, *, mapped: bool = True) -> None:
         import numpy as np
@@ -460,71 +435,6 @@ class ReadArena:
             self._raw = np.empty(0, dtype=np.uint8)  # drop the old memory before allocating the larger one
             self._raw = np.empty(nbytes, dtype=np.uint8)
         return self._raw[:nbytes]
-
-
-# The torch names of the safetensors dtypes: data only (no torch import), for the smoke stage and the .bin reader.
-TORCH_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
-
-@cache
-def _numpy_dtypes() -> dict[str, np.dtype]:
-    """safetensors dtype tag -> numpy dtype. numpy has no bfloat16 or float8: ml_dtypes provides them as numpy
-    dtypes (same bit layouts as safetensors')."""
-    import ml_dtypes
-    import numpy as np
-
-    return {
-        "F64": np.dtype(np.float64),
-        "F32": np.dtype(np.float32),
-        "F16": np.dtype(np.float16),
-        "BF16": np.dtype(ml_dtypes.bfloat16),
-        "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-        "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-        "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
-        "I64": np.dtype(np.int64),
-        "I32": np.dtype(np.int32),
-        "I16": np.dtype(np.int16),
-        "I8": np.dtype(np.int8),
-        "U64": np.dtype(np.uint64),
-        "U32": np.dtype(np.uint32),
-        "U16": np.dtype(np.uint16),
-        "U8": np.dtype(np.uint8),
-        "BOOL": np.dtype(np.bool_),
-    }
-
-
-@cache
-def _tags_of_numpy() -> dict[np.dtype, str]:
-    return {dt: tag for tag, dt in _numpy_dtypes().items()}
-
-
-def numpy_dtype(tag: str) -> np.dtype:
-    """The numpy dtype of a safetensors dtype tag."""
-    return _numpy_dtypes()[tag]
-
-
-def dtype_tag(dtype) -> str:
-    """The safetensors dtype tag of a numpy dtype."""
-    import numpy as np
-
-    return _tags_of_numpy()[np.dtype(dtype)]
 
 
 def raw_view(array: np.ndarray) -> np.ndarray:
@@ -673,9 +583,8 @@ def load_bin_index(path: Path) -> TensorIndex:
             hint="Re-save the adapter with PEFT's save_pretrained.",
         )
     index = TensorIndex()
-    reverse = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
     for key, tensor in state.items():
-        tag = reverse.get(str(tensor.dtype).removeprefix("torch."), "F32")
+        tag = tag_of_torch_name(str(tensor.dtype).removeprefix("torch.")) or "F32"
         info = TensorInfo(key, tag, tuple(tensor.shape), path, 0, tensor.numel() * tensor.element_size())
         index.add(info)
         index._eager[key] = tensor

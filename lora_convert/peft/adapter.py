@@ -15,7 +15,7 @@ import gc
 import math
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from operator import attrgetter
 from pathlib import Path
@@ -34,9 +34,6 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 SAFETENSORS_INDEX_NAME = "adapter_model.safetensors.index.json"
 BIN_NAME = "adapter_model.bin"
 LAYOUT_NAME = "lora_layout.json"
-# Findings that describe PEFT's per-module layout; a stacked output (lora_layout.json) has 3-D, rank-padded
-# tensors on purpose, so for it these say nothing about the adapter (its own layout file is checked instead).
-STACKED_LAYOUT_CODES = frozenset({"shapes.not-2d", "rank.config-mismatch", "rank.fused-experts", "rank.a-b-mismatch"})
 
 # Registration order of the 3-D expert parameters in transformers 5 MoE blocks (gate_up_proj or up_proj first,
 # down_proj last). The first-registered targeted parameter gets the most `.base_layer` wrappers.
@@ -101,9 +98,6 @@ class LoraModule:
         return self.lora_A is not None and self.lora_B is not None
 
     def to_json(self) -> dict[str, Any]:
-        a, b, m, bias = self.lora_A, self.lora_B, self.magnitude, self.lora_bias
-        # perf: `keys` inlined (inspect --format json writes ~50,000 of these for the stress adapter)
-        keys = [t.key for t in (a, b, m, bias) if t is not None]
         return {
             "module": self.module,
             "param": self.param,
@@ -118,42 +112,10 @@ class LoraModule:
             "scaling": self.scaling if self.scaling_known else None,
             "in_features": self.in_features,
             "out_features": self.out_features,
-            "dora": m is not None,
+            "dora": self.magnitude is not None,
             "base_layer_depth": self.base_layer_depth,
-            "keys": keys,
+            "keys": self.keys,
         }
-
-
-# The order of LoraModule's fields, which group_modules passes positionally.
-_MODULE_FIELDS = (
-    "module",
-    "kind",
-    "target_name",
-    "param",
-    "param_source",
-    "layer",
-    "expert",
-    "local_name",
-    "stack_prefix",
-    "is_vision",
-    "base_layer_depth",
-    "adapter_name",
-    "lora_A",
-    "lora_B",
-    "magnitude",
-    "lora_bias",
-    "experts",
-    "rank",
-    "config_rank",
-    "alpha",
-    "scaling",
-    "config_rank_known",
-    "scaling_known",
-    "in_features",
-    "out_features",
-)
-if tuple(f.name for f in fields(LoraModule)) != _MODULE_FIELDS:  # a field was added or moved: update both
-    raise AssertionError("LoraModule's fields changed; update _MODULE_FIELDS and group_modules")
 
 
 @dataclass
@@ -179,7 +141,7 @@ class Adapter:
 
     @property
     def total_params(self) -> int:
-        # perf: TensorInfo.numel is math.prod(shape); mapped in C rather than a property call a tensor
+        # TensorInfo.numel of every tensor, mapped in C: this runs over every tensor of the adapter
         return sum(map(math.prod, map(attrgetter("shape"), self.index.tensors.values())))
 
     @property
@@ -270,15 +232,15 @@ def _adapter_files(source: AdapterSource) -> tuple[str, list[Path]]:
 def cyclic_gc_paused():
     """Pause Python's cyclic garbage collector while the index, parsed keys and modules are built.
 
-    perf: these are ~5 acyclic objects per tensor (freed by reference counting alone), but every allocation counts
-    towards the collector's thresholds, so building them for a 94,000-tensor adapter ran repeated full collections
-    over a growing heap: half of load_adapter's time (docs/benchmarks.md). The previous state is restored.
+    These are a few acyclic objects per tensor, freed by reference counting alone, but every allocation counts
+    towards the collector's thresholds, so building them for a large adapter would run repeated full collections
+    over a growing heap that holds no cycle (docs/benchmarks.md, "peft/ and the header reader" measures it). The previous
+    state is restored.
 
     On the way out the objects built here are handed to the oldest generation (gc.freeze then gc.unfreeze: two
     list splices, no traversal) instead of staying young: otherwise the first allocation after gc.enable() runs a
-    young-generation collection over all of them (~0.07 s of load_adapter on the stress adapter), and a middle-generation one
-    follows. They are collected as usual by full collections. Skipped when the caller has frozen objects of its
-    own (unfreeze would release those too).
+    young-generation collection over all of them, and a middle-generation one follows. They are collected as usual
+    by full collections. Skipped when the caller has frozen objects of its own (unfreeze would release those too).
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -292,6 +254,18 @@ def cyclic_gc_paused():
             gc.enable()
 
 
+def config_error(config: PeftConfig, config_path: Path) -> AdapterConfigError | None:
+    """The AdapterConfigError a strict read raises for adapter_config.json's errors, or None when it has none."""
+    fatal = config.errors
+    if not fatal:
+        return None
+    return AdapterConfigError(
+        f"{config_path} has {len(fatal)} problem(s): " + " ".join(f.message for f in fatal),
+        hint=(fatal[0].fix + " " if len(fatal) == 1 and fatal[0].fix else "")
+        + "Fix adapter_config.json (`lora-convert validate` lists every problem).",
+    )
+
+
 def load_adapter(
     spec: str | Path | AdapterSource,
     *,
@@ -301,8 +275,8 @@ def load_adapter(
 ) -> Adapter:
     """Open an adapter (local folder or Hub id) header-first.
 
-    With `strict_config`, errors in adapter_config.json raise AdapterConfigError; otherwise they are kept in
-    `adapter.findings` (validate reports them all).
+    With `strict_config`, errors in adapter_config.json raise AdapterConfigError (`config_error`); otherwise they
+    are kept in `adapter.findings` (validate reports them all).
     """
     source = (
         spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
@@ -313,61 +287,17 @@ def load_adapter(
     if config_path.exists():
         _check_inside(config_path, source.allowed_roots)
     config = load_config_file(config_path)
-    if strict_config and config.errors:
-        fatal = config.errors
-        raise AdapterConfigError(
-            f"{config_path} has {len(fatal)} problem(s): " + " ".join(f.message for f in fatal),
-            hint=(fatal[0].fix + " " if len(fatal) == 1 and fatal[0].fix else "")
-            + "Fix adapter_config.json (`lora-convert validate` lists every problem).",
-        )
+    error = config_error(config, config_path) if strict_config else None
+    if error is not None:
+        raise error
     file_format, files = _adapter_files(source)
     with cyclic_gc_paused():
-        index = TensorIndex()
-        for path in files:
-            _check_inside(path, source.allowed_roots)
-            if file_format == "bin":
-                index = load_bin_index(path)
-            else:
-                tensors, _ = read_safetensors_header(path)
-                index.add_all(tensors)
+        index = _read_index(source, file_format, files)
         parsed = parse_keys(index.tensors)
         modules, findings = group_modules(parsed, index, config)
-    findings = list(config.findings) + findings
-    for key, holders in index.duplicates.items():
-        findings.append(
-            finding(
-                "keys.duplicate",
-                f"{key} is stored in more than one shard ({', '.join(holders)}); only the first is used.",
-                keys=[key],
-                fix="Re-save the adapter so each tensor is stored once.",
-            )
-        )
-    layout = None
-    layout_path = source.path / LAYOUT_NAME
-    if layout_path.exists():
-        _check_inside(layout_path, source.allowed_roots)
-        layout = read_small_json(
-            layout_path,
-            AdapterFormatError,
-            hint=f"{LAYOUT_NAME} is written by `lora-convert normalize`: normalize the original adapter again.",
-        )
-    added = None
-    added_path = source.path / "added_tokens.json"
-    if added_path.exists():
-        _check_inside(added_path, source.allowed_roots)
-        try:
-            loaded = read_small_json(added_path, AdapterFormatError)
-            added = {str(k): int(v) for k, v in loaded.items()}
-        except AdapterFormatError as exc:  # not a regular file, too large, an LFS pointer, not a JSON object
-            findings.append(finding("config.added-tokens-unreadable", exc.message, keys=["added_tokens.json"]))
-        except (TypeError, ValueError):
-            findings.append(
-                finding(
-                    "config.added-tokens-unreadable",
-                    f"{added_path} is not a JSON object of token -> id.",
-                    keys=["added_tokens.json"],
-                )
-            )
+    findings = list(config.findings) + findings + _duplicate_key_findings(index)
+    layout = _read_layout(source)
+    added, added_findings = _read_added_tokens(source)
     return Adapter(
         source=source,
         config=config,
@@ -376,153 +306,223 @@ def load_adapter(
         index=index,
         parsed=parsed,
         modules=modules,
-        findings=findings,
+        findings=findings + added_findings,
         stacked_layout=layout,
         added_tokens=added,
     )
 
 
+def _read_index(source: AdapterSource, file_format: str, files: list[Path]) -> TensorIndex:
+    """Every tensor's header entry, over all shards (a `.bin` through safe unpickling)."""
+    index = TensorIndex()
+    for path in files:
+        _check_inside(path, source.allowed_roots)
+        if file_format == "bin":
+            index = load_bin_index(path)
+        else:
+            tensors, _ = read_safetensors_header(path)
+            index.add_all(tensors)
+    return index
+
+
+def _duplicate_key_findings(index: TensorIndex) -> list[Finding]:
+    return [
+        finding(
+            "keys.duplicate",
+            f"{key} is stored in more than one shard ({', '.join(holders)}); only the first is used.",
+            keys=[key],
+            fix="Re-save the adapter so each tensor is stored once.",
+        )
+        for key, holders in index.duplicates.items()
+    ]
+
+
+def _read_layout(source: AdapterSource) -> dict[str, Any] | None:
+    """lora_layout.json, when the adapter is a stacked output of `lora-convert normalize`."""
+    layout_path = source.path / LAYOUT_NAME
+    if not layout_path.exists():
+        return None
+    _check_inside(layout_path, source.allowed_roots)
+    return read_small_json(
+        layout_path,
+        AdapterFormatError,
+        hint=f"{LAYOUT_NAME} is written by `lora-convert normalize`: normalize the original adapter again.",
+    )
+
+
+def _read_added_tokens(source: AdapterSource) -> tuple[dict[str, int] | None, list[Finding]]:
+    """added_tokens.json as token -> id; one that cannot be read is a finding, not an error."""
+    added_path = source.path / "added_tokens.json"
+    if not added_path.exists():
+        return None, []
+    _check_inside(added_path, source.allowed_roots)
+    try:
+        loaded = read_small_json(added_path, AdapterFormatError)
+        return {str(k): int(v) for k, v in loaded.items()}, []
+    except AdapterFormatError as exc:  # not a regular file, too large, an LFS pointer, not a JSON object
+        message = exc.message
+    except (TypeError, ValueError):
+        message = f"{added_path} is not a JSON object of token -> id."
+    return None, [finding("config.added-tokens-unreadable", message, keys=["added_tokens.json"])]
+
+
 # ------------------------------------------------------------------------------------------------ grouping
+Slot = tuple[str, int]  # (module path, base_layer depth): one LoRA wrapper
+# Keys that are no LoRA factor (each a finding), and the factor an embedding's key fills in its wrapper's slot.
+_NOT_LORA_FACTORS = frozenset({Factor.UNKNOWN, Factor.FULL_WEIGHT, Factor.FULL_BIAS})
+_EMBEDDING_FACTORS = {Factor.EMBEDDING_A: Factor.LORA_A, Factor.EMBEDDING_B: Factor.LORA_B}
+# The tensors of a LoraModule, in the order of its fields lora_A, lora_B, magnitude, lora_bias.
+_MODULE_FACTORS = (Factor.LORA_A, Factor.LORA_B, Factor.MAGNITUDE, Factor.LORA_BIAS)
+
+
 def group_modules(
-    parsed: dict[str, ParsedKey], index: TensorIndex, config: PeftConfig
+    parsed: dict[str, ParsedKey], index: TensorIndex, config: PeftConfig, *, shortcut: bool = True
 ) -> tuple[list[LoraModule], list[Finding]]:
+    """The LoRA modules of the parsed keys, in (layer, module, expert, param) order, and what is wrong with them.
+
+    Findings come in this order: each key that is no LoRA factor or a second copy of one (key order), leftover
+    adapter-name segments, 3-D expert parameters, then each module's pairing, shape and rank problems.
+    `shortcut=False` sends every module through the general shape checks (`_fill_shapes`): the test oracle of
+    `_fill_common_pair`, which gives the same modules and findings faster.
+    """
     findings: list[Finding] = []
-    slots: dict[tuple[str, int], dict[Factor, ParsedKey]] = {}
-    embedding_slots: set[tuple[str, int]] = set()  # slots that hold a lora_embedding_A/B
+    slots, embedding_slots = _collect_slots(parsed, findings)
+    fused_params = _resolve_fused_params(slots, index, config, findings)
+    modules = _build_modules(slots, embedding_slots, fused_params, index, config, findings, shortcut)
+    modules.sort(key=_module_order)
+    return modules, findings
+
+
+def _collect_slots(
+    parsed: dict[str, ParsedKey], findings: list[Finding]
+) -> tuple[dict[Slot, dict[Factor, ParsedKey]], set[Slot]]:
+    """The LoRA factors of each wrapper (embedding factors as LORA_A/B), and the wrappers that are embeddings.
+
+    Keys that are not LoRA factors, and second copies of a factor, become findings instead."""
+    slots: dict[Slot, dict[Factor, ParsedKey]] = {}
+    embedding_slots: set[Slot] = set()  # slots that hold a lora_embedding_A/B
     leftover_names: list[str] = []
-    # perf: enum members as locals, one dict lookup per slot, and what each slot needs noted on the way
-    # (94,306 keys and 47,153 modules on the stress adapter; docs/benchmarks.md).
-    unknown, full_weight, full_bias = Factor.UNKNOWN, Factor.FULL_WEIGHT, Factor.FULL_BIAS
-    lora_a, lora_b, embedding_a, embedding_b = Factor.LORA_A, Factor.LORA_B, Factor.EMBEDDING_A, Factor.EMBEDDING_B
     for key, p in parsed.items():
         factor = p.factor
-        if factor is unknown:
-            findings.append(
-                finding(
-                    "keys.unparseable",
-                    f"{key!r} is not a PEFT LoRA tensor name (expected "
-                    "`<module>.lora_A.weight`, `<module>.lora_B.weight`, `lora_embedding_A/B` or "
-                    "`lora_magnitude_vector`).",
-                    keys=[key],
-                )
-            )
-            continue
-        if factor is full_weight or factor is full_bias:
-            findings.append(
-                finding(
-                    "keys.full-weight",
-                    f"{key} is a whole module {'weight' if factor is full_weight else 'bias'} "
-                    "(modules_to_save or bias), not a LoRA factor; serving engines reject or ignore it.",
-                    keys=[key],
-                    fix="Merge it into the base model, or normalize with --drop-unsupported to leave it out.",
-                )
-            )
+        if factor in _NOT_LORA_FACTORS:
+            findings.append(_not_a_factor(key, factor))
             continue
         if p.adapter_name is not None:
             leftover_names.append(key)
-        where = (p.module, p.base_layer_depth)
-        slot = slots.get(where)
-        if slot is None:
-            slot = slots[where] = {}
-        is_embedding = factor is embedding_a or factor is embedding_b
+        slot = (p.module, p.base_layer_depth)
+        factors = slots.setdefault(slot, {})
+        is_embedding = factor in _EMBEDDING_FACTORS
         if is_embedding:
-            factor = lora_a if factor is embedding_a else lora_b
-        if factor in slot:
+            factor = _EMBEDDING_FACTORS[factor]
+        if factor in factors:
+            first = factors[factor].key
             findings.append(
-                finding(
-                    "keys.duplicate",
-                    f"{key} and {slot[factor].key} are the same factor of {p.module}.",
-                    keys=[key, slot[factor].key],
-                )
+                finding("keys.duplicate", f"{key} and {first} are the same factor of {p.module}.", keys=[key, first])
             )
             continue
-        slot[factor] = p
+        factors[factor] = p
         if is_embedding:
-            embedding_slots.add(where)
+            embedding_slots.add(slot)
     if leftover_names:
-        names = sorted({parsed[k].adapter_name for k in leftover_names})
-        findings.append(
-            finding(
-                "keys.adapter-name-segment",
-                f"{len(leftover_names)} key(s) keep the adapter-name segment {', '.join(repr(n) for n in names)} "
-                f"(e.g. {leftover_names[0]}); PEFT strips it on save, and vLLM rejects such keys.",
-                keys=leftover_names[:20],
-                fix="lora-convert normalize writes the keys without it.",
-            )
+        findings.append(_adapter_name_finding(parsed, leftover_names))
+    return slots, embedding_slots
+
+
+def _not_a_factor(key: str, factor: Factor) -> Finding:
+    if factor is Factor.UNKNOWN:
+        return finding(
+            "keys.unparseable",
+            f"{key!r} is not a PEFT LoRA tensor name (expected "
+            "`<module>.lora_A.weight`, `<module>.lora_B.weight`, `lora_embedding_A/B` or "
+            "`lora_magnitude_vector`).",
+            keys=[key],
         )
-    fused_params = _resolve_fused_params(slots, index, config, findings)
-    modules: list[LoraModule] = []
+    return finding(
+        "keys.full-weight",
+        f"{key} is a whole module {'weight' if factor is Factor.FULL_WEIGHT else 'bias'} "
+        "(modules_to_save or bias), not a LoRA factor; serving engines reject or ignore it.",
+        keys=[key],
+        fix="Merge it into the base model, or normalize with --drop-unsupported to leave it out.",
+    )
+
+
+def _adapter_name_finding(parsed: dict[str, ParsedKey], leftover_names: list[str]) -> Finding:
+    names = sorted({parsed[k].adapter_name for k in leftover_names})
+    return finding(
+        "keys.adapter-name-segment",
+        f"{len(leftover_names)} key(s) keep the adapter-name segment {', '.join(repr(n) for n in names)} "
+        f"(e.g. {leftover_names[0]}); PEFT strips it on save, and vLLM rejects such keys.",
+        keys=leftover_names[:20],
+        fix="lora-convert normalize writes the keys without it.",
+    )
+
+
+def _build_modules(
+    slots: dict[Slot, dict[Factor, ParsedKey]],
+    embedding_slots: set[Slot],
+    fused_params: dict[Slot, tuple[str, str]],
+    index: TensorIndex,
+    config: PeftConfig,
+    findings: list[Finding],
+    shortcut: bool,
+) -> list[LoraModule]:
+    """One LoraModule per wrapper: its kind, target name, the config's numbers for it, its rank and features."""
     tensors = index.tensors
-    magnitude, lora_bias = Factor.MAGNITUDE, Factor.LORA_BIAS
     ranks = _RankLookup(config)
-    linear, embedding, fused = ModuleKind.LINEAR, ModuleKind.EMBEDDING, ModuleKind.FUSED_EXPERTS
-    by_target_parameter = bool(config.target_parameters)
-    for where, factors in slots.items():
-        module_path, depth = where
+    modules = []
+    for slot, factors in slots.items():
+        module_path, depth = slot
         sample = next(iter(factors.values()))
-        kind = fused if _is_fused_experts(module_path) else embedding if where in embedding_slots else linear
-        param, param_source = fused_params.get(where, (None, None))
-        target_name = f"{module_path}.{param}" if param else module_path
-        if kind == linear and by_target_parameter and config.targets_parameter(module_path, "weight"):
-            target_name = f"{module_path}.weight"
-        a, b, m, bias = factors.get(lora_a), factors.get(lora_b), factors.get(magnitude), factors.get(lora_bias)
-        rank_values = ranks.shared
-        if rank_values is None:
-            rank_values = ranks(target_name)
-        config_rank, alpha, scaling, config_rank_known, scaling_known = rank_values
-        ta = None if a is None else tensors[a.key]
-        tb = None if b is None else tensors[b.key]
-        # perf: the common module (a 2-D pair whose ranks agree with each other and the config) is filled here;
-        # everything else goes through _fill_shapes, which reports what is wrong.
-        rank = in_features = out_features = None
-        simple = (
-            ta is not None
-            and tb is not None
-            and kind != fused
-            and len(sa := ta.shape) == 2
-            and len(sb := tb.shape) == 2
-            and sa[0] == sb[1]
-            and (not config_rank_known or sa[0] == config_rank)
-        )
-        if simple:
-            rank, in_features, out_features = sa[0], sa[1], sb[0]
+        param, param_source = fused_params.get(slot, (None, None))
+        if _is_fused_experts(module_path):
+            kind = ModuleKind.FUSED_EXPERTS
+        else:
+            kind = ModuleKind.EMBEDDING if slot in embedding_slots else ModuleKind.LINEAR
+        target_name = _target_name(config, module_path, kind, param)
+        config_rank, alpha, scaling, config_rank_known, scaling_known = ranks.numbers(target_name)
         local_name = sample.local_name
         if param and local_name.endswith("experts"):
             local_name = f"{local_name}.{param}"
-        # perf: positional, in _MODULE_FIELDS order (checked at import): matching 24 keyword arguments took
-        # 0.04 s of the stress adapter's 47,153 modules, three times the call itself.
-        mod = LoraModule(
-            module_path,
-            kind,
-            target_name,
-            param,
-            param_source,
-            sample.layer,
-            sample.expert,
-            local_name,
-            sample.stack_prefix,
-            sample.is_vision,
-            depth,
-            sample.adapter_name,
-            ta,
-            tb,
-            None if m is None else tensors[m.key],
-            None if bias is None else tensors[bias.key],
-            None,  # experts
-            rank,
-            config_rank,
-            alpha,
-            scaling,
-            config_rank_known,
-            scaling_known,
-            in_features,
-            out_features,
+        a, b, magnitude, bias = [None if p is None else tensors[p.key] for p in map(factors.get, _MODULE_FACTORS)]
+        # Built as `LoraModule(...)` builds it: __init__ called on a bare instance takes the keywords as they are,
+        # where calling the class first packs them into a dict (docs/benchmarks.md, "peft/ and the header reader").
+        mod = object.__new__(LoraModule)
+        mod.__init__(
+            module=module_path,
+            kind=kind,
+            target_name=target_name,
+            param=param,
+            param_source=param_source,
+            layer=sample.layer,
+            expert=sample.expert,
+            local_name=local_name,
+            stack_prefix=sample.stack_prefix,
+            is_vision=sample.is_vision,
+            base_layer_depth=depth,
+            adapter_name=sample.adapter_name,
+            lora_A=a,
+            lora_B=b,
+            magnitude=magnitude,
+            lora_bias=bias,
+            config_rank=config_rank,
+            alpha=alpha,
+            scaling=scaling,
+            config_rank_known=config_rank_known,
+            scaling_known=scaling_known,
         )
-        if not simple:
+        if not (shortcut and _fill_common_pair(mod)):
             _fill_shapes(mod, config, findings)
         modules.append(mod)
-    modules.sort(key=_module_order)
-    return modules, findings
+    return modules
+
+
+def _target_name(config: PeftConfig, module_path: str, kind: ModuleKind, param: str | None) -> str:
+    """What PEFT matches rank/alpha patterns against: the 3-D parameter, or a targeted 2-D `weight`."""
+    if param:
+        return f"{module_path}.{param}"
+    if config.target_parameters and kind == ModuleKind.LINEAR and config.targets_parameter(module_path, "weight"):
+        return f"{module_path}.weight"
+    return module_path
 
 
 def _module_order(m: LoraModule) -> tuple:
@@ -537,16 +537,16 @@ def _is_fused_experts(module_path: str) -> bool:
 class _RankLookup:
     """The config's rank, alpha, scaling and whether they are known, per target name.
 
-    perf: with no rank_pattern and no alpha_pattern entries, `PeftConfig`'s answers cannot depend on the name
-    (every pattern lookup finds nothing), so they are computed once instead of five calls per module."""
+    With no rank_pattern and no alpha_pattern entries, `PeftConfig`'s answers cannot depend on the name (every
+    pattern lookup finds nothing), so they are computed once instead of five lookups per module."""
 
     def __init__(self, config: PeftConfig) -> None:
         self.config = config
         self.shared: tuple | None = None
         self.name_free = not config.rank_pattern and not config.alpha_pattern
 
-    def __call__(self, target_name: str) -> tuple[int, float, float, bool, bool]:
-        if self.name_free and self.shared is not None:
+    def numbers(self, target_name: str) -> tuple[int, float, float, bool, bool]:
+        if self.shared is not None:
             return self.shared
         c = self.config
         values = (
@@ -623,22 +623,31 @@ def _guess_param_from_shapes(factors: dict[Factor, ParsedKey], index: TensorInde
     return "down_proj"
 
 
+# -------------------------------------------------------------------------------------------------- shapes
+def _fill_common_pair(mod: LoraModule) -> bool:
+    """Fill the common module, a 2-D pair whose ranks agree with each other and with the config; False for any
+    other, which `_fill_shapes` fills and reports on.
+
+    A shortcut past `_fill_shapes` for the tens of thousands of modules of a large MoE adapter (docs/benchmarks.md,
+    "peft/ and the header reader"); on these modules both set the same fields and report nothing
+    (tests/test_peft_reading_parts.py holds them equal)."""
+    a, b = mod.lora_A, mod.lora_B
+    if a is None or b is None or mod.kind == ModuleKind.FUSED_EXPERTS:
+        return False
+    sa, sb = a.shape, b.shape
+    if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1] or (mod.config_rank_known and sa[0] != mod.config_rank):
+        return False
+    mod.rank, mod.in_features, mod.out_features = sa[0], sa[1], sb[0]
+    return True
+
+
 def _fill_shapes(mod: LoraModule, config: PeftConfig, findings: list[Finding]) -> None:
-    """The module's rank, features and expert count from its tensors (config_rank and the rest already set)."""
+    """The module's rank, features and expert count from its tensors (config_rank and the rest already set), and a
+    finding for each thing that does not fit PEFT's layout."""
     a, b = mod.lora_A, mod.lora_B
     if a is None or b is None:
-        present, missing = ("lora_A", "lora_B") if b is None else ("lora_B", "lora_A")
-        if a is None and b is None:
-            return
-        findings.append(
-            finding(
-                "pairs.missing-B" if b is None else "pairs.missing-A",
-                f"{mod.module}{'.' + mod.param if mod.param and mod.kind == ModuleKind.FUSED_EXPERTS else ''} "
-                f"has {present} but no {missing}.",
-                keys=mod.keys,
-                fix="The adapter is incomplete; save it again, or drop the module.",
-            )
-        )
+        if a is not None or b is not None:
+            findings.append(_missing_factor(mod))
         return
     for t in (a, b):
         if len(t.shape) != 2:
@@ -652,30 +661,52 @@ def _fill_shapes(mod: LoraModule, config: PeftConfig, findings: list[Finding]) -
                 )
             )
             return
-    if mod.kind == ModuleKind.FUSED_EXPERTS:
-        mod.in_features, mod.out_features = a.shape[1], b.shape[0]
-        if not mod.config_rank_known:
-            return  # E and r cannot be told apart without the config's rank; the config finding says why
-        r = mod.config_rank
-        rows, cols = a.shape[0], b.shape[1]
-        if r <= 0 or rows % r or cols % r or rows != cols:
-            findings.append(
-                finding(
-                    "rank.fused-experts",
-                    f"{mod.module}.{mod.param}: 3-D LoRA A has {rows} rows and B has {cols} columns, which is not E*r "
-                    f"for the configured rank {r}.",
-                    keys=mod.keys,
-                    expected=f"A [E*{r}, in], B [out, {r}*E]",
-                    actual=[list(a.shape), list(b.shape)],
-                )
-            )
-            mod.rank = None
-        else:
-            mod.rank = r
-            mod.experts = rows // r
-        return
-    rank_a, rank_b = a.shape[0], b.shape[1]
     mod.in_features, mod.out_features = a.shape[1], b.shape[0]
+    if mod.kind == ModuleKind.FUSED_EXPERTS:
+        _fill_expert_rank(mod, findings)
+    else:
+        _fill_pair_rank(mod, config, findings)
+
+
+def _missing_factor(mod: LoraModule) -> Finding:
+    present, missing = ("lora_A", "lora_B") if mod.lora_B is None else ("lora_B", "lora_A")
+    param = f".{mod.param}" if mod.param and mod.kind == ModuleKind.FUSED_EXPERTS else ""
+    return finding(
+        "pairs.missing-B" if mod.lora_B is None else "pairs.missing-A",
+        f"{mod.module}{param} has {present} but no {missing}.",
+        keys=mod.keys,
+        fix="The adapter is incomplete; save it again, or drop the module.",
+    )
+
+
+def _fill_expert_rank(mod: LoraModule, findings: list[Finding]) -> None:
+    """A 3-D expert wrapper's rank and expert count: A is [E*r, in], B [out, r*E], r from the config."""
+    if not mod.config_rank_known:
+        return  # E and r cannot be told apart without the config's rank; the config finding says why
+    a, b = mod.lora_A, mod.lora_B
+    r = mod.config_rank
+    rows, cols = a.shape[0], b.shape[1]
+    if r <= 0 or rows % r or cols % r or rows != cols:
+        findings.append(
+            finding(
+                "rank.fused-experts",
+                f"{mod.module}.{mod.param}: 3-D LoRA A has {rows} rows and B has {cols} columns, which is not E*r "
+                f"for the configured rank {r}.",
+                keys=mod.keys,
+                expected=f"A [E*{r}, in], B [out, {r}*E]",
+                actual=[list(a.shape), list(b.shape)],
+            )
+        )
+        mod.rank = None
+    else:
+        mod.rank = r
+        mod.experts = rows // r
+
+
+def _fill_pair_rank(mod: LoraModule, config: PeftConfig, findings: list[Finding]) -> None:
+    """A 2-D pair's rank: A's rows, which B's columns and the config's rank (or rank_pattern) must equal."""
+    a, b = mod.lora_A, mod.lora_B
+    rank_a, rank_b = a.shape[0], b.shape[1]
     if rank_a != rank_b:
         findings.append(
             finding(

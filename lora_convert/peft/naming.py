@@ -56,7 +56,6 @@ _FACTOR_NAMES = {
     "lora_embedding_B": Factor.EMBEDDING_B,
     "lora_magnitude_vector": Factor.MAGNITUDE,
 }
-_FACTOR_SET = frozenset(_FACTOR_NAMES)
 
 
 @dataclass(frozen=True)
@@ -85,130 +84,74 @@ class ParsedKey:
 
 def parse_key(key: str) -> ParsedKey:
     """Parse one tensor name. Never raises: what does not fit the grammar comes back as Factor.UNKNOWN."""
-    # perf: this runs once per tensor (94,000 times for a per-expert DeepSeek-V3 adapter), so it uses plain loops
-    # and set operations rather than generator expressions; same grammar, same results (docs/benchmarks.md).
     has_prefix = key.startswith(PEFT_PREFIX)
     rest = key[len(PEFT_PREFIX) :] if has_prefix else key
-    fast = _fast_parse(key, rest, has_prefix)
-    if fast is not None:
-        return fast
     parts = rest.split(".")
-    factor_at = None
-    if not _FACTOR_SET.isdisjoint(parts):
-        for i, part in enumerate(parts):
-            if part in _FACTOR_NAMES:
-                factor_at = i
-                break
-    adapter_name = None
-    if factor_at is not None:
-        name = parts[factor_at]
-        tail = parts[factor_at + 1 :]
-        factor = _FACTOR_NAMES[name]
-        if tail and tail[-1] in ("weight", "bias"):
-            suffix = tail[-1]
-            tail = tail[:-1]
-        else:
-            suffix = None
-        if len(tail) > 1 or factor_at == 0:
-            return _unknown(key, rest, has_prefix)
-        if tail:
-            adapter_name = tail[0]
-        if suffix == "bias":
-            if factor is not Factor.LORA_B:
-                return _unknown(key, rest, has_prefix)
-            factor = Factor.LORA_BIAS
-        elif suffix is None and factor in (Factor.LORA_A, Factor.LORA_B):
-            # PEFT always writes `.weight` after lora_A/lora_B; without it the name is not PEFT's.
-            return _unknown(key, rest, has_prefix)
-        module_parts = parts[:factor_at]
+    factor_at = next((i for i, part in enumerate(parts) if part in _FACTOR_NAMES), None)
+    if factor_at is None:
+        split = _split_whole_module(parts)
     else:
-        if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
-            return _unknown(key, rest, has_prefix)
-        factor = Factor.FULL_WEIGHT if parts[-1] == "weight" else Factor.FULL_BIAS
-        module_parts = parts[:-1]
-        # modules_to_save copies may still carry their wrapper: `<module>.modules_to_save.<name>.weight`
-        if len(module_parts) >= 2 and module_parts[-2] == "modules_to_save":
-            adapter_name = module_parts[-1]
-            module_parts = module_parts[:-2]
-        elif module_parts and module_parts[-1] == "original_module":
-            module_parts = module_parts[:-1]
+        split = _split_lora_factor(parts, factor_at)
+    if split is None:
+        return _unknown(key, rest, has_prefix)
+    factor, module_parts, adapter_name = split
     depth = 0
     while module_parts and module_parts[-1] == "base_layer":
         depth += 1
         module_parts = module_parts[:-1]
     if not module_parts or "" in module_parts:
         return _unknown(key, rest, has_prefix)
-    module = ".".join(module_parts)
-    return _locate(key, factor, module, depth, adapter_name, has_prefix, module_parts)
+    return _locate(key, factor, ".".join(module_parts), depth, adapter_name, has_prefix, module_parts)
 
 
-# perf: the shape nearly every tensor of a large adapter has, `<stack>.layers.N.<local>[.base_layer]*.lora_A|B.weight`,
-# is matched by one regex; the general parser below handles everything else. The fast path declines (returns None)
-# whenever the general parser could decide differently: a second `lora_` segment, a vision segment, a local path
-# that is all `base_layer`, an empty segment. tests/test_naming.py and the property tests check both paths.
-_FAST_RE = re.compile(r"((?:[^.]+\.)*?)layers\.(\d+)\.([^.]+(?:\.[^.]+)*?)((?:\.base_layer)*)\.lora_([AB])\.weight")
-_VISION_RE = re.compile("|".join(sorted(VISION_SEGMENTS)))
-
-
-def _fast_parse(key: str, rest: str, has_prefix: bool) -> ParsedKey | None:
-    if rest.count("lora_") != 1 or _VISION_RE.search(rest):
+def _split_lora_factor(parts: list[str], factor_at: int) -> tuple[Factor, list[str], str | None] | None:
+    """`<module> . <factor> [.<adapter name>] [.weight|.bias]`: the factor, the module's segments, the adapter name;
+    None when the name does not fit."""
+    factor = _FACTOR_NAMES[parts[factor_at]]
+    tail = parts[factor_at + 1 :]
+    suffix = tail.pop() if tail and tail[-1] in ("weight", "bias") else None
+    if len(tail) > 1 or factor_at == 0:
         return None
-    m = _FAST_RE.fullmatch(rest)
-    if m is None:
+    if suffix == "bias":
+        if factor is not Factor.LORA_B:
+            return None
+        factor = Factor.LORA_BIAS
+    elif suffix is None and factor in (Factor.LORA_A, Factor.LORA_B):
+        return None  # PEFT always writes `.weight` after lora_A/lora_B; without it the name is not PEFT's
+    return factor, parts[:factor_at], tail[0] if tail else None
+
+
+def _split_whole_module(parts: list[str]) -> tuple[Factor, list[str], str | None] | None:
+    """`<module> .weight|.bias`, a whole module's tensor (modules_to_save, bias); None when the name does not fit."""
+    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
         return None
-    stack, layer, local, wrappers, ab = m.groups()
-    if local.startswith("base_layer"):
-        return None
-    module = f"{stack}layers.{layer}.{local}"
-    expert = None
-    expert_match = _EXPERT_RE.search(local) if "experts" in local else None
-    if expert_match:
-        expert = int(expert_match.group(1))
-        local = (
-            local[: expert_match.start()]
-            + (".experts" if expert_match.start() > 0 else "experts")
-            + local[expert_match.end() :]
-        )
-    return ParsedKey(
-        key=key,
-        factor=Factor.LORA_A if ab == "A" else Factor.LORA_B,
-        module=module,
-        base_layer_depth=wrappers.count(".base_layer"),
-        adapter_name=None,
-        has_peft_prefix=has_prefix,
-        layer=int(layer),
-        expert=expert,
-        stack_prefix=stack[:-1].lstrip(".") if stack else "",
-        local_name=local,
-        is_vision=False,
-    )
+    factor = Factor.FULL_WEIGHT if parts[-1] == "weight" else Factor.FULL_BIAS
+    module_parts = parts[:-1]
+    adapter_name = None
+    # modules_to_save copies may still carry their wrapper: `<module>.modules_to_save.<name>.weight`
+    if len(module_parts) >= 2 and module_parts[-2] == "modules_to_save":
+        adapter_name = module_parts[-1]
+        module_parts = module_parts[:-2]
+    elif module_parts and module_parts[-1] == "original_module":
+        module_parts = module_parts[:-1]
+    return factor, module_parts, adapter_name
 
 
 def _unknown(key: str, rest: str, has_prefix: bool) -> ParsedKey:
     return ParsedKey(key=key, factor=Factor.UNKNOWN, module=rest, has_peft_prefix=has_prefix)
 
 
-def _locate(key, factor, module, depth, adapter_name, has_prefix, segments=None) -> ParsedKey:
-    if segments is None:
-        segments = module.split(".")
+def _locate(key, factor, module, depth, adapter_name, has_prefix, segments) -> ParsedKey:
+    """The key's place in the model: layer, expert, the path before and after `layers.N`, vision tower or not."""
     is_vision = not VISION_SEGMENTS.isdisjoint(segments)
-    layer = expert = None
-    stack_prefix = None
+    layer = expert = stack_prefix = None
     local = module
-    # perf: both regexes need the literal segment, so skip them when it is absent (dense keys have no experts).
-    match = _LAYER_RE.search(module + ".") if "layers" in segments else None
+    match = _LAYER_RE.search(module + ".")
     if match and not is_vision:
         layer = int(match.group(1))
         stack_prefix = module[: match.start()].lstrip(".") if match.start() > 0 else ""
         local = (module + ".")[match.end() :].rstrip(".")
-    expert_match = _EXPERT_RE.search(local) if layer is not None and "experts" in segments else None
-    if expert_match:
-        expert = int(expert_match.group(1))
-        local = (
-            local[: expert_match.start()]
-            + (".experts" if expert_match.start() > 0 else "experts")
-            + local[expert_match.end() :]
-        )
+        expert, local = _fold_expert(local)
     return ParsedKey(
         key=key,
         factor=factor,
@@ -224,15 +167,26 @@ def _locate(key, factor, module, depth, adapter_name, has_prefix, segments=None)
     )
 
 
+def _fold_expert(local: str) -> tuple[int | None, str]:
+    """The expert index of a path inside a layer, and the path without it (`mlp.experts.3.w1` -> 3,
+    `mlp.experts.w1`)."""
+    match = _EXPERT_RE.search(local)
+    if match is None:
+        return None, local
+    folded = local[: match.start()] + (".experts" if match.start() > 0 else "experts") + local[match.end() :]
+    return int(match.group(1)), folded
+
+
 # ------------------------------------------------------------------------------------------ many keys at once
-# perf: a large MoE adapter's keys come in a few dozen shapes that differ only in their numbers (the stress
-# adapter: 94,306 keys, 16 shapes once `layers.N` and `experts.J` are abstracted), and the grammar never looks
-# at a number's value: a whole-number segment is `\d+` to every rule. So `parse_keys` parses one key per shape
-# (its *template*: the key with each whole-number segment cut out) and builds the others from their own slices and
-# numbers.
+# The fast path of `{key: parse_key(key) for key in keys}`, which stays its test oracle (tests/test_naming.py,
+# tests/test_peft_reading_parts.py: equal field for field, on fixture, varied and generated keys).
+# A large MoE adapter's keys come in a few dozen shapes that differ only in their numbers (tens of thousands of keys,
+# 16 shapes once `layers.N` and `experts.J` are abstracted), and the grammar never looks at a number's value: a
+# whole-number segment is `\d+` to every rule. So `parse_keys` parses one key per shape (its *template*: the key
+# with each whole-number segment cut out) and builds the others from their own slices and numbers.
 # The derivation (a _Recipe) is found by parsing a probe key whose numbers are unique markers, and it is
-# verified on the key it was made from; a shape it cannot describe is parsed key by key. tests/test_naming.py
-# checks parse_keys against parse_key on a varied key set.
+# verified on the key it was made from; a shape it cannot describe is parsed key by key. What it saves is in
+# docs/benchmarks.md ("peft/ and the header reader").
 _NUMBER_SEGMENT = re.compile(r"\.([0-9]+)(?=\.)")  # a whole-number segment between two dots
 _MAX_TEMPLATE_KEY = 1000  # longer keys are parsed one by one (the markers are longer than the key)
 _FIELD_NAMES = tuple(f.name for f in fields(ParsedKey))
@@ -260,9 +214,8 @@ class _Recipe:
             values[name] = "".join([p if type(p) is str else parts[p] for p in pieces])
         for name, at in self.numbers:
             values[name] = int(parts[at])
-        # perf: the fields go straight into the instance dict (what the frozen dataclass __init__ does one
-        # object.__setattr__ at a time): 0.1 s less on the stress adapter, for ~30 MB more of instance dicts
-        # (RSS stays at the level of before the cache). The result equals ParsedKey(**values), field for field.
+        # The fields go straight into the instance dict, where the frozen dataclass's __init__ would set them one
+        # object.__setattr__ at a time (docs/benchmarks.md); the result equals ParsedKey(**values), field for field.
         parsed = _new_object(ParsedKey)
         parsed.__dict__.update(values)
         return parsed

@@ -2,8 +2,12 @@
 
 Each worker is a process of its own, so that a hung adapter can be stopped (the worker is killed and replaced:
 `status: timeout`) and a worker that dies (a segfault in a native library, the OOM killer) costs only the adapter
-it was on (`status: crashed`); the scan goes on either way. A pool such as concurrent.futures cannot do either: it
-cannot kill one task, and one dead worker breaks the whole pool.
+it was on (`status: crashed`); the scan goes on either way. The standard library's pools cannot do either:
+concurrent.futures.ProcessPoolExecutor cannot stop a task once it runs (Future.cancel only withdraws one not yet
+started) and one dead worker breaks the whole pool (BrokenProcessPool fails every pending future);
+multiprocessing.Pool cannot kill one task either, and the task of a worker that died never completes. So `_Pool`
+below is a small supervisor of multiprocessing.Process workers, one method per job: start a worker, feed it a batch,
+wait for news until the earliest deadline, collect its records, kill and replace a hung or dead one.
 
 Work is handed out in batches, so that a worker never waits for the parent. A small adapter is a few
 milliseconds of work, about what one round trip through the parent costs on a busy machine (the parent wakes up,
@@ -147,13 +151,19 @@ class _Queue:
             (self.torch if task in self._torch_tasks else self.plain).appendleft(task)
 
 
+def limit_worker_threads() -> None:
+    """One OpenMP thread in a scan worker (local or Ray), unless the user set it: torch's pool costs more than it
+    saves per small op (see cli/_app), and the workers already fill the cores."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def _worker(conn: Connection, options: ScanOptions, task_fn: TaskFn) -> None:
     """Say READY once started, then run batches of tasks, one record sent per task in order, until told to stop
     (None) or the parent goes away."""
     # The parent handles Ctrl-C and SIGTERM for the fleet and then stops its workers; a worker that also raised
     # KeyboardInterrupt would print a traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch's pool costs more than it saves per small op (see cli/_app)
+    limit_worker_threads()
     # What every task imports is the worker's start-up, not its first adapter's time (a second or more on a loaded
     # machine, which a short --timeout would otherwise charge to that adapter).
     importlib.import_module("lora_convert.check.validate")
@@ -180,6 +190,8 @@ def _worker(conn: Connection, options: ScanOptions, task_fn: TaskFn) -> None:
 
 @dataclass
 class _Worker:
+    """One worker process as the parent sees it: the tasks it holds and the clock of the one it is on."""
+
     process: Any
     conn: Connection
     # Tasks sent and without a record yet, in the order the worker runs them: tasks[0] is the one it is on.
@@ -189,6 +201,53 @@ class _Worker:
     torch: bool = False  # it has been given an adapter stored as a legacy .bin (so it has imported torch)
     started: float = 0.0  # when tasks[0] started, as far as the parent knows (never earlier than it did)
     ready: bool = False  # it has said READY: started and imported; until then its clock is WORKER_START_S
+
+    def can_take(self, depth: int) -> bool:
+        """Whether it holds fewer than `depth` batches, and no large adapter to queue something behind."""
+        return len(self.batches) < depth and not (self.batches and self.big)
+
+    def took(self, batch: list[ScanTask], from_torch_lane: bool) -> None:
+        """`batch` was sent to it: an idle worker starts its first task's clock now."""
+        self.torch = self.torch or from_torch_lane
+        if not self.tasks:
+            self.started = time.monotonic()
+            self.big = batch[0].nbytes >= BATCH_MAX_BYTES
+        self.tasks.extend(batch)
+        self.batches.append(len(batch))
+
+    def finished_one(self) -> None:
+        """tasks[0] has its record: the worker is on the next one from now."""
+        self.tasks.popleft()
+        self.batches[0] -= 1
+        if not self.batches[0]:
+            self.batches.popleft()
+            self.big = bool(self.tasks) and self.tasks[0].nbytes >= BATCH_MAX_BYTES
+        self.started = time.monotonic()
+
+    def limit(self, timeout_s: float) -> float:
+        """How long tasks[0] may take from `started`: --timeout once the worker is ready."""
+        return timeout_s if self.ready else max(timeout_s, WORKER_START_S)
+
+    def overdue(self, timeout_s: float) -> bool:
+        return time.monotonic() - self.started >= self.limit(timeout_s)
+
+    def signal_stop(self, kill: bool) -> None:
+        """Tell it to exit (or kill it), without waiting: see reap()."""
+        if kill:
+            self.process.kill()
+            return
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            self.process.kill()
+
+    def reap(self) -> None:
+        """Wait for it to exit (killing one that ignored the stop message) and close its pipe."""
+        self.process.join(timeout=5)
+        if self.process.is_alive():  # pragma: no cover - a worker that ignored the stop message
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
 
 
 def _signal_name(code: int | None) -> str:
@@ -200,6 +259,153 @@ def _signal_name(code: int | None) -> str:
         except ValueError:
             return f"the worker was killed by signal {-code}"
     return f"the worker exited with status {code}"
+
+
+class _Pool:
+    """The supervisor of one `run_all`: its workers, the tasks not handed out yet and where each record goes.
+
+    A worker's life is start_worker, feed (a batch), collect (its records), and, when it hangs or dies,
+    replace (killed; a fresh worker takes its place). `run` is the loop: feed every worker, wait for news until
+    the earliest deadline, collect it, stop what is overdue."""
+
+    def __init__(
+        self, queue: _Queue, options: ScanOptions, task_fn: TaskFn, on_result: Callable[[dict], None], jobs: int
+    ) -> None:
+        self.queue = queue
+        self.options = options
+        self.task_fn = task_fn
+        self.on_result = on_result
+        self.jobs = jobs
+        # spawn, not fork: the parent may run a progress-bar thread, and forking a threaded process can deadlock.
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers: list[_Worker] = []
+
+    def start_worker(self) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(
+            target=_worker, args=(child, self.options, self.task_fn), daemon=True, name="lora-convert-scan-worker"
+        )
+        process.start()
+        child.close()
+        self.workers.append(_Worker(process, parent))
+
+    def feed(self, worker: _Worker, depth: int) -> bool:
+        """Send `worker` a batch if it holds fewer than `depth` (at most 1 + QUEUED_BATCHES, and nothing behind a
+        large adapter); False if it died before taking it (the batch is back in the queue)."""
+        if not worker.can_take(depth):
+            return True
+        lane = self.queue.lane(worker.torch, sum(w.torch for w in self.workers))
+        if lane is None:
+            return True
+        batch = _take_batch(lane, _batch_limit(len(self.queue), self.jobs))
+        try:
+            worker.conn.send(batch)
+        except (BrokenPipeError, OSError):  # it died while idle, or mid-batch: see collect()
+            self.queue.put_back(batch)
+            return False
+        worker.took(batch, lane is self.queue.torch)
+        return True
+
+    def feed_all(self) -> None:
+        """A batch to run for every worker before a batch to queue for any."""
+        for depth in range(1, 2 + QUEUED_BATCHES):
+            for worker in list(self.workers):
+                if not self.feed(worker, depth):
+                    self.died(worker)
+
+    def collect(self, worker: _Worker) -> bool:
+        """Hand on every record `worker` has sent; False if it is dead (its pipe is closed). Only the pipe's errors
+        mean that: an OSError out of on_result (the report's disk full) propagates, as any exception of it does."""
+        while True:
+            try:
+                if not worker.conn.poll():
+                    return True
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                return False
+            if message == READY:
+                worker.ready = True
+                worker.started = time.monotonic()  # the clock of the adapter it is on starts now
+                continue
+            if not worker.tasks:  # pragma: no cover - a record nobody asked for: the protocol is broken
+                raise RuntimeError("a scan worker sent a record without a task")
+            worker.finished_one()
+            self.on_result(message)
+
+    def replace(self, worker: _Worker, record: dict | None) -> None:
+        """Kill `worker` (dead or hung) and start another if work is left; `record` is that of the task it was on;
+        its other tasks never started and go back to the front of the queue."""
+        worker.signal_stop(kill=True)
+        worker.reap()
+        self.workers.remove(worker)
+        if worker.tasks:
+            worker.tasks.popleft()
+            self.queue.put_back(list(worker.tasks))
+        if self.queue:
+            self.start_worker()
+        if record is not None:
+            self.on_result(record)
+
+    def died(self, worker: _Worker) -> None:
+        """`worker` is gone: hand on the records it sent before, record `crashed` for the task it was on."""
+        self.collect(worker)
+        worker.process.join(timeout=5)
+        code = worker.process.exitcode
+        self.replace(worker, crash_record(worker.tasks[0], _signal_name(code)) if worker.tasks else None)
+
+    def wait_for_news(self, busy: list[_Worker]) -> None:
+        """Sleep until a busy worker sends something or exits, or the earliest clock runs out; collect the news."""
+        if PARENT_NAP_S and (not self.queue or all(len(w.batches) > QUEUED_BATCHES for w in self.workers)):
+            time.sleep(PARENT_NAP_S)
+        deadline = min(w.started + w.limit(self.options.timeout_s) for w in busy)
+        ready = set(
+            wait(
+                [w.conn for w in busy] + [w.process.sentinel for w in busy],
+                max(0.0, deadline - time.monotonic()),
+            )
+        )
+        for worker in busy:
+            exited = worker.process.sentinel in ready
+            # A worker that exited is dead even if its pipe still looked open (collect() reads what it sent first).
+            if (exited or worker.conn in ready) and (not self.collect(worker) or exited):
+                self.died(worker)
+
+    def stop_overdue(self) -> None:
+        """Kill and replace every worker whose task ran past its limit (`timeout`; `crashed` if it never started)."""
+        timeout_s = self.options.timeout_s
+        for worker in [w for w in self.workers if w.tasks]:
+            if not worker.overdue(timeout_s):
+                continue
+            if not self.collect(worker):  # a record may have come in since the wait
+                self.died(worker)
+            elif worker.tasks and (seconds := time.monotonic() - worker.started) >= worker.limit(timeout_s):
+                task = worker.tasks[0]
+                if worker.ready:
+                    self.replace(worker, timeout_record(task, seconds))
+                else:
+                    self.replace(worker, crash_record(task, f"the worker did not start within {seconds:.0f} s"))
+
+    def run(self) -> None:
+        """Start the workers and supervise them until every task has a record."""
+        for _ in range(self.jobs):
+            self.start_worker()
+        while True:
+            self.feed_all()
+            busy = [w for w in self.workers if w.tasks]
+            if not busy:
+                if self.queue:
+                    continue  # a worker was replaced before it got its batch
+                return
+            self.wait_for_news(busy)
+            self.stop_overdue()
+
+    def close(self) -> None:
+        """Stop every worker: all are told first and then waited for, so that they exit together. One still on a
+        task (an exception or Ctrl-C came mid-scan) is killed."""
+        for worker in self.workers:
+            worker.signal_stop(kill=bool(worker.tasks))
+        for worker in self.workers:
+            worker.reap()
 
 
 def run_all(
@@ -214,155 +420,11 @@ def run_all(
     as it arrives. Returns when every task has a record; an exception (KeyboardInterrupt, or one raised by
     on_result) stops the workers and propagates. `task_fn` is what a worker runs on each task (run_task; tests
     pass one that hangs or kills its worker): it is pickled by reference, so it must be a module-level function."""
-    pending = _Queue(tasks)
-    if not pending:
+    queue = _Queue(tasks)
+    if not queue:
         return
-    jobs = max(1, min(jobs or default_jobs(), len(pending)))
-    # spawn, not fork: the parent may run a progress-bar thread, and forking a threaded process can deadlock.
-    ctx = multiprocessing.get_context("spawn")
-    workers: list[_Worker] = []
-
-    def start() -> _Worker:
-        parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(
-            target=_worker, args=(child, options, task_fn), daemon=True, name="lora-convert-scan-worker"
-        )
-        process.start()
-        child.close()
-        return _Worker(process, parent)
-
-    def stop(worker: _Worker, kill: bool) -> None:
-        signal_stop(worker, kill)
-        reap(worker)
-
-    def signal_stop(worker: _Worker, kill: bool) -> None:
-        if kill:
-            worker.process.kill()
-            return
-        try:
-            worker.conn.send(None)
-        except (BrokenPipeError, OSError):
-            worker.process.kill()
-
-    def reap(worker: _Worker) -> None:
-        worker.process.join(timeout=5)
-        if worker.process.is_alive():  # pragma: no cover - a worker that ignored the stop message
-            worker.process.kill()
-            worker.process.join()
-        worker.conn.close()
-
-    def feed(worker: _Worker, depth: int) -> bool:
-        """Send `worker` a batch if it holds fewer than `depth` (at most 1 + QUEUED_BATCHES, and nothing behind a
-        large adapter); False if it died before taking it (the batch is back in the queue)."""
-        if len(worker.batches) >= depth or (worker.batches and worker.big):
-            return True
-        lane = pending.lane(worker.torch, sum(w.torch for w in workers))
-        if lane is None:
-            return True
-        batch = _take_batch(lane, _batch_limit(len(pending), jobs))
-        try:
-            worker.conn.send(batch)
-        except (BrokenPipeError, OSError):  # it died while idle, or mid-batch: see take()
-            pending.put_back(batch)
-            return False
-        worker.torch = worker.torch or lane is pending.torch
-        if not worker.tasks:
-            worker.started = time.monotonic()
-            worker.big = batch[0].nbytes >= BATCH_MAX_BYTES
-        worker.tasks.extend(batch)
-        worker.batches.append(len(batch))
-        return True
-
-    def record_done(worker: _Worker) -> None:
-        """tasks[0] has its record: the worker is on the next one from now."""
-        worker.tasks.popleft()
-        worker.batches[0] -= 1
-        if not worker.batches[0]:
-            worker.batches.popleft()
-            worker.big = bool(worker.tasks) and worker.tasks[0].nbytes >= BATCH_MAX_BYTES
-        worker.started = time.monotonic()
-
-    def take(worker: _Worker) -> bool:
-        """Hand on every record `worker` has sent; False if it is dead (its pipe is closed)."""
-        try:
-            while worker.conn.poll():
-                record = worker.conn.recv()
-                if record == READY:
-                    worker.ready = True
-                    worker.started = time.monotonic()  # the clock of the adapter it is on starts now
-                    continue
-                if not worker.tasks:  # pragma: no cover - a record nobody asked for: the protocol is broken
-                    raise RuntimeError("a scan worker sent a record without a task")
-                record_done(worker)
-                on_result(record)
-        except (EOFError, OSError):
-            return False
-        return True
-
-    def lose(worker: _Worker, record: dict | None) -> None:
-        """Stop `worker` (dead or hung) and replace it; `record` is that of the task it was on; its other tasks
-        never started and go back to the front of the queue."""
-        stop(worker, kill=True)
-        workers.remove(worker)
-        if worker.tasks:
-            worker.tasks.popleft()
-            pending.put_back(list(worker.tasks))
-        if pending:
-            workers.append(start())
-        if record is not None:
-            on_result(record)
-
-    def limit(worker: _Worker) -> float:
-        """How long tasks[0] may take from worker.started: --timeout once the worker is ready."""
-        return options.timeout_s if worker.ready else max(options.timeout_s, WORKER_START_S)
-
-    def died(worker: _Worker) -> None:
-        """`worker` is gone: hand on the records it sent before, record `crashed` for the task it was on."""
-        take(worker)
-        worker.process.join(timeout=5)
-        code = worker.process.exitcode
-        lose(worker, crash_record(worker.tasks[0], _signal_name(code)) if worker.tasks else None)
-
+    pool = _Pool(queue, options, task_fn, on_result, jobs=max(1, min(jobs or default_jobs(), len(queue))))
     try:
-        workers.extend(start() for _ in range(jobs))
-        while True:
-            # A batch to run for every worker before a batch to queue for any.
-            for depth in range(1, 2 + QUEUED_BATCHES):
-                for worker in list(workers):
-                    if not feed(worker, depth):
-                        died(worker)
-            busy = [w for w in workers if w.tasks]
-            if not busy:
-                if pending:
-                    continue  # a worker was replaced before it got its batch
-                break
-            if PARENT_NAP_S and (not pending or all(len(w.batches) > QUEUED_BATCHES for w in workers)):
-                time.sleep(PARENT_NAP_S)
-            deadline = min(w.started + limit(w) for w in busy)
-            ready = set(
-                wait(
-                    [w.conn for w in busy] + [w.process.sentinel for w in busy],
-                    max(0.0, deadline - time.monotonic()),
-                )
-            )
-            for worker in busy:
-                exited = worker.process.sentinel in ready
-                # A worker that exited is dead even if its pipe still looked open (take() reads what it sent first).
-                if (exited or worker.conn in ready) and (not take(worker) or exited):
-                    died(worker)
-            for worker in [w for w in workers if w.tasks]:
-                if time.monotonic() - worker.started < limit(worker):
-                    continue
-                if not take(worker):  # a record may have come in since wait() returned
-                    died(worker)
-                elif worker.tasks and (seconds := time.monotonic() - worker.started) >= limit(worker):
-                    if worker.ready:
-                        lose(worker, timeout_record(worker.tasks[0], seconds))
-                    else:
-                        lose(worker, crash_record(worker.tasks[0], f"the worker did not start within {seconds:.0f} s"))
+        pool.run()
     finally:
-        # Every worker is told first and then waited for, so that they exit together, not one after the other.
-        for worker in workers:
-            signal_stop(worker, kill=bool(worker.tasks))
-        for worker in workers:
-            reap(worker)
+        pool.close()

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lora_convert.errors import EnvironmentProblem
-from lora_convert.scan.local import schedule
+from lora_convert.scan.local import TaskFn, limit_worker_threads, schedule
 from lora_convert.scan.task import ScanOptions, ScanTask, crash_record, run_task, timeout_record
 
 __all__ = ["run_all"]
@@ -69,18 +69,107 @@ def _memory_for(task: ScanTask) -> int:
     return WORKER_BASE_MEMORY + min(max(task.nbytes, 0), LARGE_ADAPTER_EXTRA)
 
 
-def _scan_one(task_fn: Callable[[ScanTask, ScanOptions], dict], task: ScanTask, options: ScanOptions) -> dict:
+def _scan_one(task_fn: TaskFn, task: ScanTask, options: ScanOptions) -> dict:
     """What runs on a Ray worker: the scan's task function (run_task) on one adapter."""
-    import os
-
-    # The same thread count as the local workers: a thread pool costs more than it saves per small op.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    limit_worker_threads()  # as in the local workers
     return task_fn(task, options)
 
 
 def _crash_message(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"the Ray task failed: {type(exc).__name__}" + (f": {first}" if first else "")
+
+
+class _InFlight:
+    """The tasks submitted to Ray and not finished, in submission order, each with its clock (None until it is
+    among the `slots` oldest, when Ray runs it); at most `limit` of them."""
+
+    def __init__(self, ray, options: ScanOptions, task_fn: TaskFn, jobs: int | None) -> None:
+        self.ray = ray
+        self.options = options
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.slots = min(jobs, cpus) if jobs else cpus
+        # Queued tasks beyond `slots` only where every CPU is ours to fill; with --jobs below the cluster's CPUs a
+        # queued task would start at once on a free CPU, and --jobs would not cap anything.
+        self.limit = 2 * self.slots if self.slots >= cpus else self.slots
+        self.remote = ray.remote(num_cpus=1, max_retries=0, retry_exceptions=False)(_scan_one)
+        self.fn_ref = ray.put(task_fn)
+        self.options_ref = ray.put(options)  # sent once, not with every task
+        # ref -> [task, clock start or None], in submission order (the order Ray starts them in).
+        self.refs: OrderedDict[Any, list] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self.refs)
+
+    def submit(self, pending: deque[ScanTask]) -> None:
+        """Submit from the front of `pending` up to `limit` in flight."""
+        while pending and len(self.refs) < self.limit:
+            task = pending.popleft()
+            options = self.remote.options(memory=_memory_for(task), name=f"scan:{task.id}"[:200])
+            self.refs[options.remote(self.fn_ref, task, self.options_ref)] = [task, None]
+
+    def wait(self) -> list:
+        """Start the clocks of the `slots` oldest; wait until a task finishes or the earliest clock runs out, and
+        return every finished one (all that are there, not one per round trip)."""
+        now = time.monotonic()
+        for entry in list(self.refs.values())[: self.slots]:
+            if entry[1] is None:
+                entry[1] = now
+        deadline = min(e[1] + self.options.timeout_s for e in self.refs.values() if e[1] is not None)
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=max(0.0, deadline - now))
+        if ready:
+            ready, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
+        return ready
+
+    def hand_on(self, ready: list, on_result: Callable[[dict], None]) -> None:
+        """The record of each finished task; `crashed` for one whose worker died or that could not run."""
+        for ref in ready:
+            task, _started = self.refs.pop(ref)
+            try:
+                record = self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:
+                record = crash_record(task, _crash_message(exc))
+            on_result(record)
+
+    def cancel_overdue(self, on_result: Callable[[dict], None]) -> None:
+        """Cancel with force (its worker process is killed) and record `timeout` each task past the timeout."""
+        now = time.monotonic()
+        for ref, (task, started) in list(self.refs.items()):
+            if started is not None and now - started >= self.options.timeout_s:
+                self.ray.cancel(ref, force=True)
+                del self.refs[ref]
+                on_result(timeout_record(task, now - started))
+
+    def cancel_all(self) -> None:
+        for ref in self.refs:
+            # Best effort on the way out: the exception that brought us here is the one to report.
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref, force=True)
+
+
+def _connect(ray, address: str | None, jobs: int | None) -> bool:
+    """Initialise Ray unless it is already (then that instance is used); True if this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {
+        # Workers' stdout would otherwise be copied to the driver's stdout, where the report may be going.
+        "log_to_driver": False,
+        # Ray's own notices (token authentication, the local instance's address) are not the scan's output.
+        "logging_level": "error",
+    }
+    if address is None:
+        kwargs.update(include_dashboard=False, num_cpus=jobs)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise EnvironmentProblem(
+            f"Could not connect to the Ray cluster at {address!r}: {exc}"
+            if address
+            else f"Could not start a local Ray instance: {exc}",
+            hint="Start the cluster with `ray start --head` (and `ray start --address HEAD:6379` on the other "
+            "nodes), then pass --ray-address auto on a cluster node or --ray-address HEAD:6379.",
+        ) from exc
+    return True
 
 
 def run_all(
@@ -90,7 +179,7 @@ def run_all(
     on_result: Callable[[dict], None],
     jobs: int | None = None,
     address: str | None = None,
-    task_fn: Callable[[ScanTask, ScanOptions], dict] = run_task,
+    task_fn: TaskFn = run_task,
 ) -> None:
     """Run every task as a Ray task; `on_result(record)` gets each record as it finishes.
 
@@ -103,77 +192,14 @@ def run_all(
     pending = deque(schedule(tasks))
     if not pending:
         return
-    started_here = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {
-            # Workers' stdout would otherwise be copied to the driver's stdout, where the report may be going.
-            "log_to_driver": False,
-            # Ray's own notices (token authentication, the local instance's address) are not the scan's output.
-            "logging_level": "error",
-        }
-        if address is None:
-            kwargs.update(include_dashboard=False, num_cpus=jobs)
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise EnvironmentProblem(
-                f"Could not connect to the Ray cluster at {address!r}: {exc}"
-                if address
-                else f"Could not start a local Ray instance: {exc}",
-                hint="Start the cluster with `ray start --head` (and `ray start --address HEAD:6379` on the other "
-                "nodes), then pass --ray-address auto on a cluster node or --ray-address HEAD:6379.",
-            ) from exc
-        started_here = True
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    slots = min(jobs, cpus) if jobs else cpus
-    # Queued tasks beyond `slots` only where every CPU is ours to fill; with --jobs below the cluster's CPUs a
-    # queued task would start at once on a free CPU, and --jobs would not cap anything.
-    limit = 2 * slots if slots >= cpus else slots
-    remote = ray.remote(num_cpus=1, max_retries=0, retry_exceptions=False)(_scan_one)
-    fn_ref = ray.put(task_fn)
-    options_ref = ray.put(options)  # sent once, not with every task
-    # ref -> [task, clock start or None], in submission order (the order Ray starts them in).
-    in_flight: OrderedDict[Any, list] = OrderedDict()
-
-    def start_clocks(now: float) -> None:
-        for i, entry in enumerate(in_flight.values()):
-            if i >= slots:
-                break
-            if entry[1] is None:
-                entry[1] = now
-
+    started_here = _connect(ray, address, jobs)
+    in_flight = _InFlight(ray, options, task_fn, jobs)
     try:
         while pending or in_flight:
-            while pending and len(in_flight) < limit:
-                task = pending.popleft()
-                ref = remote.options(memory=_memory_for(task), name=f"scan:{task.id}"[:200]).remote(
-                    fn_ref, task, options_ref
-                )
-                in_flight[ref] = [task, None]
-            now = time.monotonic()
-            start_clocks(now)
-            deadline = min(e[1] + options.timeout_s for e in in_flight.values() if e[1] is not None)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, deadline - now))
-            if ready:  # take every record that is there, not one per round trip
-                ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
-            for ref in ready:
-                task, _started = in_flight.pop(ref)
-                try:
-                    record = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # the worker died, or the task could not run there
-                    record = crash_record(task, _crash_message(exc))
-                on_result(record)
-            now = time.monotonic()
-            for ref, (task, started) in list(in_flight.items()):
-                if started is not None and now - started >= options.timeout_s:
-                    ray.cancel(ref, force=True)
-                    del in_flight[ref]
-                    on_result(timeout_record(task, now - started))
+            in_flight.submit(pending)
+            in_flight.hand_on(in_flight.wait(), on_result)
+            in_flight.cancel_overdue(on_result)
     finally:
-        for ref in in_flight:
-            # Best effort on the way out: the exception that brought us here is the one to report.
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+        in_flight.cancel_all()
         if started_here:
             ray.shutdown()

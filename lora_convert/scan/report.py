@@ -155,6 +155,40 @@ def _executor(backend: str, address: str | None) -> Callable[..., None]:
     raise UsageError(f"Unknown scan backend {backend!r}.", hint="Use local or ray.")
 
 
+def _check_arguments(options: ScanOptions, *, jobs: int | None, resume: bool, output: str | os.PathLike | None) -> None:
+    """UsageError for arguments no scan can run with (before anything is discovered or written)."""
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise UsageError(f"jobs must be a positive integer, got {jobs!r}.")
+    if not options.timeout_s > 0:
+        raise UsageError(f"The timeout must be positive, got {options.timeout_s!r} s.")
+    if resume and output is None:
+        raise UsageError("--resume needs --output: the report to resume.", hint="Pass --output report.jsonl.")
+    if options.normalize_root and not options.layout:
+        from lora_convert.convert.layout_rules import output_layouts
+
+        *first, last = output_layouts()
+        raise UsageError("--normalize needs --layout.", hint=f"Pass --layout {', '.join(first)} or {last}.")
+
+
+def _earlier_records(output: str | os.PathLike | None, *, resume: bool) -> tuple[list[dict[str, Any]], int]:
+    """With `resume`, the records already in `output` and the byte length of its complete lines; otherwise none,
+    and UsageError if `output` already holds something (a report is never overwritten)."""
+    earlier: list[dict[str, Any]] = []
+    keep = 0
+    if output is not None:
+        path = Path(output)
+        if path.exists() and not path.is_file():
+            raise UsageError(f"The report {output} exists and is not a file.")
+        if resume:
+            earlier, keep = read_report(path)
+        elif path.exists() and path.stat().st_size:
+            raise UsageError(
+                f"The report {output} exists and is not empty.",
+                hint="Pass --resume to continue that scan, or another --output.",
+            )
+    return earlier, keep
+
+
 def run_scan(
     sources: list[str],
     options: ScanOptions,
@@ -172,27 +206,8 @@ def run_scan(
     `interrupted=True` (the records so far are written); they are not raised.
 
     `on_start(tasks)` gets the tasks that will run (e.g. to size a progress bar), `on_record(record)` each record."""
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise UsageError(f"jobs must be a positive integer, got {jobs!r}.")
-    if not options.timeout_s > 0:
-        raise UsageError(f"The timeout must be positive, got {options.timeout_s!r} s.")
-    if resume and output is None:
-        raise UsageError("--resume needs --output: the report to resume.", hint="Pass --output report.jsonl.")
-    if options.normalize_root and not options.layout:
-        raise UsageError("--normalize needs --layout.", hint="Pass --layout stacked, sglang or peft.")
-    earlier: list[dict[str, Any]] = []
-    keep = 0
-    if output is not None:
-        path = Path(output)
-        if path.exists() and not path.is_file():
-            raise UsageError(f"The report {output} exists and is not a file.")
-        if resume:
-            earlier, keep = read_report(path)
-        elif path.exists() and path.stat().st_size:
-            raise UsageError(
-                f"The report {output} exists and is not empty.",
-                hint="Pass --resume to continue that scan, or another --output.",
-            )
+    _check_arguments(options, jobs=jobs, resume=resume, output=output)
+    earlier, keep = _earlier_records(output, resume=resume)
     tasks = discover(list(sources), normalize_root=options.normalize_root)
     done = {r["id"] for r in earlier}
     todo = [t for t in tasks if t.id not in done]

@@ -124,7 +124,8 @@ def run_task(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
 
 
 def _run(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
-    report = _validate(task.spec, options)
+    adapter = _prepare(task.spec, options)  # read once; every engine release's checks and the conversion reuse it
+    report = _validate(adapter, options)
     summary = report.summary
     adapter_bytes = (summary.get("adapter") or {}).get("bytes")
     findings = list(report.findings)
@@ -133,7 +134,7 @@ def _run(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
         engines = _release_outcomes(options.engine, report.findings, summary)
     failed_elsewhere = []
     for engine in options.more_engines:
-        extra = _validate(task.spec, options, engine=engine)
+        extra = _validate(adapter, options, engine=engine)
         fired = [f for f in extra.findings if _is_engine_finding(f.code)]
         findings += fired
         engines.update(_release_outcomes(engine, fired, extra.summary))
@@ -161,22 +162,34 @@ def _run(task: ScanTask, options: ScanOptions) -> dict[str, Any]:
         bytes=adapter_bytes if isinstance(adapter_bytes, int) else task.nbytes,
     )
     if options.normalize_root and task.output:
-        record["normalize"] = _normalize(task, options, report)
+        record["normalize"] = _normalize(task, adapter, options, report)
         failed = record["normalize"].pop("exit_code", None)
         if failed is not None:  # it validated, but the converter refused it (e.g. not servable in that layout)
             record.update(status="error", exit_code=failed, error=record["normalize"]["error"])
     return record
 
 
-def _validate(spec: str, options: ScanOptions, engine: str | None = None):
-    """`validate`'s checks on one adapter, or only those named by options.checks (in validate's order). With
-    `engine` (one of options.more_engines): only that release's engine rules, without reading tensor data again
-    (the data scan refines the rules' messages, not whether they fire)."""
-    from lora_convert.check.validate import run_checks
+def _prepare(spec: str, options: ScanOptions):
+    """The adapter read once (lora_convert.pipeline.prepared.PreparedAdapter), or the spec itself when its files
+    cannot be read: validate then reports that as a finding."""
+    from lora_convert.errors import AdapterConfigError, AdapterFormatError
+    from lora_convert.pipeline.prepared import prepare
+
+    try:
+        return prepare(spec, base=options.base)
+    except (AdapterConfigError, AdapterFormatError):
+        return spec
+
+
+def _validate(adapter, options: ScanOptions, engine: str | None = None):
+    """`validate`'s checks on one adapter (prepared, or a spec), or only those named by options.checks (in
+    validate's order). With `engine` (one of options.more_engines): only that release's engine rules, without
+    reading tensor data again (the data scan refines the rules' messages, not whether they fire)."""
+    from lora_convert.pipeline.commands import validate
 
     if engine is not None:
-        return run_checks(
-            spec,
+        return validate(
+            adapter,
             base=options.base,
             engine=engine,
             data_scan=False,
@@ -185,8 +198,8 @@ def _validate(spec: str, options: ScanOptions, engine: str | None = None):
             allow_unchecked=options.allow_unchecked,
             checks=("engine",),
         )
-    return run_checks(
-        spec,
+    return validate(
+        adapter,
         base=options.base,
         engine=options.engine,
         data_scan=options.data_scan,
@@ -252,13 +265,13 @@ def _engine_outcomes(engine: str, findings) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _normalize(task: ScanTask, options: ScanOptions, report) -> dict[str, Any]:
+def _normalize(task: ScanTask, adapter, options: ScanOptions, report) -> dict[str, Any]:
     """Write the converted adapter to task.output. An adapter with errors the layout does not fix is not converted
     (its output would carry them into serving): the same decision `normalize --layout L` makes
     (lora_convert/convert/blockers.py), so with --engine E --layout E an adapter whose only errors are what layout E
     rewrites is converted. A refusal of the converter is recorded, not raised."""
     from lora_convert.convert.blockers import normalize_blockers
-    from lora_convert.convert.normalize import normalize
+    from lora_convert.pipeline.commands import normalize
 
     layout = options.layout or "stacked"
     out: dict[str, Any] = {"output": None, "bytes_out": 0}
@@ -272,7 +285,7 @@ def _normalize(task: ScanTask, options: ScanOptions, report) -> dict[str, Any]:
     try:
         # force: a scan re-run (or --resume after a kill) replaces its own previous output of this adapter; the
         # output-folder safety still refuses a folder that is not one, and any folder over or inside an input.
-        result = normalize(task.spec, Path(task.output), base=options.base, layout=layout, force=True)
+        result = normalize(adapter, Path(task.output), base=options.base, layout=layout, force=True)
     except LoraConvertError as exc:
         out["error"] = {"type": type(exc).__name__, "message": exc.message}
         out["exit_code"] = exc.exit_code  # taken out again by _run

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lora_convert.convert import factors
-from lora_convert.io.tensor_files import TORCH_DTYPE_NAMES
+from lora_convert.io.dtypes import TORCH_DTYPE_NAMES
 
 
 class DeviceSources:
@@ -55,7 +55,8 @@ class DeviceSources:
         """Copy `keys` to the device, replacing the previous group's tensors."""
         import torch
 
-        from lora_convert.io.tensor_files import dtype_tag, raw_view
+        from lora_convert.io.dtypes import dtype_tag
+        from lora_convert.io.tensor_files import raw_view
 
         self._tensors = {}
         infos = [self.index.tensors.get(k) for k in keys]
@@ -126,27 +127,12 @@ def _read_into(info, skip: int, view: memoryview) -> None:
 
 def build_group_on_device(plan, group, tag: str, sources: DeviceSources):
     """The stacked A and B of one group, built on the device from the source tensors (what
-    lora_convert.convert.group_tensors.build_group_tensors builds on the CPU, with the same factors.place_source)."""
+    lora_convert.convert.group_tensors.build_group_tensors builds on the CPU, with the same factors.place_group)."""
     import torch
 
     dtype = getattr(torch, TORCH_DTYPE_NAMES[tag])
     R = plan.rank
     A = torch.zeros(group.a_shape(R), dtype=dtype, device=sources.device)
     B = torch.zeros(group.b_shape(R), dtype=dtype, device=sources.device)
-    ops = factors.TORCH_OPS
-    for i, sl in enumerate(group.slices):
-        if group.experts:
-            if sl.fused_source is not None:
-                src = sl.fused_source
-                a, b = sources(src.module.lora_A.key), sources(src.module.lora_B.key)
-                factors.place_source(A, B, i, sl, src, a, b, R, experts=group.experts, ops=ops)
-                continue
-            for e, src in sl.expert_sources.items():
-                a, b = sources(src.module.lora_A.key), sources(src.module.lora_B.key)
-                factors.place_source(A, B, i, sl, src, a, b, R, expert=e, ops=ops)
-            continue
-        src = sl.dense_source
-        if src is not None:
-            a, b = sources(src.module.lora_A.key), sources(src.module.lora_B.key)
-            factors.place_source(A, B, i, sl, src, a, b, R, ops=ops)
+    factors.place_group(A, B, group, R, sources, ops=factors.TORCH_OPS)
     return A, B

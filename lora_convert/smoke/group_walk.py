@@ -30,7 +30,7 @@ def check_groups(
             if failed is not None:
                 checks.append(failed)
                 continue
-            from lora_convert.io.safetensors_writer import dtype_tag
+            from lora_convert.io.dtypes import dtype_tag
 
             group_tag = dtype_tag(A.dtype)
         A, B, reader = staging.stage(group, A, B)

@@ -10,14 +10,17 @@ slice that is wrong (swapped rows, a doubled scale, an expert's factors taken fr
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) and, unless `layers="all"`, a sample
 of layers is checked: the first, one of each layer type, and the last.
 
-The steps live beside this module, one job each: availability (can it run here), device_choice, target (what is
-checked), layers, staging (a group's tensors on the device), reference, group_checks, group_walk, stacked, report.
+`smoke_machine` checks the machine first, then the caller opens the target (lora_convert/pipeline/commands.py reads
+and plans the adapter once), then `run_smoke` runs. The steps live beside this module, one job each: availability
+(can it run here), device_choice, target (what is checked), layers, staging (a group's tensors on the device),
+reference, group_checks, group_walk, stacked, report.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from lora_convert.errors import UsageError
 from lora_convert.smoke.availability import require_smoke_packages
@@ -26,25 +29,24 @@ from lora_convert.smoke.group_walk import check_groups
 from lora_convert.smoke.layers import choose_layers
 from lora_convert.smoke.report import SmokeReport
 from lora_convert.smoke.staging import GroupStaging
-from lora_convert.smoke.target import open_target
+from lora_convert.smoke.target import SmokeTarget
 from lora_convert.smoke.timer import PhaseTimer
 
 
-def run_smoke(
-    adapter_spec: str,
-    *,
-    base: str | None = None,
-    original: str | None = None,
-    device: str = "auto",
-    tokens: int = 160,
-    layers: str = "auto",
-    seed: int = 0,
-    cache_dir=None,
-    token=None,
-    progress: Callable[[str], None] | None = None,
-) -> SmokeReport:
-    """Smoke-test a raw PEFT adapter (normalized in memory) or a stacked output against its original."""
-    require_smoke_packages()  # before anything imports torch: exit 3 with the install command, not a traceback
+@dataclass(frozen=True)
+class SmokeMachine:
+    """Where the smoke forward runs, checked before the adapter is read: the torch device, whether the kernels run in
+    Triton's interpreter, and when the set-up began (the `setup` phase includes reading and planning)."""
+
+    device: str
+    interpreter: bool
+    started: float
+
+
+def smoke_machine(device: str = "auto", tokens: int = 160) -> SmokeMachine:
+    """Check that this machine can run the smoke forward as asked (torch and triton installed: exit 3 with the
+    install command otherwise, not a traceback; CUDA when --device cuda) and that `tokens` is usable."""
+    require_smoke_packages()  # before anything imports torch
     import torch  # noqa: F401  (its import, a second or more, is not part of the set-up phase timed below)
 
     started = time.perf_counter()
@@ -53,21 +55,35 @@ def run_smoke(
             "--tokens must be at least 1.", hint="The default, 160 tokens, is enough to exercise every slice."
         )
     torch_device, interpreter = select_device(device)
-    target = open_target(adapter_spec, original, base=base, cache_dir=cache_dir, token=token)
-    selection = choose_layers(target.plan, layers, interpreter)
+    return SmokeMachine(torch_device, interpreter, started)
+
+
+def run_smoke(
+    target: SmokeTarget,
+    machine: SmokeMachine,
+    *,
+    original: str | None = None,
+    tokens: int = 160,
+    layers: str = "auto",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> SmokeReport:
+    """Smoke-test `target` (lora_convert.smoke.target: a PEFT adapter normalized in memory, or a stacked output and
+    its original) on `machine`. `original` is only what the report names."""
+    selection = choose_layers(target.plan, layers, machine.interpreter)
     # The set-up phase: resolving and planning (headers only), the CUDA context and the kernel modules' import
     # (triton), so that the per-group phases hold only per-group work.
-    prepare_device(torch_device)
-    timer = PhaseTimer(cuda=torch_device == "cuda")
-    timer.seconds["setup"] = time.perf_counter() - started
-    staging = GroupStaging(target, torch_device, timer)
+    prepare_device(machine.device)
+    timer = PhaseTimer(cuda=machine.device == "cuda")
+    timer.seconds["setup"] = time.perf_counter() - machine.started
+    staging = GroupStaging(target, machine.device, timer)
     checks = check_groups(target, selection, staging, tokens=tokens, seed=seed, progress=progress)
     staging.close()
     return SmokeReport(
         adapter=target.source.describe(),
         original=original,
-        device=torch_device,
-        interpreter=interpreter,
+        device=machine.device,
+        interpreter=machine.interpreter,
         tokens=tokens,
         seed=seed,
         rank=target.rank,
@@ -75,7 +91,7 @@ def run_smoke(
         layers_total=len(selection.present),
         sampled=selection.sampled,
         groups=checks,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - machine.started,
         phases=dict(timer.seconds),
         bytes_to_device=staging.bytes_to_device,
     )

@@ -30,7 +30,7 @@ def stacked_mismatch(group, A, B, rank: int) -> GroupCheck | None:
     gives them; None when they line up."""
     if A is None:
         return _failed(group, "?", f"the stacked output has no tensors for {group.key}")
-    from lora_convert.io.safetensors_writer import dtype_tag
+    from lora_convert.io.dtypes import dtype_tag
 
     want_a, want_b = group.a_shape(rank), group.b_shape(rank)
     if tuple(A.shape) != want_a or tuple(B.shape) != want_b:

@@ -18,11 +18,12 @@ def to_torch(array):
     same width go across, then torch reinterprets them (exact, no copy)."""
     import torch
 
-    from lora_convert.io.tensor_files import TORCH_DTYPE_NAMES, dtype_tag, raw_view
+    from lora_convert.io.dtypes import BY_TAG, dtype_tag
+    from lora_convert.io.tensor_files import raw_view
 
-    tag = dtype_tag(array.dtype)
-    if tag in ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"):
-        return torch.from_numpy(raw_view(array)).view(getattr(torch, TORCH_DTYPE_NAMES[tag]))
+    dtype = BY_TAG[dtype_tag(array.dtype)]
+    if dtype.from_ml_dtypes:
+        return torch.from_numpy(raw_view(array)).view(getattr(torch, dtype.name))
     return torch.from_numpy(array)
 
 

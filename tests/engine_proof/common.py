@@ -88,8 +88,8 @@ def fixture_adapter(case: str) -> Path:
 def normalize_layout(case: str, layout: str, base: Path, out: Path) -> tuple[Path | None, str | None]:
     """lora-convert's `--layout LAYOUT --drop-unsupported` output for a fixture against `base` (the base the engine
     is given), or (None, the refusal) when nothing is left to write. What was dropped is in the output's report."""
-    from lora_convert.convert.normalize import normalize
     from lora_convert.errors import UnsupportedAdapterError
+    from lora_convert.pipeline.commands import normalize
 
     try:
         normalize(str(fixture_adapter(case)), out, base=str(base), layout=layout, drop_unsupported=True)
@@ -203,7 +203,7 @@ def check_layout(engine: str, record: dict) -> None:
 
 def check_prediction(engine: str, case: str, row: dict) -> None:
     """(b) of the proof: what the engine did with the original adapter is what validate --engine predicts."""
-    from lora_convert.check.engine import predict
+    from lora_convert.pipeline.commands import predict
 
     truth = row["original"]
     if "cpu_unbuildable" in truth:

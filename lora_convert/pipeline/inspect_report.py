@@ -1,4 +1,4 @@
-"""`lora-convert inspect`: what an adapter holds, from headers and config alone.
+"""The inspect report: what an adapter holds, from headers and config alone (`lora-convert inspect`).
 
 The JSON document (schema version 1; its fields are documented in docs/api.md, section inspect_adapter) is built
 here; the CLI renders it.
@@ -11,9 +11,9 @@ from operator import attrgetter
 from typing import Any
 
 from lora_convert.arch.schema import source_kinds
-from lora_convert.codes import finding
+from lora_convert.codes import PEFT_LAYOUT_CODES, finding
 from lora_convert.findings import Finding, has_errors
-from lora_convert.peft.adapter import STACKED_LAYOUT_CODES, Adapter, LoraModule, ModuleKind, cyclic_gc_paused
+from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind, cyclic_gc_paused
 from lora_convert.peft.config import PeftConfig
 
 
@@ -68,7 +68,7 @@ def _build_report(adapter: Adapter) -> dict[str, Any]:
         }
     findings = list(adapter.findings) + inspect_warnings(adapter)
     if adapter.stacked_layout is not None:
-        findings = [f for f in findings if f.code not in STACKED_LAYOUT_CODES]
+        findings = [f for f in findings if f.code not in PEFT_LAYOUT_CODES]
     return {
         "schema_version": 1,
         "ok": not has_errors(findings),

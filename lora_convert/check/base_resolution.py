@@ -13,7 +13,7 @@ from typing import Any
 from lora_convert.arch.base_config import resolve_base
 from lora_convert.arch.schema import bind
 from lora_convert.codes import finding
-from lora_convert.errors import LoraConvertError
+from lora_convert.errors import InternalError, LoraConvertError
 from lora_convert.findings import Finding
 
 BASE_HINT = (
@@ -35,6 +35,7 @@ class BaseResolution:
     arch: Any = None  # lora_convert.arch.schema.Architecture, or None
     findings: list[Finding] = field(default_factory=list)  # base.unresolved / base.unsupported
     no_shapes_why: str | None = None  # why the shapes cannot be checked against the base
+    error: LoraConvertError | None = None  # what prevented an architecture (raised by commands that need one)
 
     @property
     def name(self) -> str | None:
@@ -50,66 +51,77 @@ def _skipped(message: str, missing: list[str]) -> str:
 
 
 def resolve_adapter_base(adapter, spec: str | None, *, cache_dir=None, token=None) -> BaseResolution:
+    """Resolve the base (`spec`: --base, else the adapter's base_model_name_or_path) and bind its architecture.
+    An explicit --base that names nothing raises; every other failure is a finding, and the error is kept."""
     adapter_base = adapter.config.base_model_name_or_path
     if not spec and not adapter_base:
-        return BaseResolution(
-            findings=[
-                finding(
-                    "base.unresolved",
-                    _skipped(
-                        "No base model: --base was not given and adapter_config.json has no base_model_name_or_path.",
-                        NEEDS_BASE,
-                    ),
-                    keys=["base_model_name_or_path"],
-                    fix=BASE_HINT,
-                )
-            ],
-            no_shapes_why="no --base, and adapter_config.json names no base model",
-        )
+        return _no_base(spec)
     try:
         base_cfg = resolve_base(spec, adapter_base_name=adapter_base, cache_dir=cache_dir, token=token)
     except LoraConvertError as exc:
         if spec:
             raise
-        return BaseResolution(
-            findings=[
-                finding(
-                    "base.unresolved",
-                    _skipped(
-                        f"The adapter's base_model_name_or_path {adapter_base!r} could not be resolved ({exc.message})",
-                        NEEDS_BASE,
-                    ),
-                    keys=["base_model_name_or_path"],
-                    actual=adapter_base,
-                    fix=BASE_HINT,
-                )
-            ],
-            no_shapes_why=f"the base model {adapter_base!r} could not be resolved",
-        )
+        return _unresolved(adapter_base, exc)
     try:
         arch = bind(base_cfg)
     except LoraConvertError as exc:
-        resolution = BaseResolution(
-            config=base_cfg,
-            findings=[
-                finding(
-                    "base.unsupported",
-                    _skipped(
-                        f"Base {base_cfg.name} (model_type {base_cfg.model_type!r}) has no architecture schema: "
-                        f"{exc.message}",
-                        NEEDS_ARCH,
-                    ),
-                    actual=base_cfg.model_type,
-                    fix="`lora-convert schemas list` shows the supported families.",
-                )
-            ],
-            no_shapes_why=f"no schema for model_type {base_cfg.model_type!r}",
-        )
-        resolution.findings += preset_note(base_cfg) + base_model_findings(base_cfg, None)
-        return resolution
+        return _without_schema(base_cfg, exc)
     return BaseResolution(
         config=base_cfg, arch=arch, findings=preset_note(base_cfg) + base_model_findings(base_cfg, arch)
     )
+
+
+def _no_base(spec: str | None) -> BaseResolution:
+    message = "No base model: --base was not given and adapter_config.json has no base_model_name_or_path."
+    return BaseResolution(
+        error=_resolution_error(spec),
+        findings=[
+            finding("base.unresolved", _skipped(message, NEEDS_BASE), keys=["base_model_name_or_path"], fix=BASE_HINT)
+        ],
+        no_shapes_why="no --base, and adapter_config.json names no base model",
+    )
+
+
+def _unresolved(adapter_base: str, exc: LoraConvertError) -> BaseResolution:
+    message = f"The adapter's base_model_name_or_path {adapter_base!r} could not be resolved ({exc.message})"
+    return BaseResolution(
+        findings=[
+            finding(
+                "base.unresolved",
+                _skipped(message, NEEDS_BASE),
+                keys=["base_model_name_or_path"],
+                actual=adapter_base,
+                fix=BASE_HINT,
+            )
+        ],
+        no_shapes_why=f"the base model {adapter_base!r} could not be resolved",
+        error=exc,
+    )
+
+
+def _without_schema(base_cfg, exc: LoraConvertError) -> BaseResolution:
+    message = f"Base {base_cfg.name} (model_type {base_cfg.model_type!r}) has no architecture schema: {exc.message}"
+    unsupported = finding(
+        "base.unsupported",
+        _skipped(message, NEEDS_ARCH),
+        actual=base_cfg.model_type,
+        fix="`lora-convert schemas list` shows the supported families.",
+    )
+    return BaseResolution(
+        config=base_cfg,
+        findings=[unsupported, *preset_note(base_cfg), *base_model_findings(base_cfg, None)],
+        no_shapes_why=f"no schema for model_type {base_cfg.model_type!r}",
+        error=exc,
+    )
+
+
+def _resolution_error(spec: str | None) -> LoraConvertError:
+    """The error resolving no base at all raises (an empty --base, or none given and none named by the adapter)."""
+    try:
+        resolve_base(spec)
+    except LoraConvertError as exc:
+        return exc
+    raise InternalError("resolve_base found a base where there is none to resolve.")
 
 
 def preset_note(base_cfg) -> list[Finding]:

@@ -1,0 +1,119 @@
+"""The prepared adapter: one adapter read once, with its base, architecture, shape findings and plans.
+
+`prepare` reads the adapter (headers and config only) and returns a `PreparedAdapter`; everything after that is
+computed on first use and kept: the resolved base and bound architecture (`base`), the shape check's findings
+(`shape_findings`), and the normalize plan for each set of planning choices (`plan`). Every command and check takes
+this value instead of a path, so `validate --engine E --smoke` reads and plans an adapter once (tests/test_prepared.py
+counts it).
+
+Computing lazily keeps each command's order of errors: `normalize` on an adapter whose adapter_config.json is
+invalid reports that before it resolves the base, as a strict read would; `validate` reads the config leniently and
+reports every problem as a finding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from lora_convert.check.base_resolution import BaseResolution, resolve_adapter_base
+from lora_convert.check.shape_check import check_shapes
+from lora_convert.convert.engine_layouts import keeps_vision
+from lora_convert.convert.output_config import listing_file
+from lora_convert.convert.plan import Plan, build_plan, refuse_unusable_adapter
+from lora_convert.findings import Finding
+from lora_convert.io.source import AdapterSource, resolve_adapter_source
+from lora_convert.peft.adapter import Adapter, config_error, load_adapter
+
+__all__ = ["PreparedAdapter", "prepare"]
+
+
+@dataclass(eq=False)
+class PreparedAdapter:
+    """An adapter and what is derived from it, each computed once. `base_spec` is --base as the user gave it (None:
+    the adapter's base_model_name_or_path)."""
+
+    adapter: Adapter
+    base_spec: str | None = None
+    cache_dir: Any = None
+    token: str | None = None
+    _plans: dict[tuple, Plan] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def source(self) -> AdapterSource:
+        return self.adapter.source
+
+    @cached_property
+    def base(self) -> BaseResolution:
+        """The base model and its architecture; an explicit --base that names nothing raises, anything else that
+        leaves no architecture is in `base.findings` (and `base.error`)."""
+        return resolve_adapter_base(self.adapter, self.base_spec, cache_dir=self.cache_dir, token=self.token)
+
+    @property
+    def arch(self):
+        return self.base.arch
+
+    @cached_property
+    def shape_findings(self) -> list[Finding]:
+        """Every module's shapes against the architecture schema; empty when there is no architecture."""
+        return check_shapes(self.adapter, self.arch) if self.arch is not None else []
+
+    def require_valid_config(self) -> None:
+        """Raise the AdapterConfigError a strict read raises when adapter_config.json has errors."""
+        problem = config_error(self.adapter.config, self.source.path / "adapter_config.json")
+        if problem is not None:
+            raise problem
+
+    def require_arch(self):
+        """The bound architecture, or the error that prevented it (the base unresolvable or without a schema)."""
+        if self.arch is None:
+            raise self.base.error
+        return self.arch
+
+    def plan(
+        self, *, rank: int | None = None, drop_unsupported: bool = False, layout: str = "stacked", shapes: bool = True
+    ) -> Plan:
+        """The stacked plan for these choices (built once per distinct choice). `layout` decides whether vision
+        modules are kept (`--layout peft`) and which file refusal hints name. Raises what makes the adapter
+        unconvertible -- its config, its base, adapter-level problems including (with `shapes`) shape errors --
+        and, unless `drop_unsupported`, the modules the plan refuses."""
+        self.require_valid_config()
+        arch = self.require_arch()
+        refuse_unusable_adapter(self.adapter, self.shape_findings if shapes else [])
+        # The listing file only appears in the refusal raised without drop_unsupported.
+        key = (rank, drop_unsupported, keeps_vision(layout), None if drop_unsupported else listing_file(layout))
+        if key not in self._plans:
+            self._plans[key] = self._build_plan(arch, rank, drop_unsupported, layout)
+        return self._plans[key]
+
+    def _build_plan(self, arch, rank: int | None, drop_unsupported: bool, layout: str) -> Plan:
+        plan = build_plan(
+            self.adapter,
+            arch,
+            base_name=self.base.name,
+            rank=rank,
+            drop_unsupported=drop_unsupported,
+            keep_vision=keeps_vision(layout),
+            listed_in=listing_file(layout),
+        )
+        note = self.base.config.substitution_note
+        if note:  # validate's `base.preset`: the plan is the preset's, which the user must know
+            plan.notes.append(
+                f"{note} Pass --base with the base model's folder or config.json to convert against its exact config."
+            )
+        return plan
+
+
+def prepare(
+    spec: str | Path | AdapterSource, *, base: str | None = None, cache_dir=None, token: str | None = None
+) -> PreparedAdapter:
+    """Read an adapter (a folder, a Hub id or a resolved source) once, headers and config only. Raises what leaves
+    nothing to read: UsageError / AdapterNotFoundError (no such adapter), AdapterConfigError (adapter_config.json
+    unreadable), AdapterFormatError (tensor files unreadable), EnvironmentProblem (the Hub unreachable)."""
+    source = (
+        spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
+    )
+    adapter = load_adapter(source, strict_config=False)
+    return PreparedAdapter(adapter, base_spec=base, cache_dir=cache_dir, token=token)
