@@ -334,6 +334,8 @@ def test_report_command_errors_exit_2(tmp_path, case, message):
 
 @pytest.mark.slow
 def test_scan_html_writes_the_page_of_the_scan(tmp_path):
+    from lora_convert.engines.rules import installed_engines, resolve_engine
+
     example = Path(__file__).resolve().parent.parent / "examples" / "tiny-deepseek-v3"
     report, out = tmp_path / "scan.jsonl", tmp_path / "fleet.html"
     argv = ["scan", str(example / "adapter"), "--base", str(example / "base"), "--no-data", "-j", "1"]
@@ -342,7 +344,8 @@ def test_scan_html_writes_the_page_of_the_scan(tmp_path):
     records = [json.loads(line) for line in report.read_text().splitlines()]
     (row,) = _rows(_data(out.read_text()))
     assert row["id"] == records[0]["id"] and row["status"] == records[0]["status"]
-    assert _data(out.read_text())["releases"] == sorted(records[0]["engines"]) == ["sglang==0.5.23", "vllm==0.33.0"]
+    newest = sorted(resolve_engine(e).spec for e in installed_engines())  # `-e all`: every engine's newest release
+    assert _data(out.read_text())["releases"] == sorted(records[0]["engines"]) == newest
     # an --html path in the way is refused before anything is scanned
     (tmp_path / "in-the-way").mkdir()
     refused = _cli([*argv, "--output", str(tmp_path / "other.jsonl"), "--html", str(tmp_path / "in-the-way")])

@@ -768,3 +768,24 @@ def test_help_prints_every_bracket_of_the_option_texts():
     for param in inspect.signature(scan_command).parameters.values():
         for bracket in re.findall(r"\[[^\]\s]*\]", getattr(param.default, "help", None) or ""):
             assert bracket in text, (param.name, bracket)
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "only a link to an adapter", "empty list file"])
+def test_a_scan_that_finds_no_adapter_is_an_error_not_an_ok(tmp_path, kind):
+    # a gate that checked nothing never passes: exit 2 with what was searched, not "OK: every adapter passed."
+    from typer.testing import CliRunner
+
+    from lora_convert.cli import app
+
+    source = tmp_path / "registry"
+    source.mkdir()
+    if kind == "only a link to an adapter":
+        (source / "linked").symlink_to(FIXTURES / "cases" / "v5_llama" / "adapter", target_is_directory=True)
+    elif kind == "empty list file":
+        source = tmp_path / "adapters.txt"
+        source.write_text("# nothing yet\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="No adapter was found"):
+        discover([str(source)])
+    result = CliRunner().invoke(app, ["scan", str(source), "--no-smoke"])
+    assert result.exit_code == 2, result.output
+    assert "No adapter was found" in result.stderr and "OK" not in result.stdout

@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 
 from lora_convert.arch.base_config import find_preset
 from lora_convert.convert import group_tensors
-from lora_convert.convert import normalize as normalize_module
 from lora_convert.io.tensor_files import read_runs, run_span
 from lora_convert.peft.adapter import Adapter
+from lora_convert.pipeline import commands as pipeline_commands
 
 # Whole normalize runs under a memory watch: not the unit layer (`make test-fast` skips this module).
 pytestmark = pytest.mark.slow
@@ -173,7 +173,7 @@ def test_normalize_holds_a_bounded_number_of_groups(tmp_path, monkeypatch, layou
     buffers = _instances(monkeypatch, group_tensors.GroupBuffers)
     arenas = _instances(monkeypatch, group_tensors.ReadArena)
 
-    result = normalize_module.normalize(str(folder), tmp_path / "out", base=str(base))
+    result = pipeline_commands.normalize(str(folder), tmp_path / "out", base=str(base))
 
     assert len(groups) == LAYERS * 6 and result.tensors_written == 2 * len(groups)
     # Each group's sources were read once, together, in group order.

@@ -24,7 +24,7 @@ Examples:
 
   lora-convert engines diff vllm==0.33.0 vllm==0.34.0
 
-  lora-convert engines diff vllm==0.33.0 vllm==0.34.0 ./my-adapter --base Qwen/Qwen3-8B"""
+  lora-convert engines diff vllm==0.33.0 vllm==0.34.0 ./my-adapter --base ./base-model"""
 
 engines_app = command_group("engines", ENGINES_HELP)
 

@@ -26,9 +26,13 @@ def normalize_blockers(
     findings: Iterable[Finding], layout: str | None = None, *, strict: bool = False
 ) -> list[Finding]:
     """The findings that stop `normalize --layout layout` (None: before any layout is chosen), in their order."""
-    counted = (Severity.ERROR, Severity.WARNING) if strict else (Severity.ERROR,)
     fixed = _fixed_by_layout(layout)
-    return [f for f in findings if f.severity in counted and not decided_per_module(f.code) and f.code not in fixed]
+    return [f for f in findings if _blocks(f, strict) and not decided_per_module(f.code) and f.code not in fixed]
+
+
+def _blocks(f: Finding, strict: bool) -> bool:
+    """An error blocks; under --strict a warning does too (the severities themselves are the registry's)."""
+    return f.severity == Severity.ERROR or (strict and f.severity == Severity.WARNING)
 
 
 def _fixed_by_layout(layout: str | None) -> frozenset[str]:

@@ -68,6 +68,15 @@ def discover(sources: list[str], *, normalize_root: str | None = None) -> list[S
         output = str(output_path(normalize_root, ident)) if normalize_root else None
         nbytes, legacy_bin = tensor_files(spec)
         tasks.append(ScanTask(id=ident, spec=spec, nbytes=nbytes, output=output, legacy_bin=legacy_bin))
+    if not tasks:
+        # A gate that found nothing to check has checked nothing: never an OK (a mistyped folder, a registry whose
+        # adapters sit behind links, an empty list file).
+        raise AdapterNotFoundError(
+            f"No adapter was found in {', '.join(repr(s) for s in sources)}: no folder below it holds "
+            f"{CONFIG_NAME}, and no list line or Hub id names one.",
+            hint="Check the path; links to folders are not followed (pass the linked folder itself, or a list file "
+            "of adapter paths).",
+        )
     return tasks
 
 

@@ -92,7 +92,9 @@ def normalize_layout(case: str, layout: str, base: Path, out: Path) -> tuple[Pat
     from lora_convert.pipeline.commands import normalize
 
     try:
-        normalize(str(fixture_adapter(case)), out, base=str(base), layout=layout, drop_unsupported=True)
+        # the layout of the release that runs it, not of the newest one lora-convert describes
+        release = layout if "==" in layout or layout in ("stacked", "peft") else f"{layout}==installed"
+        normalize(str(fixture_adapter(case)), out, base=str(base), layout=release, drop_unsupported=True)
     except UnsupportedAdapterError as exc:
         return None, f"UnsupportedAdapterError: {exc.message}"
     return out, None
@@ -149,30 +151,6 @@ def rows_cut(out: Path) -> set[str]:
     }
 
 
-def run_truth(harness: str, workdir: Path, timeout_s: int = 900) -> dict:
-    """Run an engine harness (`tests/engine_proof/<harness>`) on every fixture in a fresh Python process and return
-    its truth table. A process of its own per engine: each engine initializes global state (process groups, model
-    registries) and the harnesses stub different imports (SGLang needs `tvm_ffi` stubbed, vLLM's xgrammar needs it
-    real), so two engines cannot share one interpreter, nor should the rest of the test session see their stubs."""
-    import json
-    import subprocess
-    import sys
-
-    out = workdir / "truth.json"
-    work = workdir / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    script = Path(__file__).parent / harness
-    proc = subprocess.run(
-        [sys.executable, str(script), "--truth", str(out), "--workdir", str(work)],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"{harness} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
-
-
 def check_cpu_unbuildable(record: dict) -> None:
     """For a model class the engine cannot build on a CPU (the harness says why): what was measured instead is
     what the rules assume, i.e. the engine's registry maps the architecture to the class whose code the rules cite,
@@ -182,6 +160,13 @@ def check_cpu_unbuildable(record: dict) -> None:
     assert got["build_error"] == got["expected"]["build_error"], got
 
 
+def check_cannot_run(record: dict) -> None:
+    """For a fixture a release is declared unable to run on in this environment (adaptations.CANNOT_RUN): the error
+    the harness got is the declared one, not another failure."""
+    got = record["cannot_run"]
+    assert got["error"].startswith(got["expected"]), got
+
+
 def check_layout(engine: str, record: dict) -> None:
     """(a) of the proof: the engine loads the layout output, and every module it holds is exact, except modules
     whose rows the layout cut away (which must then not be exact). The record's `not_applied` (modules the layout
@@ -189,6 +174,9 @@ def check_layout(engine: str, record: dict) -> None:
     Qwen3.5 cases (o_proj / q_proj of the gated attention) whose cause is not yet traced."""
     if "cpu_unbuildable" in record:
         check_cpu_unbuildable(record)
+        return
+    if "cannot_run" in record:
+        check_cannot_run(record)
         return
     if "nothing_left" in record:  # every module refused: nothing for the engine to load
         return
@@ -201,15 +189,21 @@ def check_layout(engine: str, record: dict) -> None:
     assert all(held.get(m) != "exact" for m in cut)
 
 
-def check_prediction(engine: str, case: str, row: dict) -> None:
-    """(b) of the proof: what the engine did with the original adapter is what validate --engine predicts."""
+def check_prediction(release: str, case: str, row: dict, served_base: Path) -> None:
+    """(b) of the proof: what the release did with the original adapter is what `validate --engine RELEASE`
+    predicts (on `served_base`, the base the release was given)."""
     from lora_convert.pipeline.commands import predict
 
+    engine = release.partition("==")[0]
     truth = row["original"]
     if "cpu_unbuildable" in truth:
         check_cpu_unbuildable(truth)
         return
-    predicted = predict(engine, fixture_adapter(case), row["served_base"])
+    if "cannot_run" in truth:
+        check_cannot_run(truth)
+        return
+    # the rules of the release that ran, not the newest one lora-convert describes
+    predicted = predict(release, fixture_adapter(case), served_base)
     # the module-group rules need a plan; an adapter that cannot be planned (all DoRA) is predicted by the rest
     assert predicted.load_failure or predicted.unchecked is None, predicted.unchecked
     if truth.get("load_error"):
