@@ -22,9 +22,9 @@ LOCK_VENV ?= /tmp/lora-convert-lock-venv
 # The unit layer: everything but the slow tests, the PEFT proof, the engine proof and the GPU tests.
 FAST_MARKERS := not slow and not peft and not engine and not gpu
 
-.PHONY: demo test test-fast lock setup clean readme docs screenshot
+.PHONY: demo test test-fast lock setup clean readme docs screenshot proof-cache proof-truth
 
-setup: $(STAMP)
+setup: $(STAMP) proof-cache
 
 $(STAMP): pyproject.toml tests/engine_proof/requirements.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,13 +48,27 @@ lock:
 	grep '^#' $(LOCK) > $(LOCK).new
 	$(LOCK_VENV)/bin/python -m pip freeze --all --exclude lora-convert --exclude pip >> $(LOCK).new
 	mv $(LOCK).new $(LOCK)
+	$(LOCK_VENV)/bin/python tests/engine_proof/releases.py
 	LORA_CONVERT_REQUIRE_PROOF=1 $(LOCK_VENV)/bin/pytest -q
 
 demo: $(STAMP)
 	bash examples/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) proof-cache
 	$(BIN)/pytest -q
+
+# The engine proof runs every release with a rule file (lora_convert/engines/<engine>-<version>.json); the installed
+# one from site-packages, every other from its wheel's Python package, fetched once from PyPI (`pip download
+# --no-deps`) and extracted into $$LORA_CONVERT_PROOF_CACHE (default ~/.cache/lora-convert-proof). Cheap when cached:
+# a new rule file is picked up by the next `make test`.
+proof-cache: $(STAMP)
+	$(BIN)/python tests/engine_proof/releases.py
+
+# Re-run every release's proof and rewrite its recorded truth (tests/engine_proof/truth/, compared with the live run
+# by tests/test_proof_*.py) and the proof table of docs/engine-layouts.md (tests/test_proof_table.py checks it).
+proof-truth: proof-cache
+	$(BIN)/python tests/engine_proof/runs.py --record
+	$(BIN)/python tests/engine_proof/proof_table.py --write docs/engine-layouts.md
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m '$(FAST_MARKERS)'
@@ -66,11 +80,13 @@ readme: $(STAMP)
 # Regenerate the codes section of docs/validate.md from the registry (tests/test_codes.py checks it) and the
 # per-release engine tables of docs/engine-layouts.md from the rule files (tests/test_engine_profiles.py checks it),
 # and the stages and modules of docs/architecture.md from the layering table and the docstrings
-# (tests/test_architecture_doc.py checks it).
+# (tests/test_architecture_doc.py checks it), and the proof table of docs/engine-layouts.md from the recorded truth
+# (tests/test_proof_table.py checks it).
 docs: $(STAMP)
 	$(BIN)/python -m lora_convert.codes --write docs/validate.md
 	$(BIN)/python -m lora_convert.engines.table --write docs/engine-layouts.md
 	$(BIN)/python tests/architecture_map.py --write docs/architecture.md
+	$(BIN)/python tests/engine_proof/proof_table.py --write docs/engine-layouts.md
 
 # Rewrite docs/images/fleet-page.png (the README's picture of the fleet page) from the browser test's seeded records;
 # needs Debian's chromium and chromium-driver (`.ci/run` installs them; as root: apt-get install chromium chromium-driver).

@@ -8,9 +8,9 @@ out-of-memory killer; crashed; past `timeout-minutes`; an exit code lora-convert
 fails the step with an `::error::` saying what happened. Whatever happened, the job summary (job_summary.py,
 beside this file) says it too. Standard library only; run with the Python that installed lora-convert.
 
-Inputs (environment): INPUT_ADAPTERS, INPUT_BASE_REF, INPUT_BASE, INPUT_ENGINE, INPUT_STRICT, INPUT_ARGS,
-INPUT_TIMEOUT_MINUTES, EVENT_BEFORE (github.event.before), and the runner's GITHUB_BASE_REF, GITHUB_OUTPUT,
-GITHUB_STEP_SUMMARY, GITHUB_SERVER_URL, GITHUB_REPOSITORY and GITHUB_RUN_ID.
+Inputs (environment): INPUT_ADAPTERS, INPUT_BASE_REF, INPUT_BASE, INPUT_ENGINE, INPUT_SERVER_ARGS,
+INPUT_SERVER_ARGS_FILE, INPUT_STRICT, INPUT_ARGS, INPUT_TIMEOUT_MINUTES, EVENT_BEFORE (github.event.before), and the
+runner's GITHUB_BASE_REF, GITHUB_OUTPUT, GITHUB_STEP_SUMMARY, GITHUB_SERVER_URL, GITHUB_REPOSITORY and GITHUB_RUN_ID.
 """
 
 from __future__ import annotations
@@ -390,6 +390,11 @@ def validate_command(env: dict) -> list[str]:
         raise GateError(f'The `strict` input must be "true" or "false", not {env["INPUT_STRICT"]!r}.')
     if strict == "true":
         cmd.append("--strict")
+    # the server's flags go to validate as one argument, unsplit: validate parses them as the engine would
+    if env.get("INPUT_SERVER_ARGS", "").strip():
+        cmd += ["--server-args", env["INPUT_SERVER_ARGS"].strip()]
+    if env.get("INPUT_SERVER_ARGS_FILE", "").strip():
+        cmd += ["--server-args-file", env["INPUT_SERVER_ARGS_FILE"].strip()]
     return cmd + split_args(env.get("INPUT_ARGS", ""), "args")
 
 

@@ -83,6 +83,12 @@ def _optional_path(value: Any, name: str) -> str | None:
     raise UsageError(f"{name} must be a str, os.PathLike or None, got {type(value).__name__}.")
 
 
+def _optional_text(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise UsageError(f"{name} must be a str or None, got {type(value).__name__}.")
+
+
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     text = value.value if hasattr(value, "value") else value  # the CLI passes its Enum members
     if not isinstance(text, str) or text.lower() not in choices:
@@ -193,9 +199,13 @@ def validate_adapter(
     progress: Callable[[int, int], None] | None = None,
     cache_dir: PathLike | None = None,
     token: str | None = None,
+    server_args: str | None = None,
+    server_args_file: PathLike | None = None,
 ) -> ValidationReport:
     """Every check of `lora-convert validate` on one adapter; returns a `lora_convert.check.validate.ValidationReport`
-    (`.ok` is the verdict). Problems in the adapter are findings in the report, not exceptions.
+    (`.ok` is the verdict). Problems in the adapter are findings in the report, not exceptions. `server_args` (one
+    command line) or `server_args_file` (a file holding it): the flags the engine's server runs with, in the
+    engine's own names (docs/validate.md, "Server flags"); without them the release's defaults are assumed.
 
     Raises UsageError (bad argument, no such folder), EnvironmentProblem (the Hub unreachable; with smoke=True and
     not allow_unchecked, torch/triton not installed or no CUDA for device="cuda")."""
@@ -216,6 +226,8 @@ def validate_adapter(
         progress=progress,
         cache_dir=_optional_path(cache_dir, "cache_dir"),
         token=token,
+        server_args=_optional_text(server_args, "server_args"),
+        server_args_file=_optional_path(server_args_file, "server_args_file"),
     )
 
 
@@ -295,6 +307,25 @@ def _scan_engines(engine: Any) -> list[str]:
     return names
 
 
+def _scan_server_args(engines: list[str], text: Any, file: Any) -> str | None:
+    """The server flags of a scan as one command line (a file read here, once), checked for its one engine."""
+    import shlex
+
+    from lora_convert.engines.server_args import parse_server_args, server_args_words
+
+    words = server_args_words(_optional_text(text, "server_args"), _optional_path(file, "server_args_file"))
+    if words is None:
+        return None
+    if len(engines) > 1:
+        raise UsageError(
+            f"--server-args describe one engine's server, but the scan checks several releases ({', '.join(engines)}).",
+            hint="Scan once per engine, each with its server's flags.",
+        )
+    line = shlex.join(words)
+    parse_server_args(engines[0] if engines else "none", line)  # a bad flag is exit 2 before the scan starts
+    return line
+
+
 def scan_adapters(
     sources: PathLike | list[PathLike],
     *,
@@ -316,12 +347,15 @@ def scan_adapters(
     html: PathLike | None = None,
     on_start: Callable[[list[Any]], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    server_args: str | None = None,
+    server_args_file: PathLike | None = None,
 ) -> ScanResult:
     """`lora-convert scan`: validate every adapter of `sources` (folders searched recursively, list files, Hub
     ids) in `jobs` worker processes (or on Ray with `ray=True`), appending one JSON record per adapter to `output`;
     with `normalize`, also convert each adapter without errors into normalize/<id> in `layout`. `engine` may be one
     release, a list of them (each adapter is checked against every one; the record's "engines" counts each
-    release's outcomes) or "all" (every engine's newest release). With `html`, the fleet page of every record is
+    release's outcomes) or "all" (every engine's newest release); `server_args` / `server_args_file`: the flags of
+    that one engine's server, as for validate_adapter. With `html`, the fleet page of every record is
     written there when the scan ends, also when it was interrupted (`result.page`; docs/fleet-page.md). Returns a
     `lora_convert.scan.report.ScanResult` (`.records`, `.summary`, `.ok`, `.interrupted`, `.to_json()`).
 
@@ -344,10 +378,12 @@ def scan_adapters(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     engines = _scan_engines(engine)
+    flags = _scan_server_args(engines, server_args, server_args_file)
     options = ScanOptions(
         base=_optional_path(base, "base"),
         engine=engines[0] if engines else "none",
         more_engines=tuple(engines[1:]),
+        server_args=flags,
         checks=selected,
         data_scan=bool(data_scan),
         smoke=bool(smoke),

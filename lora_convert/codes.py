@@ -233,6 +233,22 @@ AREAS: tuple[Area, ...] = (
             PER_MODULE,
             refuses_feature("full_weights"),
         ),
+        (
+            "keys.base-layer-copy",
+            INFO,
+            "PEFT's copy of a wrapped layer's base weight (`<module>.base_layer.weight`, written for embedding "
+            "layers), not a LoRA factor.",
+            "Nothing, unless the vocabulary was resized; normalize with --drop-unsupported leaves it out.",
+            PER_MODULE,
+        ),
+        (
+            "keys.trainable-tokens",
+            WARNING,
+            "PEFT's trainable-token rows (`trainable_tokens_delta`), not a LoRA factor.",
+            "Merge them into the base, or normalize with --drop-unsupported.",
+            PER_MODULE,
+            refuses_feature("trainable_tokens"),
+        ),
         ("keys.duplicate", ERROR, "The same key or factor is stored twice.", ""),
         ("keys.empty", ERROR, "The adapter files hold no tensors.", "Save the adapter again."),
         ("keys.no-peft-prefix", WARNING, "Keys lack PEFT's `base_model.model.` prefix.", ""),
@@ -433,6 +449,58 @@ AREAS: tuple[Area, ...] = (
             WARNING,
             "The engine's rules were not all evaluated, accepted with --allow-unchecked (still fails under --strict).",
             "The message says why.",
+        ),
+        check="engine",
+    ),
+    _area(
+        "server flags",
+        "with `--engine` and `--server-args` / `--server-args-file`: what the server's own flags (names, types and "
+        "defaults of that release: lora_convert/engines/<engine>-server-args.json) do to the adapter; each message "
+        "cites the release's code",
+        ("server-args.flags", INFO, "The flags given, those ignored (not about LoRA) and the defaults assumed.", ""),
+        (
+            "server-args.rank-above-max",
+            ERROR,
+            "The adapter's rank is above --max-lora-rank (given, or the release's default): the server refuses it.",
+            "Start the server with a larger --max-lora-rank.",
+        ),
+        (
+            "server-args.target-excluded",
+            ERROR,
+            "Modules not in vLLM's --lora-target-modules are not wrapped: they load and are never applied (dropped).",
+            "List them in --lora-target-modules, or leave the flag out.",
+        ),
+        (
+            "server-args.target-refused",
+            ERROR,
+            "Modules not in SGLang's --lora-target-modules (normalized): the server refuses the adapter.",
+            "List them in --lora-target-modules (or `all`).",
+        ),
+        (
+            "server-args.sharded-rank",
+            ERROR,
+            "--fully-sharded-loras with tensor parallelism splits MoE LoRA A along the rank; a rank that does not "
+            "divide by the TP size fails to load.",
+            "Leave out --fully-sharded-loras, or use a rank the TP size divides.",
+        ),
+        (
+            "server-args.lora-dtype",
+            INFO,
+            "--lora-dtype rounds the adapter's factors to another dtype as they load.",
+            "",
+        ),
+        (
+            "server-args.lora-disabled",
+            ERROR,
+            "The flags turn LoRA off (--no-enable-lora): the server loads no adapter.",
+            "Start the server with --enable-lora.",
+        ),
+        (
+            "server-args.unmodelled",
+            WARNING,
+            "A LoRA flag set that changes what loads in a way the rules do not describe; the verdict assumes its "
+            "default.",
+            "Check the verdict against the server, or leave the flag at its default.",
         ),
         check="engine",
     ),

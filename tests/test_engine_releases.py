@@ -69,7 +69,16 @@ def _relabeled(value, old: str, new: str, key: str = ""):
     return value
 
 
-SHIPPED_CHILDREN = ["vllm-0.34.0.json", "sglang-0.5.22.json"]
+SHIPPED_CHILDREN = [
+    "vllm-0.34.0.json",
+    "vllm-0.32.0.json",
+    "vllm-0.31.0.json",
+    "vllm-0.30.0.json",
+    "sglang-0.5.22.json",
+    "sglang-0.5.21.json",
+    "sglang-0.5.20.json",
+    "sglang-0.5.19.json",
+]
 
 
 # ------------------------------------------------------------------------------------------------ inheritance
@@ -78,7 +87,7 @@ def test_a_shipped_child_is_its_parent_plus_its_own_changes(name):
     child = json.loads((ENGINES / name).read_text(encoding="utf-8"))
     assert "rules" not in child and "layout" not in child  # no copies
     parent_spec = child["extends"]
-    parent = json.loads((ENGINES / rules.resolve_engine(parent_spec).file).read_text(encoding="utf-8"))
+    parent = rules._document(rules.resolve_engine(parent_spec))  # resolved: a parent may extend another release
     spec = f"{child['engine']}=={child['version']}"
     relabel = {"old": parent["label"], "new": child["label"]}
     changes = {c["id"]: c for c in child.get("rules_changed", [])}
@@ -91,10 +100,22 @@ def test_a_shipped_child_is_its_parent_plus_its_own_changes(name):
     assert list(rules.load_rules(spec)) == expected
     layout = {k: v for k, v in rules.layout_document(spec).items() if k not in ("refuse", "_file")}
     assert layout == {**_relabeled(parent["layout"], **relabel), **child.get("layout_changed", {})}
-    # every re-citation cites the child release; an inherited citation still names the release it was read in
+    # every re-citation cites the child release; an inherited citation still names the release it was read in (the
+    # parent, or a release the parent inherited it from); an added rule cites the child
     assert all(c["source"].startswith(f"{spec}: ") for c in changes.values())
-    inherited = [r for r in rules.load_rules(spec) if r["id"] not in changes]
-    assert all(r["source"].startswith(f"{parent_spec}: ") for r in inherited)
+    assert all(r["source"].startswith(f"{spec}: ") for r in child.get("rules_added", []))
+    ancestors = _ancestors(parent_spec)
+    added = {r["id"] for r in child.get("rules_added", [])}
+    inherited = [r for r in rules.load_rules(spec) if r["id"] not in changes and r["id"] not in added]
+    assert all(r["source"].split(": ", 1)[0] in ancestors for r in inherited)
+
+
+def _ancestors(spec: str) -> list[str]:
+    """`spec` and every release it extends, nearest first."""
+    chain = [spec]
+    while "extends" in (doc := json.loads((ENGINES / rules.resolve_engine(chain[-1]).file).read_text())):
+        chain.append(doc["extends"])
+    return chain
 
 
 def test_a_child_changes_removes_adds_and_replaces_layout_keys(rule_dir):
@@ -221,15 +242,19 @@ def test_the_bare_engine_is_its_newest_release():
 
 
 @pytest.mark.parametrize(
-    ("asked", "nearest"), [("0.32.0", "vllm==0.33.0"), ("0.35.0", "vllm==0.34.0"), ("0.33.9", "vllm==0.33.0")]
+    ("asked", "nearest"), [("0.29.0", "vllm==0.30.0"), ("0.35.0", "vllm==0.34.0"), ("0.33.9", "vllm==0.33.0")]
 )
 def test_an_unknown_release_lists_the_known_ones_and_names_the_nearest(asked, nearest):
     with pytest.raises(UsageError) as info:
         rules.resolve_engine(f"vllm=={asked}")
     assert info.value.message == (
-        f"No rules for vllm {asked}: lora-convert describes only vllm==0.33.0, vllm==0.34.0 (the nearest: {nearest})."
+        f"No rules for vllm {asked}: lora-convert describes only {_known_vllm()} (the nearest: {nearest})."
     )
     assert f"--engine {nearest}" in info.value.hint and "engines diff" in info.value.hint
+
+
+def _known_vllm() -> str:
+    return "vllm==0.30.0, vllm==0.31.0, vllm==0.32.0, vllm==0.33.0, vllm==0.34.0"  # the shipped rule files
 
 
 def test_installed_is_the_version_of_the_installed_package(monkeypatch):
@@ -246,7 +271,7 @@ def test_installed_is_the_version_of_the_installed_package(monkeypatch):
     with pytest.raises(UsageError) as info:
         rules.resolve_engine("vllm==installed")
     assert info.value.message == (
-        "vllm 0.35.1 is installed in this Python, but lora-convert describes only vllm==0.33.0, vllm==0.34.0 "
+        f"vllm 0.35.1 is installed in this Python, but lora-convert describes only {_known_vllm()} "
         "(the nearest: vllm==0.34.0)."
     )
 
@@ -320,8 +345,8 @@ def test_engines_diff_refuses_two_engines_and_unknown_releases():
     runner = CliRunner()
     result = runner.invoke(app, ["engines", "diff", "vllm==0.33.0", "sglang"])
     assert result.exit_code == 2 and "one engine" in result.stderr and "Traceback" not in result.stderr
-    result = runner.invoke(app, ["engines", "diff", "vllm==0.31.0", "vllm"])
-    assert result.exit_code == 2 and "(the nearest: vllm==0.33.0)" in result.stderr
+    result = runner.invoke(app, ["engines", "diff", "vllm==0.29.0", "vllm"])
+    assert result.exit_code == 2 and "(the nearest: vllm==0.30.0)" in result.stderr
 
 
 def test_engines_help_teaches_with_examples():

@@ -231,7 +231,7 @@ def test_normalize_refuses_the_features_the_registry_names():
 
     # what engines/rules.py held before (NORMALIZE_REFUSES)
     assert {
-        "dora", "bias", "full_weights", "added_tokens", "vision_modules", "layers_past_end",
+        "dora", "bias", "full_weights", "added_tokens", "vision_modules", "layers_past_end", "trainable_tokens",
     } == NORMALIZE_REFUSED_FEATURES  # fmt: skip
     assert set(FEATURES) >= NORMALIZE_REFUSED_FEATURES
     assert not hasattr(rules, "NORMALIZE_REFUSES")
@@ -239,6 +239,7 @@ def test_normalize_refuses_the_features_the_registry_names():
     assert by_feature == {
         "dora": "config.dora", "bias": "config.lora-bias", "full_weights": "keys.full-weight",
         "added_tokens": "tokens.added", "vision_modules": "modules.vision", "layers_past_end": "layers.past-end",
+        "trainable_tokens": "keys.trainable-tokens",
     }  # fmt: skip
     rule = {"feature": "dora", "outcome": "load-failure"}
     assert rules.layout_treatment(rule) == rules.REFUSES
@@ -247,7 +248,8 @@ def test_normalize_refuses_the_features_the_registry_names():
 
 def test_the_plan_refuses_modules_with_codes_that_name_their_feature():
     """Every code the plan refuses a module with, other than `modules.unknown` (no engine feature is about modules
-    the schema does not know), names the engine feature its rules are about."""
+    the schema does not know) and `keys.base-layer-copy` (PEFT's copies of a base weight are left out, never
+    refused), names the engine feature its rules are about."""
     import inspect as source
 
     from lora_convert.codes import REGISTRY
@@ -256,7 +258,7 @@ def test_the_plan_refuses_modules_with_codes_that_name_their_feature():
     text = source.getsource(plan)
     refused = {c for c in REGISTRY if f'"{c}"' in text}
     assert {"config.dora", "config.lora-bias", "keys.full-weight", "modules.vision", "layers.past-end"} <= refused
-    for code in refused - {"modules.unknown"}:
+    for code in refused - {"modules.unknown", "keys.base-layer-copy"}:
         assert REGISTRY[code].refused_feature, code
 
 

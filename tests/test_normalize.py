@@ -19,7 +19,7 @@ from lora_convert.errors import UnsupportedAdapterError, UsageError
 from lora_convert.peft.naming import parse_key
 
 # Fixtures that normalize must refuse without --drop-unsupported, and the code of the refusal.
-REFUSED = {"dora": "config.dora", "vision": "modules.vision"}
+REFUSED = {"dora": "config.dora", "vision": "modules.vision", "trainable_tokens": "keys.trainable-tokens"}
 
 
 def refused_code(case: str) -> str | None:

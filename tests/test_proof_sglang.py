@@ -1,13 +1,16 @@
-"""SGLang 0.5.23's own LoRA loader on every PEFT-written fixture (tests/engine_proof/sglang_0_5_23.py), on a CPU.
+"""SGLang's own LoRA loader, every release with a rule file (lora_convert/engines/sglang-*.json), on every PEFT-written
+fixture, on a CPU (tests/engine_proof/sglang_0_5_23.py; other releases than the installed one from their
+cached sources with their adaptations: tests/engine_proof/run_release.py).
 
-(a) the `--layout sglang` output of lora-convert (normalize, --drop-unsupported): SGLang loads it and every module
-    it holds is exact against PEFT's reference delta; modules whose rows the layout cut away (reported as dropped
-    rows) are the only ones served differently;
-(b) the original PEFT adapter: what SGLang does (a load error, or exact/dropped/wrong per module) equals the
-    prediction of `validate --engine sglang` (lora_convert.check.engine.predict) for the same base config.
-SGLang runs in a process of its own (engine_proof.common.run_truth). Needs sglang==0.5.23
-(tests/engine_proof/requirements.txt, installed by `make test`); skipped only where it is not installed, and
-`LORA_CONVERT_REQUIRE_PROOF=1` (CI) turns that skip into a failure.
+(a) the `--layout sglang` output of lora-convert for that release (normalize, --drop-unsupported): the release loads it
+    and every module it holds is exact against PEFT's reference delta;
+(b) the original PEFT adapter: what the release does (a load error, or exact/dropped/wrong per module) equals the
+    prediction of `validate --engine sglang==<release>` (lora_convert.check.engine.predict);
+(c) the live run equals the release's recorded truth (tests/engine_proof/truth/sglang-<version>.json), from which the
+    proof table of docs/engine-layouts.md is generated.
+Every release runs in a process of its own, releases side by side (engine_proof.session). Needs the installed sglang
+(tests/engine_proof/requirements.txt) and the other releases' cached sources (`make proof-cache`; both done by
+`make test`); skipped only where they are missing, and `LORA_CONVERT_REQUIRE_PROOF=1` (CI) turns a skip into a failure.
 """
 
 from __future__ import annotations
@@ -17,29 +20,40 @@ import os
 
 import pytest
 
-from engine_proof.common import check_layout, check_prediction, run_truth
+from engine_proof.common import check_layout, check_prediction, unfixable_load_failures
+from engine_proof.releases import proof_releases
+from engine_proof.runs import comparable, recorded, truth_path
+from engine_proof.session import case_row, release_run
 from helpers import fixture_cases
 
 if os.environ.get("LORA_CONVERT_REQUIRE_PROOF") and importlib.util.find_spec("sglang") is None:
-    raise ImportError("sglang==0.5.23 is not installed (make setup installs it); CI requires the engine proof")
+    raise ImportError("sglang is not installed (make setup installs it); CI requires the engine proof")
 
-pytestmark = [
-    pytest.mark.engine,
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang (0.5.23) is not installed"),
-]
+pytestmark = [pytest.mark.engine]
 CASES = fixture_cases()
-
-
-@pytest.fixture(scope="module")
-def truth(tmp_path_factory) -> dict:
-    return run_truth("sglang_0_5_23.py", tmp_path_factory.mktemp("sglang-proof"))
+RELEASES = proof_releases("sglang")
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_sglang_layout_output_is_exact_in_sglang(case, truth):
-    check_layout("SGLang", truth[case]["layout"])
+@pytest.mark.parametrize("release", RELEASES)
+def test_sglang_layout_output_is_exact_in_sglang(release, case, request, tmp_path):
+    row, served_base = case_row(request, release, case)
+    check_layout(release, row["layout"], lambda: unfixable_load_failures(release, case, served_base, tmp_path))
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_sglang_prediction_matches_sglang(case, truth):
-    check_prediction("sglang", case, truth[case])
+@pytest.mark.parametrize("release", RELEASES)
+def test_sglang_prediction_matches_sglang(release, case, request):
+    row, served_base = case_row(request, release, case)
+    check_prediction(release, case, row, served_base)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_sglang_run_equals_its_recorded_truth(release, request):
+    live, _ = release_run(request, release)
+    want = recorded(release)
+    assert want is not None, f"{truth_path(release)} is missing: run `make proof-truth`"
+    assert sorted(live["cases"]) == sorted(CASES)
+    differ = sorted(c for c in CASES if live["cases"][c] != want["cases"].get(c))
+    assert not differ, f"{release} now differs from {truth_path(release).name} on {differ} (`make proof-truth`)"
+    assert comparable(live) == comparable(want)

@@ -122,10 +122,15 @@ def make_variant(case: str, variant: str, folder: Path) -> Path:
 # (tests/test_normalize.py, every layout).
 
 
+# Fixtures of those families written after the golden (issue 24): the torch path that wrote it is gone; their
+# outputs are compared with PEFT's deltas by tests/test_normalize.py like every fixture's.
+AFTER_THE_GOLDEN = frozenset({"v5_llama_trainable_tokens", "v5_nemotron_h_up_down"})
+
+
 def all_targets() -> list[tuple[str, str | None]]:
     """(fixture case, dtype variant or None) for every adapter compared: every fixture of a family the torch path
     knew."""
-    known = [c for c in fixture_cases() if case_family(c) in FAMILIES_BEFORE_ISSUE_14]
+    known = [c for c in fixture_cases() if case_family(c) in FAMILIES_BEFORE_ISSUE_14 and c not in AFTER_THE_GOLDEN]
     return [(c, None) for c in known] + [(c, v) for c in VARIANT_CASES for v in VARIANTS]
 
 

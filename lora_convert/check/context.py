@@ -35,6 +35,9 @@ class ValidateOptions:
     cache_dir: Any = None
     token: str | None = None
     allow_unchecked: bool = False
+    # the server's flags (lora_convert.engines.server_args.ServerArgs, parsed for `engine`); None: none given, the
+    # release's defaults are assumed
+    server_args: Any = None
 
     def __post_init__(self) -> None:
         if self.engine != "none":
@@ -46,6 +49,19 @@ class ValidateOptions:
         for name, value in (("--tp", self.tp), ("--ep", self.ep)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+        if self.server_args is not None and self.server_args.release.spec != _release_spec(self.engine):
+            raise UsageError(f"The server flags were read for {self.server_args.release.spec}, not {self.engine}.")
+        if self.server_args is not None and self.server_args.tp not in (None, self.tp):
+            raise UsageError(
+                f"--tp {self.tp} and the server's tensor-parallel size {self.server_args.tp} differ.",
+                hint="Give the tensor-parallel size once (in the server flags, or as --tp), as the server runs.",
+            )
+
+
+def _release_spec(engine: str) -> str | None:
+    from lora_convert.engines.rules import resolve_engine
+
+    return resolve_engine(engine).spec if engine != "none" else None
 
 
 @dataclass

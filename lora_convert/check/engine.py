@@ -25,6 +25,7 @@ from lora_convert.check.context import Check, CheckContext, Outcome, not_checked
 from lora_convert.codes import finding
 from lora_convert.engines.profiles import compute_features, evaluate_engine, rule_finding
 from lora_convert.engines.rules import PLANNED_GROUP, load_rules, resolve_engine
+from lora_convert.engines.server_args import effects as server_effects
 from lora_convert.errors import LoraConvertError
 from lora_convert.findings import Finding
 from lora_convert.text import spans
@@ -39,6 +40,11 @@ def run(ctx: CheckContext) -> Outcome:
         why = "adapter_config.json is invalid"
         return _not_evaluated(ctx, why, "Fix adapter_config.json (its findings say how)")
     findings = evaluate_engine(engine, ctx.adapter, ctx.arch, ctx.text_config, scan=ctx.scan)
+    server = ctx.options.server_args
+    if server is not None:  # the flags are known: they decide what the rules assumed about their defaults
+        replaced = {f"engine.{server.release.engine}.{rule_id}" for rule_id in server.replaced_rules()}
+        findings = [f for f in findings if f.code not in replaced]
+        findings += [e.finding for e in server_effects(server, ctx.adapter, ctx.options.tp)]
     planned, why_not = planned_group_refusals(engine, ctx.prepared)
     if why_not is None:
         return Outcome(findings + [r.finding for r in planned])
@@ -127,8 +133,9 @@ _MODULE_EFFECT = {"dropped": "dropped", "ignored": "dropped", "wrong": "wrong"}
 
 @dataclass
 class EnginePrediction:
-    """What validate predicts an engine release does with an adapter: the rules that make loading fail (empty:
-    it loads), and per PEFT module `exact`, `dropped` (the engine adds nothing) or `wrong` (it adds another delta)."""
+    """What validate predicts an engine release does with an adapter: the rules (and the `server-args.*` codes of
+    the server's flags) that make loading fail (empty: it loads), and per PEFT module `exact`, `dropped` (the
+    engine adds nothing) or `wrong` (it adds another delta)."""
 
     engine: str
     load_failure: list[str]
@@ -146,9 +153,12 @@ def _peft_module_name(mod) -> str:
     return name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
 
 
-def predict_engine(engine: str, prepared, scan=None) -> EnginePrediction:
+def predict_engine(engine: str, prepared, scan=None, server_args=None) -> EnginePrediction:
     """The per-module prediction behind `validate --engine` (the same rules, evaluated the same way) for a prepared
-    adapter (lora_convert.pipeline.prepared.PreparedAdapter)."""
+    adapter (lora_convert.pipeline.prepared.PreparedAdapter), on a server started with `server_args`
+    (lora_convert.engines.server_args.ServerArgs) or, when None, with the release's defaults: a rule whose outcome
+    is `needs-flag` (the adapter loads only with a flag the defaults lack, e.g. vLLM's --max-lora-rank above 16)
+    is a load failure there."""
     adapter, arch, text_config = prepared.adapter, prepared.arch, prepared.base.text_config
     names = {id(m): _peft_module_name(m) for m in adapter.modules}
     modules = {names[id(m)]: "exact" for m in adapter.modules}
@@ -160,7 +170,7 @@ def predict_engine(engine: str, prepared, scan=None) -> EnginePrediction:
     load_failure: list[str] = []
 
     def mark(rule_id: str, outcome: str, names: list[str], partial: bool = False) -> None:
-        if outcome == "load-failure":
+        if outcome in ("load-failure", "needs-flag"):
             load_failure.append(rule_id)
             return
         effect = _MODULE_EFFECT.get(outcome)
@@ -172,9 +182,21 @@ def predict_engine(engine: str, prepared, scan=None) -> EnginePrediction:
             if name in modules and modules[name] != "wrong":
                 modules[name] = effect
 
+    replaced = server_args.replaced_rules() if server_args is not None else set()
     for rule_id, values in compute_features(engine, adapter, arch, text_config, scan).items():
-        names = sorted({by_key[k] for k in values.get("all_keys", values.get("keys", [])) if k in by_key})
+        if rule_id in replaced:
+            continue
+        keys = values.get("all_keys", values.get("keys", []))
+        names = sorted({by_key[k] for k in keys if k in by_key})
+        if not names and any(k in adapter.parsed for k in keys):
+            # only tensors beside the LoRA modules (whole weights, PEFT's copies, token rows): no module's delta
+            # changes, so the rule touches none of them (it may still make loading fail)
+            names = [""]
         mark(rule_id, rules[rule_id]["outcome"], names, partial=bool(values.get("partial")))
+    if server_args is not None:
+        for effect in server_effects(server_args, adapter, server_args.tp):
+            if effect.outcome is not None:
+                mark(effect.finding.code, effect.outcome, [n for m in effect.modules for n in by_module.get(m, [m])])
     planned, why_not = planned_group_refusals(engine, prepared)
     for refusal in planned:
         mark(refusal.rule_id, refusal.outcome, [n for m in refusal.modules for n in by_module.get(m, [m])])

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from lora_convert.cli._app import command
 from lora_convert.cli._output import ScanFormat, byte_progress, print_json, stderr, stdout
-from lora_convert.cli.validate_cmd import ENGINE_HELP
+from lora_convert.cli.validate_cmd import ENGINE_HELP, ServerArgsFileOpt, ServerArgsOpt
 from lora_convert.errors import EXIT_FINDINGS, EXIT_OK, UsageError
 from lora_convert.scan.task import FAILING, STATUSES
 
@@ -40,6 +40,8 @@ def scan_command(
         help=ENGINE_HELP + " Give it several times to check every adapter against several releases (the record's "
         "`engines` counts each release's outcomes), or `all` for every engine's newest release.",
     ),
+    server_args: str | None = ServerArgsOpt,
+    server_args_file: str | None = ServerArgsFileOpt,
     checks: str | None = typer.Option(
         None,
         "--checks",
@@ -118,6 +120,8 @@ def scan_command(
         sources,
         base=base,
         engine=engine,
+        server_args=server_args,
+        server_args_file=server_args_file,
         checks=_check_names(checks),
         data_scan=data,
         smoke=smoke,

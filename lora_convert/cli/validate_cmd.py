@@ -23,6 +23,16 @@ ENGINE_HELP = (
     "(lora_convert/engines/<engine>-<version>.json), each rule citing the release's source; `normalize --layout "
     "ENGINE` refuses exactly the module groups this reports as unservable."
 )
+SERVER_ARGS_HELP = (
+    "With --engine: the flags the engine's server runs with, in its own names, as one quoted command line (e.g. "
+    '"--max-lora-rank 32 --lora-target-modules qkv_proj"; `vllm serve MODEL ...` may be pasted whole). The '
+    "prediction takes them into account (modules the flags exclude, ranks above the maximum, TP size, LoRA dtype); "
+    "LoRA flags the release does not know, or bad values, are exit 2; other flags are ignored. Without it the "
+    'release\'s defaults are assumed (docs/validate.md, "Server flags").'
+)
+SERVER_ARGS_FILE_HELP = "Read the --server-args from FILE (one or more lines; `#` starts a comment)."
+ServerArgsOpt = typer.Option(None, "--server-args", metavar="FLAGS", help=SERVER_ARGS_HELP)
+ServerArgsFileOpt = typer.Option(None, "--server-args-file", metavar="FILE", help=SERVER_ARGS_FILE_HELP)
 
 
 @command("validate")
@@ -36,6 +46,8 @@ def validate_command(
     ),
     base: str | None = BaseOpt,
     engine: str = typer.Option("none", "--engine", "-e", metavar="ENGINE[==VERSION]", help=ENGINE_HELP),
+    server_args: str | None = ServerArgsOpt,
+    server_args_file: str | None = ServerArgsFileOpt,
     tp: int | None = typer.Option(None, "--tp", min=1, help="Tensor-parallel size to check divisibility for."),
     ep: int | None = typer.Option(None, "--ep", min=1, help="Expert-parallel size to check divisibility for."),
     data: bool = typer.Option(
@@ -121,6 +133,8 @@ def validate_command(
                 cache_dir=cache_dir,
                 token=token,
                 allow_unchecked=allow_unchecked,
+                server_args=server_args,
+                server_args_file=server_args_file,
             )
         except LoraConvertError as exc:
             if format is ReportFormat.github:

@@ -230,8 +230,9 @@ def build_plan(
     adapter unconvertible is refused before, by `refuse_unusable_adapter`."""
     groups, refused = _group_modules(adapter, arch, keep_vision)
     dropped = _full_weight_drops(adapter) + refused
-    if dropped and not drop_unsupported:
-        raise _refused_modules_error(dropped, listed_in)
+    # PEFT's copies of a base weight are left out without asking: no engine reads them (the base model has the weight)
+    if any(d.code != COPY_CODE for d in dropped) and not drop_unsupported:
+        raise _refused_modules_error([d for d in dropped if d.code != COPY_CODE], listed_in)
     groups = _in_output_order(groups)
     for group in groups:
         if group.experts:
@@ -273,17 +274,26 @@ def _adapter_level_problems(adapter: Adapter, shape_findings: list[Finding]) -> 
     return problems
 
 
+COPY_CODE = "keys.base-layer-copy"
+# Tensors PEFT saves beside the factors that are no part of a LoRA layout: factor -> (reason, code).
+_NOT_LORA_TENSORS = {
+    "full_weight": ("a whole module weight (modules_to_save or bias), not a LoRA factor", "keys.full-weight"),
+    "full_bias": ("a whole module weight (modules_to_save or bias), not a LoRA factor", "keys.full-weight"),
+    "base_layer_copy": ("PEFT's copy of the layer's base weight, not a LoRA factor", COPY_CODE),
+    "trainable_tokens_delta": ("PEFT's trainable-token rows, not a LoRA factor", "keys.trainable-tokens"),
+}
+
+
 def _full_weight_drops(adapter: Adapter) -> list[DroppedModule]:
-    """Whole module weights saved beside the factors (modules_to_save, bias): never part of a LoRA layout."""
+    """Whole module weights (modules_to_save, bias), PEFT's base-layer copies and trainable-token rows saved beside
+    the factors: never part of a LoRA layout."""
     return [
+        # a copy is named by its own path (`lm_head.base_layer`): the module's LoRA is not what is left out
         DroppedModule(
-            parsed.module,
-            [key],
-            "a whole module weight (modules_to_save or bias), not a LoRA factor",
-            "keys.full-weight",
+            parsed.module + ".base_layer" * parsed.base_layer_depth, [key], *_NOT_LORA_TENSORS[parsed.factor.value]
         )
         for key, parsed in adapter.parsed.items()
-        if parsed.factor.value in ("full_weight", "full_bias")
+        if parsed.factor.value in _NOT_LORA_TENSORS
     ]
 
 

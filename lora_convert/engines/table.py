@@ -21,6 +21,7 @@ from lora_convert.engines.rules import (
     layout_treatment,
     load_rules,
     releases,
+    resolve_engine,
 )
 from lora_convert.findings import Severity
 from lora_convert.text import replace_generated_section
@@ -76,12 +77,13 @@ def markdown() -> str:
         rules = load_rules(release.spec)
         layout = layout_document(release.spec)
         unheld = {c["unheld"]["rule"] for c in layout.get("cut", []) if c.get("unheld")}
+        # the bare engine name means its newest release; an older one is named with its version
+        name = release.engine if resolve_engine(release.engine) == release else release.spec
         out += [
-            f"### {label} (`--engine {release.engine}`, `--layout {release.engine}`; "
-            f"`lora_convert/engines/{release.file}`)",
+            f"### {label} (`--engine {name}`, `--layout {name}`; `lora_convert/engines/{release.file}`)",
             "",
             "| rule (`engine." + release.engine + ".<rule>`) | fires on | the original adapter | "
-            f"`normalize --layout {release.engine}` | source |",
+            f"`normalize --layout {name}` | source |",
             "|---|---|---|---|---|",
         ]
         for rule in sorted(rules, key=lambda r: (r["feature"] != PLANNED_GROUP, r["outcome"], r["id"])):

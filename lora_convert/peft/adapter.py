@@ -369,7 +369,9 @@ def _read_added_tokens(source: AdapterSource) -> tuple[dict[str, int] | None, li
 # ------------------------------------------------------------------------------------------------ grouping
 Slot = tuple[str, int]  # (module path, base_layer depth): one LoRA wrapper
 # Keys that are no LoRA factor (each a finding), and the factor an embedding's key fills in its wrapper's slot.
-_NOT_LORA_FACTORS = frozenset({Factor.UNKNOWN, Factor.FULL_WEIGHT, Factor.FULL_BIAS})
+_NOT_LORA_FACTORS = frozenset(
+    {Factor.UNKNOWN, Factor.FULL_WEIGHT, Factor.FULL_BIAS, Factor.BASE_LAYER_COPY, Factor.TRAINABLE_TOKENS}
+)
 _EMBEDDING_FACTORS = {Factor.EMBEDDING_A: Factor.LORA_A, Factor.EMBEDDING_B: Factor.LORA_B}
 # The tensors of a LoraModule, in the order of its fields lora_A, lora_B, magnitude, lora_bias.
 _MODULE_FACTORS = (Factor.LORA_A, Factor.LORA_B, Factor.MAGNITUDE, Factor.LORA_BIAS)
@@ -436,6 +438,21 @@ def _not_a_factor(key: str, factor: Factor) -> Finding:
             "`<module>.lora_A.weight`, `<module>.lora_B.weight`, `lora_embedding_A/B` or "
             "`lora_magnitude_vector`).",
             keys=[key],
+        )
+    if factor is Factor.BASE_LAYER_COPY:
+        return finding(
+            "keys.base-layer-copy",
+            f"{key} is PEFT's copy of the base weight of a layer it wraps (saved for embedding layers), not a LoRA "
+            "factor; it equals the base model's weight unless the vocabulary was resized.",
+            keys=[key],
+        )
+    if factor is Factor.TRAINABLE_TOKENS:
+        return finding(
+            "keys.trainable-tokens",
+            f"{key} holds PEFT's trainable-token rows (trainable_token_indices): new values of some embedding rows, "
+            "not a LoRA factor.",
+            keys=[key],
+            fix="Merge them into the base model, or normalize with --drop-unsupported to leave them out.",
         )
     return finding(
         "keys.full-weight",

@@ -28,6 +28,12 @@ class Factor(str, Enum):
     LORA_BIAS = "lora_bias"  # `lora_B.bias`, written when lora_bias=True
     FULL_WEIGHT = "full_weight"  # a whole module weight: modules_to_save, or a stray base weight
     FULL_BIAS = "full_bias"  # bias="all"/"lora_only" or a modules_to_save bias
+    # `<module>.base_layer.weight`: PEFT's copy of a wrapped layer's own base weight, written beside its LoRA when
+    # an embedding layer is targeted or the embeddings are tied (`save_embedding_layers`, peft utils/save_and_load.py)
+    BASE_LAYER_COPY = "base_layer_copy"
+    # `<module>[.token_adapter].trainable_tokens_delta`: PEFT's trainable tokens (`trainable_token_indices`), the new
+    # values of some embedding rows (peft tuners/trainable_tokens/layer.py), no LoRA factor
+    TRAINABLE_TOKENS = "trainable_tokens_delta"
     UNKNOWN = "unknown"
 
 
@@ -89,7 +95,7 @@ def parse_key(key: str) -> ParsedKey:
     parts = rest.split(".")
     factor_at = next((i for i, part in enumerate(parts) if part in _FACTOR_NAMES), None)
     if factor_at is None:
-        split = _split_whole_module(parts)
+        split = _split_trainable_tokens(parts) or _split_whole_module(parts)
     else:
         split = _split_lora_factor(parts, factor_at)
     if split is None:
@@ -101,6 +107,8 @@ def parse_key(key: str) -> ParsedKey:
         module_parts = module_parts[:-1]
     if not module_parts or "" in module_parts:
         return _unknown(key, rest, has_prefix)
+    if factor is Factor.FULL_WEIGHT and depth:
+        factor = Factor.BASE_LAYER_COPY
     return _locate(key, factor, ".".join(module_parts), depth, adapter_name, has_prefix, module_parts)
 
 
@@ -119,6 +127,15 @@ def _split_lora_factor(parts: list[str], factor_at: int) -> tuple[Factor, list[s
     elif suffix is None and factor in (Factor.LORA_A, Factor.LORA_B):
         return None  # PEFT always writes `.weight` after lora_A/lora_B; without it the name is not PEFT's
     return factor, parts[:factor_at], tail[0] if tail else None
+
+
+def _split_trainable_tokens(parts: list[str]) -> tuple[Factor, list[str], None] | None:
+    """`<module> [.token_adapter] .trainable_tokens_delta` (PEFT's TrainableTokensLayer, nested as `token_adapter`
+    when it sits beside a LoRA tuner); None when the name is not one."""
+    if len(parts) < 2 or parts[-1] != Factor.TRAINABLE_TOKENS.value:
+        return None
+    module_parts = parts[:-2] if parts[-2] == "token_adapter" else parts[:-1]
+    return Factor.TRAINABLE_TOKENS, module_parts, None
 
 
 def _split_whole_module(parts: list[str]) -> tuple[Factor, list[str], str | None] | None:

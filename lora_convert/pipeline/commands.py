@@ -27,6 +27,7 @@ from lora_convert.check.engine import EnginePrediction, predict_engine
 from lora_convert.check.validate import ValidationReport, known_check_names, run_checks, unreadable_report
 from lora_convert.convert.normalize import NormalizeResult, WriteChoices, WriteProgress, write_normalized
 from lora_convert.convert.plan import Plan
+from lora_convert.engines.server_args import parse_server_args
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
 from lora_convert.io.output_folder import check_output_dir, protected_inputs
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
@@ -69,14 +70,21 @@ def validate(
     token: str | None = None,
     allow_unchecked: bool = False,
     checks: Collection[str] | None = None,
+    server_args: str | None = None,
+    server_args_file: str | os.PathLike | None = None,
 ) -> ValidationReport:
     """Every check on one adapter (lora_convert/check/validate.py). Bad options are a UsageError before anything is
-    read; an adapter whose files cannot be read is a report with that finding, not an exception."""
+    read; an adapter whose files cannot be read is a report with that finding, not an exception. `server_args` /
+    `server_args_file`: the engine server's own flags (lora_convert/engines/server_args.py); their tensor-parallel
+    size is --tp's when --tp is not given."""
     known_check_names(checks)
+    engine = (engine or "none").lower()
+    server = parse_server_args(engine, server_args, server_args_file)
     options = ValidateOptions(
         base=base,
-        engine=(engine or "none").lower(),
-        tp=tp,
+        engine=engine,
+        server_args=server,
+        tp=tp if tp is not None or server is None else server.tp,
         ep=ep,
         data_scan=data_scan,
         smoke=smoke,
@@ -201,10 +209,14 @@ def smoke(
     return run_smoke(target, machine, original=original, tokens=tokens, layers=layers, seed=seed, progress=progress)
 
 
-def predict(engine: str, adapter_spec: AdapterSpec, base_spec: str | os.PathLike) -> EnginePrediction:
+def predict(
+    engine: str, adapter_spec: AdapterSpec, base_spec: str | os.PathLike, server_args: str | None = None
+) -> EnginePrediction:
     """`predict_engine` for an adapter (folder, Hub id or prepared) and a base (folder, config.json, preset or Hub
-    id), as the engine proofs (tests/engine_proof/) compare it with the engines' own code."""
+    id), as the engine proofs (tests/engine_proof/) compare it with the engines' own code; `server_args`: the
+    server's flags (one command line), else the release's defaults."""
+    server = parse_server_args(engine, server_args)
     adapter = prepared(adapter_spec, base=os.fspath(base_spec))
     adapter.require_valid_config()
     adapter.require_arch()
-    return predict_engine(engine, adapter)
+    return predict_engine(engine, adapter, server_args=server)

@@ -54,6 +54,8 @@ class ScanOptions:
     # the other releases asked for (`scan --engine` given several times, or `all`): their rules are evaluated too,
     # their findings added to the record's, and each release's outcome counts kept under "engines"
     more_engines: tuple[str, ...] = ()
+    # the flags `engine`'s server runs with (validate --server-args; one command line, checked before the scan)
+    server_args: str | None = None
     checks: tuple[str, ...] | None = None  # names of lora_convert.check.validate.CHECK_NAMES; None: all of them
     data_scan: bool = True
     smoke: bool | None = False  # a scan runs no forward pass unless asked: it would load torch in every worker
@@ -202,6 +204,7 @@ def _validate(adapter, options: ScanOptions, engine: str | None = None):
         adapter,
         base=options.base,
         engine=options.engine,
+        server_args=options.server_args,
         data_scan=options.data_scan,
         smoke=options.smoke,
         strict=options.strict,

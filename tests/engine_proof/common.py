@@ -15,6 +15,7 @@ engine's own, unmodified LoRA loading code and returns an `EngineLoad`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -167,11 +168,29 @@ def check_cannot_run(record: dict) -> None:
     assert got["error"].startswith(got["expected"]), got
 
 
-def check_layout(engine: str, record: dict) -> None:
+def unfixable_load_failures(release: str, case: str, base: Path, workdir: Path) -> list[str]:
+    """The rules of `release` that make its own layout output of `case` fail to load and that no layout can fix
+    (normalize writes those modules unchanged, and its report says the release will not load them): lora-convert's
+    prediction for that output, as `validate --engine RELEASE OUT` makes it."""
+    from lora_convert.engines.rules import KEEPS, layout_treatment, load_rules
+    from lora_convert.pipeline.commands import predict
+
+    out, _ = normalize_layout(case, release, base, workdir / "layout")
+    if out is None:
+        return []
+    rules = {r["id"]: r for r in load_rules(release)}
+    return [r for r in predict(release, out, base).load_failure if layout_treatment(rules[r]) == KEEPS]
+
+
+def check_layout(engine: str, record: dict, unfixable: Callable[[], list[str]] | None = None) -> None:
     """(a) of the proof: the engine loads the layout output, and every module it holds is exact, except modules
-    whose rows the layout cut away (which must then not be exact). The record's `not_applied` (modules the layout
-    wrote that the engine does not apply) is recorded, not yet asserted: it is non-empty for six SGLang Qwen3-Next /
-    Qwen3.5 cases (o_proj / q_proj of the gated attention) whose cause is not yet traced."""
+    whose rows the layout cut away (which must then not be exact). The one exception: a release that fails on every
+    layout of the adapter (`unfixable()` names the rules, read from the release's rule file, that say so and that
+    validate reports for the output) must fail, as predicted; nothing else may make it fail.
+
+    The record's `not_applied` (modules the layout wrote that the engine does not apply) is recorded, not yet
+    asserted: it is non-empty for six SGLang Qwen3-Next / Qwen3.5 cases (o_proj / q_proj of the gated attention)
+    whose cause is not yet traced."""
     if "cpu_unbuildable" in record:
         check_cpu_unbuildable(record)
         return
@@ -179,6 +198,10 @@ def check_layout(engine: str, record: dict) -> None:
         check_cannot_run(record)
         return
     if "nothing_left" in record:  # every module refused: nothing for the engine to load
+        return
+    if record["load_error"] is not None and unfixable is not None:
+        rules = unfixable()
+        assert rules, f"{engine} failed on its layout: {record['load_error']}"
         return
     assert record["load_error"] is None, f"{engine} failed on its layout: {record['load_error']}"
     held = record["held"]

@@ -188,12 +188,17 @@ def _setup_process():
 
 
 def _publish(server_args):
+    from sglang.srt import runtime_context
     from sglang.srt.distributed import parallel_state
-    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish
 
-    publish(server_args, role="test", ranks=SpawnRanks(world_rank=0))
-    if parallel_state._WORLD is not None:
-        get_parallel().override_permanently(world_group=parallel_state._WORLD)
+    if hasattr(runtime_context, "SpawnRanks"):
+        runtime_context.publish(server_args, role="test", ranks=runtime_context.SpawnRanks(world_rank=0))
+    else:  # 0.5.19-0.5.20: no SpawnRanks, publish() takes no `ranks` (runtime_context.py:1465 / :1571)
+        runtime_context.publish(server_args, role="test")
+    parallel = runtime_context.get_parallel()
+    # 0.5.19 has no override_permanently: its world group is read from parallel_state itself (runtime_context.py:378)
+    if parallel_state._WORLD is not None and hasattr(parallel, "override_permanently"):
+        parallel.override_permanently(world_group=parallel_state._WORLD)
 
 
 def _publish_for(server_args, base: Path):
@@ -450,8 +455,10 @@ def _build_base(base_dir: Path, model_class: str) -> _Base:
 
 
 def _model_class(case: str) -> str:
-    """The case's model class; emulated remote-code cases describe the emulation after the name."""
-    return re.match(r"\w+", case_meta(case)["model_class"]).group(0)
+    """The case's model class; emulated remote-code cases describe the emulation after the name. A case trained on
+    one class and served on another (case.json `served_class`) is built as the class it is served on."""
+    meta = case_meta(case)
+    return re.match(r"\w+", meta.get("served_class") or meta["model_class"]).group(0)
 
 
 def _snapshot(model):
@@ -561,6 +568,18 @@ def _dense_delta(module, tokens: int):
     return out[:n_in].double().T.contiguous().numpy()
 
 
+def _lm_head_delta(module, tokens: int):
+    """[vocab, hidden] float64 from ParallelLMHeadWithLoRA's own apply path with an identity input (it sits outside
+    the layers: LoRAManager.lm_head_module)."""
+    import torch
+
+    n_in = module.embed_dim
+    assert tokens >= n_in, f"the batch has {tokens} tokens, lm_head needs {n_in} for an identity input"
+    x = torch.eye(tokens, n_in, dtype=torch.float32)
+    out = module.apply_lora(torch.zeros(tokens, module.vocab_size, dtype=torch.float32), x)
+    return out[:n_in].double().T.contiguous().numpy()
+
+
 def _offsets(module) -> list[int] | None:
     from sglang.srt.lora.layers import (
         MergedColumnParallelLinearWithLoRA,
@@ -653,6 +672,8 @@ def _deltas(case: str, manager, lora_id: str, tokens: int) -> dict[str, np.ndarr
     for module in want:
         split = _split(module)
         if split is None:
+            if module == "lm_head" and manager.lm_head_module is not None:
+                out[module] = _lm_head_delta(manager.lm_head_module, tokens)
             continue
         layer_id, rest = split
         info = meta.get(module, {})

@@ -422,7 +422,9 @@ def _candidates(eng: _Engine, vname: str) -> list[str]:
     """vname, then the multimodal language-model names whose text-only name is vname (the manager's fallback)."""
     mm = eng.manager
     out = [vname]
-    if getattr(mm, "supports_mm", False):
+    # the text-name fallback (`_get_text_lora_names`, model_manager.py:1267-1287 in 0.33.0) exists from 0.33 on;
+    # 0.30-0.32 have none, so there is no other candidate name there
+    if getattr(mm, "supports_mm", False) and hasattr(mm, "_get_text_lora_names"):
         prefix = mm.mm_mapping.language_model[0].rstrip(".") + "."
         for full in (prefix + vname, prefix + vname.removeprefix("model.")):
             if vname in mm._get_text_lora_names(full):
@@ -439,7 +441,24 @@ def _locate(eng: _Engine, vname: str):
         for packed, subs in mm.packed_modules.items():
             if name in subs:
                 return packed, subs.index(name)
-    return _locate_renamed_block(eng, vname)
+    return _locate_renamed_block(eng, vname) or _locate_restacked(eng, vname)
+
+
+def _locate_restacked(eng: _Engine, vname: str):
+    """The same module under the base's own layer-stack name (`model.layers.N.<rest>` for a PEFT name
+    `model.language_model.layers.N.<rest>`: an adapter trained on a VL class, whose `--layout vllm` output is
+    renamed to a text-only base's stack): the unique vLLM module ending in `layers.N.<rest>`. Its buffer says
+    whether vLLM applied the adapter there (zero for the original adapter, whose names vLLM never matches)."""
+    at = vname.find("layers.")
+    if at <= 0:
+        return None
+    tail = "." + vname[at:]
+    mm = eng.manager
+    hits = [n for n in mm.modules if n.endswith(tail)]
+    hits += [(p, k) for p, subs in mm.packed_modules.items() for k, n in enumerate(subs) if n.endswith(tail)]
+    if len(hits) != 1:
+        return None
+    return hits[0] if isinstance(hits[0], tuple) else (hits[0], None)
 
 
 def _locate_renamed_block(eng: _Engine, vname: str):

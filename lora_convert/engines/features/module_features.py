@@ -24,9 +24,12 @@ def f_leaf_present(ctx: Context, params: dict):
     within = tuple(params.get("containers", []))
     experts = params.get("experts")  # None: any; True: expert modules only; False: non-expert only
     contains = params.get("local_contains")
+    listed = _listed_targets(ctx) if params.get("listed_in_targets") else None  # only leaves a target list names
     mods = []
     for m in ctx.modules:
         if m.leaf not in leaves and not (contains and contains in (m.local_name or "")):
+            continue
+        if listed is not None and m.leaf not in listed:
             continue
         if within and not in_containers(ctx, m, within):
             continue
@@ -49,6 +52,12 @@ def f_leaf_present(ctx: Context, params: dict):
         "examples": examples([m.module for m in mods]),
         "keys": module_keys(mods),
     }
+
+
+def _listed_targets(ctx: Context) -> set[str]:
+    """The last components of a list-valued target_modules (empty for `all-linear` or a regex)."""
+    targets = ctx.adapter.config.target_modules
+    return {t.rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else set()
 
 
 def f_companion_missing(ctx: Context, params: dict):
@@ -96,15 +105,12 @@ def fused_rows_numbers(ctx: Context, present_mods, params: dict) -> dict:
             for s, expr in zip(group.slices, _slice_expressions(schema_group, group), strict=True)
         )
         return {
-            "expected_rows": expected,
-            "actual_rows": actual,
             "shape_detail": f"the fused B becomes [{actual}, {r}] ({len(group.slices)} x {match.canonical} rows) "
             f"instead of [{expected}, {r}] ({parts})",
         }
     width = next((m.out_features for m in present_mods if m.out_features), None)
     if isinstance(width, int):
         return {
-            "actual_rows": len(names) * width,
             "shape_detail": f"the fused B becomes [{len(names) * width}, {r}] ({len(names)} x "
             f"{'/'.join(sorted(params['present']))} rows) instead of "
             f"[{' + '.join(names)} rows, {r}] (pass --base for the numbers)",
@@ -168,7 +174,11 @@ def f_prefix_mismatch(ctx: Context, params: dict):
     expected = getattr(ctx.arch, "checkpoint_prefix", None)
     if not expected:
         return None
-    equivalent = set(params.get("equivalent", {}).get(ctx.family or "", [])) | {expected}
+    # names the engine maps onto each other for this family (a model class's weights mapper); they are the base's
+    # only where the base's own layer stack is one of them (Gemma-3: the VL class maps `model.language_model.` to
+    # `language_model.model.`, the text-only class maps neither)
+    names = set(params.get("equivalent", {}).get(ctx.family or "", []))
+    equivalent = names | {expected} if expected in names else {expected}
     if getattr(ctx.arch, "wrapped", False):  # a multimodal wrapper whose text stack the engine also finds by the
         equivalent |= set(params.get("wrapper_text_names", []))  # text model's own names
     mods = [
@@ -202,14 +212,17 @@ def f_vision(ctx: Context, params: dict):
     """Vision-tower and projector modules. `kinds` / `not_kinds` keep or leave out module kinds (an engine may load
     a vision Linear it does not apply but refuse a vision Embedding); `listed_in_targets` keeps those whose leaf is
     the last component of a name in a list-valued target_modules (an engine that sizes a buffer per target name);
-    `with_layer_index` those with `layers.N.` in their path."""
+    `with_layer_index` those with `layers.N.` in their path; `not_leaves` leaves out those leaf names; `classes` /
+    `not_classes` are conditions on the base's model class."""
+    if not in_classes(ctx, params):
+        return None
     mods = [m for m in ctx.modules if m.is_vision or (ctx.arch is not None and ctx.arch.vision_module(m.module))]
+    mods = [m for m in mods if m.leaf not in params.get("not_leaves", ())]
     if "kinds" in params:
         mods = [m for m in mods if m.kind in params["kinds"]]
     mods = [m for m in mods if m.kind not in params.get("not_kinds", ())]
     if params.get("listed_in_targets"):
-        targets = ctx.adapter.config.target_modules
-        listed = {t.rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else set()
+        listed = _listed_targets(ctx)
         mods = [m for m in mods if m.leaf in listed]
     if params.get("with_layer_index"):
         mods = [m for m in mods if re.search(r"layers\.\d+\.", m.module + ".")]

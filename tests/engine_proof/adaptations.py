@@ -1,0 +1,216 @@
+"""Per-release adaptations of the CPU proof: what a release needs, beyond the harness's own stubs, to run its LoRA
+loader on a CPU-only venv.
+
+Each one is named, says which releases it applies to (found by running every release on every fixture:
+/tmp/team/issue24-research.md §4) and why, and patches only GPU-only or CPU-platform machinery, or an environment
+clash with the venv's packages; none touches what the engine does with a LoRA weight (parsing, packing, scaling,
+buffers, refusals). A release outside every range gets none. A new release that needs one fails its proof with the
+error, which is then named here with its range.
+
+The harness's calls into engine APIs that changed between releases are handled in the harnesses themselves
+(vllm_0_33_0.py `_candidates`, sglang_0_5_23.py `_publish`), each with the releases that lack the API.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+def _key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    name: str
+    engine: str
+    first: str  # oldest release it applies to
+    last: str | None  # newest release it applies to; None: every later one too, until one shows otherwise
+    why: str
+    apply: Callable[[], None]
+
+    def applies_to(self, engine: str, version: str) -> bool:
+        if engine != self.engine or _key(version) < _key(self.first):
+            return False
+        return self.last is None or _key(version) <= _key(self.last)
+
+
+# ------------------------------------------------------------------------------------------------ vLLM
+def _vllm_cpu_triton_check() -> None:
+    import vllm.triton_utils as triton_utils
+    from vllm.platforms.cpu import CpuPlatform
+
+    check = CpuPlatform.check_and_update_config.__func__
+
+    def check_with_triton(cls, vllm_config):
+        saved, triton_utils.HAS_TRITON = triton_utils.HAS_TRITON, True
+        try:
+            return check(cls, vllm_config)
+        finally:
+            triton_utils.HAS_TRITON = saved
+
+    CpuPlatform.check_and_update_config = classmethod(check_with_triton)
+
+
+def _vllm_triton_experts_device() -> None:
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+    TritonExperts._supports_current_device = staticmethod(lambda: True)
+
+
+def _vllm_transformers_moe_format() -> None:
+    from vllm.model_executor.models.transformers.moe import TransformersRoutedExperts
+
+    TransformersRoutedExperts._is_mixtral_format = False
+
+
+_ACT_AND_MUL_OPS = (
+    "silu_and_mul",
+    "gelu_and_mul",
+    "gelu_tanh_and_mul",
+    "mul_and_silu",
+    "fatrelu_and_mul",
+    "swigluoai_and_mul",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_quick",
+)
+
+
+def _vllm_cpu_activation_ops() -> None:
+    import torch
+
+    lib = torch.library.Library("_C", "FRAGMENT")
+    for op in _ACT_AND_MUL_OPS:
+        if hasattr(torch.ops._C, op):
+            continue
+        lib.define(f"{op}(Tensor(a!) out, Tensor input) -> ()")
+        lib.impl(op, lambda out, x: None, "CPU")
+    _KEEP.append(lib)  # the library object must outlive this call, or its ops are deregistered
+
+
+_KEEP: list = []
+
+
+# ------------------------------------------------------------------------------------------------ SGLang
+def _sglang_qwen3_asr_register() -> None:
+    import transformers
+
+    register = transformers.AutoConfig.register
+
+    def register_existing_ok(model_type, config, exist_ok=False):
+        return register(model_type, config, exist_ok=True)
+
+    transformers.AutoConfig.register = staticmethod(register_existing_ok)
+
+
+ADAPTATIONS = (
+    Adaptation(
+        "cpu-triton-check",
+        "vllm",
+        "0.34.0",
+        None,
+        "CpuPlatform.check_and_update_config refuses x86 without triton-cpu (vllm/platforms/cpu.py:241-243); the "
+        "venv's triton is not triton-cpu and no kernel runs. Answered True inside that check only: setting "
+        "HAS_TRITON globally would send Qwen3.5's FLA layers to Triton kernels.",
+        _vllm_cpu_triton_check,
+    ),
+    Adaptation(
+        "triton-experts-device",
+        "vllm",
+        "0.34.0",
+        None,
+        "LoRA MoE goes through the kernel oracle, which asks whether TritonExperts supports the current device "
+        "(oracle/unquantized.py:234-262 -> modular_kernel.py:650-651); on CUDA it does. The proof reads LoRA "
+        "buffers and never runs the MoE kernel.",
+        _vllm_triton_experts_device,
+    ),
+    Adaptation(
+        "transformers-moe-expert-names",
+        "vllm",
+        "0.34.0",
+        None,
+        "OLMoE/Gemma go through the Transformers backend; `_is_mixtral_format` is set while checkpoint weights "
+        "stream in (transformers/moe.py:200-206), which load_format=dummy never does, so get_expert_mapping "
+        "returns both namings (:186-189). Set to what a real load of the fixture bases sets (their experts are "
+        "named gate_proj/up_proj/down_proj, not w1/w2/w3).",
+        _vllm_transformers_moe_format,
+    ),
+    Adaptation(
+        "cpu-activation-ops",
+        "vllm",
+        "0.30.0",
+        "0.32.0",
+        "The CPU platform binds torch.ops._C.silu_and_mul (and the other *_and_mul ops) when an activation layer is "
+        "built (model_executor/layers/activation.py:128-135 in 0.30.0; 0.33 binds them only on POWERPC), and vllm._C "
+        "is not importable without CUDA. No-op Python ops of the same names: no forward runs.",
+        _vllm_cpu_activation_ops,
+    ),
+    Adaptation(
+        "qwen3-asr-config-registered",
+        "sglang",
+        "0.5.19",
+        "0.5.19",
+        "sglang/srt/configs/qwen3_asr.py:167-168 registers `qwen3_asr` with AutoConfig without exist_ok (0.5.20 "
+        "passes exist_ok=True); the venv's transformers ships qwen3_asr itself, so every import of SGLang's configs "
+        "fails. An environment clash (0.5.19 pins transformers 5.12.1), not LoRA.",
+        _sglang_qwen3_asr_register,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class CannotRun:
+    """Fixtures a release's loader cannot be run on in this CPU environment, with the error the harness gets (the
+    proof asserts exactly that error instead of the release's outcome, like CPU_UNBUILDABLE in vllm_0_33_0.py)."""
+
+    engine: str
+    first: str
+    last: str | None
+    cases: tuple[str, ...]
+    error: str  # how the harness error begins
+    why: str
+
+    def applies_to(self, engine: str, version: str, case: str) -> bool:
+        return case in self.cases and Adaptation("", self.engine, self.first, self.last, "", _none).applies_to(
+            engine, version
+        )
+
+
+def _none() -> None:
+    return None
+
+
+CANNOT_RUN = (
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.21",
+        ("v5_minimax", "v5_minimax_experts"),
+        "ValueError: Unsupported TP style 'embedding_rowwise'",
+        "MiniMax is served by SGLang's Transformers backend, which maps the base_model_tp_plan of the venv's "
+        "transformers; 5.25 names a TP style `embedding_rowwise` that 0.5.19-0.5.21 do not know "
+        "(models/transformers.py:231-247; 0.5.22 maps it, :243). These releases pin transformers 5.12.1, whose "
+        "MiniMax config has no such style: an environment effect, not the release's LoRA code.",
+    ),
+)
+
+
+def cannot_run(engine: str, version: str, case: str) -> CannotRun | None:
+    return next((c for c in CANNOT_RUN if c.applies_to(engine, version, case)), None)
+
+
+def applicable(engine: str, version: str) -> list[Adaptation]:
+    return [a for a in ADAPTATIONS if a.applies_to(engine, version)]
+
+
+def apply_all(engine: str, version: str) -> list[str]:
+    """Apply every adaptation for this release; returns their names."""
+    names = []
+    for adaptation in applicable(engine, version):
+        adaptation.apply()
+        names.append(adaptation.name)
+        print(f"adaptation {adaptation.name} ({engine} {version})", file=sys.stderr)
+    return names
