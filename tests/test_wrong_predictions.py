@@ -146,3 +146,23 @@ def test_vllm_kv_b_proj_finding_says_neither_path_applies_it():
     assert f.actual == "dropped"
     assert "neither path" in f.message and "prefill calls the base kv_b_proj" in f.message
     assert "mla_attention.py:594" in f.message
+
+
+# ---- 8. a bitsandbytes-quantized base: vLLM 0.30-0.34 have no bitsandbytes method and refuse the base at start-up;
+# SGLang 0.5.19-0.5.23 register one and serve the LoRA over it
+@pytest.mark.parametrize("release", ["vllm==0.30.0", "vllm==0.32.0", VLLM, "vllm==0.34.0"])
+def test_vllm_refuses_a_bitsandbytes_base(release):
+    predicted = _predict(release, "v5_llama_bnb4")
+    assert predicted.load_failure == ["quant-method-unknown"]
+    codes = _codes("v5_llama_bnb4", release)
+    f = codes["engine.vllm.quant-method-unknown"]
+    assert (f.expected, f.actual) == ("exact", "load-failure")
+    assert "bitsandbytes" in f.message
+
+
+@pytest.mark.parametrize("release", ["sglang==0.5.19", "sglang==0.5.22", SGLANG])
+def test_sglang_serves_lora_over_a_bitsandbytes_base(release):
+    predicted = _predict(release, "v5_llama_bnb4")
+    assert not predicted.load_failure
+    assert set(predicted.modules.values()) == {"exact"}
+    assert "quant-dense-lora" in {c.rsplit(".", 1)[-1] for c in _codes("v5_llama_bnb4", release)}

@@ -75,7 +75,7 @@ REWRITES = "rewrites"  # the output is written so that E serves it exactly
 REFUSES = "refuses"  # normalize refuses those modules (--drop-unsupported: leaves them out, listed)
 KEEPS = "keeps"  # written unchanged: nothing to fix, a server setting, or a property of the base
 # Features of the base model, not of the adapter: no layout of the adapter changes them.
-BASE_FEATURES = frozenset({"quantized_base", "unknown_quantization"})
+BASE_FEATURES = frozenset({"quantized_base", "unknown_quantization", "quantization_method"})
 _NOTHING_TO_FIX = ("exact", "needs-flag")
 _FILE = re.compile(r"^(?P<engine>[a-z][a-z0-9_]*)-(?P<version>\d+(?:\.\d+)*)\.json$")
 _VERSION = re.compile(r"^\d+(?:\.\d+)*$")

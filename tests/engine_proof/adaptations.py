@@ -195,6 +195,18 @@ CANNOT_RUN = (
         "(models/transformers.py:231-247; 0.5.22 maps it, :243). These releases pin transformers 5.12.1, whose "
         "MiniMax config has no such style: an environment effect, not the release's LoRA code.",
     ),
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.23",
+        ("v5_llama_bnb4",),
+        "ImportError: Please install bitsandbytes>=0.46.1",
+        "A bitsandbytes base: SGLang registers the method (layers/quantization/__init__.py:77 in 0.5.23) and its "
+        "linear method imports the bitsandbytes package when the model is built (layers/quantization/bitsandbytes.py"
+        ":29-41), which the proof environment does not install (a CUDA kernel library): an environment effect. What "
+        "the release does with LoRA over it (quant-dense-lora: the base layer's quant_method.apply plus the delta) is "
+        "read, not run.",
+    ),
 )
 
 

@@ -57,6 +57,7 @@ FEATURES: dict[str, Detector] = {
     # the base's quantization (quantization_config through lora_convert/arch/quantization.json)
     "quantized_base": quantization_features.f_quantized_base,
     "unknown_quantization": quantization_features.f_unknown_quantization,
+    "quantization_method": quantization_features.f_quantization_method,
 }
 
 __all__ = ["Context", "Detector", "FEATURES"]

@@ -68,3 +68,12 @@ def f_unknown_quantization(ctx: Context, params: dict):
     if quant is None or quant.known:
         return None
     return {"method": quant.method, "keys": [quant.where]}
+
+
+def f_quantization_method(ctx: Context, params: dict):
+    """A base whose quantization_config names one of `methods` (quant_method values), whatever the adapter targets:
+    for an engine that refuses the method when it reads the base's config, before any LoRA is loaded."""
+    quant = _quantization(ctx)
+    if quant is None or quant.method not in set(params.get("methods") or ()):
+        return None
+    return {"method": quant.method, "scheme": quant.label, "keys": [quant.where]}
