@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lora_convert.errors import InternalError
 from lora_convert.findings import Finding, Severity
-from lora_convert.text import replace_generated_section
+from lora_convert.text import generated_doc_main, replace_generated_section
 
 ERROR, WARNING, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
 
@@ -696,15 +695,8 @@ def render_into(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--markdown"]:
-        sys.stdout.write(markdown())
-        return 0
-    if len(argv) == 2 and argv[0] == "--write":
-        path = Path(argv[1])
-        path.write_text(render_into(path.read_text(encoding="utf-8")), encoding="utf-8")
-        return 0
-    sys.stderr.write("usage: python -m lora_convert.codes --markdown | --write docs/validate.md\n")
-    return 2
+    usage = "python -m lora_convert.codes [--markdown | --write docs/validate.md]"
+    return generated_doc_main(argv, markdown, render_into, usage)
 
 
 if __name__ == "__main__":  # pragma: no cover - a maintenance command

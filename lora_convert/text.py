@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from lora_convert.errors import InternalError
 
@@ -32,3 +34,18 @@ def replace_generated_section(text: str, begin: str, end: str, body: str) -> str
     if not found_begin or not found_end:
         raise InternalError(f"The generated section's markers are missing: {begin} ... {end}.")
     return f"{head}{begin}{body}{end}{tail}"
+
+
+def generated_doc_main(argv: list[str], markdown, render_into, usage: str) -> int:
+    """The command line of a doc generator (`python -m lora_convert.codes`, tests/architecture_map.py, ...): no
+    argument or `--markdown` prints the generated part, `--write PATH` rewrites it inside PATH (`render_into` gets
+    the file's text); anything else prints `usage` to stderr and returns 2."""
+    if not argv or argv == ["--markdown"]:
+        sys.stdout.write(markdown())
+        return 0
+    if len(argv) == 2 and argv[0] == "--write":
+        path = Path(argv[1])
+        path.write_text(render_into(path.read_text(encoding="utf-8")), encoding="utf-8")
+        return 0
+    sys.stderr.write(f"usage: {usage}\n")
+    return 2

@@ -70,12 +70,10 @@ def render_into(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "--write":
-        path = Path(argv[1])
-        path.write_text(render_into(path.read_text(encoding="utf-8")), encoding="utf-8")
-        return 0
-    sys.stdout.write(markdown())
-    return 0
+    from lora_convert.text import generated_doc_main
+
+    usage = "python tests/engine_proof/proof_table.py [--write docs/engine-layouts.md]"
+    return generated_doc_main(argv, markdown, render_into, usage)
 
 
 if __name__ == "__main__":
