@@ -5,7 +5,7 @@ cached sources with their adaptations: tests/engine_proof/run_release.py).
 (a) the `--layout vllm` output of lora-convert for that release (normalize, --drop-unsupported): the release loads it
     and every module it holds is exact against PEFT's reference delta;
 (b) the original PEFT adapter: what the release does (a load error, or exact/dropped/wrong per module) equals the
-    prediction of `validate --engine vllm==<release>` (lora_convert.check.engine.predict);
+    prediction of `validate --engine vllm==<release>` (lora_convert.pipeline.commands.predict);
 (c) the live run equals the release's recorded truth (tests/engine_proof/truth/vllm-<version>.json), from which the
     proof table of docs/engine-layouts.md is generated.
 Every release runs in a process of its own, releases side by side (engine_proof.session). Needs the installed vllm
@@ -22,7 +22,7 @@ import pytest
 
 from engine_proof.common import check_layout, check_prediction, unfixable_load_failures
 from engine_proof.releases import proof_releases
-from engine_proof.runs import comparable, recorded, truth_path
+from engine_proof.runs import check_run_equals_truth
 from engine_proof.session import case_row, release_run
 from helpers import fixture_cases
 
@@ -51,9 +51,4 @@ def test_vllm_prediction_matches_vllm(release, case, request):
 @pytest.mark.parametrize("release", RELEASES)
 def test_vllm_run_equals_its_recorded_truth(release, request):
     live, _ = release_run(request, release)
-    want = recorded(release)
-    assert want is not None, f"{truth_path(release)} is missing: run `make proof-truth`"
-    assert sorted(live["cases"]) == sorted(CASES)
-    differ = sorted(c for c in CASES if live["cases"][c] != want["cases"].get(c))
-    assert not differ, f"{release} now differs from {truth_path(release).name} on {differ} (`make proof-truth`)"
-    assert comparable(live) == comparable(want)
+    check_run_equals_truth(release, live, CASES)

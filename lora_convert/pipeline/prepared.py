@@ -82,21 +82,25 @@ class PreparedAdapter:
         self.require_valid_config()
         arch = self.require_arch()
         refuse_unusable_adapter(self.adapter, self.shape_findings if shapes else [])
-        # The listing file only appears in the refusal raised without drop_unsupported.
-        key = (rank, drop_unsupported, keeps_vision(layout), None if drop_unsupported else listing_file(layout))
+        keep_vision = keeps_vision(layout)
+        # The listing file only appears in the refusal raised without drop_unsupported: it is not part of the plan.
+        listed_in = None if drop_unsupported else listing_file(layout)
+        key = (rank, drop_unsupported, keep_vision, listed_in)
         if key not in self._plans:
-            self._plans[key] = self._build_plan(arch, rank, drop_unsupported, layout)
+            self._plans[key] = self._build_plan(arch, rank, drop_unsupported, keep_vision, listed_in)
         return self._plans[key]
 
-    def _build_plan(self, arch, rank: int | None, drop_unsupported: bool, layout: str) -> Plan:
+    def _build_plan(
+        self, arch, rank: int | None, drop_unsupported: bool, keep_vision: bool, listed_in: str | None
+    ) -> Plan:
         plan = build_plan(
             self.adapter,
             arch,
             base_name=self.base.name,
             rank=rank,
             drop_unsupported=drop_unsupported,
-            keep_vision=keeps_vision(layout),
-            listed_in=listing_file(layout),
+            keep_vision=keep_vision,
+            listed_in=listed_in,
         )
         note = self.base.config.substitution_note
         if note:  # validate's `base.preset`: the plan is the preset's, which the user must know

@@ -125,6 +125,16 @@ def comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
+def check_run_equals_truth(release: str, live: dict, cases: list[str]) -> None:
+    """(c) of the proof: a release's live run is its recorded truth (tests/engine_proof/truth/), case by case."""
+    want = recorded(release)
+    assert want is not None, f"{truth_path(release)} is missing: run `make proof-truth`"
+    assert sorted(live["cases"]) == sorted(cases)
+    differ = sorted(c for c in cases if live["cases"][c] != want["cases"].get(c))
+    assert not differ, f"{release} now differs from {truth_path(release).name} on {differ} (`make proof-truth`)"
+    assert comparable(live) == comparable(want)
+
+
 def jobs() -> int:
     return max(1, int(os.environ.get(JOBS_ENV) or os.cpu_count() or 1))
 
