@@ -13,16 +13,16 @@ STAMP  := $(VENV)/.installed
 # project keeps pip from resolving the open `torch>=2.4` requirement to a multi-GB CUDA build. Real users keep the
 # open range.
 TORCH_PIN ?= torch==2.13.0
-EXTRAS    := test,proof,smoke,ray
+EXTRAS    := test,proof,smoke,ray,mlx,gguf
 PIP_INSTALL = -m pip install -q --disable-pip-version-check
 # The test/proof/demo environment, every package pinned (transitive ones too): a fresh clone gets exactly what the
 # suite last passed with. Only `make lock` changes it; the library's own ranges in pyproject.toml stay open.
 LOCK      := requirements/constraints.txt
 LOCK_VENV ?= /tmp/lora-convert-lock-venv
 # The unit layer: everything but the slow tests, the PEFT proof, the engine proof and the GPU tests.
-FAST_MARKERS := not slow and not peft and not engine and not gpu
+FAST_MARKERS := not slow and not peft and not engine and not gpu and not gguf
 
-.PHONY: demo test test-fast lock setup clean readme docs screenshot proof-cache proof-truth
+.PHONY: demo test test-fast lock setup clean readme docs screenshot proof-cache proof-truth llama-cpp
 
 setup: $(STAMP) proof-cache
 
@@ -49,12 +49,15 @@ lock:
 	$(LOCK_VENV)/bin/python -m pip freeze --all --exclude lora-convert --exclude pip >> $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	$(LOCK_VENV)/bin/python tests/engine_proof/releases.py
+	$(LOCK_VENV)/bin/python tests/gguf_proof/llama_cpp_build.py
 	LORA_CONVERT_REQUIRE_PROOF=1 $(LOCK_VENV)/bin/pytest -q
 
 demo: $(STAMP)
 	bash examples/demo.sh
 
+# llama.cpp (the GGUF proof's) is built beside the suite, not before it: see the llama-cpp target.
 test: $(STAMP) proof-cache
+	$(BIN)/python tests/gguf_proof/llama_cpp_build.py --background
 	$(BIN)/pytest -q
 
 # The engine proof runs every release with a rule file (lora_convert/engines/<engine>-<version>.json); the installed
@@ -63,6 +66,14 @@ test: $(STAMP) proof-cache
 # a new rule file is picked up by the next `make test`.
 proof-cache: $(STAMP)
 	$(BIN)/python tests/engine_proof/releases.py
+
+# The GGUF proof (tests/test_gguf_proof.py) runs llama.cpp itself through llama-cpp-python, which PyPI ships for Linux
+# only as an sdist: built once per machine (cmake + a C++ compiler; several minutes on 2 cores) into
+# $$LORA_CONVERT_PROOF_CACHE/llama-cpp/ with llama.cpp's own converters beside it; a no-op when cached. `make test`
+# starts the same build in the background at low priority instead (the suite is one process, leaving a core idle),
+# and the GGUF tests, which run last, wait for it.
+llama-cpp: $(STAMP)
+	$(BIN)/python tests/gguf_proof/llama_cpp_build.py
 
 # Re-run every release's proof and rewrite its recorded truth (tests/engine_proof/truth/, compared with the live run
 # by tests/test_proof_*.py) and the proof table of docs/engine-layouts.md (tests/test_proof_table.py checks it).

@@ -26,22 +26,24 @@ what, name = sys.argv[1], sys.argv[2]
 path = f"{sys.argv[3] if len(sys.argv) > 3 else '/tmp/lc-bench-t1'}/{name}"
 out = "/tmp/abcmp-out"
 times = []
+cpu = []  # process CPU time (all threads, user + system): less stretched than wall time by other load
 for _ in range(3):
     if what == "scan":
         a = load_adapter(path)
-        t = time.perf_counter()
+        t, cpu_start = time.perf_counter(), time.process_time()
         scan_adapter(a)
         times.append(time.perf_counter() - t)
     elif what == "load":
-        t = time.perf_counter()
+        t, cpu_start = time.perf_counter(), time.process_time()
         load_adapter(path)
         times.append(time.perf_counter() - t)
     else:
         shutil.rmtree(out, ignore_errors=True)
         time.sleep(2)
-        t = time.perf_counter()
+        t, cpu_start = time.perf_counter(), time.process_time()
         normalize(path, out, base="deepseek-v3", layout=what, drop_unsupported=True)
         times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - cpu_start)
 shutil.rmtree(out, ignore_errors=True)
 print(
     json.dumps(
@@ -51,6 +53,8 @@ print(
             "adapter": name,
             "times": [round(x, 3) for x in times],
             "median": round(statistics.median(times), 3),
+            "cpu": [round(x, 3) for x in cpu],
+            "cpu_median": round(statistics.median(cpu), 3),
         }
     )
 )

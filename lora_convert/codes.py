@@ -213,6 +213,56 @@ AREAS: tuple[Area, ...] = (
         check="config",
     ),
     _area(
+        "mlx",
+        "an mlx-lm adapter (docs/formats.md): factors in mlx-lm's orientation, `lora_parameters.scale` against "
+        "`alpha`, the adapted layers against `num_layers`",
+        (
+            "mlx.factors-peft-orientation",
+            ERROR,
+            "An mlx-lm adapter holds a factor pair in PEFT's orientation (lora_a [r, in], lora_b [out, r]) instead of "
+            "mlx-lm's (lora_a [in, r], lora_b [r, out]): mlx-lm refuses it, or, where the shapes are square, computes "
+            "another function.",
+            "Transpose both factors when writing the file (lora-convert normalize --layout mlx writes them right).",
+        ),
+        (
+            "mlx.orientation-unknown",
+            WARNING,
+            "A factor pair of an mlx-lm adapter is square in every dimension (in = out = r), so its shapes cannot say "
+            "whether it is in mlx-lm's orientation or transposed.",
+            "Check how the file was written.",
+        ),
+        (
+            "mlx.scale-looks-like-alpha",
+            WARNING,
+            "mlx-lm's `scale` is the final multiplier (PEFT's alpha/r); this config also has an `alpha` equal to it, so "
+            "the trained alpha was probably copied into `scale`, which applies it r times over.",
+            "Set scale = alpha / rank (and remove alpha), or check the training config.",
+        ),
+        (
+            "mlx.layers-outside-num-layers",
+            ERROR,
+            "The adapter holds layers outside the last `num_layers` decoder layers, where mlx-lm creates no LoRA "
+            "layer: load_adapters raises ('not an adapter parameter in the model').",
+            "Set num_layers to cover every adapted layer (lora-convert normalize --layout mlx does).",
+        ),
+        check="config",
+    ),
+    _area(
+        "gguf",
+        "a GGUF LoRA adapter (adapter.gguf, docs/formats.md) against the --base config: its GGUF architecture and "
+        "the sizes its metadata and tensors name",
+        (
+            "gguf.base-mismatch",
+            ERROR,
+            "The GGUF adapter was written for another base: its `general.architecture` (or a size in its metadata, or "
+            "a block past the base's last layer) is not what the GGUF converter makes of the --base config. The "
+            "runtime's adapter loader refuses it on that base (it checks general.architecture), or applies it to "
+            "other weights.",
+            "Pass the --base the adapter was trained on, or convert the PEFT adapter again against this base.",
+        ),
+        check="config",
+    ),
+    _area(
         "keys",
         "names outside PEFT's grammar, a leftover adapter-name segment (`lora_A.default.weight`), full weights, the "
         "same key in two shards, no tensors, no `base_model.model.` prefix, vision-tower / projector modules, layers "
@@ -273,6 +323,14 @@ AREAS: tuple[Area, ...] = (
             "Check that --base is the adapter's base model.",
         ),
         ("modules.router", INFO, "LoRA on an MoE router; some engines do not apply it.", ""),
+        (
+            "modules.peft-cannot-apply",
+            WARNING,
+            "LoRA on a module PEFT itself cannot apply (the schema's `peft_cannot_apply` says why): PEFT fails or "
+            "serves a different delta there.",
+            "normalize --drop-unsupported (leaves it out), or retrain without it",
+            PER_MODULE,
+        ),
         (
             "layers.past-end",
             ERROR,

@@ -27,3 +27,9 @@ def adapter_writer(tmp_path):
         return write_adapter(tmp_path / name, tensors, config, **kw)
 
     return make
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The GGUF proof (marked `gguf`) runs last: `make test` builds llama.cpp in the background beside the suite
+    (tests/gguf_proof/llama_cpp_build.py), so by the end the build has had the whole suite's time to finish."""
+    items.sort(key=lambda item: item.get_closest_marker("gguf") is not None)

@@ -49,12 +49,14 @@ def case_family(case: str) -> str:
 def orient_reference(case: str, reference: dict) -> dict:
     """A fixture's reference.safetensors with every 3-D delta as [E, out, in]: PEFT records a parameter's delta in
     the parameter's own layout, which is [E, in, out] where the model's forward contracts the parameter's axis 1
-    (case.json `forward_contracts`, observed by make_fixtures.py: gpt-oss, Llama-4). numpy arrays or torch tensors."""
+    (case.json `forward_contracts`, observed by make_fixtures.py: gpt-oss, Llama-4), and every embedding's delta as
+    [dim, num_embeddings], the LoRA product B @ A (PEFT records it as the Embedding weight, [num_embeddings, dim]:
+    peft/tuners/lora/layer.py Embedding.get_delta_weight transposes). numpy arrays or torch tensors."""
     modules = case_meta(case).get("modules", {})
     out = dict(reference)
     for name, info in modules.items():
         key = f"{name}::delta_weight"
-        if info.get("forward_contracts") == 1 and key in out:
+        if (info.get("forward_contracts") == 1 or info.get("kind") == "embedding") and key in out:
             d = out[key]
             out[key] = d.swapaxes(-1, -2) if hasattr(d, "swapaxes") else d.transpose(-1, -2)
     return out

@@ -71,7 +71,37 @@ def render(text: str) -> str:
             body = "".join(f"$ {cmd}\n{_run(cmd, work)}" for cmd in commands)
             return match.group(1) + body + match.group(3)
 
-        return BLOCK.sub(one_block, text)
+        return replace_family_list(BLOCK.sub(one_block, text))
+
+
+FAMILIES = ("<!-- families -->", "<!-- /families -->")
+
+
+def family_list() -> str:
+    """The README's list of supported families, from the shipped schemas: each family with the other model types
+    it claims, wrapped as the README's bullet continues."""
+    import textwrap
+
+    from lora_convert.arch.schema import list_schemas, load_schema
+
+    schemas = [load_schema(name) for name in list_schemas()]
+    names = []
+    for s in schemas:
+        others = [t for t in s.model_types if t != s.family]
+        names.append(f"`{s.family}`" + (f" ({', '.join(others)})" if others else ""))
+    text = f"checks trust: {len(schemas)} families ({', '.join(names)})"
+    # the list starts after `  <!-- families -->` on its own README line
+    lines = textwrap.wrap(text, width=116, initial_indent=" " * 20, subsequent_indent="  ", break_on_hyphens=False)
+    return "\n".join(lines).lstrip()
+
+
+def replace_family_list(text: str) -> str:
+    """`text` with its generated family list (between the FAMILIES markers) rewritten; unchanged without them."""
+    from lora_convert.text import replace_generated_section
+
+    if FAMILIES[0] not in text:
+        return text
+    return replace_generated_section(text, *FAMILIES, family_list())
 
 
 def samples(text: str) -> list[str]:

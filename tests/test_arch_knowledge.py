@@ -82,11 +82,15 @@ def _allowed(key: tuple[str, str]) -> bool:
     return file in ALLOWED and term in ALLOWED[file][0]
 
 
+# Projects named after a family, not the family: llama.cpp (the GGUF layout's loader) and its llama-cpp-python.
+PROJECT_SUFFIXES = {"llama": r"(?![.\-_]cpp)"}
+
+
 def _pattern(term: str) -> re.Pattern[str]:
     # Letters (and, for the short w1/w2/w3, digits) around a term make another word: `formla` is no hit, while
     # `qwen3_5`, `mla_kv_a` and `nemotron_h` are.
     edge = "a-z0-9" if re.fullmatch(r"w\d", term) else "a-z"
-    return re.compile(rf"(?<![{edge}]){re.escape(term)}(?![{edge}])")
+    return re.compile(rf"(?<![{edge}]){re.escape(term)}(?![{edge}]){PROJECT_SUFFIXES.get(term, '')}")
 
 
 PATTERNS = {term: _pattern(term) for term in TERMS}
@@ -162,6 +166,8 @@ def f(cfg):
     terms = sorted({term for _, term, _ in family_hits(source)})
     assert terms == ["mixer", "mla", "nemotron", "q_lora_rank", "w1"]
     assert not family_hits("formla = 'formlayout'\nqwenish = 1\nw12 = 'kw1'")[2:]  # other words are no hits
+    assert not family_hits("x = 'loaded by llama.cpp (llama-cpp-python)'")  # the project, not the family
+    assert family_hits("x = 'llama'") and family_hits("x = 'a llama.config'")
 
 
 @pytest.mark.slow

@@ -74,8 +74,9 @@ TOP_FOLDERS = sorted(
     for p in ROOT.iterdir()
     if p.is_dir() and not p.name.startswith(".") and p.name not in ("lora_convert.egg-info", "build", "dist")
 ) + [".ci"]
-# Files of other projects the docs cite by name (the pinned SGLang and PEFT sources), not files of this repository.
-OTHER_PROJECTS_FILES = {"lora_model.py", "model_manager.py"}
+# Files of other projects the docs cite by name (the pinned SGLang and PEFT sources, llama.cpp's converters), not
+# files of this repository.
+OTHER_PROJECTS_FILES = {"lora_model.py", "model_manager.py", "convert_hf_to_gguf.py", "convert_lora_to_gguf.py"}
 REPO_FILES = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts and ".venv" not in p.parts]
 BASENAMES = {p.name for p in REPO_FILES}
 

@@ -33,12 +33,13 @@ pytestmark = pytest.mark.peft
 TOLERANCE = 1e-4
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
-# PEFT itself cannot apply these adapters exactly on transformers 5: for the model types it converts from
+# PEFT itself cannot apply these ORIGINAL adapters exactly on transformers 5: for the model types it converts from
 # transformers 4 (deepseek_v3, qwen3_moe, qwen3_next, mixtral, ...) it maps every `gate_proj`/`up_proj`/`down_proj`
-# target onto the routed experts' 3-D parameters, with rank 2r (peft/utils/transformers_weight_conversion.py,
-# `_convert_peft_config_moe`), so a dense-layer or shared-expert MLP LoRA next to routed experts has no module, in
-# the original adapter as in any file. test_peft_cannot_apply_these_either checks that PEFT loses them on the
-# ORIGINAL adapter too; when a PEFT release applies them, that test fails and these move to the logits test.
+# entry of target_modules (leaf, full path or regex alike) onto the routed experts' 3-D parameters, with rank 2r
+# (peft/utils/transformers_weight_conversion.py `_convert_peft_config_moe`), so a dense-layer or shared-expert MLP
+# LoRA next to routed experts gets no module (test_peft_cannot_apply_these_either). The `peft` layout writes those
+# modules as full-path target_parameters (`<module>.weight`, which PEFT does not rewrite: convert/peft_layout.json
+# `converted_targets`), and its output reproduces PEFT's logits for them (test_peft_layout_reproduces_peft_logits).
 PEFT_LOSES_DENSE_MLP_NEXT_TO_EXPERTS = {
     "v4_deepseek_v3": "dense-layer MLP (layer 0) next to routed experts",
     "v4_deepseek_v3_gate_only": "dense-layer MLP next to routed experts",
@@ -114,11 +115,6 @@ def _cases():
             reason = "trainable-token rows: no LoRA factor, refused by every layout (keys.trainable-tokens)"
         elif meta.get("served_class"):
             reason = "trained on another class's base: PEFT's logits are of that base, not of the one it is served on"
-        elif TRANSFORMERS_5 and case in PEFT_LOSES_DENSE_MLP_NEXT_TO_EXPERTS:
-            reason = (
-                "PEFT itself cannot apply it on transformers 5 "
-                f"({PEFT_LOSES_DENSE_MLP_NEXT_TO_EXPERTS[case]}; checked by test_peft_cannot_apply_these_either)"
-            )
         out.append(pytest.param(case, marks=pytest.mark.skip(reason=reason)) if reason else case)
     return out
 
@@ -242,3 +238,41 @@ def test_vision_embedding_lora_round_trips_through_peft(tmp_path):
     for name, delta in want.items():
         assert float(delta.abs().max()) > 0, name
         torch.testing.assert_close(got[name], delta, rtol=1e-5, atol=1e-6 * float(delta.abs().max()), msg=name)
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="the re-targeting is PEFT's transformers-5 conversion")
+def test_peft_layout_writes_dense_mlp_next_to_experts_as_target_parameters(tmp_path):
+    """Why the `peft` layout writes a dense/shared-expert MLP of a converted MoE model type as full-path
+    target_parameters: as written, PEFT reproduces its own logits (float32, within TOLERANCE); with the dense
+    `down_proj` named by its leaf in target_modules instead (the form every other base gets), PEFT re-targets the
+    name onto the routed experts and silently leaves the dense module out; with `gate_proj` and `up_proj` so named,
+    it doubles the experts' gate_up rank and refuses the file."""
+    case = "v4_qwen3_moe"  # layer 0 dense (mlp_only_layers), layer 1 routed experts and router
+    out = tmp_path / "peft"
+    _produce(case, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    dense = [p for p in config["target_parameters"] if p.endswith(".weight")]
+    assert dense == [f"model.layers.0.mlp.{leaf}.weight" for leaf in ("down_proj", "gate_proj", "up_proj")]
+    assert not {"gate_proj", "up_proj", "down_proj"} & set(config["target_modules"])
+    assert "gate" in config["target_modules"]  # the router: PEFT's `gate.weight` re-target is its own weight
+    ref = load_file(str(case_dir(case) / "reference.safetensors"))
+    ids, want = ref["logits::input_ids"], ref["logits::adapted"]
+    assert float((_logits(_load_base(case, out), out, ids) - want).abs().max()) <= TOLERANCE
+
+    def as_leaves(leaves: set[str]) -> Path:
+        folder = tmp_path / "_".join(sorted(leaves))
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes((out / "adapter_model.safetensors").read_bytes())
+        moved = [p for p in dense if p.split(".")[-2] in leaves]
+        edited = {
+            **config,
+            "target_modules": sorted({*config["target_modules"], *leaves}),
+            "target_parameters": [p for p in config["target_parameters"] if p not in moved],
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(edited))
+        return folder
+
+    got = _logits(_load_base(case, out), as_leaves({"down_proj"}), ids)
+    assert float((got - want).abs().max()) > TOLERANCE  # loaded, without the dense down_proj
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        _logits(_load_base(case, out), as_leaves({"gate_proj", "up_proj"}), ids)

@@ -306,7 +306,9 @@ def test_engines_diff_of_the_shipped_releases_shows_the_recited_rules():
     assert result.exit_code == 0, result.stderr
     diff = json.loads(result.stdout)
     child = json.loads((ENGINES / "vllm-0.34.0.json").read_text(encoding="utf-8"))
-    assert {c["id"]: c["fields"] for c in diff["rules"]} == {c["id"]: ["source"] for c in child["rules_changed"]}
+    recited = {c["id"]: ["source"] for c in child["rules_changed"]}
+    assert {c["id"]: c["fields"] for c in diff["rules"]} == {**recited, **{c["id"]: [] for c in child["rules_removed"]}}
+    assert {c["id"] for c in diff["rules"] if c["change"] == "removed"} == {c["id"] for c in child["rules_removed"]}
     kimi = next(c for c in diff["rules"] if c["id"] == "kimi-k25-no-lora")
     assert kimi["new"]["source"].startswith("vllm==0.34.0: vllm/config/lora.py:140-148")
     assert kimi["old"]["source"].startswith("vllm==0.33.0: vllm/config/lora.py:147-155")

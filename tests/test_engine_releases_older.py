@@ -208,6 +208,7 @@ def test_engines_diff_vllm_0_30_to_0_34_shows_the_releases_differences():
         "glm4-moe-router-lora": "removed",  # 0.30: GLM4-MoE's router is a plain nn.Linear
         "rank-alpha-pattern-ignored": "removed",  # <= 0.31: one scaling per adapter
         "bias-rejected": ["params"],  # 0.30 and 0.34 both refuse any bias; 0.31 only bias != 'none'
+        "transformers-moe-per-expert-lora": "removed",  # 0.34's Transformers backend lists each expert once (f25)
     }
     from lora_convert.engines.rules import diff_rules
 
@@ -234,7 +235,7 @@ def test_engines_diff_vllm_0_30_to_0_34_shows_the_releases_differences():
     ("old", "new", "only_old", "only_new"),
     [
         ("sglang==0.5.22", "sglang==0.5.23", {"dsa-indexer-lora-import-error"}, set()),
-        ("sglang==0.5.21", "sglang==0.5.22", {"vision-tower-text-targets"}, set()),
+        ("sglang==0.5.21", "sglang==0.5.22", {"vision-tower-text-targets", "nvfp4-shared-expert-fused-kernel"}, set()),
         ("sglang==0.5.20", "sglang==0.5.21", {"shared-expert-buffer-width"}, set()),
         ("sglang==0.5.19", "sglang==0.5.20", set(), set()),
         ("vllm==0.32.0", "vllm==0.33.0", set(), set()),

@@ -592,8 +592,11 @@ def test_141_validate_piped_into_head(cli):
 @pytest.mark.parametrize(
     "args, valid",
     [
-        (["normalize", ADAPTER, "--base", BASE, "-o", "out", "--layout", "fused"], "stacked, peft, sglang, vllm"),
-        (["scan", ADAPTER, "--normalize", "out", "--layout", "fused"], "stacked, peft, sglang, vllm"),
+        (
+            ["normalize", ADAPTER, "--base", BASE, "-o", "out", "--layout", "fused"],
+            "stacked, peft, mlx, gguf, sglang, vllm",
+        ),
+        (["scan", ADAPTER, "--normalize", "out", "--layout", "fused"], "stacked, peft, mlx, gguf, sglang, vllm"),
         (["validate", ADAPTER, "--base", BASE, "--engine", "fused"], "none, sglang, vllm"),
     ],
 )

@@ -180,7 +180,7 @@ def test_layouts_are_stacked_peft_and_one_per_engine_rule_file():
     from lora_convert.convert.layout_rules import output_layouts, rule_layouts
     from lora_convert.engines.rules import installed_engines
 
-    assert output_layouts() == ("stacked", "peft", *installed_engines())
+    assert output_layouts() == ("stacked", "peft", "mlx", "gguf", *installed_engines())
     assert rule_layouts() == ("peft", *installed_engines())
     assert layouts() == output_layouts()
     assert {"sglang", "vllm"} <= set(installed_engines())
@@ -248,8 +248,9 @@ def test_normalize_refuses_the_features_the_registry_names():
 
 def test_the_plan_refuses_modules_with_codes_that_name_their_feature():
     """Every code the plan refuses a module with, other than `modules.unknown` (no engine feature is about modules
-    the schema does not know) and `keys.base-layer-copy` (PEFT's copies of a base weight are left out, never
-    refused), names the engine feature its rules are about."""
+    the schema does not know), `modules.peft-cannot-apply` (PEFT, not an engine, is what cannot apply them: the
+    schema says why) and `keys.base-layer-copy` (PEFT's copies of a base weight are left out, never refused), names
+    the engine feature its rules are about."""
     import inspect as source
 
     from lora_convert.codes import REGISTRY
@@ -258,7 +259,7 @@ def test_the_plan_refuses_modules_with_codes_that_name_their_feature():
     text = source.getsource(plan)
     refused = {c for c in REGISTRY if f'"{c}"' in text}
     assert {"config.dora", "config.lora-bias", "keys.full-weight", "modules.vision", "layers.past-end"} <= refused
-    for code in refused - {"modules.unknown", "keys.base-layer-copy"}:
+    for code in refused - {"modules.unknown", "modules.peft-cannot-apply", "keys.base-layer-copy"}:
         assert REGISTRY[code].refused_feature, code
 
 

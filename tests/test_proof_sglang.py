@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from engine_proof.common import check_layout, check_prediction, unfixable_load_failures
+from engine_proof.common import check_layout, check_prediction
 from engine_proof.releases import proof_releases
 from engine_proof.runs import check_run_equals_truth
 from engine_proof.session import case_row, release_run
@@ -36,9 +36,9 @@ RELEASES = proof_releases("sglang")
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("release", RELEASES)
-def test_sglang_layout_output_is_exact_in_sglang(release, case, request, tmp_path):
-    row, served_base = case_row(request, release, case)
-    check_layout(release, row["layout"], lambda: unfixable_load_failures(release, case, served_base, tmp_path))
+def test_sglang_layout_output_is_exact_in_sglang(release, case, request):
+    row, _ = case_row(request, release, case)
+    check_layout(release, row["layout"])
 
 
 @pytest.mark.parametrize("case", CASES)

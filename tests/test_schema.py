@@ -52,6 +52,15 @@ FAMILIES = sorted(
         "deepseek_v32",
         "qwen3_vl",
         "qwen3_vl_moe",
+        # issue 25
+        "mistral3",
+        "olmo3",
+        "seed_oss",
+        "dots1",
+        "exaone_moe",
+        "ernie4_5_moe",
+        "phimoe",
+        "glm4_moe_lite",
     ]
 )
 

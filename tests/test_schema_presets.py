@@ -663,6 +663,130 @@ QWEN3_VL_MOE = {
     ),
 }
 
+# ---------------------------------------------------------------------------------------------- issue 25's presets
+# Seed-OSS-36B: hidden 5120, 80 heads, 8 KV heads, head_dim 128 -> q 80 * 128 = 10240 (twice hidden), k = v = 1024;
+# 64 dense layers of intermediate_size 27648 (modeling_seed_oss.py: SeedOssAttention/SeedOssMLP).
+SEED_OSS = {
+    ("attention", "dense"): (
+        list(range(64)),
+        {
+            "qkv_proj": (
+                5120,
+                80 * 128 + 2 * 8 * 128,
+                (("q_proj", 10240), ("k_proj", 1024), ("v_proj", 1024)),
+                None,
+                None,
+            ),  # 12288
+            "o_proj": (80 * 128, 5120, None, None, None),  # 10240 -> 5120
+            "gate_up_proj": (5120, 2 * 27648, (("gate_proj", 27648), ("up_proj", 27648)), True, None),  # 55296
+            "down_proj": (27648, 5120, None, None, None),
+        },
+    ),
+}
+
+# Phi-3.5-MoE: hidden 4096, 32 heads, 8 KV heads, head_dim 4096 / 32 = 128 -> q 4096, k = v = 1024; 32 layers, every
+# one MoE: 16 experts of intermediate_size 6400 (modeling_phimoe.py: PhimoeExperts), router [16, hidden].
+PHIMOE = {
+    ("attention", "moe"): (
+        list(range(32)),
+        {
+            "qkv_proj": (
+                4096,
+                32 * 128 + 2 * 8 * 128,
+                (("q_proj", 4096), ("k_proj", 1024), ("v_proj", 1024)),
+                None,
+                None,
+            ),  # 6144
+            "o_proj": (32 * 128, 4096, None, None, None),
+            "experts.gate_up_proj": (4096, 2 * 6400, (("gate_proj", 6400), ("up_proj", 6400)), True, 16),  # 12800
+            "experts.down_proj": (6400, 4096, None, None, 16),
+            "gate": (4096, 16, None, None, None),
+        },
+    ),
+}
+
+# Mistral-Small-3.1-24B (text_config): hidden 5120, 32 heads, 8 KV heads, head_dim 128 given (not 5120 / 32 = 160)
+# -> q 32 * 128 = 4096, k = v = 1024, o 4096 -> 5120; 40 dense layers of intermediate_size 32768.
+MISTRAL_SMALL_31 = {
+    ("attention", "dense"): (
+        list(range(40)),
+        {
+            "qkv_proj": (
+                5120,
+                32 * 128 + 2 * 8 * 128,
+                (("q_proj", 4096), ("k_proj", 1024), ("v_proj", 1024)),
+                None,
+                None,
+            ),  # 6144
+            "o_proj": (32 * 128, 5120, None, None, None),
+            "gate_up_proj": (5120, 2 * 32768, (("gate_proj", 32768), ("up_proj", 32768)), True, None),  # 65536
+            "down_proj": (32768, 5120, None, None, None),
+        },
+    ),
+}
+
+# ERNIE-4.5-21B-A3B: hidden 2560, 20 heads, 4 KV heads, head_dim 2560 / 20 = 128 -> q 2560, k = v = 512; 28 layers,
+# moe_layer_start_index 1 .. moe_layer_end_index 27 every 1 -> layer 0 dense (intermediate_size 12288), layers 1-27
+# MoE: 64 experts of moe_intermediate_size 1536, shared_experts one MLP of 2 * 1536 = 3072
+# (modeling_ernie4_5_moe.py: moe_intermediate_size * moe_num_shared_experts), router gate [64, hidden].
+ERNIE_ATTN = {
+    "qkv_proj": (2560, 20 * 128 + 2 * 4 * 128, (("q_proj", 2560), ("k_proj", 512), ("v_proj", 512)), None, None),
+    "o_proj": (20 * 128, 2560, None, None, None),
+}
+ERNIE45_21B = {
+    ("attention", "dense"): (
+        [0],
+        {
+            **ERNIE_ATTN,
+            "gate_up_proj": (2560, 2 * 12288, (("gate_proj", 12288), ("up_proj", 12288)), True, None),  # 24576
+            "down_proj": (12288, 2560, None, None, None),
+        },
+    ),
+    ("attention", "moe"): (
+        list(range(1, 28)),
+        {
+            **ERNIE_ATTN,
+            "experts.gate_up_proj": (2560, 2 * 1536, (("gate_proj", 1536), ("up_proj", 1536)), True, 64),  # 3072
+            "experts.down_proj": (1536, 2560, None, None, 64),
+            "shared_experts.gate_up_proj": (2560, 2 * 3072, (("gate_proj", 3072), ("up_proj", 3072)), True, None),
+            "shared_experts.down_proj": (3072, 2560, None, None, None),
+            "gate": (2560, 64, None, None, None),
+        },
+    ),
+}
+
+# GLM-4.7-Flash: hidden 2048, 20 heads, MLA with q_lora_rank 768, kv_lora_rank 512, qk_nope 192, qk_rope 64,
+# v_head 256 -> q_a 768 + kv_a 512 + 64 = 1344, q_b 20 * (192 + 64) = 5120, kv_b 20 * (192 + 256) = 8960,
+# o 20 * 256 = 5120 -> 2048; layer 0 dense (intermediate_size 10240), layers 1-46 MoE: 64 experts of
+# moe_intermediate_size 1536 plus 1 shared expert of 1 * 1536, router gate [64, hidden]; one MTP layer.
+GLM47_ATTN = {
+    "fused_qkv_a_proj_with_mqa": (2048, 768 + 512 + 64, (("q_a_proj", 768), ("kv_a_proj_with_mqa", 576)), None, None),
+    "q_b_proj": (768, 20 * (192 + 64), None, None, None),  # 5120
+    "kv_b_proj": (512, 20 * (192 + 256), None, None, None),  # 8960
+    "o_proj": (20 * 256, 2048, None, None, None),  # 5120 -> 2048
+}
+GLM47_FLASH = {
+    ("attention", "dense"): (
+        [0],
+        {
+            **GLM47_ATTN,
+            "gate_up_proj": (2048, 2 * 10240, (("gate_proj", 10240), ("up_proj", 10240)), True, None),  # 20480
+            "down_proj": (10240, 2048, None, None, None),
+        },
+    ),
+    ("attention", "moe"): (
+        list(range(1, 47)),
+        {
+            **GLM47_ATTN,
+            "experts.gate_up_proj": (2048, 2 * 1536, (("gate_proj", 1536), ("up_proj", 1536)), True, 64),  # 3072
+            "experts.down_proj": (1536, 2048, None, None, 64),
+            "shared_experts.gate_up_proj": (2048, 2 * 1536, (("gate_proj", 1536), ("up_proj", 1536)), True, None),
+            "shared_experts.down_proj": (1536, 2048, None, None, None),
+            "gate": (2048, 64, None, None, None),
+        },
+    ),
+}
+
 EXPECTED = {
     "deepseek-v3": (
         "deepseek_v3",
@@ -812,6 +936,39 @@ EXPECTED = {
         QWEN3_VL_MOE,
         {"model.language_model.embed_tokens": (151936, 2048), "lm_head": (2048, 151936)},
     ),
+    "seed-oss-36b-instruct": (
+        "seed_oss",
+        "model.layers",
+        SEED_OSS,
+        {"model.embed_tokens": (155136, 5120), "lm_head": (5120, 155136)},
+    ),
+    "phi-3.5-moe-instruct": (
+        "phimoe",
+        "model.layers",
+        PHIMOE,
+        {"model.embed_tokens": (32064, 4096), "lm_head": (4096, 32064)},
+    ),
+    "mistral-small-3.1-24b-instruct-2503": (
+        "mistral3",
+        "language_model.model.layers",
+        MISTRAL_SMALL_31,
+        {"language_model.model.embed_tokens": (131072, 5120), "language_model.lm_head": (5120, 131072)},
+    ),
+    "ernie-4.5-21b-a3b-pt": (
+        "ernie4_5_moe",
+        "model.layers",
+        ERNIE45_21B,
+        {
+            "model.embed_tokens": (103424, 2560),
+            "lm_head": (2560, 103424),
+        },  # tie_word_embeddings true: the module is still there
+    ),
+    "glm-4.7-flash": (
+        "glm4_moe_lite",
+        "model.layers",
+        GLM47_FLASH,
+        {"model.embed_tokens": (154880, 2048), "lm_head": (2048, 154880)},
+    ),
 }
 
 
@@ -841,5 +998,7 @@ def test_schemas_show_matches_the_hand_derived_table(preset):
 
 def test_mtp_and_expert_counts():
     assert _show("deepseek-v3")["mtp_layers"] == 1  # num_nextn_predict_layers: model.layers.61
+    assert _show("glm-4.7-flash")["mtp_layers"] == 1  # num_nextn_predict_layers: model.layers.47
+    assert _show("ernie-4.5-21b-a3b-pt")["expert_count"] == 64
     assert _show("nemotron-3-super-120b-a12b")["expert_count"] == 512
     assert _show("llama-3.1-8b")["expert_count"] is None

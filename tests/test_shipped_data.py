@@ -13,10 +13,11 @@ import pytest
 
 from lora_convert.arch import base_config, quantization, schema_loader
 from lora_convert.arch.schema_loader import list_schemas, load_schema
-from lora_convert.convert import layout_rules
+from lora_convert.convert import gguf_layout, layout_rules
 from lora_convert.engines import rules
 from lora_convert.errors import SchemaError
 from lora_convert.io import shipped_data as sd
+from lora_convert.peft import mlx_format
 
 
 def _plain(value):
@@ -52,6 +53,8 @@ def loaded_values() -> dict[str, str]:
         )
         out[f"engines/{release.file} layout"] = _digest(layout_rules.load_layout_rules(spec))
     out["convert/peft_layout.json"] = _digest(layout_rules.load_layout_rules("peft"))
+    out["peft/mlx_lm.json"] = _digest(mlx_format.mlx_facts())
+    out["convert/gguf_architectures.json"] = _digest([gguf_layout.gguf_model_types(), gguf_layout.not_proven()])
     return out
 
 
@@ -59,54 +62,64 @@ def loaded_values() -> dict[str, str]:
 # A shipped file that changes on purpose changes its digest here too: regenerate with
 # `.venv/bin/python -c "import tests.test_shipped_data as t; print(t.loaded_values())"`.
 FROZEN: dict[str, str] = {
-    "arch/presets": "e01dc547c9b215b8",
-    "arch/quantization.json": "88091ff3e7f59482",
-    "convert/peft_layout.json": "3e59aa144bb9898f",
-    "engines/sglang-0.5.19.json": "f27a91c6d6dd08a5",
-    "engines/sglang-0.5.19.json layout": "cb0ab3c3ef7925c5",
-    "engines/sglang-0.5.20.json": "60c415e8c6a3f657",
-    "engines/sglang-0.5.20.json layout": "15d17112ffbdcaa7",
-    "engines/sglang-0.5.21.json": "c544108123a1a5bb",
-    "engines/sglang-0.5.21.json layout": "df6b1b5465ea1c39",
-    "engines/sglang-0.5.22.json": "dbd422052b760aa2",
-    "engines/sglang-0.5.22.json layout": "0e5e6b6ef1173756",
-    "engines/sglang-0.5.23.json": "2f550e47e94ead08",
-    "engines/sglang-0.5.23.json layout": "7b453a5922eef735",
-    "engines/vllm-0.30.0.json": "89a4f0fd90be7cab",
-    "engines/vllm-0.30.0.json layout": "6455d56fb7c3bdaf",
-    "engines/vllm-0.31.0.json": "b630b73f68c5ba23",
-    "engines/vllm-0.31.0.json layout": "a75273a44b8de5fd",
-    "engines/vllm-0.32.0.json": "80468c69b4b676d5",
-    "engines/vllm-0.32.0.json layout": "aac93b0e709562b5",
-    "engines/vllm-0.33.0.json": "834179a774956a2a",
-    "engines/vllm-0.33.0.json layout": "44b7a9bf7bc00628",
-    "engines/vllm-0.34.0.json": "2cbf206d174a599e",
-    "engines/vllm-0.34.0.json layout": "302696abfc70a905",
-    "schemas/deepseek_v3.json": "350f19cd2071068d",
-    "schemas/deepseek_v32.json": "b99f50eac46fbdcb",
-    "schemas/gemma3.json": "7ba398a23091527d",
-    "schemas/glm4.json": "1694f08df2db6607",
-    "schemas/glm4_moe.json": "33d2187f337f2d96",
-    "schemas/gpt_oss.json": "4a228ab08b4b386a",
-    "schemas/granitemoe.json": "f2f7c98ee8fa737c",
-    "schemas/granitemoehybrid.json": "3f40b9d685b83e4b",
-    "schemas/kimi_k25.json": "6836c31d0c1b17c1",
-    "schemas/llama.json": "ac25a3d1e5155758",
-    "schemas/llama4.json": "5016c1a8fcde764c",
-    "schemas/minimax.json": "36d0a67f227e844a",
-    "schemas/minimax_m2.json": "2617efe82aee6577",
-    "schemas/mixtral.json": "42a591e48e7694a5",
-    "schemas/nemotron_h.json": "019e8786d8dbada1",
-    "schemas/olmoe.json": "0ae6c2fc3e8abd4d",
-    "schemas/phi3.json": "b29d985873f8a837",
-    "schemas/qwen2_moe.json": "c27a4db477e30e31",
-    "schemas/qwen3.json": "5a68ed6500cc62b7",
-    "schemas/qwen3_5.json": "b3662e9dada58ae9",
-    "schemas/qwen3_5_moe.json": "430908f40babc81d",
-    "schemas/qwen3_moe.json": "88d9d246a649771f",
-    "schemas/qwen3_next.json": "247be43572fc4ac7",
-    "schemas/qwen3_vl.json": "b3d49239584111ac",
-    "schemas/qwen3_vl_moe.json": "0f25bdb8b3da7fa0",
+    "arch/presets": "8d81144a9aab4e9c",
+    "arch/quantization.json": "0a54f50b7450f5d5",
+    "convert/gguf_architectures.json": "dff63e757426d79b",
+    "convert/peft_layout.json": "970a679b2fd7808e",
+    "engines/sglang-0.5.19.json": "195e5484a8b36887",
+    "engines/sglang-0.5.19.json layout": "9b7a864055203c42",
+    "engines/sglang-0.5.20.json": "8e408c5edb89ad50",
+    "engines/sglang-0.5.20.json layout": "f50cce4e2f49101c",
+    "engines/sglang-0.5.21.json": "2e6e5fecc2d8889c",
+    "engines/sglang-0.5.21.json layout": "b85936f898985195",
+    "engines/sglang-0.5.22.json": "701f074d17933965",
+    "engines/sglang-0.5.22.json layout": "6a2e9b57a5d7c0f5",
+    "engines/sglang-0.5.23.json": "21c288c45e7fef27",
+    "engines/sglang-0.5.23.json layout": "b77bac5fef3fe28a",
+    "engines/vllm-0.30.0.json": "b4f26a40d0d981dc",
+    "engines/vllm-0.30.0.json layout": "9a3d11eab08d1253",
+    "engines/vllm-0.31.0.json": "7e2f2204a6cd3800",
+    "engines/vllm-0.31.0.json layout": "50614dcdc717ae03",
+    "engines/vllm-0.32.0.json": "690dada41a6666a4",
+    "engines/vllm-0.32.0.json layout": "fc9448f28dd76235",
+    "engines/vllm-0.33.0.json": "42cac8087671d80b",
+    "engines/vllm-0.33.0.json layout": "9fb4e4967a132d9d",
+    "engines/vllm-0.34.0.json": "e023f7017169bc58",
+    "engines/vllm-0.34.0.json layout": "4b348e714002ae6d",
+    "peft/mlx_lm.json": "b5992828194b6934",
+    "schemas/deepseek_v3.json": "37daa71532474671",
+    "schemas/deepseek_v32.json": "9c0fb1c6917c4cbd",
+    "schemas/dots1.json": "15499b3ab60c44d9",
+    "schemas/ernie4_5_moe.json": "c0e4f552ab83a115",
+    "schemas/exaone_moe.json": "74be5c51aed15f4f",
+    "schemas/gemma3.json": "8a40ac61f9e2ba40",
+    "schemas/glm4.json": "a8587e677c1f8843",
+    "schemas/glm4_moe.json": "eae2225e02ee5837",
+    "schemas/glm4_moe_lite.json": "be6d58e0af4bde28",
+    "schemas/gpt_oss.json": "8e44074e8a2154b7",
+    "schemas/granitemoe.json": "9471b3634beb948e",
+    "schemas/granitemoehybrid.json": "1f21f076ec430968",
+    "schemas/kimi_k25.json": "357f531714705355",
+    "schemas/llama.json": "5270a45c4cd6b73e",
+    "schemas/llama4.json": "95fd37688f5af4d7",
+    "schemas/minimax.json": "b7d02ef7ecb299e5",
+    "schemas/minimax_m2.json": "484e775a228357fc",
+    "schemas/mistral3.json": "7209ebc259d9d885",
+    "schemas/mixtral.json": "f2371e898414233a",
+    "schemas/nemotron_h.json": "f48c561160ee6978",
+    "schemas/olmo3.json": "9278267b09cd0bc7",
+    "schemas/olmoe.json": "e73b7b0dcf861ba2",
+    "schemas/phi3.json": "a45ac6db92cc14f8",
+    "schemas/phimoe.json": "eeeaf10f4a78de26",
+    "schemas/qwen2_moe.json": "02ff02a9b4bd4309",
+    "schemas/qwen3.json": "867dbd77ad6bcea0",
+    "schemas/qwen3_5.json": "4f334111ba62bbf9",
+    "schemas/qwen3_5_moe.json": "d921ddbd01389618",
+    "schemas/qwen3_moe.json": "99afc157bc45e115",
+    "schemas/qwen3_next.json": "6068af052a54bfda",
+    "schemas/qwen3_vl.json": "17bc16f15820b184",
+    "schemas/qwen3_vl_moe.json": "9ff3a390d4c23c87",
+    "schemas/seed_oss.json": "32e0d929a978afc2",
 }
 
 

@@ -152,3 +152,28 @@ def test_plain_validate_of_a_large_adapter_decides_the_default_smoke_without_tor
     report = json.loads(proc.stdout)
     skipped = [f for f in report["findings"] if f["code"] == "smoke.skipped"]
     assert skipped and "off by default" in skipped[0]["message"], report["findings"]
+
+
+INSPECT_RUNNER = r"""
+import json, sys
+sys.argv = ["lora-convert", "inspect", sys.argv[1]]
+from lora_convert.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+sys.stderr.write("\nLOADED " + json.dumps(sorted(sys.modules)) + "\n")
+"""
+
+
+def test_inspect_imports_only_the_reading_stages():
+    """`inspect` reads headers: it loads neither numpy nor the check, convert and smoke stages (the commands import
+    their stages when they run: lora_convert/pipeline/commands.py), which were a quarter of its time on a 94,000-tensor
+    adapter (docs/benchmarks.md)."""
+    adapter = str(case_dir(CASE) / "adapter")
+    proc = subprocess.run([sys.executable, "-c", INSPECT_RUNNER, adapter], capture_output=True, text=True, timeout=300)
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("LOADED "))
+    loaded = json.loads(line.removeprefix("LOADED "))
+    assert "lora_convert.peft.adapter" in loaded  # the runner really ran inspect
+    stages = ("lora_convert.check.", "lora_convert.convert.", "lora_convert.smoke.", "numpy")
+    assert not [m for m in loaded if m.startswith(stages) or m == "numpy"], proc.stderr[-2000:]

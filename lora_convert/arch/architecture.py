@@ -298,6 +298,7 @@ class Architecture:
                     interleaved=t.definition.interleaved_sources(),
                     param_3d=t.definition.param_3d() if t.definition.experts else "",
                     base_fused=t.definition.base_fused(),
+                    peft_cannot_apply=t.definition.peft_cannot_apply,
                 )
                 for t in self._layers.of(layer).templates
             ]

@@ -104,7 +104,7 @@ _SCHEME = Object(
     optional={
         "params": MapOf(EXPRESSION),
         "skip_fields": ListOf(STRING),
-        "skip_syntax": Choice(("transformers", "compressed-tensors")),
+        "skip_syntax": Choice(("transformers", "compressed-tensors", "modelopt")),
         "never": ListOf(STRING),
         "forms": ListOf(_FORM),
         "forms_3d": ListOf(_FORM),
@@ -360,7 +360,17 @@ def module_paths(group) -> list[str]:
     return [join(s.name) for s in group.slices] + ([group.path] if len(group.slices) > 1 else [])
 
 
+def _glob_matches(pattern: str, path: str) -> bool:
+    """ModelOpt's exclude entries: a glob (`*` any text, everything else literal) matched in full against the module
+    name, against that name without a leading `language_model.`, or against any one of its dot-separated parts."""
+    glob = re.compile(".*".join(re.escape(piece) for piece in pattern.split("*")))
+    names = [path] + ([path.removeprefix("language_model.")] if path.startswith("language_model.") else [])
+    return any(glob.fullmatch(name) or any(glob.fullmatch(part) for part in name.split(".")) for name in names)
+
+
 def _skip_matches(syntax: str, pattern: str, path: str) -> bool:
+    if syntax == "modelopt":
+        return _glob_matches(pattern, path)
     if syntax == "compressed-tensors":
         if pattern.startswith("re:"):
             try:

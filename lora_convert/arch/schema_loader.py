@@ -91,6 +91,7 @@ _GROUP = Object(
         "gated": Nullable(BOOL),
         "expert_storage": Choice(EXPERT_STORAGE),
         "peft_lora_a": Choice(PEFT_LORA_A_SIDES),
+        "peft_cannot_apply": STRING,
     },
     label="path",
 )
@@ -177,6 +178,7 @@ class _GroupLoader(_Semantics):
             gated=obj.get("gated"),
             expert_storage=obj.get("expert_storage", "out_in"),
             peft_lora_a=obj.get("peft_lora_a", "in"),
+            peft_cannot_apply=obj.get("peft_cannot_apply", ""),
             tp=self.tp_split(obj["tp"], f"{where}.tp", kind, top),
             wrapped_path=obj.get("wrapped_path") if top else None,
         )

@@ -34,6 +34,7 @@ class GroupSpec:
     interleaved: frozenset[str] = frozenset()  # canonical names of merged sources whose rows alternate by slice
     param_3d: str = ""  # routed experts: the 3-D parameter transformers 5 holds, relative to the layer (GroupDef)
     base_fused: str = ""  # the base's one module for all slices, when the slices have none of their own (GroupDef)
+    peft_cannot_apply: str = ""  # why PEFT cannot apply LoRA to this module ("" when it can; schema_loader)
 
     @property
     def out_features(self) -> int:
@@ -140,6 +141,7 @@ class GroupDef:
     wrapped_path: str | None = None  # top-level groups only
     expert_storage: str = "out_in"
     peft_lora_a: str = "in"
+    peft_cannot_apply: str = ""  # why PEFT cannot apply LoRA to this module ("" when it can)
 
     def param_3d(self) -> str:
         """A routed-expert group's 3-D parameter as transformers 5 holds it (relative to the layer): the first alias
@@ -273,4 +275,5 @@ def _describe_group(g: GroupDef) -> dict[str, Any]:
         "gated": g.gated,
         "tp": g.tp,
         **({"expert_storage": g.expert_storage, "peft_lora_a": g.peft_lora_a} if g.experts else {}),
+        **({"peft_cannot_apply": g.peft_cannot_apply} if g.peft_cannot_apply else {}),
     }

@@ -44,7 +44,7 @@ def run(ctx: CheckContext) -> Outcome:
     if server is not None:  # the flags are known: they decide what the rules assumed about their defaults
         replaced = {f"engine.{server.release.engine}.{rule_id}" for rule_id in server.replaced_rules()}
         findings = [f for f in findings if f.code not in replaced]
-        findings += [e.finding for e in server_effects(server, ctx.adapter, ctx.options.tp)]
+        findings += [e.finding for e in server_effects(server, ctx.adapter, ctx.options.tp, base_classes(ctx.arch))]
     planned, why_not = planned_group_refusals(engine, ctx.prepared)
     if why_not is None:
         return Outcome(findings + [r.finding for r in planned])
@@ -143,6 +143,12 @@ class EnginePrediction:
     unchecked: str | None = None  # a part of the rules that could not be evaluated, and why
 
 
+def base_classes(arch) -> tuple[str, ...]:
+    """The base config's `architectures` (the model class an engine builds), or () without a bound base."""
+    top = dict(getattr(arch, "top_config", None) or getattr(arch, "config", None) or {})
+    return tuple(a for a in top.get("architectures") or () if isinstance(a, str))
+
+
 def _peft_module_name(mod) -> str:
     """The module's name as PEFT's named_modules() gives it (a second 3-D parameter of one module is nested in
     `.base_layer`): from its lora_A key, without `base_model.model.`."""
@@ -194,7 +200,7 @@ def predict_engine(engine: str, prepared, scan=None, server_args=None) -> Engine
             names = [""]
         mark(rule_id, rules[rule_id]["outcome"], names, partial=bool(values.get("partial")))
     if server_args is not None:
-        for effect in server_effects(server_args, adapter, server_args.tp):
+        for effect in server_effects(server_args, adapter, server_args.tp, base_classes(arch)):
             if effect.outcome is not None:
                 mark(effect.finding.code, effect.outcome, [n for m in effect.modules for n in by_module.get(m, [m])])
     planned, why_not = planned_group_refusals(engine, prepared)

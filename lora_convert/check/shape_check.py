@@ -17,6 +17,7 @@ architecture only answers where a module sits (`Architecture.locate`).
 | modules.unknown | error | not a module of this architecture (or an unknown layer-stack prefix) |
 | modules.vision | warning | vision tower / multimodal projector LoRA (recognized, not sized) |
 | modules.router | info | LoRA on an MoE router (PEFT's all-linear does this) |
+| modules.peft-cannot-apply | warning | LoRA on a module PEFT cannot apply (schema `peft_cannot_apply`): normalize refuses it |
 
 Rank problems (A vs B, tensors vs adapter_config.json) are reported by `adapter.py` and not repeated here.
 Modules with the same problem in many places (an unknown name on every layer, every vision module) are folded
@@ -60,6 +61,7 @@ class _Problems:
     vision: list[str] = field(default_factory=list)  # keys
     vision_modules: int = 0
     routers: _Folded = field(default_factory=_Folded)  # not a problem: a note
+    peft_cannot_apply: _Folded = field(default_factory=_Folded)  # shapes still checked; normalize refuses them
     unknown: _Folded = field(default_factory=_Folded)
     mtp: _Folded = field(default_factory=_Folded)  # modules under a top-level MTP stack (`mtp.`)
     past_end: _Folded = field(default_factory=_Folded)
@@ -109,6 +111,8 @@ def _place(module: LoraModule, loc: Location, problems: _Problems) -> ModuleMatc
     assert match is not None
     if match.group.kind == "router":
         problems.routers.add((match.group.name,), module)  # a note; its shapes are still checked
+    if match.group.peft_cannot_apply:
+        problems.peft_cannot_apply.add((match.group.name, match.group.peft_cannot_apply), module)
     if match.expert is not None and match.group.experts is not None and match.expert >= match.group.experts:
         problems.expert_past_end.add((module.local_name,), module, match.expert)
         return None
@@ -120,6 +124,7 @@ def _problem_findings(problems: _Problems, arch: Architecture, expert_count: int
     return [
         *_vision_findings(problems),
         *_router_findings(problems.routers),
+        *_peft_cannot_apply_findings(problems.peft_cannot_apply),
         *_unknown_findings(problems.unknown, arch),
         *_mtp_findings(problems.mtp, arch),
         *_past_end_findings(problems.past_end, arch),
@@ -152,6 +157,18 @@ def _router_findings(routers: _Folded) -> list[Finding]:
             keys=keys,
         )
         for (name,), keys in routers.keys.items()
+    ]
+
+
+def _peft_cannot_apply_findings(modules: _Folded) -> list[Finding]:
+    return [
+        finding(
+            "modules.peft-cannot-apply",
+            f"LoRA on `{name}` on layer(s) {spans(modules.layers[(name, why)])}, which PEFT itself cannot apply: {why}. "
+            "normalize refuses these modules in every layout (--drop-unsupported leaves them out).",
+            keys=keys,
+        )
+        for (name, why), keys in modules.keys.items()
     ]
 
 

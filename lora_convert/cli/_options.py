@@ -10,7 +10,10 @@ from lora_convert.cli._output import OutputFormat
 
 ADAPTER_HELP = (
     "The adapter: a local folder holding adapter_config.json and adapter_model.safetensors (or shards, or "
-    "adapter_model.bin), or a Hugging Face Hub repo id such as `org/name` or `org/name@revision`."
+    "adapter_model.bin), or a Hugging Face Hub repo id such as `org/name` or `org/name@revision`. A folder whose "
+    "adapter_config.json has mlx-lm's fields (lora_parameters and num_layers) is read as an mlx-lm adapter "
+    "(adapters.safetensors; it needs --base: docs/formats.md). A .gguf file, or a folder holding one GGUF LoRA "
+    "file, is read as a GGUF LoRA adapter (it needs --base, an HF config: docs/formats.md)."
 )
 
 AdapterArg = typer.Argument(..., help=ADAPTER_HELP, metavar="ADAPTER", show_default=False)

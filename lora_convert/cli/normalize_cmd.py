@@ -41,7 +41,10 @@ def normalize_command(
         "--layout",
         metavar="LAYOUT",
         help="`stacked`: fused groups, one rank, scaling folded (docs/stacked-layout.md). `peft`: per-module PEFT "
-        "keys, one rank, scales folded, every module PEFT applies. `sglang` / `vllm` (or ENGINE==VERSION): what that "
+        "keys, one rank, scales folded, every module PEFT applies. `mlx`: what mlx-lm's load_adapters loads and "
+        "applies exactly (adapters.safetensors; docs/formats.md). `gguf`: the GGUF LoRA file llama.cpp loads for "
+        "the base's GGUF, written as OUT/adapter.gguf inside the output folder (the `gguf` extra; docs/formats.md). "
+        "`sglang` / `vllm` (or ENGINE==VERSION): what that "
         "engine release (the newest, or the one named; `lora-convert engines list`) loads and applies exactly; "
         "what it would drop or apply wrongly "
         "is refused, the same groups `validate --engine` reports (docs/engine-layouts.md).",

@@ -35,6 +35,9 @@ from lora_convert.convert.group_tensors import build_group_tensors, iter_group_t
 from lora_convert.convert.layout_rules import LayoutRules, load_layout_rules, rule_layouts
 from lora_convert.convert.output_config import ENGINE_REPORT_FILE, listing_file, output_config
 from lora_convert.convert.plan import VISION_KIND, DroppedModule, Plan, PlannedGroup, _new_group
+from lora_convert.engines.features import FEATURES, Context
+from lora_convert.engines.profiles import render, rule_finding
+from lora_convert.engines.rules import WHOLE_BASE_FEATURES, installed_engines, load_rules
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.safetensors_writer import TensorSpec
 from lora_convert.peft.adapter import ModuleKind
@@ -115,6 +118,9 @@ class LayoutPlan:
     checks: tuple[RowCheck, ...] = ()  # pending data checks; empty once verified
     dropped: tuple[DroppedModule, ...] = ()  # everything left out, once settled (the plan's drops first)
     target_modules: list[str] | str = field(default_factory=list)
+    # 2-D modules written as full-path target_parameters (`<module>.weight`): the loader would re-target their
+    # target_modules name elsewhere (`converted_targets` of the layout's rules: PEFT on transformers-5 MoE bases)
+    target_weights: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     settled: bool = False
     out_rank: int = 0  # the rank every written module has: R, or 2R where a 3-D gate_up needs gate's and up's A
@@ -150,6 +156,7 @@ class LayoutPlan:
         # PEFT wraps the parameters in this order and saves the first one as `.base_layer` (see _module_3d): gate_up
         # (or a non-gated up_proj) first, then down
         params = sorted({m.param for _, m in self.modules() if m.param}, key=lambda p: (p.endswith("down_proj"), p))
+        params += [f"{path}.weight" for path in self.target_weights]
         extra = {"r": self.rank, "lora_alpha": self.rank, "target_parameters": params or None}
         return output_config(self.plan, self.target_modules, extra)
 
@@ -227,9 +234,12 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     checks: list[RowCheck] = []
     experts_3d = rules.experts_3d(classes)
     out_rank = plan.rank
+    top = dict(getattr(plan.arch, "top_config", None) or config)
     for g in groups:
-        problem = rules.refusal(g, plan.family, config, classes)
+        problem = rules.refusal(g, plan.family, config, classes, top)
         if problem is not None:
+            if id(g) in added_ids:  # a zero-filled side the adapter does not have: nothing of its to refuse
+                continue
             rule, reason, values = problem
             refused.append(Refused(g, reason, rule.code, values=values))
             continue
@@ -434,10 +444,14 @@ def settle_layout(lp: LayoutPlan, *, drop_unsupported: bool = False) -> LayoutPl
             hint="Use --layout stacked, or run `lora-convert validate --engine ...` to see why.",
         )
     settled = dataclasses.replace(lp, groups=groups, dropped=tuple(dropped), settled=True)
+    weights, weights_note = _retargeted_modules(settled)
+    settled = dataclasses.replace(settled, target_weights=weights)
     targets = _target_modules(settled)
     notes = []
     if isinstance(targets, str):
         notes.append(lp.rules.auto_detected_note)
+    if weights_note:
+        notes.append(weights_note)
     config = dict(getattr(lp.plan.arch, "config", None) or {})
     notes += lp.rules.notes_for([lg.group for lg in groups], lp.plan.family, config, model_classes(lp.plan))
     return dataclasses.replace(settled, target_modules=targets, notes=tuple(notes))
@@ -446,14 +460,66 @@ def settle_layout(lp: LayoutPlan, *, drop_unsupported: bool = False) -> LayoutPl
 def plan_engine_layout(
     plan: Plan, layout: str, *, drop_unsupported: bool = False, read: Callable[[str], Any] | None = None
 ) -> LayoutPlan:
-    """The three steps: plan, verify, settle. Everything `iter_layout_tensors` will write is decided here."""
+    """The three steps: plan, verify, settle. Everything `iter_layout_tensors` will write is decided here. A base
+    the release refuses whatever the adapter is refused first (refuse_unservable_base)."""
+    refuse_unservable_base(plan, layout)
     return settle_layout(verify_layout(plan_layout(plan, layout), read), drop_unsupported=drop_unsupported)
+
+
+def refuse_unservable_base(plan: Plan, layout: str) -> None:
+    """Raise UnsupportedAdapterError when the engine release of `layout` refuses the BASE itself, whatever the adapter
+    holds (a rule on lora_convert/engines/rules.py WHOLE_BASE_FEATURES whose outcome is a load failure: vLLM without
+    a bitsandbytes method). No layout of the adapter changes that, so normalize writes nothing, with
+    --drop-unsupported too; the message is the finding `validate --engine` reports for it (code, release, source,
+    fix)."""
+    if layout.partition("==")[0] not in installed_engines():
+        return
+    ctx = Context(plan.adapter, plan.arch, dict(getattr(plan.arch, "config", None) or {}), None, layout)
+    for rule in load_rules(layout):
+        if rule["feature"] not in WHOLE_BASE_FEATURES or rule["outcome"] != "load-failure":
+            continue
+        values = FEATURES[rule["feature"]](ctx, rule.get("params") or {})
+        if values:
+            finding = rule_finding(layout, rule, values, plan.adapter)
+            raise UnsupportedAdapterError(
+                f"--layout {layout}: {finding.code}: {finding.message}. The release refuses the base model, not "
+                "modules of the adapter, so no output of this adapter can be served by it; nothing was written.",
+                hint=finding.fix or "Serve the adapter with another engine or release (`lora-convert engines list`).",
+            )
+
+
+def _retargeted_modules(lp: LayoutPlan) -> tuple[tuple[str, ...], str]:
+    """The 2-D modules whose target_modules name the loader would re-target away from them (the layout rules'
+    `converted_targets` for the base's model type: PEFT on a transformers-5 MoE base turns `down_proj` into the
+    experts' 3-D `down_proj` parameter, which a dense or shared-expert `mlp.down_proj` is not), and the note that
+    says so. Each is written as the full-path target parameter `<module>.weight` instead, which PEFT applies as
+    ordinary LoRA; a name whose re-target still matches the module's own weight (the router `gate` -> `gate.weight`)
+    stays in target_modules, as every name does for other bases."""
+    top = dict(getattr(lp.plan.arch, "top_config", None) or getattr(lp.plan.arch, "config", None) or {})
+    model_type = top.get("model_type")
+    converted = lp.rules.converted_targets_of(model_type) if lp.rules.target_modules == "module_leaves" else {}
+    moved = sorted(
+        m.path
+        for _, m in lp.modules()
+        if m.param is None
+        and m.leaf in converted
+        and not m.embedding  # never: no embedding has an expert projection's name
+        and not f"{m.path}.weight".endswith(f".{converted[m.leaf]}")
+    )
+    if not moved:
+        return (), ""
+    names = sorted({p.rsplit(".", 1)[-1] for p in moved})
+    shown = ", ".join(moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
+    values = {"names": ", ".join(names), "model_type": model_type, "count": len(moved), "modules": shown}
+    return tuple(moved), render(lp.rules.converted_note, values)
 
 
 def _target_modules(lp: LayoutPlan) -> list[str] | str:
     if lp.rules.target_modules == "module_leaves":
         # PEFT, vLLM and SGLang all match target_modules on the last name component: list exactly those in the file
-        return sorted({m.leaf for _, m in lp.modules() if m.param is None})
+        # (less the modules written as full-path target_parameters, which the name would make PEFT re-target)
+        moved = set(lp.target_weights)
+        return sorted({m.leaf for _, m in lp.modules() if m.param is None and m.path not in moved})
     # SGLang: the names its normalization ends with (qkv_proj, gate_up_proj, fused_qkv_a_proj_with_mqa, in_proj_qkvz,
     # in_proj, ...), each its own normalized form and with a get_hidden_dim entry; in_proj_q/x_proj would not have one.
     names = set()

@@ -73,6 +73,8 @@ def shares_one_a(slices: Sequence[PlannedSlice]) -> bool:
     """Whether a run of slices has one A factor, so it can be written as one module of rank R: each slice fed by
     the same source module (per expert, for an expert group), or all of them zero-filled. A pre-merged source has
     one A for every slice it feeds. Decided from the plan alone, without reading data."""
+    if len(slices) <= 1:
+        return True  # nothing to compare with (an engine layout asks this of each per-expert module)
     first = _feeders(slices[0])
     return all(_feeders(sl) == first for sl in slices[1:])
 
@@ -100,7 +102,7 @@ def reused_buffer(role: str, shape: tuple[int, ...], dtype, *, zero: bool = Fals
     """An array of `shape` in memory reused across calls, one buffer per thread and role; the next call for the
     same role overwrites it, so the caller is done with it first. Reused because touching fresh pages costs far
     more than rewriting mapped ones, and glibc maps every block over 32 MB fresh: a new transpose target per expert
-    group was most of `transposed`'s time (docs/benchmarks.md, "Hot paths")."""
+    group was most of the time of the 3-D layout's transposes (docs/benchmarks.md, "Hot paths")."""
     store = getattr(_reused, "buffers", None)
     if store is None:
         store = _reused.buffers = {}
@@ -140,6 +142,31 @@ def fused_expert_b(b, experts: int, rank: int, rows: slice = slice(None), *, reu
     for start in range(0, n * rank, TRANSPOSE_BLOCK):
         moved[:, start : start + TRANSPOSE_BLOCK] = src[start : start + TRANSPOSE_BLOCK].T
     return moved.view(part.dtype).reshape(experts, n, rank)
+
+
+FOLD_BAND = 1 << 17  # source elements per band of fold_expert_major_into (256 KB of 16-bit values: in cache)
+
+
+def fold_expert_major_into(dest, b, experts: int, rank: int, rows: slice, scaling: float) -> None:
+    """dest[...] = fused_expert_b(b, experts, rank, rows) * scaling (fold_into's arithmetic): PEFT's rank-major 3-D
+    B read straight into its expert-major place in a stacked group's B (dest [E, rows, r], a view).
+
+    The plain form (the oracle in tests/test_factors_fast_paths.py) moves the whole B to expert-major order in one
+    buffer and folds from there, one more pass through memory of B's size. Here B goes in bands of whole rows: each
+    band is folded in its own order into a small per-thread buffer, then moved to its expert-major place from the
+    cache (raw integers of the same width, exact; the fold is element by element, so its order changes no bit)."""
+    part = b[rows]
+    n = part.shape[0]
+    if n == 0 or rank == 0 or experts == 0:
+        return
+    step = max(1, FOLD_BAND // (rank * experts))
+    band = reused_buffer("fold_expert_major_band", (min(step, n), rank * experts), dest.dtype)
+    moved = raw_view(dest)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        folded = band[: stop - start]
+        fold_into(folded, part[start:stop], scaling)
+        moved[:, start:stop] = raw_view(folded).reshape(stop - start, rank, experts).transpose(2, 0, 1)
 
 
 def swapped_expert_factors(a, b, experts: int, rank: int, expert_b=None) -> tuple[Any, Any]:
@@ -320,7 +347,10 @@ def place_source(
         if ref.a_on_output:  # PEFT's lora_A is the output side: A_e = lora_B_e^T, B_e = lora_A_e^T
             a, b = swapped_expert_factors(a, b, experts, r, expert_b)
         copy(A[:, rows_a, :], fused_expert_a(a, experts, r))
-        fold(B[:, rows_b, :r], expert_b(b, experts, r, source_rows(ref)), ref.scaling)
+        if ops is None:
+            fold_expert_major_into(B[:, rows_b, :r], b, experts, r, source_rows(ref), ref.scaling)
+        else:
+            fold(B[:, rows_b, :r], expert_b(b, experts, r, source_rows(ref)), ref.scaling)
         return
     if expert is not None:
         A, B = A[expert], B[expert]
@@ -358,47 +388,60 @@ def peft_3d_module(A, B, group: PlannedGroup, R: int, rank: int):
     Slices that share one A (a 3-D source: gate and up were one module) keep it; otherwise each slice's A-block
     is stacked and B is block-diagonal over the slices, so every expert's delta B_e @ A_e is unchanged. A is the
     stacked A itself (a view, consumed before the next group like every module cut) when its rows already are the
-    answer; B is always a new array.
-
-    B's expert-minor columns are one 2-D transpose of [E, out*rank], done blockwise on raw integers
-    (`transposed`), and A3 and B3 are not zero-filled before they are written: numpy's plain transposed copy of
-    16-bit values and that fill were most of a `--layout peft` (docs/benchmarks.md, "Hot paths")."""
+    answer. B lives in a reused per-thread buffer (valid until the next group's B), written in its final order:
+    each slice's rows go straight to their rank-major place (expert_minor_into) and only the off-diagonal blocks
+    are zero-filled, so there is no expert-major intermediate and no whole-tensor transpose
+    (docs/benchmarks.md, "Hot paths")."""
     E = group.experts
     out = group.out_features
-    if shares_one_a(group.slices):
-        if rank == R:
-            A3, B3 = A[:, :R], B
-        else:
-            A3 = np.zeros((E, rank, group.in_features), dtype=A.dtype)
-            B3 = reused_buffer("peft_3d_b", (E, out, rank), B.dtype, zero=True)
-            A3[:, :R] = A[:, :R]
-            B3[:, :, :R] = B
+    shared = shares_one_a(group.slices)
+    n = len(group.slices)
+    if shared and rank == R:
+        A3 = A[:, :R]
+    elif not shared and rank == n * R:
+        A3 = A  # slice i's A-block already sits at rows [i*R, (i+1)*R)
     else:
-        n = len(group.slices)
-        if rank == n * R:
-            A3 = A  # slice i's A-block already sits at rows [i*R, (i+1)*R)
-        else:
-            A3 = np.zeros((E, rank, group.in_features), dtype=A.dtype)
-            for i in range(n):
-                A3[:, i * R : (i + 1) * R] = A[:, a_rows(i, R)]
-        B3 = reused_buffer("peft_3d_b", (E, out, rank), B.dtype, zero=True)
+        A3 = np.zeros((E, rank, group.in_features), dtype=A.dtype)
+        for i in range(1 if shared else n):
+            A3[:, i * R : (i + 1) * R] = A[:, a_rows(i, R)]
+    a3 = np.ascontiguousarray(A3).reshape(E * rank, group.in_features)
+    b3 = reused_buffer("peft_3d_b", (out, rank, E), B.dtype)
+    if shared:
+        expert_minor_into(b3[:, :R], B)
+        b3[:, R:] = 0
+    else:
+        if sum(s.out_features for s in group.slices) != out:
+            b3.fill(0)  # rows no slice writes (never in a planned group; kept exact all the same)
         for i, s in enumerate(group.slices):
             rows = b_rows(s)
-            B3[:, rows, i * R : (i + 1) * R] = B[:, rows]
-    a3 = np.ascontiguousarray(A3).reshape(E * rank, group.in_features)
-    b3 = np.ascontiguousarray(B3).reshape(E, out * rank)
-    return a3, transposed(b3, reused_buffer("peft_3d_bt", (out * rank, E), b3.dtype)).reshape(out, rank * E)
+            b3[rows, : i * R] = 0
+            b3[rows, (i + 1) * R :] = 0
+            expert_minor_into(b3[rows, i * R : (i + 1) * R], B[:, rows])
+    return a3, b3.reshape(out, rank * E)
 
 
-def transposed(x, out=None):
-    """A contiguous 2-D array's transpose as a contiguous array (`out`, or a new one), copied in blocks of
-    TRANSPOSE_BLOCK columns of raw integers of the same width (exact; the same cache-blocking as fused_expert_b)."""
-    src = raw_view(x)
-    rows, cols = src.shape
-    out = np.empty((cols, rows), dtype=src.dtype) if out is None else raw_view(out)
-    for start in range(0, cols, TRANSPOSE_BLOCK):
-        out[start : start + TRANSPOSE_BLOCK] = src[:, start : start + TRANSPOSE_BLOCK].T
-    return out.view(x.dtype)
+TRANSPOSE_BAND = 128  # elements of each expert's rows per band of expert_minor_into (the band: E x 256 bytes)
+
+
+def expert_minor_into(dest, src) -> None:
+    """dest[o, k, e] = src[e, o, k]: an expert-major block [E, n, r] (rows of a stacked group's B) written in
+    PEFT's rank-major 3-D order, dest [n, r, E] (a view whose last axis is contiguous).
+
+    The plain form is `dest[...] = src.transpose(1, 2, 0)` (the oracle in tests/test_factors_fast_paths.py). numpy
+    copies in dest's order, so that reads src with the stride of a whole expert for every element, a new page each
+    time. Here each band of rows is first copied, expert by expert (contiguous runs), into a small per-thread buffer
+    and transposed from there, in cache; the copies move raw integers of the same width (exact)."""
+    E, n, r = src.shape
+    if E == 0 or n == 0 or r == 0:
+        return
+    s, d = raw_view(src), raw_view(dest)
+    step = max(1, TRANSPOSE_BAND // r)
+    band = reused_buffer("expert_minor_band", (E, min(step, n), r), s.dtype)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        part = band[:, : stop - start]
+        np.copyto(part, s[:, start:stop])
+        d[start:stop] = part.transpose(1, 2, 0)
 
 
 def place_group(A, B, group, R: int, read: Callable[[str], Any], *, ops: FactorOps | None = None) -> None:

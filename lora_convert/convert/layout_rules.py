@@ -18,6 +18,13 @@ A rule matches a planned group through `when`, by what the schema says about the
   width_differs  {"width": "in" | "first_slice_out", "from": EXPR}: the group's width differs from EXPR, an
             expression of the base config and `layer` (lora_convert/arch/expr.py); {want} and {width} are
             then available to the rule's reason.
+  not_architectures  the base's `architectures` has none of these (a class whose own hook avoids the problem)
+  config_differs  {"field": F, "from": G}: the base config sets F to an integer and G to something else (or
+            leaves G unset: the config class's default); an engine that sizes one buffer from G for layers that
+            are F wide. {width_field}, {width}, {buffer_field}, {buffer} are then available to the reason.
+  vision_tower  {"model_types": [...]}: the base's vision tower (top-level `vision_config`) is one of these and
+            has the group's layer index (layer < its num_hidden_layers); an engine that files vision linears by
+            their `layers.N.` index next to the text layer N. {vision_type} and {vision_layers} are then available.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ STACKED_LAYOUT = "stacked"  # lora-convert's own layout (docs/stacked-layout.md)
 PEFT_LAYOUT = "peft"  # what PEFT loads: its rules are PEFT_LAYOUT_FILE
 
 
-BUILT_IN_LAYOUTS = (STACKED_LAYOUT, PEFT_LAYOUT)  # the layouts that are not an engine's
+MLX_LAYOUT = "mlx"  # what mlx-lm's load_adapters loads: lora_convert/convert/mlx_layout.py
+GGUF_LAYOUT = "gguf"  # what llama.cpp loads (one adapter.gguf file): lora_convert/convert/gguf_layout.py
+
+BUILT_IN_LAYOUTS = (STACKED_LAYOUT, PEFT_LAYOUT, MLX_LAYOUT, GGUF_LAYOUT)  # the layouts that are not an engine's
 
 
 def rule_layouts() -> tuple[str, ...]:
@@ -59,11 +69,15 @@ class When:
 
     fields: Mapping[str, Any]
 
-    def match(self, group: PlannedGroup, family: str, config: Mapping, classes=()) -> dict[str, Any] | None:
+    def match(
+        self, group: PlannedGroup, family: str, config: Mapping, classes=(), top: Mapping | None = None
+    ) -> dict[str, Any] | None:
         """None when the group does not match; otherwise the values the rule's text may cite. `classes`: the base
-        config's `architectures`."""
+        config's `architectures`; `top`: its top-level config (a VL base's, holding `vision_config`)."""
         f = self.fields
         if "architectures" in f and not set(classes) & set(f["architectures"]):
+            return None
+        if set(classes) & set(f.get("not_architectures", ())):
             return None
         leaf = group.name.rsplit(".", 1)[-1]
         checks = (("kind", group.kind), ("name", group.name), ("leaf", leaf), ("family", family))
@@ -83,7 +97,37 @@ class When:
             if want == width:
                 return None
             values.update(want=want, width=width)
+        for key, condition in (("config_differs", _config_differs), ("vision_tower", _vision_tower)):
+            if key in f:
+                found = condition(f[key], group, config, top or {})
+                if found is None:
+                    return None
+                values.update(found)
         return values
+
+
+def _config_differs(spec: Mapping, group: PlannedGroup, config: Mapping, top: Mapping) -> dict[str, Any] | None:
+    """`config_differs` of a When (the module docstring): the values it gives, or None."""
+    width, buffer = config.get(spec["field"]), config.get(spec["from"])
+    if not isinstance(width, int) or isinstance(width, bool) or buffer == width:
+        return None
+    return {
+        "width_field": spec["field"],
+        "width": width,
+        "buffer_field": spec["from"],
+        "buffer": buffer if isinstance(buffer, int) else "unset",
+    }
+
+
+def _vision_tower(spec: Mapping, group: PlannedGroup, config: Mapping, top: Mapping) -> dict[str, Any] | None:
+    """`vision_tower` of a When (the module docstring): the values it gives, or None."""
+    vision = top.get("vision_config")
+    if not isinstance(vision, Mapping) or vision.get("model_type") not in spec["model_types"]:
+        return None
+    depth = vision.get("num_hidden_layers")
+    if not isinstance(depth, int) or group.layer is None or group.layer >= depth or group.experts:
+        return None
+    return {"vision_type": vision["model_type"], "vision_layers": depth}
 
 
 @dataclass(frozen=True)
@@ -136,15 +180,22 @@ class LayoutRules:
     experts_3d_all: bool = False  # every model's routed experts as PEFT 3-D params (transformers 5 holds them so)
     target_modules: str = "module_leaves"  # or "engine_names": the names the engine normalizes modules to (SGLang)
     keeps_vision: bool = False  # vision-tower and projector modules are written, not refused (`vision_modules`)
+    # `converted_targets` (peft layout): (model types, {target_modules name: what PEFT re-targets it to}) per group
+    converted_targets: tuple[tuple[tuple[str, ...], Mapping[str, str]], ...] = ()
+    converted_note: str = ""
 
     def experts_3d(self, classes) -> bool:
         return self.experts_3d_all or bool(set(classes) & set(self.experts_3d_classes))
 
-    def refusal(self, group: PlannedGroup, family: str, config: Mapping, classes=()):
+    def converted_targets_of(self, model_type: str | None) -> Mapping[str, str]:
+        """The target_modules names the loader re-targets for a base of `model_type`, and what it makes of each."""
+        return next((targets for types, targets in self.converted_targets if model_type in types), {})
+
+    def refusal(self, group: PlannedGroup, family: str, config: Mapping, classes=(), top: Mapping | None = None):
         """(Refusal, its reason rendered for this group, the values its `when` gave) of the first refusal that
-        matches the group, or None."""
+        matches the group, or None. `top`: the base's top-level config (When's `vision_tower` reads it)."""
         for rule in self.refuse:
-            values = rule.when.match(group, family, config, classes)
+            values = rule.when.match(group, family, config, classes, top)
             if values is not None:
                 values.setdefault("count", len({id(src.module) for sl in group.slices for src in sl.sources()}))
                 values.setdefault("layers", "-" if group.layer is None else str(group.layer))
@@ -221,6 +272,10 @@ def _parse(data: dict, engine: str) -> LayoutRules:
         experts_3d_classes=tuple(experts_3d.get("architectures", ())),
         experts_3d_all=experts_3d.get("all", False),
         keeps_vision=data.get("vision_modules", {}).get("written", False),
+        converted_targets=tuple(
+            (tuple(g["model_types"]), dict(g["targets"])) for g in data.get("converted_targets", {}).get("groups", [])
+        ),
+        converted_note=data.get("converted_targets", {}).get("note", ""),
     )
 
 

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_convert.convert import engine_layouts
+from lora_convert.convert import engine_layouts, gguf_layout, mlx_layout
 from lora_convert.convert.group_tensors import iter_group_tensors, output_dtype, stacked_specs
 from lora_convert.convert.output_config import STACKED_LAYOUT_FILE, output_config
 from lora_convert.convert.plan import DroppedModule, Plan
-from lora_convert.io.output_folder import WriteProgress, protected_inputs, write_folder
+from lora_convert.io.gguf_file import StreamingGgufWriter
+from lora_convert.io.output_folder import ADAPTER_FILE, WriteProgress, protected_inputs, write_folder
 from lora_convert.io.safetensors_writer import TensorSpec
+from lora_convert.peft.mlx_format import mlx_facts
 
 __all__ = ["NormalizeResult", "WriteChoices", "WriteProgress", "write_normalized"]
 
@@ -85,6 +87,35 @@ class _Output:
     notes: list[str]
     dropped: list[DroppedModule]
     summary: dict[str, Any] | None
+    tensor_file: str = ADAPTER_FILE
+    open_writer: Any = None  # (path, specs) -> a streaming writer; None: safetensors
+
+
+def _mlx_output(plan: Plan, tag: str, drop_unsupported: bool, allow_non_finite: bool) -> _Output:
+    mp = mlx_layout.plan_mlx_layout(plan, drop_unsupported=drop_unsupported)
+    return _Output(
+        mp.tensor_specs(tag),
+        mlx_layout.mlx_files(mp),
+        lambda progress: mlx_layout.iter_mlx_tensors(mp, tag, progress, allow_non_finite=allow_non_finite),
+        [],
+        list(mp.dropped),
+        mp.summary(),
+        mlx_facts().weights_file,
+    )
+
+
+def _gguf_output(plan: Plan, tag: str, drop_unsupported: bool, allow_non_finite: bool) -> _Output:
+    gl = gguf_layout.plan_gguf_layout(plan, tag, drop_unsupported=drop_unsupported)
+    return _Output(
+        gl.tensor_specs(tag),
+        gguf_layout.gguf_files(gl),
+        lambda progress: gguf_layout.iter_gguf_tensors(gl, tag, progress, allow_non_finite=allow_non_finite),
+        list(gl.notes),
+        list(gl.dropped),
+        gl.summary(),
+        gguf_layout.GGUF_FILE,
+        lambda path, specs: StreamingGgufWriter(path, specs, gl.architecture, gl.metadata()),
+    )
 
 
 def _stacked_output(plan: Plan, tag: str, allow_non_finite: bool) -> _Output:
@@ -160,6 +191,10 @@ def write_normalized(
     tag = output_dtype(plan, choices.dtype)
     if layout == "stacked":
         planned = _stacked_output(plan, tag, choices.allow_non_finite)
+    elif layout == gguf_layout.GGUF_LAYOUT:
+        planned = _gguf_output(plan, tag, choices.drop_unsupported, choices.allow_non_finite)
+    elif layout == mlx_layout.MLX_LAYOUT:
+        planned = _mlx_output(plan, tag, choices.drop_unsupported, choices.allow_non_finite)
     else:
         planned = _engine_output(plan, layout, tag, choices.drop_unsupported, choices.allow_non_finite)
     written = 0
@@ -175,6 +210,8 @@ def write_normalized(
             force=choices.force,
             layout=layout,
             progress=progress,
+            tensor_file=planned.tensor_file,
+            open_writer=planned.open_writer,
         )
     return NormalizeResult(
         plan=plan,

@@ -335,6 +335,11 @@ def _match_or_problem(mod: LoraModule, arch, keep_vision: bool) -> tuple[Any, tu
     match = arch.resolve(mod)
     if match is None:
         return None, ("modules.unknown", f"the {arch.family} schema has no module {mod.local_name!r} at this layer")
+    if match.group.peft_cannot_apply:
+        return None, (
+            "modules.peft-cannot-apply",
+            f"PEFT itself cannot apply LoRA here: {match.group.peft_cannot_apply}",
+        )
     return match, None
 
 

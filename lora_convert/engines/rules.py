@@ -25,9 +25,12 @@ Citations: every rule keeps citing the file:line of the release it was read in (
 `vllm==0.33.0:`). A rule a child inherits unchanged is one whose cited lines say the same in the child release;
 where the code moved, the child overrides the rule BY ID with only a new `source` citing its own release's lines
 (`rules_changed: [{"id", "source"}]`). Every change and removal must carry a `source`, so that what a child says
-differs is backed by its own release's code. The resolved rules of a release all carry that release's
-`engine_version`, and in their message, fix and layout texts the parent's label (`vLLM 0.33.0`: the release whose
-behaviour the text states) reads as the child's: inheriting a rule states that the child release does the same.
+differs is backed by its own release's code. Each rule (and each change that re-cites one) also carries an
+`anchor`: its source's first `path:line` and a short quote of that line, which tests/test_engine_citations.py finds
+in the cited release's own file (the proof cache) and tests/engine_proof/citations.py `locate` finds in the next
+release when re-citing (`fill` adds the anchors of new rules). The resolved rules of a release all carry that
+release's `engine_version`, and in their message, fix and layout texts the parent's label (`vLLM 0.33.0`: the release
+whose behaviour the text states) reads as the child's: inheriting a rule states that the child release does the same.
 
 Strictness: every file is checked by the shipped-data loader (lora_convert/io/shipped_data.py) against its spec
 (`ENGINE_FILE_SPEC` or, with `extends`, `CHILD_FILE_SPEC`); an unknown parent, a parent of another engine, a cycle
@@ -76,6 +79,8 @@ REFUSES = "refuses"  # normalize refuses those modules (--drop-unsupported: leav
 KEEPS = "keeps"  # written unchanged: nothing to fix, a server setting, or a property of the base
 # Features of the base model, not of the adapter: no layout of the adapter changes them.
 BASE_FEATURES = frozenset({"quantized_base", "unknown_quantization", "quantization_method"})
+# Of those, the ones that fire whatever modules the adapter holds: a load failure there refuses every layout of it.
+WHOLE_BASE_FEATURES = frozenset({"quantization_method"})
 _NOTHING_TO_FIX = ("exact", "needs-flag")
 _FILE = re.compile(r"^(?P<engine>[a-z][a-z0-9_]*)-(?P<version>\d+(?:\.\d+)*)\.json$")
 _VERSION = re.compile(r"^\d+(?:\.\d+)*$")
@@ -90,6 +95,9 @@ WHEN_SPEC = Object(
         "experts": BOOL,
         "layered": BOOL,
         "width_differs": Object(required={"width": Choice(("in", "first_slice_out")), "from": EXPRESSION}),
+        "not_architectures": ListOf(STRING),
+        "config_differs": Object(required={"field": STRING, "from": STRING}),
+        "vision_tower": Object(required={"model_types": ListOf(STRING)}),
     }
 )
 _RULE_REQUIRED = {
@@ -104,7 +112,9 @@ _RULE_REQUIRED = {
 _RULE_OPTIONAL = {
     "params": MapOf(ANY),
     "layout_effect": STRING,
-}  # layout_effect: what normalize does, where not derived
+    "anchor": Object(required={"at": STRING, "text": STRING}),
+}  # layout_effect: what normalize does, where not derived; anchor: the source's first `path:line` and a short quote
+# of it, so that the citation can be checked and re-located in another release (tests/engine_proof/citations.py)
 _RULE = Object(required=_RULE_REQUIRED, optional=_RULE_OPTIONAL, label="id")
 # A child release's change of an inherited rule: its id, a `source` citing the child release, the fields that differ
 # (engine_version is always the child's).
@@ -137,6 +147,14 @@ LAYOUT_SPEC = Object(
         "target_modules": Choice(("module_leaves", "engine_names")),
         "experts_3d": Object(required={"source": STRING}, optional={"architectures": ListOf(STRING), "all": BOOL}),
         "vision_modules": Object(required={"written": BOOL, "source": STRING}),
+        # PEFT's own rewrite of target_modules on transformers 5 (peft_layout.json only; engine_layouts.py reads it)
+        "converted_targets": Object(
+            required={
+                "groups": ListOf(Object(required={"model_types": ListOf(STRING), "targets": MapOf(STRING)})),
+                "note": STRING,
+                "source": STRING,
+            }
+        ),
     },
 )
 ENGINE_FILE_SPEC = Object(

@@ -333,16 +333,18 @@ class ServerEffect:
     modules: list[str] = field(default_factory=list)
 
 
-def effects(args: ServerArgs, adapter, tp: int | None = None) -> list[ServerEffect]:
+def effects(args: ServerArgs, adapter, tp: int | None = None, classes: tuple[str, ...] = ()) -> list[ServerEffect]:
     """What the given flags (and the defaults of those not given) do to `adapter` (lora_convert.peft.adapter.Adapter);
-    `tp`: the tensor-parallel size in effect (--tp or the flags'). The first is always the note naming the flags."""
+    `tp`: the tensor-parallel size in effect (--tp or the flags'); `classes`: the base config's `architectures` (the
+    model class whose packed-module mapping vLLM matches targets with). The first is always the note naming the
+    flags."""
     out = [_flags_note(args)]
     for flag in args.flags.values():
         value = args.value(flag.name)
         if flag.effect == "max_rank" and value is not None:
             out += _rank_above_max(args, flag, value, adapter)
         elif flag.effect == "target_modules" and value is not None:
-            out += _targets(args, flag, value, adapter)
+            out += _targets(args, flag, value, adapter, classes)
         elif flag.effect == "lora_dtype" and value not in (None, "auto"):
             out += _dtype(args, flag, value, adapter)
         elif flag.effect == "fully_sharded" and value and (tp or 1) > 1:
@@ -412,11 +414,20 @@ def _leaf(module) -> str:
     return module.module.rsplit(".", 1)[-1]
 
 
-def _targets(args: ServerArgs, flag: ServerFlag, targets: tuple, adapter) -> list[ServerEffect]:
+def packed_mapping(flag: ServerFlag, classes: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """The packed-module mapping vLLM matches `--lora-target-modules` with: the base class's own
+    `packed_modules_mapping` (params.packed_by_class, read from the release's model files), else the flag's default
+    `packed`."""
+    by_class = flag.params.get("packed_by_class", {})
+    found = next((by_class[c] for c in classes if c in by_class), None)
+    return found["packed"] if found is not None else flag.params.get("packed", {})
+
+
+def _targets(args: ServerArgs, flag: ServerFlag, targets: tuple, adapter, classes=()) -> list[ServerEffect]:
     listed = set(targets)
     if flag.params.get("outcome") == "load-failure":  # SGLang: the adapter's normalized targets must all be listed
         return _targets_refused(args, flag, listed, adapter)
-    packed = flag.params.get("packed", {})
+    packed = packed_mapping(flag, classes)
     parent = {child: p for p, children in packed.items() for child in children}
 
     def served(module) -> bool:
@@ -446,19 +457,29 @@ def _targets(args: ServerArgs, flag: ServerFlag, targets: tuple, adapter) -> lis
     ]
 
 
+def _normalized_targets(names, normalize: dict) -> set[str]:
+    """Target names as SGLang normalizes them (get_normalized_target_modules): each name's last dotted component,
+    renamed by `normalize` (q_proj -> qkv_proj, ...)."""
+    return {normalize.get(n.rsplit(".", 1)[-1], n.rsplit(".", 1)[-1]) for n in names}
+
+
 def _targets_refused(args: ServerArgs, flag: ServerFlag, listed: set, adapter) -> list[ServerEffect]:
-    if "all" in listed:
-        return []
+    """SGLang compares the adapter's own `target_modules` (adapter_config.json, normalized) with the flag's list
+    (normalized the same way), not the modules the adapter holds: a list that is not a subset refuses the adapter.
+    With the flag given, an adapter whose target_modules is `all-linear` / `all` is not checked at all, and `all` in
+    the flag allows everything."""
+    declared = adapter.config.target_modules
+    if "all" in listed or not isinstance(declared, list):
+        return []  # a string other than all-linear/all is refused whatever the flags (the rules' regex-targets)
     normalize = flag.params.get("normalize", {})
-    server = {normalize.get(t, t) for t in listed}
-    mine = {normalize.get(_leaf(m), _leaf(m)) for m in adapter.modules}
-    missing = sorted(mine - server)
+    server = _normalized_targets(listed, normalize)
+    missing = sorted(_normalized_targets(declared, normalize) - server)
     if not missing:
         return []
     message = (
-        f"[{args.label}: load-failure] The adapter's modules {', '.join(missing)} are not in {flag.name} "
-        f"{_show(tuple(sorted(listed)))} (as the server normalizes the names): it refuses the adapter "
-        f"(source: {flag.source})."
+        f"[{args.label}: load-failure] The adapter's target_modules {', '.join(missing)} are not in {flag.name} "
+        f"{_show(tuple(sorted(listed)))} (adapter_config.json's names, as the server normalizes them): it refuses "
+        f"the adapter (source: {flag.source})."
     )
     return [
         ServerEffect(

@@ -208,15 +208,18 @@ def write_folder(
     force: bool = False,
     layout: str = "stacked",
     progress: WriteProgress | None = None,
+    tensor_file: str = ADAPTER_FILE,
+    open_writer: Any = None,
 ) -> int:
-    """Write `tensors` (in `specs` order) as ADAPTER_FILE, `files` and the manifest into a temporary folder beside
-    the output, then swap it into place; return the number of tensors written. A previous output is renamed away
-    only once the new one is complete and deleted only after the swap, so an interrupted run leaves it as it was.
-    `progress.start` gets the total bytes of `specs`; advancing is the tensor producer's job."""
+    """Write `tensors` (in `specs` order) as `tensor_file` (ADAPTER_FILE, or mlx-lm's adapters.safetensors),
+    `files` and the manifest into a temporary folder beside the output, then swap it into place; return the number
+    of tensors written. A previous output is renamed away only once the new one is complete and deleted only after
+    the swap, so an interrupted run leaves it as it was. `progress.start` gets the total bytes of `specs`; advancing
+    is the tensor producer's job."""
     target = check_output_dir(output, force=force, protected=protected)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    files = {**files, MANIFEST_FILE: _manifest_text(layout, [ADAPTER_FILE, *files])}
+    files = {**files, MANIFEST_FILE: _manifest_text(layout, [tensor_file, *files])}
     if progress is not None:
         progress.start(sum(s.nbytes for s in specs))
     # Names come from the resolved path: `-o .` or `-o sub/..` have no usable name of their own.
@@ -225,7 +228,11 @@ def write_folder(
     written = 0
     try:
         with _terminate_as_interrupt():
-            writer = StreamingSafetensorsWriter(temp / ADAPTER_FILE, specs, metadata={"format": "pt"})
+            # open_writer(path, specs): another streaming writer with the same write/close/abort (the GGUF layout's)
+            if open_writer is not None:
+                writer = open_writer(temp / tensor_file, specs)
+            else:
+                writer = StreamingSafetensorsWriter(temp / tensor_file, specs, metadata={"format": "pt"})
             try:
                 for name, tensor in tensors:
                     writer.write(name, tensor)

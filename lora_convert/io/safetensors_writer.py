@@ -18,6 +18,11 @@ import numpy as np
 
 from lora_convert.io.dtypes import DTYPE_SIZES, dtype_tag
 
+# A tensor's bytes go to the kernel in pieces of this size: one write() of a tens-of-MB stacked expert tensor cost
+# the kernel several times the system time of the same bytes in 256 KiB pieces on this workplace's VM
+# (docs/benchmarks.md, issue 23's run); much smaller pieces only add calls.
+WRITE_PIECE_BYTES = 256 * 1024
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -70,7 +75,9 @@ class StreamingSafetensorsWriter:
         if array.size:
             # The bytes as they lie (a copy only for a non-contiguous view); viewed as uint8 because the buffer
             # protocol does not know ml_dtypes' bfloat16/float8.
-            self._handle.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            for start in range(0, len(data), WRITE_PIECE_BYTES):
+                self._handle.write(data[start : start + WRITE_PIECE_BYTES])
         self._next += 1
 
     def close(self) -> None:

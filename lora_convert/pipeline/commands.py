@@ -20,22 +20,21 @@ import os
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_convert.check.context import ValidateOptions
-from lora_convert.check.engine import EnginePrediction, predict_engine
-from lora_convert.check.validate import ValidationReport, known_check_names, run_checks, unreadable_report
-from lora_convert.convert.normalize import NormalizeResult, WriteChoices, WriteProgress, write_normalized
-from lora_convert.convert.plan import Plan
-from lora_convert.engines.server_args import parse_server_args
 from lora_convert.errors import AdapterConfigError, AdapterFormatError, UsageError
-from lora_convert.io.output_folder import check_output_dir, protected_inputs
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
-from lora_convert.pipeline.inspect_report import build_report
 from lora_convert.pipeline.prepared import PreparedAdapter, prepare
-from lora_convert.smoke.report import SmokeReport
-from lora_convert.smoke.runner import run_smoke, smoke_machine
-from lora_convert.smoke.target import peft_target, stacked_layout_of, stacked_target
+
+# Each command imports the stages it runs when it runs: `inspect` reads headers only, and importing the checks, the
+# writers and the smoke runner it never calls would be a quarter of its time on a 94,000-tensor adapter
+# (docs/benchmarks.md).
+if TYPE_CHECKING:
+    from lora_convert.check.engine import EnginePrediction
+    from lora_convert.check.validate import ValidationReport
+    from lora_convert.convert.normalize import NormalizeResult, WriteProgress
+    from lora_convert.convert.plan import Plan
+    from lora_convert.smoke.report import SmokeReport
 
 AdapterSpec = str | os.PathLike | PreparedAdapter
 
@@ -51,6 +50,8 @@ def prepared(spec: AdapterSpec, *, base: str | None = None, cache_dir=None, toke
 
 def inspect(spec: AdapterSpec, *, cache_dir=None, token=None) -> dict[str, Any]:
     """What an adapter holds, from headers and config alone (no base)."""
+    from lora_convert.pipeline.inspect_report import build_report
+
     return build_report(prepared(spec, cache_dir=cache_dir, token=token).adapter)
 
 
@@ -77,6 +78,10 @@ def validate(
     read; an adapter whose files cannot be read is a report with that finding, not an exception. `server_args` /
     `server_args_file`: the engine server's own flags (lora_convert/engines/server_args.py); their tensor-parallel
     size is --tp's when --tp is not given."""
+    from lora_convert.check.context import ValidateOptions
+    from lora_convert.check.validate import known_check_names, run_checks, unreadable_report
+    from lora_convert.engines.server_args import parse_server_args
+
     known_check_names(checks)
     engine = (engine or "none").lower()
     server = parse_server_args(engine, server_args, server_args_file)
@@ -144,6 +149,9 @@ def normalize(
     (lora_convert/convert/normalize.py). Every refusal is raised (UnsupportedAdapterError) while planning, dry run
     or not, before anything is written. The output folder is refused, before any planning, when it is, contains or
     lies inside the adapter or a local base, or is the working directory; --force replaces only a previous output."""
+    from lora_convert.convert.normalize import WriteChoices, write_normalized
+    from lora_convert.io.output_folder import check_output_dir, protected_inputs
+
     started = time.perf_counter()
     output = Path(output) if output is not None else None
     protected = protected_inputs(_local_adapter_folder(spec), base)
@@ -181,6 +189,9 @@ def smoke(
     """Smoke-test a PEFT adapter (normalized in memory) or a stacked output against its original
     (lora_convert/smoke/runner.py). The machine is checked first: without torch and triton, exit 3 whatever the
     adapter."""
+    from lora_convert.smoke.runner import run_smoke, smoke_machine
+    from lora_convert.smoke.target import peft_target, stacked_layout_of, stacked_target
+
     machine = smoke_machine(device, tokens)
     if isinstance(spec, PreparedAdapter):
         source, layout = spec.source, None
@@ -215,6 +226,9 @@ def predict(
     """`predict_engine` for an adapter (folder, Hub id or prepared) and a base (folder, config.json, preset or Hub
     id), as the engine proofs (tests/engine_proof/) compare it with the engines' own code; `server_args`: the
     server's flags (one command line), else the release's defaults."""
+    from lora_convert.check.engine import predict_engine
+    from lora_convert.engines.server_args import parse_server_args
+
     server = parse_server_args(engine, server_args)
     adapter = prepared(adapter_spec, base=os.fspath(base_spec))
     adapter.require_valid_config()

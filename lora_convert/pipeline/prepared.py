@@ -16,16 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_convert.check.base_resolution import BaseResolution, resolve_adapter_base
-from lora_convert.check.shape_check import check_shapes
-from lora_convert.convert.engine_layouts import keeps_vision
-from lora_convert.convert.output_config import listing_file
-from lora_convert.convert.plan import Plan, build_plan, refuse_unusable_adapter
-from lora_convert.findings import Finding
+from lora_convert.errors import UsageError
 from lora_convert.io.source import AdapterSource, resolve_adapter_source
 from lora_convert.peft.adapter import Adapter, config_error, load_adapter
+from lora_convert.peft.mlx_format import FILE_FORMAT as MLX_FORMAT
+from lora_convert.peft.mlx_format import is_mlx_adapter, load_mlx_adapter
+from lora_convert.pipeline.gguf_base import read_gguf_adapter
+
+# The base, the shape check and the plan import their stages when first asked for: `inspect` asks for none of them
+# (docs/benchmarks.md, the 94,000-tensor inspect).
+if TYPE_CHECKING:
+    from lora_convert.check.base_resolution import BaseResolution
+    from lora_convert.convert.plan import Plan
+    from lora_convert.findings import Finding
 
 __all__ = ["PreparedAdapter", "prepare"]
 
@@ -48,7 +53,16 @@ class PreparedAdapter:
     @cached_property
     def base(self) -> BaseResolution:
         """The base model and its architecture; an explicit --base that names nothing raises, anything else that
-        leaves no architecture is in `base.findings` (and `base.error`)."""
+        leaves no architecture is in `base.findings` (and `base.error`). An mlx-lm adapter names no base: without
+        --base it raises UsageError."""
+        if self.base_spec is None and self.adapter.file_format == MLX_FORMAT:
+            raise UsageError(
+                f"{self.source.describe()} is an mlx-lm adapter (its adapter_config.json has mlx-lm's "
+                "lora_parameters and num_layers), and mlx-lm's config names no base model.",
+                hint="Pass --base with the base model (a folder or config.json, a Hub id, or a preset).",
+            )
+        from lora_convert.check.base_resolution import resolve_adapter_base
+
         return resolve_adapter_base(self.adapter, self.base_spec, cache_dir=self.cache_dir, token=self.token)
 
     @property
@@ -58,6 +72,8 @@ class PreparedAdapter:
     @cached_property
     def shape_findings(self) -> list[Finding]:
         """Every module's shapes against the architecture schema; empty when there is no architecture."""
+        from lora_convert.check.shape_check import check_shapes
+
         return check_shapes(self.adapter, self.arch) if self.arch is not None else []
 
     def require_valid_config(self) -> None:
@@ -79,6 +95,10 @@ class PreparedAdapter:
         modules are kept (`--layout peft`) and which file refusal hints name. Raises what makes the adapter
         unconvertible -- its config, its base, adapter-level problems including (with `shapes`) shape errors --
         and, unless `drop_unsupported`, the modules the plan refuses."""
+        from lora_convert.convert.engine_layouts import keeps_vision
+        from lora_convert.convert.output_config import listing_file
+        from lora_convert.convert.plan import refuse_unusable_adapter
+
         self.require_valid_config()
         arch = self.require_arch()
         refuse_unusable_adapter(self.adapter, self.shape_findings if shapes else [])
@@ -93,6 +113,8 @@ class PreparedAdapter:
     def _build_plan(
         self, arch, rank: int | None, drop_unsupported: bool, keep_vision: bool, listed_in: str | None
     ) -> Plan:
+        from lora_convert.convert.plan import build_plan
+
         plan = build_plan(
             self.adapter,
             arch,
@@ -119,5 +141,21 @@ def prepare(
     source = (
         spec if isinstance(spec, AdapterSource) else resolve_adapter_source(str(spec), cache_dir=cache_dir, token=token)
     )
-    adapter = load_adapter(source, strict_config=False)
+    adapter = read_gguf_adapter(spec, source, base, cache_dir=cache_dir, token=token)  # None: not a GGUF adapter
+    if adapter is None:
+        if is_mlx_adapter(source.path):
+            adapter = load_mlx_adapter(source, _schema_family(base, cache_dir=cache_dir, token=token))
+        else:
+            adapter = load_adapter(source, strict_config=False)
     return PreparedAdapter(adapter, base_spec=base, cache_dir=cache_dir, token=token)
+
+
+def _schema_family(base: str | None, *, cache_dir=None, token: str | None = None) -> str | None:
+    """The schema family of `--base`, which names an mlx-lm adapter's modules in transformers' terms (None without
+    a base: mlx-lm's own paths are listed)."""
+    if base is None:
+        return None
+    from lora_convert.arch.base_config import resolve_base  # as the other stages: only an mlx adapter needs it here
+    from lora_convert.arch.schema import bind
+
+    return bind(resolve_base(base, cache_dir=cache_dir, token=token)).schema.family

@@ -195,17 +195,53 @@ CANNOT_RUN = (
         "(models/transformers.py:231-247; 0.5.22 maps it, :243). These releases pin transformers 5.12.1, whose "
         "MiniMax config has no such style: an environment effect, not the release's LoRA code.",
     ),
+    # f25 (issue 25): Seed-OSS and dots.llm1, served by the same Transformers backend.
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.21",
+        ("v5_seed_oss", "v5_dots1"),
+        "ValueError: Unsupported TP style 'embedding_rowwise'",
+        "Seed-OSS and dots.llm1 have no SGLang class and are served by the Transformers backend, which maps the "
+        "base_model_tp_plan of the venv's transformers; 5.25 names a TP style `embedding_rowwise` that 0.5.19-0.5.21 "
+        "do not know (models/transformers.py:231-247; 0.5.22 maps it, :243): an environment effect, as for MiniMax.",
+    ),
     CannotRun(
         "sglang",
         "0.5.19",
         "0.5.23",
-        ("v5_llama_bnb4",),
+        ("v5_llama_bnb4", "v5_llama_bnb8"),
         "ImportError: Please install bitsandbytes>=0.46.1",
         "A bitsandbytes base: SGLang registers the method (layers/quantization/__init__.py:77 in 0.5.23) and its "
         "linear method imports the bitsandbytes package when the model is built (layers/quantization/bitsandbytes.py"
         ":29-41), which the proof environment does not install (a CUDA kernel library): an environment effect. What "
         "the release does with LoRA over it (quant-dense-lora: the base layer's quant_method.apply plus the delta) is "
         "read, not run.",
+    ),
+    # nv4 (issue 24): a ModelOpt NVFP4 base, on both engines.
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.23",
+        ("v5_deepseek_v3_nvfp4_shared",),
+        "ValueError: torch.float32 is not supported for quantization method modelopt_fp4",
+        "A ModelOpt NVFP4 base: SGLang serves it as modelopt_fp4 (configs/model_config.py:1866-1867 in 0.5.23), "
+        "which takes only bfloat16/float16 activations, and the harness builds in float32 to compare deltas exactly; "
+        "the path the case is about (the fused NVFP4 shared-expert kernel of 0.5.19-0.5.21) is chosen only on an "
+        "sm100 GPU (models/deepseek_v2.py:784-801 in 0.5.21), which no CPU run reaches. The rule is read, not run: "
+        "tests/test_engine_nvfp4_shared_experts.py checks the cited code of every release.",
+    ),
+    CannotRun(
+        "vllm",
+        "0.30.0",
+        None,
+        ("v5_deepseek_v3_nvfp4_shared",),
+        "ValidationError: 1 validation error for VllmConfig\n  Value error, torch.float32 is not supported for "
+        "quantization method modelopt_fp4",
+        "A ModelOpt NVFP4 base: vLLM maps quant_method modelopt + quant_algo NVFP4 to modelopt_fp4 (a method it "
+        "registers, model_executor/layers/quantization/modelopt.py:779-781 in 0.33.0) and refuses the harness's "
+        "float32 model dtype for it before building the model (bfloat16/float16 only); what it does with LoRA over "
+        "it (quant-dense-lora, quant-moe-lora through the NVFP4 MoE oracle's Marlin experts) is read, not run.",
     ),
 )
 

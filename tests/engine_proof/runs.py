@@ -97,10 +97,18 @@ def _declared_unrunnable(engine: str, version: str, table: dict) -> dict:
 
     for case, row in table.items():
         declared = cannot_run(engine, version, case)
-        if declared is not None and "harness_error" in row:
-            record = {"cannot_run": {"error": row["harness_error"], "expected": declared.error}}
+        error = row.get("harness_error") or _refused_before_any_lora(row)
+        if declared is not None and error is not None:
+            record = {"cannot_run": {"error": error, "expected": declared.error}}
             table[case] = {"original": record, "layout": record}
     return table
+
+
+def _refused_before_any_lora(row: dict) -> str | None:
+    """The error of a row whose original adapter and layout output both failed with the same error (vLLM's harness
+    records an engine that refuses the base's config as a load error of both)."""
+    errors = {(row.get(side) or {}).get("load_error") for side in ("original", "layout")}
+    return errors.pop() if len(errors) == 1 and None not in errors else None
 
 
 def _replace_paths(value, where: dict[str, str]):

@@ -580,6 +580,25 @@ def _lm_head_delta(module, tokens: int):
     return out[:n_in].double().T.contiguous().numpy()
 
 
+def _embedding_delta(module, tokens: int):
+    """[vocab, hidden] float64 from VocabParallelEmbeddingWithLoRA's own apply path (LoRAManager.embed_tokens_module),
+    looking up every token id, `tokens` ids at a time (the batch the backend was prepared for)."""
+    import inspect
+
+    import torch
+
+    vocab = module.vocab_size
+    # 0.5.19-0.5.22 take the backend's batch info as a third argument (their forward passes it), 0.5.23 not
+    wants = inspect.signature(module.apply_lora).parameters.get("batch_info")
+    extra = (module.lora_backend.batch_info,) if wants and wants.default is inspect.Parameter.empty else ()
+    rows = []
+    for start in range(0, vocab, tokens):
+        ids = torch.arange(start, start + tokens) % vocab
+        out = module.apply_lora(torch.zeros(tokens, module.embed_dim, dtype=torch.float32), ids, *extra)
+        rows.append(out[: min(tokens, vocab - start)])
+    return torch.cat(rows).double().contiguous().numpy()
+
+
 def _offsets(module) -> list[int] | None:
     from sglang.srt.lora.layers import (
         MergedColumnParallelLinearWithLoRA,
@@ -674,6 +693,8 @@ def _deltas(case: str, manager, lora_id: str, tokens: int) -> dict[str, np.ndarr
         if split is None:
             if module == "lm_head" and manager.lm_head_module is not None:
                 out[module] = _lm_head_delta(manager.lm_head_module, tokens)
+            elif module.endswith("embed_tokens") and getattr(manager, "embed_tokens_module", None) is not None:
+                out[module] = _embedding_delta(manager.embed_tokens_module, tokens)
             continue
         layer_id, rest = split
         info = meta.get(module, {})

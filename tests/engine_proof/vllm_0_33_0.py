@@ -487,7 +487,7 @@ def _locate_renamed_block(eng: _Engine, vname: str):
 
 
 def read_deltas(case: str, eng: _Engine) -> dict[str, np.ndarray]:
-    from vllm.lora.layers import FusedMoEWithLoRA
+    from vllm.lora.layers import FusedMoEWithLoRA, LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA
 
     modules = case_meta(case)["modules"]
     bypassed = mla_bypassed_modules(eng)
@@ -527,6 +527,14 @@ def read_deltas(case: str, eng: _Engine) -> dict[str, np.ndarray]:
             key = ("w1", "w2", "w3")[proj]
             if key in experts:
                 deltas[peft_module] = experts[key][expert]
+            continue
+        if isinstance(module, VocabParallelEmbeddingWithLoRA):  # A [vocab, r] per slot, B [hidden, r]: row x of
+            # A @ B.T is what the lookup of token x adds (vllm/lora/layers/vocab_parallel_embedding.py forward)
+            deltas[peft_module] = _f64(module.lora_a_stacked[0]) @ _f64(module.lora_b_stacked[0, 0]).T
+            continue
+        if isinstance(module, LogitsProcessorWithLoRA):  # one tensor per buffer, not one per slice: slot 0's
+            # B [vocab, r] @ A [r, hidden] (vllm/lora/layers/logits_processor.py create_lora_weights)
+            deltas[peft_module] = _ba(module.lora_b_stacked[0, 0], module.lora_a_stacked[0, 0])
             continue
         if not hasattr(module, "lora_a_stacked"):
             continue

@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lora_convert.engines.features import (
-    buffer_width,
     config_features,
     expert_features,
     module_features,
     quantization_features,
     row_split,
     token_features,
-    vision_tower,
 )
 from lora_convert.engines.features.context import Context
 
@@ -46,12 +44,10 @@ FEATURES: dict[str, Detector] = {
     "prefix_mismatch": module_features.f_prefix_mismatch,
     "fused_experts": module_features.f_fused_experts,
     "vision_modules": module_features.f_vision,
-    "vision_layers_targeted": vision_tower.f_vision_layers_targeted,
     # experts
     "partial_expert_projections": expert_features.f_partial_expert_projections,
     "shared_experts_fusion": expert_features.f_shared_experts_fusion,
     "expert_rank_mismatch": expert_features.f_expert_rank_mismatch,
-    "buffer_width_differs": buffer_width.f_buffer_width_differs,
     # row splits of one module
     "partial_row_split": row_split.f_partial_row_split,
     # the base's quantization (quantization_config through lora_convert/arch/quantization.json)

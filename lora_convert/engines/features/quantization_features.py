@@ -7,8 +7,10 @@ server flags, comes from the rule's params and message (engines/*.json). Without
 
 from __future__ import annotations
 
+from lora_convert.arch.expr import evaluate
 from lora_convert.arch.quantization import base_quantization
-from lora_convert.engines.features.context import Context, examples, layers_text, module_keys
+from lora_convert.engines.features.context import Context, examples, in_families, layers_text, module_keys
+from lora_convert.errors import SchemaError
 
 
 def _quantization(ctx: Context):
@@ -23,15 +25,20 @@ def _quantization(ctx: Context):
 
 def f_quantized_base(ctx: Context, params: dict):
     """Adapted modules whose base group is quantized by one of `schemes` (scheme ids of quantization.json; absent:
-    any known scheme), narrowed to routed experts (`experts: true`) or to everything else (`experts: false`)."""
+    any known scheme), narrowed to routed experts (`experts: true`) or to everything else (`experts: false`), and
+    optionally to `families`, to modules whose local name contains `local_contains` (`shared_experts.`) and to bases
+    whose text config satisfies `config_when` (an arch expression; a config without its fields does not)."""
     quant = _quantization(ctx)
-    if quant is None or not quant.known:
+    if quant is None or not quant.known or ("families" in params and not in_families(ctx, params)):
         return None
+    if "config_when" in params and not _config_satisfies(ctx, params["config_when"]):
+        return None
+    contains = params.get("local_contains")
     wanted = set(params.get("schemes") or ())
     experts = params.get("experts")
     mods, labels, families = [], [], []
     for m in ctx.modules:
-        if m.is_vision:
+        if m.is_vision or (contains and contains not in (m.local_name or "") + "."):
             continue
         match = ctx.match(m)
         if match is None:
@@ -60,6 +67,13 @@ def f_quantized_base(ctx: Context, params: dict):
         "examples": examples([m.module for m in mods]),
         "keys": module_keys(mods),
     }
+
+
+def _config_satisfies(ctx: Context, expression: str) -> bool:
+    try:
+        return bool(evaluate(expression, dict(ctx.arch.config)))
+    except (SchemaError, TypeError, ValueError, ZeroDivisionError, KeyError):
+        return False
 
 
 def f_unknown_quantization(ctx: Context, params: dict):

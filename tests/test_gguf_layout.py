@@ -1,0 +1,174 @@
+"""`normalize --layout gguf` without llama.cpp: the file's metadata, names, shapes and values, read back with gguf-py,
+against the `peft` layout of the same adapter; and what it refuses. tests/test_gguf_proof.py runs llama.cpp on it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from helpers import case_base_dir, case_dir
+from lora_convert.errors import UnsupportedAdapterError
+
+gguf = pytest.importorskip("gguf")
+
+pytestmark = pytest.mark.slow  # each writes an adapter through the pipeline (~0.3-1 s on 2 cores)
+
+
+def write(case: str, out, layout: str = "gguf", **kw):
+    import lora_convert
+
+    return lora_convert.normalize_adapter(
+        case_dir(case) / "adapter", out, base=case_base_dir(case), layout=layout, **kw
+    )
+
+
+def read_gguf(path):
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def permuted(b: np.ndarray, heads: int) -> np.ndarray:
+    out, rank = b.shape
+    return b.reshape(heads, 2, out // heads // 2, rank).swapaxes(1, 2).reshape(out, rank)
+
+
+@pytest.mark.parametrize("case, arch", [("v5_llama", "llama"), ("v5_qwen3", "qwen3")])
+def test_file_is_the_peft_layout_under_llama_cpp_names(case, arch, tmp_path):
+    write(case, tmp_path / "gguf")
+    write(case, tmp_path / "peft", layout="peft")
+    fields, tensors = read_gguf(tmp_path / "gguf" / "adapter.gguf")
+    peft = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    rank = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"]
+    assert fields["general.architecture"] == arch
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == float(rank)
+    config = json.loads((case_base_dir(case) / "config.json").read_text())
+    names = gguf.TensorNameMap(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), 2)
+    assert len(tensors) == len(peft)
+    for key, want in peft.items():
+        module = key.removeprefix("base_model.model.").rsplit(".", 2)[0]
+        side = "lora_a" if ".lora_A." in key else "lora_b"
+        name = f"{names.get_name(module + '.weight', try_suffixes=('.weight',))}.{side}"
+        got = np.asarray(tensors[name].data)
+        assert list(tensors[name].shape) == list(reversed(want.shape)), name  # GGUF lists ne: innermost first
+        heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+        kind = name.split(".")[2]
+        if arch == "llama" and side == "lora_b" and kind in heads:
+            want = permuted(want, heads[kind])  # llama.cpp's converter reorders q/k rows for its RoPE
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_bf16_is_written_as_ggml_bf16(tmp_path):
+    write("v5_qwen3", tmp_path / "o", dtype="bf16")
+    _, tensors = read_gguf(tmp_path / "o" / "adapter.gguf")
+    assert {t.tensor_type.name for t in tensors.values()} == {"BF16"}
+
+
+@pytest.mark.parametrize("case", ["v4_mixtral", "v5_mixtral"])
+def test_routed_experts_are_llama_cpps_stacked_pairs(case, tmp_path):
+    """Per slice, lora_a [E, R, in] and lora_b [E, out, R]: expert e's delta is PEFT's (lora_b[e] @ lora_a[e])."""
+    write(case, tmp_path / "o")
+    _, tensors = read_gguf(tmp_path / "o" / "adapter.gguf")
+    reference = load_file(str(case_dir(case) / "reference.safetensors"))
+    config = json.loads((case_base_dir(case) / "config.json").read_text())
+    E, inner = config["num_local_experts"], config["intermediate_size"]
+    for layer in range(config["num_hidden_layers"]):
+        for kind in ("gate", "up", "down"):
+            a = np.asarray(tensors[f"blk.{layer}.ffn_{kind}_exps.weight.lora_a"].data)
+            b = np.asarray(tensors[f"blk.{layer}.ffn_{kind}_exps.weight.lora_b"].data)
+            assert a.shape[0] == b.shape[0] == E and a.shape[1] == b.shape[2]
+            delta = np.einsum("eor,eri->eoi", b, a)
+            want = _peft_expert_delta(reference, layer, kind, inner)
+            np.testing.assert_allclose(delta, want, rtol=1e-5, atol=1e-6)
+
+
+def _peft_expert_delta(reference: dict, layer: int, kind: str, inner: int) -> np.ndarray:
+    """PEFT's recorded delta of one expert projection, [E, out, in], from per-expert or 3-D fixture entries."""
+    per_expert = {"gate": "w1", "up": "w3", "down": "w2"}[kind]
+    keys = sorted(k for k in reference if f"layers.{layer}." in k and f".{per_expert}::delta_weight" in k)
+    if keys:
+        return np.stack([reference[k] for k in sorted(keys, key=lambda k: int(k.split(".experts.")[1].split(".")[0]))])
+    # transformers 5: one 3-D delta per parameter (PEFT nests the second as `.base_layer`): told apart by shape
+    deltas = [
+        v for k, v in reference.items() if f"layers.{layer}." in k and k.endswith("::delta_weight") and v.ndim == 3
+    ]
+    if kind == "down":
+        (delta,) = [d for d in deltas if d.shape[2] == inner]
+        return delta
+    (delta,) = [d for d in deltas if d.shape[1] == 2 * inner]  # rows gate then up (schemas/mixtral.json)
+    return delta[:, :inner] if kind == "gate" else delta[:, inner:]
+
+
+@pytest.mark.parametrize(
+    "case, why",
+    [("v5_gemma3_text", "GELU read through an f16 table"), ("v5_minimax", "registers only MiniMax's remote-code")],
+)
+def test_a_family_llama_cpp_is_not_proven_on_is_refused_with_the_reason(case, why, tmp_path):
+    with pytest.raises(UnsupportedAdapterError, match="has not proven llama.cpp on model_type") as info:
+        write(case, tmp_path / "o")
+    assert why in info.value.message
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "case, form",
+    [
+        ("v5_qwen3_moe", r"mlp_only_layers = \[0\]\): a dense layer"),  # the issue-14 bases: layer 0 dense
+        ("v5_qwen2_moe", r"mlp_only_layers = \[0\]\): a dense layer"),
+        ("v5_olmoe", r"num_key_value_heads = 2, num_attention_heads = 4\): llama.cpp's OLMoE loader"),
+    ],
+)
+def test_a_base_llama_cpp_cannot_take_is_refused_named(case, form, tmp_path):
+    """The same families on bases llama.cpp takes (v5_qwen3_moe_sparse, v5_qwen2_moe_sparse, v5_olmoe_mha) are
+    proven by tests/test_gguf_proof.py."""
+    with pytest.raises(UnsupportedAdapterError, match=r"llama.cpp cannot take this \w+ base \(" + form):
+        write(case, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_modules_llama_cpp_never_applies_are_refused_or_dropped_named(tmp_path):
+    """DeepSeek-V3's MLA projections: llama.cpp multiplies by them without LoRA, or splits kv_b_proj per head; the
+    routed experts and o_proj are written."""
+    with pytest.raises(UnsupportedAdapterError, match=r"self_attn\.\w+ \(llama.cpp's (deepseek2 graph|converter)"):
+        write("v5_deepseek_v3", tmp_path / "o")
+    write("v5_deepseek_v3", tmp_path / "d", drop_unsupported=True)
+    _, tensors = read_gguf(tmp_path / "d" / "adapter.gguf")
+    kinds = {name.split(".")[2] for name in tensors}
+    assert not kinds & {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"}, kinds
+    assert {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"} <= kinds
+    report = json.loads((tmp_path / "d" / "lora_convert_report.json").read_text())
+    dropped = json.dumps(report)
+    assert "kv_b_proj" in dropped and "plain ggml_mul_mat" in dropped
+
+
+def test_only_the_floats_llama_cpp_applies_have_a_ggml_type():
+    from lora_convert.convert import gguf_layout
+
+    assert gguf_layout.ggml_type("F8_E4M3") is None  # plan_gguf_layout refuses such an output dtype, named
+    assert gguf_layout.ggml_type("BF16") is not None
+
+
+def test_a_nan_leaves_no_output_and_no_half_written_file(tmp_path):
+    """The GGUF writer streams into the temporary folder; a refusal while writing removes it (output_folder.py)."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from lora_convert.errors import NonFiniteValuesError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(case_dir("v5_llama") / "adapter", adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = sorted(tensors)[-1]
+    tensors[key] = tensors[key].copy()
+    tensors[key][0, 0] = np.nan
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    import lora_convert
+
+    with pytest.raises(NonFiniteValuesError):
+        lora_convert.normalize_adapter(adapter, tmp_path / "o", base=case_base_dir("v5_llama"), layout="gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

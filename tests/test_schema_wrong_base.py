@@ -1,0 +1,39 @@
+"""Issue 25: a PEFT adapter of each new family, validated against a base of another family, is caught.
+
+The six families whose cases run through the engine proof (tests/fixtures/data/cases: Ministral-3 of the mistral3
+schema, OLMo-3, Seed-OSS, dots1, ERNIE-4.5-MoE, GLM-4.7-Flash) each get a base of another family whose geometry
+differs (head_dim, expert layout or MLA projections); the same adapter on its own base is clean, so the errors
+come from the wrong base and not from the adapter. A base of the same tiny geometry (Seed-OSS against llama) is
+not a wrong base to a shape check and is not listed. The outside-proof cases (Mistral-3's VL wrapper, Phi-3.5-MoE)
+have the same check in tests/test_schema_outside_proof.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import helpers
+
+WRONG_BASES = [
+    ("v5_ministral3", "v5_olmo3"),
+    ("v5_olmo3", "v5_seed_oss"),
+    ("v5_seed_oss", "v5_olmo3"),
+    ("v5_dots1", "v5_qwen3_moe"),
+    ("v5_ernie4_5_moe", "v5_qwen3_moe"),
+    ("v5_glm4_moe_lite", "v5_dots1"),
+]
+SHAPE_ERRORS = {"shapes.out-features", "shapes.in-features", "modules.unknown"}
+
+
+def _errors(case: str, base: str) -> set[str]:
+    from lora_convert.pipeline.commands import validate
+
+    report = validate(str(helpers.case_dir(case) / "adapter"), base=str(helpers.FIXTURES / "bases" / base), smoke=False)
+    return {f.code for f in report.findings if f.severity.value == "error"}
+
+
+@pytest.mark.parametrize(("case", "other"), WRONG_BASES)
+def test_a_wrong_base_is_caught(case, other):
+    assert not _errors(case, case), f"{case} is not clean on its own base"
+    codes = _errors(case, other)
+    assert codes & SHAPE_ERRORS, f"{case} against {other}: {sorted(codes)}"
