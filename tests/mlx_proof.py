@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 import lora_convert
 from lora_convert.errors import LoraConvertError
-from lora_convert.text import replace_generated_section
+from lora_convert.text import generated_doc_main, replace_generated_section
 
 DATA = Path(__file__).resolve().parent / "fixtures" / "data"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "formats.md"
@@ -547,12 +547,12 @@ def main(argv: list[str]) -> int:
         text = table(all_rows(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if argv[:1] == ["--write"]:
-        path = Path(argv[1])
-        path.write_text(replace_generated_section(path.read_text(), *SECTION, text))
-    else:
-        sys.stdout.write(text)
-    return 0
+    return generated_doc_main(
+        argv,
+        lambda: text,
+        lambda doc: replace_generated_section(doc, *SECTION, text),
+        "python tests/mlx_proof.py [--write docs/formats.md]",
+    )
 
 
 if __name__ == "__main__":

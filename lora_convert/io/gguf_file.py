@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_convert.errors import AdapterFormatError, UsageError
-from lora_convert.io.dtypes import FLOAT_DTYPES, dtype_tag
+from lora_convert.io.dtypes import FLOAT_DTYPES
 from lora_convert.io.tensor_files import TensorInfo
 
 if TYPE_CHECKING:  # numpy is imported where data is written: listing headers never imports it (tensor_files)
@@ -70,15 +70,11 @@ class StreamingGgufWriter:
         self._writer.write_ti_data_to_file()
 
     def write(self, name: str, array: np.ndarray) -> None:
-        spec = self.specs[self._next]
-        if name != spec.name:
-            raise RuntimeError(f"writer expected tensor {spec.name!r} next, got {name!r}")
-        if tuple(array.shape) != spec.shape or dtype_tag(array.dtype) != spec.dtype:
-            raise RuntimeError(
-                f"tensor {name!r} is {dtype_tag(array.dtype)} {list(array.shape)}; "
-                f"the plan said {spec.dtype} {list(spec.shape)}"
-            )
         import numpy as np
+
+        from lora_convert.io.safetensors_writer import check_planned  # imports numpy: only when data is written
+
+        check_planned(self.specs[self._next], name, array)
 
         self._writer.write_tensor_data(np.ascontiguousarray(array))
         self._next += 1

@@ -35,6 +35,18 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
+def check_planned(spec: TensorSpec, name: str, array: np.ndarray) -> None:
+    """Raise RuntimeError unless `array` named `name` is the tensor `spec` plans next (a writer's own invariant: the
+    header, written first, already promised its name, dtype and shape)."""
+    if name != spec.name:
+        raise RuntimeError(f"writer expected tensor {spec.name!r} next, got {name!r}")
+    if tuple(array.shape) != spec.shape or dtype_tag(array.dtype) != spec.dtype:
+        raise RuntimeError(
+            f"tensor {name!r} is {dtype_tag(array.dtype)} {list(array.shape)}; "
+            f"the plan said {spec.dtype} {list(spec.shape)}"
+        )
+
+
 class StreamingSafetensorsWriter:
     """Write tensors in the declared order; `write(name, tensor)` must follow `specs` exactly."""
 
@@ -64,14 +76,7 @@ class StreamingSafetensorsWriter:
         self._handle.write(raw)
 
     def write(self, name: str, array: np.ndarray) -> None:
-        spec = self.specs[self._next]
-        if name != spec.name:
-            raise RuntimeError(f"writer expected tensor {spec.name!r} next, got {name!r}")
-        if tuple(array.shape) != spec.shape or dtype_tag(array.dtype) != spec.dtype:
-            raise RuntimeError(
-                f"tensor {name!r} is {dtype_tag(array.dtype)} {list(array.shape)}; "
-                f"the plan said {spec.dtype} {list(spec.shape)}"
-            )
+        check_planned(self.specs[self._next], name, array)
         if array.size:
             # The bytes as they lie (a copy only for a non-contiguous view); viewed as uint8 because the buffer
             # protocol does not know ml_dtypes' bfloat16/float8.

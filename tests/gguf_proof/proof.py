@@ -31,7 +31,7 @@ from safetensors.numpy import load_file
 
 import lora_convert
 from lora_convert.errors import LoraConvertError
-from lora_convert.text import replace_generated_section
+from lora_convert.text import generated_doc_main, replace_generated_section
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -259,12 +259,12 @@ def main(argv: list[str]) -> int:
     for r in rows:
         print(f"{r.case}: error {r.error} cross {r.cross} effect {r.effect}", file=sys.stderr)
     text = table(rows)
-    if argv[:1] == ["--write"]:
-        path = Path(argv[1])
-        path.write_text(replace_generated_section(path.read_text(), *SECTION, text))
-    else:
-        sys.stdout.write(text)
-    return 0
+    return generated_doc_main(
+        argv,
+        lambda: text,
+        lambda doc: replace_generated_section(doc, *SECTION, text),
+        "python tests/gguf_proof/proof.py [--write docs/formats.md]",
+    )
 
 
 if __name__ == "__main__":
