@@ -141,6 +141,15 @@ def _locked(version: str = VERSION, *, wait: bool):
     return handle
 
 
+def _builder_running(version: str = VERSION) -> bool:
+    """Whether another process holds the builder's lock right now."""
+    probe = _locked(version, wait=False)
+    if probe is None:
+        return True
+    probe.close()
+    return False
+
+
 def build_once(version: str = VERSION) -> Path:
     """Build unless cached, as the one builder (waits for another builder to finish first). Records a failure in
     `<version>.failed` and re-raises it."""
@@ -164,11 +173,9 @@ def start_background_build(version: str = VERSION) -> str:
     """Start the build in a detached low-priority process unless cached or already building; says which."""
     if cached(version) is not None:
         return f"{PACKAGE}=={version}: cached at {build_dir(version)}"
-    probe = _locked(version, wait=False)
-    if probe is None:
+    if _builder_running(version):
         return f"{PACKAGE}=={version}: a build is already running (log: {_side_file('.build.log', version)})"
     _side_file(".failed", version).unlink(missing_ok=True)  # a new try: the waiters must not read the last failure
-    probe.close()
     log = _side_file(".build.log", version).open("w")
     subprocess.Popen(
         ["nice", "-n", "10", sys.executable, __file__, "--build"],
@@ -188,9 +195,7 @@ def wait_for_build(timeout_s: float, version: str = VERSION) -> Path:
         folder = cached(version)
         if folder is not None:
             return folder
-        probe = _locked(version, wait=False)
-        if probe is not None:  # nobody is building: either it failed, or it never started
-            probe.close()
+        if not _builder_running(version):  # either it failed, or it never started
             failed = _side_file(".failed", version)
             if failed.exists():
                 log = _side_file(".build.log", version)
