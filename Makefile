@@ -82,7 +82,7 @@ proof-truth: proof-cache
 	$(BIN)/python tests/engine_proof/proof_table.py --write docs/engine-layouts.md
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m '$(FAST_MARKERS)'
+	$(BIN)/pytest -q -n auto --maxprocesses 4 -m '$(FAST_MARKERS)'
 
 # Re-run the README's sample commands and rewrite their outputs (tests/test_readme_samples.py checks them).
 readme: $(STAMP)

@@ -327,8 +327,8 @@ AREAS: tuple[Area, ...] = (
             "modules.peft-cannot-apply",
             WARNING,
             "LoRA on a module PEFT itself cannot apply (the schema's `peft_cannot_apply` says why): PEFT fails or "
-            "serves a different delta there.",
-            "normalize --drop-unsupported (leaves it out), or retrain without it",
+            "serves a different delta there; `normalize --layout peft` refuses it, the other layouts keep it.",
+            "normalize --layout peft --drop-unsupported (leaves it out), another layout, or retrain without it",
             PER_MODULE,
         ),
         (

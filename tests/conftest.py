@@ -9,6 +9,11 @@ import pytest
 # Hub tests must never reach the network; huggingface_hub reads this when it is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# pytest-xdist (`make test-fast` runs on every core) gives its workers COLUMNS=80, which the serial run has not:
+# a worker's CLI output would wrap where the serial run's does not. The CLI's own page width (cli/_output.py)
+# applies to both, as it does to a user's pipe.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("COLUMNS") == "80":
+    del os.environ["COLUMNS"]
 # No GPU in CI: Triton kernels run in the interpreter, which must be chosen before any kernel module is imported.
 try:
     import torch as _torch

@@ -7,7 +7,10 @@ lora-convert reads, on the fixtures' tiny bases.
 - MLX -> PEFT: an adapter made by mlx-lm's training-layer code (`linear_to_lora_layers`, random non-zero lora_b,
   saved as mlx-lm's trainer saves it), `normalize --layout peft`, loaded by PEFT into transformers' model of the base,
   reproduces mlx-lm's logits; that PEFT adapter written back with `--layout mlx` reproduces them in mlx-lm again.
-  Where mlx-lm cannot build the fixture base, transformers saves one from its config with one change (`base_config`).
+  Where mlx-lm adapts a module PEFT cannot apply (PEFT_CANNOT_APPLY), `--layout peft` refuses it, named, and
+  `--layout mlx` keeps it exact.
+  Where mlx-lm cannot build the fixture base, transformers saves one from its config with one change (`base_config`;
+  for PEFT -> MLX `PEFT_BASE_CONFIG`, PEFT's logits of the fixture adapter recomputed on it by PEFT).
 
 `python tests/mlx_proof.py --write docs/formats.md` runs every case and rewrites the MLX table of docs/formats.md;
 tests/test_mlx_proof.py runs the same cases and compares the table.
@@ -71,12 +74,31 @@ CASES = (
     "v5_gpt_oss",
     "v5_gpt_oss_experts",
     "v5_llama_dora",
+    "v5_lfm2_moe",
+    "v5_gemma4_text",
+    "v5_gemma4_moe",
+    "v5_gemma4_vl",
+    "v5_gemma4_unified_text",
+    "v5_mistral4",
+    "v5_mistral3_mistral4",
     # families lora-convert does not write for mlx-lm (mlx_lm.json `unproven` says why)
     "v5_minimax",
     "v5_llama4_text",
     "v5_kimi_k25",
     "v5_deepseek_v32",
     "v5_glm4_moe_lite",
+    "v5_phimoe",
+    "v5_exaone_moe",
+    "v5_glm_moe_dsa",
+    "v5_mistral_large4",
+    "v5_deepseek_v4",
+    "v5_falcon_h1",
+    "v5_jamba",
+    "v5_olmo_hybrid",
+    "v5_qwen3_omni_moe",
+    "v5_kimi_linear",
+    "v5_hy_v3",
+    "v5_bailing_hybrid",
 )
 # MLX -> PEFT: the bases mlx-lm's training code adapts, with its lora_parameters (keys None: every module
 # linear_to_lora_layers can wrap, dense and shared-expert MLPs of the MoE families included).
@@ -246,6 +268,75 @@ MLX_TRAINED = {
         ],
         "num_layers": 2,
     },
+    "v5_gemma4_text": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None, "num_layers": 4},
+    "v5_gemma4_moe": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None, "num_layers": 2},
+    # not the router mlp.gate: transformers 5's Mistral4 router is a weight Parameter, no nn.Linear (the fixture's
+    # v5_mistral4 case.json), which PEFT 0.21.2 refuses
+    "v5_mistral4": {
+        "rank": 4,
+        "scale": 2.0,
+        "dropout": 0.0,
+        "keys": [
+            "self_attn.q_a_proj",
+            "self_attn.q_b_proj",
+            "self_attn.kv_a_proj_with_mqa",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "mlp.switch_mlp.gate_proj",
+            "mlp.switch_mlp.up_proj",
+            "mlp.switch_mlp.down_proj",
+            "mlp.shared_experts.gate_proj",
+            "mlp.shared_experts.up_proj",
+            "mlp.shared_experts.down_proj",
+        ],
+        "num_layers": 2,
+    },
+    # mlx-lm's lfm2_moe.py ties lm_head to the embeddings (:338): the derived base ties them; not the router
+    # feed_forward.gate (transformers 5's Lfm2MoeTopKRouter is no nn.Linear, transformers==5.23.0
+    # models/lfm2_moe/modeling_lfm2_moe.py:171-195)
+    "v5_lfm2_moe": {
+        "rank": 4,
+        "scale": 2.0,
+        "dropout": 0.0,
+        "keys": [
+            "conv.in_proj",
+            "conv.out_proj",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "feed_forward.gate_proj",
+            "feed_forward.up_proj",
+            "feed_forward.down_proj",
+            "feed_forward.switch_mlp.gate_proj",
+            "feed_forward.switch_mlp.up_proj",
+            "feed_forward.switch_mlp.down_proj",
+        ],
+        "num_layers": 3,
+        "base_config": {"tie_word_embeddings": True},
+    },
+}
+MLX_TRAINED["v5_mistral3_mistral4"] = MLX_TRAINED["v5_mistral4"]  # the Mistral-3 wrapper: the same language model
+
+# PEFT -> MLX on a base mlx-lm can build where it cannot build the fixture's: the fixture's config with these changes
+# (`derived_base`), PEFT's logits of the fixture adapter on it recomputed by PEFT itself (the recorded ones are the
+# fixture base's). mlx-lm's lfm2_moe.py has no lm_head (Model.__call__ uses embed_tokens.as_linear,
+# mlx_lm/models/lfm2_moe.py:338), so load_model refuses the untied fixture base's lm_head.weight.
+PEFT_BASE_CONFIG = {"v5_lfm2_moe": {"tie_word_embeddings": True}}
+
+# MLX -> PEFT of the modules mlx-lm adapts and PEFT cannot apply (the schema's `peft_cannot_apply` says why): the
+# MLX_TRAINED adapter with these keys added. `--layout peft` refuses them, named (PEFT would raise on load or leave
+# them out silently); `--layout mlx`, which PEFT does not load, keeps them and stays exact in mlx-lm.
+PEFT_CANNOT_APPLY = {
+    "v5_granitemoe": ["block_sparse_moe.router.layer"],
+    "v5_granitemoehybrid": ["block_sparse_moe.router.layer"],
+    "v5_qwen2_moe": ["mlp.gate"],
+    "v5_qwen3_vl_moe": ["mlp.gate"],
+    "v5_qwen3_5_moe": ["mlp.gate"],
+    "v5_gpt_oss": ["mlp.router"],
+    "v5_nemotron_h": ["mixer.out_proj"],
 }
 
 
@@ -288,6 +379,12 @@ def mlx_config(config: dict) -> dict:
         config.setdefault("rotary_dim", int(config["head_dim"] * rope.get("partial_rotary_factor", 1.0)))
         config.setdefault("shared_intermediate_size", 0)  # required by its ModelArgs, read nowhere (minimax.py:25)
     types = config.get("layer_types") or []
+    for index, fields in (config.get("per_layer_config") or {}).items():  # transformers 5.23's per-layer overrides
+        if types[int(index)] == "full_attention":  # mlx-lm's gemma4_text: the global_* fields
+            if "head_dim" in fields:
+                config.setdefault("global_head_dim", fields["head_dim"])
+            if "num_key_value_heads" in fields:
+                config.setdefault("num_global_key_value_heads", fields["num_key_value_heads"])
     if "sliding_attention" in types and "full_attention" in types:  # mlx-lm's gemma3: every Nth layer is global
         config["sliding_window_pattern"] = types.index("full_attention") + 1
     if any(k.startswith("mamba_") for k in config):  # mlx-lm's granitemoehybrid: layer types mamba / attention
@@ -318,6 +415,12 @@ def mlx_base(base: Path, out: Path) -> Path:
     return out
 
 
+# transformers 5's MoE blocks whose fused 3-D experts mlx-lm stores as `switch_mlp` (LFM2-MoE's is `feed_forward`)
+_MOE_BLOCKS = ("mlp", "feed_forward")
+_FUSED_GATE_UP = tuple(f"{block}.experts.gate_up_proj" for block in _MOE_BLOCKS)
+_FUSED_DOWN = tuple(f"{block}.experts.down_proj" for block in _MOE_BLOCKS)
+
+
 def _experts_as_mlx(raw: dict) -> dict:
     """transformers 5's 3-D experts as mlx-lm's stacked linears: [E, 2I, H] (gate rows, then up rows) as
     `switch_mlp`; biased [E, H, 2I] experts with interleaved gate/up columns (transformers==5.23.0
@@ -338,12 +441,12 @@ def _experts_as_mlx(raw: dict) -> dict:
             weights[prefix + "down_proj.bias"] = raw[key + "_bias"]
         elif key.endswith(("mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias")):
             continue  # written with its weight above
-        elif key.endswith("mlp.experts.gate_up_proj"):
+        elif key.endswith(_FUSED_GATE_UP):
             half = value.shape[1] // 2
             prefix = key[: -len("experts.gate_up_proj")] + "switch_mlp."
             weights[prefix + "gate_proj.weight"] = np.ascontiguousarray(value[:, :half])
             weights[prefix + "up_proj.weight"] = np.ascontiguousarray(value[:, half:])
-        elif key.endswith("mlp.experts.down_proj"):
+        elif key.endswith(_FUSED_DOWN):
             weights[key[: -len("experts.down_proj")] + "switch_mlp.down_proj.weight"] = value
         else:
             weights[key] = value
@@ -447,23 +550,34 @@ def peft_logits(base: Path, adapter: Path, input_ids: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- the runs
+def case_folder(case: str) -> Path:
+    """A fixture case's folder: under cases/, or under outside_proof/ (the cases the engine proof cannot run)."""
+    folder = DATA / "cases" / case
+    return folder if folder.is_dir() else DATA / "outside_proof" / case
+
+
 def case_info(case: str) -> dict:
-    return json.loads((DATA / "cases" / case / "case.json").read_text())
+    return json.loads((case_folder(case) / "case.json").read_text())
 
 
 def peft_to_mlx(case: str, work: Path) -> Row:
     info = case_info(case)
     base = DATA / "bases" / info["base"]
-    ref = load_file(DATA / "cases" / case / "reference.safetensors")
+    ref = load_file(case_folder(case) / "reference.safetensors")
+    want, label = ref["logits::adapted"], case
+    if case in PEFT_BASE_CONFIG:  # PEFT's own logits of the fixture adapter on the derived base
+        base = derived_base(base, PEFT_BASE_CONFIG[case], work / f"{case}-peft-derived-base")
+        want = peft_logits(base, case_folder(case) / "adapter", ref["logits::input_ids"])
+        label += "".join(f", {k} {v}" for k, v in PEFT_BASE_CONFIG[case].items())
     family = schema_family(base)
     out = work / f"{case}-mlx"
     try:
-        lora_convert.normalize_adapter(DATA / "cases" / case / "adapter", out, base=str(base), layout="mlx")
+        lora_convert.normalize_adapter(case_folder(case) / "adapter", out, base=str(base), layout="mlx")
     except LoraConvertError as exc:
-        return Row(family, case, "PEFT -> MLX", f"refused: {_first_sentence(str(exc))}")
+        return Row(family, label, "PEFT -> MLX", f"refused: {_first_sentence(str(exc))}")
     got = mlx_logits(mlx_base(base, work / f"{case}-mlx-base"), out, ref["logits::input_ids"])
-    err = relative_error(got, ref["logits::adapted"])
-    return Row(family, case, "PEFT -> MLX", _exact(err), err)
+    err = relative_error(got, want)
+    return Row(family, label, "PEFT -> MLX", _exact(err), err)
 
 
 def mlx_to_peft(case: str, work: Path) -> tuple[list[Row], float]:
@@ -475,7 +589,7 @@ def mlx_to_peft(case: str, work: Path) -> tuple[list[Row], float]:
     base = DATA / "bases" / info["base"]
     if "base_config" in params:
         base = derived_base(base, params["base_config"], work / f"{case}-derived-base")
-    ids = load_file(DATA / "cases" / case / "reference.safetensors")["logits::input_ids"]
+    ids = load_file(case_folder(case) / "reference.safetensors")["logits::input_ids"]
     family = schema_family(base)
     mbase = mlx_base(base, work / f"{case}-mlxt-base")
     adapter = mlx_trained_adapter(mbase, work / f"{case}-mlxt", params)
@@ -493,6 +607,31 @@ def mlx_to_peft(case: str, work: Path) -> tuple[list[Row], float]:
         Row(family, f"{label} (mlx-lm-trained, via PEFT)", "PEFT -> MLX", _exact(back_err), back_err),
     ]
     return rows, effect
+
+
+def mlx_to_peft_refused(case: str, work: Path) -> list[Row]:
+    """The rows of an mlx-lm-trained adapter that also adapts PEFT_CANNOT_APPLY's modules: MLX -> PEFT refused (the
+    outcome names what was refused; `NOT REFUSED` if `--layout peft` wrote it) and MLX -> MLX (`--layout mlx` of it,
+    loaded by mlx-lm) exact, router or out_proj included."""
+    params = {**MLX_TRAINED[case], "keys": [*MLX_TRAINED[case]["keys"], *PEFT_CANNOT_APPLY[case]]}
+    base = DATA / "bases" / case_info(case)["base"]
+    if "base_config" in params:
+        base = derived_base(base, params["base_config"], work / f"{case}-cannot-derived-base")
+    ids = load_file(case_folder(case) / "reference.safetensors")["logits::input_ids"]
+    family = schema_family(base)
+    mbase = mlx_base(base, work / f"{case}-cannot-base")
+    adapter = mlx_trained_adapter(mbase, work / f"{case}-cannot", params)
+    label = case + "".join(f", {k} {v}" for k, v in params.get("base_config", {}).items())
+    label += " + " + ", ".join(PEFT_CANNOT_APPLY[case])
+    try:
+        lora_convert.normalize_adapter(adapter, work / f"{case}-cannot-peft", base=str(base), layout="peft")
+        refused = Row(family, label, "MLX -> PEFT", "NOT REFUSED")
+    except LoraConvertError as exc:
+        refused = Row(family, label, "MLX -> PEFT", f"refused: {_first_sentence(str(exc))}")
+    back = work / f"{case}-cannot-mlx"
+    lora_convert.normalize_adapter(adapter, back, base=str(base), layout="mlx")
+    err = relative_error(mlx_logits(mbase, back, ids), mlx_logits(mbase, adapter, ids))
+    return [refused, Row(family, label, "MLX -> MLX", _exact(err), err)]
 
 
 def derived_base(base: Path, changes: dict, out: Path) -> Path:
@@ -536,6 +675,7 @@ def table(rows: list[Row]) -> str:
 def all_rows(work: Path) -> list[Row]:
     rows = [peft_to_mlx(case, work) for case in CASES]
     rows += [row for case in MLX_TRAINED for row in mlx_to_peft(case, work)[0]]
+    rows += [row for case in PEFT_CANNOT_APPLY for row in mlx_to_peft_refused(case, work)]
     return rows
 
 

@@ -209,6 +209,10 @@ def test_engines_diff_vllm_0_30_to_0_34_shows_the_releases_differences():
         "rank-alpha-pattern-ignored": "removed",  # <= 0.31: one scaling per adapter
         "bias-rejected": ["params"],  # 0.30 and 0.34 both refuse any bias; 0.31 only bias != 'none'
         "transformers-moe-per-expert-lora": "removed",  # 0.34's Transformers backend lists each expert once (f25)
+        "mistral4-transformers-moe-per-expert-lora": "removed",  # the same for Mistral-Small-4's text model (fam-mla)
+        "gemma4-experts-at-moe": "removed",  # 0.30: Gemma-4's experts sit at layers.N.moe.experts (fam-gemma)
+        "fused-3d-on-2d-wrapper": ["params"],  # 0.30: never reached for Gemma-4, whose experts it drops (fam-gemma)
+        "gemma4-k-eq-v-value-lora": "removed",  # <= 0.33: k_proj LoRA in the K slice only, not the V (gemma-kv)
     }
     from lora_convert.engines.rules import diff_rules
 
@@ -222,7 +226,7 @@ def test_engines_diff_vllm_0_30_to_0_34_shows_the_releases_differences():
     assert all(set(diff[k]["fields"]) == {"source"} for k, v in behaviour.items() if not v and k not in message_only)
     assert message_only == {
         "kimi-k25-no-lora",  # refused when the runner loads the model, not at config time
-        "fused-3d-on-2d-wrapper",  # AssertionError in set_lora, not the format check (measured)
+        "kimi-linear-no-lora",  # likewise
         "granite-hybrid-experts",  # the same AssertionError for its 3-D keys
         "mixed-expert-ranks",  # torch.stack fails, no rank check
         "modules-to-save-rejected",  # 0.30's refusal text
@@ -241,7 +245,7 @@ def test_engines_diff_vllm_0_30_to_0_34_shows_the_releases_differences():
         ("vllm==0.32.0", "vllm==0.33.0", set(), set()),
         ("vllm==0.31.0", "vllm==0.32.0", {"rank-alpha-pattern-ignored", "lora-bias-ignored"}, set()),
         # 0.30 refuses a lora_B.bias name outright (bias-rejected); 0.31 misreads it
-        ("vllm==0.30.0", "vllm==0.31.0", {"glm4-moe-router-lora"}, {"lora-bias-ignored"}),
+        ("vllm==0.30.0", "vllm==0.31.0", {"glm4-moe-router-lora", "gemma4-experts-at-moe"}, {"lora-bias-ignored"}),
     ],
 )
 def test_each_release_step_adds_or_drops_exactly_its_own_rules(old, new, only_old, only_new):

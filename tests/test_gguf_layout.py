@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import case_base_dir, case_dir
+from helpers import FIXTURES, case_base_dir, case_dir
 from lora_convert.errors import UnsupportedAdapterError
 
 gguf = pytest.importorskip("gguf")
 
 pytestmark = pytest.mark.slow  # each writes an adapter through the pipeline (~0.3-1 s on 2 cores)
+OUTSIDE = FIXTURES / "outside_proof"  # make_fixtures.py issue26_gguf_cases: bases in the forms llama.cpp takes
 
 
 def write(case: str, out, layout: str = "gguf", **kw):
@@ -105,7 +106,7 @@ def _peft_expert_delta(reference: dict, layer: int, kind: str, inner: int) -> np
 
 @pytest.mark.parametrize(
     "case, why",
-    [("v5_gemma3_text", "GELU read through an f16 table"), ("v5_minimax", "registers only MiniMax's remote-code")],
+    [("v5_llama4_text", "tensor buffer not set"), ("v5_minimax", "registers only MiniMax's remote-code")],
 )
 def test_a_family_llama_cpp_is_not_proven_on_is_refused_with_the_reason(case, why, tmp_path):
     with pytest.raises(UnsupportedAdapterError, match="has not proven llama.cpp on model_type") as info:
@@ -120,14 +121,139 @@ def test_a_family_llama_cpp_is_not_proven_on_is_refused_with_the_reason(case, wh
         ("v5_qwen3_moe", r"mlp_only_layers = \[0\]\): a dense layer"),  # the issue-14 bases: layer 0 dense
         ("v5_qwen2_moe", r"mlp_only_layers = \[0\]\): a dense layer"),
         ("v5_olmoe", r"num_key_value_heads = 2, num_attention_heads = 4\): llama.cpp's OLMoE loader"),
+        ("v5_dots1", r"num_key_value_heads = 2, num_attention_heads = 4\): llama.cpp's dots1 loader"),
+        ("v5_ernie4_5_moe", r"intermediate_size = 72, .*\): convert_hf_to_gguf.py writes the shared expert's width"),
+        ("v5_nemotron_h", r".*mamba_head_dim = 24, mamba_num_heads = 4\): .* not a multiple of its SSM head dim"),
+        ("v5_granitemoehybrid", r"layer_types = \['linear_attention', 'full_attention'\]\): .* named \"attention\""),
+        ("v5_minimax_m2", r"rotary_dim = None\): convert_hf_to_gguf.py reads rotary_dim"),
+        ("v5_gemma3_text", r"layer_types = \['sliding_attention', 'full_attention'\]\): .* every sixth layer"),
     ],
 )
 def test_a_base_llama_cpp_cannot_take_is_refused_named(case, form, tmp_path):
-    """The same families on bases llama.cpp takes (v5_qwen3_moe_sparse, v5_qwen2_moe_sparse, v5_olmoe_mha) are
-    proven by tests/test_gguf_proof.py."""
+    """The same families on bases llama.cpp takes (v5_qwen3_moe_sparse, v5_qwen2_moe_sparse, v5_olmoe_mha, and the
+    outside_proof/ cases of make_fixtures.py issue26_gguf_cases) are proven by tests/test_gguf_proof.py."""
     with pytest.raises(UnsupportedAdapterError, match=r"llama.cpp cannot take this \w+ base \(" + form):
         write(case, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "model_type, config, refused",
+    [
+        # released-like forms pass; one field off refuses; a field the expression needs and the config lacks refuses
+        ("nemotron_h", {"num_experts_per_tok": 2, "mamba_num_heads": 4, "mamba_head_dim": 16}, False),
+        ("nemotron_h", {"num_experts_per_tok": 2, "mamba_num_heads": 4, "mamba_head_dim": 16, "d_head": 32}, False),
+        ("nemotron_h", {"num_experts_per_tok": 2, "mamba_num_heads": 4, "mamba_head_dim": 24}, True),
+        ("nemotron_h", {"num_experts_per_tok": 2, "mamba_num_heads": 4}, True),
+        ("nemotron_h", {"mamba_num_heads": 4, "mamba_head_dim": 16}, True),  # no experts: llama.cpp's nemotron_h
+        (
+            "nemotron_h",
+            {
+                "num_experts_per_tok": 2,
+                "mamba_num_heads": 4,
+                "mamba_head_dim": 16,
+                "layers_block_type": ["mamba", "mlp"],
+            },
+            True,
+        ),  # noqa: E501
+        (
+            "nemotron_h",
+            {"num_experts_per_tok": 2, "mamba_num_heads": 4, "mamba_head_dim": 16, "hybrid_override_pattern": "ME*"},
+            False,
+        ),  # noqa: E501
+        (
+            "nemotron_h",
+            {"num_experts_per_tok": 2, "mamba_num_heads": 4, "mamba_head_dim": 16, "hybrid_override_pattern": "M-*"},
+            True,
+        ),  # noqa: E501
+        (
+            "granitemoehybrid",
+            {
+                "layer_types": ["mamba", "attention"],
+                "position_embedding_type": "nope",
+                "mamba_expand": 2,
+                "hidden_size": 48,
+                "mamba_d_head": 24,
+            },
+            False,
+        ),  # noqa: E501
+        (
+            "granitemoehybrid",
+            {
+                "layer_types": ["mamba", "attention"],
+                "position_embedding_type": "rope",
+                "mamba_expand": 2,
+                "hidden_size": 48,
+                "mamba_d_head": 24,
+            },
+            True,
+        ),  # noqa: E501
+        (
+            "granitemoehybrid",
+            {
+                "layer_types": ["attention", "attention"],
+                "position_embedding_type": "nope",
+                "mamba_expand": 2,
+                "hidden_size": 48,
+                "mamba_d_head": 24,
+            },
+            True,
+        ),  # noqa: E501
+        (
+            "ernie4_5_moe",
+            {
+                "intermediate_size": 12288,
+                "num_key_value_heads": 4,
+                "moe_intermediate_size": 1536,
+                "moe_num_shared_experts": 2,
+            },
+            False,
+        ),  # noqa: E501
+        (
+            "ernie4_5_moe",
+            {
+                "intermediate_size": 72,
+                "num_key_value_heads": 2,
+                "moe_intermediate_size": 20,
+                "moe_num_shared_experts": 0,
+            },
+            False,
+        ),  # noqa: E501
+        (
+            "gemma3_text",
+            {
+                "num_hidden_layers": 7,
+                "layer_types": ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"],
+            },
+            False,
+        ),  # noqa: E501
+        ("gemma3_text", {"num_hidden_layers": 6, "layer_types": ["sliding_attention"] * 6}, True),
+        ("minimax_m2", {"rotary_dim": 64}, False),
+    ],
+)
+def test_the_base_forms_are_read_from_the_config(model_type, config, refused):
+    from lora_convert.convert import gguf_layout
+
+    target = gguf_layout.gguf_model_types()[model_type]
+    if refused:
+        with pytest.raises(UnsupportedAdapterError, match=f"llama.cpp cannot take this {model_type} base"):
+            gguf_layout._refuse_base_form(target, config, model_type)
+    else:
+        gguf_layout._refuse_base_form(target, config, model_type)
+
+
+def test_nemotron_h_is_written_under_the_converters_own_renames(tmp_path):
+    """transformers 5's model.layers.N.mixer.* reach gguf-py's names through the converter's renames (backbone.*,
+    the stacked experts as mlp.experts.*): mamba, shared expert, attention and routed experts all written."""
+    import lora_convert
+
+    case = OUTSIDE / "v5_nemotron_h_gguf"
+    base = case_base_dir("v5_nemotron_h").parent / "v5_nemotron_h_gguf"
+    lora_convert.normalize_adapter(case / "adapter", tmp_path / "o", base=base, layout="gguf")
+    _, tensors = read_gguf(tmp_path / "o" / "adapter.gguf")
+    kinds = {name.split(".")[2] for name in tensors}
+    assert {"ssm_in", "ffn_up_shexp", "ffn_down_shexp", "attn_q", "attn_output", "ffn_up_exps"} <= kinds, kinds
+    assert {"ffn_down_exps"} <= kinds
 
 
 def test_modules_llama_cpp_never_applies_are_refused_or_dropped_named(tmp_path):

@@ -103,6 +103,8 @@ def test_every_schema_family_is_written_or_refused_with_a_reason():
     assert not set(facts.families) & set(facts.unproven)
     assert schema_families == set(facts.families) | set(facts.unproven), "add the family to mlx_lm.json"
     assert all(why for why in facts.unproven.values())
+    assert set(facts.unproven_model_types) <= set(facts.families)  # a model type of a proven family
+    assert all(why for types in facts.unproven_model_types.values() for why in types.values())
 
 
 def test_an_mlx_adapter_needs_a_base(tmp_path):

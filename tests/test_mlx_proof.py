@@ -18,6 +18,8 @@ def rows(tmp_path_factory):
     for case in mlx_proof.MLX_TRAINED:
         rows, effects[case] = mlx_proof.mlx_to_peft(case, work)
         found.extend(rows)
+    for case in mlx_proof.PEFT_CANNOT_APPLY:
+        found.extend(mlx_proof.mlx_to_peft_refused(case, work))
     return found, effects
 
 
@@ -43,6 +45,25 @@ def test_unproven_family_dora_and_modules_mlx_lm_cannot_wrap_are_refused(rows):
     assert "for the minimax family: mlx-lm 0.32.2 has no model for" in refused["v5_minimax"]
     assert "DoRA" in refused["v5_llama_dora"]
     assert "kv_b_proj" in refused["v5_deepseek_v3"] and "embed_q" in refused["v5_deepseek_v3"]
+    assert "kv_b_proj" in refused["v5_mistral4"] and "embed_q" in refused["v5_mistral4"]
+    # a proven family's model type the proof does not cover (mlx_lm.json `unproven_model_types`)
+    assert "model_type gemma4_unified_text (family gemma4)" in refused["v5_gemma4_unified_text"]
+    assert "model_type gemma4 (family gemma4)" in refused["v5_gemma4_vl"]
+    assert "outside the decoder layers" in refused["v5_gemma4_text"]
+
+
+def test_modules_peft_cannot_apply_are_refused_for_peft_only(rows):
+    """An mlx-lm router (or Nemotron-H mixer out_proj) LoRA: `--layout peft` refuses it, naming the module and why
+    PEFT cannot apply it, where it used to write an adapter PEFT raised on or silently left the router out of;
+    `--layout mlx`, which PEFT does not load, keeps it and mlx-lm reproduces the adapter's own logits."""
+    found, _ = rows
+    for case, modules in mlx_proof.PEFT_CANNOT_APPLY.items():
+        mine = {r.direction: r for r in found if " + " in r.case and r.case.split(" + ")[0].split(",")[0] == case}
+        assert set(mine) == {"MLX -> PEFT", "MLX -> MLX"}, (case, mine)
+        refused = mine["MLX -> PEFT"].outcome
+        assert refused.startswith("refused") and "PEFT itself cannot apply" in refused, (case, refused)
+        assert all(m in refused for m in modules), (case, refused)
+        assert mine["MLX -> MLX"].error is not None and mine["MLX -> MLX"].error <= mlx_proof.TOLERANCE, mine
 
 
 def test_docs_table_is_this_run(rows):

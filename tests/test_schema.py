@@ -61,6 +61,19 @@ FAMILIES = sorted(
         "ernie4_5_moe",
         "phimoe",
         "glm4_moe_lite",
+        "glm_moe_dsa",
+        "mistral4",
+        "mistral_large4",
+        "deepseek_v4",
+        "qwen3_omni_moe",
+        "kimi_linear",
+        "hy_v3",
+        "bailing_hybrid",
+        "gemma4",
+        "lfm2_moe",
+        "falcon_h1",
+        "jamba",
+        "olmo_hybrid",
     ]
 )
 

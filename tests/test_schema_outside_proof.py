@@ -40,8 +40,32 @@ def _text_modules(case: str) -> list[str]:
     return [m for m in modules if VISION_SEGMENTS.isdisjoint(m.split(".")) and not m.endswith(".base_layer")]
 
 
+# make_fixtures.py issue26_gguf_cases: bases in the forms llama.cpp takes, proven by llama.cpp (tests/gguf_proof/)
+GGUF_BASES = [
+    "v5_dots1_mha",
+    "v5_ernie4_5_moe_gguf",
+    "v5_gemma3_text_gguf",
+    "v5_granitemoehybrid_gguf",
+    "v5_minimax_m2_gguf",
+    "v5_nemotron_h_gguf",
+]
+
+
 def test_the_outside_proof_cases_are_there():
-    assert CASES == ["v5_exaone_moe", "v5_mistral3_vl", "v5_mistral3_vl_names", "v5_phimoe"]
+    assert [c for c in CASES if c not in GGUF_BASES] == [
+        "v5_bailing_hybrid",
+        "v5_deepseek_v4",
+        "v5_exaone_moe",
+        "v5_hy_v3",
+        "v5_kimi_linear",
+        "v5_mistral3_mistral4",
+        "v5_mistral3_vl",
+        "v5_mistral3_vl_names",
+        "v5_mistral_large4",
+        "v5_phimoe",
+        "v5_qwen3_omni_moe",
+    ]
+    assert set(GGUF_BASES) <= set(CASES)
 
 
 def test_a_wrapper_binds_its_own_schema_whatever_its_text_config():
@@ -80,7 +104,20 @@ def test_normalize_is_exact_against_peft(case, outside_fixtures, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "other"), [("v5_mistral3_vl", "v5_olmo3"), ("v5_phimoe", "v5_mixtral")])
+@pytest.mark.parametrize(
+    ("case", "other"),
+    [
+        ("v5_mistral3_vl", "v5_olmo3"),
+        ("v5_phimoe", "v5_mixtral"),
+        ("v5_qwen3_omni_moe", "v5_olmoe"),
+        ("v5_kimi_linear", "v5_deepseek_v3"),
+        ("v5_hy_v3", "v5_olmoe"),
+        ("v5_bailing_hybrid", "v5_deepseek_v3"),
+        ("v5_mistral_large4", "v5_mistral3"),
+        ("v5_mistral3_mistral4", "v5_mistral3"),
+        ("v5_deepseek_v4", "v5_deepseek_v3"),
+    ],
+)
 def test_a_wrong_base_is_caught(case, other, outside_fixtures):
     from lora_convert.pipeline.commands import validate
 
@@ -114,7 +151,8 @@ def test_peft_layout_reproduces_peft_logits(case, outside_fixtures, tmp_path: Pa
 def test_a_module_peft_cannot_apply_is_reported_and_refused(base, tmp_path):
     """Issue 25 item 3: PEFT's all-linear wraps a router that subclasses nn.Linear but returns a tuple (Phi-3.5-MoE,
     Llama-4), writes the adapter, and its adapted forward raises (tests/fixtures expected_failures). The adapter
-    PEFT writes is reported (`modules.peft-cannot-apply`) and normalize refuses those modules, named."""
+    PEFT writes is reported (`modules.peft-cannot-apply`) and `normalize --layout peft` refuses those modules,
+    named."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lora_convert.errors import UnsupportedAdapterError
@@ -131,7 +169,10 @@ def test_a_module_peft_cannot_apply_is_reported_and_refused(base, tmp_path):
     assert len(flagged) == 1 and "returns a tuple" in flagged[0].message, [f.code for f in report.findings]
     assert flagged[0].keys and all("router" in k for k in flagged[0].keys)
     with pytest.raises(UnsupportedAdapterError, match="router"):
-        normalize(str(adapter), tmp_path / "out", base=str(base_dir))
-    result = normalize(str(adapter), tmp_path / "kept", base=str(base_dir), drop_unsupported=True)
+        normalize(str(adapter), tmp_path / "out", base=str(base_dir), layout="peft")
+    result = normalize(str(adapter), tmp_path / "kept", base=str(base_dir), drop_unsupported=True, layout="peft")
     dropped = {d.code for d in result.dropped}
     assert dropped == {"modules.peft-cannot-apply"}, dropped
+    # only PEFT's own layout refuses them: the stacked layout, which PEFT does not load, keeps the router
+    stacked = normalize(str(adapter), tmp_path / "stacked", base=str(base_dir))
+    assert not stacked.dropped and any(g.kind == "router" for g in stacked.plan.groups), stacked.dropped

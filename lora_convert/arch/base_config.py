@@ -66,13 +66,47 @@ class BaseConfig:
 
 
 def unwrap_text_config(config: dict, field: str | None = None) -> dict:
-    """The text model's config: `config[field]` (or the first known wrapper field) when it is a dict."""
-    fields = (field,) if field else TEXT_CONFIG_FIELDS
-    for name in fields:
+    """The text model's config: at `field` (a dotted path, see `follow_text_path`), or else where the matching
+    schema's `text_config` path or the first known wrapper field leads, when that is a dict."""
+    if field:
+        return follow_text_path(config, field)[0]
+    path = _schema_text_path(config)
+    if path and "." in path:
+        inner, _ = follow_text_path(config, path)
+        if inner is not config:
+            return inner
+    for name in TEXT_CONFIG_FIELDS:
         inner = config.get(name)
         if isinstance(inner, dict):
             return inner
     return config
+
+
+def follow_text_path(config: dict, path: str) -> tuple[dict, bool]:
+    """(the text model's config, whether the whole path led to it). `path` is a schema's `text_config`, dotted for
+    nested wrappers (`thinker_config.text_config`); an inner wrapper's config saved on its own holds only the path's
+    tail (`text_config`), which is followed then. (config, False) when no part of the path leads to a dict."""
+    parts = path.split(".")
+    for start in range(len(parts)):
+        inner: object = config
+        for name in parts[start:]:
+            inner = inner.get(name) if isinstance(inner, dict) else None
+        if isinstance(inner, dict):
+            return inner, start == 0
+    return config, False
+
+
+def _schema_text_path(config: dict) -> str | None:
+    """The `text_config` path of the schema whose `match` names the config's own model_type or architecture, or
+    None. (schema.py's `schema_for_config` also tries wrapped text configs; it imports this module, so not used.)"""
+    from lora_convert.arch.schema_loader import list_schemas, load_schema
+
+    schemas = [load_schema(f) for f in list_schemas()]
+    model_type, classes = config.get("model_type"), set(config.get("architectures") or [])
+    found = [s for s in schemas if model_type in s.model_types] or [
+        s for s in schemas if classes & set(s.architectures)
+    ]
+    return found[0].text_config if found else None
 
 
 # --------------------------------------------------------------------------------------------- presets

@@ -11,7 +11,8 @@ against a whitelist; nothing is ever passed to `eval`. What is allowed:
 - `and` / `or` with Python's short-circuit values (so `head_dim or hidden_size // num_attention_heads` is a
   default), comparisons including `in`, `not in`, `is None`, `is not None`, and `x if c else y`;
 - subscripts `layer_types[i]`, `hybrid_override_pattern[i]`, `rope_scaling['factor']`;
-- calls to `len`, `min`, `max`, `int`, `bool` with positional arguments.
+- calls to `len`, `min`, `max`, `int`, `bool`, `str` with positional arguments (`str` reads the string keys JSON
+  gives an index-keyed mapping: `per_layer_config[str(num_hidden_layers - 1)]`).
 
 Anything else (attribute access, lambdas, comprehensions, other calls, `__import__`) is refused with a
 SchemaError that quotes the expression.
@@ -49,7 +50,7 @@ _CMP_OPS = {
     ast.Is: operator.is_,
     ast.IsNot: operator.is_not,
 }
-_FUNCTIONS = {"len": len, "min": min, "max": max, "int": int, "bool": bool}
+_FUNCTIONS = {"len": len, "min": min, "max": max, "int": int, "bool": bool, "str": str}
 _MAX_EXPONENT = 64
 _MAX_LENGTH = 2000
 
@@ -133,7 +134,7 @@ def compile_expression(expression: str) -> ast.Expression:
         raise SchemaError(
             f"Expression {expression!r} uses {why}, which schema expressions do not allow.",
             hint="Allowed: config field names, numbers, strings, + - * / // % **, comparisons, and/or/not, "
-            "`x if c else y`, subscripts, len/min/max/int/bool.",
+            "`x if c else y`, subscripts, len/min/max/int/bool/str.",
         ) from None
     return tree
 

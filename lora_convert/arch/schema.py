@@ -62,12 +62,17 @@ __all__ = [
 
 
 def schema_for_config(config: dict) -> Schema:
-    """The schema for a config: by `model_type`, then by `architectures`, then by a wrapper's text config."""
+    """The schema for a config: a family that claims this wrapper around its own text config (`wrapped_in`), then
+    by `model_type`, then by `architectures`, then by a wrapper's text config."""
     schemas = [load_schema(f) for f in list_schemas()]
     candidates = [config]
     for name in ("text_config", "llm_config", "language_config"):
         if isinstance(config.get(name), dict):
             candidates.append(config[name])
+    for inner in candidates[1:]:
+        for s in schemas:
+            if config.get("model_type") in s.wrapped_in and inner.get("model_type") in s.model_types:
+                return s
     for cfg in candidates:
         model_type = cfg.get("model_type")
         if model_type:
@@ -86,7 +91,7 @@ def schema_for_config(config: dict) -> Schema:
 
 def bind(base: BaseConfig | dict, *, schema: Schema | str | None = None) -> Architecture:
     """Bind the matching schema (or the one given) to a base config, unwrapping a wrapper's text config."""
-    from lora_convert.arch.base_config import BaseConfig, unwrap_text_config
+    from lora_convert.arch.base_config import BaseConfig, follow_text_path, unwrap_text_config
 
     if isinstance(base, BaseConfig):
         top, name = base.config, base.name
@@ -98,13 +103,16 @@ def bind(base: BaseConfig | dict, *, schema: Schema | str | None = None) -> Arch
         schema = load_schema(schema)
     if schema is None:
         schema = schema_for_config(top)
+    whole = True
     if schema.text_config:
-        text = unwrap_text_config(top, schema.text_config)
+        # an inner wrapper saved on its own (only the path's tail leads to its text config) is not the wrapper whose
+        # checkpoint layout `wrapped_checkpoint_prefix` names: it keeps `checkpoint_prefix`
+        text, whole = follow_text_path(top, schema.text_config)
     elif _matches(schema, top):
         text = top
     else:  # matched through a wrapper's text config (schema_for_config's fallback): unwrap generically
         text = unwrap_text_config(top)
-    return Architecture(schema, text, top_config=top, wrapped=text is not top, name=name)
+    return Architecture(schema, text, top_config=top, wrapped=whole and text is not top, name=name)
 
 
 @cache

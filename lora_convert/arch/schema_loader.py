@@ -108,7 +108,7 @@ _EXPRESSIONS = MapOf(EXPRESSION, non_empty=True)  # name -> expression
 SCHEMA_SPEC = Object(
     required={
         "family": STRING,
-        "match": Object(optional={"model_type": _NAMES, "architectures": _NAMES}),
+        "match": Object(optional={"model_type": _NAMES, "architectures": _NAMES, "wrapped_in": _NAMES}),
         "num_layers": EXPRESSION,
         "checkpoint_prefix": STRING,
         "stack_prefixes": _NAMES,
@@ -265,6 +265,7 @@ class _SchemaLoader(_GroupLoader):
             file=self.file,
             model_types=tuple(match.get("model_type", ())),
             architectures=tuple(match.get("architectures", ())),
+            wrapped_in=tuple(match.get("wrapped_in", ())),
             text_config=data.get("text_config"),
             num_layers=self.expression(data["num_layers"], "num_layers"),
             expert_count=self.expression(data.get("expert_count"), "expert_count"),

@@ -230,13 +230,20 @@ class Schema:
     note: str | None = None
     shared_expert_count: str | None = None  # expression: shared experts fused into one MLP (engine rules ask)
     tp_head_counts: tuple[HeadCountDef, ...] = ()
+    # wrapper model types this family claims when the wrapper's text config is one of its own model types
+    # (Mistral-Small-4: a mistral3 wrapper around a mistral4 language model), ahead of the wrapper's own family
+    wrapped_in: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """The schema with its expressions unevaluated (for `schemas show FAMILY` without a config)."""
         return {
             "family": self.family,
             "file": self.file,
-            "match": {"model_type": list(self.model_types), "architectures": list(self.architectures)},
+            "match": {
+                "model_type": list(self.model_types),
+                "architectures": list(self.architectures),
+                **({"wrapped_in": list(self.wrapped_in)} if self.wrapped_in else {}),
+            },
             "text_config": self.text_config,
             "num_layers": self.num_layers,
             "expert_count": self.expert_count,

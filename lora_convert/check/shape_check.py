@@ -17,7 +17,7 @@ architecture only answers where a module sits (`Architecture.locate`).
 | modules.unknown | error | not a module of this architecture (or an unknown layer-stack prefix) |
 | modules.vision | warning | vision tower / multimodal projector LoRA (recognized, not sized) |
 | modules.router | info | LoRA on an MoE router (PEFT's all-linear does this) |
-| modules.peft-cannot-apply | warning | LoRA on a module PEFT cannot apply (schema `peft_cannot_apply`): normalize refuses it |
+| modules.peft-cannot-apply | warning | LoRA on a module PEFT cannot apply (schema `peft_cannot_apply`): `--layout peft` refuses it |
 
 Rank problems (A vs B, tensors vs adapter_config.json) are reported by `adapter.py` and not repeated here.
 Modules with the same problem in many places (an unknown name on every layer, every vision module) are folded
@@ -61,7 +61,7 @@ class _Problems:
     vision: list[str] = field(default_factory=list)  # keys
     vision_modules: int = 0
     routers: _Folded = field(default_factory=_Folded)  # not a problem: a note
-    peft_cannot_apply: _Folded = field(default_factory=_Folded)  # shapes still checked; normalize refuses them
+    peft_cannot_apply: _Folded = field(default_factory=_Folded)  # shapes still checked; --layout peft refuses them
     unknown: _Folded = field(default_factory=_Folded)
     mtp: _Folded = field(default_factory=_Folded)  # modules under a top-level MTP stack (`mtp.`)
     past_end: _Folded = field(default_factory=_Folded)
@@ -165,7 +165,8 @@ def _peft_cannot_apply_findings(modules: _Folded) -> list[Finding]:
         finding(
             "modules.peft-cannot-apply",
             f"LoRA on `{name}` on layer(s) {spans(modules.layers[(name, why)])}, which PEFT itself cannot apply: {why}. "
-            "normalize refuses these modules in every layout (--drop-unsupported leaves them out).",
+            "normalize --layout peft refuses these modules (--drop-unsupported leaves them out); the other layouts "
+            "keep them, for loaders that apply them.",
             keys=keys,
         )
         for (name, why), keys in modules.keys.items()

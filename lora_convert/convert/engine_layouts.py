@@ -32,7 +32,7 @@ import numpy as np
 
 from lora_convert.convert import factors
 from lora_convert.convert.group_tensors import build_group_tensors, iter_group_tensors
-from lora_convert.convert.layout_rules import LayoutRules, load_layout_rules, rule_layouts
+from lora_convert.convert.layout_rules import PEFT_LAYOUT, LayoutRules, load_layout_rules, rule_layouts
 from lora_convert.convert.output_config import ENGINE_REPORT_FILE, listing_file, output_config
 from lora_convert.convert.plan import VISION_KIND, DroppedModule, Plan, PlannedGroup, _new_group
 from lora_convert.engines.features import FEATURES, Context
@@ -514,12 +514,23 @@ def _retargeted_modules(lp: LayoutPlan) -> tuple[tuple[str, ...], str]:
     return tuple(moved), render(lp.rules.converted_note, values)
 
 
+def _beside_a_vision_tower(plan: Plan) -> bool:
+    """Whether the base is a multimodal wrapper whose schema names a vision tower beside the language model."""
+    arch = plan.arch
+    return bool(arch is not None and arch.wrapped and arch.schema.vision_prefixes)
+
+
 def _target_modules(lp: LayoutPlan) -> list[str] | str:
     if lp.rules.target_modules == "module_leaves":
         # PEFT, vLLM and SGLang all match target_modules on the last name component: list exactly those in the file
         # (less the modules written as full-path target_parameters, which the name would make PEFT re-target)
         moved = set(lp.target_weights)
-        return sorted({m.leaf for _, m in lp.modules() if m.param is None and m.path not in moved})
+        written = [m for _, m in lp.modules() if m.param is None and m.path not in moved]
+        if lp.layout == PEFT_LAYOUT and _beside_a_vision_tower(lp.plan):
+            # the tower's projections share the language model's leaf names (q_proj, ...), and PEFT would wrap those
+            # too (and refuses a tower whose projections are not nn.Linear): name each module written in full
+            return sorted({m.path for m in written})
+        return sorted({m.leaf for m in written})
     # SGLang: the names its normalization ends with (qkv_proj, gate_up_proj, fused_qkv_a_proj_with_mqa, in_proj_qkvz,
     # in_proj, ...), each its own normalized form and with a get_hidden_dim entry; in_proj_q/x_proj would not have one.
     names = set()

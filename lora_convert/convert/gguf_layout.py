@@ -15,8 +15,9 @@ stacked `ffn_{gate,up,down}_exps` pairs: lora_a [E, R, in] and lora_b [E, out, R
 check reads ne[0] and ne[1] only, :364-371; applied per selected expert with ggml_mul_mat_id,
 src/llama-graph.cpp:1574-1592), written after the dense modules, one expert group at a time.
 
-Architecture knowledge (base model_type -> llama.cpp architecture, row reorderings, the tensors llama.cpp never
-applies a LoRA pair on, the base forms it cannot convert or load, why a model type is not proven) is data:
+Architecture knowledge (base model_type -> llama.cpp architecture, row reorderings, the converter's renames of a
+weight's path before gguf-py names it, the tensors llama.cpp never applies a LoRA pair on, the base forms it cannot
+convert or load, as schema expressions over the config, why a model type is not proven) is data:
 lora_convert/convert/gguf_architectures.json. Refused, named: model types it does not list (with the reason where it
 records one), a base of a form llama.cpp cannot take (the whole adapter), modules on a tensor llama.cpp never
 applies LoRA to, embedding LoRA (llama.cpp applies token_embd's pair transposed, and lora-convert has not proven it),
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -34,22 +36,25 @@ from typing import Any
 
 import numpy as np
 
+from lora_convert.arch import expr
 from lora_convert.convert import engine_layouts, factors
 from lora_convert.convert.engine_layouts import LayoutGroup, LayoutPlan, Refused
 from lora_convert.convert.group_tensors import iter_group_tensors
 from lora_convert.convert.layout_rules import GGUF_LAYOUT, PEFT_LAYOUT
 from lora_convert.convert.plan import DroppedModule, Plan, PlannedGroup
-from lora_convert.errors import UnsupportedAdapterError
+from lora_convert.errors import SchemaError, UnsupportedAdapterError
 from lora_convert.io.gguf_file import ggml_type, import_gguf
 from lora_convert.io.safetensors_writer import TensorSpec
-from lora_convert.io.shipped_data import STRING, ListOf, MapOf, Object, load_shipped
+from lora_convert.io.shipped_data import BOOL, STRING, ListOf, MapOf, Object, load_shipped
 
 GGUF_FILE = "adapter.gguf"
 DATA_FILE = "gguf_architectures.json"
 REFUSED_CODE = "layout.gguf-unsupported"
-# a base form llama.cpp cannot convert or load: a config list field that is non-empty, or two config fields that differ
+# a base form llama.cpp cannot convert or load: a config list field that is non-empty, two config fields that differ,
+# or a schema expression over the config that is true (`each_layer`: for some layer index i)
 _BASE_FORM = Object(
-    required={"reason": STRING}, optional={"non_empty": STRING, "differs": ListOf(STRING, non_empty=True)}
+    required={"reason": STRING},
+    optional={"non_empty": STRING, "differs": ListOf(STRING, non_empty=True), "when": STRING, "each_layer": BOOL},
 )
 _SPEC = Object(
     required={
@@ -57,7 +62,12 @@ _SPEC = Object(
         "model_types": MapOf(
             Object(
                 required={"architecture": STRING, "row_permutations": MapOf(ListOf(STRING, non_empty=True))},
-                optional={"source": STRING, "refused_tensors": MapOf(STRING), "refused_bases": ListOf(_BASE_FORM)},
+                optional={
+                    "source": STRING,
+                    "refused_tensors": MapOf(STRING),
+                    "refused_bases": ListOf(_BASE_FORM),
+                    "path_renames": ListOf(ListOf(STRING, non_empty=True)),
+                },
             )
         ),
     },
@@ -71,6 +81,8 @@ class GgufModelType:
     row_permutations: dict[str, tuple[str, ...]]  # gguf tensor kind -> config fields naming its head count (first set)
     refused_tensors: dict[str, str] = field(default_factory=dict)  # gguf tensor kind -> why no LoRA pair reaches it
     refused_bases: tuple[dict, ...] = ()  # base forms llama.cpp cannot convert or load (_BASE_FORM)
+    # (regex, replacement): the converter's own renames of a weight's path before its TensorNameMap lookup
+    path_renames: tuple[tuple[str, str], ...] = ()
 
 
 @cache
@@ -97,6 +109,7 @@ def gguf_model_types() -> dict[str, GgufModelType]:
             {k: tuple(v) for k, v in d["row_permutations"].items()},
             dict(d.get("refused_tensors", {})),
             tuple(d.get("refused_bases", ())),
+            tuple((rx, to) for rx, to in d.get("path_renames", ())),
         )
         for model_type, d in data["model_types"].items()
     }
@@ -189,7 +202,7 @@ def plan_gguf_layout(plan: Plan, dtype: str, *, drop_unsupported: bool = False) 
             hint="Pass --dtype fp32, fp16 or bf16.",
         )
     lp = engine_layouts.verify_layout(engine_layouts.plan_layout(plan, PEFT_LAYOUT))
-    names = _name_map(target.architecture, plan)
+    names = _name_map(target, plan)
     # the zero-filled expert sides the `peft` layout adds (its engines need both) add nothing here
     groups = [lg for lg in lp.groups if not lg.added]
     experts = {
@@ -224,6 +237,9 @@ def _refuse_base_form(target: GgufModelType, config: dict, model_type: str) -> N
         if "non_empty" in form:
             hit = bool(config.get(form["non_empty"]))
             what = f"{form['non_empty']} = {config.get(form['non_empty'])!r}"
+        elif "when" in form:
+            hit = _form_holds(form, config)
+            what = ", ".join(f"{f} = {config.get(f)!r}" for f in sorted(expr.names_in(form["when"]) - {"i"}))
         else:
             values = [config.get(f) for f in form["differs"]]
             hit = len(set(map(repr, values))) > 1
@@ -233,6 +249,16 @@ def _refuse_base_form(target: GgufModelType, config: dict, model_type: str) -> N
                 f"--layout gguf: llama.cpp cannot take this {model_type} base ({what}): {form['reason']}",
                 hint="Write --layout peft or stacked for this base; no GGUF LoRA can be applied to it by llama.cpp.",
             )
+
+
+def _form_holds(form: dict, config: dict) -> bool:
+    """Whether a `when` base form is true of the config (for some layer i with `each_layer`); one the config cannot
+    answer (a field it lacks in arithmetic) counts as true: the base is refused, not guessed about."""
+    layers = range(int(config.get("num_hidden_layers") or 0)) if form.get("each_layer") else (None,)
+    try:
+        return any(expr.evaluate(form["when"], config, **({} if i is None else {"i": i})) for i in layers)
+    except SchemaError:
+        return True
 
 
 def _settle_experts_only(lp: LayoutPlan) -> LayoutPlan:
@@ -245,20 +271,35 @@ def _settle_experts_only(lp: LayoutPlan) -> LayoutPlan:
     return dataclasses.replace(lp, dropped=tuple(dropped), settled=True)
 
 
-def _name_map(architecture: str, plan: Plan) -> Any:
+@dataclass(frozen=True)
+class _Names:
+    """gguf-py's TensorNameMap for the base's architecture, and the converter's renames tried before it."""
+
+    table: Any
+    renames: tuple[tuple[re.Pattern, str], ...]
+
+    def get(self, path: str) -> str | None:
+        for tried in (path, *(rx.sub(to, path) for rx, to in self.renames)):
+            if (name := self.table.get_name(tried + ".weight", try_suffixes=(".weight",))) is not None:
+                return name
+        return None
+
+
+def _name_map(target: GgufModelType, plan: Plan) -> _Names:
     gguf = import_gguf()
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == target.architecture)
     config = dict(getattr(plan.arch, "config", None) or {})
     blocks = int(config.get("num_hidden_layers") or 0) or 1 + max((g.layer or 0) for g in plan.groups)
-    return gguf.TensorNameMap(arch, blocks)
+    renames = tuple((re.compile(rx), to) for rx, to in target.path_renames)
+    return _Names(gguf.TensorNameMap(arch, blocks), renames)
 
 
-def _gguf_name(names: Any, path: str) -> str | None:
+def _gguf_name(names: _Names, path: str) -> str | None:
     """llama.cpp's name of the base weight a module adapts (`blk.0.attn_q.weight`), or None."""
-    return names.get_name(path + ".weight", try_suffixes=(".weight",))
+    return names.get(path)
 
 
-def _expert_names(lg: LayoutGroup, names: Any) -> Iterator[str]:
+def _expert_names(lg: LayoutGroup, names: _Names) -> Iterator[str]:
     """Each slice's llama.cpp tensor (`blk.0.ffn_gate_exps.weight`), "" where TensorNameMap has none. Tried: the
     slice under the group's container, under the adapter's own experts module (a PEFT 3-D parameter's module:
     transformers 5's `mlp.experts`), and the adapter's per-expert modules with the expert index left out (Mixtral's
@@ -273,7 +314,7 @@ def _expert_names(lg: LayoutGroup, names: Any) -> Iterator[str]:
         yield next((n for n in (_gguf_name(names, p) for p in tried) if n), "")
 
 
-def _refusal(lg: LayoutGroup, names: Any, target: GgufModelType, experts: dict) -> Refused | None:
+def _refusal(lg: LayoutGroup, names: _Names, target: GgufModelType, experts: dict) -> Refused | None:
     architecture = target.architecture
     g = lg.group
     if any(m.embedding for m in lg.modules):
@@ -301,7 +342,7 @@ def _kind(name: str) -> str:
     return name.split(".")[-2]
 
 
-def _tensors(lp: LayoutPlan, names: Any, target: GgufModelType, config: dict) -> Iterator[GgufTensor]:
+def _tensors(lp: LayoutPlan, names: _Names, target: GgufModelType, config: dict) -> Iterator[GgufTensor]:
     for _, m in lp.modules():
         name = _gguf_name(names, m.path)
         kind = _kind(name)

@@ -114,11 +114,23 @@ def _refusal(g: PlannedGroup) -> str | None:
     return None
 
 
-def _check_family(family: str) -> None:
-    """UnsupportedAdapterError for a family whose mlx-lm names lora-convert has not proven (every module of it)."""
+def _check_family(plan: Plan) -> None:
+    """UnsupportedAdapterError for a family whose mlx-lm names lora-convert has not proven (every module of it), or
+    a base whose model type (the wrapper's or its text model's) the proof does not cover in a proven family."""
     facts = mlx_facts()
+    family = plan.family
     if family in facts.families:
-        return
+        config = dict(getattr(plan.arch, "config", None) or {})
+        top = dict(getattr(plan.arch, "top_config", None) or config)
+        unproven = facts.unproven_model_types.get(family, {})
+        name = next((c["model_type"] for c in (top, config) if c.get("model_type") in unproven), None)
+        if name is None:
+            return
+        raise UnsupportedAdapterError(
+            f"--layout mlx: lora-convert has not proven mlx-lm's loading of model_type {name} (family {family}): "
+            f"{unproven[name]} ({facts.release}).",
+            hint="Use --layout peft or --layout stacked; docs/formats.md lists what the MLX proof covers.",
+        )
     why = facts.unproven.get(family)
     raise UnsupportedAdapterError(
         f"--layout mlx: lora-convert has not proven mlx-lm's module names for the {family} family"
@@ -175,7 +187,7 @@ def _group_modules(plan: Plan, g: PlannedGroup, rules, config, classes) -> list[
 def plan_mlx_layout(plan: Plan, *, drop_unsupported: bool = False) -> MlxPlan:
     """Every mlx-lm module of the plan, or UnsupportedAdapterError naming what mlx-lm cannot express (with
     `drop_unsupported`: those groups left out, listed)."""
-    _check_family(plan.family)
+    _check_family(plan)
     rules = load_layout_rules(PEFT_LAYOUT)  # transformers' module names, which the proven families share
     config = dict(getattr(plan.arch, "config", None) or {})
     classes = model_classes(plan)

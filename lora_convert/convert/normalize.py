@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_convert.convert import engine_layouts, gguf_layout, mlx_layout
+from lora_convert.convert import engine_layouts, gguf_layout, layout_rules, mlx_layout
 from lora_convert.convert.group_tensors import iter_group_tensors, output_dtype, stacked_specs
 from lora_convert.convert.output_config import STACKED_LAYOUT_FILE, output_config
 from lora_convert.convert.plan import DroppedModule, Plan
@@ -77,6 +77,18 @@ class NormalizeResult:
         return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.specs]
 
 
+@dataclass(frozen=True)
+class WriteChoices:
+    """How a plan is written: the caller's choices, checked before planning."""
+
+    layout: str = "stacked"  # or an engine layout (engine_layouts.LAYOUTS)
+    dtype: str = "keep"
+    dry_run: bool = False
+    force: bool = False
+    drop_unsupported: bool = False
+    allow_non_finite: bool = False
+
+
 @dataclass
 class _Output:
     """Everything one layout writes, decided before writing: tensor specs, the producer of their data, files."""
@@ -91,12 +103,12 @@ class _Output:
     open_writer: Any = None  # (path, specs) -> a streaming writer; None: safetensors
 
 
-def _mlx_output(plan: Plan, tag: str, drop_unsupported: bool, allow_non_finite: bool) -> _Output:
-    mp = mlx_layout.plan_mlx_layout(plan, drop_unsupported=drop_unsupported)
+def _mlx_output(plan: Plan, layout: str, tag: str, choices: WriteChoices) -> _Output:
+    mp = mlx_layout.plan_mlx_layout(plan, drop_unsupported=choices.drop_unsupported)
     return _Output(
         mp.tensor_specs(tag),
         mlx_layout.mlx_files(mp),
-        lambda progress: mlx_layout.iter_mlx_tensors(mp, tag, progress, allow_non_finite=allow_non_finite),
+        lambda progress: mlx_layout.iter_mlx_tensors(mp, tag, progress, allow_non_finite=choices.allow_non_finite),
         [],
         list(mp.dropped),
         mp.summary(),
@@ -104,12 +116,12 @@ def _mlx_output(plan: Plan, tag: str, drop_unsupported: bool, allow_non_finite: 
     )
 
 
-def _gguf_output(plan: Plan, tag: str, drop_unsupported: bool, allow_non_finite: bool) -> _Output:
-    gl = gguf_layout.plan_gguf_layout(plan, tag, drop_unsupported=drop_unsupported)
+def _gguf_output(plan: Plan, layout: str, tag: str, choices: WriteChoices) -> _Output:
+    gl = gguf_layout.plan_gguf_layout(plan, tag, drop_unsupported=choices.drop_unsupported)
     return _Output(
         gl.tensor_specs(tag),
         gguf_layout.gguf_files(gl),
-        lambda progress: gguf_layout.iter_gguf_tensors(gl, tag, progress, allow_non_finite=allow_non_finite),
+        lambda progress: gguf_layout.iter_gguf_tensors(gl, tag, progress, allow_non_finite=choices.allow_non_finite),
         list(gl.notes),
         list(gl.dropped),
         gl.summary(),
@@ -118,9 +130,9 @@ def _gguf_output(plan: Plan, tag: str, drop_unsupported: bool, allow_non_finite:
     )
 
 
-def _stacked_output(plan: Plan, tag: str, allow_non_finite: bool) -> _Output:
+def _stacked_output(plan: Plan, layout: str, tag: str, choices: WriteChoices) -> _Output:
     def tensors(progress: WriteProgress | None) -> Iterator[tuple[str, Any]]:
-        for group, A, B in iter_group_tensors(plan, plan.groups, tag, allow_non_finite=allow_non_finite):
+        for group, A, B in iter_group_tensors(plan, plan.groups, tag, allow_non_finite=choices.allow_non_finite):
             yield f"base_model.model.{group.key}.lora_A.weight", A
             yield f"base_model.model.{group.key}.lora_B.weight", B
             if progress is not None:
@@ -138,8 +150,8 @@ def _stacked_output(plan: Plan, tag: str, allow_non_finite: bool) -> _Output:
     return _Output(stacked_specs(plan, tag), files, tensors, [], list(plan.dropped), None)
 
 
-def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool, allow_non_finite: bool) -> _Output:
-    lp = engine_layouts.plan_engine_layout(plan, layout, drop_unsupported=drop_unsupported)
+def _engine_output(plan: Plan, layout: str, tag: str, choices: WriteChoices) -> _Output:
+    lp = engine_layouts.plan_engine_layout(plan, layout, drop_unsupported=choices.drop_unsupported)
     files = {
         "adapter_config.json": json.dumps(lp.adapter_config(), indent=2) + "\n",
         engine_layouts.REPORT_FILE: json.dumps(lp.report_json(), indent=2) + "\n",
@@ -148,7 +160,7 @@ def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool, al
         lp.tensor_specs(tag),
         files,
         lambda progress: engine_layouts.iter_layout_tensors(
-            lp, tag, progress=progress, allow_non_finite=allow_non_finite
+            lp, tag, progress=progress, allow_non_finite=choices.allow_non_finite
         ),
         list(lp.notes),
         list(lp.dropped),
@@ -156,16 +168,12 @@ def _engine_output(plan: Plan, layout: str, tag: str, drop_unsupported: bool, al
     )
 
 
-@dataclass(frozen=True)
-class WriteChoices:
-    """How a plan is written: the caller's choices, checked before planning."""
-
-    layout: str = "stacked"  # or an engine layout (engine_layouts.LAYOUTS)
-    dtype: str = "keep"
-    dry_run: bool = False
-    force: bool = False
-    drop_unsupported: bool = False
-    allow_non_finite: bool = False
+# The built-in layouts' planners; every other layout is an engine's (its rule file's `layout` object).
+_OUTPUT_OF_LAYOUT = {
+    layout_rules.STACKED_LAYOUT: _stacked_output,
+    gguf_layout.GGUF_LAYOUT: _gguf_output,
+    mlx_layout.MLX_LAYOUT: _mlx_output,
+}
 
 
 def write_normalized(
@@ -189,14 +197,7 @@ def write_normalized(
     the temporary folder is removed, so no output (and no change to a previous one) is left."""
     layout = choices.layout
     tag = output_dtype(plan, choices.dtype)
-    if layout == "stacked":
-        planned = _stacked_output(plan, tag, choices.allow_non_finite)
-    elif layout == gguf_layout.GGUF_LAYOUT:
-        planned = _gguf_output(plan, tag, choices.drop_unsupported, choices.allow_non_finite)
-    elif layout == mlx_layout.MLX_LAYOUT:
-        planned = _mlx_output(plan, tag, choices.drop_unsupported, choices.allow_non_finite)
-    else:
-        planned = _engine_output(plan, layout, tag, choices.drop_unsupported, choices.allow_non_finite)
+    planned = _OUTPUT_OF_LAYOUT.get(layout, _engine_output)(plan, layout, tag, choices)
     written = 0
     if not choices.dry_run and output is not None:
         # The adapter as resolved (a Hub snapshot, say) and a local base read by path are protected as well.

@@ -89,10 +89,9 @@ class PlannedSlice:
     def source_keys(self) -> list[str] | None:
         if self.is_zero_filled:
             return None
-        keys: list[str] = []
-        for src in self.sources():
-            keys.extend(k for k in (src.module.lora_A.key, src.module.lora_B.key) if k not in keys)
-        return keys
+        # each key once, in first-seen order (a slice's per-expert sources may share one 3-D tensor)
+        keys = dict.fromkeys(k for src in self.sources() for k in (src.module.lora_A.key, src.module.lora_B.key))
+        return list(keys)
 
 
 @dataclass
@@ -222,13 +221,16 @@ def build_plan(
     drop_unsupported: bool = False,
     keep_vision: bool = False,
     listed_in: str | None = None,
+    peft_applies: bool = False,
 ) -> Plan:
     """Plan the stacked output. Raises UnsupportedAdapterError (exit 1) listing every refused module unless
     `drop_unsupported`, in which case they are listed in `plan.dropped`. `keep_vision`: vision-tower and projector
     modules become groups of kind VISION_KIND (for a layout that writes them: `--layout peft`) instead of refusals.
-    `listed_in`: the output file that lists dropped modules, which the refusal's hint names. What makes the whole
-    adapter unconvertible is refused before, by `refuse_unusable_adapter`."""
-    groups, refused = _group_modules(adapter, arch, keep_vision)
+    `listed_in`: the output file that lists dropped modules, which the refusal's hint names. `peft_applies`: PEFT
+    loads the output (`--layout peft`), so the modules of a schema group PEFT cannot apply (`peft_cannot_apply`) are
+    refused; every other layout keeps them (its loader, or its engine rules, decide). What makes the whole adapter
+    unconvertible is refused before, by `refuse_unusable_adapter`."""
+    groups, refused = _group_modules(adapter, arch, keep_vision, peft_applies)
     dropped = _full_weight_drops(adapter) + refused
     # PEFT's copies of a base weight are left out without asking: no engine reads them (the base model has the weight)
     if any(d.code != COPY_CODE for d in dropped) and not drop_unsupported:
@@ -297,7 +299,9 @@ def _full_weight_drops(adapter: Adapter) -> list[DroppedModule]:
     ]
 
 
-def _group_modules(adapter: Adapter, arch, keep_vision: bool) -> tuple[list[PlannedGroup], list[DroppedModule]]:
+def _group_modules(
+    adapter: Adapter, arch, keep_vision: bool, peft_applies: bool
+) -> tuple[list[PlannedGroup], list[DroppedModule]]:
     """Every complete module placed into its output group, or refused with its reason; groups in first-seen order."""
     builds: dict[str, PlannedGroup] = {}
     order: list[str] = []  # a schema group's path once; a vision module's path each time one is kept
@@ -305,7 +309,7 @@ def _group_modules(adapter: Adapter, arch, keep_vision: bool) -> tuple[list[Plan
     for mod in adapter.modules:
         if not mod.is_complete:
             continue
-        match, problem = _match_or_problem(mod, arch, keep_vision)
+        match, problem = _match_or_problem(mod, arch, keep_vision, peft_applies)
         if problem is not None:
             refused.append(_refused_module(mod, problem))
         elif match is None:
@@ -319,7 +323,9 @@ def _group_modules(adapter: Adapter, arch, keep_vision: bool) -> tuple[list[Plan
     return [builds[path] for path in order], refused
 
 
-def _match_or_problem(mod: LoraModule, arch, keep_vision: bool) -> tuple[Any, tuple[str, str] | None]:
+def _match_or_problem(
+    mod: LoraModule, arch, keep_vision: bool, peft_applies: bool
+) -> tuple[Any, tuple[str, str] | None]:
     """The schema match of one complete module, or the (finding code, reason) it is refused with. (None, None) for
     a kept vision module, which no schema describes."""
     problem = _unsupported_reason(mod, keep_vision)
@@ -335,7 +341,7 @@ def _match_or_problem(mod: LoraModule, arch, keep_vision: bool) -> tuple[Any, tu
     match = arch.resolve(mod)
     if match is None:
         return None, ("modules.unknown", f"the {arch.family} schema has no module {mod.local_name!r} at this layer")
-    if match.group.peft_cannot_apply:
+    if match.group.peft_cannot_apply and peft_applies:
         return None, (
             "modules.peft-cannot-apply",
             f"PEFT itself cannot apply LoRA here: {match.group.peft_cannot_apply}",

@@ -44,6 +44,27 @@ def ggml_type(tag: str) -> Any | None:
     return types[tag] if tag in types.__members__ else None
 
 
+def _array_written_in_pieces() -> type:
+    """An ndarray subclass whose `tofile` into a binary file is the safetensors writer's `write_array`."""
+    import numpy as np
+
+    from lora_convert.io.safetensors_writer import write_array
+
+    class ArrayWrittenInPieces(np.ndarray):
+        # gguf-py's GGUFWriter.write_tensor_data (gguf 0.19.0, gguf/gguf_writer.py) writes each tensor with
+        # `tofile`: numpy's one write() of the whole tensor, after a contiguous copy of a strided cut (one slice of
+        # every expert). `write_array` writes the same bytes in pieces and a large cut part by part, which costs
+        # this workplace's VM a fraction of the system time (docs/benchmarks.md). Should gguf-py stop calling
+        # `tofile`, the file is still the same: only the speed-up is lost.
+        def tofile(self, fid: Any, sep: str = "", format: str = "%s") -> None:
+            if sep or not hasattr(fid, "write"):
+                np.asarray(self).tofile(fid, sep, format)
+            else:
+                write_array(fid, np.asarray(self))
+
+    return ArrayWrittenInPieces
+
+
 class StreamingGgufWriter:
     """Writes `specs` (in order) with `metadata` (key -> str, float or int value) into a GGUF file at `path`."""
 
@@ -53,6 +74,7 @@ class StreamingGgufWriter:
         gguf = import_gguf()
         self.specs = specs
         self._next = 0
+        self._array_type = _array_written_in_pieces()
         self._writer = gguf.GGUFWriter(path, architecture)
         for key, value in metadata.items():
             if isinstance(value, str):
@@ -70,13 +92,11 @@ class StreamingGgufWriter:
         self._writer.write_ti_data_to_file()
 
     def write(self, name: str, array: np.ndarray) -> None:
-        import numpy as np
-
         from lora_convert.io.safetensors_writer import check_planned  # imports numpy: only when data is written
 
         check_planned(self.specs[self._next], name, array)
 
-        self._writer.write_tensor_data(np.ascontiguousarray(array))
+        self._writer.write_tensor_data(array.view(self._array_type))
         self._next += 1
 
     def close(self) -> None:

@@ -23,6 +23,12 @@ from lora_convert.io.dtypes import DTYPE_SIZES, dtype_tag
 # (docs/benchmarks.md, issue 23's run); much smaller pieces only add calls.
 WRITE_PIECE_BYTES = 256 * 1024
 
+# A non-contiguous view whose sub-arrays along the first axis are at least this big is written sub-array by
+# sub-array, so that a strided cut of a big stacked group (one slice of every expert) reaches the file without a
+# copy of its size in fresh memory (page faults, dear on this workplace's VM: docs/benchmarks.md, "The machine");
+# a view of smaller sub-arrays is copied whole, since a write() call per small sub-array costs more than the copy.
+WRITE_PARTS_FROM_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -33,6 +39,29 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+def write_array_plain(handle: BinaryIO, array: np.ndarray) -> None:
+    """Write `array`'s bytes in C order to `handle` in one call (the oracle of `write_array`)."""
+    handle.write(np.ascontiguousarray(array).tobytes())
+
+
+def write_array(handle: BinaryIO, array: np.ndarray) -> None:
+    """Write `array`'s bytes in C order to the binary file `handle`: the same bytes as `write_array_plain`, handed to
+    the kernel in pieces of at most WRITE_PIECE_BYTES, and a large non-contiguous view written sub-array by
+    sub-array instead of through a contiguous copy of it."""
+    if array.size == 0:
+        return
+    if not array.flags.c_contiguous:
+        if array.ndim > 1 and array.nbytes // len(array) >= WRITE_PARTS_FROM_BYTES:
+            for part in array:
+                write_array(handle, part)
+            return
+        array = np.ascontiguousarray(array)
+    # viewed as uint8 because the buffer protocol does not know ml_dtypes' bfloat16/float8
+    data = memoryview(array.reshape(-1).view(np.uint8))
+    for start in range(0, len(data), WRITE_PIECE_BYTES):
+        handle.write(data[start : start + WRITE_PIECE_BYTES])
 
 
 def check_planned(spec: TensorSpec, name: str, array: np.ndarray) -> None:
@@ -77,12 +106,7 @@ class StreamingSafetensorsWriter:
 
     def write(self, name: str, array: np.ndarray) -> None:
         check_planned(self.specs[self._next], name, array)
-        if array.size:
-            # The bytes as they lie (a copy only for a non-contiguous view); viewed as uint8 because the buffer
-            # protocol does not know ml_dtypes' bfloat16/float8.
-            data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-            for start in range(0, len(data), WRITE_PIECE_BYTES):
-                self._handle.write(data[start : start + WRITE_PIECE_BYTES])
+        write_array(self._handle, array)
         self._next += 1
 
     def close(self) -> None:

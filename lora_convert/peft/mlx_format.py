@@ -50,6 +50,7 @@ _SPEC = Object(
         "renames": MapOf(MapOf(STRING)),
         "no_lora": MapOf(MapOf(STRING)),
         "unproven": MapOf(STRING),
+        "unproven_model_types": MapOf(MapOf(STRING)),
     }
 )
 
@@ -66,6 +67,7 @@ class MlxFacts:
     renames: dict[str, dict[str, str]]  # family -> transformers' dotted path fragment -> mlx-lm's
     no_lora: dict[str, dict[str, str]]  # family -> module path inside a layer -> why mlx-lm has no LoRA for it
     unproven: dict[str, str]  # family -> why lora-convert does not write it for mlx-lm
+    unproven_model_types: dict[str, dict[str, str]]  # proven family -> model_type -> why lora-convert does not write it
 
     def mlx_path(self, family: str | None, path: str) -> str:
         """mlx-lm's module path for transformers' `path` (whose expert container is already mlx-lm's)."""
@@ -96,6 +98,7 @@ def mlx_facts() -> MlxFacts:
         {family: dict(pairs) for family, pairs in data["renames"].items()},
         {family: dict(paths) for family, paths in data["no_lora"].items()},
         dict(data["unproven"]),
+        {family: dict(types) for family, types in data["unproven_model_types"].items()},
     )
 
 

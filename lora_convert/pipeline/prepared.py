@@ -92,10 +92,11 @@ class PreparedAdapter:
         self, *, rank: int | None = None, drop_unsupported: bool = False, layout: str = "stacked", shapes: bool = True
     ) -> Plan:
         """The stacked plan for these choices (built once per distinct choice). `layout` decides whether vision
-        modules are kept (`--layout peft`) and which file refusal hints name. Raises what makes the adapter
-        unconvertible -- its config, its base, adapter-level problems including (with `shapes`) shape errors --
-        and, unless `drop_unsupported`, the modules the plan refuses."""
+        modules are kept and modules PEFT cannot apply refused (both `--layout peft`), and which file refusal hints
+        name. Raises what makes the adapter unconvertible -- its config, its base, adapter-level problems including
+        (with `shapes`) shape errors -- and, unless `drop_unsupported`, the modules the plan refuses."""
         from lora_convert.convert.engine_layouts import keeps_vision
+        from lora_convert.convert.layout_rules import PEFT_LAYOUT
         from lora_convert.convert.output_config import listing_file
         from lora_convert.convert.plan import refuse_unusable_adapter
 
@@ -105,13 +106,20 @@ class PreparedAdapter:
         keep_vision = keeps_vision(layout)
         # The listing file only appears in the refusal raised without drop_unsupported: it is not part of the plan.
         listed_in = None if drop_unsupported else listing_file(layout)
-        key = (rank, drop_unsupported, keep_vision, listed_in)
+        peft_applies = layout.partition("==")[0] == PEFT_LAYOUT
+        key = (rank, drop_unsupported, keep_vision, listed_in, peft_applies)
         if key not in self._plans:
-            self._plans[key] = self._build_plan(arch, rank, drop_unsupported, keep_vision, listed_in)
+            self._plans[key] = self._build_plan(arch, rank, drop_unsupported, keep_vision, listed_in, peft_applies)
         return self._plans[key]
 
     def _build_plan(
-        self, arch, rank: int | None, drop_unsupported: bool, keep_vision: bool, listed_in: str | None
+        self,
+        arch,
+        rank: int | None,
+        drop_unsupported: bool,
+        keep_vision: bool,
+        listed_in: str | None,
+        peft_applies: bool,
     ) -> Plan:
         from lora_convert.convert.plan import build_plan
 
@@ -123,6 +131,7 @@ class PreparedAdapter:
             drop_unsupported=drop_unsupported,
             keep_vision=keep_vision,
             listed_in=listed_in,
+            peft_applies=peft_applies,
         )
         note = self.base.config.substitution_note
         if note:  # validate's `base.preset`: the plan is the preset's, which the user must know

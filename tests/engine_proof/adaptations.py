@@ -172,6 +172,9 @@ class CannotRun:
     cases: tuple[str, ...]
     error: str  # how the harness error begins
     why: str
+    # only the `--layout` output cannot run (the original adapter is refused earlier, by the release's LoRA code,
+    # and is still compared with the prediction): the layout's load error must begin with `error`
+    layout_only: bool = False
 
     def applies_to(self, engine: str, version: str, case: str) -> bool:
         return case in self.cases and Adaptation("", self.engine, self.first, self.last, "", _none).applies_to(
@@ -203,6 +206,17 @@ CANNOT_RUN = (
         ("v5_seed_oss", "v5_dots1"),
         "ValueError: Unsupported TP style 'embedding_rowwise'",
         "Seed-OSS and dots.llm1 have no SGLang class and are served by the Transformers backend, which maps the "
+        "base_model_tp_plan of the venv's transformers; 5.25 names a TP style `embedding_rowwise` that 0.5.19-0.5.21 "
+        "do not know (models/transformers.py:231-247; 0.5.22 maps it, :243): an environment effect, as for MiniMax.",
+    ),
+    # fam-mla (issue 25): Mistral-Small-4's text model (Mistral4ForCausalLM), served by the same Transformers backend.
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.21",
+        ("v5_mistral4",),
+        "ValueError: Unsupported TP style 'embedding_rowwise'",
+        "SGLang registers no Mistral4ForCausalLM and serves it through the Transformers backend, which maps the "
         "base_model_tp_plan of the venv's transformers; 5.25 names a TP style `embedding_rowwise` that 0.5.19-0.5.21 "
         "do not know (models/transformers.py:231-247; 0.5.22 maps it, :243): an environment effect, as for MiniMax.",
     ),
@@ -242,6 +256,81 @@ CANNOT_RUN = (
         "registers, model_executor/layers/quantization/modelopt.py:779-781 in 0.33.0) and refuses the harness's "
         "float32 model dtype for it before building the model (bfloat16/float16 only); what it does with LoRA over "
         "it (quant-dense-lora, quant-moe-lora through the NVFP4 MoE oracle's Marlin experts) is read, not run.",
+    ),
+    # fam-hybrid (issue 25): Jamba and OLMo-Hybrid have no SGLang class, and SGLang refuses their Transformers fallback.
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.23",
+        ("v5_jamba",),
+        "ValueError: JambaForCausalLM has no SGlang implementation and the Transformers implementation is not "
+        "compatible with SGLang.",
+        "Not an environment effect but the release's own verdict, asserted here because the harness meets it while "
+        "building the base, before any LoRA code runs: no sglang/srt/models file registers JambaForCausalLM, and "
+        "model_loader/utils.py:181-188 (0.5.23; :180-187 in 0.5.19) refuses the Transformers fallback for a class "
+        "that is not attention-backend compatible. The rule hybrid-class-not-served predicts it for validate and "
+        "refuses it in --layout sglang.",
+    ),
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.23",
+        ("v5_olmo_hybrid",),
+        "ValueError: OlmoHybridForCausalLM has no SGlang implementation and the Transformers implementation is not "
+        "compatible with SGLang.",
+        "The release's own verdict, as for Jamba above: no sglang/srt/models file registers OlmoHybridForCausalLM, and "
+        "the Transformers fallback is refused for a class that is not attention-backend compatible (rule "
+        "hybrid-class-not-served).",
+    ),
+    # fam-gemma (issue 25): Gemma-4 configs as transformers 5.25 reads them (per-layer head_dim / KV heads).
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.23",
+        ("v5_gemma4_text", "v5_gemma4_moe", "v5_gemma4_unified_text"),
+        "AmbiguousGlobalPerLayerAttributeError: '",
+        "transformers 5.25 (the proof environment's) turns a Gemma-4 text config's full-attention head_dim and KV "
+        "heads into per_layer_config overrides, and then refuses a global `config.head_dim` / "
+        "`config.num_key_value_heads` read (transformers/integrations/heterogeneity/configuration_utils.py:298); "
+        "SGLang's config parser reads them with hasattr on the text config itself (sglang/srt/utils/hf_transformers/"
+        "config.py:260-268 in 0.5.23), before any model is built. These releases pin transformers 5.12.1 "
+        "(0.5.19-0.5.21) or 5.19.0 (0.5.22-0.5.23): an environment effect, not the release's LoRA code. What they do "
+        "with these adapters (gemma4-kv-shared-q, qkv-missing-v) is read, not run.",
+    ),
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.21",
+        ("v5_gemma4_vl", "v5_gemma4_unified_vl"),
+        "AmbiguousGlobalPerLayerAttributeError: '",
+        "As for the Gemma-4 text cases: 0.5.19-0.5.21's config parser reads the per-layer head_dim of the VL "
+        "wrapper's text config under transformers 5.25 (0.5.22-0.5.23 read the wrapper, which builds), an "
+        "environment effect; these releases pin transformers 5.12.1.",
+    ),
+    CannotRun(
+        "sglang",
+        "0.5.22",
+        "0.5.23",
+        ("v5_gemma4_unified_vl",),
+        "AttributeError: 'Gemma4VisionConfig' object has no attribute 'model_patch_size'",
+        "The Gemma-4-Unified base was written by transformers 5.23 (vision_config model_type gemma4_unified_vision); "
+        "transformers 5.25 reads its vision_config as a Gemma4VisionConfig, which has no model_patch_size, and "
+        "SGLang's Gemma4UnifiedVisionEmbedder reads it when the model is built (sglang/srt/models/gemma4_unified.py"
+        ":73 in 0.5.23): an environment effect (these releases pin transformers 5.19.0).",
+    ),
+    CannotRun(
+        "sglang",
+        "0.5.22",
+        "0.5.23",
+        ("v5_gemma4_vl",),
+        "AmbiguousGlobalPerLayerAttributeError: 'head_dim'",
+        "The `--layout sglang` output (the original adapter is refused earlier, for its regex target_modules): "
+        "Gemma4ForConditionalGeneration.get_hidden_dim sizes qkv_proj / o_proj from `self.config.head_dim` "
+        "(sglang/srt/models/gemma4_mm.py:1104-1119 in 0.5.23), which transformers 5.25 refuses to read globally once "
+        "the full-attention layers' head_dim is a per_layer_config override: an environment effect (these releases "
+        "pin transformers 5.19.0). Under it the full-attention layers' o_proj (heads x global_head_dim wide) would "
+        "still not fit a buffer sized from the sliding head_dim; not run.",
+        layout_only=True,
     ),
 )
 

@@ -8,7 +8,10 @@ engine's own, unmodified LoRA loading code and returns an `EngineLoad`:
   fixture's reference.safetensors) the delta the engine would ADD to that module's base weight, as float64
   `[out, in]` (`[E, out, in]` for a 3-D expert parameter, like the reference), computed from what the engine holds
   after loading (its LoRA buffers, scaling included), with fused engine modules (qkv_proj, gate_up_proj,
-  stacked experts) cut back into the base's modules by rows. A module the engine holds no LoRA for is absent.
+  stacked experts) cut back into the base's modules by rows. A module the engine holds no LoRA for is absent;
+- `second_reads`: for a module whose output the base model reads twice (`value_copies`: Gemma-4's key projection
+  that is also the value), the delta the engine adds where the second read happens (vLLM: the V slice of the fused
+  qkv_proj), which PEFT's semantics make the module's own delta too.
 
 `classify` turns that into one word per PEFT module: exact / dropped / wrong.
 """
@@ -32,6 +35,31 @@ EXACT_RTOL = 1e-5
 class EngineLoad:
     load_error: str | None = None
     deltas: dict[str, np.ndarray] = field(default_factory=dict)
+    second_reads: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def value_copies(case: str) -> dict[str, str]:
+    """{PEFT module: the module it stands in for} where the fixture's base reads one projection's output twice.
+    Gemma-4 `attention_k_eq_v` (transformers==5.25.0 transformers/models/gemma4/modeling_gemma4.py:1154, 1178-1182,
+    1218): a full-attention layer below the KV-shared ones has no v_proj and takes `value_states = key_states`, so
+    under PEFT the k_proj LoRA delta reaches the values as well as the keys."""
+    import json
+
+    from helpers import case_base_dir, case_meta
+
+    config = json.loads((case_base_dir(case) / "config.json").read_text())
+    text = config.get("text_config") or config
+    if not text.get("attention_k_eq_v"):
+        return {}
+    first_shared = text["num_hidden_layers"] - (text.get("num_kv_shared_layers") or 0)
+    full = {i for i, kind in enumerate(text.get("layer_types") or ()) if kind == "full_attention" and i < first_shared}
+    out = {}
+    for module in case_meta(case)["modules"]:
+        head, _, leaf = module.rpartition(".")
+        layer = head.split("layers.", 1)[-1].split(".", 1)[0] if "layers." in head else ""
+        if leaf == "k_proj" and layer.isdigit() and int(layer) in full:
+            out[module] = f"{head}.v_proj"
+    return out
 
 
 @cache
@@ -68,17 +96,23 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def classify(case: str, load: EngineLoad) -> dict[str, str]:
-    """PEFT module -> "exact" | "dropped" | "wrong" (every reference module; a zero engine delta is "dropped")."""
+    """PEFT module -> "exact" | "dropped" | "wrong" (every reference module; a zero engine delta is "dropped"). A
+    module of `value_copies` is exact only when the engine adds PEFT's delta at both reads of its output, dropped
+    when at neither, else wrong (the keys adapted, the values not)."""
+    copies = value_copies(case)
     out = {}
     for module, want in reference_deltas(case).items():
-        got = load.deltas.get(module)
-        if got is None or not np.any(got):
-            out[module] = "dropped"
-        elif relative_error(got, want) <= EXACT_RTOL:
-            out[module] = "exact"
-        else:
-            out[module] = "wrong"
+        verdicts = {_verdict(load.deltas.get(module), want)}
+        if module in copies:
+            verdicts.add(_verdict(load.second_reads.get(module), want))
+        out[module] = verdicts.pop() if len(verdicts) == 1 else "wrong"
     return out
+
+
+def _verdict(got: np.ndarray | None, want: np.ndarray) -> str:
+    if got is None or not np.any(got):
+        return "dropped"
+    return "exact" if relative_error(got, want) <= EXACT_RTOL else "wrong"
 
 
 def fixture_adapter(case: str) -> Path:

@@ -92,11 +92,17 @@ def run_release(release: str, workdir: Path, cases: tuple[str, ...] = (), timeou
 
 def _declared_unrunnable(engine: str, version: str, table: dict) -> dict:
     """A harness error on a fixture the release is declared unable to run on here (adaptations.CANNOT_RUN) becomes a
-    `cannot_run` record of the measured and the declared error, which the proof compares (common.check_cannot_run)."""
+    `cannot_run` record of the measured and the declared error, which the proof compares (common.check_cannot_run);
+    for a `layout_only` declaration, only the layout output's load error does."""
     from engine_proof.adaptations import cannot_run
 
     for case, row in table.items():
         declared = cannot_run(engine, version, case)
+        if declared is not None and declared.layout_only:
+            error = (row.get("layout") or {}).get("load_error")
+            if error is not None:
+                row["layout"] = {"cannot_run": {"error": error, "expected": declared.error}}
+            continue
         error = row.get("harness_error") or _refused_before_any_lora(row)
         if declared is not None and error is not None:
             record = {"cannot_run": {"error": error, "expected": declared.error}}

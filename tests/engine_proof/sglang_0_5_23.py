@@ -253,12 +253,22 @@ _MINIMAX_M2_FIELDS = {"scoring_func": "sigmoid"}
 _DEEPSEEK_YARN = {"rope_type": "deepseek_yarn", "factor": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
+def _hy_v3_released_fields(cfg: dict) -> None:
+    """HY-V3's released config carries `first_k_dense_replace` and `route_norm`, which transformers 5 writes as
+    `mlp_layer_types` and drops (sglang/srt/models/hunyuan_v3.py:125 reads route_norm unguarded, :397 takes
+    first_k_dense_replace with default 0, which would make the dense layer 0 MoE); neither is a LoRA target.
+    fam-misc (issue 25)."""
+    types = list(cfg.get("mlp_layer_types") or [])
+    cfg.setdefault("first_k_dense_replace", next((i for i, t in enumerate(types) if t != "dense"), len(types)))
+    cfg.setdefault("route_norm", True)
+
+
 def _patch_config(config: dict, model_class: str) -> dict:
     """The config SGLang 0.5.23 is given for one case (none of these fields is a LoRA target):
     - `architectures` = the case's model class, spelled as SGLang registers it (Kimi-K2.5);
     - text-only Qwen3.5 classes on a composite (VL) checkpoint: the text config alone, as transformers loads it for
       `Qwen3_5ForCausalLM` (SGLang picks its text-only classes by this architecture name);
-    - DeepSeek-V3 / Kimi text configs: a `deepseek_yarn` rope with factor 1 (the identity scaling), because
+    - DeepSeek-V3 / Kimi / GLM-5 (glm_moe_dsa) text configs: a `deepseek_yarn` rope with factor 1 (the identity scaling), because
       SGLang's CPU rope factory (`get_rope_cpu`) supports only that rope type; the GPU factory takes the default rope.
       And `_DEEPSEEK_FIELDS` (router/MoE fields every released DeepSeek-V3/Kimi config has; transformers 5 drops
       them and SGLang's `deepseek_v2.py` reads them unguarded);
@@ -277,7 +287,7 @@ def _patch_config(config: dict, model_class: str) -> dict:
         config = text
     config["architectures"] = [_ARCH.get(model_class, model_class)]
     for cfg in (config, config.get("text_config") or {}):
-        if cfg.get("model_type") in ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2"):
+        if cfg.get("model_type") in ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2", "glm_moe_dsa"):
             theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
             cfg["rope_scaling"] = dict(_DEEPSEEK_YARN, original_max_position_embeddings=cfg["max_position_embeddings"])
             cfg["rope_parameters"] = dict(cfg["rope_scaling"], rope_theta=theta)
@@ -287,6 +297,8 @@ def _patch_config(config: dict, model_class: str) -> dict:
         types_ = cfg.get("layer_types")
         if isinstance(types_, list) and "full_attention" in types_ and "full_attention_interval" not in cfg:
             cfg["full_attention_interval"] = types_.index("full_attention") + 1
+        if cfg.get("model_type") == "hy_v3":
+            _hy_v3_released_fields(cfg)
         if cfg.get("model_type") == "minimax_m2":
             for key, value in _MINIMAX_M2_FIELDS.items():
                 cfg.setdefault(key, value)
@@ -380,6 +392,9 @@ _DUMMY = {
     "MiniMaxM2ForCausalLM",
     "DeepseekV32ForCausalLM",
     "Qwen3VLMoeForConditionalGeneration",
+    # fam-misc (issue 25): transformers 5 saves Kimi-Linear's dense layer-0 MLP under `block_sparse_moe` (its load-time
+    # rename block_sparse_moe -> mlp reversed for every layer), which SGLang's kimi_linear.py loader does not know
+    "KimiLinearForCausalLM",
 }
 
 
@@ -745,14 +760,14 @@ def _module_delta(layer_id, rest, info, shape, wrapped, dense, experts):
         if proj in ("up", "gate") and "gate_up" in held:  # non-gated: the single projection
             return held["gate_up"][expert]
         return None
-    key = (layer_id, rest)
+    key = _same_leaf(wrapped, (layer_id, rest))
     if key in wrapped and not isinstance(wrapped[key], FusedMoEWithLoRA):
         return _fit(dense(key), shape)
     leaf = parts[-1]
     if leaf not in _FUSED:
         return None
     fused_leaf, index = _FUSED[leaf]
-    key = (layer_id, ".".join(parts[:-1] + [fused_leaf]))
+    key = _same_leaf(wrapped, (layer_id, ".".join(parts[:-1] + [fused_leaf])))
     module = wrapped.get(key)
     if module is None or isinstance(module, FusedMoEWithLoRA):
         return None
@@ -764,6 +779,19 @@ def _module_delta(layer_id, rest, info, shape, wrapped, dense, experts):
     if max(slices) + 1 >= len(offsets):
         return None
     return _fit(np.concatenate([full[offsets[s] : offsets[s + 1]] for s in slices], axis=0), shape)
+
+
+def _same_leaf(wrapped, key):
+    """`key`, or else, where the model class has no module at all under the key's container on that layer, the
+    layer's one wrapped module of the same last name: SGLang files a layer's LoRA weights by target name, whatever
+    container holds them (sglang/srt/lora/mem_pool.py:926-933, get_target_module_name), so the adapter's
+    `self_attn.qkv_proj` reaches a class that keeps qkv_proj / o_proj on the decoder layer (Falcon-H1)."""
+    container = key[1].split(".", 1)[0]
+    if key in wrapped or any(k[0] == key[0] and k[1].startswith(f"{container}.") for k in wrapped):
+        return key
+    leaf = key[1].rsplit(".", 1)[-1]
+    same = [k for k in wrapped if k[0] == key[0] and k[1].rsplit(".", 1)[-1] == leaf]
+    return same[0] if len(same) == 1 else key
 
 
 def _fit(delta: np.ndarray, shape) -> np.ndarray:

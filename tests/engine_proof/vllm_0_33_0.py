@@ -14,7 +14,9 @@ vLLM's `optimize()`): B @ A in float64, cut back to the PEFT modules by vLLM's o
 `qkv_proj` is `q_proj`, ...; position k of an `experts` list is expert k // 3, projection w1/w2/w3), shaped like
 PEFT's reference (3-D `[E, out, in]` for a ParamWrapper on a 3-D expert parameter, `gate_up_proj` = w1 rows then
 w3 rows). Module names go from the PEFT name to the vLLM name with vLLM's own `parse_fine_tuned_lora_name` and the
-model's `hf_to_vllm_mapper` rename mapper, plus the manager's text-name fallback for multimodal wrappers.
+model's `hf_to_vllm_mapper` rename mapper, plus the manager's text-name fallback for multimodal wrappers. Where the
+base reads a module's output twice (Gemma-4 `attention_k_eq_v`: the keys are also the values), the slice vLLM
+computes the second read from is read too (`read_second_reads`, classified by common.classify).
 
 Dropped although a buffer exists: `kv_b_proj` of MLA models (DeepSeek-V3). vLLM wraps it
 (`ColumnParallelLinearWithLoRA`), `set_lora` fills the buffer, and every nn.Module path to it
@@ -54,6 +56,10 @@ Stubs (each is GPU-only machinery; vLLM's LoRA logic itself is never patched):
    `norm_topk_prob`. None is a LoRA target.
 9. Model classes vLLM cannot build on a CPU (`CPU_UNBUILDABLE`: DeepSeek-V3.2's sparse attention) are not stubbed
    into existence: their rows record the registry entry and the CPU build error, which the proof asserts.
+10. OLMo-Hybrid's gated DeltaNet layer registers a Triton scratch allocator for the current device when it is built
+   (model_executor/layers/mamba/gdn/olmo_gdn_linear_attn.py:181 in 0.33.0-0.34.0, :168-169 in 0.30-0.32) through
+   `triton.set_allocator`, a GPU API the CPU triton lacks. Inside that module only, `set_triton_allocator` does
+   nothing: the allocator serves only the TMA kernels of the GDN forward, which the proof never runs.
 6. Distributed state: a real one-process gloo group on 127.0.0.1 (`init_distributed_environment`,
    `initialize_model_parallel(1, 1)`), not a stub.
 
@@ -81,7 +87,7 @@ if __name__ == "__main__":  # script mode: make `helpers` and `engine_proof` imp
 
 import numpy as np  # noqa: E402
 
-from engine_proof.common import EngineLoad, to_param_layout  # noqa: E402
+from engine_proof.common import EngineLoad, to_param_layout, value_copies  # noqa: E402
 from helpers import case_base_dir, case_meta, fixture_cases  # noqa: E402
 
 VLLM_VERSION = "0.33.0"
@@ -188,6 +194,10 @@ def _install_stubs() -> None:
 
     FusedMoEWithLoRA.set_mapping = set_mapping
 
+    import vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn as olmo_gdn
+
+    olmo_gdn.set_triton_allocator = lambda device: None  # stub 10: no GPU scratch allocator on a CPU
+
     _STUBS_DONE = True
 
 
@@ -263,10 +273,29 @@ _RELEASED_FIELDS = {
 }
 
 
+def _hy_v3_fields(cfg) -> dict:
+    """HY-V3's released config names what transformers 5 calls moe_intermediate_size and mlp_layer_types
+    `expert_hidden_dim` and `first_k_dense_replace` (vllm/model_executor/models/hy_v3.py:144, :391-393 read them
+    unguarded) and carries `route_norm` (:187; a routing flag, no LoRA target): derived from the fixture's config."""
+    types = list(getattr(cfg, "mlp_layer_types", None) or [])
+    dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    return {"expert_hidden_dim": cfg.moe_intermediate_size, "first_k_dense_replace": dense, "route_norm": True}
+
+
+_DERIVED_FIELDS = {"hy_v3": _hy_v3_fields}  # fam-misc (issue 25)
+
+
 def _released_fields(hf_config):
-    """`hf_overrides` for EngineArgs: `_RELEASED_FIELDS` where the config lacks them (top level and text_config)."""
+    """`hf_overrides` for EngineArgs: `_RELEASED_FIELDS` where the config lacks them, `_DERIVED_FIELDS` always (top
+    level and text_config)."""
     for cfg in (hf_config, getattr(hf_config, "text_config", None)):
-        fields = _RELEASED_FIELDS.get(getattr(cfg, "model_type", None), {})
+        fields = dict(_RELEASED_FIELDS.get(getattr(cfg, "model_type", None), {}))
+        derive = _DERIVED_FIELDS.get(getattr(cfg, "model_type", None))
+        # derived fields are the fixture's own values under the released names: they replace the defaults of a
+        # release's own config class (vLLM 0.30-0.31's HYV3Config, expert_hidden_dim=1536 at
+        # vllm/transformers_utils/configs/hy_v3.py:127 in 0.30.0), which would size the expert buffers wrong
+        for key, value in (derive(cfg) if derive is not None else {}).items():
+            setattr(cfg, key, value)
         if fields and not hasattr(cfg, "rotary_dim") and getattr(cfg, "model_type", None) == "minimax_m2":
             cfg.rotary_dim = cfg.head_dim
         for key, value in fields.items():
@@ -469,9 +498,18 @@ def _locate_renamed_block(eng: _Engine, vname: str):
     parts = vname.split(".")
     if "layers" not in parts:
         return None
-    i = parts.index("layers") + 2  # index of the block name (mlp / block_sparse_moe / mixer ...)
-    if i >= len(parts) - 1:
-        return None
+    block = parts.index("layers") + 2  # index of the block name (mlp / block_sparse_moe / mixer ...)
+    # then a container inside the block (HY-V3: transformers 5 `mlp.shared_experts` = vLLM's `mlp.shared_mlp`,
+    # vllm/model_executor/models/hy_v3.py:163-171 in 0.33.0), tried only where the block name alone finds nothing
+    for i in range(block, len(parts) - 1):
+        found = _renamed_at(eng, vname, parts, i)
+        if found is not None:
+            return found
+    return None
+
+
+def _renamed_at(eng: _Engine, vname: str, parts: list[str], i: int):
+    """The unique vLLM module (or packed member) named like `vname` except for its component `i`, or None."""
     prefix, tail = ".".join(parts[:i]) + ".", "." + ".".join(parts[i + 1 :])
     mm = eng.manager
     hits = [n for n in mm.modules if n.startswith(prefix) and n.endswith(tail) and n.count(".") == vname.count(".")]
@@ -565,7 +603,33 @@ def load(case: str, adapter_dir: Path, base_dir: Path) -> EngineLoad:
     error = eng.load(Path(adapter_dir))
     if error is not None:
         return EngineLoad(load_error=error)
-    return EngineLoad(deltas=read_deltas(case, eng))
+    return EngineLoad(deltas=read_deltas(case, eng), second_reads=read_second_reads(case, eng))
+
+
+def read_second_reads(case: str, eng: _Engine) -> dict[str, np.ndarray]:
+    """For each module of `common.value_copies` (a Gemma-4 k_proj whose output is also the value), slot 0 of the
+    slice vLLM computes the stood-in module from: the `v_proj` position of the model class's packed mapping for the
+    fused layer (qkv_proj = [q_proj, k_proj, v_proj]), whatever the layer packs into it (0.34.0 packs k_proj there
+    on such layers: gemma4.py:456, `lora_packed_modules`; 0.30-0.33 look for a v_proj the adapter lacks). A module
+    vLLM wraps on its own (a class it serves with the Transformers backend, Gemma4UnifiedForCausalLM) is read twice
+    by transformers' own forward, so its one delta is both reads."""
+    out = {}
+    for module, stand_in in value_copies(case).items():
+        found = _locate(eng, _vllm_name(eng, module))
+        if found is None:
+            continue
+        holder = found[0]
+        if found[1] is None:
+            layer = eng.manager.modules.get(holder)
+            if layer is not None and hasattr(layer, "lora_a_stacked") and len(layer.lora_a_stacked) == 1:
+                out[module] = _linear_slice(layer, 0)
+            continue
+        layer = eng.manager.modules.get(holder)
+        members = eng.manager.packed_modules_mapping.get(holder.rsplit(".", 1)[-1], [])
+        leaf = stand_in.rsplit(".", 1)[-1]
+        if layer is not None and hasattr(layer, "lora_a_stacked") and leaf in members:
+            out[module] = _linear_slice(layer, members.index(leaf))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ truth table
@@ -579,6 +643,12 @@ def load(case: str, adapter_dir: Path, base_dir: Path) -> EngineLoad:
 CPU_UNBUILDABLE = {
     "DeepseekV32ForCausalLM": {
         "registry": ["vllm.models.deepseek_v32", "DeepseekV32ForCausalLM"],
+        "build_error": "NotImplementedError: Sparse Attention is not supported on CPU.",
+    },
+    # GLM-5 (glm_moe_dsa): the same DSA model code (vllm/models/deepseek_v32/__init__.py: an alias of
+    # DeepseekV32ForCausalLM on CUDA, deepseek_v2.GlmMoeDsaForCausalLM elsewhere), refused the same way on a CPU
+    "GlmMoeDsaForCausalLM": {
+        "registry": ["vllm.models.deepseek_v32", "GlmMoeDsaForCausalLM"],
         "build_error": "NotImplementedError: Sparse Attention is not supported on CPU.",
     },
 }

@@ -55,7 +55,9 @@ def module_keys(mods) -> list[str]:
 
 def in_families(ctx: Context, params: dict) -> bool:
     """A rule's `families` condition: true for a listed family, and for an unknown one unless `unknown_family` is
-    false."""
+    false; never for a family in `not_families` (a shape the rule's engine code does not build for that family)."""
+    if ctx.family is not None and ctx.family in params.get("not_families", ()):
+        return False
     families = params.get("families")
     return not families or ctx.family in families or (ctx.family is None and params.get("unknown_family", True))
 

@@ -61,8 +61,10 @@ def _listed_targets(ctx: Context) -> set[str]:
 
 
 def f_companion_missing(ctx: Context, params: dict):
-    """Layers (per container) where one of `present` is adapted but none of `absent` (and none of `unless`)."""
-    if not in_families(ctx, params):
+    """Layers (per container) where one of `present` is adapted but none of `absent` (and none of `unless`). With
+    `base_lacks_absent`, only where the base itself has none of `absent` there either (the schema's group of the
+    present module has no such slice: a base that reads the present module's output in its place)."""
+    if not in_families(ctx, params) or not in_classes(ctx, params):
         return None
     present, absent, unless = set(params["present"]), set(params["absent"]), set(params.get("unless", []))
     by_place: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -74,6 +76,8 @@ def f_companion_missing(ctx: Context, params: dict):
     for (layer, container), leaves in sorted(by_place.items()):
         if present & set(leaves) and not (absent & set(leaves)) and not (unless & set(leaves)):
             hit.append((layer, container, [m for leaf in present & set(leaves) for m in leaves[leaf]]))
+    if params.get("base_lacks_absent"):
+        hit = [h for h in hit if all(_base_lacks(ctx, m, absent) for m in h[2])]
     if not hit:
         return None
     out = {
@@ -88,6 +92,13 @@ def f_companion_missing(ctx: Context, params: dict):
     if params.get("numbers") == "fused_rows":
         out.update(fused_rows_numbers(ctx, [m for h in hit for m in h[2]], params))
     return out
+
+
+def _base_lacks(ctx: Context, mod, names: set[str]) -> bool:
+    """Whether the base's group at `mod`'s place (the schema, bound to the base config) has no slice named in
+    `names`; False without a bound base, where that is unknown."""
+    match = ctx.match(mod)
+    return match is not None and not any(s.name in names for s in match.group.slices)
 
 
 def fused_rows_numbers(ctx: Context, present_mods, params: dict) -> dict:
