@@ -30,7 +30,7 @@ def _selected(session) -> dict[str, set[str] | None]:
     for item in session.items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         release = params.get("release")
-        if release is None:
+        if not isinstance(release, str) or "==" not in release:  # not an `<engine>==<version>` another test names so
             continue
         if release not in runnable:
             runnable[release] = runs.unavailable(release) is None
