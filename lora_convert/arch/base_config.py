@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from lora_convert.arch.schema_loader import schema_claiming
 from lora_convert.errors import BaseConfigError, EnvironmentProblem, UsageError
 from lora_convert.io.shipped_data import ANY, STRING, ListOf, MapOf, Object, load_shipped, shipped_files
 from lora_convert.io.small_files import read_small_json
@@ -97,16 +98,9 @@ def follow_text_path(config: dict, path: str) -> tuple[dict, bool]:
 
 
 def _schema_text_path(config: dict) -> str | None:
-    """The `text_config` path of the schema whose `match` names the config's own model_type or architecture, or
-    None. (schema.py's `schema_for_config` also tries wrapped text configs; it imports this module, so not used.)"""
-    from lora_convert.arch.schema_loader import list_schemas, load_schema
-
-    schemas = [load_schema(f) for f in list_schemas()]
-    model_type, classes = config.get("model_type"), set(config.get("architectures") or [])
-    found = [s for s in schemas if model_type in s.model_types] or [
-        s for s in schemas if classes & set(s.architectures)
-    ]
-    return found[0].text_config if found else None
+    """The `text_config` path of the schema that claims the config's own model_type or architecture, or None."""
+    found = schema_claiming(config)
+    return found.text_config if found else None
 
 
 # --------------------------------------------------------------------------------------------- presets

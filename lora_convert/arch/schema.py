@@ -24,7 +24,14 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 from lora_convert.arch.architecture import Architecture
-from lora_convert.arch.schema_loader import KINDS, SCHEMA_PACKAGE, list_schemas, load_schema, parse_schema
+from lora_convert.arch.schema_loader import (
+    KINDS,
+    SCHEMA_PACKAGE,
+    list_schemas,
+    load_schema,
+    parse_schema,
+    schema_claiming,
+)
 from lora_convert.arch.schema_model import (
     GroupDef,
     GroupSpec,
@@ -74,15 +81,8 @@ def schema_for_config(config: dict) -> Schema:
             if config.get("model_type") in s.wrapped_in and inner.get("model_type") in s.model_types:
                 return s
     for cfg in candidates:
-        model_type = cfg.get("model_type")
-        if model_type:
-            for s in schemas:
-                if model_type in s.model_types:
-                    return s
-        for arch in cfg.get("architectures") or []:
-            for s in schemas:
-                if arch in s.architectures:
-                    return s
+        if (claimed := schema_claiming(cfg, schemas)) is not None:
+            return claimed
     raise BaseConfigError(
         f"No schema matches model_type {config.get('model_type')!r} / architectures {config.get('architectures')!r}.",
         hint="`lora-convert schemas list` shows the supported families; a new family needs one JSON file in schemas/.",

@@ -362,3 +362,18 @@ def load_schema(family: str) -> Schema:
         raise SchemaError(f"No schema named {family!r}.", hint=f"Shipped schemas: {', '.join(sorted(files))}.")
     file = f"schemas/{files[family].name}"
     return parse_schema(read_resource(files[family], file), family, file)
+
+
+def schema_claiming(config: dict, schemas: list[Schema] | None = None) -> Schema | None:
+    """The schema that names `config`'s own model_type, else one of its architectures (no wrapper unwrapped)."""
+    schemas = schemas if schemas is not None else [load_schema(f) for f in list_schemas()]
+    model_type = config.get("model_type")
+    if model_type:
+        for s in schemas:
+            if model_type in s.model_types:
+                return s
+    for arch in config.get("architectures") or []:
+        for s in schemas:
+            if arch in s.architectures:
+                return s
+    return None
