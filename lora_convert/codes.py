@@ -324,6 +324,13 @@ AREAS: tuple[Area, ...] = (
         ),
         ("modules.router", INFO, "LoRA on an MoE router; some engines do not apply it.", ""),
         (
+            "modules.layout-copy",
+            INFO,
+            "A module lora-convert's engine layout writes a second time under the name the engine reads (the folder's "
+            "manifest names the layout), checked to repeat the copied module's factors exactly.",
+            "",
+        ),
+        (
             "modules.peft-cannot-apply",
             WARNING,
             "LoRA on a module PEFT itself cannot apply (the schema's `peft_cannot_apply` says why): PEFT fails or "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,30 @@ def spans(values: Iterable[int]) -> str:
         if value is not None:
             start = prev = value
     return ",".join(parts)
+
+
+# the first numeric component of a module path: its layer in every layer stack of the schemas
+_LAYER_COMPONENT = re.compile(r"^(?P<head>(?:[^.]+\.)*?)(?P<layer>\d+)(?P<tail>(?:\.[^.]+)*)$")
+
+
+def refused_listing(refused: Iterable[tuple[str, str]], limit: int = 6) -> str:
+    """(module path, reason) pairs as one sentence's worth: paths that differ only in their layer and share a reason
+    become one entry, `model.layers.N.self_attn.q_b_proj on layers 0-2 (reason)`, in first-seen order; past `limit`
+    entries the rest is counted. [("m.layers.0.q", "r"), ("m.layers.1.q", "r"), ("lm_head", "s")] ->
+    "m.layers.N.q on layers 0-1 (r); lm_head (s)"."""
+    entries: dict[tuple[str, str], tuple[str, set[int]]] = {}  # (template, reason) -> (first path, layers)
+    for path, reason in refused:
+        match = _LAYER_COMPONENT.match(path)
+        template = f"{match['head']}N{match['tail']}" if match else path
+        first, layers = entries.setdefault((template, reason), (path, set()))
+        if match:
+            layers.add(int(match["layer"]))
+    shown = []
+    for (template, reason), (first, layers) in list(entries.items())[:limit]:
+        where = f"{template} on layers {spans(layers)}" if len(layers) > 1 else first
+        shown.append(f"{where} ({reason})")
+    rest = len(entries) - limit
+    return "; ".join(shown) + (f"; and {rest} more" if rest > 0 else "")
 
 
 def replace_generated_section(text: str, begin: str, end: str, body: str) -> str:

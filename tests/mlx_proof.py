@@ -81,14 +81,14 @@ CASES = (
     "v5_gemma4_unified_text",
     "v5_mistral4",
     "v5_mistral3_mistral4",
+    "v5_phimoe",
+    "v5_exaone_moe",
     # families lora-convert does not write for mlx-lm (mlx_lm.json `unproven` says why)
     "v5_minimax",
     "v5_llama4_text",
     "v5_kimi_k25",
     "v5_deepseek_v32",
     "v5_glm4_moe_lite",
-    "v5_phimoe",
-    "v5_exaone_moe",
     "v5_glm_moe_dsa",
     "v5_mistral_large4",
     "v5_deepseek_v4",
@@ -319,12 +319,35 @@ MLX_TRAINED = {
     },
 }
 MLX_TRAINED["v5_mistral3_mistral4"] = MLX_TRAINED["v5_mistral4"]  # the Mistral-3 wrapper: the same language model
+# phimoe: mlx-lm's phimoe.py builds every attention projection and lm_head with a bias (mlx_lm/models/phimoe.py:44-47,
+# :206), as Phi-3.5-MoE ships; the fixture base has none, so the proof's base sets transformers' attention_bias and
+# lm_head_bias. The router (block_sparse_moe.gate) is left out: PEFT cannot apply it (schemas/phimoe.json).
+MLX_TRAINED["v5_phimoe"] = {
+    "rank": 4,
+    "scale": 2.0,
+    "dropout": 0.0,
+    "keys": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "block_sparse_moe.switch_mlp.gate_proj",
+        "block_sparse_moe.switch_mlp.up_proj",
+        "block_sparse_moe.switch_mlp.down_proj",
+    ],
+    "num_layers": 2,
+    "base_config": {"attention_bias": True, "lm_head_bias": True},
+}
+MLX_TRAINED["v5_exaone_moe"] = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None, "num_layers": 2}
 
 # PEFT -> MLX on a base mlx-lm can build where it cannot build the fixture's: the fixture's config with these changes
 # (`derived_base`), PEFT's logits of the fixture adapter on it recomputed by PEFT itself (the recorded ones are the
 # fixture base's). mlx-lm's lfm2_moe.py has no lm_head (Model.__call__ uses embed_tokens.as_linear,
 # mlx_lm/models/lfm2_moe.py:338), so load_model refuses the untied fixture base's lm_head.weight.
-PEFT_BASE_CONFIG = {"v5_lfm2_moe": {"tie_word_embeddings": True}}
+PEFT_BASE_CONFIG = {
+    "v5_lfm2_moe": {"tie_word_embeddings": True},
+    "v5_phimoe": MLX_TRAINED["v5_phimoe"]["base_config"],
+}
 
 # MLX -> PEFT of the modules mlx-lm adapts and PEFT cannot apply (the schema's `peft_cannot_apply` says why): the
 # MLX_TRAINED adapter with these keys added. `--layout peft` refuses them, named (PEFT would raise on load or leave
@@ -337,6 +360,7 @@ PEFT_CANNOT_APPLY = {
     "v5_qwen3_5_moe": ["mlp.gate"],
     "v5_gpt_oss": ["mlp.router"],
     "v5_nemotron_h": ["mixer.out_proj"],
+    "v5_phimoe": ["block_sparse_moe.gate"],
 }
 
 
@@ -396,6 +420,9 @@ def mlx_config(config: dict) -> dict:
         # a config without it is a model that always renormalises the top-k weights (transformers==5.23.0
         # models/qwen3_vl_moe/modeling_qwen3_vl_moe.py:166); mlx-lm's ModelArgs require the field
         config.setdefault("norm_topk_prob", True)
+    if "mlp_layer_types" in config:  # transformers 5's form of the dense/MoE pattern mlx-lm's exaone_moe reads
+        config.setdefault("is_moe_layer", [t == "sparse" for t in config["mlp_layer_types"]])
+        config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])  # required there
     if isinstance(config.get("text_config"), dict):
         mlx_config(config["text_config"])
     return config

@@ -605,8 +605,16 @@ def _without_value_copies(out, folder):
 
 
 VLLM_3D_CLASSES = {"Qwen3_5MoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration", "GptOssForCausalLM"}
-# vLLM 0.33.0 serves nothing of these exactly: no LoRA for Kimi-K2.5; no MiniMax-Text-01 class at all (removed).
-VLLM_NOTHING_LEFT = {"v4emu_kimi_k25", "v5_kimi_k25", "v5_kimi_k25_vision", "v5_minimax", "v5_minimax_experts"}
+# vLLM 0.33.0 serves nothing of these exactly: no LoRA for Kimi-K2.5 or Kimi-Linear (kimi-linear-no-lora); no
+# MiniMax-Text-01 class at all (removed).
+VLLM_NOTHING_LEFT = {
+    "v4emu_kimi_k25",
+    "v5_kimi_k25",
+    "v5_kimi_k25_vision",
+    "v5_kimi_linear",
+    "v5_minimax",
+    "v5_minimax_experts",
+}
 
 
 @pytest.mark.parametrize("layout", ["sglang", "vllm"])

@@ -1,16 +1,12 @@
-"""What SGLang's rules predict for the outside-proof Kimi-Linear and HY-V3 adapters, and what `--layout sglang`
-leaves of them: the verdicts the proof harness measured by hand (tests/engine_proof/run_release.py on SGLang 0.5.23,
-the fixtures' README says so), held here because the engine proof does not run these cases.
+"""What both engines' rules say about the outside-proof Bailing-hybrid adapter (tests/fixtures/data/outside_proof/
+README.md says why the engine proof does not run it): neither engine serves BailingHybridForCausalLM with LoRA,
+measured by hand with tests/engine_proof/run_release.py (SGLang 0.5.23, vLLM 0.33.0).
 
-SGLang 0.5.23 refuses Kimi-Linear's Kimi Delta Attention projections (no get_hidden_dim for them: rule
-kimi-linear-kda) and, like ERNIE-4.5-MoE's, the MLP / shared-expert / routed-expert LoRA of both models (their
-configs name the shared-expert count `num_shared_experts`, which the LoRA pool does not read: rule
-ernie-moe-mlp-buffers); the layout output without those modules loaded in SGLang with every module exact.
+Kimi-Linear and HY-V3, whose SGLang predictions were held here before, are in cases/ now: the engine proof runs them
+on every release of both engines.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -25,51 +21,6 @@ def _engine_findings(case: str, engine: str) -> dict[str, str]:
     report = validate(str(OUTSIDE / case / "adapter"), base=str(helpers.FIXTURES / "bases" / case), engine=engine)
     prefix = f"engine.{engine.partition('==')[0]}."
     return {f.code.removeprefix(prefix): f.message for f in report.findings if f.code.startswith(prefix)}
-
-
-def _layout_modules(case: str, engine: str, out: Path) -> set[str]:
-    from safetensors import safe_open
-
-    from lora_convert.pipeline.commands import normalize
-
-    normalize(
-        str(OUTSIDE / case / "adapter"),
-        out,
-        base=str(helpers.FIXTURES / "bases" / case),
-        layout=engine,
-        drop_unsupported=True,
-    )
-    with safe_open(out / "adapter_model.safetensors", "np") as f:
-        names = list(f.keys())  # safe_open is not iterable
-    return {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in names}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["sglang==0.5.23", "sglang==0.5.19"])
-def test_sglang_refuses_kimi_linear_kda_and_mlp_lora(engine):
-    found = _engine_findings("v5_kimi_linear", engine)
-    assert "get_hidden_dim not implemented for g_a_proj" in found["kimi-linear-kda"]
-    assert "Kimi-Linear" in found["ernie-moe-mlp-buffers"]
-
-
-@pytest.mark.slow
-def test_sglang_layout_of_kimi_linear_keeps_what_sglang_loaded(tmp_path):
-    modules = _layout_modules("v5_kimi_linear", "sglang==0.5.23", tmp_path / "out")
-    # measured: SGLang 0.5.23 loads these two, exact; the KDA layers and every MLP are refused
-    assert modules == {"model.layers.1.self_attn.kv_b_proj", "model.layers.1.self_attn.o_proj"}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["sglang==0.5.23", "sglang==0.5.19"])
-def test_sglang_refuses_hy_v3_mlp_lora(engine):
-    found = _engine_findings("v5_hy_v3", engine)
-    assert "HY-V3" in found["ernie-moe-mlp-buffers"]
-
-
-@pytest.mark.slow
-def test_sglang_layout_of_hy_v3_keeps_the_attention(tmp_path):
-    modules = _layout_modules("v5_hy_v3", "sglang==0.5.23", tmp_path / "out")
-    assert modules == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"}
 
 
 @pytest.mark.slow

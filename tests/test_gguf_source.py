@@ -34,6 +34,7 @@ CASES = [
     # make_fixtures.py issue26_gguf_cases (outside_proof/)
     "v5_gemma3_text_gguf",
     "v5_granitemoehybrid_gguf",
+    "v5_gemma4_text_gguf",
 ]
 # transformers 5's 3-D experts: PEFT records one delta per 3-D parameter; the file reads back per expert
 EXPERT_3D_CASES = [
@@ -47,6 +48,8 @@ EXPERT_3D_CASES = [
     "v5_dots1_mha",
     "v5_ernie4_5_moe_gguf",
     "v5_minimax_m2_gguf",
+    "v5_lfm2_moe_gguf",
+    "v5_jamba",
     # not v5_nemotron_h_gguf: the reader does not undo the converter's renames (gguf_architectures.json path_renames)
     # and refuses its shared-expert and attention tensors, named
 ]
@@ -175,6 +178,19 @@ def test_a_tensor_llama_cpp_never_applies_is_refused_on_read(tmp_path):
         UnsupportedAdapterError, match=r"blk\.1\.attn_q_a\.weight\.lora_a \(llama.cpp's deepseek2 graph"
     ):
         prepare(extra, base=str(case_base_dir(case)))
+
+
+def test_b_rows_the_writer_scaled_are_refused_on_read(tmp_path):
+    """Falcon-H1: the writer multiplies B's rows by the muP factors llama.cpp's converter folds into the weights; the
+    reader does not divide them back, so those tensors are refused, named, rather than read as other deltas."""
+    from lora_convert.pipeline.prepared import prepare
+
+    case = "v5_falcon_h1_gguf"
+    written = write_gguf(case, tmp_path / "gguf")
+    with pytest.raises(
+        UnsupportedAdapterError, match=r"blk\.0\.ssm_in\.weight\.lora_a \(lora-convert does not read back"
+    ):
+        prepare(written, base=str(case_base_dir(case)))
 
 
 @pytest.mark.gguf

@@ -74,6 +74,7 @@ FAMILIES = sorted(
         "falcon_h1",
         "jamba",
         "olmo_hybrid",
+        "longcat_flash",
     ]
 )
 

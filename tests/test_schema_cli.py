@@ -37,9 +37,9 @@ def test_schemas_check_json_covers_every_schema_and_preset():
     # 50304-token vocabulary, and no followable copy of an Olmo-3 config.json was found) and exaone_moe
     # (ExaoneMoeConfig names K-EXAONE-236B-A23B but its defaults, 32 layers of 64 experts, are not that checkpoint).
     issue25_without_source = ["dots1", "exaone_moe", "olmo3"]
-    # fam-misc: qwen3_omni_moe, kimi_linear, hy_v3, bailing_hybrid (no followable copy of Qwen3-Omni-30B-A3B's,
-    # Kimi-Linear-48B-A3B's, HY3's or Ling-3.0's config.json was found in the time the session had; fixtures bind them)
-    issue25_without_source += ["qwen3_omni_moe", "kimi_linear", "hy_v3", "bailing_hybrid"]
+    # fam-misc: hy_v3, bailing_hybrid (no followable copy of HY3's or Ling-3.0's config.json was found; fixtures bind
+    # them). qwen3_omni_moe and kimi_linear have presets since (qwen3-omni-30b-a3b-instruct, kimi-linear-48b-a3b-instruct).
+    issue25_without_source += ["hy_v3", "bailing_hybrid"]
     # fam-gemma: gemma4 (no followable copy of any Gemma-4 config.json, with repository and commit, was found; the
     # v5_gemma4_* fixtures bind it)
     issue25_without_source += ["gemma4"]
@@ -49,10 +49,12 @@ def test_schemas_check_json_covers_every_schema_and_preset():
     issue25_without_source += ["glm_moe_dsa", "mistral4", "mistral_large4"]
     # fam-mla: deepseek_v4 (no followable copy of DeepSeek-V4-Flash's config.json; v5_deepseek_v4 binds it)
     issue25_without_source += ["deepseek_v4"]
-    # fam-hybrid: lfm2_moe, falcon_h1, jamba, olmo_hybrid (LFM2-8B-A1B's values were seen only in third-party code
-    # without a followable repository and commit; no followable copy of a Falcon-H1, Jamba or OLMo-Hybrid config.json
-    # was found in the session's time); the v5_lfm2_moe / v5_falcon_h1 / v5_jamba / v5_olmo_hybrid fixtures bind them
-    issue25_without_source += ["lfm2_moe", "falcon_h1", "jamba", "olmo_hybrid"]
+    # fam-hybrid: olmo_hybrid (no followable copy of an OLMo-Hybrid config.json; v5_olmo_hybrid binds it). lfm2_moe,
+    # falcon_h1 and jamba have presets since (lfm2-8b-a1b, falcon-h1-7b-base, ai21-jamba-1.5-mini).
+    issue25_without_source += ["olmo_hybrid"]
+    # longcat: longcat_flash (no followable copy of LongCat-Flash-Chat's config.json; only config classes' defaults and
+    # partial snippets were found; v5_longcat_flash binds it)
+    issue25_without_source += ["longcat_flash"]
     assert report["families_without_preset"] == sorted(
         ["granitemoe", "granitemoehybrid", "minimax", *issue25_without_source]
     )

@@ -787,6 +787,180 @@ GLM47_FLASH = {
     ),
 }
 
+# ---------------------------------------------------------------------------------------------- issue 25: hybrids
+# AI21-Jamba-1.5-Mini: hidden 4096, 32 heads, 8 KV heads, head_dim 4096 / 32 = 128 -> q 4096, k = v = 1024; Mamba-1
+# d_inner = mamba_expand 2 * 4096 = 8192, in_proj rows x | z (2 * 8192), x_proj 8192 -> dt_rank 256 + 2 * d_state 16
+# = 288, dt_proj 256 -> 8192, out_proj 8192 -> 4096 (modeling_jamba.py: JambaMambaMixer); attention where
+# i % 8 == 4 (4, 12, 20, 28, all even), MoE where i % 2 == 1: 16 experts of intermediate 14336, router [16, hidden];
+# the other layers a dense MLP of 14336.
+JAMBA_MAMBA = {
+    "in_proj": (4096, 2 * 8192, (("x", 8192), ("z", 8192)), None, None),  # 16384
+    "x_proj": (8192, 256 + 2 * 16, None, None, None),  # 288
+    "dt_proj": (256, 8192, None, None, None),
+    "out_proj": (8192, 4096, None, None, None),
+}
+JAMBA_DENSE = {
+    "gate_up_proj": (4096, 2 * 14336, (("gate_proj", 14336), ("up_proj", 14336)), True, None),  # 28672
+    "down_proj": (14336, 4096, None, None, None),
+}
+JAMBA_15_MINI = {
+    ("dense", "mamba"): ([0, 2, 6, 8, 10, 14, 16, 18, 22, 24, 26, 30], {**JAMBA_MAMBA, **JAMBA_DENSE}),
+    ("mamba", "moe"): (
+        list(range(1, 32, 2)),
+        {
+            **JAMBA_MAMBA,
+            "experts.gate_up_proj": (4096, 2 * 14336, (("gate_proj", 14336), ("up_proj", 14336)), True, 16),
+            "experts.down_proj": (14336, 4096, None, None, 16),
+            "router": (4096, 16, None, None, None),
+        },
+    ),
+    ("attention", "dense"): (
+        [4, 12, 20, 28],
+        {
+            "qkv_proj": (
+                4096,
+                32 * 128 + 2 * 8 * 128,
+                (("q_proj", 4096), ("k_proj", 1024), ("v_proj", 1024)),
+                None,
+                None,
+            ),
+            "o_proj": (32 * 128, 4096, None, None, None),
+            **JAMBA_DENSE,
+        },
+    ),
+}
+
+# LFM2-8B-A1B: hidden 2048, 32 heads, 8 KV heads, head_dim 2048 / 32 = 64 -> q 2048, k = v = 512, out_proj 2048 ->
+# 2048; short-conv blocks: in_proj 2048 -> 3 * 2048 (rows B | C | x), out_proj 2048 -> 2048 (modeling_lfm2_moe.py:
+# Lfm2MoeShortConv); attention at layer_types 2, 6, 10, 14, 18, 21; layers 0-1 dense (num_dense_layers 2) with w1/w3 of
+# intermediate 7168, the rest 32 experts of moe_intermediate 1792 and a router [32, hidden].
+LFM2_CONV = {
+    "in_proj": (2048, 3 * 2048, (("B", 2048), ("C", 2048), ("x", 2048)), None, None),  # 6144
+    "out_proj": (2048, 2048, None, None, None),
+}
+LFM2_MOE_MLP = {
+    "experts.gate_up_proj": (2048, 2 * 1792, (("gate_proj", 1792), ("up_proj", 1792)), True, 32),  # 3584
+    "experts.down_proj": (1792, 2048, None, None, 32),
+    "gate": (2048, 32, None, None, None),
+}
+LFM2_8B_A1B = {
+    ("conv", "dense"): (
+        [0, 1],
+        {
+            **LFM2_CONV,
+            "gate_up_proj": (2048, 2 * 7168, (("w1", 7168), ("w3", 7168)), True, None),  # 14336
+            "down_proj": (7168, 2048, None, None, None),
+        },
+    ),
+    ("attention", "moe"): (
+        [2, 6, 10, 14, 18, 21],
+        {
+            "qkv_proj": (2048, 32 * 64 + 2 * 8 * 64, (("q_proj", 2048), ("k_proj", 512), ("v_proj", 512)), None, None),
+            "out_proj": (32 * 64, 2048, None, None, None),
+            **LFM2_MOE_MLP,
+        },
+    ),
+    ("conv", "moe"): (
+        [i for i in range(3, 24) if i not in (6, 10, 14, 18, 21)],
+        {**LFM2_CONV, **LFM2_MOE_MLP},
+    ),
+}
+
+# Falcon-H1-7B-Base: every one of 44 layers holds attention, Mamba-2 and an MLP; hidden 3072, 12 heads of head_dim 128
+# -> q 1536, 2 KV heads -> k = v = 256, o 1536 -> 3072; Mamba in_proj 3072 -> z d_ssm 3072 | x 3072 | B 1 * 256 | C 256
+# | dt 24 heads = 6680, out_proj 3072 -> 3072 (modeling_falcon_h1.py: FalconH1Mixer); MLP of intermediate 12288.
+FALCON_H1_7B = {
+    ("attention", "dense", "mamba"): (
+        list(range(44)),
+        {
+            "in_proj": (
+                3072,
+                3072 + 3072 + 2 * 1 * 256 + 24,
+                (("z", 3072), ("x", 3072), ("B", 256), ("C", 256), ("dt", 24)),
+                None,
+                None,
+            ),  # 6680
+            "out_proj": (3072, 3072, None, None, None),
+            "qkv_proj": (
+                3072,
+                12 * 128 + 2 * 2 * 128,
+                (("q_proj", 1536), ("k_proj", 256), ("v_proj", 256)),
+                None,
+                None,
+            ),
+            "o_proj": (12 * 128, 3072, None, None, None),
+            "gate_up_proj": (3072, 2 * 12288, (("gate_proj", 12288), ("up_proj", 12288)), True, None),  # 24576
+            "down_proj": (12288, 3072, None, None, None),
+        },
+    ),
+}
+
+# Kimi-Linear-48B-A3B: hidden 2304; KDA layers (1-based kda_layers, i.e. all but 3, 7, 11, 15, 19, 23, 26 0-based):
+# q/k/v 2304 -> 32 heads * 128 = 4096, b_proj -> 32, forget gate f_a 2304 -> 128, f_b 128 -> 4096, g_a / g_b the same,
+# o 4096 -> 2304 (modeling_kimi_linear.py: KimiLinearDeltaAttention); MLA layers with q_lora_rank null: q_proj 2304 ->
+# 32 * (128 + 64) = 6144, kv_a 2304 -> 512 + 64 = 576, kv_b 512 -> 32 * (128 + 128) = 8192, o 32 * 128 = 4096 -> 2304;
+# layer 0 dense (intermediate 9216), layers 1-26 MoE: 256 experts of 1024, one shared expert of 1 * 1024, router [256].
+KIMI_KDA = {
+    "qkv_proj": (2304, 3 * 32 * 128, (("q_proj", 4096), ("k_proj", 4096), ("v_proj", 4096)), None, None),  # 12288
+    "b_proj": (2304, 32, None, None, None),
+    "forget_gate.f_a_proj": (2304, 128, None, None, None),
+    "forget_gate.f_b_proj": (128, 32 * 128, None, None, None),
+    "g_a_proj": (2304, 128, None, None, None),
+    "g_b_proj": (128, 32 * 128, None, None, None),
+    "o_proj": (32 * 128, 2304, None, None, None),
+}
+KIMI_MOE = {
+    "experts.gate_up_proj": (2304, 2 * 1024, (("gate_proj", 1024), ("up_proj", 1024)), True, 256),  # 2048
+    "experts.down_proj": (1024, 2304, None, None, 256),
+    "shared_experts.gate_up_proj": (2304, 2 * 1024 * 1, (("gate_proj", 1024), ("up_proj", 1024)), True, None),
+    "shared_experts.down_proj": (1024 * 1, 2304, None, None, None),
+    "gate": (2304, 256, None, None, None),
+}
+KIMI_MLA_LAYERS = [3, 7, 11, 15, 19, 23, 26]  # full_attn_layers 4, 8, ..., 24, 27 minus one
+KIMI_LINEAR_48B = {
+    ("dense", "linear_attention"): (
+        [0],
+        {
+            **KIMI_KDA,
+            "gate_up_proj": (2304, 2 * 9216, (("gate_proj", 9216), ("up_proj", 9216)), True, None),  # 18432
+            "down_proj": (9216, 2304, None, None, None),
+        },
+    ),
+    ("linear_attention", "moe"): ([i for i in range(1, 27) if i not in KIMI_MLA_LAYERS], {**KIMI_KDA, **KIMI_MOE}),
+    ("full_attention", "moe"): (
+        KIMI_MLA_LAYERS,
+        {
+            "q_proj": (2304, 32 * (128 + 64), None, None, None),  # 6144
+            "kv_a_proj_with_mqa": (2304, 512 + 64, None, None, None),  # 576
+            "kv_b_proj": (512, 32 * (128 + 128), None, None, None),  # 8192
+            "o_proj": (32 * 128, 2304, None, None, None),
+            **KIMI_MOE,
+        },
+    ),
+}
+
+# Qwen3-Omni-30B-A3B thinker text model: hidden 2048, 32 heads, 4 KV heads, head_dim 128 -> q 4096, k = v = 512, o
+# 4096 -> 2048; 48 layers, all MoE (decoder_sparse_step 1, mlp_only_layers []): 128 experts of 768, router [128, hidden]
+# (modeling_qwen3_omni_moe.py: Qwen3OmniMoeThinkerTextSparseMoeBlock); the stack lives under thinker.model.
+QWEN3_OMNI_THINKER = {
+    ("attention", "moe"): (
+        list(range(48)),
+        {
+            "qkv_proj": (
+                2048,
+                32 * 128 + 2 * 4 * 128,
+                (("q_proj", 4096), ("k_proj", 512), ("v_proj", 512)),
+                None,
+                None,
+            ),
+            "o_proj": (32 * 128, 2048, None, None, None),
+            "experts.gate_up_proj": (2048, 2 * 768, (("gate_proj", 768), ("up_proj", 768)), True, 128),  # 1536
+            "experts.down_proj": (768, 2048, None, None, 128),
+            "gate": (2048, 128, None, None, None),
+        },
+    ),
+}
+
 EXPECTED = {
     "deepseek-v3": (
         "deepseek_v3",
@@ -968,6 +1142,36 @@ EXPECTED = {
         "model.layers",
         GLM47_FLASH,
         {"model.embed_tokens": (154880, 2048), "lm_head": (2048, 154880)},
+    ),
+    "ai21-jamba-1.5-mini": (
+        "jamba",
+        "model.layers",
+        JAMBA_15_MINI,
+        {"model.embed_tokens": (65536, 4096), "lm_head": (4096, 65536)},
+    ),
+    "lfm2-8b-a1b": (
+        "lfm2_moe",
+        "model.layers",
+        LFM2_8B_A1B,
+        {"model.embed_tokens": (65536, 2048), "lm_head": (2048, 65536)},  # tied, the module is still listed
+    ),
+    "falcon-h1-7b-base": (
+        "falcon_h1",
+        "model.layers",
+        FALCON_H1_7B,
+        {"model.embed_tokens": (130048, 3072), "lm_head": (3072, 130048)},
+    ),
+    "kimi-linear-48b-a3b-instruct": (
+        "kimi_linear",
+        "model.layers",
+        KIMI_LINEAR_48B,
+        {"model.embed_tokens": (163840, 2304), "lm_head": (2304, 163840)},
+    ),
+    "qwen3-omni-30b-a3b-instruct": (
+        "qwen3_omni_moe",
+        "thinker.model.layers",
+        QWEN3_OMNI_THINKER,
+        {"thinker.model.embed_tokens": (152064, 2048), "thinker.lm_head": (2048, 152064)},
     ),
 }
 

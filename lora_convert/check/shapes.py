@@ -7,7 +7,6 @@ base was unknown."""
 from __future__ import annotations
 
 from lora_convert.check.context import MAX_KEYS, Check, CheckContext, Outcome, not_checked, unchecked_text
-from lora_convert.check.shape_check import check_shapes
 from lora_convert.codes import finding
 from lora_convert.findings import Finding
 
@@ -16,7 +15,7 @@ def run(ctx: CheckContext) -> Outcome:
     if ctx.stacked:
         return Outcome(stacked_findings(ctx.adapter, ctx.arch))
     if ctx.arch is not None:
-        return Outcome(check_shapes(ctx.adapter, ctx.arch))
+        return Outcome(ctx.shape_findings)  # computed once per adapter (pipeline/prepared.py)
     why = ctx.base.no_shapes_why or "no architecture schema"
     message = (
         f"The tensor shapes were not checked against the base model: {why}. A wrong-shaped tensor would go "

@@ -41,6 +41,7 @@ from lora_convert.engines.rules import WHOLE_BASE_FEATURES, installed_engines, l
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.safetensors_writer import TensorSpec
 from lora_convert.peft.adapter import ModuleKind
+from lora_convert.text import refused_listing
 
 REPORT_FILE = ENGINE_REPORT_FILE
 REPORT_FORMAT = "lora-convert/engine-layout"
@@ -236,7 +237,7 @@ def plan_layout(plan: Plan, layout: str) -> LayoutPlan:
     out_rank = plan.rank
     top = dict(getattr(plan.arch, "top_config", None) or config)
     for g in groups:
-        problem = rules.refusal(g, plan.family, config, classes, top)
+        problem = rules.refusal(g, plan.family, config, classes, top, plan.arch)
         if problem is not None:
             if id(g) in added_ids:  # a zero-filled side the adapter does not have: nothing of its to refuse
                 continue
@@ -417,11 +418,10 @@ def settle_layout(lp: LayoutPlan, *, drop_unsupported: bool = False) -> LayoutPl
         raise ValueError("settle_layout needs a verified layout plan (verify_layout)")
     refused = sorted(lp.refused, key=lambda r: _group_order(r.group))
     if refused and not drop_unsupported:
-        listing = "; ".join(f"{r.group.key} ({r.reason})" for r in refused[:6])
-        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        listing = refused_listing((r.group.key, r.reason) for r in refused)
         raise UnsupportedAdapterError(
             f"--layout {lp.layout}: {len(refused)} module group(s) cannot be served exactly by {lp.rules.served_by}: "
-            f"{listing}{more}.",
+            f"{listing}.",
             hint=f"Pass --drop-unsupported to leave them out (listed in {listing_file(lp.layout)} and on stderr; the "
             "served adapter then differs from the trained one), or use --layout stacked.",
         )

@@ -10,7 +10,9 @@ A [r, in] and B [out, r] in row-major order. Applied as `scale * alpha / r * B (
 (src/llama-graph.cpp:1540-1549, llama-adapter.h:52-56). So the file carries the `peft` layout's modules (one rank
 R, each module's PEFT scaling folded into B) under gguf-py's own TensorNameMap names for the base's llama.cpp
 architecture, with alpha = R: every module's scale is exactly 1. Where llama.cpp's converter reorders a weight's
-output rows (Llama's q/k RoPE permutation), B's rows are reordered the same way. Routed experts are llama.cpp's
+output rows (Llama's q/k RoPE permutation), B's rows are reordered the same way; where it multiplies a weight's
+output rows by constants of the config (muP multipliers folded into the weights), B's rows are multiplied by the same
+constants, so B A x is scaled exactly as the base's W x. Routed experts are llama.cpp's
 stacked `ffn_{gate,up,down}_exps` pairs: lora_a [E, R, in] and lora_b [E, out, R] per slice (the loader's shape
 check reads ne[0] and ne[1] only, :364-371; applied per selected expert with ggml_mul_mat_id,
 src/llama-graph.cpp:1574-1592), written after the dense modules, one expert group at a time.
@@ -46,6 +48,7 @@ from lora_convert.errors import SchemaError, UnsupportedAdapterError
 from lora_convert.io.gguf_file import ggml_type, import_gguf
 from lora_convert.io.safetensors_writer import TensorSpec
 from lora_convert.io.shipped_data import BOOL, STRING, ListOf, MapOf, Object, load_shipped
+from lora_convert.text import refused_listing
 
 GGUF_FILE = "adapter.gguf"
 DATA_FILE = "gguf_architectures.json"
@@ -67,6 +70,8 @@ _SPEC = Object(
                     "refused_tensors": MapOf(STRING),
                     "refused_bases": ListOf(_BASE_FORM),
                     "path_renames": ListOf(ListOf(STRING, non_empty=True)),
+                    "row_scales": MapOf(ListOf(ListOf(STRING, non_empty=True), non_empty=True)),
+                    "refused_wrapped": STRING,
                 },
             )
         ),
@@ -83,6 +88,10 @@ class GgufModelType:
     refused_bases: tuple[dict, ...] = ()  # base forms llama.cpp cannot convert or load (_BASE_FORM)
     # (regex, replacement): the converter's own renames of a weight's path before its TensorNameMap lookup
     path_renames: tuple[tuple[str, str], ...] = ()
+    # gguf tensor kind -> ((rows, factor), ...): consecutive row blocks the converter multiplies by `factor`, both
+    # schema expressions over the config (`out`: the weight's output rows)
+    row_scales: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    refused_wrapped: str | None = None  # why a base whose text model sits in a wrapper (VL) is refused, if it is
 
 
 @cache
@@ -110,6 +119,8 @@ def gguf_model_types() -> dict[str, GgufModelType]:
             dict(d.get("refused_tensors", {})),
             tuple(d.get("refused_bases", ())),
             tuple((rx, to) for rx, to in d.get("path_renames", ())),
+            {k: tuple((rows, factor) for rows, factor in v) for k, v in d.get("row_scales", {}).items()},
+            d.get("refused_wrapped"),
         )
         for model_type, d in data["model_types"].items()
     }
@@ -122,6 +133,7 @@ class GgufTensor:
     key: str
     name: str
     heads: int | None = None  # lora_b only: reorder its rows as llama.cpp's converter reorders the base's
+    row_scale: tuple[float, ...] | None = None  # lora_b only: multiply its rows as the converter multiplies the base's
 
 
 @dataclass(frozen=True)
@@ -195,6 +207,11 @@ def plan_gguf_layout(plan: Plan, dtype: str, *, drop_unsupported: bool = False) 
             hint="Write --layout peft (every module's scale folded into B, r = lora_alpha: right for llama.cpp's own "
             "convert_lora_to_gguf.py, which reads lora_alpha only) and convert that with convert_lora_to_gguf.py.",
         )
+    if target.refused_wrapped and getattr(plan.arch, "wrapped", False):
+        raise UnsupportedAdapterError(
+            f"--layout gguf: llama.cpp cannot take this {model_type} base in its wrapper: {target.refused_wrapped}.",
+            hint="Write --layout peft or stacked for this base.",
+        )
     _refuse_base_form(target, config, model_type)
     if ggml_type(dtype) is None:
         raise UnsupportedAdapterError(
@@ -210,10 +227,9 @@ def plan_gguf_layout(plan: Plan, dtype: str, *, drop_unsupported: bool = False) 
     }
     refused = [r for lg in groups if (r := _refusal(lg, names, target, experts)) is not None]
     if refused and not drop_unsupported:
-        listing = "; ".join(f"{r.group.key} ({r.reason})" for r in refused[:6])
-        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        listing = refused_listing((r.group.key, r.reason) for r in refused)
         raise UnsupportedAdapterError(
-            f"--layout gguf: {len(refused)} module group(s) cannot be applied exactly by llama.cpp: {listing}{more}.",
+            f"--layout gguf: {len(refused)} module group(s) cannot be applied exactly by llama.cpp: {listing}.",
             hint="Pass --drop-unsupported to leave them out (listed in lora_convert_report.json and on stderr; the "
             "served adapter then differs from the trained one), or use --layout peft / stacked.",
         )
@@ -224,7 +240,7 @@ def plan_gguf_layout(plan: Plan, dtype: str, *, drop_unsupported: bool = False) 
     lp = dataclasses.replace(lp, groups=dense, refused=(*lp.refused, *refused), out_rank=0)
     # settle_layout refuses a layout with nothing left; experts alone are something here
     lp = engine_layouts.settle_layout(lp, drop_unsupported=True) if dense or not kept else _settle_experts_only(lp)
-    tensors = tuple(_tensors(lp, names, target, config))
+    tensors = tuple(_tensors(lp, names, target, config, model_type))
     stacked = tuple(experts[id(lg.group)] for lg in kept if lg.group.experts)
     note = f"written for llama.cpp architecture {target.architecture!r} (general.architecture), alpha = rank"
     return GgufLayout(lp, target.architecture, tensors, stacked, (note,), lp.dropped)
@@ -321,9 +337,15 @@ def _refusal(lg: LayoutGroup, names: _Names, target: GgufModelType, experts: dic
         why = "embedding LoRA: llama.cpp applies token_embd's pair transposed, not proven by lora-convert"
     elif g.experts:
         missing = [sl.name for sl, n in zip(g.slices, experts[id(g)].names, strict=True) if not n]
-        if not missing:
+        # the stacked writer scales no rows: an expert tensor the converter scales is refused, not written unscaled
+        scaled = [n for n in experts[id(g)].names if n and _kind(n) in target.row_scales]
+        if not missing and not scaled:
             return None
-        why = f"gguf-py's TensorNameMap has no llama.cpp {architecture} expert tensor for {', '.join(missing)}"
+        why = (
+            f"gguf-py's TensorNameMap has no llama.cpp {architecture} expert tensor for {', '.join(missing)}"
+            if missing
+            else f"llama.cpp's converter scales the rows of {', '.join(scaled)}, which lora-convert does not for experts"
+        )
     else:
         missing = [m.path for m in lg.modules if _gguf_name(names, m.path) is None]
         kinds = [_kind(n) for m in lg.modules if (n := _gguf_name(names, m.path)) is not None]
@@ -342,14 +364,40 @@ def _kind(name: str) -> str:
     return name.split(".")[-2]
 
 
-def _tensors(lp: LayoutPlan, names: _Names, target: GgufModelType, config: dict) -> Iterator[GgufTensor]:
-    for _, m in lp.modules():
+def _tensors(
+    lp: LayoutPlan, names: _Names, target: GgufModelType, config: dict, model_type: str
+) -> Iterator[GgufTensor]:
+    for lg, m in lp.modules():
         name = _gguf_name(names, m.path)
         kind = _kind(name)
         fields = target.row_permutations.get(kind, ())
         heads = next((config[f] for f in fields if isinstance(config.get(f), int)), None)
+        start, stop = lg.out_rows(m)
+        scale = _row_scale(target.row_scales.get(kind), config, stop - start, f"{model_type} {kind}")
         yield GgufTensor(m.a_key, f"{name}.lora_a")
-        yield GgufTensor(m.b_key, f"{name}.lora_b", heads)
+        yield GgufTensor(m.b_key, f"{name}.lora_b", heads, scale)
+
+
+def _row_scale(blocks: tuple[tuple[str, str], ...] | None, config: dict, out: int, what: str) -> tuple | None:
+    """The factor of each output row the converter multiplies the base weight by (DATA_FILE `row_scales`), or None.
+    A config that cannot answer, or blocks that do not cover the rows, refuses: a guessed factor is a wrong adapter."""
+    if not blocks:
+        return None
+    factors_of_rows: list[float] = []
+    try:
+        for rows, factor in blocks:
+            n, f = expr.evaluate(rows, config, out=out), expr.evaluate(factor, config, out=out)
+            factors_of_rows += [float(f)] * int(n)
+    except (SchemaError, TypeError, ValueError) as exc:
+        problem = f"the base config cannot give them ({exc})"
+    else:
+        if len(factors_of_rows) == out:
+            return tuple(factors_of_rows)
+        problem = f"they cover {len(factors_of_rows)} rows, the weight has {out}"
+    raise UnsupportedAdapterError(
+        f"--layout gguf: llama.cpp's converter multiplies the {what} weight's rows by config constants, and {problem}.",
+        hint="Write --layout peft for this base; its GGUF conversion is not the one lora-convert has proven.",
+    )
 
 
 def _permute_rows(b: np.ndarray, heads: int) -> np.ndarray:
@@ -370,6 +418,9 @@ def iter_gguf_tensors(
             gl.layout, dtype_tag, progress=progress, allow_non_finite=allow_non_finite
         ):
             t = by_key[key]
+            if t.row_scale is not None:  # in transformers' row order, where the converter multiplies them
+                scale = np.asarray(t.row_scale, dtype=np.float64)[:, None]
+                tensor = (tensor.astype(np.float64) * scale).astype(tensor.dtype)
             yield t.name, (tensor if t.heads is None else _permute_rows(tensor, t.heads))
     R = gl.layout.plan.rank
     groups = [eg.group for eg in gl.experts]

@@ -25,6 +25,11 @@ A rule matches a planned group through `when`, by what the schema says about the
   vision_tower  {"model_types": [...]}: the base's vision tower (top-level `vision_config`) is one of these and
             has the group's layer index (layer < its num_hidden_layers); an engine that files vision linears by
             their `layers.N.` index next to the text layer N. {vision_type} and {vision_layers} are then available.
+  base_has_kind  [kind, ...]: some layer of the base holds a group of one of these kinds (the schema's
+            `layer_types` and each group's `on`, evaluated on the base config), whether or not the adapter trains
+            it; an engine that wraps the base's modules by name needs a LoRA buffer for a module the adapter never
+            touched (a dense MLP layer's down_proj among MoE layers). {base_kind} and {base_kind_layers} are then
+            available.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from lora_convert.convert.plan import PlannedGroup
 from lora_convert.engines.profiles import render
 from lora_convert.engines.rules import LAYOUT_SPEC, installed_engines, layout_document, resolve_engine
 from lora_convert.io.shipped_data import load_shipped
+from lora_convert.text import spans
 
 CONVERT_PACKAGE = "lora_convert.convert"
 PEFT_LAYOUT_FILE = "peft_layout.json"
@@ -70,10 +76,11 @@ class When:
     fields: Mapping[str, Any]
 
     def match(
-        self, group: PlannedGroup, family: str, config: Mapping, classes=(), top: Mapping | None = None
+        self, group: PlannedGroup, family: str, config: Mapping, classes=(), top: Mapping | None = None, arch=None
     ) -> dict[str, Any] | None:
         """None when the group does not match; otherwise the values the rule's text may cite. `classes`: the base
-        config's `architectures`; `top`: its top-level config (a VL base's, holding `vision_config`)."""
+        config's `architectures`; `top`: its top-level config (a VL base's, holding `vision_config`); `arch`: the
+        bound base (lora_convert.arch.architecture.Architecture; `base_has_kind` reads it, and without it fails)."""
         f = self.fields
         if "architectures" in f and not set(classes) & set(f["architectures"]):
             return None
@@ -103,7 +110,28 @@ class When:
                 if found is None:
                     return None
                 values.update(found)
+        if "base_has_kind" in f:
+            found = _base_has_kind(f["base_has_kind"], arch)
+            if found is None:
+                return None
+            values.update(found)
         return values
+
+
+def _base_has_kind(kinds: list[str], arch) -> dict[str, Any] | None:
+    """`base_has_kind` of a When (the module docstring): the values it gives, or None (no bound base: no match)."""
+    if arch is None:
+        return None
+    layers: list[int] = []
+    found: set[str] = set()
+    for _, members in arch.layer_type_sets():  # one representative layer per set of layer types
+        held = {g.kind for g in arch.groups(members[0])} & set(kinds)
+        if held:
+            found |= held
+            layers += members
+    if not layers:
+        return None
+    return {"base_kind": "/".join(sorted(found)), "base_kind_layers": spans(sorted(layers))}
 
 
 def _config_differs(spec: Mapping, group: PlannedGroup, config: Mapping, top: Mapping) -> dict[str, Any] | None:
@@ -191,11 +219,14 @@ class LayoutRules:
         """The target_modules names the loader re-targets for a base of `model_type`, and what it makes of each."""
         return next((targets for types, targets in self.converted_targets if model_type in types), {})
 
-    def refusal(self, group: PlannedGroup, family: str, config: Mapping, classes=(), top: Mapping | None = None):
+    def refusal(
+        self, group: PlannedGroup, family: str, config: Mapping, classes=(), top: Mapping | None = None, arch=None
+    ):
         """(Refusal, its reason rendered for this group, the values its `when` gave) of the first refusal that
-        matches the group, or None. `top`: the base's top-level config (When's `vision_tower` reads it)."""
+        matches the group, or None. `top`: the base's top-level config (When's `vision_tower` reads it); `arch`:
+        the bound base (When's `base_has_kind` reads it)."""
         for rule in self.refuse:
-            values = rule.when.match(group, family, config, classes, top)
+            values = rule.when.match(group, family, config, classes, top, arch)
             if values is not None:
                 values.setdefault("count", len({id(src.module) for sl in group.slices for src in sl.sources()}))
                 values.setdefault("layers", "-" if group.layer is None else str(group.layer))

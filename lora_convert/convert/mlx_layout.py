@@ -35,6 +35,7 @@ from lora_convert.convert.plan import VISION_KIND, DroppedModule, Plan, PlannedG
 from lora_convert.errors import UnsupportedAdapterError
 from lora_convert.io.safetensors_writer import TensorSpec
 from lora_convert.peft.mlx_format import mlx_facts
+from lora_convert.text import refused_listing
 
 REFUSED_CODE = "layout.mlx-unsupported"
 
@@ -205,11 +206,10 @@ def plan_mlx_layout(plan: Plan, *, drop_unsupported: bool = False) -> MlxPlan:
 
 def _settle(plan: Plan, modules: list[MlxModule], refused: list, drop_unsupported: bool) -> MlxPlan:
     if refused and not drop_unsupported:
-        listing = "; ".join(f"{g.key} ({why})" for g, why in refused[:6])
-        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        listing = refused_listing((g.key, why) for g, why in refused)
         raise UnsupportedAdapterError(
             f"--layout mlx: {len(refused)} module group(s) cannot be expressed in mlx-lm's adapter format "
-            f"({mlx_facts().release}): {listing}{more}.",
+            f"({mlx_facts().release}): {listing}.",
             hint=f"Pass --drop-unsupported to leave them out (listed in {listing_file(MLX_LAYOUT)}; the adapter then "
             "differs from the trained one), or use --layout peft.",
         )

@@ -15,6 +15,7 @@ from lora_convert.convert.blockers import normalize_blockers
 from lora_convert.errors import UnsupportedAdapterError, UsageError
 from lora_convert.findings import Finding
 from lora_convert.peft.adapter import Adapter, LoraModule, ModuleKind
+from lora_convert.text import refused_listing
 
 LAYOUT_FORMAT = "lora-convert/stacked"
 LAYOUT_VERSION = 1
@@ -355,10 +356,9 @@ def _refused_module(mod: LoraModule, problem: tuple[str, str]) -> DroppedModule:
 
 
 def _refused_modules_error(dropped: list[DroppedModule], listed_in: str | None) -> UnsupportedAdapterError:
-    listing = "; ".join(f"{d.module} ({d.reason})" for d in dropped[:6])
-    more = f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""
+    listing = refused_listing((d.module, d.reason) for d in dropped)
     return UnsupportedAdapterError(
-        f"{len(dropped)} module(s) cannot be converted: {listing}{more}.",
+        f"{len(dropped)} module(s) cannot be converted: {listing}.",
         hint="Pass --drop-unsupported to leave them out"
         + (f" (they are listed in {listed_in})" if listed_in else "")
         + ", or fix the adapter.",

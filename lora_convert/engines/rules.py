@@ -98,6 +98,7 @@ WHEN_SPEC = Object(
         "not_architectures": ListOf(STRING),
         "config_differs": Object(required={"field": STRING, "from": STRING}),
         "vision_tower": Object(required={"model_types": ListOf(STRING)}),
+        "base_has_kind": ListOf(STRING),
     }
 )
 _RULE_REQUIRED = {

@@ -69,6 +69,13 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return _manifest_and_problem(folder)[0]
 
 
+def written_layout(folder: Path) -> str | None:
+    """The layout a previous lora-convert output in `folder` was written in (`vllm==0.33.0`, ...), or None."""
+    manifest = read_manifest(folder) if (folder / MANIFEST_FILE).is_file() else None
+    layout = manifest.get("layout") if manifest else None
+    return layout if isinstance(layout, str) else None
+
+
 def _manifest_and_problem(folder: Path) -> tuple[dict[str, Any] | None, str]:
     """(the manifest, "") or (None, why it is not one)."""
     try:  # a FIFO or device of that name, or anything but a JSON object in it, is refused unread (UsageError)

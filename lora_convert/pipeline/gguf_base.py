@@ -60,4 +60,7 @@ def gguf_base(spec: str, *, cache_dir=None, token: str | None = None) -> GgufBas
             return None
         return (match.group.path, match.slice_indices, match.expert), match.expected_out, match.expected_in
 
-    return GgufBase(target.architecture, config, heads, place, dict(target.refused_tensors))
+    # B rows the writer multiplied by the converter's folded constants (row_scales): not undone here, so refused
+    scaled = "lora-convert does not read back B rows llama.cpp's converter scales by config constants (row_scales)"
+    refused = {**{kind: scaled for kind in target.row_scales}, **target.refused_tensors}
+    return GgufBase(target.architecture, config, heads, place, refused)

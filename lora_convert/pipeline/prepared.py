@@ -29,6 +29,7 @@ from lora_convert.pipeline.gguf_base import read_gguf_adapter
 # (docs/benchmarks.md, the 94,000-tensor inspect).
 if TYPE_CHECKING:
     from lora_convert.check.base_resolution import BaseResolution
+    from lora_convert.check.layout_copies import LayoutCopy
     from lora_convert.convert.plan import Plan
     from lora_convert.findings import Finding
 
@@ -71,10 +72,21 @@ class PreparedAdapter:
 
     @cached_property
     def shape_findings(self) -> list[Finding]:
-        """Every module's shapes against the architecture schema; empty when there is no architecture."""
+        """Every module's shapes against the architecture schema; empty when there is no architecture. The copies
+        an engine layout wrote on purpose (`layout_copies`) are reported as such, not as misplaced modules."""
+        from lora_convert.check.layout_copies import with_layout_copies
         from lora_convert.check.shape_check import check_shapes
 
-        return check_shapes(self.adapter, self.arch) if self.arch is not None else []
+        if self.arch is None:
+            return []
+        return with_layout_copies(check_shapes(self.adapter, self.arch), self.layout_copies)
+
+    @cached_property
+    def layout_copies(self) -> list[LayoutCopy]:
+        """The modules lora-convert's own engine-layout output holds twice on purpose, verified (check/layout_copies.py)."""
+        from lora_convert.check.layout_copies import find_layout_copies
+
+        return find_layout_copies(self) if self.arch is not None else []
 
     def require_valid_config(self) -> None:
         """Raise the AdapterConfigError a strict read raises when adapter_config.json has errors."""

@@ -94,6 +94,33 @@ def _vllm_cpu_activation_ops() -> None:
 _KEEP: list = []
 
 
+def _vllm_kimi_linear_cuda_setup() -> None:
+    import types
+
+    import torch
+    from vllm.models.kimi_k3.nvidia import model as kimi
+
+    class _Cuda:
+        """torch.cuda as this module sees it: no stream (a stream orders GPU kernels; no forward runs here)."""
+
+        def __getattr__(self, name):
+            return getattr(torch.cuda, name)
+
+        @staticmethod
+        def Stream(*args, **kwargs):  # noqa: N802 - torch's name
+            return None
+
+    class _Torch(types.ModuleType):
+        cuda = _Cuda()
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    kimi.torch = _Torch("torch")
+    # the GEMM-AR kernel: the release's own check answers False off CUDA, but 0.31-0.32 import its CUDA DSL first
+    kimi.maybe_init_gemm_rs_ar = lambda vllm_config, use_sequence_parallel: False
+
+
 # ------------------------------------------------------------------------------------------------ SGLang
 def _sglang_qwen3_asr_register() -> None:
     import transformers
@@ -147,6 +174,23 @@ ADAPTATIONS = (
         "built (model_executor/layers/activation.py:128-135 in 0.30.0; 0.33 binds them only on POWERPC), and vllm._C "
         "is not importable without CUDA. No-op Python ops of the same names: no forward runs.",
         _vllm_cpu_activation_ops,
+    ),
+    # engproof (issue 25): 0.33.0-0.34.0 refuse Kimi-Linear's LoRA in the engine config, before the model is built
+    Adaptation(
+        "kimi-linear-cuda-setup",
+        "vllm",
+        "0.30.0",
+        "0.32.0",
+        "KimiLinearModel.__init__ creates a CUDA stream for overlapping the MLA output-gate GEMM in the forward "
+        "(vllm/models/kimi_k3/nvidia/model.py:1186 in 0.30.0, :1147 in 0.31.0, :1155 in 0.32.0; the registry serves "
+        "that CUDA class on a CPU too, models/kimi_k3/__init__.py:27-28), which torch refuses without CUDA, and asks "
+        "maybe_init_gemm_rs_ar whether to bind the SM100 GEMM-AR kernel, which in 0.31-0.32 imports that kernel's "
+        "CUDA DSL (`cutlass`, nvidia/model.py:158-171 in 0.31.0) before its own check answers False off CUDA "
+        "(model_executor/kernels/linear/cute_dsl/gemm_rs_ar.py:1122-1123 in 0.31.0; 0.30.0 checks first, "
+        "nvidia/model.py:173-174). Inside that module only, torch.cuda.Stream() gives None and "
+        "maybe_init_gemm_rs_ar False: no forward runs, and the release's LoRA verdict on the class "
+        "(load_lora_model's SupportsLoRA check) comes after the build.",
+        _vllm_kimi_linear_cuda_setup,
     ),
     Adaptation(
         "qwen3-asr-config-registered",

@@ -242,7 +242,12 @@ def _init_dist(server_args):
 
 
 # ------------------------------------------------------------------------------------------------ base models
-_ARCH = {"Kimi_K25ForConditionalGeneration": "KimiK25ForConditionalGeneration"}  # transformers -> SGLang name
+# transformers -> SGLang name. PhiMoE: transformers 5 calls the class PhimoeForCausalLM; the released checkpoints
+# (and the fixture's base config) say PhiMoEForCausalLM, SGLang's registered name (sglang/srt/models/phimoe.py:558)
+_ARCH = {
+    "Kimi_K25ForConditionalGeneration": "KimiK25ForConditionalGeneration",
+    "PhimoeForCausalLM": "PhiMoEForCausalLM",
+}
 _TEXT_ONLY = {"Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"}
 # Released DeepSeek-V3 / Kimi configs carry these; transformers 5 drops them and SGLang reads them unguarded.
 _DEEPSEEK_FIELDS = {"moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "ep_size": 1}
@@ -251,6 +256,9 @@ _DEEPSEEK_FIELDS = {"moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_fun
 # rotary width, 64 of head_dim 128 on the Hub) defaults to head_dim here: not a LoRA target either.
 _MINIMAX_M2_FIELDS = {"scoring_func": "sigmoid"}
 _DEEPSEEK_YARN = {"rope_type": "deepseek_yarn", "factor": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+# text configs served by SGLang's DeepSeek-V2 MLA code (LongCat-Flash's LongcatFlashDecoderLayer builds
+# DeepseekV2AttentionMLA too: sglang/srt/models/longcat_flash.py:364-392)
+_DEEPSEEK_MLA_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2", "glm_moe_dsa", "longcat_flash")
 
 
 def _hy_v3_released_fields(cfg: dict) -> None:
@@ -287,7 +295,7 @@ def _patch_config(config: dict, model_class: str) -> dict:
         config = text
     config["architectures"] = [_ARCH.get(model_class, model_class)]
     for cfg in (config, config.get("text_config") or {}):
-        if cfg.get("model_type") in ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2", "glm_moe_dsa"):
+        if cfg.get("model_type") in _DEEPSEEK_MLA_TYPES:
             theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
             cfg["rope_scaling"] = dict(_DEEPSEEK_YARN, original_max_position_embeddings=cfg["max_position_embeddings"])
             cfg["rope_parameters"] = dict(cfg["rope_scaling"], rope_theta=theta)

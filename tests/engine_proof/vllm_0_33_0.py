@@ -2,7 +2,8 @@
 
 `load(case, adapter_dir, base_dir)` builds vLLM's real model class for the fixture base (from its config.json,
 `load_format="dummy"`: the LoRA path never reads base weights), wraps it with vLLM's `LRUCacheWorkerLoRAManager`
-/ `LRUCacheLoRAModelManager` exactly as the V1 model runner does (`lora_model_runner_mixin.load_lora_model`), and
+/ `LRUCacheLoRAModelManager` through the V1 model runner's own `lora_model_runner_mixin.load_lora_model` (its
+SupportsLoRA check first), and
 loads the adapter with `LRUCacheWorkerLoRAManager.add_adapter`: `PEFTHelper.from_local_dir` + `validate_legal`,
 `LoRAModel.from_local_checkpoint` (expected-module check, name mapping, rank/alpha patterns),
 `_validate_moe_lora_format`, the manager's `add_adapter` (packing: `pack`, `pack_moe`, `_stack_moe_lora_weights`)
@@ -282,7 +283,15 @@ def _hy_v3_fields(cfg) -> dict:
     return {"expert_hidden_dim": cfg.moe_intermediate_size, "first_k_dense_replace": dense, "route_norm": True}
 
 
-_DERIVED_FIELDS = {"hy_v3": _hy_v3_fields}  # fam-misc (issue 25)
+def _kimi_linear_fields(cfg) -> dict:
+    """Kimi-Linear's released config carries `mla_use_nope: true` (the preset lora_convert/arch/presets/
+    kimi-linear-48b-a3b-instruct.json cites it); transformers 5 drops it, vLLM's own KimiLinearConfig defaults it to
+    False (vllm/transformers_utils/configs/kimi_linear.py:47 in 0.30.0) and its CUDA class asserts it
+    (vllm/models/kimi_k3/nvidia/model.py:940 in 0.30.0). A rope switch of the MLA layer, no LoRA target."""
+    return {"mla_use_nope": True}
+
+
+_DERIVED_FIELDS = {"hy_v3": _hy_v3_fields, "kimi_linear": _kimi_linear_fields}  # fam-misc, engproof (issue 25)
 
 
 def _released_fields(hf_config):
@@ -304,6 +313,18 @@ def _released_fields(hf_config):
     return hf_config
 
 
+def _prefix_caching(args) -> bool | None:
+    """None (the release's default), except off for a hybrid MLA model (Kimi-Linear): vLLM's CPU platform turns
+    prefix caching off for MLA models (vllm/platforms/cpu.py:481-490 in 0.30.0), but only after the hybrid-model
+    config has set mamba_block_size to the prefix-caching block size (vllm/model_executor/models/config.py:622-649),
+    so 0.30.0-0.32.0 then refuse their own pair of settings (`--mamba-block-size can only be set with
+    --enable-prefix-caching`, vllm/config/vllm.py:3196-3208 in 0.30.0) before building the model. Asked for off up
+    front, the config reaches the state the CPU platform forces, mamba_block_size = max_model_len
+    (config.py:650-657). Prefix caching is no part of the LoRA path. engproof (issue 25)."""
+    model = args.create_model_config()
+    return False if model.use_mla and model.is_hybrid else None
+
+
 class _Engine:
     """One fixture base in vLLM: config, model with LoRA layers, worker LoRA manager (or the error)."""
 
@@ -321,8 +342,8 @@ class _Engine:
         import torch
         from vllm.config import set_current_vllm_config
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
         from vllm.model_executor.model_loader.utils import initialize_model
+        from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
         _install_stubs()
         args = EngineArgs(
@@ -340,14 +361,17 @@ class _Engine:
             load_format="dummy",
             hf_overrides=_released_fields,
         )
+        args.enable_prefix_caching = _prefix_caching(args)
         config = args.create_engine_config()
         _init_distributed(config)
         torch.set_default_dtype(torch.float32)
         with set_current_vllm_config(config), torch.device("cpu"):
             model = initialize_model(config)
             _give_moe_kernels(model)
-            self.worker = LRUCacheWorkerLoRAManager(config, torch.device("cpu"), model.embedding_modules)
-            self.worker.create_lora_manager(model, config)
+            # the model runner's own LoRA set-up: its SupportsLoRA check, then the worker's LoRA manager
+            runner = LoRAModelRunnerMixin()
+            runner.load_lora_model(model, config, torch.device("cpu"))
+            self.worker = runner.lora_manager
         self.manager = self.worker._adapter_manager
         self.config = config
         mapper = getattr(model, "hf_to_vllm_mapper", None)
