@@ -102,3 +102,23 @@ NOT_SOURCE = shutil.ignore_patterns(
     ".whl",
     ".gl",
 )
+
+
+def engine_rules_fired(adapter: Path, base: Path, engine: str) -> dict[str, str]:
+    """{rule id: message} of the engine findings `validate --engine ENGINE` reports (no smoke, no data scan)."""
+    from lora_convert.pipeline.commands import validate
+
+    report = validate(str(adapter), base=str(base), engine=engine, smoke=False, data_scan=False)
+    prefix = f"engine.{engine.partition('==')[0]}."
+    return {f.code.removeprefix(prefix): f.message for f in report.findings if f.code.startswith(prefix)}
+
+
+def base_with_config(base: Path, folder: Path, change) -> Path:
+    """A copy of `base` in `folder` (weights linked, not copied) whose config.json is `change(config)`."""
+    folder.mkdir()
+    for file in base.iterdir():
+        if file.name != "config.json":
+            (folder / file.name).symlink_to(file)
+    config = json.loads((base / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(change(config)))
+    return folder

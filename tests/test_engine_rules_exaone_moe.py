@@ -11,7 +11,6 @@ the shared experts' (rule exaone-moe-mlp-buffers: `KeyError: 'gate_up_proj'`); t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -24,22 +23,11 @@ BASE = helpers.FIXTURES / "bases" / CASE
 
 
 def _rules_fired(engine: str, base: Path = BASE) -> dict[str, str]:
-    from lora_convert.pipeline.commands import validate
-
-    report = validate(str(ADAPTER), base=str(base), engine=engine, smoke=False, data_scan=False)
-    prefix = f"engine.{engine.partition('==')[0]}."
-    return {f.code.removeprefix(prefix): f.message for f in report.findings if f.code.startswith(prefix)}
+    return helpers.engine_rules_fired(ADAPTER, base, engine)
 
 
 def _base_declaring(tmp_path: Path, architecture: str) -> Path:
-    copy = tmp_path / "base"
-    copy.mkdir()
-    for file in BASE.iterdir():
-        if file.name != "config.json":
-            (copy / file.name).symlink_to(file)
-    config = json.loads((BASE / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}))
-    return copy
+    return helpers.base_with_config(BASE, tmp_path / "base", lambda config: {**config, "architectures": [architecture]})
 
 
 @pytest.mark.parametrize("engine", ["sglang==0.5.23", "sglang==0.5.22"])

@@ -25,24 +25,16 @@ BASE = helpers.FIXTURES / "bases" / CASE
 
 
 def _engine_findings(engine: str, base: Path = BASE) -> dict[str, str]:
-    from lora_convert.pipeline.commands import validate
-
-    report = validate(str(ADAPTER), base=str(base), engine=engine, smoke=False, data_scan=False)
-    prefix = f"engine.{engine.partition('==')[0]}."
-    return {f.code.removeprefix(prefix): f.message for f in report.findings if f.code.startswith(prefix)}
+    return helpers.engine_rules_fired(ADAPTER, base, engine)
 
 
 def _base_without_dense_layers(tmp_path: Path) -> Path:
     """The fixture's base with every layer sparse (mlp_only_layers empty, as in the released Qwen3-Omni configs)."""
-    copy = tmp_path / "base"
-    copy.mkdir()
-    for file in BASE.iterdir():
-        if file.name != "config.json":
-            (copy / file.name).symlink_to(file)
-    config = json.loads((BASE / "config.json").read_text())
-    config["text_config"] = {**config["text_config"], "mlp_only_layers": []}
-    (copy / "config.json").write_text(json.dumps(config))
-    return copy
+    return helpers.base_with_config(
+        BASE,
+        tmp_path / "base",
+        lambda config: {**config, "text_config": {**config["text_config"], "mlp_only_layers": []}},
+    )
 
 
 @pytest.mark.parametrize("engine", ["sglang==0.5.23", "sglang==0.5.19"])
