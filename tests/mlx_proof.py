@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -709,11 +708,8 @@ def all_rows(work: Path) -> list[Row]:
 def main(argv: list[str]) -> int:
     import tempfile
 
-    work = Path(tempfile.mkdtemp(prefix="mlx-proof-"))
-    try:
-        text = table(all_rows(work))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="mlx-proof-") as work:
+        text = table(all_rows(Path(work)))
     return generated_doc_main(
         argv,
         lambda: text,

@@ -1,7 +1,7 @@
-"""What SGLang's rules predict for the outside-proof EXAONE-MoE adapter, and what `--layout sglang` leaves of it: the
-verdicts the proof harness measured by hand on SGLang 0.5.23 and 0.5.22 (its harness with attention_backend=triton
-and the released config's is_moe_layer added, the fixtures' README says so), held here because the engine proof
-does not run this case.
+"""What SGLang's rules predict for the EXAONE-MoE adapter, and what `--layout sglang` leaves of it: the verdicts the
+proof harness measured on SGLang 0.5.23 and 0.5.22 (with attention_backend=triton and the released config's
+is_moe_layer, tests/engine_proof/sglang_0_5_23.py), which the engine proof now runs too (tests/test_proof_sglang.py);
+these hold the rule's class-name condition, which the proof's one base does not reach.
 
 EXAONE-MoE's config names its shared experts `num_shared_experts`, which SGLang's LoRA pool does not read, so a MoE
 model without "shared experts" gets no plain gate_up_proj/down_proj buffer while SGLang wraps the dense layers' and
@@ -18,7 +18,7 @@ import pytest
 import helpers
 
 CASE = "v5_exaone_moe"
-ADAPTER = helpers.FIXTURES / "outside_proof" / CASE / "adapter"
+ADAPTER = helpers.case_dir(CASE) / "adapter"
 BASE = helpers.FIXTURES / "bases" / CASE
 
 

@@ -65,7 +65,7 @@ FROZEN: dict[str, str] = {
     "arch/presets": "037b35cefae13a84",
     "arch/quantization.json": "0a54f50b7450f5d5",
     "convert/gguf_architectures.json": "a5f1bfaa1930cc59",
-    "convert/peft_layout.json": "32254ea1df042961",
+    "convert/peft_layout.json": "6eb2bd909ac12b0e",
     "engines/sglang-0.5.19.json": "44e37f4cd63eceac",
     "engines/sglang-0.5.19.json layout": "82698adf7141ce77",
     "engines/sglang-0.5.20.json": "3fa769f386c2c616",

@@ -32,7 +32,7 @@ import numpy as np
 
 from lora_convert.convert import factors
 from lora_convert.convert.group_tensors import build_group_tensors, iter_group_tensors
-from lora_convert.convert.layout_rules import PEFT_LAYOUT, LayoutRules, load_layout_rules, rule_layouts
+from lora_convert.convert.layout_rules import LayoutRules, load_layout_rules, rule_layouts
 from lora_convert.convert.output_config import ENGINE_REPORT_FILE, listing_file, output_config
 from lora_convert.convert.plan import VISION_KIND, DroppedModule, Plan, PlannedGroup, _new_group
 from lora_convert.engines.features import FEATURES, Context
@@ -497,7 +497,7 @@ def _retargeted_modules(lp: LayoutPlan) -> tuple[tuple[str, ...], str]:
     stays in target_modules, as every name does for other bases."""
     top = dict(getattr(lp.plan.arch, "top_config", None) or getattr(lp.plan.arch, "config", None) or {})
     model_type = top.get("model_type")
-    converted = lp.rules.converted_targets_of(model_type) if lp.rules.target_modules == "module_leaves" else {}
+    converted = lp.rules.converted_targets_of(model_type) if lp.rules.target_modules != "engine_names" else {}
     moved = sorted(
         m.path
         for _, m in lp.modules()
@@ -521,12 +521,12 @@ def _beside_a_vision_tower(plan: Plan) -> bool:
 
 
 def _target_modules(lp: LayoutPlan) -> list[str] | str:
-    if lp.rules.target_modules == "module_leaves":
+    if lp.rules.target_modules in ("module_leaves", "module_paths_beside_vision"):
         # PEFT, vLLM and SGLang all match target_modules on the last name component: list exactly those in the file
         # (less the modules written as full-path target_parameters, which the name would make PEFT re-target)
         moved = set(lp.target_weights)
         written = [m for _, m in lp.modules() if m.param is None and m.path not in moved]
-        if lp.layout == PEFT_LAYOUT and _beside_a_vision_tower(lp.plan):
+        if lp.rules.target_modules == "module_paths_beside_vision" and _beside_a_vision_tower(lp.plan):
             # the tower's projections share the language model's leaf names (q_proj, ...), and PEFT would wrap those
             # too (and refuses a tower whose projections are not nn.Linear): name each module written in full
             return sorted({m.path for m in written})

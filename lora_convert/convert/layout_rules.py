@@ -206,7 +206,10 @@ class LayoutRules:
     auto_detected_note: str
     experts_3d_classes: tuple[str, ...] = ()  # model classes whose routed experts are written as PEFT 3-D params
     experts_3d_all: bool = False  # every model's routed experts as PEFT 3-D params (transformers 5 holds them so)
-    target_modules: str = "module_leaves"  # or "engine_names": the names the engine normalizes modules to (SGLang)
+    # "module_leaves": the leaf names of the modules written; "module_paths_beside_vision": the same, but every module's
+    # full path where the base is a multimodal wrapper with a vision tower (PEFT, which wraps a tower's projections of
+    # the same leaf name too); "engine_names": the names the engine normalizes modules to (SGLang)
+    target_modules: str = "module_leaves"
     keeps_vision: bool = False  # vision-tower and projector modules are written, not refused (`vision_modules`)
     # `converted_targets` (peft layout): (model types, {target_modules name: what PEFT re-targets it to}) per group
     converted_targets: tuple[tuple[tuple[str, ...], Mapping[str, str]], ...] = ()

@@ -145,7 +145,7 @@ LAYOUT_SPEC = Object(
         "auto_detected_targets": Object(
             required={"leaves": ListOf(STRING), "note": STRING}, optional={"source": STRING}
         ),
-        "target_modules": Choice(("module_leaves", "engine_names")),
+        "target_modules": Choice(("module_leaves", "module_paths_beside_vision", "engine_names")),
         "experts_3d": Object(required={"source": STRING}, optional={"architectures": ListOf(STRING), "all": BOOL}),
         "vision_modules": Object(required={"written": BOOL, "source": STRING}),
         # PEFT's own rewrite of target_modules on transformers 5 (peft_layout.json only; engine_layouts.py reads it)

@@ -264,6 +264,19 @@ CANNOT_RUN = (
         "base_model_tp_plan of the venv's transformers; 5.25 names a TP style `embedding_rowwise` that 0.5.19-0.5.21 "
         "do not know (models/transformers.py:231-247; 0.5.22 maps it, :243): an environment effect, as for MiniMax.",
     ),
+    # exaone (issue 25): transformers' EXAONE-MoE class, served by the same Transformers backend before 0.5.22.
+    CannotRun(
+        "sglang",
+        "0.5.19",
+        "0.5.21",
+        ("v5_exaone_moe",),
+        "ValueError: Unsupported TP style 'embedding_rowwise'",
+        "These releases register only LG's spelling ExaoneMoEForCausalLM (sglang/srt/models/exaone_moe.py:875 in "
+        "0.5.19, :874 in 0.5.20, :867 in 0.5.21; 0.5.22 adds transformers' ExaoneMoeForCausalLM), so they serve the "
+        "fixture's class through the Transformers backend, which maps the base_model_tp_plan of the venv's "
+        "transformers; 5.25 names a TP style `embedding_rowwise` that 0.5.19-0.5.21 do not know "
+        "(models/transformers.py:231-247): an environment effect, as for MiniMax. What LoRA does there is not traced.",
+    ),
     CannotRun(
         "sglang",
         "0.5.19",

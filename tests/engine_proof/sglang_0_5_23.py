@@ -271,6 +271,14 @@ def _hy_v3_released_fields(cfg: dict) -> None:
     cfg.setdefault("route_norm", True)
 
 
+def _exaone_moe_released_fields(cfg: dict) -> None:
+    """LG's EXAONE-MoE config (K-EXAONE, the ExaoneMoE class SGLang ported) marks its MoE layers with the list
+    `is_moe_layer`, which SGLang reads unguarded (sglang/srt/models/exaone_moe.py:497 in 0.5.23, :498 in 0.5.22);
+    transformers 5 writes the same pattern as `mlp_layer_types` ('sparse' = MoE, transformers==5.23.0
+    models/exaone_moe/modeling_exaone_moe.py:336-337). Not a LoRA target. exaone (issue 25)."""
+    cfg.setdefault("is_moe_layer", [t == "sparse" for t in cfg.get("mlp_layer_types") or []])
+
+
 def _patch_config(config: dict, model_class: str) -> dict:
     """The config SGLang 0.5.23 is given for one case (none of these fields is a LoRA target):
     - `architectures` = the case's model class, spelled as SGLang registers it (Kimi-K2.5);
@@ -307,6 +315,8 @@ def _patch_config(config: dict, model_class: str) -> dict:
             cfg["full_attention_interval"] = types_.index("full_attention") + 1
         if cfg.get("model_type") == "hy_v3":
             _hy_v3_released_fields(cfg)
+        if cfg.get("model_type") == "exaone_moe":
+            _exaone_moe_released_fields(cfg)
         if cfg.get("model_type") == "minimax_m2":
             for key, value in _MINIMAX_M2_FIELDS.items():
                 cfg.setdefault(key, value)
@@ -406,10 +416,18 @@ _DUMMY = {
 }
 
 
+# Classes whose model hook asserts a GPU attention backend (EXAONE-MoE with sliding-window layers: one of fa3 /
+# triton / trtllm_mha, sglang/srt/arg_groups/model_hook.py:668-681 in 0.5.23). Triton's builds on the CPU (the
+# kernels run under TRITON_INTERPRET, set in _setup_process; no forward runs here). exaone (issue 25).
+_TRITON_ATTENTION = {"ExaoneMoeForCausalLM"}
+
+
 def _server_args(base: Path, model_class: str):
     from sglang.srt.server_args import ServerArgs
 
+    extra = {"attention_backend": "triton"} if model_class in _TRITON_ATTENTION else {}
     return ServerArgs(
+        **extra,
         model_path=str(base),
         load_format="dummy" if model_class in _DUMMY else "auto",
         mamba_radix_cache_strategy="no_buffer",

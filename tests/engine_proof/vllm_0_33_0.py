@@ -291,7 +291,18 @@ def _kimi_linear_fields(cfg) -> dict:
     return {"mla_use_nope": True}
 
 
-_DERIVED_FIELDS = {"hy_v3": _hy_v3_fields, "kimi_linear": _kimi_linear_fields}  # fam-misc, engproof (issue 25)
+def _exaone_moe_fields(cfg) -> dict:
+    """EXAONE-MoE's released configs from K-EXAONE 2.0 on carry the per-layer window list `sliding_windows` (vLLM
+    0.32.0's exaone_moe.py:231-233 says the earlier ones have only the scalar `sliding_window`); 0.30.0-0.31.0 read
+    it unguarded (vllm/model_executor/models/exaone_moe.py:230), transformers 5 does not write it. Derived from the
+    fixture's `layer_types` and `sliding_window` (a full-attention layer's entry is unused: :233-234 set no window
+    there). An attention window, no LoRA target. exaone (issue 25)."""
+    window = cfg.sliding_window
+    return {"sliding_windows": [window if t == "sliding_attention" else None for t in cfg.layer_types]}
+
+
+# fam-misc, engproof, exaone (issue 25)
+_DERIVED_FIELDS = {"hy_v3": _hy_v3_fields, "kimi_linear": _kimi_linear_fields, "exaone_moe": _exaone_moe_fields}
 
 
 def _released_fields(hf_config):

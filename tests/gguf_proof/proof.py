@@ -298,11 +298,8 @@ def all_rows(work: Path) -> list[Row]:
 
 
 def main(argv: list[str]) -> int:
-    work = Path(tempfile.mkdtemp(prefix="gguf-proof-"))
-    try:
-        rows = all_rows(work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="gguf-proof-") as work:
+        rows = all_rows(Path(work))
     for r in rows:
         print(f"{r.case}: error {r.error} cross {r.cross} effect {r.effect}", file=sys.stderr)
     text = table(rows)
