@@ -70,7 +70,8 @@ def _misplaced_modules(plan: Plan) -> list[LoraModule]:
 
 def _copied_module(plan: Plan, rules, module: LoraModule) -> LoraModule | None:
     """The module whose factors the layout writes again as `module`: a cut of a group of `module`'s layer and
-    container names `module`'s leaf with one slice of that group, not its own."""
+    container writes one slice of that group under its own name and again under `module`'s leaf, which is no slice
+    of the group (a module renamed, not repeated, is no copy)."""
     container, _, leaf = module.module.rpartition(".")
     config = dict(getattr(plan.arch, "config", None) or {})
     classes = model_classes(plan)
@@ -78,9 +79,10 @@ def _copied_module(plan: Plan, rules, module: LoraModule) -> LoraModule | None:
         if group.layer != module.layer or group.key.rpartition(".")[0] != container:
             continue
         cut = rules.cut(group, plan.family, config, classes)
+        written = dict(cut.modules) if cut else {}  # module name -> the slices it holds
         names = [s.name for s in group.slices]
-        copied = next((s for name, s in (cut.modules if cut else ()) if name == leaf and len(s) == 1), None)
-        if copied is None or leaf in names or copied[0] not in names:
+        copied = written.get(leaf, ())
+        if len(copied) != 1 or leaf in names or copied[0] not in names or written.get(copied[0]) != copied:
             continue
         sources = group.slices[names.index(copied[0])].sources()
         if len(sources) == 1:

@@ -295,6 +295,7 @@ class _Names:
     renames: tuple[tuple[re.Pattern, str], ...]
 
     def get(self, path: str) -> str | None:
+        """llama.cpp's name of the base weight a module adapts (`blk.0.attn_q.weight`), or None."""
         for tried in (path, *(rx.sub(to, path) for rx, to in self.renames)):
             if (name := self.table.get_name(tried + ".weight", try_suffixes=(".weight",))) is not None:
                 return name
@@ -310,11 +311,6 @@ def _name_map(target: GgufModelType, plan: Plan) -> _Names:
     return _Names(gguf.TensorNameMap(arch, blocks), renames)
 
 
-def _gguf_name(names: _Names, path: str) -> str | None:
-    """llama.cpp's name of the base weight a module adapts (`blk.0.attn_q.weight`), or None."""
-    return names.get(path)
-
-
 def _expert_names(lg: LayoutGroup, names: _Names) -> Iterator[str]:
     """Each slice's llama.cpp tensor (`blk.0.ffn_gate_exps.weight`), "" where TensorNameMap has none. Tried: the
     slice under the group's container, under the adapter's own experts module (a PEFT 3-D parameter's module:
@@ -327,7 +323,7 @@ def _expert_names(lg: LayoutGroup, names: _Names) -> Iterator[str]:
             tried.append(f"{sl.fused_source.module.module}.{sl.name}")
         for e, ref in sorted(sl.expert_sources.items()):
             tried.append(ref.module.module.replace(f".experts.{e}.", ".experts.", 1))
-        yield next((n for n in (_gguf_name(names, p) for p in tried) if n), "")
+        yield next((n for n in map(names.get, tried) if n), "")
 
 
 def _refusal(lg: LayoutGroup, names: _Names, target: GgufModelType, experts: dict) -> Refused | None:
@@ -347,8 +343,9 @@ def _refusal(lg: LayoutGroup, names: _Names, target: GgufModelType, experts: dic
             else f"llama.cpp's converter scales the rows of {', '.join(scaled)}, which lora-convert does not for experts"
         )
     else:
-        missing = [m.path for m in lg.modules if _gguf_name(names, m.path) is None]
-        kinds = [_kind(n) for m in lg.modules if (n := _gguf_name(names, m.path)) is not None]
+        found = {m.path: names.get(m.path) for m in lg.modules}
+        missing = [path for path, n in found.items() if n is None]
+        kinds = [_kind(n) for n in found.values() if n is not None]
         absent = [target.refused_tensors[k] for k in kinds if k in target.refused_tensors]
         if missing:
             why = f"gguf-py's TensorNameMap has no llama.cpp {architecture} tensor for {', '.join(missing)}"
@@ -368,7 +365,7 @@ def _tensors(
     lp: LayoutPlan, names: _Names, target: GgufModelType, config: dict, model_type: str
 ) -> Iterator[GgufTensor]:
     for lg, m in lp.modules():
-        name = _gguf_name(names, m.path)
+        name = names.get(m.path)
         kind = _kind(name)
         fields = target.row_permutations.get(kind, ())
         heads = next((config[f] for f in fields if isinstance(config.get(f), int)), None)

@@ -71,7 +71,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def written_layout(folder: Path) -> str | None:
     """The layout a previous lora-convert output in `folder` was written in (`vllm==0.33.0`, ...), or None."""
-    manifest = read_manifest(folder) if (folder / MANIFEST_FILE).is_file() else None
+    manifest = read_manifest(folder)
     layout = manifest.get("layout") if manifest else None
     return layout if isinstance(layout, str) else None
 

@@ -206,7 +206,7 @@ def f_prefix_mismatch(ctx: Context, params: dict):
 
 
 def f_fused_experts(ctx: Context, params: dict):
-    if not in_classes(ctx, params) or ctx.family in params.get("not_families", ()):
+    if not in_classes(ctx, params) or not in_families(ctx, params):
         return None
     mods = [m for m in ctx.modules if m.kind == ModuleKind.FUSED_EXPERTS]
     if not mods:
